@@ -1,0 +1,3 @@
+"""ckpt: checkpoint and restore running Linux processes."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,98 @@
+"""Every user-facing failure is one of these; each has its own exit code.
+
+The CLI prints `ckpt: error: <message>` and exits with `exit_code`; nothing
+else reaches the user (no tracebacks). Exceptions keep their constructor
+arguments so they pickle (they cross thread and process boundaries).
+"""
+
+from __future__ import annotations
+
+
+class CkptError(Exception):
+    """Base class. `step` names the operation step that failed, when known."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, pid: int | None = None, step: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.pid = pid
+        self.step = step
+
+    def __reduce__(self):
+        return (_rebuild, (type(self), self.message, self.pid, self.step))
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _rebuild(cls, message, pid, step):
+    return cls(message, pid=pid, step=step)
+
+
+class UsageError(CkptError):
+    """Bad arguments that click itself could not catch."""
+
+    exit_code = 2
+
+
+class NoSuchProcess(CkptError):
+    exit_code = 3
+
+
+class AccessDenied(CkptError):
+    exit_code = 4
+
+
+class UnsupportedProcess(CkptError):
+    """The target has something ckpt cannot checkpoint (the message says what)."""
+
+    exit_code = 5
+
+
+class ImageCorrupt(CkptError):
+    """Empty, truncated or bit-flipped image, or a checksum mismatch."""
+
+    exit_code = 6
+
+
+class ImageVersionError(CkptError):
+    exit_code = 7
+
+
+class ImageNotFound(CkptError):
+    exit_code = 8
+
+
+class PidInUse(CkptError):
+    exit_code = 9
+
+
+class FileChanged(CkptError):
+    """A file the image refers to changed or vanished since the dump."""
+
+    exit_code = 10
+
+
+class RestoreError(CkptError):
+    exit_code = 11
+
+
+class DumpError(CkptError):
+    """The dump could not finish (e.g. the target exited); the target is left as it was."""
+
+    exit_code = 12
+
+
+class KernelUnsupported(CkptError):
+    """The running kernel lacks a feature the operation needs."""
+
+    exit_code = 13
+
+
+class StoreBusy(CkptError):
+    exit_code = 14
+
+
+class ImageExists(CkptError):
+    exit_code = 15

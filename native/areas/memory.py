@@ -1,0 +1,191 @@
+"""Page-run data path: pagemap classification, bulk reads, zero-page detection.
+
+Everything here works on runs of pages so that Python never loops per page.
+"""
+
+INCLUDES = """
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/uio.h>
+"""
+
+TYPES = """
+"""
+
+FUNCTIONS = """
+long ck_pagemap_runs(int pm_fd, uint64_t start, uint64_t end, int include_file,
+                     uint64_t zero_pfn, uint64_t *out, size_t max_runs, uint64_t *next);
+long ck_zero_pfn(void);
+long ck_read_runs(int pid, int mem_fd, const uint64_t *runs, size_t nruns, char *buf);
+long ck_write_runs(int mem_fd, const uint64_t *runs, size_t nruns, const char *buf);
+long ck_nonzero_runs(const char *buf, size_t npages, uint64_t *out, size_t max_runs);
+int ck_all_zero(const char *buf, size_t len);
+"""
+
+CUSTOMIZATIONS = """
+#define CK_PAGE 4096UL
+#define PM_PRESENT (1ULL << 63)
+#define PM_SWAP    (1ULL << 62)
+#define PM_FILE    (1ULL << 61)
+#define PM_GUARD   (1ULL << 58)
+#define PM_PFN_MASK ((1ULL << 55) - 1)
+
+/* Pages of [start, end) that hold data ckpt must save, as (addr, npages) runs.
+   Present pages (file/shmem pages only when include_file), and swap entries
+   that are real swap (uffd-wp and guard markers use swap type 31 and hold no
+   data). The shared zero page is skipped. Stops when out is full; *next tells
+   where to resume. */
+long ck_pagemap_runs(int pm_fd, uint64_t start, uint64_t end, int include_file,
+                     uint64_t zero_pfn, uint64_t *out, size_t max_runs, uint64_t *next)
+{
+    enum { BATCH = 16384 };
+    static __thread uint64_t ent[BATCH];
+    size_t n = 0;
+    uint64_t run_start = 0, run_len = 0, addr = start;
+    while (addr < end) {
+        size_t want = (end - addr) / CK_PAGE;
+        if (want > BATCH) want = BATCH;
+        ssize_t got = pread(pm_fd, ent, want * 8, (off_t)(addr / CK_PAGE * 8));
+        if (got < 0) { if (errno == EINTR) continue; return -errno; }
+        if (got == 0) break;
+        size_t cnt = (size_t)got / 8;
+        for (size_t i = 0; i < cnt; i++, addr += CK_PAGE) {
+            uint64_t e = ent[i];
+            int keep = 0;
+            if (e & PM_PRESENT) {
+                keep = (!(e & PM_FILE) || include_file);
+                if (keep && zero_pfn && (e & PM_PFN_MASK) == zero_pfn) keep = 0;
+            } else if ((e & PM_SWAP) && !(e & PM_GUARD)) {
+                keep = ((e & 0x1f) != 0x1f);
+            }
+            if (keep) {
+                if (run_len && run_start + run_len * CK_PAGE == addr) { run_len++; continue; }
+                if (run_len) {
+                    if (n == max_runs) { *next = run_start; return (long)n; }
+                    out[2 * n] = run_start; out[2 * n + 1] = run_len; n++;
+                }
+                run_start = addr; run_len = 1;
+            }
+        }
+    }
+    if (run_len) {
+        if (n == max_runs) { *next = run_start; return (long)n; }
+        out[2 * n] = run_start; out[2 * n + 1] = run_len; n++;
+    }
+    *next = end;
+    return (long)n;
+}
+
+/* PFN of the shared zero page (visible to CAP_SYS_ADMIN), or 0 if hidden. */
+long ck_zero_pfn(void)
+{
+    volatile char *p = mmap(NULL, CK_PAGE, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return -errno;
+    (void)p[0];
+    long r = 0;
+    int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        uint64_t e = 0;
+        if (pread(fd, &e, 8, (off_t)((uintptr_t)p / CK_PAGE * 8)) == 8 && (e & PM_PRESENT))
+            r = (long)(e & PM_PFN_MASK);
+        close(fd);
+    }
+    munmap((void *)p, CK_PAGE);
+    return r;
+}
+
+/* Read (addr, npages) runs back to back into buf. process_vm_readv first (fast,
+   up to 1024 remote iovecs a call); what it cannot read (PROT_NONE pages) comes
+   from /proc/PID/mem, which reads through page protections. */
+long ck_read_runs(int pid, int mem_fd, const uint64_t *runs, size_t nruns, char *buf)
+{
+    struct iovec local, remote[1024];
+    size_t i = 0, total = 0;
+    while (i < nruns) {
+        size_t k = 0, bytes = 0;
+        for (; k < 1024 && i + k < nruns; k++) {
+            remote[k].iov_base = (void *)(uintptr_t)runs[2 * (i + k)];
+            remote[k].iov_len = runs[2 * (i + k) + 1] * CK_PAGE;
+            bytes += remote[k].iov_len;
+        }
+        local.iov_base = buf + total;
+        local.iov_len = bytes;
+        ssize_t got = process_vm_readv(pid, &local, 1, remote, k, 0);
+        if (got < 0) {
+            if (errno == ESRCH) return -ESRCH;
+            got = 0;
+        }
+        if ((size_t)got < bytes) {
+            /* finish the batch through /proc/PID/mem, run by run */
+            size_t off = 0;
+            for (size_t j = 0; j < k; j++) {
+                size_t len = remote[j].iov_len;
+                if (off + len > (size_t)got) {
+                    size_t skip = (size_t)got > off ? (size_t)got - off : 0;
+                    size_t done = skip;
+                    while (done < len) {
+                        ssize_t r = pread(mem_fd, buf + total + off + done, len - done,
+                                          (off_t)((uintptr_t)remote[j].iov_base + done));
+                        if (r < 0 && errno == EINTR) continue;
+                        if (r <= 0) return r < 0 ? -errno : -EIO;
+                        done += (size_t)r;
+                    }
+                }
+                off += len;
+            }
+        }
+        total += bytes;
+        i += k;
+    }
+    return (long)total;
+}
+
+/* Write runs from buf through /proc/PID/mem (ignores page protections). */
+long ck_write_runs(int mem_fd, const uint64_t *runs, size_t nruns, const char *buf)
+{
+    size_t total = 0;
+    for (size_t i = 0; i < nruns; i++) {
+        size_t len = runs[2 * i + 1] * CK_PAGE, done = 0;
+        while (done < len) {
+            ssize_t r = pwrite(mem_fd, buf + total + done, len - done, (off_t)(runs[2 * i] + done));
+            if (r < 0 && errno == EINTR) continue;
+            if (r <= 0) return r < 0 ? -errno : -EIO;
+            done += (size_t)r;
+        }
+        total += len;
+    }
+    return (long)total;
+}
+
+static int page_is_zero(const char *p)
+{
+    const uint64_t *w = (const uint64_t *)p;
+    uint64_t acc = 0;
+    for (size_t i = 0; i < CK_PAGE / 8; i += 8)
+        acc |= w[i] | w[i + 1] | w[i + 2] | w[i + 3] | w[i + 4] | w[i + 5] | w[i + 6] | w[i + 7];
+    return acc == 0;
+}
+
+int ck_all_zero(const char *buf, size_t len)
+{
+    size_t i = 0;
+    for (; i + CK_PAGE <= len; i += CK_PAGE) if (!page_is_zero(buf + i)) return 0;
+    for (; i < len; i++) if (buf[i]) return 0;
+    return 1;
+}
+
+/* Runs (first_page, npages) of pages in buf that are not all zero. */
+long ck_nonzero_runs(const char *buf, size_t npages, uint64_t *out, size_t max_runs)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < npages;) {
+        while (i < npages && page_is_zero(buf + i * CK_PAGE)) i++;
+        if (i == npages) break;
+        size_t s = i;
+        while (i < npages && !page_is_zero(buf + i * CK_PAGE)) i++;
+        if (n == max_runs) return -ENOSPC;
+        out[2 * n] = s; out[2 * n + 1] = i - s; n++;
+    }
+    return (long)n;
+}
+"""

@@ -1,0 +1,120 @@
+"""ptrace: register access, regsets and syscall injection.
+
+Injection runs from a `syscall` instruction the caller chose and is driven by
+PTRACE_SYSCALL stops (never int3): with PTRACE_O_TRACESYSGOOD, a tracer that
+dies while the tracee sits in a syscall stop leaves no SIGTRAP behind, so the
+tracee simply executes the code that follows the instruction (ckpt's heal
+trampoline, see ckpt/kernel/remote.py).
+"""
+
+INCLUDES = """
+#include <signal.h>
+#include <sys/ptrace.h>
+#include <sys/user.h>
+#include <sys/wait.h>
+#include <sys/uio.h>
+#include <cpuid.h>
+"""
+
+TYPES = """
+struct user_regs_struct {
+    unsigned long r15, r14, r13, r12, rbp, rbx, r11, r10, r9, r8;
+    unsigned long rax, rcx, rdx, rsi, rdi, orig_rax, rip, cs, eflags, rsp, ss;
+    unsigned long fs_base, gs_base, ds, es, fs, gs;
+};
+"""
+
+FUNCTIONS = """
+long ck_ptrace(long request, int pid, uintptr_t addr, uintptr_t data);
+int ck_getregs(int pid, struct user_regs_struct *regs);
+int ck_setregs(int pid, const struct user_regs_struct *regs);
+long ck_getregset(int pid, int nt, void *buf, size_t len);
+int ck_setregset(int pid, int nt, void *buf, size_t len);
+int ck_xstate_size(void);
+int ck_wait(int pid, int *status, int options);
+int ck_inject_syscall(int pid, const struct user_regs_struct *base, uint64_t insn, long nr,
+                      const long *args, long *result, int *last_status);
+"""
+
+CUSTOMIZATIONS = """
+long ck_ptrace(long request, int pid, uintptr_t addr, uintptr_t data)
+{
+    errno = 0;
+    long r = ptrace((enum __ptrace_request)request, pid, (void *)addr, (void *)data);
+    if (r == -1 && errno) return -errno;
+    return r;
+}
+
+int ck_getregs(int pid, struct user_regs_struct *regs)
+{
+    return ptrace(PTRACE_GETREGS, pid, 0, regs) < 0 ? -errno : 0;
+}
+
+int ck_setregs(int pid, const struct user_regs_struct *regs)
+{
+    return ptrace(PTRACE_SETREGS, pid, 0, regs) < 0 ? -errno : 0;
+}
+
+long ck_getregset(int pid, int nt, void *buf, size_t len)
+{
+    struct iovec iov = { buf, len };
+    if (ptrace(PTRACE_GETREGSET, pid, (void *)(long)nt, &iov) < 0) return -errno;
+    return (long)iov.iov_len;
+}
+
+int ck_setregset(int pid, int nt, void *buf, size_t len)
+{
+    struct iovec iov = { buf, len };
+    return ptrace(PTRACE_SETREGSET, pid, (void *)(long)nt, &iov) < 0 ? -errno : 0;
+}
+
+/* Size of the standard-format XSAVE area for the features the OS enabled. */
+int ck_xstate_size(void)
+{
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(0xd, 0, &a, &b, &c, &d)) return 512;
+    return b < 512 ? 512 : (int)b;
+}
+
+int ck_wait(int pid, int *status, int options)
+{
+    int r;
+    do { r = waitpid(pid, status, options | __WALL); } while (r < 0 && errno == EINTR);
+    return r < 0 ? -errno : r;
+}
+
+/* Run one syscall in a stopped tracee. Returns 0 and the result, or -errno of
+   the ptrace machinery; -ECHILD when the tracee died, -EFAULT when it took a
+   signal instead of finishing the syscall (status in *last_status). */
+int ck_inject_syscall(int pid, const struct user_regs_struct *base, uint64_t insn, long nr,
+                      const long *args, long *result, int *last_status)
+{
+    struct user_regs_struct r = *base;
+    int phase = 0, st = 0;
+    r.rip = insn;
+    r.rax = nr;
+    r.orig_rax = -1;
+    r.rdi = args[0]; r.rsi = args[1]; r.rdx = args[2];
+    r.r10 = args[3]; r.r8 = args[4]; r.r9 = args[5];
+    r.eflags &= ~(0x100UL | 0x400UL);          /* TF, DF */
+    if (ptrace(PTRACE_SETREGS, pid, 0, &r) < 0) return -errno;
+    for (;;) {
+        if (ptrace(PTRACE_SYSCALL, pid, 0, 0) < 0) return -errno;
+        int w;
+        do { w = waitpid(pid, &st, __WALL); } while (w < 0 && errno == EINTR);
+        if (w < 0) return -errno;
+        *last_status = st;
+        if (WIFEXITED(st) || WIFSIGNALED(st)) return -ECHILD;
+        if (!WIFSTOPPED(st)) continue;
+        int sig = WSTOPSIG(st);
+        if (sig == (SIGTRAP | 0x80)) {
+            if (phase == 0) { phase = 1; continue; }
+            if (ptrace(PTRACE_GETREGS, pid, 0, &r) < 0) return -errno;
+            *result = (long)r.rax;
+            return 0;
+        }
+        if ((st >> 16) == PTRACE_EVENT_STOP) continue;   /* interrupt / group stop: go on */
+        return -EFAULT;                                   /* a real signal: a fault */
+    }
+}
+"""
