@@ -1,0 +1,73 @@
+"""The Python API behind the CLI: dump(), restore(), show()."""
+
+from __future__ import annotations
+
+import os
+
+from .capture.dump import DumpResult
+from .capture.dump import dump as _dump
+from .restore.run import Restored, load
+from .restore.run import restore as _restore
+
+__all__ = ["DumpResult", "Restored", "dump", "restore", "show", "wait_exit_status"]
+
+
+def dump(pid: int, directory: str, *, leave_running: bool = False, level: int | None = None) -> DumpResult:
+    return _dump(pid, directory, leave_running=leave_running, level=level)
+
+
+def restore(directory: str, *, new_pid: bool = False) -> Restored:
+    return _restore(directory, new_pid=new_pid)
+
+
+def wait_exit_status(pid: int) -> int:
+    """Wait for a restored child; shell-style status (128+N when killed by signal N)."""
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+        except ChildProcessError:
+            return 0
+        if os.WIFEXITED(status):
+            return os.WEXITSTATUS(status)
+        if os.WIFSIGNALED(status):
+            return 128 + os.WTERMSIG(status)
+
+
+def show(directory: str) -> dict:
+    """What an image holds, as plain data (for `ckpt show`)."""
+    reader, proc = load(directory)
+    try:
+        summary = reader.summary()
+        meta = dict(reader.meta)
+    finally:
+        reader.close()
+    vmas = []
+    for v in proc.vmas:
+        pages = sum(n for _, n in v.present)
+        vmas.append({
+            "start": v.start, "end": v.end, "size": v.size,
+            "perms": ("r" if v.prot & 1 else "-") + ("w" if v.prot & 2 else "-")
+            + ("x" if v.prot & 4 else "-") + ("s" if v.shared else "p"),
+            "kind": v.kind, "name": v.name, "offset": v.offset, "pages": pages,
+        })  # fmt: skip
+    fds = [
+        {"fd": f.fd, "kind": f.kind, "path": f.path, "flags": f.flags, "cloexec": f.cloexec, "pos": f.pos}
+        for f in proc.fds
+    ]
+    t = proc.threads[0]
+    return {
+        "image": os.path.abspath(directory),
+        "meta": meta,
+        "process": {
+            "pid": proc.pid, "ppid": proc.ppid, "pgid": proc.pgid, "sid": proc.sid,
+            "comm": proc.comm.decode(errors="replace"),
+            "cmdline": [a.decode(errors="replace") for a in proc.cmdline.split(b"\0") if a],
+            "exe": proc.exe, "cwd": proc.cwd, "uids": proc.uids, "gids": proc.gids,
+            "threads": len(proc.threads), "sigmask": f"{t.sigmask:016x}",
+            "sigactions": len(proc.sigactions), "posix_timers": len(proc.posix_timers),
+            "itimers": len(proc.itimers),
+        },  # fmt: skip
+        "vmas": vmas,
+        "fds": fds,
+        "layers": summary,
+    }

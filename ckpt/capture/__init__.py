@@ -1,0 +1,1 @@
+"""Live process → model + page runs."""

@@ -1,0 +1,94 @@
+"""Per-process and per-thread state read inside the target by injected syscalls.
+
+Some state has no /proc or ptrace interface (signal actions, brk, the
+alternate signal stack, itimers, POSIX timer values, clear_child_tid): ask the
+target itself, through the heal-safe Injector.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from .. import faults
+from ..kernel import procfs
+from ..kernel.remote import Injector
+from ..model import ITimer, PosixTimer, SigAction
+
+SIGEV = {"signal": 0, "none": 1, "thread": 4}
+PR_GET_DUMPABLE, PR_GET_CHILD_SUBREAPER, PR_GET_NO_NEW_PRIVS = 3, 37, 39
+PR_GET_TID_ADDRESS, PR_GET_THP_DISABLE = 40, 42
+
+
+def sigactions(inj: Injector) -> list[SigAction]:
+    inj.reset_data()
+    buf = inj.alloc(32 * 64)
+    for sig in range(1, 65):
+        if sig in (9, 19):
+            continue
+        inj.call("rt_sigaction", sig, 0, buf + 32 * (sig - 1), 8)
+        if sig == 32:
+            faults.point("inject")
+    raw = inj.read(buf, 32 * 64)
+    out = []
+    for sig in range(1, 65):
+        if sig in (9, 19):
+            continue
+        handler, flags, restorer, mask = struct.unpack_from("<QQQQ", raw, 32 * (sig - 1))
+        if handler or flags or mask:
+            out.append(SigAction(sig, handler, flags, restorer, mask))
+    return out
+
+
+def misc(inj: Injector) -> dict:
+    inj.reset_data()
+    out: dict = {}
+    out["brk"] = inj.call("brk", 0)
+    ss = inj.alloc(24)
+    inj.call("sigaltstack", 0, ss)
+    sp, flags, _pad, size = struct.unpack("<QiiQ", inj.read(ss, 24))
+    out["sigaltstack"] = [sp, flags & ~1, size]  # SS_ONSTACK is status, not a setting
+    tid_addr = inj.alloc(8)
+    inj.call("prctl", PR_GET_TID_ADDRESS, tid_addr, 0, 0, 0)
+    out["clear_child_tid"] = struct.unpack("<Q", inj.read(tid_addr, 8))[0]
+    out["dumpable"] = inj.call("prctl", PR_GET_DUMPABLE, 0, 0, 0, 0)
+    out["no_new_privs"] = bool(inj.call("prctl", PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0))
+    out["thp_disable"] = inj.call("prctl", PR_GET_THP_DISABLE, 0, 0, 0, 0)
+    sub = inj.alloc(4)
+    inj.call("prctl", PR_GET_CHILD_SUBREAPER, sub, 0, 0, 0)
+    out["child_subreaper"] = struct.unpack("<i", inj.read(sub, 4))[0]
+    return out
+
+
+def itimers(inj: Injector) -> list[ITimer]:
+    inj.reset_data()
+    buf = inj.alloc(32 * 3)
+    out = []
+    for which in range(3):
+        inj.call("getitimer", which, buf + 32 * which)
+    raw = inj.read(buf, 96)
+    for which in range(3):
+        isec, iusec, vsec, vusec = struct.unpack_from("<qqqq", raw, 32 * which)
+        if isec or iusec or vsec or vusec:
+            out.append(ITimer(which, isec * 1_000_000 + iusec, vsec * 1_000_000 + vusec))
+    return out
+
+
+def posix_timers(inj: Injector, pid: int) -> list[PosixTimer]:
+    try:
+        listed = procfs.parse_timers(procfs.read_bytes(pid, "timers"))
+    except FileNotFoundError:
+        return []
+    out = []
+    inj.reset_data()
+    buf = inj.alloc(32)
+    for t in listed:
+        inj.call("timer_gettime", t.id, buf)
+        isec, insec, vsec, vnsec = struct.unpack("<qqqq", inj.read(buf, 32))
+        out.append(
+            PosixTimer(
+                id=t.id, clock_id=t.clock_id, signo=t.signo, sigev_value=t.sigev_value,
+                notify=SIGEV.get(t.notify, 0), notify_tid=t.notify_tid,
+                interval_ns=isec * 1_000_000_000 + insec, value_ns=vsec * 1_000_000_000 + vnsec,
+            )
+        )  # fmt: skip
+    return out

@@ -1,0 +1,37 @@
+"""Refuse what ckpt cannot checkpoint before touching the target."""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import AccessDenied, NoSuchProcess, UnsupportedProcess
+from ..kernel import procfs
+
+
+def check_target(pid: int) -> procfs.Stat:
+    if pid <= 0:
+        raise NoSuchProcess(f"no such process: {pid}", pid=pid)
+    if pid == os.getpid():
+        raise UnsupportedProcess(f"process {pid} is ckpt itself", pid=pid)
+    st = procfs.stat(pid)
+    if st.is_kernel_thread:
+        raise UnsupportedProcess(
+            f"process {pid} ({st.comm.decode(errors='replace')}) is a kernel thread", pid=pid
+        )
+    if st.state in ("Z", "X"):
+        raise UnsupportedProcess(f"process {pid} is a zombie", pid=pid)
+    status = procfs.status(pid)
+    tracer = int(status.get("TracerPid", "0"))
+    if tracer and tracer != os.getpid():
+        raise AccessDenied(f"process {pid} is already traced by process {tracer}", pid=pid)
+    threads = int(status.get("Threads", "1"))
+    if threads != 1:
+        raise UnsupportedProcess(
+            f"process {pid} has {threads} threads; multi-threaded processes are not supported yet",
+            pid=pid,
+        )
+    if st.state == "T":
+        raise UnsupportedProcess(
+            f"process {pid} is stopped (job control); continue it first", pid=pid
+        )
+    return st

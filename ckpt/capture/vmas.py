@@ -1,0 +1,84 @@
+"""Turn /proc/PID/smaps entries into model Vmas, refusing unsupported kinds."""
+
+from __future__ import annotations
+
+import os
+import stat as statmod
+
+from ..errors import UnsupportedProcess
+from ..kernel.procfs import Mapping
+from ..model import FileRef, Vma
+
+SPECIAL = {"[vdso]": "vdso", "[vvar]": "vvar", "[vvar_vclock]": "vvar_vclock"}
+
+
+def file_ref(path: str, st: os.stat_result) -> FileRef:
+    return FileRef(path=path, dev=st.st_dev, ino=st.st_ino, size=st.st_size, mtime_ns=st.st_mtime_ns)
+
+
+def classify(pid: int, m: Mapping) -> Vma | None:
+    """Model Vma for a mapping, or None for ones that are not restored ([vsyscall])."""
+    name = m.name
+    if name == "[vsyscall]":
+        return None
+    if name in SPECIAL:
+        return Vma(kind=SPECIAL[name], start=m.start, end=m.end, prot=m.prot, shared=m.shared,
+                   name=name, vmflags=list(m.vmflags))  # fmt: skip
+    where = f"mapping {m.start:#x}-{m.end:#x} {name or '[anon]'}"
+    if "ht" in m.vmflags:
+        raise UnsupportedProcess(f"{where} is hugetlbfs memory (not supported yet)", pid=pid)
+    if "pf" in m.vmflags or "io" in m.vmflags:
+        raise UnsupportedProcess(f"{where} is a device/PFN mapping (not supported)", pid=pid)
+    if "dp" in m.vmflags:
+        raise UnsupportedProcess(f"{where} is MAP_DROPPABLE (not supported)", pid=pid)
+    if "sl" in m.vmflags:
+        raise UnsupportedProcess(f"{where} is sealed with mseal (not supported yet)", pid=pid)
+    base = dict(
+        start=m.start, end=m.end, prot=m.prot, shared=m.shared, name=name,
+        offset=m.offset, vmflags=list(m.vmflags),
+    )  # fmt: skip
+    if name == "[heap]":
+        return Vma(kind="heap", **base)
+    if name == "[stack]":
+        return Vma(kind="stack", **base)
+    if m.inode == 0 or not name:
+        if m.shared:
+            return Vma(kind="shmem", **base)
+        return Vma(kind="anon", **base)
+    if m.shared and name == "/dev/zero" and m.deleted:
+        return Vma(kind="shmem", **base)
+    if m.deleted:
+        raise UnsupportedProcess(
+            f"{where} maps a deleted file (memfd, SysV shm or unlinked file: not supported yet)",
+            pid=pid,
+        )
+    if name.startswith("/"):
+        try:
+            st = os.stat(f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}")
+        except OSError as exc:
+            raise UnsupportedProcess(f"{where}: cannot stat mapped file: {exc.strerror}", pid=pid) from exc
+        if not statmod.S_ISREG(st.st_mode):
+            raise UnsupportedProcess(f"{where} maps a non-regular file", pid=pid)
+        if (st.st_dev, st.st_ino) != _path_identity(name):
+            raise UnsupportedProcess(f"{where}: the path now names a different file", pid=pid)
+        return Vma(kind="file", file=file_ref(name, st), **base)
+    raise UnsupportedProcess(f"{where}: unknown mapping kind", pid=pid)
+
+
+def _path_identity(path: str) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (-1, -1)
+    return (st.st_dev, st.st_ino)
+
+
+def needs_pages(v: Vma) -> tuple[bool, bool]:
+    """(save pages at all, include file/shmem pages) for a VMA kind."""
+    if v.kind in ("vdso", "vvar", "vvar_vclock"):
+        return (False, False)
+    if v.kind == "file" and v.shared:
+        return (False, False)  # the data lives in the file
+    if v.kind == "shmem":
+        return (True, True)
+    return (True, False)

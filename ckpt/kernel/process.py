@@ -1,0 +1,51 @@
+"""Small per-process queries made from outside the target (no injection)."""
+
+from __future__ import annotations
+
+import resource
+import struct
+
+from .native import check, ffi, lib
+
+NR_GET_ROBUST_LIST = 274
+RLIMITS = list(range(16))  # RLIMIT_CPU .. RLIMIT_RTTIME
+
+
+def get_robust_list(tid: int) -> tuple[int, int]:
+    head = ffi.new("uint64_t *")
+    ln = ffi.new("uint64_t *")
+    check(
+        lib.ck_syscall(
+            NR_GET_ROBUST_LIST, tid, int(ffi.cast("uintptr_t", head)), int(ffi.cast("uintptr_t", ln)), 0, 0, 0
+        ),
+        "get_robust_list",
+        target=tid,
+    )
+    return head[0], ln[0]
+
+
+def rlimits(pid: int) -> dict[int, list[int]]:
+    out = {}
+    for r in RLIMITS:
+        soft, hard = resource.prlimit(pid, r)
+        out[r] = [soft, hard]
+    return out
+
+
+def set_rlimits(pid: int, limits: dict[int, list[int]]) -> None:
+    for r, (soft, hard) in limits.items():
+        resource.prlimit(pid, int(r), (soft, hard))
+
+
+def personality(pid: int) -> int:
+    with open(f"/proc/{pid}/personality", "rb") as f:
+        return int(f.read().strip(), 16)
+
+
+def auxv_bytes(data: bytes) -> bytes:
+    """auxv trimmed after AT_NULL (PR_SET_MM_MAP wants just the vector)."""
+    for i in range(0, len(data) - 15, 16):
+        t, _ = struct.unpack_from("<QQ", data, i)
+        if t == 0:
+            return data[: i + 16]
+    return data

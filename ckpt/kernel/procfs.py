@@ -1,0 +1,340 @@
+"""Parsers for /proc/PID files, returning dataclasses.
+
+Files are read as bytes (a path or comm may hold any byte), `comm` in stat is
+everything between the first '(' and the LAST ')', and a line we do not
+understand is an error rather than a guess. The proc root can be redirected
+(`PROC_ROOT`) so tests can feed fake trees.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from dataclasses import dataclass, field
+
+from ..errors import AccessDenied, NoSuchProcess
+
+PROC_ROOT = "/proc"
+
+
+class ProcParseError(ValueError):
+    """A /proc file did not have the format we rely on."""
+
+
+def path(pid: int, *parts: str) -> str:
+    return os.path.join(PROC_ROOT, str(pid), *parts)
+
+
+def read_bytes(pid: int, *parts: str) -> bytes:
+    """Read a /proc file, mapping ENOENT/ESRCH to NoSuchProcess and EACCES to AccessDenied."""
+    p = path(pid, *parts)
+    try:
+        with open(p, "rb") as f:
+            return f.read()
+    except FileNotFoundError as exc:
+        raise NoSuchProcess(f"no such process: {pid}", pid=pid) from exc
+    except PermissionError as exc:
+        raise AccessDenied(f"permission denied reading {p}", pid=pid) from exc
+    except ProcessLookupError as exc:
+        raise NoSuchProcess(f"process {pid} exited", pid=pid) from exc
+    except OSError as exc:
+        if exc.errno == errno.ESRCH:
+            raise NoSuchProcess(f"process {pid} exited", pid=pid) from exc
+        raise
+
+
+def readlink(pid: int, *parts: str) -> str:
+    p = path(pid, *parts)
+    try:
+        return os.readlink(p)
+    except FileNotFoundError as exc:
+        raise NoSuchProcess(f"no such process: {pid}", pid=pid) from exc
+    except PermissionError as exc:
+        raise AccessDenied(f"permission denied reading {p}", pid=pid) from exc
+
+
+# ---------------------------------------------------------------- stat
+
+
+@dataclass
+class Stat:
+    pid: int
+    comm: bytes
+    state: str
+    ppid: int
+    pgrp: int
+    session: int
+    flags: int
+    num_threads: int
+    starttime: int
+    start_code: int
+    end_code: int
+    start_stack: int
+    start_data: int
+    end_data: int
+    start_brk: int
+    arg_start: int
+    arg_end: int
+    env_start: int
+    env_end: int
+    exit_signal: int
+
+    @property
+    def is_kernel_thread(self) -> bool:
+        return bool(self.flags & 0x00200000)  # PF_KTHREAD
+
+
+def parse_stat(data: bytes) -> Stat:
+    lpar, rpar = data.find(b"("), data.rfind(b")")
+    if lpar < 0 or rpar < lpar:
+        raise ProcParseError("stat: no (comm)")
+    rest = data[rpar + 2 :].split()
+    if len(rest) < 50:
+        raise ProcParseError(f"stat: {len(rest) + 2} fields, expected at least 52")
+    f = [0, 0, *rest]  # f[i] is field number i+1 ... keep 1-based below
+
+    def n(i: int) -> int:
+        return int(f[i - 1])
+
+    return Stat(
+        pid=int(data[:lpar]),
+        comm=data[lpar + 1 : rpar],
+        state=rest[0].decode(),
+        ppid=n(4),
+        pgrp=n(5),
+        session=n(6),
+        flags=n(9),
+        num_threads=n(20),
+        starttime=n(22),
+        start_code=n(26),
+        end_code=n(27),
+        start_stack=n(28),
+        exit_signal=n(38),
+        start_data=n(45),
+        end_data=n(46),
+        start_brk=n(47),
+        arg_start=n(48),
+        arg_end=n(49),
+        env_start=n(50),
+        env_end=n(51),
+    )
+
+
+def stat(pid: int) -> Stat:
+    return parse_stat(read_bytes(pid, "stat"))
+
+
+# ---------------------------------------------------------------- status
+
+
+def parse_status(data: bytes) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in data.decode("utf-8", "surrogateescape").splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            out[key] = value.strip()
+    return out
+
+
+def status(pid: int) -> dict[str, str]:
+    return parse_status(read_bytes(pid, "status"))
+
+
+# ---------------------------------------------------------------- maps / smaps
+
+
+@dataclass
+class Mapping:
+    """One VMA as /proc/PID/smaps shows it."""
+
+    start: int
+    end: int
+    perms: str  # e.g. "rw-p"
+    offset: int
+    dev_major: int
+    dev_minor: int
+    inode: int
+    name: str  # path, [heap], [stack], [vdso], ... or ""
+    vmflags: list[str] = field(default_factory=list)
+    deleted: bool = False
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    @property
+    def shared(self) -> bool:
+        return self.perms[3] == "s"
+
+    @property
+    def prot(self) -> int:
+        return (
+            (1 if self.perms[0] == "r" else 0)
+            | (2 if self.perms[1] == "w" else 0)
+            | (4 if self.perms[2] == "x" else 0)
+        )
+
+    @property
+    def is_file(self) -> bool:
+        return self.inode != 0 and self.name.startswith("/")
+
+
+def _unescape(name: bytes) -> str:
+    # the kernel escapes '\n' as "\012" in names
+    return name.replace(b"\\012", b"\n").decode("utf-8", "surrogateescape")
+
+
+def parse_maps(data: bytes) -> list[Mapping]:
+    """Parse maps or smaps (smaps adds key: value lines and VmFlags per VMA)."""
+    out: list[Mapping] = []
+    for raw in data.split(b"\n"):
+        if not raw:
+            continue
+        head = raw.split(b" ", 1)[0]
+        if b"-" in head and not head.endswith(b":"):
+            parts = raw.split(None, 5)
+            if len(parts) < 5:
+                raise ProcParseError(f"maps: bad line {raw[:80]!r}")
+            lo, hi = parts[0].split(b"-")
+            maj, mnr = parts[3].split(b":")
+            name = parts[5].strip() if len(parts) > 5 else b""
+            deleted = name.endswith(b" (deleted)")
+            if deleted:
+                name = name[: -len(b" (deleted)")]
+            out.append(
+                Mapping(
+                    start=int(lo, 16),
+                    end=int(hi, 16),
+                    perms=parts[1].decode(),
+                    offset=int(parts[2], 16),
+                    dev_major=int(maj, 16),
+                    dev_minor=int(mnr, 16),
+                    inode=int(parts[4]),
+                    name=_unescape(name),
+                    deleted=deleted,
+                )
+            )
+        elif raw.startswith(b"VmFlags:"):
+            if not out:
+                raise ProcParseError("smaps: VmFlags before any VMA")
+            out[-1].vmflags = raw[8:].decode().split()
+    return out
+
+
+def smaps(pid: int) -> list[Mapping]:
+    return parse_maps(read_bytes(pid, "smaps"))
+
+
+def maps(pid: int) -> list[Mapping]:
+    return parse_maps(read_bytes(pid, "maps"))
+
+
+# ---------------------------------------------------------------- auxv
+
+
+def parse_auxv(data: bytes) -> list[tuple[int, int]]:
+    if len(data) % 16:
+        raise ProcParseError("auxv: length not a multiple of 16")
+    pairs = [struct.unpack_from("<QQ", data, i) for i in range(0, len(data), 16)]
+    out = []
+    for t, v in pairs:
+        out.append((t, v))
+        if t == 0:
+            break
+    return out
+
+
+# ---------------------------------------------------------------- fdinfo
+
+
+@dataclass
+class FdInfo:
+    pos: int
+    flags: int
+    mnt_id: int
+    ino: int
+    extra: dict[str, str]
+
+
+def parse_fdinfo(data: bytes) -> FdInfo:
+    fields: dict[str, str] = {}
+    for line in data.decode("utf-8", "surrogateescape").splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key not in fields:
+            fields[key.strip()] = value.strip()
+    try:
+        return FdInfo(
+            pos=int(fields.pop("pos")),
+            flags=int(fields.pop("flags"), 8),
+            mnt_id=int(fields.pop("mnt_id", "0")),
+            ino=int(fields.pop("ino", "0")),
+            extra=fields,
+        )
+    except (KeyError, ValueError) as exc:
+        raise ProcParseError(f"fdinfo: {exc}") from exc
+
+
+# ---------------------------------------------------------------- timers
+
+
+@dataclass
+class PosixTimer:
+    id: int
+    signo: int
+    sigev_value: int
+    notify: str  # "signal", "thread", "none"
+    notify_tid: int
+    clock_id: int
+
+
+def parse_timers(data: bytes) -> list[PosixTimer]:
+    timers: list[PosixTimer] = []
+    cur: dict[str, str] = {}
+
+    def flush() -> None:
+        if not cur:
+            return
+        try:
+            signo, value = cur["signal"].split("/")
+            kind, rest = cur["notify"].split("/")
+            tid = int(rest.split(".", 1)[1]) if "." in rest else 0
+            timers.append(
+                PosixTimer(
+                    id=int(cur["ID"]),
+                    signo=int(signo),
+                    sigev_value=int(value, 16),
+                    notify=kind,
+                    notify_tid=tid,
+                    clock_id=int(cur["ClockID"]),
+                )
+            )
+        except (KeyError, ValueError, IndexError) as exc:
+            raise ProcParseError(f"timers: bad entry {cur}") from exc
+        cur.clear()
+
+    for line in data.decode().splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            continue
+        if key == "ID":
+            flush()
+        cur[key.strip()] = value.strip()
+    flush()
+    return timers
+
+
+def tasks(pid: int) -> list[int]:
+    try:
+        return sorted(int(t) for t in os.listdir(path(pid, "task")))
+    except FileNotFoundError as exc:
+        raise NoSuchProcess(f"no such process: {pid}", pid=pid) from exc
+
+
+def fds(pid: int) -> list[int]:
+    try:
+        return sorted(int(t) for t in os.listdir(path(pid, "fd")))
+    except FileNotFoundError as exc:
+        raise NoSuchProcess(f"no such process: {pid}", pid=pid) from exc
+    except PermissionError as exc:
+        raise AccessDenied(f"permission denied listing fds of {pid}", pid=pid) from exc

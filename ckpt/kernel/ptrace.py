@@ -1,0 +1,231 @@
+"""Tracee: seize, interrupt, registers, xstate, signal state, detach.
+
+Every tracee is seized with PTRACE_O_TRACESYSGOOD: ckpt injects syscalls by
+PTRACE_SYSCALL stops, and with that option a tracer that dies while its tracee
+sits in a syscall stop leaves no stray SIGTRAP to kill the tracee.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+from dataclasses import dataclass
+
+from ..errors import AccessDenied, DumpError, NoSuchProcess
+from .native import check, ffi, lib
+
+PTRACE_CONT = 7
+PTRACE_KILL = 8
+PTRACE_DETACH = 17
+PTRACE_GETSIGINFO = 0x4202
+PTRACE_SEIZE = 0x4206
+PTRACE_INTERRUPT = 0x4207
+PTRACE_PEEKSIGINFO = 0x4209
+PTRACE_GETSIGMASK = 0x420A
+PTRACE_SETSIGMASK = 0x420B
+PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
+
+PTRACE_O_TRACESYSGOOD = 0x1
+PTRACE_O_EXITKILL = 0x100000
+PTRACE_EVENT_STOP = 128
+
+NT_X86_XSTATE = 0x202
+
+REG_NAMES = (
+    "r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi orig_rax rip cs eflags "
+    "rsp ss fs_base gs_base ds es fs gs"
+).split()
+
+# Kernel-internal restart codes visible in rax at a ptrace stop (include/linux/errno.h).
+ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK = 512, 513, 514, 516
+NR_RESTART_SYSCALL = 219
+
+
+def regs_to_dict(r) -> dict[str, int]:
+    return {n: getattr(r, n) for n in REG_NAMES}
+
+
+def dict_to_regs(d: dict[str, int]):
+    r = ffi.new("struct user_regs_struct *")
+    for n in REG_NAMES:
+        setattr(r, n, d[n] & 0xFFFFFFFFFFFFFFFF)
+    return r
+
+
+def _s64(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def resume_regs(regs: dict[str, int]) -> dict[str, int]:
+    """Registers that resume an interrupted syscall correctly in user space.
+
+    A thread interrupted inside a syscall stops with rax = -ERESTART* and rip
+    after the `syscall` instruction; the kernel would fix that up on the signal
+    path, but a process rebuilt elsewhere (or resumed from a syscall stop) does
+    not pass there. Do it here: re-execute the syscall (restart_syscall for
+    RESTARTBLOCK, which still finds its restart block in the same task and
+    returns -EINTR in a fresh one), and clear orig_rax so nothing restarts twice.
+    """
+    out = dict(regs)
+    if _s64(regs["orig_rax"]) >= 0:
+        rax = _s64(regs["rax"])
+        if rax in (-ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND):
+            out["rax"] = regs["orig_rax"]
+            out["rip"] = regs["rip"] - 2
+        elif rax == -ERESTART_RESTARTBLOCK:
+            out["rax"] = NR_RESTART_SYSCALL
+            out["rip"] = regs["rip"] - 2
+    out["orig_rax"] = (1 << 64) - 1
+    return out
+
+
+@dataclass
+class RseqConfig:
+    ptr: int
+    size: int
+    signature: int
+    flags: int
+
+
+def _raise_for(err: OSError, pid: int, what: str) -> None:
+    import errno
+
+    if err.errno == errno.ESRCH:
+        raise NoSuchProcess(f"process {pid} exited during {what}", pid=pid) from err
+    if err.errno == errno.EPERM:
+        raise AccessDenied(
+            f"cannot ptrace process {pid} ({what}: operation not permitted; "
+            "is it already traced or protected?)",
+            pid=pid,
+        ) from err
+
+
+class Tracee:
+    """A seized, stopped task. All methods assume a ptrace stop."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.attached = False
+
+    # -- attach / stop -----------------------------------------------------------------
+
+    @classmethod
+    def seize(cls, pid: int, *, exitkill: bool = False) -> Tracee:
+        t = cls(pid)
+        opts = PTRACE_O_TRACESYSGOOD | (PTRACE_O_EXITKILL if exitkill else 0)
+        try:
+            check(lib.ck_ptrace(PTRACE_SEIZE, pid, 0, opts), "PTRACE_SEIZE", target=pid)
+        except OSError as e:
+            _raise_for(e, pid, "seize")
+            raise
+        t.attached = True
+        return t
+
+    def interrupt(self) -> None:
+        """Stop the tracee in a PTRACE_EVENT_STOP, letting any signal through first.
+
+        A signal-delivery stop seen on the way is passed on (delivered), so no
+        signal is lost; the interrupt trap is still pending and comes next.
+        """
+        check(lib.ck_ptrace(PTRACE_INTERRUPT, self.pid, 0, 0), "PTRACE_INTERRUPT", target=self.pid)
+        while True:
+            st = self.wait()
+            if os.WIFEXITED(st) or os.WIFSIGNALED(st):
+                self.attached = False
+                raise DumpError(f"process {self.pid} exited while being stopped", pid=self.pid)
+            if not os.WIFSTOPPED(st):
+                continue
+            if (st >> 16) == PTRACE_EVENT_STOP:
+                sig = os.WSTOPSIG(st)
+                if sig in (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
+                    self.group_stopped = sig
+                return
+            sig = os.WSTOPSIG(st)
+            check(lib.ck_ptrace(PTRACE_CONT, self.pid, 0, sig), "PTRACE_CONT", target=self.pid)
+
+    group_stopped: int = 0
+
+    def wait(self) -> int:
+        st = ffi.new("int *")
+        check(lib.ck_wait(self.pid, st, 0), "waitpid", target=self.pid)
+        return st[0]
+
+    # -- registers ---------------------------------------------------------------------
+
+    def getregs(self) -> dict[str, int]:
+        r = ffi.new("struct user_regs_struct *")
+        check(lib.ck_getregs(self.pid, r), "PTRACE_GETREGS", target=self.pid)
+        return regs_to_dict(r)
+
+    def setregs(self, regs: dict[str, int]) -> None:
+        check(lib.ck_setregs(self.pid, dict_to_regs(regs)), "PTRACE_SETREGS", target=self.pid)
+
+    def get_xstate(self) -> bytes:
+        size = lib.ck_xstate_size()
+        buf = ffi.new("char[]", size)
+        n = check(lib.ck_getregset(self.pid, NT_X86_XSTATE, buf, size), "GETREGSET xstate")
+        return bytes(ffi.buffer(buf, n))
+
+    def set_xstate(self, data: bytes) -> None:
+        buf = ffi.from_buffer(bytearray(data))
+        check(lib.ck_setregset(self.pid, NT_X86_XSTATE, buf, len(data)), "SETREGSET xstate")
+
+    def get_sigmask(self) -> int:
+        m = ffi.new("uint64_t *")
+        check(
+            lib.ck_ptrace(PTRACE_GETSIGMASK, self.pid, 8, int(ffi.cast("uintptr_t", m))),
+            "PTRACE_GETSIGMASK",
+        )
+        return m[0]
+
+    def set_sigmask(self, mask: int) -> None:
+        m = ffi.new("uint64_t *", mask & 0xFFFFFFFFFFFFFFFF)
+        check(
+            lib.ck_ptrace(PTRACE_SETSIGMASK, self.pid, 8, int(ffi.cast("uintptr_t", m))),
+            "PTRACE_SETSIGMASK",
+        )
+
+    def rseq_config(self) -> RseqConfig | None:
+        buf = ffi.new("char[]", 24)
+        r = lib.ck_ptrace(
+            PTRACE_GET_RSEQ_CONFIGURATION, self.pid, 24, int(ffi.cast("uintptr_t", buf))
+        )
+        if r < 0:
+            return None
+        ptr, size, sig, flags, _ = struct.unpack("<QIIII", bytes(ffi.buffer(buf, 24)))
+        if ptr == 0:
+            return None
+        return RseqConfig(ptr=ptr, size=size, signature=sig, flags=flags)
+
+    def peek_siginfo(self, shared: bool) -> list[bytes]:
+        """Pending siginfos (128 bytes each) of the private or shared queue, without dequeuing."""
+        out: list[bytes] = []
+        buf = ffi.new("char[]", 128 * 32)
+        while True:
+            arg = ffi.new("char[]", struct.pack("<QIi", len(out), 1 if shared else 0, 32))
+            n = check(
+                lib.ck_ptrace(
+                    PTRACE_PEEKSIGINFO,
+                    self.pid,
+                    int(ffi.cast("uintptr_t", arg)),
+                    int(ffi.cast("uintptr_t", buf)),
+                ),
+                "PTRACE_PEEKSIGINFO",
+            )
+            raw = bytes(ffi.buffer(buf, 128 * n))
+            out.extend(raw[i * 128 : (i + 1) * 128] for i in range(n))
+            if n < 32:
+                return out
+
+    # -- leave -------------------------------------------------------------------------
+
+    def cont(self, sig: int = 0) -> None:
+        check(lib.ck_ptrace(PTRACE_CONT, self.pid, 0, sig), "PTRACE_CONT", target=self.pid)
+
+    def detach(self, sig: int = 0) -> None:
+        if not self.attached:
+            return
+        r = lib.ck_ptrace(PTRACE_DETACH, self.pid, 0, sig)
+        self.attached = False
+        check(r, "PTRACE_DETACH", target=self.pid)

@@ -1,0 +1,306 @@
+"""Run syscalls inside a stopped tracee, from a scratch area, safely.
+
+Each injected syscall runs from a `syscall` instruction followed by a heal
+trampoline. ckpt drives it with PTRACE_SYSCALL stops, so the trampoline never
+runs while ckpt is alive. If ckpt dies (SIGKILL) at any point, ptrace detaches,
+the tracee finishes the injected syscall and falls into the trampoline, which
+restores the original signal mask and every general register (from a frame
+stored next to it) and jumps back to where the tracee was stopped: the target
+keeps running as if nothing happened. Only the scratch mapping stays behind.
+
+The very first and last syscalls of a dump (mmap/munmap of the scratch area)
+run from a copy of the same trampoline written into the unused tail of an
+executable file mapping's last page (past the ELF segment's end), and the
+original bytes are put back afterwards.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ..errors import DumpError, UnsupportedProcess
+from .native import PAGE_SIZE, check, ffi, lib
+from .procfs import Mapping
+from .ptrace import Tracee
+
+# -- syscall numbers (x86_64) ------------------------------------------------------------
+NR = {
+    "read": 0, "write": 1, "close": 3, "lseek": 8, "mmap": 9, "mprotect": 10, "munmap": 11,
+    "brk": 12, "rt_sigaction": 13, "rt_sigprocmask": 14, "mremap": 25, "madvise": 28,
+    "dup3": 292, "getpid": 39, "getitimer": 36, "setitimer": 38, "fcntl": 72,
+    "chdir": 80, "umask": 95, "personality": 135, "sigaltstack": 131, "prctl": 157,
+    "arch_prctl": 158, "setsid": 112, "setpgid": 109, "setresuid": 117, "setresgid": 119,
+    "setgroups": 116, "set_tid_address": 218, "timer_create": 222, "timer_settime": 223,
+    "timer_gettime": 224, "set_robust_list": 273, "openat": 257, "rt_tgsigqueueinfo": 297,
+    "rt_sigqueueinfo": 129, "prlimit64": 302, "rseq": 334, "close_range": 436,
+}  # fmt: skip
+
+SCRATCH_PAGES = 4  # page 0: code + heal frame; pages 1..3: data
+HEAL_SIZE = 224
+_OFF_MASK, _OFF_FRAME, _OFF_RIP = 72, 80, 216
+_FRAME_REGS = "r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi".split()
+
+
+def _heal_code() -> bytes:
+    """syscall; rt_sigprocmask(SIG_SETMASK, &MASK, 0, 8); restore GPRs+flags+rsp; jmp [RIP]."""
+    c = bytearray()
+    c += b"\x0f\x05"  # 0: syscall (the injected one)
+    c += b"\xb8\x0e\x00\x00\x00"  # mov eax, 14 (rt_sigprocmask)
+    c += b"\xbf\x02\x00\x00\x00"  # mov edi, 2 (SIG_SETMASK)
+    c += b"\x48\x8d\x35" + struct.pack("<i", _OFF_MASK - (len(c) + 7))  # lea rsi,[rip+MASK]
+    c += b"\x31\xd2"  # xor edx, edx
+    c += b"\x41\xba\x08\x00\x00\x00"  # mov r10d, 8
+    c += b"\x0f\x05"  # syscall
+    c += b"\x48\x8d\x25" + struct.pack("<i", _OFF_FRAME - (len(c) + 7))  # lea rsp,[rip+FRAME]
+    c += bytes.fromhex("415f415e415d415c5d5b415b415a4159415858595a5e5f")  # pop r15..rdi
+    c += b"\x9d"  # popfq
+    c += b"\x5c"  # pop rsp
+    c += b"\xff\x25" + struct.pack("<i", _OFF_RIP - (len(c) + 6))  # jmp [rip+RIP]
+    assert len(c) <= _OFF_MASK
+    return bytes(c.ljust(_OFF_MASK, b"\xcc"))
+
+
+HEAL_CODE = _heal_code()
+
+
+def heal_blob(resume: dict[str, int], mask: int) -> bytes:
+    """Trampoline + data that put the tracee back at `resume` with signal mask `mask`."""
+    frame = struct.pack("<15Q", *(resume[n] for n in _FRAME_REGS))
+    frame += struct.pack("<QQ", resume["eflags"], resume["rsp"])
+    blob = HEAL_CODE + struct.pack("<Q", mask) + frame + struct.pack("<Q", resume["rip"])
+    assert len(blob) == HEAL_SIZE
+    return blob
+
+
+# Signals that stay deliverable while we inject: synchronous faults must reach us as
+# signal-delivery stops (a forced fault on a blocked signal would reset the handler).
+_SYNC_SIGNALS = (4, 5, 7, 8, 11)  # SIGILL SIGTRAP SIGBUS SIGFPE SIGSEGV
+INJECT_MASK = 0xFFFFFFFFFFFFFFFF & ~sum(1 << (s - 1) for s in _SYNC_SIGNALS)
+
+
+class RemoteError(OSError):
+    """An injected syscall failed inside the tracee."""
+
+
+@dataclass
+class Scratch:
+    addr: int
+    size: int = SCRATCH_PAGES * PAGE_SIZE
+
+    @property
+    def data(self) -> int:
+        return self.addr + PAGE_SIZE
+
+    @property
+    def data_size(self) -> int:
+        return self.size - PAGE_SIZE
+
+
+class Injector:
+    """Injects syscalls into a stopped tracee from a given `syscall` instruction."""
+
+    def __init__(self, tracee: Tracee, template: dict[str, int], mem_fd: int):
+        self.tracee = tracee
+        self.template = template
+        self.mem_fd = mem_fd
+        self.insn = 0
+        self._regs = None
+        self._args = ffi.new("long[6]")
+        self._result = ffi.new("long *")
+        self._status = ffi.new("int *")
+        self.scratch: Scratch | None = None
+        self._bump = 0
+
+    def use(self, insn: int) -> None:
+        self.insn = insn
+        from .ptrace import dict_to_regs
+
+        self._regs = dict_to_regs(self.template)
+
+    def park(self, nr: int = NR["getpid"]) -> None:
+        """Point the tracee's registers at the injection site (harmless syscall)."""
+        regs = dict(self.template)
+        regs.update(rip=self.insn, rax=nr, orig_rax=(1 << 64) - 1)
+        self.tracee.setregs(regs)
+
+    def raw(self, nr: int, *args: int) -> int:
+        """Run one syscall; returns the raw result (negative errno on failure)."""
+        for i in range(6):
+            a = args[i] if i < len(args) else 0
+            self._args[i] = a - (1 << 64) if a >= 1 << 63 else a
+        r = lib.ck_inject_syscall(
+            self.tracee.pid, self._regs, self.insn, nr, self._args, self._result, self._status
+        )
+        if r == -errno.ECHILD:
+            self.tracee.attached = False
+            raise DumpError(f"process {self.tracee.pid} died during syscall injection")
+        if r == -errno.EFAULT:
+            st = self._status[0]
+            raise RemoteError(
+                errno.EFAULT,
+                f"injected syscall {nr} in {self.tracee.pid} stopped by signal "
+                f"{os.WSTOPSIG(st) if os.WIFSTOPPED(st) else st}",
+            )
+        check(r, "syscall injection", target=self.tracee.pid)
+        return self._result[0]
+
+    def call(self, name: str, *args: int) -> int:
+        r = self.raw(NR[name], *args)
+        if -4096 < r < 0:
+            raise RemoteError(-r, f"{name} in process {self.tracee.pid} failed: {os.strerror(-r)}")
+        return r
+
+    # -- memory --------------------------------------------------------------------------
+
+    def write(self, addr: int, data: bytes) -> None:
+        n = os.pwrite(self.mem_fd, data, addr)
+        if n != len(data):
+            raise OSError(errno.EIO, f"short write to /proc/{self.tracee.pid}/mem at {addr:#x}")
+
+    def read(self, addr: int, size: int) -> bytes:
+        data = os.pread(self.mem_fd, size, addr)
+        if len(data) != size:
+            raise OSError(errno.EIO, f"short read of /proc/{self.tracee.pid}/mem at {addr:#x}")
+        return data
+
+    def reset_data(self) -> None:
+        self._bump = 0
+
+    def put(self, data: bytes, align: int = 8) -> int:
+        """Copy data into the scratch data area; returns its address in the tracee."""
+        assert self.scratch is not None
+        off = (self._bump + align - 1) // align * align
+        if off + len(data) > self.scratch.data_size:
+            raise OSError(errno.ENOSPC, "scratch data area full")
+        addr = self.scratch.data + off
+        self.write(addr, data)
+        self._bump = off + len(data)
+        return addr
+
+    def alloc(self, size: int, align: int = 8) -> int:
+        return self.put(b"\0" * size, align)
+
+    def cstr(self, s: str | bytes) -> int:
+        b = s.encode("utf-8", "surrogateescape") if isinstance(s, str) else s
+        return self.put(b + b"\0", 1)
+
+
+def open_mem(pid: int) -> int:
+    return os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+
+
+# -- finding a site for the bootstrap trampoline ---------------------------------------------
+
+
+def _exec_segment_ends(path: str) -> list[tuple[int, int]]:
+    """(p_offset, p_filesz) of executable PT_LOAD segments of an ELF64 file."""
+    try:
+        with open(path, "rb") as f:
+            eh = f.read(64)
+            if len(eh) < 64 or eh[:4] != b"\x7fELF" or eh[4] != 2:
+                return []
+            phoff, = struct.unpack_from("<Q", eh, 0x20)
+            phentsize, phnum = struct.unpack_from("<HH", eh, 0x36)
+            f.seek(phoff)
+            ph = f.read(phentsize * phnum)
+    except OSError:
+        return []
+    out = []
+    for i in range(phnum):
+        p_type, p_flags, p_offset, _va, _pa, p_filesz = struct.unpack_from("<IIQQQQ", ph, i * phentsize)
+        if p_type == 1 and p_flags & 1:
+            out.append((p_offset, p_filesz))
+    return out
+
+
+def find_bootstrap_site(pid: int, mappings: Iterable[Mapping]) -> int | None:
+    """Address of HEAL_SIZE unused bytes at the end of an executable file mapping's last page."""
+    for m in mappings:
+        if m.perms[2] != "x" or not m.is_file or m.deleted or m.shared:
+            continue
+        for p_offset, p_filesz in _exec_segment_ends(f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}"):
+            seg_end = m.start + (p_offset + p_filesz - m.offset)
+            page_end = (seg_end + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
+            if m.start < seg_end and page_end <= m.end and page_end - seg_end >= HEAL_SIZE + 16:
+                return page_end - HEAL_SIZE
+    return None
+
+
+class DumpInjection:
+    """Open/close an injection session on a dump target, heal-safe throughout.
+
+    Order is what makes a SIGKILLed ckpt harmless: the registers are pointed at
+    a trampoline before the signal mask is widened, and the mask is restored
+    before the registers leave the trampoline.
+    """
+
+    def __init__(self, tracee: Tracee, mappings: list[Mapping], regs: dict[str, int], mask: int):
+        self.tracee = tracee
+        self.mappings = mappings
+        self.regs = regs
+        self.mask = mask
+        from .ptrace import resume_regs
+
+        self.resume = resume_regs(regs)
+        self.mem_fd = open_mem(tracee.pid)
+        self.inj = Injector(tracee, self.resume, self.mem_fd)
+        self.site: int | None = None
+        self.site_orig: bytes | None = None
+        self.scratch: Scratch | None = None
+        self._entered = False
+
+    def __enter__(self) -> Injector:
+        from .. import faults
+
+        site = find_bootstrap_site(self.tracee.pid, self.mappings)
+        if site is None:
+            raise UnsupportedProcess(
+                "no safe place for syscall injection (no executable ELF mapping with a free "
+                f"page tail of {HEAL_SIZE} bytes)",
+                pid=self.tracee.pid,
+            )
+        blob = heal_blob(self.resume, self.mask)
+        self.site_orig = self.inj.read(site, HEAL_SIZE)
+        self.site = site
+        self.inj.write(site, blob)
+        self.inj.use(site)
+        self.inj.park()
+        self._entered = True
+        self.tracee.set_sigmask(INJECT_MASK)
+        faults.point("inject-setup")
+        size = SCRATCH_PAGES * PAGE_SIZE
+        addr = self.inj.call("mmap", 0, size, 7, 0x22, (1 << 64) - 1, 0)  # RWX, PRIVATE|ANON
+        self.scratch = Scratch(addr)
+        self.inj.scratch = self.scratch
+        self.inj.write(addr, blob)
+        self.inj.use(addr)
+        return self.inj
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self._entered:
+            self._cleanup_fd()
+            return
+        try:
+            if self.scratch is not None and self.tracee.attached:
+                self.inj.use(self.site)
+                self.inj.raw(NR["munmap"], self.scratch.addr, self.scratch.size)
+                self.scratch = None
+            if self.tracee.attached:
+                self.tracee.set_sigmask(self.mask)
+                self.tracee.setregs(self.resume)
+                self.inj.write(self.site, self.site_orig)
+        finally:
+            self._entered = False
+            self._cleanup_fd()
+
+    def _cleanup_fd(self) -> None:
+        if self.mem_fd >= 0:
+            os.close(self.mem_fd)
+            self.mem_fd = -1

@@ -1,0 +1,1 @@
+"""Model + layers → a new live process."""

@@ -1,0 +1,59 @@
+"""Pre-flight checks of a restore: files unchanged, PID free."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from ..errors import FileChanged, PidInUse
+from ..kernel import procfs
+from ..model import FileRef, ProcessImage
+
+O_ACCMODE, O_WRONLY = 3, 1
+
+
+def check_file(ref: FileRef, what: str, *, strict: bool = True) -> None:
+    try:
+        st = os.stat(ref.path)
+    except OSError as exc:
+        raise FileChanged(f"{what} {ref.path} is gone since the dump ({exc.strerror})") from exc
+    if (st.st_dev, st.st_ino) != (ref.dev, ref.ino):
+        raise FileChanged(f"{what} {ref.path} was replaced since the dump (inode changed)")
+    if strict and (st.st_size != ref.size or st.st_mtime_ns != ref.mtime_ns):
+        raise FileChanged(
+            f"{what} {ref.path} changed since the dump (size {ref.size} → {st.st_size}, "
+            "or modification time)"
+        )
+
+
+def check_files(proc: ProcessImage) -> None:
+    """Mapped files and files read through fds must be exactly as dumped.
+
+    Write-only fds (logs) only need to be the same file: the process never
+    reads through them, and a log that grew is not corruption.
+    """
+    if proc.mm.exe is not None:
+        check_file(proc.mm.exe, "executable")
+    for v in proc.vmas:
+        if v.file is not None:
+            check_file(v.file, f"mapped file (at {v.start:#x})")
+    for fd in proc.fds:
+        if fd.file is not None:
+            check_file(fd.file, f"file of fd {fd.fd}", strict=(fd.flags & O_ACCMODE) != O_WRONLY)
+
+
+def wait_pid_free(pid: int, timeout: float = 5.0) -> None:
+    """A just-killed original may linger as a zombie until its parent reaps it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            st = procfs.stat(pid)
+        except Exception:
+            return
+        if st.state not in ("Z", "X") or time.monotonic() > deadline:
+            raise PidInUse(
+                f"PID {pid} is in use by another process "
+                f"({st.comm.decode(errors='replace')}); restore with --new-pid",
+                pid=pid,
+            )
+        time.sleep(0.01)

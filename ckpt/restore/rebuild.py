@@ -1,0 +1,337 @@
+"""Turn the parked restorer child into the dumped process, by syscall injection.
+
+The numbered steps follow DESIGN.md "Dump and restore, step by step"; each is
+one function so the order lives in `rebuild()` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import bisect
+import struct
+
+from ..errors import RestoreError
+from ..kernel import procfs
+from ..kernel.memory import write_at
+from ..kernel.native import PAGE_SIZE
+from ..kernel.ptrace import Tracee, resume_regs
+from ..kernel.remote import HEAL_CODE, INJECT_MASK, SCRATCH_PAGES, Injector, RemoteError, Scratch
+from ..kernel.spawn import pause_syscall_addr
+from ..model import ProcessImage, Vma
+
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS = 0x01, 0x02, 0x20
+MAP_GROWSDOWN, MAP_NORESERVE, MAP_FIXED_NOREPLACE = 0x100, 0x4000, 0x100000
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+O_RDONLY, O_RDWR, O_CREAT, O_EXCL, O_TRUNC, O_CLOEXEC = 0, 2, 0o100, 0o200, 0o1000, 0o2000000
+AT_FDCWD = -100
+TASK_SIZE = 0x7FFFFFFFF000
+MADV = {"hg": 14, "nh": 15, "dc": 10, "wf": 18, "dd": 16, "mg": 12, "sr": 2, "rr": 1}
+VDSO_KINDS = ("vvar", "vvar_vclock", "vdso")
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NAME, PR_SET_MM, PR_SET_MM_MAP = 1, 4, 15, 35, 14
+PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS, PR_SET_THP_DISABLE = 36, 38, 41
+PR_TIMER_CREATE_RESTORE_IDS = 77
+
+
+def _u(v: int) -> int:
+    return v & 0xFFFFFFFFFFFFFFFF
+
+
+class Rebuilder:
+    def __init__(self, pid: int, proc: ProcessImage, new_pid: bool):
+        self.pid = pid
+        self.proc = proc
+        self.new_pid = new_pid
+        self.tracee = Tracee.seize(pid, exitkill=True)
+        self.tracee.interrupt()
+        template = self.tracee.getregs()
+        self.mem_fd = __import__("os").open(f"/proc/{pid}/mem", 0o2 | 0o2000000)
+        self.inj = Injector(self.tracee, template, self.mem_fd)
+        self.inj.use(pause_syscall_addr())
+        self.tracee.set_sigmask(INJECT_MASK)
+
+    def before_leave(self) -> None:
+        """Hook run from outside the child just before it is released (e.g. rlimits)."""
+
+    def close(self) -> None:
+        import os
+
+        if self.mem_fd >= 0:
+            os.close(self.mem_fd)
+            self.mem_fd = -1
+
+    # -- the steps, in order ---------------------------------------------------------------
+
+    def run(self, write_pages) -> None:
+        child_maps = procfs.maps(self.pid)
+        self.make_scratch(child_maps)
+        self.unregister_rseq()
+        self.unmap_all(child_maps)
+        self.place_vdso(child_maps)
+        self.map_vmas()
+        write_pages(self.mem_fd)
+        self.finish_vmas()
+        self.set_mm()
+        self.restore_fds()
+        self.restore_process_misc()
+        self.restore_signals()
+        self.restore_timers()
+        self.restore_creds()
+        self.register_rseq()
+        self.before_leave()
+        self.leave()
+
+    def make_scratch(self, child_maps) -> None:
+        busy = [(m.start, m.end) for m in child_maps] + [(v.start, v.end) for v in self.proc.vmas]
+        size = SCRATCH_PAGES * PAGE_SIZE
+        addr = free_range(busy, size)
+        self.inj.call("mmap", addr, size, PROT_READ | PROT_WRITE | PROT_EXEC,
+                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, _u(-1), 0)  # fmt: skip
+        self.inj.write(addr, HEAL_CODE)
+        self.inj.scratch = Scratch(addr)
+        self.inj.use(addr)
+        self._busy = busy
+
+    def unregister_rseq(self) -> None:
+        cfg = self.tracee.rseq_config()
+        if cfg is not None:
+            self.inj.call("rseq", cfg.ptr, cfg.size, 1, cfg.signature)
+
+    def unmap_all(self, child_maps) -> None:
+        keep = [(self.inj.scratch.addr, self.inj.scratch.addr + self.inj.scratch.size)]
+        keep += [(m.start, m.end) for m in child_maps if m.name in ("[vvar]", "[vvar_vclock]", "[vdso]")]
+        keep.sort()
+        pos = 0
+        for a, b in keep + [(TASK_SIZE, TASK_SIZE)]:
+            if a > pos:
+                self.inj.call("munmap", pos, a - pos)
+            pos = max(pos, b)
+
+    def place_vdso(self, child_maps) -> None:
+        have = {m.name.strip("[]"): m for m in child_maps if m.name in ("[vvar]", "[vvar_vclock]", "[vdso]")}
+        want = {v.kind: v for v in self.proc.vmas if v.kind in VDSO_KINDS}
+        if set(have) != set(want) or any(have[k].size != want[k].size for k in want):
+            raise RestoreError(
+                "the vDSO layout of this kernel differs from the image's "
+                f"(here: {sorted((k, m.size) for k, m in have.items())}, "
+                f"image: {sorted((k, v.size) for k, v in want.items())}); restore on the same kernel"
+            )
+        if not want:
+            return
+        targets = [(want[k].start, want[k].end) for k in want]
+        sources = [(have[k].start, have[k].end) for k in want]
+        if any(_overlap(t, s) for t in targets for s in sources):
+            # go through a place free in both layouts first
+            span_lo = min(m.start for m in have.values())
+            span = max(m.end for m in have.values()) - span_lo
+            busy = self._busy + [(self.inj.scratch.addr, self.inj.scratch.addr + self.inj.scratch.size)]
+            tmp = free_range(busy + targets, span)
+            for k, m in have.items():
+                new = tmp + (m.start - span_lo)
+                self.inj.call("mremap", m.start, m.size, m.size, MREMAP_MAYMOVE | MREMAP_FIXED, new)
+                m.end, m.start = new + m.size, new
+        for k, m in have.items():
+            if m.start != want[k].start:
+                self.inj.call("mremap", m.start, m.size, m.size, MREMAP_MAYMOVE | MREMAP_FIXED, want[k].start)
+
+    def map_vmas(self) -> None:
+        for v in self.proc.vmas:
+            if v.kind in VDSO_KINDS:
+                continue
+            prot0 = v.prot | (PROT_WRITE if "ac" in v.vmflags else 0)
+            flags = MAP_FIXED_NOREPLACE | (MAP_SHARED if v.shared else MAP_PRIVATE)
+            if "gd" in v.vmflags:
+                flags |= MAP_GROWSDOWN
+            if "nr" in v.vmflags:
+                flags |= MAP_NORESERVE
+            if v.kind == "file":
+                mode = O_RDWR if (v.shared and "mw" in v.vmflags) else O_RDONLY
+                self.inj.reset_data()
+                fd = self.inj.call("openat", _u(AT_FDCWD), self.inj.cstr(v.file.path), mode | O_CLOEXEC, 0)
+                try:
+                    got = self.inj.call("mmap", v.start, v.size, prot0, flags, fd, v.offset)
+                finally:
+                    self.inj.call("close", fd)
+            else:
+                got = self.inj.call("mmap", v.start, v.size, prot0, flags | MAP_ANONYMOUS, _u(-1), 0)
+            if got != v.start:
+                raise RestoreError(f"mapping {v.start:#x} landed at {got:#x}")
+
+    def finish_vmas(self) -> None:
+        for v in self.proc.vmas:
+            if v.kind in VDSO_KINDS:
+                continue
+            if "ac" in v.vmflags and not v.prot & PROT_WRITE:
+                self.inj.call("mprotect", v.start, v.size, v.prot)
+            for flag, advice in MADV.items():
+                if flag in v.vmflags:
+                    self.inj.raw(28, v.start, v.size, advice)  # best effort (e.g. THP off)
+
+    def set_mm(self) -> None:
+        mm = self.proc.mm
+        inj = self.inj
+        inj.reset_data()
+        auxv = inj.put(mm.auxv)
+        exe_fd = inj.call("openat", _u(AT_FDCWD), inj.cstr(mm.exe.path if mm.exe else self.proc.exe), O_RDONLY | O_CLOEXEC, 0)
+        try:
+            st = struct.pack(
+                "<11QQII",
+                mm.start_code, mm.end_code, mm.start_data, mm.end_data, mm.start_brk, mm.brk,
+                mm.start_stack, mm.arg_start, mm.arg_end, mm.env_start, mm.env_end,
+                auxv, len(mm.auxv), exe_fd,
+            )  # fmt: skip
+            inj.call("prctl", PR_SET_MM, PR_SET_MM_MAP, inj.put(st), len(st), 0)
+        finally:
+            inj.call("close", exe_fd)
+
+    def restore_fds(self) -> None:
+        inj = self.inj
+        inj.call("close_range", 0, 0xFFFFFFFF, 0)
+        for fd in sorted(self.proc.fds, key=lambda f: f.fd):
+            inj.reset_data()
+            flags = fd.flags & ~(O_CREAT | O_EXCL | O_TRUNC | O_CLOEXEC)
+            try:
+                tmp = inj.call("openat", _u(AT_FDCWD), inj.cstr(fd.path), flags, 0)
+            except RemoteError as exc:
+                raise RestoreError(f"cannot reopen fd {fd.fd} ({fd.path}): {exc.strerror}") from exc
+            if tmp != fd.fd:
+                inj.call("dup3", tmp, fd.fd, O_CLOEXEC if fd.cloexec else 0)
+                inj.call("close", tmp)
+            elif fd.cloexec:
+                inj.call("fcntl", fd.fd, 2, 1)  # F_SETFD FD_CLOEXEC
+            if fd.kind == "file":
+                inj.call("lseek", fd.fd, fd.pos, 0)
+
+    def restore_process_misc(self) -> None:
+        p, inj = self.proc, self.inj
+        inj.reset_data()
+        if p.sid == p.pid:
+            inj.call("setsid")
+        elif p.pgid == p.pid:
+            inj.call("setpgid", 0, 0)
+        inj.call("prctl", PR_SET_NAME, inj.cstr(p.comm[:15]), 0, 0, 0)
+        inj.call("chdir", inj.cstr(p.cwd))
+        inj.call("umask", p.umask)
+        inj.call("personality", p.personality)
+        inj.call("prctl", PR_SET_DUMPABLE, p.dumpable, 0, 0, 0)
+        inj.call("prctl", PR_SET_CHILD_SUBREAPER, p.child_subreaper, 0, 0, 0)
+        inj.call("prctl", PR_SET_THP_DISABLE, p.thp_disable, 0, 0, 0)
+        inj.call("prctl", PR_SET_PDEATHSIG, 0, 0, 0, 0)
+        t = p.threads[0]
+        sp, flags, size = t.sigaltstack
+        if not flags & 2:  # not SS_DISABLE
+            inj.call("sigaltstack", inj.put(struct.pack("<QiiQ", sp, flags, 0, size)), 0)
+        head, ln = t.robust_list
+        if head:
+            inj.call("set_robust_list", head, ln)
+        inj.call("set_tid_address", t.clear_child_tid)
+
+    def restore_signals(self) -> None:
+        inj = self.inj
+        inj.reset_data()
+        acts = {a.signo: a for a in self.proc.sigactions}
+        buf = inj.alloc(32)
+        for sig in range(1, 65):
+            if sig in (9, 19):
+                continue
+            a = acts.get(sig)
+            raw = struct.pack("<QQQQ", a.handler, a.flags, a.restorer, a.mask) if a else b"\0" * 32
+            inj.write(buf, raw)
+            inj.call("rt_sigaction", sig, buf, 0, 8)
+        pid = self.pid
+        for info in self.proc.threads[0].pending:
+            inj.write(buf := inj.alloc(128), info)
+            inj.call("rt_tgsigqueueinfo", pid, pid, struct.unpack_from("<i", info)[0], buf)
+            inj.reset_data()
+        for info in self.proc.shared_pending:
+            inj.write(buf := inj.alloc(128), info)
+            inj.call("rt_sigqueueinfo", pid, struct.unpack_from("<i", info)[0], buf)
+            inj.reset_data()
+
+    def restore_timers(self) -> None:
+        inj = self.inj
+        for it in self.proc.itimers:
+            inj.reset_data()
+            val = struct.pack("<qqqq", it.interval_us // 10**6, it.interval_us % 10**6,
+                              it.value_us // 10**6, it.value_us % 10**6)  # fmt: skip
+            inj.call("setitimer", it.which, inj.put(val), 0)
+        timers = sorted(self.proc.posix_timers, key=lambda t: t.id)
+        if not timers:
+            return
+        by_id = inj.raw(157, PR_TIMER_CREATE_RESTORE_IDS, 1, 0, 0, 0) == 0
+        if not by_id and [t.id for t in timers] != list(range(len(timers))):
+            raise RestoreError("POSIX timer ids cannot be restored on this kernel (needs Linux 6.15+)")
+        try:
+            for t in timers:
+                inj.reset_data()
+                tid = self.pid if t.notify == 4 else 0
+                sev = struct.pack("<qii", t.sigev_value, t.signo, t.notify) + struct.pack("<i", tid)
+                sev = sev.ljust(64, b"\0")
+                idp = inj.put(struct.pack("<i", t.id))
+                inj.call("timer_create", t.clock_id & 0xFFFFFFFF, inj.put(sev), idp)
+                got = struct.unpack("<i", inj.read(idp, 4))[0]
+                if got != t.id:
+                    raise RestoreError(f"POSIX timer {t.id} came back as {got}")
+                if t.value_ns:
+                    its = struct.pack("<qqqq", t.interval_ns // 10**9, t.interval_ns % 10**9,
+                                      t.value_ns // 10**9, t.value_ns % 10**9)  # fmt: skip
+                    inj.call("timer_settime", t.id, 0, inj.put(its), 0)
+        finally:
+            if by_id:
+                inj.raw(157, PR_TIMER_CREATE_RESTORE_IDS, 0, 0, 0, 0)
+
+    def restore_creds(self) -> None:
+        p, inj = self.proc, self.inj
+        if p.no_new_privs:
+            inj.call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        if p.uids[:3] == [0, 0, 0] and p.gids[:3] == [0, 0, 0]:
+            return
+        inj.reset_data()
+        groups = struct.pack(f"<{len(p.groups)}I", *p.groups)
+        inj.call("setgroups", len(p.groups), inj.put(groups) if groups else 0)
+        inj.call("setresgid", *p.gids[:3])
+        inj.call("setresuid", *p.uids[:3])
+
+    def register_rseq(self) -> None:
+        r = self.proc.threads[0].rseq
+        if r is not None:
+            self.inj.call("rseq", r.ptr, r.size, 0, r.signature)
+
+    def leave(self) -> None:
+        t = self.proc.threads[0]
+        s = self.inj.scratch
+        self.inj.call("munmap", s.addr, s.size)
+        self.tracee.set_xstate(t.xstate)
+        self.tracee.setregs(resume_regs(t.regs))
+        self.tracee.set_sigmask(t.sigmask)
+        self.tracee.detach()
+
+
+def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
+def free_range(busy: list[tuple[int, int]], size: int, lo: int = 1 << 32) -> int:
+    """Lowest address >= lo with `size` bytes free of every busy range."""
+    spans = sorted(busy)
+    addr = lo
+    for a, b in spans:
+        if b <= addr:
+            continue
+        if a >= addr + size:
+            break
+        addr = max(addr, (b + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE)
+    if addr + size > TASK_SIZE:
+        raise RestoreError("no free address range for the restorer's scratch area")
+    return addr
+
+
+def vma_index(vmas: list[Vma]):
+    starts = [v.start for v in vmas]
+
+    def find(addr: int) -> Vma | None:
+        i = bisect.bisect_right(starts, addr) - 1
+        if i >= 0 and vmas[i].start <= addr < vmas[i].end:
+            return vmas[i]
+        return None
+
+    return find
