@@ -153,7 +153,11 @@ _Static_assert(sizeof(struct ck_page_region) == 24, "page_region is 24 bytes");
 _Static_assert(PAGEMAP_SCAN == 0xC0606610UL, "PAGEMAP_SCAN request code");
 
 #define CKU_PAGE 4096ULL
-#define CKU_VEC 2048            /* page_region entries per PAGEMAP_SCAN call */
+/* page_region entries per PAGEMAP_SCAN call. At most 512 (the kernel's bounce
+   buffer): when one call refills that buffer internally and then walks to the
+   end, 6.18 returns the walk_end of the refill point, not the end (stale), and
+   a caller resuming there re-reads regions it already got. */
+#define CKU_VEC 512
 
 /* ---- userfaultfd ---- */
 
@@ -305,12 +309,14 @@ long ck_pagemap_scan_written(int fd, uint64_t start, uint64_t end, int rearm,
             *walk_end = pos;
             return n ? (long)n : -e;
         }
+        uint64_t next = a.walk_end;
+        if (r > 0 && vec[r - 1].end > next) next = vec[r - 1].end;   /* see CKU_VEC */
         n = cku_take(vec, (size_t)r, out_runs, n);
-        if (a.walk_end <= pos) {                /* no progress: never seen */
+        if (next <= pos) {                      /* no progress: never seen */
             *walk_end = pos;
             return n ? (long)n : -EIO;
         }
-        pos = a.walk_end;
+        pos = next;
     }
     *walk_end = pos < end ? pos : end;
     return (long)n;
