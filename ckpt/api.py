@@ -12,8 +12,9 @@ from .restore.run import restore as _restore
 __all__ = ["DumpResult", "Restored", "dump", "restore", "show", "wait_exit_status"]
 
 
-def dump(pid: int, directory: str, *, leave_running: bool = False, level: int | None = None) -> DumpResult:
-    return _dump(pid, directory, leave_running=leave_running, level=level)
+def dump(pid: int, directory: str, **options) -> DumpResult:
+    """Checkpoint `pid` into `directory`; options as ckpt.capture.dump.dump()."""
+    return _dump(pid, directory, **options)
 
 
 def restore(directory: str, *, new_pid: bool = False) -> Restored:
@@ -51,7 +52,14 @@ def show(directory: str) -> dict:
             "kind": v.kind, "name": v.name, "offset": v.offset, "pages": pages,
         })  # fmt: skip
     fds = [
-        {"fd": f.fd, "kind": f.kind, "path": f.path, "flags": f.flags, "cloexec": f.cloexec, "pos": f.pos}
+        {
+            "fd": f.fd,
+            "kind": f.kind,
+            "path": f.path,
+            "flags": f.flags,
+            "cloexec": f.cloexec,
+            "pos": f.pos,
+        }
         for f in proc.fds
     ]
     t = proc.threads[0]
@@ -59,14 +67,22 @@ def show(directory: str) -> dict:
         "image": os.path.abspath(directory),
         "meta": meta,
         "process": {
-            "pid": proc.pid, "ppid": proc.ppid, "pgid": proc.pgid, "sid": proc.sid,
+            "pid": proc.pid,
+            "ppid": proc.ppid,
+            "pgid": proc.pgid,
+            "sid": proc.sid,
             "comm": proc.comm.decode(errors="replace"),
             "cmdline": [a.decode(errors="replace") for a in proc.cmdline.split(b"\0") if a],
-            "exe": proc.exe, "cwd": proc.cwd, "uids": proc.uids, "gids": proc.gids,
-            "threads": len(proc.threads), "sigmask": f"{t.sigmask:016x}",
-            "sigactions": len(proc.sigactions), "posix_timers": len(proc.posix_timers),
+            "exe": proc.exe,
+            "cwd": proc.cwd,
+            "uids": proc.uids,
+            "gids": proc.gids,
+            "threads": len(proc.threads),
+            "sigmask": f"{t.sigmask:016x}",
+            "sigactions": len(proc.sigactions),
+            "posix_timers": len(proc.posix_timers),
             "itimers": len(proc.itimers),
-        },  # fmt: skip
+        },
         "vmas": vmas,
         "fds": fds,
         "layers": summary,

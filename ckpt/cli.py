@@ -49,25 +49,107 @@ def check(as_json: bool) -> None:
 
 @cli.command()
 @click.argument("pid", type=int)
-@click.option("-D", "--images-dir", "directory", required=True, type=click.Path(), help="Image directory to create.")
+@click.option(
+    "-D",
+    "--images-dir",
+    "directory",
+    required=True,
+    type=click.Path(),
+    help="Image directory to create.",
+)
 @click.option("--leave-running", is_flag=True, help="Let the process run on after the dump.")
-@click.option("--level", type=click.IntRange(1, 19), default=None, help="zstd level (default: fast).")
-def dump(pid: int, directory: str, leave_running: bool, level: int | None) -> None:
+@click.option(
+    "--iterative",
+    is_flag=True,
+    help="Pre-copy memory while the process runs; freeze only for the last round.",
+)
+@click.option(
+    "--tracker",
+    type=click.Choice(["auto", "uffd-wp", "soft-dirty", "full"]),
+    default="auto",
+    show_default=True,
+    help="Dirty-page tracking backend for --iterative.",
+)
+@click.option(
+    "--max-rounds",
+    type=click.IntRange(1, 1000),
+    default=None,
+    help="Pre-copy rounds at most [default: 8].",
+)
+@click.option(
+    "--target-downtime-ms",
+    type=click.FloatRange(0),
+    default=None,
+    help="Stop pre-copying once the final freeze is estimated below this [default: 50].",
+)
+@click.option(
+    "--max-time",
+    type=click.FloatRange(0),
+    default=None,
+    help="Seconds of pre-copy at most [default: 60].",
+)
+@click.option(
+    "--stats-json", type=click.Path(), default=None, help="Write per-round statistics as JSON here."
+)
+@click.option(
+    "--level", type=click.IntRange(1, 19), default=None, help="zstd level (default: fast)."
+)
+def dump(
+    pid: int,
+    directory: str,
+    leave_running: bool,
+    iterative: bool,
+    tracker: str,
+    max_rounds: int | None,
+    target_downtime_ms: float | None,
+    max_time: float | None,
+    stats_json: str | None,
+    level: int | None,
+) -> None:
     """Checkpoint process PID into DIR (then kill it, unless --leave-running)."""
     from . import api
+    from .precopy import Policy
 
-    r = api.dump(pid, directory, leave_running=leave_running, level=level)
+    policy = Policy()
+    if max_rounds is not None:
+        policy.max_rounds = max_rounds
+    if target_downtime_ms is not None:
+        policy.target_downtime_ms = target_downtime_ms
+    if max_time is not None:
+        policy.max_time = max_time
+
+    def on_round(r) -> None:
+        status(
+            f"round {r.round:>2}: {r.pages_written:>9} pages written, {r.bytes_copied / 2**20:>8.1f} MiB copied "
+            f"in {r.seconds * 1000:>6.0f} ms, dirty {r.dirty_rate_pages_s:>9.0f} pages/s, "
+            f"est. freeze {r.est_freeze_ms:>6.1f} ms"
+        )
+
+    r = api.dump(
+        pid, directory, leave_running=leave_running, level=level, iterative=iterative,
+        tracker=tracker, policy=policy, on_round=on_round, stats_json=stats_json,
+    )  # fmt: skip
+    extra = (
+        f"; tracker {r.tracker}, {len(r.rounds)} pre-copy rounds ({r.stop_reason})"
+        if iterative
+        else ""
+    )
     status(
         f"dumped {r.pid} to {r.image}: {r.vmas} VMAs, {_human(r.bytes_raw)} of pages "
-        f"→ {_human(r.bytes_stored)} stored, freeze {r.freeze_ms:.0f} ms, total {r.seconds:.2f} s"
+        f"→ {_human(r.bytes_stored)} stored, freeze {r.freeze_ms:.0f} ms"
+        f" ({r.final_pages} pages in the final round), total {r.seconds:.2f} s{extra}"
         + ("; left running" if leave_running else "; process killed")
     )
 
 
 @cli.command()
-@click.option("-D", "--images-dir", "directory", required=True, type=click.Path(), help="Image directory.")
+@click.option(
+    "-D", "--images-dir", "directory", required=True, type=click.Path(), help="Image directory."
+)
 @click.option("--detach", is_flag=True, help="Print the PID and return while the process runs on.")
-@click.option("--new-pid", is_flag=True, help="Let the kernel pick a new PID instead of the dumped one.")
+@click.option(
+    "--new-pid", is_flag=True, help="Let the kernel pick a new PID instead of the dumped one."
+)
 def restore(directory: str, detach: bool, new_pid: bool) -> None:
     """Restore the process in DIR; wait for it and exit with its status unless --detach."""
     from . import api
@@ -102,7 +184,9 @@ def show(directory: str, as_json: bool) -> None:
         f"dumped   {m.get('host', '?')} kernel {m.get('kernel', '?')}  freeze "
         f"{m.get('freeze_ms', 0):.0f} ms  ckpt {m.get('ckpt_version', '?')}"
     )
-    click.echo(f"signals  {p['sigactions']} handlers, mask {p['sigmask']}; timers {p['posix_timers']} posix, {p['itimers']} itimer")
+    click.echo(
+        f"signals  {p['sigactions']} handlers, mask {p['sigmask']}; timers {p['posix_timers']} posix, {p['itimers']} itimer"
+    )
     click.echo("")
     click.echo(f"{'start':>14} {'end':>14} perms {'pages':>8}  kind     name")
     for v in info["vmas"]:
@@ -134,7 +218,7 @@ def main() -> None:
     except KeyboardInterrupt:
         click.echo("ckpt: interrupted", err=True)
         sys.exit(130)
-    except Exception as e:  # noqa: BLE001 - the last line of defence: no tracebacks for users
+    except Exception as e:
         if os.environ.get("CKPT_DEBUG"):
             raise
         click.echo(f"ckpt: internal error: {type(e).__name__}: {e}", err=True)

@@ -25,7 +25,9 @@ def _version() -> str:
 
 
 def _load(area: str):
-    spec = importlib.util.spec_from_file_location(f"_ckpt_area_{area}", HERE / "areas" / f"{area}.py")
+    spec = importlib.util.spec_from_file_location(
+        f"_ckpt_area_{area}", HERE / "areas" / f"{area}.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -45,7 +47,9 @@ def build_ffi() -> FFI:
         + [f'const char CKPT_NATIVE_VERSION[] = "{_version()}";']
         + [m.CUSTOMIZATIONS for m in mods]
     )
-    ffi.set_source("ckpt._native", source, extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"])
+    ffi.set_source(
+        "ckpt._native", source, extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"]
+    )
     return ffi
 
 

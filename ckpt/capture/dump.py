@@ -1,37 +1,44 @@
-"""Checkpoint one live process into an image directory.
+"""Checkpoint one live process into an image directory, plain or with pre-copy.
 
-Order matters and is spelled out here: validate, seize, stop, read state
-(ptrace + /proc, then injected queries inside a heal-safe session), read
-memory, write and commit the image, and only then kill or release the target.
-Any failure before the commit leaves the target running as it was and no
-complete-looking image.
+Order matters and is spelled out here: validate, (arm tracking and pre-copy
+while the target runs), freeze, read state (ptrace + /proc, then injected
+queries inside a heal-safe session), copy the last pages, write and commit the
+image, and only then kill or release the target. Any failure before the
+commit leaves the target running as it was (tracking disarmed, injected fds
+closed) and no complete-looking image.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 from .. import __version__, faults
 from ..errors import UnsupportedProcess
 from ..image import ImageWriter
 from ..kernel import native, procfs
-from ..kernel.memory import pagemap_runs, read_runs
+from ..kernel.memory import pagemap_runs
 from ..kernel.process import auxv_bytes, get_robust_list, personality, rlimits
 from ..kernel.ptrace import Tracee
 from ..kernel.remote import DumpInjection
-from ..model import MmFields, ProcessImage, Rseq, Thread, Vma
+from ..model import MmFields, ProcessImage, Rseq, Thread
+from ..precopy import Policy, Precopy, RoundStats, collect
+from ..track import make_tracker
+from ..track.base import Tracker
+from ..track.full import FullTracker
 from . import state
 from .fds import capture_fds
+from .pages import PageCopier
+from .target import Target
 from .validate import check_target
 from .vmas import classify, file_ref, needs_pages
 
 PAGE = native.PAGE_SIZE
-BATCH_PAGES = 2048  # 8 MiB per process_vm_readv batch
 
 
 @dataclass
@@ -44,6 +51,27 @@ class DumpResult:
     bytes_raw: int
     bytes_stored: int
     vmas: int
+    tracker: str = "none"
+    rounds: list[dict] = field(default_factory=list)
+    final_pages: int = 0
+    stop_reason: str = ""
+    layers: int = 1
+
+    def stats(self) -> dict:
+        return {
+            "tracker": self.tracker,
+            "rounds": self.rounds,
+            "final": {
+                "round": len(self.rounds),
+                "pages_copied": self.final_pages,
+                "freeze_ms": self.freeze_ms,
+            },
+            "total_seconds": self.seconds,
+            "bytes_stored": self.bytes_stored,
+            "layers": self.layers,
+            "stop_reason": self.stop_reason,
+            "pages": self.pages,
+        }
 
 
 def dump(
@@ -52,42 +80,62 @@ def dump(
     *,
     leave_running: bool = False,
     level: int | None = None,
-    progress: Callable[[str], None] | None = None,
+    iterative: bool = False,
+    tracker: str = "auto",
+    policy: Policy | None = None,
+    on_round: Callable[[RoundStats], None] | None = None,
+    stats_json: str | None = None,
 ) -> DumpResult:
     t0 = time.monotonic()
     st = check_target(pid)
+    target = Target(pid, st.starttime)
+    trk: Tracker = make_tracker(tracker, pid) if iterative else FullTracker(pid)
     writer = ImageWriter(directory, level=level)
     tracee: Tracee | None = None
+    pre: Precopy | None = None
     try:
-        tracee = Tracee.seize(pid)
-        faults.point("seized")
-        t_freeze = time.monotonic()
-        tracee.interrupt()
-        proc, stats = _capture(tracee, st, writer, progress)
+        if iterative:
+            ta = time.monotonic()
+            tracee = target.freeze()
+            faults.point("seized")
+            _arm(tracee, trk)
+            tracee.detach()
+            tracee = None
+            faults.point("armed")
+            pre = Precopy(target, trk, writer, policy or Policy(), on_round)
+            pre.stats.base_freeze_ms = (time.monotonic() - ta) * 1000
+            pre.run_rounds(t0)
+            t_freeze = time.monotonic()
+            tracee = target.freeze()
+        else:
+            tracee = Tracee.seize(pid)
+            faults.point("seized")
+            t_freeze = time.monotonic()
+            tracee.interrupt()
+        proc, final_pages, bytes_stored = _capture_final(tracee, trk, writer)
         freeze_ms = (time.monotonic() - t_freeze) * 1000
+        trk.disarm()
         faults.point("write-image")
+        rounds = [asdict(r) for r in pre.stats.rounds] if pre else []
+        if pre:
+            bytes_stored += pre.bytes_stored
+        pages = sum(n for v in proc.vmas for _, n in v.present)
         meta = {
-            "ckpt_version": __version__,
-            "created": time.time(),
-            "host": platform.node(),
-            "kernel": platform.release(),
-            "pid": pid,
-            "comm": proc.comm.decode(errors="replace"),
-            "freeze_ms": freeze_ms,
-            "tracker": "none",
-            "rounds": 1,
-            "pages": stats["pages"],
-        }
+            "ckpt_version": __version__, "created": time.time(), "host": platform.node(),
+            "kernel": platform.release(), "pid": pid, "comm": proc.comm.decode(errors="replace"),
+            "freeze_ms": freeze_ms, "tracker": trk.name if iterative else "none",
+            "rounds": len(rounds) + 1, "pages": pages, "bytes_stored": bytes_stored,
+            "stop_reason": pre.stats.stop_reason if pre else "",
+            "round_stats": rounds,
+        }  # fmt: skip
         faults.point("commit")
         writer.commit(proc.to_dict(), meta)
     except BaseException:
-        writer.abort()
-        if tracee is not None and tracee.attached:
-            try:
-                tracee.detach()
-            except OSError:
-                pass
+        _fail_cleanup(trk, writer, tracee)
         raise
+    finally:
+        if pre is not None:
+            pre.close()
     if leave_running:
         tracee.detach()
     else:
@@ -97,58 +145,112 @@ def dump(
         except OSError:
             pass
         tracee.attached = False
-    return DumpResult(
-        pid=pid,
-        image=directory,
-        freeze_ms=freeze_ms,
-        seconds=time.monotonic() - t0,
-        pages=stats["pages"],
-        bytes_raw=stats["bytes_raw"],
-        bytes_stored=stats["bytes_stored"],
-        vmas=len(proc.vmas),
-    )
+    result = DumpResult(
+        pid=pid, image=directory, freeze_ms=freeze_ms, seconds=time.monotonic() - t0,
+        pages=pages, bytes_raw=pages * PAGE, bytes_stored=bytes_stored, vmas=len(proc.vmas),
+        tracker=meta["tracker"], rounds=rounds, final_pages=final_pages,
+        stop_reason=meta["stop_reason"], layers=len(rounds) + 1,
+    )  # fmt: skip
+    if stats_json:
+        with open(stats_json, "w") as f:
+            json.dump(result.stats(), f, indent=2)
+    return result
 
 
-def _capture(tracee: Tracee, st: procfs.Stat, writer: ImageWriter, progress) -> tuple[ProcessImage, dict]:
+def _fail_cleanup(trk: Tracker, writer: ImageWriter, tracee: Tracee | None) -> None:
+    for step in (trk.cleanup_on_error, writer.abort):
+        try:
+            step()
+        except Exception:
+            pass
+    if tracee is not None and tracee.attached:
+        try:
+            tracee.detach()
+        except OSError:
+            pass
+
+
+def _arm(tracee: Tracee, trk: Tracker) -> None:
+    regs = tracee.getregs()
+    _check_arch(tracee.pid, regs)
+    mask = tracee.get_sigmask()
+    maps = procfs.maps(tracee.pid)
+    with DumpInjection(tracee, maps, regs, mask) as inj:
+        state.close_leftover_uffds(inj, tracee.pid)
+        trk.arm(inj)
+
+
+def _check_arch(pid: int, regs: dict[str, int]) -> None:
+    if regs["cs"] != 0x33:
+        raise UnsupportedProcess(
+            f"process {pid} is not a 64-bit process (cs={regs['cs']:#x})", pid=pid
+        )
+
+
+def _capture_final(
+    tracee: Tracee, trk: Tracker, writer: ImageWriter
+) -> tuple[ProcessImage, int, int]:
+    """Everything read while frozen: state, the last pages, the present map."""
     pid = tracee.pid
     if len(procfs.tasks(pid)) != 1:
         raise UnsupportedProcess(
-            f"process {pid} started a thread while being attached; multi-threaded processes "
-            "are not supported yet",
+            f"process {pid} has several threads; multi-threaded processes are not supported yet",
             pid=pid,
         )
     regs = tracee.getregs()
-    if regs["cs"] != 0x33:
-        raise UnsupportedProcess(f"process {pid} is not a 64-bit process (cs={regs['cs']:#x})", pid=pid)
+    _check_arch(pid, regs)
     mask = tracee.get_sigmask()
     xstate = tracee.get_xstate()
     rseq = tracee.rseq_config()
     pending = tracee.peek_siginfo(False)
     shared_pending = tracee.peek_siginfo(True)
     maps = procfs.smaps(pid)
-    vmas = [v for v in (classify(pid, m) for m in maps) if v is not None]
-    fds = capture_fds(pid)
+    vmas = [
+        v for v in (classify(pid, m) for m in maps) if v is not None
+    ]  # refuses unsupported kinds
     status = procfs.status(pid)
     robust = get_robust_list(pid)
 
     with DumpInjection(tracee, maps, regs, mask) as inj:
+        state.close_leftover_uffds(inj, pid)
         acts = state.sigactions(inj)
         misc = state.misc(inj)
         its = state.itimers(inj)
         timers = state.posix_timers(inj, pid)
+    fds = capture_fds(pid)
 
-    st = procfs.stat(pid)  # mm fields are only visible to a tracer: read them now
+    st = procfs.stat(pid)  # mm fields are only visible to a tracer
     exe = procfs.readlink(pid, "exe")
-    exe_st = os.stat(f"/proc/{pid}/exe")
     mm = MmFields(
         start_code=st.start_code, end_code=st.end_code, start_data=st.start_data,
         end_data=st.end_data, start_brk=st.start_brk, brk=misc["brk"],
         start_stack=st.start_stack, arg_start=st.arg_start, arg_end=st.arg_end,
         env_start=st.env_start, env_end=st.env_end,
-        auxv=auxv_bytes(procfs.read_bytes(pid, "auxv")), exe=file_ref(exe, exe_st),
+        auxv=auxv_bytes(procfs.read_bytes(pid, "auxv")),
+        exe=file_ref(exe, os.stat(f"/proc/{pid}/exe")),
     )  # fmt: skip
 
-    stats = _capture_memory(pid, vmas, writer, progress)
+    # the last pages: written since the previous round (everything, without pre-copy)
+    pm_fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    copier = PageCopier(pid)
+    try:
+        zpfn = native.zero_pfn()
+        runs, _ = collect(pid, trk, pm_fd, zpfn)
+        layer = writer.begin_layer()
+        final_pages = copier.copy(runs, layer, on_half=lambda: faults.point("read-pages"))
+        for v in vmas:
+            save, include_file = needs_pages(v)
+            if save:
+                v.present = [
+                    [a, n]
+                    for a, n in pagemap_runs(
+                        pm_fd, v.start, v.end, include_file=include_file, zero_pfn=zpfn
+                    )
+                ]
+        lstats = layer.close()
+    finally:
+        os.close(pm_fd)
+        copier.close()
 
     thread = Thread(
         tid=pid, regs=regs, xstate=xstate, sigmask=mask, pending=pending,
@@ -156,74 +258,15 @@ def _capture(tracee: Tracee, st: procfs.Stat, writer: ImageWriter, progress) -> 
         rseq=Rseq(rseq.ptr, rseq.size, rseq.signature) if rseq else None,
         robust_list=list(robust), clear_child_tid=misc["clear_child_tid"],
     )  # fmt: skip
-    uids = [int(x) for x in status["Uid"].split()]
-    gids = [int(x) for x in status["Gid"].split()]
-    groups = [int(x) for x in status.get("Groups", "").split()]
     proc = ProcessImage(
         pid=pid, ppid=st.ppid, pgid=st.pgrp, sid=st.session, comm=st.comm,
         cmdline=procfs.read_bytes(pid, "cmdline"), exe=exe, cwd=procfs.readlink(pid, "cwd"),
         umask=int(status.get("Umask", "0022"), 8), personality=personality(pid),
-        uids=uids, gids=gids, groups=groups, rlimits=rlimits(pid), mm=mm, vmas=vmas, fds=fds,
-        sigactions=acts, shared_pending=shared_pending, itimers=its, posix_timers=timers,
-        threads=[thread], no_new_privs=misc["no_new_privs"], dumpable=misc["dumpable"],
-        child_subreaper=misc["child_subreaper"], thp_disable=misc["thp_disable"],
+        uids=[int(x) for x in status["Uid"].split()], gids=[int(x) for x in status["Gid"].split()],
+        groups=[int(x) for x in status.get("Groups", "").split()], rlimits=rlimits(pid), mm=mm,
+        vmas=vmas, fds=fds, sigactions=acts, shared_pending=shared_pending, itimers=its,
+        posix_timers=timers, threads=[thread], no_new_privs=misc["no_new_privs"],
+        dumpable=misc["dumpable"], child_subreaper=misc["child_subreaper"],
+        thp_disable=misc["thp_disable"],
     )  # fmt: skip
-    return proc, stats
-
-
-def _capture_memory(pid: int, vmas: list[Vma], writer: ImageWriter, progress) -> dict:
-    """Save every page that must be saved, in batches of runs; never page by page."""
-    pm_fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-    mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        zpfn = native.zero_pfn()
-        plan: list[tuple[int, int]] = []
-        for v in vmas:
-            save, include_file = needs_pages(v)
-            if not save:
-                continue
-            runs = pagemap_runs(pm_fd, v.start, v.end, include_file=include_file, zero_pfn=zpfn)
-            v.present = [[a, n] for a, n in runs]
-            plan.extend(runs)
-        total_pages = sum(n for _, n in plan)
-        layer = writer.begin_layer()
-        done = 0
-        half_reported = False
-        for batch in _batches(plan, BATCH_PAGES):
-            buf = read_runs(pid, mem_fd, batch)
-            view = memoryview(buf)
-            off = 0
-            for a, n in batch:
-                layer.add_run(a, view[off : off + n * PAGE])
-                off += n * PAGE
-            done += off // PAGE
-            if not half_reported and done * 2 >= total_pages:
-                half_reported = True
-                faults.point("read-pages")
-        lstats = layer.close()
-    finally:
-        os.close(pm_fd)
-        os.close(mem_fd)
-    return {
-        "pages": total_pages,
-        "bytes_raw": total_pages * PAGE,
-        "bytes_stored": getattr(lstats, "bytes_stored", 0),
-    }
-
-
-def _batches(runs: list[tuple[int, int]], max_pages: int):
-    """Group runs into batches of at most max_pages pages, splitting long runs."""
-    batch: list[tuple[int, int]] = []
-    size = 0
-    for a, n in runs:
-        while n:
-            take = min(n, max_pages - size)
-            batch.append((a, take))
-            size += take
-            a += take * PAGE
-            n -= take
-            if size == max_pages:
-                yield batch
-                batch, size = [], 0
-    if batch:
-        yield batch
+    return proc, final_pages, getattr(lstats, "bytes_stored", 0)

@@ -34,7 +34,10 @@ def capture_fds(pid: int) -> list[Fd]:
             out.append(Fd(fd=fd, kind="file", path=target, flags=flags, cloexec=cloexec,
                           pos=info.pos, file=file_ref(target, st)))  # fmt: skip
             continue
-        if statmod.S_ISCHR(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) in SIMPLE_CHR:
+        if (
+            statmod.S_ISCHR(st.st_mode)
+            and (os.major(st.st_rdev), os.minor(st.st_rdev)) in SIMPLE_CHR
+        ):
             out.append(Fd(fd=fd, kind="chr", path=target, flags=flags, cloexec=cloexec,
                           pos=info.pos, rdev=st.st_rdev))  # fmt: skip
             continue

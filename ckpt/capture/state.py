@@ -92,3 +92,19 @@ def posix_timers(inj: Injector, pid: int) -> list[PosixTimer]:
             )
         )  # fmt: skip
     return out
+
+
+def close_leftover_uffds(inj: Injector, pid: int) -> list[int]:
+    """Close uffds a killed ckpt may have left in the target (never handshaken, ours)."""
+    closed = []
+    for fd in procfs.fds(pid):
+        try:
+            if procfs.readlink(pid, "fd", str(fd)) != "anon_inode:[userfaultfd]":
+                continue
+            info = procfs.parse_fdinfo(procfs.read_bytes(pid, "fdinfo", str(fd)))
+        except Exception:
+            continue
+        if info.extra.get("API", "").split(":")[1:2] == ["0"]:
+            inj.call("close", fd)
+            closed.append(fd)
+    return closed

@@ -13,7 +13,9 @@ SPECIAL = {"[vdso]": "vdso", "[vvar]": "vvar", "[vvar_vclock]": "vvar_vclock"}
 
 
 def file_ref(path: str, st: os.stat_result) -> FileRef:
-    return FileRef(path=path, dev=st.st_dev, ino=st.st_ino, size=st.st_size, mtime_ns=st.st_mtime_ns)
+    return FileRef(
+        path=path, dev=st.st_dev, ino=st.st_ino, size=st.st_size, mtime_ns=st.st_mtime_ns
+    )
 
 
 def classify(pid: int, m: Mapping) -> Vma | None:
@@ -56,7 +58,9 @@ def classify(pid: int, m: Mapping) -> Vma | None:
         try:
             st = os.stat(f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}")
         except OSError as exc:
-            raise UnsupportedProcess(f"{where}: cannot stat mapped file: {exc.strerror}", pid=pid) from exc
+            raise UnsupportedProcess(
+                f"{where}: cannot stat mapped file: {exc.strerror}", pid=pid
+            ) from exc
         if not statmod.S_ISREG(st.st_mode):
             raise UnsupportedProcess(f"{where} maps a non-regular file", pid=pid)
         if (st.st_dev, st.st_ino) != _path_identity(name):

@@ -9,17 +9,25 @@ from .native import PAGE_SIZE, check, ffi, lib
 _RUNS_CAP = 65536
 
 
+SOFT_DIRTY = 1 << 55
+
+
 def pagemap_runs(
-    pagemap_fd: int, start: int, end: int, *, include_file: bool, zero_pfn: int
+    pagemap_fd: int, start: int, end: int, *, include_file: bool, zero_pfn: int, require: int = 0
 ) -> list[tuple[int, int]]:
-    """(addr, npages) runs of [start, end) holding data that must be saved."""
+    """(addr, npages) runs of [start, end) holding data that must be saved.
+
+    `require`: pagemap bits that must also be set (SOFT_DIRTY for that tracker).
+    """
     out = ffi.new("uint64_t[]", 2 * _RUNS_CAP)
     nxt = ffi.new("uint64_t *")
     runs: list[tuple[int, int]] = []
     pos = start
     while pos < end:
         n = check(
-            lib.ck_pagemap_runs(pagemap_fd, pos, end, int(include_file), zero_pfn, out, _RUNS_CAP, nxt),
+            lib.ck_pagemap_runs(
+                pagemap_fd, pos, end, int(include_file), zero_pfn, require, out, _RUNS_CAP, nxt
+            ),
             "read /proc/PID/pagemap",
         )
         flat = ffi.unpack(out, 2 * n)
@@ -28,6 +36,35 @@ def pagemap_runs(
             break
         pos = nxt[0]
     return _merge(runs)
+
+
+def pagemap_filter(
+    pagemap_fd: int, runs, *, include_file: bool, zero_pfn: int, require: int = 0
+) -> list[tuple[int, int]]:
+    """The pages among `runs` that hold data (e.g. of the pages a tracker reported written)."""
+    flat = [x for r in runs for x in r]
+    if not flat:
+        return []
+    src = ffi.new("uint64_t[]", flat)
+    out = ffi.new("uint64_t[]", 2 * _RUNS_CAP)
+    consumed = ffi.new("size_t *")
+    result: list[tuple[int, int]] = []
+    total, done = len(flat) // 2, 0
+    while done < total:
+        n = check(
+            lib.ck_pagemap_filter(pagemap_fd, src + 2 * done, total - done, int(include_file),
+                                  zero_pfn, require, out, _RUNS_CAP, consumed),
+            "read /proc/PID/pagemap",
+        )  # fmt: skip
+        got = ffi.unpack(out, 2 * n)
+        result.extend(zip(got[0::2], got[1::2]))
+        if consumed[0] == 0:  # one input run alone overflows the buffer: split it
+            a, k = flat[2 * done], flat[2 * done + 1]
+            result.extend(pagemap_runs(pagemap_fd, a, a + k * PAGE_SIZE, include_file=include_file,
+                                       zero_pfn=zero_pfn, require=require))  # fmt: skip
+            done += 1
+        done += consumed[0]
+    return _merge(result)
 
 
 def _merge(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -46,7 +83,11 @@ def read_runs(pid: int, mem_fd: int, runs: list[tuple[int, int]], buf: bytearray
     if buf is None:
         buf = bytearray(total)
     arr = ffi.new("uint64_t[]", [x for r in runs for x in r])
-    check(lib.ck_read_runs(pid, mem_fd, arr, len(runs), ffi.from_buffer(buf)), "process_vm_readv", target=pid)
+    check(
+        lib.ck_read_runs(pid, mem_fd, arr, len(runs), ffi.from_buffer(buf)),
+        "process_vm_readv",
+        target=pid,
+    )
     return buf
 
 

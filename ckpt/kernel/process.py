@@ -16,7 +16,13 @@ def get_robust_list(tid: int) -> tuple[int, int]:
     ln = ffi.new("uint64_t *")
     check(
         lib.ck_syscall(
-            NR_GET_ROBUST_LIST, tid, int(ffi.cast("uintptr_t", head)), int(ffi.cast("uintptr_t", ln)), 0, 0, 0
+            NR_GET_ROBUST_LIST,
+            tid,
+            int(ffi.cast("uintptr_t", head)),
+            int(ffi.cast("uintptr_t", ln)),
+            0,
+            0,
+            0,
         ),
         "get_robust_list",
         target=tid,

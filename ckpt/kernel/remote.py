@@ -42,7 +42,23 @@ NR = {
 SCRATCH_PAGES = 4  # page 0: code + heal frame; pages 1..3: data
 HEAL_SIZE = 224
 _OFF_MASK, _OFF_FRAME, _OFF_RIP = 72, 80, 216
-_FRAME_REGS = "r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi".split()
+_FRAME_REGS = [
+    "r15",
+    "r14",
+    "r13",
+    "r12",
+    "rbp",
+    "rbx",
+    "r11",
+    "r10",
+    "r9",
+    "r8",
+    "rax",
+    "rcx",
+    "rdx",
+    "rsi",
+    "rdi",
+]
 
 
 def _heal_code() -> bytes:
@@ -149,7 +165,10 @@ class Injector:
         return self._result[0]
 
     def call(self, name: str, *args: int) -> int:
-        r = self.raw(NR[name], *args)
+        return self.call_nr(NR[name], *args, name=name)
+
+    def call_nr(self, nr: int, *args: int, name: str) -> int:
+        r = self.raw(nr, *args)
         if -4096 < r < 0:
             raise RemoteError(-r, f"{name} in process {self.tracee.pid} failed: {os.strerror(-r)}")
         return r
@@ -203,7 +222,7 @@ def _exec_segment_ends(path: str) -> list[tuple[int, int]]:
             eh = f.read(64)
             if len(eh) < 64 or eh[:4] != b"\x7fELF" or eh[4] != 2:
                 return []
-            phoff, = struct.unpack_from("<Q", eh, 0x20)
+            (phoff,) = struct.unpack_from("<Q", eh, 0x20)
             phentsize, phnum = struct.unpack_from("<HH", eh, 0x36)
             f.seek(phoff)
             ph = f.read(phentsize * phnum)
@@ -211,7 +230,9 @@ def _exec_segment_ends(path: str) -> list[tuple[int, int]]:
         return []
     out = []
     for i in range(phnum):
-        p_type, p_flags, p_offset, _va, _pa, p_filesz = struct.unpack_from("<IIQQQQ", ph, i * phentsize)
+        p_type, p_flags, p_offset, _va, _pa, p_filesz = struct.unpack_from(
+            "<IIQQQQ", ph, i * phentsize
+        )
         if p_type == 1 and p_flags & 1:
             out.append((p_offset, p_filesz))
     return out
@@ -222,7 +243,9 @@ def find_bootstrap_site(pid: int, mappings: Iterable[Mapping]) -> int | None:
     for m in mappings:
         if m.perms[2] != "x" or not m.is_file or m.deleted or m.shared:
             continue
-        for p_offset, p_filesz in _exec_segment_ends(f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}"):
+        for p_offset, p_filesz in _exec_segment_ends(
+            f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}"
+        ):
             seg_end = m.start + (p_offset + p_filesz - m.offset)
             page_end = (seg_end + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
             if m.start < seg_end and page_end <= m.end and page_end - seg_end >= HEAL_SIZE + 16:

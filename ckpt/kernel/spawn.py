@@ -18,7 +18,9 @@ def spawn_restorer(pid: int | None) -> int:
     if r in (-errno.ENOSYS, -errno.E2BIG):
         raise RestoreError("this kernel lacks clone3 set_tid; restore with --new-pid")
     if r == -errno.EINVAL and pid:
-        raise RestoreError(f"cannot create PID {pid} here (outside pid_max?); restore with --new-pid")
+        raise RestoreError(
+            f"cannot create PID {pid} here (outside pid_max?); restore with --new-pid"
+        )
     if r < 0:
         raise RestoreError(f"clone3 failed: errno {-r}")
     return int(r)

@@ -11,7 +11,6 @@ import struct
 
 from ..errors import RestoreError
 from ..kernel import procfs
-from ..kernel.memory import write_at
 from ..kernel.native import PAGE_SIZE
 from ..kernel.ptrace import Tracee, resume_regs
 from ..kernel.remote import HEAL_CODE, INJECT_MASK, SCRATCH_PAGES, Injector, RemoteError, Scratch
@@ -98,7 +97,9 @@ class Rebuilder:
 
     def unmap_all(self, child_maps) -> None:
         keep = [(self.inj.scratch.addr, self.inj.scratch.addr + self.inj.scratch.size)]
-        keep += [(m.start, m.end) for m in child_maps if m.name in ("[vvar]", "[vvar_vclock]", "[vdso]")]
+        keep += [
+            (m.start, m.end) for m in child_maps if m.name in ("[vvar]", "[vvar_vclock]", "[vdso]")
+        ]
         keep.sort()
         pos = 0
         for a, b in keep + [(TASK_SIZE, TASK_SIZE)]:
@@ -107,7 +108,11 @@ class Rebuilder:
             pos = max(pos, b)
 
     def place_vdso(self, child_maps) -> None:
-        have = {m.name.strip("[]"): m for m in child_maps if m.name in ("[vvar]", "[vvar_vclock]", "[vdso]")}
+        have = {
+            m.name.strip("[]"): m
+            for m in child_maps
+            if m.name in ("[vvar]", "[vvar_vclock]", "[vdso]")
+        }
         want = {v.kind: v for v in self.proc.vmas if v.kind in VDSO_KINDS}
         if set(have) != set(want) or any(have[k].size != want[k].size for k in want):
             raise RestoreError(
@@ -123,7 +128,9 @@ class Rebuilder:
             # go through a place free in both layouts first
             span_lo = min(m.start for m in have.values())
             span = max(m.end for m in have.values()) - span_lo
-            busy = self._busy + [(self.inj.scratch.addr, self.inj.scratch.addr + self.inj.scratch.size)]
+            busy = self._busy + [
+                (self.inj.scratch.addr, self.inj.scratch.addr + self.inj.scratch.size)
+            ]
             tmp = free_range(busy + targets, span)
             for k, m in have.items():
                 new = tmp + (m.start - span_lo)
@@ -131,7 +138,9 @@ class Rebuilder:
                 m.end, m.start = new + m.size, new
         for k, m in have.items():
             if m.start != want[k].start:
-                self.inj.call("mremap", m.start, m.size, m.size, MREMAP_MAYMOVE | MREMAP_FIXED, want[k].start)
+                self.inj.call(
+                    "mremap", m.start, m.size, m.size, MREMAP_MAYMOVE | MREMAP_FIXED, want[k].start
+                )
 
     def map_vmas(self) -> None:
         for v in self.proc.vmas:
@@ -146,13 +155,17 @@ class Rebuilder:
             if v.kind == "file":
                 mode = O_RDWR if (v.shared and "mw" in v.vmflags) else O_RDONLY
                 self.inj.reset_data()
-                fd = self.inj.call("openat", _u(AT_FDCWD), self.inj.cstr(v.file.path), mode | O_CLOEXEC, 0)
+                fd = self.inj.call(
+                    "openat", _u(AT_FDCWD), self.inj.cstr(v.file.path), mode | O_CLOEXEC, 0
+                )
                 try:
                     got = self.inj.call("mmap", v.start, v.size, prot0, flags, fd, v.offset)
                 finally:
                     self.inj.call("close", fd)
             else:
-                got = self.inj.call("mmap", v.start, v.size, prot0, flags | MAP_ANONYMOUS, _u(-1), 0)
+                got = self.inj.call(
+                    "mmap", v.start, v.size, prot0, flags | MAP_ANONYMOUS, _u(-1), 0
+                )
             if got != v.start:
                 raise RestoreError(f"mapping {v.start:#x} landed at {got:#x}")
 
@@ -171,7 +184,13 @@ class Rebuilder:
         inj = self.inj
         inj.reset_data()
         auxv = inj.put(mm.auxv)
-        exe_fd = inj.call("openat", _u(AT_FDCWD), inj.cstr(mm.exe.path if mm.exe else self.proc.exe), O_RDONLY | O_CLOEXEC, 0)
+        exe_fd = inj.call(
+            "openat",
+            _u(AT_FDCWD),
+            inj.cstr(mm.exe.path if mm.exe else self.proc.exe),
+            O_RDONLY | O_CLOEXEC,
+            0,
+        )
         try:
             st = struct.pack(
                 "<11QQII",
@@ -259,7 +278,9 @@ class Rebuilder:
             return
         by_id = inj.raw(157, PR_TIMER_CREATE_RESTORE_IDS, 1, 0, 0, 0) == 0
         if not by_id and [t.id for t in timers] != list(range(len(timers))):
-            raise RestoreError("POSIX timer ids cannot be restored on this kernel (needs Linux 6.15+)")
+            raise RestoreError(
+                "POSIX timer ids cannot be restored on this kernel (needs Linux 6.15+)"
+            )
         try:
             for t in timers:
                 inj.reset_data()

@@ -14,7 +14,11 @@ TYPES = """
 
 FUNCTIONS = """
 long ck_pagemap_runs(int pm_fd, uint64_t start, uint64_t end, int include_file,
-                     uint64_t zero_pfn, uint64_t *out, size_t max_runs, uint64_t *next);
+                     uint64_t zero_pfn, uint64_t require, uint64_t *out, size_t max_runs,
+                     uint64_t *next);
+long ck_pagemap_filter(int pm_fd, const uint64_t *runs, size_t nruns, int include_file,
+                       uint64_t zero_pfn, uint64_t require, uint64_t *out, size_t max_runs,
+                       size_t *consumed);
 long ck_zero_pfn(void);
 long ck_read_runs(int pid, int mem_fd, const uint64_t *runs, size_t nruns, char *buf);
 long ck_write_runs(int mem_fd, const uint64_t *runs, size_t nruns, const char *buf);
@@ -33,14 +37,15 @@ CUSTOMIZATIONS = """
 /* Pages of [start, end) that hold data ckpt must save, as (addr, npages) runs.
    Present pages (file/shmem pages only when include_file), and swap entries
    that are real swap (uffd-wp and guard markers use swap type 31 and hold no
-   data). The shared zero page is skipped. Stops when out is full; *next tells
-   where to resume. */
-long ck_pagemap_runs(int pm_fd, uint64_t start, uint64_t end, int include_file,
-                     uint64_t zero_pfn, uint64_t *out, size_t max_runs, uint64_t *next)
+   data). The shared zero page is skipped. With `require`, only entries with
+   all those bits set (e.g. soft-dirty, bit 55) count. Appends to out (n runs so
+   far in *n); returns 0, 1 when out filled up (*next = where to resume), or -errno. */
+static int scan_range(int pm_fd, uint64_t start, uint64_t end, int include_file,
+                      uint64_t zero_pfn, uint64_t require, uint64_t *out, size_t max_runs,
+                      size_t *n, uint64_t *next)
 {
     enum { BATCH = 16384 };
     static __thread uint64_t ent[BATCH];
-    size_t n = 0;
     uint64_t run_start = 0, run_len = 0, addr = start;
     while (addr < end) {
         size_t want = (end - addr) / CK_PAGE;
@@ -58,21 +63,50 @@ long ck_pagemap_runs(int pm_fd, uint64_t start, uint64_t end, int include_file,
             } else if ((e & PM_SWAP) && !(e & PM_GUARD)) {
                 keep = ((e & 0x1f) != 0x1f);
             }
+            if (keep && require && (e & require) != require) keep = 0;
             if (keep) {
                 if (run_len && run_start + run_len * CK_PAGE == addr) { run_len++; continue; }
                 if (run_len) {
-                    if (n == max_runs) { *next = run_start; return (long)n; }
-                    out[2 * n] = run_start; out[2 * n + 1] = run_len; n++;
+                    if (*n == max_runs) { *next = run_start; return 1; }
+                    out[2 * *n] = run_start; out[2 * *n + 1] = run_len; (*n)++;
                 }
                 run_start = addr; run_len = 1;
             }
         }
     }
     if (run_len) {
-        if (n == max_runs) { *next = run_start; return (long)n; }
-        out[2 * n] = run_start; out[2 * n + 1] = run_len; n++;
+        if (*n == max_runs) { *next = run_start; return 1; }
+        out[2 * *n] = run_start; out[2 * *n + 1] = run_len; (*n)++;
     }
     *next = end;
+    return 0;
+}
+
+long ck_pagemap_runs(int pm_fd, uint64_t start, uint64_t end, int include_file,
+                     uint64_t zero_pfn, uint64_t require, uint64_t *out, size_t max_runs,
+                     uint64_t *next)
+{
+    size_t n = 0;
+    int r = scan_range(pm_fd, start, end, include_file, zero_pfn, require, out, max_runs, &n, next);
+    return r < 0 ? r : (long)n;
+}
+
+/* The data-holding pages among a list of (addr, npages) runs (e.g. the pages a
+   tracker reported written). *consumed = input runs fully processed. */
+long ck_pagemap_filter(int pm_fd, const uint64_t *runs, size_t nruns, int include_file,
+                       uint64_t zero_pfn, uint64_t require, uint64_t *out, size_t max_runs,
+                       size_t *consumed)
+{
+    size_t n = 0, i = 0;
+    for (; i < nruns; i++) {
+        size_t before = n;
+        uint64_t next;
+        int r = scan_range(pm_fd, runs[2 * i], runs[2 * i] + runs[2 * i + 1] * CK_PAGE,
+                           include_file, zero_pfn, require, out, max_runs, &n, &next);
+        if (r < 0) return r;
+        if (r == 1) { n = before; break; }
+    }
+    *consumed = i;
     return (long)n;
 }
 

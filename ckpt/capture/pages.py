@@ -1,0 +1,92 @@
+"""Copy page runs of the target into an image layer, in batches.
+
+Reads overlap compression: process_vm_readv runs in C without the GIL while
+the layer writer's pool compresses earlier batches.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+
+from ..kernel.memory import read_runs
+from ..kernel.native import PAGE_SIZE
+
+BATCH_PAGES = 2048  # 8 MiB per process_vm_readv batch
+
+
+def batches(runs: Iterable[tuple[int, int]], max_pages: int = BATCH_PAGES):
+    """Group runs into batches of at most max_pages pages, splitting long runs."""
+    batch: list[tuple[int, int]] = []
+    size = 0
+    for a, n in runs:
+        while n:
+            take = min(n, max_pages - size)
+            batch.append((a, take))
+            size += take
+            a += take * PAGE_SIZE
+            n -= take
+            if size == max_pages:
+                yield batch
+                batch, size = [], 0
+    if batch:
+        yield batch
+
+
+class PageCopier:
+    """Reads runs from a process (through one /proc/PID/mem fd) into a layer."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        if self.mem_fd >= 0:
+            os.close(self.mem_fd)
+            self.mem_fd = -1
+
+    def copy(
+        self,
+        runs: list[tuple[int, int]],
+        layer,
+        *,
+        tolerant: bool = False,
+        on_half: Callable[[], None] | None = None,
+    ) -> int:
+        """Copy runs into layer; returns pages copied.
+
+        tolerant: the target is running, so a run may vanish under us (munmap).
+        Skipping it is safe: a VMA that is gone is not in the final map, and
+        one re-created in its place is untracked, hence copied whole later.
+        """
+        total = sum(n for _, n in runs)
+        done = 0
+        half = on_half
+        for batch in batches(runs):
+            try:
+                buf = read_runs(self.pid, self.mem_fd, batch)
+                good = batch
+            except OSError:
+                if not tolerant:
+                    raise
+                buf, good = self._read_each(batch)
+            view = memoryview(buf)
+            off = 0
+            for a, n in good:
+                layer.add_run(a, view[off : off + n * PAGE_SIZE])
+                off += n * PAGE_SIZE
+            done += off // PAGE_SIZE
+            if half is not None and done * 2 >= total:
+                half()
+                half = None
+        return done
+
+    def _read_each(self, batch):
+        parts, good = [], []
+        for run in batch:
+            try:
+                parts.append(read_runs(self.pid, self.mem_fd, [run]))
+                good.append(run)
+            except OSError:
+                continue
+        return b"".join(parts), good

@@ -1,0 +1,328 @@
+"""LayerWriter: packs page runs into chunks, compresses them in a pool, writes one layer.
+
+Data path, per add_run():
+  1. C finds the non-zero page runs of the buffer (native.nonzero_runs);
+     all-zero runs become "zero" records and are never stored.
+  2. Non-zero runs are appended to the current chunk (slices, no copy for bytes
+     input); a run that does not fit is split at the chunk boundary, so every
+     index run lies inside one chunk.
+  3. A full chunk is submitted to the pool; at most `max_inflight` chunks are
+     pending, and the caller blocks on the oldest one before submitting more
+     (memory stays at ~2 x max_inflight x chunk_bytes).
+  4. Finished chunks are appended to pages.bin in chunk order (deterministic
+     files, and the index's offsets are known as soon as a chunk lands).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, wait
+from dataclasses import asdict, dataclass
+
+from ..kernel import native
+from ..kernel.native import PAGE_SIZE
+from . import fsio
+from .blob import BlobInfo, write_blob
+from .codec import Compressor
+from .header import HEADER_LEN, KIND_INDEX, KIND_PAGES, pack_header
+from .index import LayerIndex
+from .runs import first_overlap
+
+
+def pages_name(layer: int) -> str:
+    return f"layer-{layer:04d}.pages.bin"
+
+
+def index_name(layer: int) -> str:
+    return f"layer-{layer:04d}.index.bin"
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """What one layer cost. bytes_raw counts stored (non-zero) pages before compression."""
+
+    layer: int
+    pages_in: int  # pages handed to add_run/add_zero
+    zero_pages: int  # of those, recorded as zero runs (not stored)
+    data_pages: int  # of those, stored in chunks
+    bytes_raw: int  # data_pages * PAGE_SIZE
+    bytes_stored: int  # compressed bytes in pages.bin (without its header)
+    chunks: int
+    seconds: float  # begin_layer() → close()
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LayerEntry:
+    """The state file's manifest line for a layer: how to find and trust its files."""
+
+    layer: int
+    ident: bytes
+    index_len: int
+    index_crc: int
+    pages_len: int
+
+    def to_obj(self) -> dict:
+        return {
+            "layer": self.layer,
+            "id": self.ident,
+            "index_len": self.index_len,
+            "index_crc": self.index_crc,
+            "pages_len": self.pages_len,
+        }
+
+
+class LayerWriter:
+    """Writes layer `layer` of an image; get one from ImageWriter.begin_layer().
+
+    Buffers: a `bytes` object (or a memoryview of one) is kept by reference until
+    its chunk is compressed, without a copy; any other buffer (bytearray, mmap,
+    memoryview of those) is copied before add_run returns, so the caller may reuse it.
+    """
+
+    def __init__(
+        self,
+        layer: int,
+        dirpath: str,
+        pool: Executor,
+        compressor: Compressor,
+        chunk_bytes: int,
+        max_inflight: int,
+        on_close: Callable[[LayerEntry], None],
+    ):
+        self.layer = layer
+        self._dir = dirpath
+        self._pool = pool
+        self._compressor = compressor
+        self._chunk_bytes = chunk_bytes
+        self._max_inflight = max_inflight
+        self._on_close = on_close
+        self._ident = os.urandom(16)
+        self._t0 = time.perf_counter()
+        self._pages_path = os.path.join(dirpath, pages_name(layer))
+        self._fd: int | None = fsio.create_file(self._pages_path)
+        # Placeholder header; close() rewrites it with the final payload length.
+        fsio.write_all(self._fd, pack_header(KIND_PAGES, self._ident, layer, 0, 0))
+        self._pos = 0  # payload bytes reserved so far (pool threads advance it)
+        self._pos_lock = threading.Lock()
+        self._pending: list = []  # segments of the chunk being filled
+        self._pending_len = 0
+        self._borrowed = False  # some pending segment is a view of a caller's mutable buffer
+        self._next_chunk = 0
+        self._inflight: deque[Future] = deque()  # in chunk order
+        self._chunks: list[tuple[int, int, int, int]] = []
+        self._runs: list[list[int]] = []
+        self._zero: list[list[int]] = []
+        self._pages_in = 0
+        self._closed = False
+        self.stats: LayerStats | None = None
+
+    # -- producing -------------------------------------------------------------
+
+    def add_run(self, vaddr: int, buf) -> None:
+        """Add the pages of one contiguous run starting at vaddr (len(buf) % PAGE_SIZE == 0)."""
+        self.add_runs([(vaddr, len(memoryview(buf).cast("B")) // PAGE_SIZE)], buf)
+
+    def add_runs(self, runs, buf) -> None:
+        """Add several runs whose pages lie back to back in buf.
+
+        runs: (vaddr, npages) pairs, in buffer order, exactly covering buf; this is
+        what ckpt.kernel.memory.read_runs() fills, so one call per batch suffices.
+        Zero-page detection runs once (in C) over the whole buffer.
+        """
+        self._check_open()
+        mv = memoryview(buf)
+        if mv.ndim != 1 or mv.itemsize != 1:
+            mv = mv.cast("B")
+        total = 0
+        for vaddr, npages in runs:
+            if vaddr % PAGE_SIZE or vaddr < 0 or npages < 0:
+                raise ValueError(f"run (0x{vaddr:x}, {npages}): not page aligned")
+            total += npages
+        if total * PAGE_SIZE != mv.nbytes:
+            raise ValueError(f"runs hold {total} pages but the buffer has {mv.nbytes} bytes")
+        if not total:
+            return
+        self._pages_in += total
+        owned = type(mv.obj) is bytes
+        nonzero = native.nonzero_runs(mv, total)  # (first, count) in buffer pages
+        nz_len = len(nonzero)
+        j = 0
+        base = 0  # buffer page where the current run starts
+        try:
+            for vaddr, npages in runs:
+                end = base + npages
+                cur = base
+                while j < nz_len and nonzero[j][0] < end:
+                    first, count = nonzero[j]
+                    s = first if first > cur else cur
+                    e = min(first + count, end)
+                    if s > cur:
+                        self._record_zero(vaddr + (cur - base) * PAGE_SIZE, s - cur)
+                    self._pack(
+                        vaddr + (s - base) * PAGE_SIZE, mv[s * PAGE_SIZE : e * PAGE_SIZE], owned
+                    )
+                    cur = e
+                    if first + count > end:
+                        break  # this non-zero stretch continues in the next run
+                    j += 1
+                if cur < end:
+                    self._record_zero(vaddr + (cur - base) * PAGE_SIZE, end - cur)
+                base = end
+        finally:
+            if self._borrowed:
+                self._materialize()
+
+    def add_zero(self, vaddr: int, npages: int) -> None:
+        """Record pages known to be all zero without reading them (e.g. the zero-page PFN)."""
+        self._check_open()
+        if vaddr % PAGE_SIZE or vaddr < 0 or npages < 0:
+            raise ValueError(f"add_zero(0x{vaddr:x}, {npages}): not page aligned")
+        if npages:
+            self._pages_in += npages
+            self._record_zero(vaddr, npages)
+
+    def _record_zero(self, vaddr: int, npages: int) -> None:
+        if self._zero:
+            last = self._zero[-1]
+            if last[0] + last[1] * PAGE_SIZE == vaddr:
+                last[1] += npages
+                return
+        self._zero.append([vaddr, npages])
+
+    def _pack(self, vaddr: int, mv: memoryview, owned: bool) -> None:
+        """Append non-zero pages to the current chunk, splitting at chunk boundaries.
+
+        Segments are kept as views; views of a caller's mutable buffer are
+        "borrowed" and get copied when their chunk is sealed, or at the end of
+        the add_runs() call that lent them, whichever comes first.
+        """
+        while mv:
+            room = self._chunk_bytes - self._pending_len
+            piece, mv = mv[:room], mv[room:]
+            self._record_run(vaddr, len(piece) // PAGE_SIZE)
+            self._pending.append(piece)
+            self._borrowed = self._borrowed or not owned
+            self._pending_len += len(piece)
+            vaddr += len(piece)
+            if self._pending_len == self._chunk_bytes:
+                self._seal()
+
+    def _materialize(self) -> None:
+        """Copy the pending segments into one bytes object the caller cannot change."""
+        self._pending = [b"".join(self._pending)] if self._pending else []
+        self._borrowed = False
+
+    def _record_run(self, vaddr: int, npages: int) -> None:
+        chunk, off = self._next_chunk, self._pending_len // PAGE_SIZE
+        if self._runs:
+            last = self._runs[-1]
+            if (
+                last[2] == chunk
+                and last[0] + last[1] * PAGE_SIZE == vaddr
+                and last[3] + last[1] == off
+            ):
+                last[1] += npages
+                return
+        self._runs.append([vaddr, npages, chunk, off])
+
+    def _seal(self) -> None:
+        """Submit the current chunk for compression (after making room in the window)."""
+        segs = self._pending
+        # One view of an immutable bytes object goes as is; otherwise join, which is
+        # also the one copy that borrowed views of a caller's buffer get.
+        data = segs[0] if len(segs) == 1 and not self._borrowed else b"".join(segs)
+        self._pending, self._pending_len, self._borrowed = [], 0, False
+        while len(self._inflight) >= self._max_inflight:
+            self._drain_one()
+        self._inflight.append(self._pool.submit(self._compress_and_write, data))
+        self._next_chunk += 1
+
+    def _compress_and_write(self, data) -> tuple[int, int, int, int]:
+        """Pool thread: compress, reserve the next stretch of the file, pwrite there.
+
+        Chunks therefore land in completion order, not chunk order (the index has
+        every offset), and the producer thread never waits on the disk.
+        """
+        frame, crc = self._compressor.compress(data)
+        with self._pos_lock:
+            off = self._pos
+            self._pos += len(frame)
+        fsio.pwrite_all(self._fd, frame, HEADER_LEN + off)
+        return off, len(frame), len(data), crc
+
+    def _drain_one(self) -> None:
+        """Wait for the oldest chunk (bounds memory, surfaces pool errors) and record it."""
+        self._chunks.append(self._inflight.popleft().result())
+
+    # -- finishing -------------------------------------------------------------
+
+    def close(self) -> LayerStats:
+        """Wait for this layer's chunks, write its index, and return its stats."""
+        self._check_open()
+        if self._pending:
+            self._seal()
+        while self._inflight:
+            self._drain_one()
+        index = LayerIndex(
+            self.layer,
+            self._pos,
+            self._chunks,
+            [tuple(r) for r in self._runs],
+            [tuple(z) for z in self._zero],
+        )
+        bad = first_overlap(index.records.records)
+        if bad is not None:
+            raise ValueError(
+                f"layer {self.layer}: page 0x{bad[0] * PAGE_SIZE:x} was added twice; "
+                "a layer must hold each page at most once"
+            )
+        fsio.pwrite_all(self._fd, pack_header(KIND_PAGES, self._ident, self.layer, self._pos, 0), 0)
+        os.close(self._fd)
+        self._fd = None
+        data_pages = index.data_pages
+        stats = LayerStats(
+            layer=self.layer,
+            pages_in=self._pages_in,
+            zero_pages=index.zero_pages,
+            data_pages=data_pages,
+            bytes_raw=data_pages * PAGE_SIZE,
+            bytes_stored=self._pos,
+            chunks=len(self._chunks),
+            seconds=0.0,
+        )
+        index.stats = {k: v for k, v in stats.as_dict().items() if k != "seconds"}
+        info: BlobInfo = write_blob(
+            os.path.join(self._dir, index_name(self.layer)),
+            KIND_INDEX,
+            self._ident,
+            self.layer,
+            index.to_obj(),
+        )
+        self._closed = True
+        self.stats = LayerStats(**{**stats.as_dict(), "seconds": time.perf_counter() - self._t0})
+        self._on_close(LayerEntry(self.layer, self._ident, info.length, info.crc, self._pos))
+        return self.stats
+
+    def _check_open(self) -> None:
+        if self._closed or self._fd is None:
+            raise RuntimeError(f"layer {self.layer} is closed")
+
+    def discard(self) -> None:
+        """Forget in-flight work and close the file (the image writer removes the directory)."""
+        for fut in self._inflight:
+            fut.cancel()
+        # Running workers still pwrite to our fd: wait, or a reused fd number gets their bytes.
+        wait(self._inflight)
+        self._inflight.clear()
+        self._pending = []
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._closed = True

@@ -1,0 +1,193 @@
+"""ImageWriter: builds an image in a temporary directory and publishes it atomically.
+
+Why this order: layers are written while the process may still run (pre-copy),
+the process state last; commit() then fsyncs every file and the directory and
+renames `PATH.tmp-<pid>-<rand>` to `PATH`. A crash at any point leaves at most
+a tmp directory, which ImageReader refuses (it has no state file, and is not
+at PATH anyway): a half-written image never looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import shutil
+import stat
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .. import __version__
+from ..errors import ImageExists, ImageNotFound
+from ..kernel.native import PAGE_SIZE
+from . import fsio
+from .blob import write_blob
+from .codec import DEFAULT_LEVEL, Compressor
+from .header import KIND_STATE, NO_LAYER
+from .index import MAX_CHUNK_ULEN
+from .layer_writer import LayerEntry, LayerWriter, index_name, pages_name
+
+STATE_NAME = "state.bin"
+
+
+def _check_destination(path: str) -> None:
+    """PATH may not exist yet, or be an empty directory (rename replaces those)."""
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        raise ImageNotFound(f"{parent}: directory does not exist (cannot create image {path})")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode) and not os.listdir(path):
+        return
+    raise ImageExists(f"{path}: already exists (choose a new path or remove it)")
+
+
+class ImageWriter:
+    """Writes one image directory; use as a context manager so failures clean up.
+
+    `base`: an existing image whose layers become this image's first layers
+    (hard-linked, copied across filesystems); new layers continue its numbering.
+    That is how an incremental snapshot extends the previous one for free.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        level: int | None = None,
+        chunk_bytes: int = 4 << 20,
+        threads: int = 2,
+        *,
+        base: str | os.PathLike | None = None,
+    ):
+        if chunk_bytes % PAGE_SIZE or not PAGE_SIZE <= chunk_bytes <= MAX_CHUNK_ULEN:
+            raise ValueError(
+                f"chunk_bytes must be a multiple of {PAGE_SIZE} up to {MAX_CHUNK_ULEN}"
+            )
+        if threads < 1:
+            raise ValueError("threads must be >= 1")
+        self.path = os.path.abspath(os.fspath(path))
+        _check_destination(self.path)
+        self.level = DEFAULT_LEVEL if level is None else level
+        self.chunk_bytes = chunk_bytes
+        self.tmp_path = f"{self.path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        os.mkdir(self.tmp_path, fsio.DIR_MODE)
+        self._done = False  # committed or aborted
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckpt-zstd")
+        self._compressor = Compressor(self.level)
+        self._max_inflight = 2 * threads
+        self._entries: list[LayerEntry] = []
+        self._open: LayerWriter | None = None
+        self._ident = os.urandom(16)
+        if base is not None:
+            try:
+                self._inherit(os.fspath(base))
+            except BaseException:
+                self.abort()
+                raise
+
+    # -- layers ----------------------------------------------------------------
+
+    def _inherit(self, base: str) -> None:
+        from .reader import ImageReader  # the reader validates the base before we link it
+
+        with ImageReader(base) as r:
+            for lr in r.layers:
+                for name in (pages_name(lr.number), index_name(lr.number)):
+                    src, dst = os.path.join(r.path, name), os.path.join(self.tmp_path, name)
+                    try:
+                        os.link(src, dst)
+                    except OSError:
+                        shutil.copyfile(src, dst)
+                self._entries.append(lr.entry)
+
+    def begin_layer(self) -> LayerWriter:
+        """Start the next layer (0 = base); the previous one must be closed."""
+        self._check_usable()
+        if self._open is not None and self._open.stats is None:
+            raise RuntimeError(f"layer {self._open.layer} is still open")
+        self._open = LayerWriter(
+            len(self._entries),
+            self.tmp_path,
+            self._pool,
+            self._compressor,
+            self.chunk_bytes,
+            self._max_inflight,
+            self._entries.append,
+        )
+        return self._open
+
+    @property
+    def layers(self) -> int:
+        """Number of closed layers so far."""
+        return len(self._entries)
+
+    # -- finishing -------------------------------------------------------------
+
+    def commit(self, state: dict[str, Any], meta: dict[str, Any] | None = None) -> str:
+        """Write the final process state, fsync everything, publish PATH. Returns PATH.
+
+        On failure the tmp directory is removed and the error re-raised: no image
+        is left behind that could look complete.
+        """
+        self._check_usable()
+        if self._open is not None and self._open.stats is None:
+            raise RuntimeError(f"layer {self._open.layer} is still open: close it before commit")
+        try:
+            self._commit(state, meta or {})
+        except BaseException:
+            self.abort()
+            raise
+        return self.path
+
+    def _commit(self, state: dict[str, Any], meta: dict[str, Any]) -> None:
+        envelope = {
+            "page_size": PAGE_SIZE,
+            "writer": f"ckpt {__version__}",
+            "layers": [e.to_obj() for e in self._entries],
+            "meta": meta,
+            "state": state,
+        }
+        state_path = os.path.join(self.tmp_path, STATE_NAME)
+        write_blob(state_path, KIND_STATE, self._ident, NO_LAYER, envelope)
+        self._pool.shutdown(wait=True)
+        for e in self._entries:
+            fsio.fsync_path(os.path.join(self.tmp_path, pages_name(e.layer)))
+            fsio.fsync_path(os.path.join(self.tmp_path, index_name(e.layer)))
+        fsio.fsync_path(state_path)
+        fsio.fsync_path(self.tmp_path)
+        try:
+            os.rename(self.tmp_path, self.path)
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                raise ImageExists(f"{self.path}: appeared while the image was written") from None
+            raise
+        self._done = True
+        fsio.fsync_path(os.path.dirname(self.path))
+
+    def abort(self) -> None:
+        """Drop everything written so far (idempotent; a no-op after commit)."""
+        if self._done:
+            return
+        self._done = True
+        if self._open is not None:
+            self._open.discard()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(self.tmp_path, ignore_errors=True)
+
+    def _check_usable(self) -> None:
+        if self._done:
+            raise RuntimeError("image writer already committed or aborted")
+
+    def __enter__(self) -> ImageWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.abort()  # after a successful commit this does nothing
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            if not getattr(self, "_done", True):
+                self.abort()

@@ -1,0 +1,206 @@
+"""The pre-copy loop: rounds while the target runs, then one short frozen round.
+
+    round 0   arm tracking (brief freeze for the injection), copy every page → layer 0
+    round k   written = collect-and-rearm per VMA; copy them (target running) → layer k
+              stop when the estimated final round fits the downtime target, the
+              written set stops shrinking, or the round/time budget is spent
+    final     freeze; collect; copy; capture registers and the rest → last layer
+
+Re-arm always happens BEFORE the copy, so a page written during the copy is
+reported again next round: a torn copy is always superseded (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from . import faults
+from .capture.pages import PageCopier
+from .capture.target import Target
+from .capture.vmas import classify, needs_pages
+from .kernel import native, procfs
+from .kernel.memory import pagemap_filter, pagemap_runs
+from .track.base import Tracker
+
+PAGE = native.PAGE_SIZE
+
+# Defaults, justified in docs/ARCHITECTURE.md ("Stop rule").
+DEFAULT_MAX_ROUNDS = 8
+DEFAULT_TARGET_DOWNTIME_MS = 50.0
+DEFAULT_MAX_TIME = 60.0
+SHRINK_FACTOR = 0.9  # a "meaningful drop" is at least 10% fewer written pages
+
+
+@dataclass
+class RoundStats:
+    round: int
+    pages_written: int
+    pages_copied: int
+    bytes_copied: int
+    seconds: float
+    dirty_rate_pages_s: float
+    est_freeze_ms: float
+
+
+@dataclass
+class Policy:
+    max_rounds: int = DEFAULT_MAX_ROUNDS
+    target_downtime_ms: float = DEFAULT_TARGET_DOWNTIME_MS
+    max_time: float = DEFAULT_MAX_TIME
+
+
+@dataclass
+class PrecopyStats:
+    tracker: str
+    rounds: list[RoundStats] = field(default_factory=list)
+    stop_reason: str = ""
+    copy_rate: float = 0.0  # bytes/s, measured
+    base_freeze_ms: float = 0.0  # a freeze with no pages to copy (measured when arming)
+
+    def to_dict(self) -> dict:
+        return {
+            "tracker": self.tracker,
+            "rounds": [asdict(r) for r in self.rounds],
+            "stop_reason": self.stop_reason,
+        }
+
+
+def collect(
+    pid: int, tracker: Tracker, pm_fd: int, zero_pfn: int
+) -> tuple[list[tuple[int, int]], int]:
+    """One round's page list: written pages of tracked VMAs, all pages of the rest.
+
+    Returns (runs holding data to copy, pages reported written).
+    """
+    to_copy: list[tuple[int, int]] = []
+    written = 0
+    for m in procfs.smaps(pid):
+        try:
+            v = classify(pid, m)
+        except Exception:
+            continue  # unsupported kinds are refused by the final capture
+        if v is None:
+            continue
+        save, include_file = needs_pages(v)
+        if not save:
+            continue
+        runs = None
+        if tracker.is_tracked(m):
+            runs = tracker.collect(m)
+            if runs is not None:
+                written += sum(n for _, n in runs)
+                if not tracker.returns_present:
+                    runs = pagemap_filter(pm_fd, runs, include_file=include_file, zero_pfn=zero_pfn)
+        else:
+            tracker.track(m)
+        if runs is None:  # untracked, new, moved or re-created: copy whole
+            runs = pagemap_runs(pm_fd, m.start, m.end, include_file=include_file, zero_pfn=zero_pfn)
+            written += (m.end - m.start) // PAGE
+        to_copy.extend(runs)
+    tracker.after_collect()
+    return to_copy, written
+
+
+class Precopy:
+    """Runs the rounds before the final freeze, writing one layer per round."""
+
+    def __init__(
+        self,
+        target: Target,
+        tracker: Tracker,
+        writer,
+        policy: Policy,
+        progress: Callable[[RoundStats], None] | None = None,
+    ):
+        self.target = target
+        self.tracker = tracker
+        self.writer = writer
+        self.policy = policy
+        self.progress = progress
+        self.stats = PrecopyStats(tracker=tracker.name)
+        self.pm_fd = os.open(f"/proc/{target.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        self.zero_pfn = native.zero_pfn()
+        self.copier = PageCopier(target.pid)
+        self.bytes_stored = 0
+
+    def close(self) -> None:
+        if self.pm_fd >= 0:
+            os.close(self.pm_fd)
+            self.pm_fd = -1
+        self.copier.close()
+
+    def run_rounds(self, t_start: float) -> None:
+        k = 0
+        while True:
+            self.one_round(k)
+            if k == 1:
+                faults.point("round")
+            _round_hook(k, self.target.pid)
+            reason = self.should_stop(k, t_start)
+            if reason:
+                self.stats.stop_reason = reason
+                return
+            k += 1
+
+    def one_round(self, k: int) -> RoundStats:
+        t0 = time.monotonic()
+        tracee = self.target.freeze() if self.tracker.needs_freeze else None
+        try:
+            runs, written = collect(self.target.pid, self.tracker, self.pm_fd, self.zero_pfn)
+        finally:
+            if tracee is not None:
+                tracee.detach()
+        self.target.check()
+        layer = self.writer.begin_layer()
+        t_copy = time.monotonic()
+        pages = self.copier.copy(runs, layer, tolerant=True)
+        self.bytes_stored += getattr(layer.close(), "bytes_stored", 0)
+        copy_s = time.monotonic() - t_copy
+        if pages and copy_s > 0:
+            rate = pages * PAGE / copy_s
+            self.stats.copy_rate = (
+                rate if not self.stats.copy_rate else 0.5 * (rate + self.stats.copy_rate)
+            )
+        secs = time.monotonic() - t0
+        rs = RoundStats(
+            round=k, pages_written=written, pages_copied=pages, bytes_copied=pages * PAGE,
+            seconds=secs, dirty_rate_pages_s=(written / secs if k and secs > 0 else 0.0),
+            est_freeze_ms=self.estimate_freeze_ms(written if k else pages),
+        )  # fmt: skip
+        self.stats.rounds.append(rs)
+        if self.progress:
+            self.progress(rs)
+        return rs
+
+    def estimate_freeze_ms(self, pages_next: int) -> float:
+        rate = self.stats.copy_rate or 1e9
+        return self.stats.base_freeze_ms + pages_next * PAGE / rate * 1000
+
+    def should_stop(self, k: int, t_start: float) -> str:
+        r = self.stats.rounds
+        if k >= 1 and r[-1].est_freeze_ms <= self.policy.target_downtime_ms:
+            return "converged"
+        if k >= 3 and all(
+            r[i].pages_written > SHRINK_FACTOR * r[i - 1].pages_written for i in (k - 1, k)
+        ):
+            return "not-shrinking"
+        if k + 1 >= self.policy.max_rounds:
+            return "max-rounds"
+        if time.monotonic() - t_start >= self.policy.max_time:
+            return "max-time"
+        return ""
+
+
+def _round_hook(k: int, pid: int) -> None:
+    """Test hook: run CKPT_TEST_ROUND_CMD between rounds (e.g. make the workload mutate)."""
+    cmd = os.environ.get("CKPT_TEST_ROUND_CMD")
+    if cmd:
+        subprocess.run(
+            ["sh", "-c", cmd],
+            env={**os.environ, "CKPT_ROUND": str(k), "CKPT_PID": str(pid)},
+            check=False,
+        )
