@@ -54,6 +54,7 @@ class Fd:
     pos: int
     file: FileRef | None = None
     rdev: int = 0
+    dup_of: int = -1  # another fd of the process sharing this open file description
 
 
 @dataclass

@@ -7,6 +7,7 @@ import stat as statmod
 
 from ..errors import NoSuchProcess, UnsupportedProcess
 from ..kernel import procfs
+from ..kernel.process import same_open_file
 from ..model import Fd
 from .vmas import file_ref
 
@@ -17,6 +18,7 @@ SIMPLE_CHR = {(1, 3), (1, 5), (1, 7), (1, 8), (1, 9)}
 
 def capture_fds(pid: int) -> list[Fd]:
     out: list[Fd] = []
+    seen: dict[tuple[int, int], list[int]] = {}
     for fd in procfs.fds(pid):
         try:
             target = procfs.readlink(pid, "fd", str(fd))
@@ -26,6 +28,13 @@ def capture_fds(pid: int) -> list[Fd]:
             raise NoSuchProcess(f"fd {fd} of {pid} vanished", pid=pid) from exc
         flags = info.flags & ~O_CLOEXEC
         cloexec = bool(info.flags & O_CLOEXEC)
+        key = (st.st_dev, st.st_ino)
+        dup_of = next((o for o in seen.get(key, []) if same_open_file(pid, o, fd)), -1)
+        seen.setdefault(key, []).append(fd)
+        if dup_of >= 0:
+            out.append(Fd(fd=fd, kind="dup", path=target, flags=flags, cloexec=cloexec,
+                          pos=info.pos, dup_of=dup_of))  # fmt: skip
+            continue
         if statmod.S_ISREG(st.st_mode):
             if target.endswith(" (deleted)") or not target.startswith("/"):
                 raise UnsupportedProcess(

@@ -55,3 +55,12 @@ def auxv_bytes(data: bytes) -> bytes:
         if t == 0:
             return data[: i + 16]
     return data
+
+
+NR_KCMP, KCMP_FILE = 312, 0
+
+
+def same_open_file(pid: int, fd1: int, fd2: int) -> bool:
+    """Do two fds of pid share one open file description (dup'd)? kcmp(KCMP_FILE)."""
+    r = lib.ck_syscall(NR_KCMP, pid, pid, KCMP_FILE, fd1, fd2, 0)
+    return r == 0

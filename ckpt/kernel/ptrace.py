@@ -82,25 +82,45 @@ def _s64(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
-def resume_regs(regs: dict[str, int]) -> dict[str, int]:
+# Syscalls that return -ERESTART_RESTARTBLOCK and can simply be issued again in a
+# new process (their restart block, kernel-private, cannot be carried over).
+_REISSUE = {7, 23, 202, 270, 271}  # poll, select, futex, pselect6, ppoll
+NR_NANOSLEEP, NR_CLOCK_NANOSLEEP, TIMER_ABSTIME = 35, 230, 1
+
+
+def resume_regs(regs: dict[str, int], *, fresh: bool = False) -> dict[str, int]:
     """Registers that resume an interrupted syscall correctly in user space.
 
     A thread interrupted inside a syscall stops with rax = -ERESTART* and rip
     after the `syscall` instruction; the kernel would fix that up on the signal
-    path, but a process rebuilt elsewhere (or resumed from a syscall stop) does
-    not pass there. Do it here: re-execute the syscall (restart_syscall for
-    RESTARTBLOCK, which still finds its restart block in the same task and
-    returns -EINTR in a fresh one), and clear orig_rax so nothing restarts twice.
+    path, but a process resumed from a syscall stop, or rebuilt elsewhere, does
+    not pass there. Do it here, and clear orig_rax so nothing restarts twice.
+
+    -ERESTART_RESTARTBLOCK: in the same task (fresh=False) restart_syscall finds
+    the task's restart block. A new task (fresh=True) has none, so the syscall
+    is issued again instead: a relative sleep resumes with the remaining time
+    the kernel wrote to its `rem` argument (or its whole length when there is
+    none), an absolute one is exact, poll/select/futex restart their timeout.
     """
     out = dict(regs)
     if _s64(regs["orig_rax"]) >= 0:
-        rax = _s64(regs["rax"])
+        nr, rax = regs["orig_rax"], _s64(regs["rax"])
         if rax in (-ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND):
-            out["rax"] = regs["orig_rax"]
+            out["rax"] = nr
             out["rip"] = regs["rip"] - 2
         elif rax == -ERESTART_RESTARTBLOCK:
-            out["rax"] = NR_RESTART_SYSCALL
             out["rip"] = regs["rip"] - 2
+            out["rax"] = NR_RESTART_SYSCALL
+            if fresh and nr == NR_NANOSLEEP:
+                out["rax"] = nr
+                if regs["rsi"]:
+                    out["rdi"] = regs["rsi"]  # req = rem (remaining time)
+            elif fresh and nr == NR_CLOCK_NANOSLEEP:
+                out["rax"] = nr
+                if regs["r10"] and not regs["rsi"] & TIMER_ABSTIME:
+                    out["rdx"] = regs["r10"]
+            elif fresh and nr in _REISSUE:
+                out["rax"] = nr
     out["orig_rax"] = (1 << 64) - 1
     return out
 

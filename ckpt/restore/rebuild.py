@@ -7,6 +7,7 @@ one function so the order lives in `rebuild()` and nowhere else.
 from __future__ import annotations
 
 import bisect
+import os
 import struct
 
 from ..errors import RestoreError
@@ -132,7 +133,7 @@ class Rebuilder:
                 (self.inj.scratch.addr, self.inj.scratch.addr + self.inj.scratch.size)
             ]
             tmp = free_range(busy + targets, span)
-            for k, m in have.items():
+            for m in have.values():
                 new = tmp + (m.start - span_lo)
                 self.inj.call("mremap", m.start, m.size, m.size, MREMAP_MAYMOVE | MREMAP_FIXED, new)
                 m.end, m.start = new + m.size, new
@@ -184,29 +185,32 @@ class Rebuilder:
         inj = self.inj
         inj.reset_data()
         auxv = inj.put(mm.auxv)
-        exe_fd = inj.call(
-            "openat",
-            _u(AT_FDCWD),
-            inj.cstr(mm.exe.path if mm.exe else self.proc.exe),
-            O_RDONLY | O_CLOEXEC,
-            0,
-        )
+        exe_path = mm.exe.path if mm.exe else self.proc.exe
+        # The kernel refuses a new exe while the old one is still mapped (EBUSY);
+        # when the image maps the restorer's own executable, it already is the exe.
+        exe_fd = -1
+        if not _same_file(f"/proc/{self.pid}/exe", exe_path):
+            exe_fd = inj.call("openat", _u(AT_FDCWD), inj.cstr(exe_path), O_RDONLY | O_CLOEXEC, 0)
         try:
             st = struct.pack(
-                "<11QQII",
+                "<11QQIi",
                 mm.start_code, mm.end_code, mm.start_data, mm.end_data, mm.start_brk, mm.brk,
                 mm.start_stack, mm.arg_start, mm.arg_end, mm.env_start, mm.env_end,
                 auxv, len(mm.auxv), exe_fd,
             )  # fmt: skip
             inj.call("prctl", PR_SET_MM, PR_SET_MM_MAP, inj.put(st), len(st), 0)
         finally:
-            inj.call("close", exe_fd)
+            if exe_fd >= 0:
+                inj.call("close", exe_fd)
 
     def restore_fds(self) -> None:
         inj = self.inj
         inj.call("close_range", 0, 0xFFFFFFFF, 0)
-        for fd in sorted(self.proc.fds, key=lambda f: f.fd):
+        for fd in sorted(self.proc.fds, key=lambda f: (f.kind == "dup", f.fd)):
             inj.reset_data()
+            if fd.kind == "dup":  # shares the open file description of an fd restored before
+                inj.call("dup3", fd.dup_of, fd.fd, O_CLOEXEC if fd.cloexec else 0)
+                continue
             flags = fd.flags & ~(O_CREAT | O_EXCL | O_TRUNC | O_CLOEXEC)
             try:
                 tmp = inj.call("openat", _u(AT_FDCWD), inj.cstr(fd.path), flags, 0)
@@ -322,9 +326,17 @@ class Rebuilder:
         s = self.inj.scratch
         self.inj.call("munmap", s.addr, s.size)
         self.tracee.set_xstate(t.xstate)
-        self.tracee.setregs(resume_regs(t.regs))
+        self.tracee.setregs(resume_regs(t.regs, fresh=True))
         self.tracee.set_sigmask(t.sigmask)
         self.tracee.detach()
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
