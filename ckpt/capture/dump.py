@@ -85,12 +85,21 @@ def dump(
     policy: Policy | None = None,
     on_round: Callable[[RoundStats], None] | None = None,
     stats_json: str | None = None,
+    sink=None,
+    after_commit: Callable[[], None] | None = None,
 ) -> DumpResult:
+    """Checkpoint `pid` into `directory` (or into `sink`, an object with ImageWriter's
+    interface, e.g. a network stream).
+
+    `after_commit` runs while the target is still frozen, after the image is
+    complete: migration waits there for the destination to report the process
+    running. If it raises, the target is thawed and keeps running.
+    """
     t0 = time.monotonic()
     st = check_target(pid)
     target = Target(pid, st.starttime)
     trk: Tracker = make_tracker(tracker, pid) if iterative else FullTracker(pid)
-    writer = ImageWriter(directory, level=level)
+    writer = sink if sink is not None else ImageWriter(directory, level=level)
     tracee: Tracee | None = None
     pre: Precopy | None = None
     try:
@@ -130,6 +139,8 @@ def dump(
         }  # fmt: skip
         faults.point("commit")
         writer.commit(proc.to_dict(), meta)
+        if after_commit is not None:
+            after_commit()
     except BaseException:
         _fail_cleanup(trk, writer, tracee)
         raise
