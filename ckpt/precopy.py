@@ -70,10 +70,12 @@ class PrecopyStats:
 
 
 def collect(
-    pid: int, tracker: Tracker, pm_fd: int, zero_pfn: int
+    pid: int, tracker: Tracker, pm_fd: int, zero_pfn: int, *, whole: bool = False
 ) -> tuple[list[tuple[int, int]], int]:
     """One round's page list: written pages of tracked VMAs, all pages of the rest.
 
+    whole: copy every page anyway (a full snapshot over tracking that was armed
+    before), still re-arming what is tracked so the next round starts clean.
     Returns (runs holding data to copy, pages reported written).
     """
     to_copy: list[tuple[int, int]] = []
@@ -91,6 +93,8 @@ def collect(
         runs = None
         if tracker.is_tracked(m):
             runs = tracker.collect(m)
+            if whole:
+                runs = None
             if runs is not None:
                 written += sum(n for _, n in runs)
                 if not tracker.returns_present:
@@ -126,6 +130,8 @@ class Precopy:
         self.zero_pfn = native.zero_pfn()
         self.copier = PageCopier(target.pid)
         self.bytes_stored = 0
+        #: copy everything in the next round regardless of tracking (full snapshot)
+        self.whole_next = False
 
     def close(self) -> None:
         if self.pm_fd >= 0:
@@ -150,7 +156,10 @@ class Precopy:
         t0 = time.monotonic()
         tracee = self.target.freeze() if self.tracker.needs_freeze else None
         try:
-            runs, written = collect(self.target.pid, self.tracker, self.pm_fd, self.zero_pfn)
+            runs, written = collect(
+                self.target.pid, self.tracker, self.pm_fd, self.zero_pfn, whole=self.whole_next
+            )
+            self.whole_next = False
         finally:
             if tracee is not None:
                 tracee.detach()

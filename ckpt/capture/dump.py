@@ -199,9 +199,13 @@ def _check_arch(pid: int, regs: dict[str, int]) -> None:
 
 
 def _capture_final(
-    tracee: Tracee, trk: Tracker, writer: ImageWriter
+    tracee: Tracee, trk: Tracker, writer, *, skip_fds=frozenset(), whole: bool = False
 ) -> tuple[ProcessImage, int, int]:
-    """Everything read while frozen: state, the last pages, the present map."""
+    """Everything read while frozen: state, the last pages, the present map.
+
+    skip_fds: ckpt's own fds in the target (persistent tracking) — not part of
+    the process. whole: copy every page in this round (full snapshot).
+    """
     pid = tracee.pid
     if len(procfs.tasks(pid)) != 1:
         raise UnsupportedProcess(
@@ -228,7 +232,7 @@ def _capture_final(
         misc = state.misc(inj)
         its = state.itimers(inj)
         timers = state.posix_timers(inj, pid)
-    fds = capture_fds(pid)
+    fds = capture_fds(pid, skip_fds)
 
     st = procfs.stat(pid)  # mm fields are only visible to a tracer
     exe = procfs.readlink(pid, "exe")
@@ -246,7 +250,7 @@ def _capture_final(
     copier = PageCopier(pid)
     try:
         zpfn = native.zero_pfn()
-        runs, _ = collect(pid, trk, pm_fd, zpfn)
+        runs, _ = collect(pid, trk, pm_fd, zpfn, whole=whole)
         layer = writer.begin_layer()
         final_pages = copier.copy(runs, layer, on_half=lambda: faults.point("read-pages"))
         for v in vmas:

@@ -16,10 +16,13 @@ O_CLOEXEC = 0o2000000
 SIMPLE_CHR = {(1, 3), (1, 5), (1, 7), (1, 8), (1, 9)}
 
 
-def capture_fds(pid: int) -> list[Fd]:
+def capture_fds(pid: int, skip: frozenset[int] | set[int] = frozenset()) -> list[Fd]:
+    """`skip`: ckpt's own fds living in the target (persistent tracking)."""
     out: list[Fd] = []
     seen: dict[tuple[int, int], list[int]] = {}
     for fd in procfs.fds(pid):
+        if fd in skip:
+            continue
         try:
             target = procfs.readlink(pid, "fd", str(fd))
             st = os.stat(f"/proc/{pid}/fd/{fd}")

@@ -10,6 +10,8 @@ target is left with no extra fd and no write-fault overhead.
 from __future__ import annotations
 
 import errno
+import os
+from dataclasses import dataclass
 
 from ..kernel.procfs import Mapping
 from ..kernel.remote import Injector
@@ -19,12 +21,31 @@ from .base import Tracker
 NR_USERFAULTFD = 323
 
 
+@dataclass
+class Handle:
+    """Where persistent tracking lives in the target, to find it again next time."""
+
+    pid: int
+    starttime: int
+    fd: int
+    ino: int
+
+
 class UffdWpTracker(Tracker):
+    """uffd-wp tracker; `persistent` leaves the uffd in the target (snapshots).
+
+    With persistent tracking the write-protect state lives in the target's page
+    tables for as long as the target holds the uffd, so the next `ckpt
+    snapshot` can pick it up (reattach) and copy only what was written since.
+    """
+
     name = "uffd-wp"
 
-    def __init__(self, pid: int):
+    def __init__(self, pid: int, *, persistent: bool = False):
         super().__init__(pid)
+        self.persistent = persistent
         self.ctx: WpAsyncContext | None = None
+        self.target_fd = -1
         self.untrackable: set[tuple[int, int]] = set()
 
     def arm(self, inj: Injector) -> None:
@@ -34,14 +55,44 @@ class UffdWpTracker(Tracker):
         fd = inj.call_nr(NR_USERFAULTFD, TRACKING_UFFD_FLAGS, name="userfaultfd")
         try:
             ctx = WpAsyncContext.adopt(self.pid, fd, handshake=False)
-        finally:
+        except BaseException:
+            inj.call("close", fd)
+            raise
+        if self.persistent:
+            self.target_fd = fd
+        else:
             inj.call("close", fd)
         try:
             ctx.handshake()
         except BaseException:
             ctx.close()
+            if self.persistent:
+                inj.call("close", fd)
             raise
         self.ctx = ctx
+
+    def handle(self, starttime: int) -> Handle:
+        assert self.ctx is not None and self.target_fd >= 0
+        return Handle(self.pid, starttime, self.target_fd, os.fstat(self.ctx.uffd).st_ino)
+
+    def reattach(self, h: Handle) -> str | None:
+        """Take the target's tracking uffd again; None on success, else why not."""
+        link = f"/proc/{self.pid}/fd/{h.fd}"
+        try:
+            if os.readlink(link) != "anon_inode:[userfaultfd]" or os.stat(link).st_ino != h.ino:
+                return f"the process no longer holds ckpt's tracking fd {h.fd}"
+        except OSError:
+            return f"the process no longer holds ckpt's tracking fd {h.fd} (closed, or exec'd)"
+        try:
+            ctx = WpAsyncContext.adopt(self.pid, h.fd, handshake=False)
+        except OSError as exc:
+            return f"cannot take the tracking fd: {exc.strerror}"
+        if os.fstat(ctx.uffd).st_ino != h.ino:
+            ctx.close()
+            return "the tracking fd changed"
+        self.ctx = ctx
+        self.target_fd = h.fd
+        return None
 
     def is_tracked(self, m: Mapping) -> bool:
         return "uw" in m.vmflags
