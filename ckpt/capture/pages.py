@@ -70,12 +70,8 @@ class PageCopier:
                 if not tolerant:
                     raise
                 buf, good = self._read_each(batch)
-            view = memoryview(buf)
-            off = 0
-            for a, n in good:
-                layer.add_run(a, view[off : off + n * PAGE_SIZE])
-                off += n * PAGE_SIZE
-            done += off // PAGE_SIZE
+            layer.add_runs(good, buf)
+            done += sum(n for _, n in good)
             if half is not None and done * 2 >= total:
                 half()
                 half = None

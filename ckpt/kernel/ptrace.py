@@ -88,6 +88,18 @@ _REISSUE = {7, 23, 202, 270, 271}  # poll, select, futex, pselect6, ppoll
 NR_NANOSLEEP, NR_CLOCK_NANOSLEEP, TIMER_ABSTIME = 35, 230, 1
 
 
+def restore_regs(regs: dict[str, int]) -> dict[str, int]:
+    """Registers for a rebuilt process resumed from a stop inside get_signal().
+
+    The kernel applies the restart rules itself there, except for
+    -ERESTART_RESTARTBLOCK, whose restart block a new task does not have:
+    resume_regs(fresh=True) re-issues those calls instead.
+    """
+    if _s64(regs["orig_rax"]) >= 0 and _s64(regs["rax"]) == -ERESTART_RESTARTBLOCK:
+        return resume_regs(regs, fresh=True)
+    return dict(regs)
+
+
 def resume_regs(regs: dict[str, int], *, fresh: bool = False) -> dict[str, int]:
     """Registers that resume an interrupted syscall correctly in user space.
 
@@ -190,6 +202,30 @@ class Tracee:
             check(lib.ck_ptrace(PTRACE_CONT, self.pid, 0, sig), "PTRACE_CONT", target=self.pid)
 
     group_stopped: int = 0
+
+    def stop_in_signal_path(self) -> None:
+        """From a syscall stop, move the tracee to a PTRACE_EVENT_STOP inside get_signal().
+
+        Registers set there are resumed through the kernel's own signal path,
+        which applies its syscall-restart rules (a pending handler turns
+        -ERESTARTNOHAND into EINTR, otherwise the call is restarted) exactly as
+        if the tracee had never been stopped. From a syscall-exit stop that
+        path would be skipped.
+        """
+        check(lib.ck_ptrace(PTRACE_INTERRUPT, self.pid, 0, 0), "PTRACE_INTERRUPT", target=self.pid)
+        self.cont(0)
+        while True:
+            st = self.wait()
+            if os.WIFEXITED(st) or os.WIFSIGNALED(st):
+                self.attached = False
+                raise DumpError(f"process {self.pid} died while being parked", pid=self.pid)
+            if os.WIFSTOPPED(st) and (st >> 16) == PTRACE_EVENT_STOP:
+                return
+            if os.WIFSTOPPED(st):
+                sig = os.WSTOPSIG(st)
+                raise DumpError(
+                    f"process {self.pid} took signal {sig} while being parked", pid=self.pid
+                )
 
     def wait(self) -> int:
         st = ffi.new("int *")

@@ -316,8 +316,11 @@ class DumpInjection:
                 self.inj.raw(NR["munmap"], self.scratch.addr, self.scratch.size)
                 self.scratch = None
             if self.tracee.attached:
+                # Park inside get_signal() first: the original registers, set
+                # there verbatim, resume through the kernel's restart rules.
+                self.tracee.stop_in_signal_path()
                 self.tracee.set_sigmask(self.mask)
-                self.tracee.setregs(self.resume)
+                self.tracee.setregs(self.regs)
                 self.inj.write(self.site, self.site_orig)
         finally:
             self._entered = False

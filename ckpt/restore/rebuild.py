@@ -13,7 +13,7 @@ import struct
 from ..errors import RestoreError
 from ..kernel import procfs
 from ..kernel.native import PAGE_SIZE
-from ..kernel.ptrace import Tracee, resume_regs
+from ..kernel.ptrace import Tracee, restore_regs
 from ..kernel.remote import HEAL_CODE, INJECT_MASK, SCRATCH_PAGES, Injector, RemoteError, Scratch
 from ..kernel.spawn import pause_syscall_addr
 from ..model import ProcessImage, Vma
@@ -325,8 +325,9 @@ class Rebuilder:
         t = self.proc.threads[0]
         s = self.inj.scratch
         self.inj.call("munmap", s.addr, s.size)
+        self.tracee.stop_in_signal_path()
         self.tracee.set_xstate(t.xstate)
-        self.tracee.setregs(resume_regs(t.regs, fresh=True))
+        self.tracee.setregs(restore_regs(t.regs))
         self.tracee.set_sigmask(t.sigmask)
         self.tracee.detach()
 

@@ -1,0 +1,20 @@
+"""Live migration: stream pre-copy rounds to another host and hand the process over.
+
+    protocol.py   message types, caps, payload encodings
+    channel.py    framed, authenticated (HMAC per frame), paced socket I/O
+    auth.py       token file + mutual challenge-response handshake
+    tls.py        optional TLS contexts
+    net.py        addresses, connect/listen/accept
+    ratelimit.py  token bucket (--max-bandwidth)
+    sink.py       NetSink: ImageWriter's interface over the channel (source)
+    control.py    per-round progress, throttle decisions, freeze stamp (source)
+    throttle.py   client of throttle_helper.py (cgroup cpu.max or SIGSTOP duty cycle)
+    migrate.py    the source side, in order
+    receiver.py   the destination side, in order
+    cli.py        `ckpt migrate` and `ckpt receive`
+    errors.py     exit codes 20+
+    faults.py     fault points for tests
+
+Kept import-light: throttle_helper runs as `python -m ckpt.transport.throttle_helper`.
+docs/MIGRATION.md describes the protocol, the downtime definition and the failure matrix.
+"""

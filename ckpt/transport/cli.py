@@ -1,0 +1,270 @@
+"""`ckpt receive` and `ckpt migrate`: argument handling and output only.
+
+Registered in ckpt/cli.py with `cli.add_command(receive)` / `cli.add_command(migrate)`.
+Data goes to stdout (the PID the process runs as on the destination), status and
+progress to stderr; failures are CkptError subclasses, printed by ckpt's main()
+as one `ckpt: error:` line with their exit code (ckpt/transport/errors.py: 20+).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+DEFAULT_MAX_ROUNDS = 20  # migrations may need rounds to let the throttle bite
+DEFAULT_MAX_TIME = 120.0
+
+
+def _status(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _tls_options(f):
+    for opt in reversed(
+        [
+            click.option("--tls-cert", type=click.Path(dir_okay=False), default=None,
+                         help="Our TLS certificate (PEM); on receive it turns TLS on."),
+            click.option("--tls-key", type=click.Path(dir_okay=False), default=None,
+                         help="The certificate's private key (PEM), if not in --tls-cert."),
+            click.option("--tls-ca", type=click.Path(dir_okay=False), default=None,
+                         help="CA certificates to verify the peer with (receive: require "
+                              "client certificates signed by it)."),
+        ]
+    ):  # fmt: skip
+        f = opt(f)
+    return f
+
+
+@click.command()
+@click.option(
+    "--listen",
+    "listen_addr",
+    required=True,
+    metavar="ADDR:PORT",
+    help="Address to accept the source on (:PORT for every address).",
+)
+@click.option(
+    "--token-file",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Shared secret (mode 0600, at least 16 bytes); the same file as the source's.",
+)
+@click.option(
+    "-D",
+    "--work-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where the incoming image is assembled (default: $TMPDIR); removed afterwards.",
+)
+@click.option(
+    "--keep-images",
+    type=click.Path(),
+    default=None,
+    help="Keep the received image here (a normal image: `ckpt restore -D DIR`).",
+)
+@click.option("--new-pid", is_flag=True, help="Let the kernel pick a new PID.")
+@click.option(
+    "--detach",
+    is_flag=True,
+    help="Return once the process runs (default: wait, exit with its status).",
+)
+@click.option(
+    "--io-timeout",
+    type=click.FloatRange(0.5),
+    default=20.0,
+    show_default=True,
+    help="Seconds without data from the source before giving up.",
+)
+@click.option(
+    "--accept-timeout",
+    type=click.FloatRange(0.1),
+    default=None,
+    help="Seconds to wait for the source to connect (default: forever).",
+)
+@click.option(
+    "--level",
+    type=click.IntRange(1, 19),
+    default=None,
+    help="zstd level of the kept image (default: fast).",
+)
+@_tls_options
+def receive(
+    listen_addr: str, token_file: str, work_dir: str | None, keep_images: str | None,
+    new_pid: bool, detach: bool, io_timeout: float, accept_timeout: float | None,
+    level: int | None, tls_cert: str | None, tls_key: str | None, tls_ca: str | None,
+) -> None:  # fmt: skip
+    """Receive a migrating process and run it here."""
+    from ..api import wait_exit_status
+    from .auth import load_token
+    from .net import parse_address
+    from .receiver import ReceiveOptions
+    from .receiver import receive as do_receive
+    from .tls import TlsOptions
+
+    opts = ReceiveOptions(
+        listen=parse_address(listen_addr, listen=True), token=load_token(token_file),
+        work_dir=work_dir, keep_images=keep_images, new_pid=new_pid, io_timeout=io_timeout,
+        accept_timeout=accept_timeout, tls=TlsOptions(tls_cert, tls_key, tls_ca), level=level,
+    )  # fmt: skip
+
+    def on_running(pid: int) -> None:
+        click.echo(pid)
+        sys.stdout.flush()
+
+    r = do_receive(opts, _status, on_running)
+    _status(
+        f"received process {r.source_pid} from {r.peer}: {r.layers} layers, "
+        f"{_human(r.bytes_received)} on the wire in {r.seconds:.2f} s; running as PID {r.pid}; "
+        f"downtime {r.downtime_ms:.0f} ms (source freeze→marker {r.source_frozen_ms:.0f} ms "
+        f"+ here {r.destination_ms:.0f} ms: commit {r.commit_ms:.0f}, restore {r.restore_ms:.0f})"
+        + (f"; image kept in {r.image}" if r.image else "")
+        + ("" if r.confirmed else "; the source did not confirm the handover")
+    )
+    if detach:
+        return
+    sys.stdout.flush()
+    sys.exit(wait_exit_status(r.pid))
+
+
+@click.command()
+@click.argument("pid", type=int)
+@click.option(
+    "--to", "to", required=True, metavar="HOST:PORT", help="The `ckpt receive` to send to."
+)
+@click.option(
+    "--token-file",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Shared secret (mode 0600, at least 16 bytes); the same file as the receiver's.",
+)
+@click.option(
+    "--target-downtime-ms",
+    type=click.FloatRange(0),
+    default=None,
+    help="Stop pre-copying once the final freeze is estimated below this [default: 50].",
+)
+@click.option(
+    "--max-bandwidth",
+    type=click.FloatRange(0.01),
+    default=None,
+    metavar="MIB/S",
+    help="Cap on the bytes put on the wire, in MiB/s.",
+)
+@click.option(
+    "--tracker",
+    type=click.Choice(["auto", "uffd-wp", "soft-dirty", "full"]),
+    default="auto",
+    show_default=True,
+    help="Dirty-page tracking backend.",
+)
+@click.option(
+    "--stats-json",
+    type=click.Path(),
+    default=None,
+    help="Write per-round statistics, downtime and outcome as JSON here.",
+)
+@click.option(
+    "--max-rounds",
+    type=click.IntRange(1, 1000),
+    default=None,
+    help=f"Pre-copy rounds at most [default: {DEFAULT_MAX_ROUNDS}].",
+)
+@click.option(
+    "--max-time",
+    type=click.FloatRange(0),
+    default=None,
+    help=f"Seconds of pre-copy at most [default: {DEFAULT_MAX_TIME:g}].",
+)
+@click.option(
+    "--throttle",
+    type=click.Choice(["auto", "cgroup", "signal", "off"]),
+    default="auto",
+    show_default=True,
+    help="How to slow the process down when pre-copy does not converge.",
+)
+@click.option(
+    "--level", type=click.IntRange(1, 19), default=None, help="zstd level (default: fast)."
+)
+@click.option(
+    "--io-timeout",
+    type=click.FloatRange(0.5),
+    default=20.0,
+    show_default=True,
+    help="Seconds the destination may stay silent (or accept nothing).",
+)
+@click.option(
+    "--restore-timeout",
+    type=click.FloatRange(1),
+    default=300.0,
+    show_default=True,
+    help="Seconds to wait for the destination to report the process running.",
+)
+@click.option(
+    "--connect-timeout",
+    type=click.FloatRange(0),
+    default=10.0,
+    show_default=True,
+    help="Seconds to keep retrying a refused connection.",
+)
+@click.option("--tls", "use_tls", is_flag=True, help="Use TLS (implied by --tls-ca/--tls-cert).")
+@click.option(
+    "--tls-server-name",
+    default=None,
+    help="Name the destination's certificate must carry (default: HOST).",
+)
+@_tls_options
+def migrate(
+    pid: int, to: str, token_file: str, target_downtime_ms: float | None,
+    max_bandwidth: float | None, tracker: str, stats_json: str | None, max_rounds: int | None,
+    max_time: float | None, throttle: str, level: int | None, io_timeout: float,
+    restore_timeout: float, connect_timeout: float, use_tls: bool, tls_server_name: str | None,
+    tls_cert: str | None, tls_key: str | None, tls_ca: str | None,
+) -> None:  # fmt: skip
+    """Move process PID to another host running `ckpt receive`; it keeps running here
+    unless the destination reports it running there."""
+    from ..precopy import Policy
+    from .auth import load_token
+    from .migrate import MigrateOptions, MigrationStats
+    from .migrate import migrate as do_migrate
+    from .net import parse_address
+    from .tls import TlsOptions
+
+    policy = Policy(
+        max_rounds=max_rounds or DEFAULT_MAX_ROUNDS,
+        max_time=DEFAULT_MAX_TIME if max_time is None else max_time,
+    )
+    if target_downtime_ms is not None:
+        policy.target_downtime_ms = target_downtime_ms
+    opts = MigrateOptions(
+        pid=pid, to=parse_address(to), token=load_token(token_file), policy=policy,
+        tracker=tracker, tls=TlsOptions(tls_cert, tls_key, tls_ca, tls_server_name, use_tls),
+        max_bandwidth=max_bandwidth, throttle=throttle, level=level, io_timeout=io_timeout,
+        restore_timeout=restore_timeout, connect_timeout=connect_timeout,
+    )  # fmt: skip
+    stats = MigrationStats()
+    try:
+        do_migrate(opts, _status, stats)
+    finally:
+        if stats_json:
+            stats.write(stats_json)
+    d = stats.downtime
+    _status(
+        f"migrated process {pid} to {stats.destination} (PID {stats.remote_pid} there) in "
+        f"{stats.total_seconds:.2f} s: {len(stats.rounds)} pre-copy rounds ({stats.stop_reason}), "
+        f"{_human(stats.bytes_raw)} of pages, {_human(stats.bytes_wire)} on the wire; "
+        f"downtime {stats.downtime_ms:.0f} ms (source freeze→marker "
+        f"{d['source_freeze_to_marker_ms']:.0f} ms + destination {d['destination_ms']:.0f} ms: "
+        f"commit {d['destination_commit_ms']:.0f}, restore {d['destination_restore_ms']:.0f}); "
+        f"max throttle {stats.throttle['max_level'] * 100:.0f}%"
+        + ("" if stats.handover_confirmed else "; the destination did not hear our confirmation")
+    )
+    click.echo(stats.remote_pid)

@@ -1,0 +1,41 @@
+"""Fault points of the migration, for tests (CKPT_FAULT=<name>, like ckpt/faults.py).
+
+    receive-midstream   the receiver SIGKILLs itself when layer 1 begins (after layer 0 is stored)
+    receive-restore     the receiver's restore fails (RestoreError) instead of running
+    migrate-cut-final   the source drops the connection right after the FROZEN marker
+
+CKPT_TEST_FROZEN_CMD=<shell command> runs on the source right after the FROZEN
+marker is sent (e.g. `ip link set veth0 down` to cut the network mid final round).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+from ..errors import RestoreError
+
+POINTS = ("receive-midstream", "receive-restore", "migrate-cut-final")
+
+
+def active(name: str) -> bool:
+    return os.environ.get("CKPT_FAULT") == name
+
+
+def kill_point(name: str) -> None:
+    if active(name):
+        if os.getpid() == 1:  # a PID namespace's init cannot SIGKILL itself: just vanish
+            os._exit(128 + signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def restore_point() -> None:
+    if active("receive-restore"):
+        raise RestoreError("restore failed: injected fault (CKPT_FAULT=receive-restore)")
+
+
+def frozen_hook() -> None:
+    cmd = os.environ.get("CKPT_TEST_FROZEN_CMD")
+    if cmd:
+        subprocess.run(["sh", "-c", cmd], check=False)

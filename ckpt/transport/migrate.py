@@ -1,0 +1,220 @@
+"""The source side of a live migration, in order.
+
+    check the target → connect → (TLS) → authenticate      nothing touched the target yet
+    dump(iterative, sink=NetSink, on_round=controller,      rounds stream while it runs;
+         after_commit=wait for RUNNING)                      the final round is frozen
+    RUNNING received → dump() kills our copy → DONE          the handover
+    any failure → dump() thaws our copy; throttle lifted    it keeps running here
+
+The one ambiguous case is a connection lost after the final state was sent
+and before RUNNING arrived: the destination may have started its copy. The
+error says so (docs/MIGRATION.md, failure matrix).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from ..capture.dump import dump
+from ..capture.target import Target
+from ..capture.validate import check_target
+from ..errors import CkptError
+from ..precopy import Policy
+from . import tls
+from .auth import client_handshake
+from .channel import Channel
+from .control import Controller
+from .errors import ConnectionLost, TransportTimeout
+from .net import Address, connect
+from .ratelimit import TokenBucket
+from .sink import FreezeClock, NetSink
+from .throttle import Throttle
+
+MIB = float(1 << 20)
+
+
+@dataclass
+class MigrateOptions:
+    pid: int
+    to: Address
+    token: bytes
+    policy: Policy
+    tracker: str = "auto"
+    tls: tls.TlsOptions = field(default_factory=tls.TlsOptions)
+    max_bandwidth: float | None = None  # MiB/s on the wire
+    throttle: str = "auto"
+    level: int | None = None
+    io_timeout: float = 20.0
+    restore_timeout: float = 300.0
+    connect_timeout: float = 10.0
+
+
+@dataclass
+class MigrationStats:
+    """Everything --stats-json reports (also on failure)."""
+
+    outcome: str = "failed"  # migrated | failed
+    source_pid: int = 0
+    destination: str = ""
+    remote_pid: int | None = None
+    tracker: str = ""
+    stop_reason: str = ""
+    converged: bool = False
+    rounds: list[dict] = field(default_factory=list)
+    final: dict = field(default_factory=dict)
+    downtime_ms: float | None = None
+    downtime: dict = field(default_factory=dict)
+    total_seconds: float = 0.0
+    bytes_raw: int = 0
+    bytes_wire: int = 0
+    throttle: dict = field(default_factory=dict)
+    max_bandwidth_mib_s: float | None = None
+    handover_confirmed: bool = False
+    error: str | None = None
+    exit_code: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def write(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+
+def _signal_throttle_ok(tracker: str) -> bool:
+    """A SIGSTOP must never land while the tracker freezes the target between rounds."""
+    if tracker == "auto":
+        from ..kernel import features
+
+        tracker = features.probe().dirty_backend
+    return tracker != "soft-dirty"
+
+
+def migrate(
+    opts: MigrateOptions, report: Callable[[str], None], stats: MigrationStats
+) -> MigrationStats:
+    """Move process opts.pid to opts.to; fills and returns `stats`. Raises CkptError on
+    failure, after which the process still runs here (the message says so)."""
+    t0 = time.monotonic()
+    stats.source_pid = opts.pid
+    stats.destination = str(opts.to)
+    stats.max_bandwidth_mib_s = opts.max_bandwidth
+    st = check_target(opts.pid)  # refuse a missing or unsupported target before connecting
+    target = Target(opts.pid, st.starttime)
+
+    peer = str(opts.to)
+    ch = None
+    try:
+        ctx = tls.client_context(opts.tls)
+        sock = connect(opts.to, opts.connect_timeout)
+        sock.settimeout(opts.io_timeout)
+        if ctx is not None:
+            sock = tls.wrap_client(ctx, sock, opts.tls.server_name or opts.to.host, peer)
+        ch = Channel(sock, peer, io_timeout=opts.io_timeout)
+        info = client_handshake(ch, opts.token)
+    except CkptError as exc:
+        if ch is not None:
+            ch.close()
+        exc = _annotate(exc, f"process {opts.pid} was not touched")
+        stats.error, stats.exit_code = str(exc), exc.exit_code
+        raise exc from None
+    report(
+        f"connected to {peer} ({info.host}, kernel {info.kernel}, ckpt {info.ckpt})"
+        + (", TLS" if ctx is not None else "")
+        + "; authenticated"
+    )
+    if opts.max_bandwidth:
+        ch.limiter = TokenBucket(opts.max_bandwidth * MIB)
+
+    mode = opts.throttle
+    if mode in ("auto", "signal") and not _signal_throttle_ok(opts.tracker):
+        if mode == "signal":
+            report("warning: the signal throttle cannot be used with this tracker; throttle off")
+        mode = "cgroup" if mode == "auto" else "off"
+    throttle = Throttle(
+        opts.pid, st.starttime, mode, warn=lambda m: report(f"warning: {m}")
+    )  # fmt: skip
+    clock = FreezeClock()
+    sink = NetSink(
+        ch, opts.pid, clock, level=opts.level, restore_timeout=opts.restore_timeout,
+        progress=report,
+    )  # fmt: skip
+    ctl = Controller(opts.policy, sink, clock, throttle, t0, report)
+    try:
+        res = dump(
+            opts.pid, peer, iterative=True, tracker=opts.tracker, policy=opts.policy,
+            on_round=ctl.on_round, sink=sink, after_commit=sink.wait_running,
+        )  # fmt: skip
+    except BaseException as exc:
+        throttle.close()
+        ch.close(abrupt=True)
+        _fill(stats, ctl, sink, throttle, t0)
+        if isinstance(exc, CkptError):
+            exc = _where_now(exc, target, sink, peer)
+            stats.error, stats.exit_code = str(exc), exc.exit_code
+            raise exc from None
+        stats.error = f"{type(exc).__name__}: {exc}"
+        raise
+    throttle.close()
+    stats.handover_confirmed = sink.done()
+    _fill(stats, ctl, sink, throttle, t0)
+    stats.outcome = "migrated"
+    stats.tracker = res.tracker
+    stats.stop_reason = res.stop_reason
+    stats.converged = res.stop_reason == "converged"
+    stats.final["source_freeze_ms"] = res.freeze_ms
+    return stats
+
+
+def _fill(stats: MigrationStats, ctl: Controller, sink: NetSink, thr: Throttle, t0: float) -> None:
+    stats.rounds = [r.to_dict() for r in ctl.records]
+    final = sink.layers[len(ctl.records)] if len(sink.layers) > len(ctl.records) else None
+    if final is not None:
+        stats.final.update(pages_copied=final.pages, bytes_wire=final.bytes_stored)
+    stats.bytes_raw = sum(lay.bytes_raw for lay in sink.layers)
+    stats.bytes_wire = sink.ch.bytes_sent
+    stats.total_seconds = time.monotonic() - t0
+    stats.throttle = {
+        "backend": thr.backend, "where": thr.where, "max_level": ctl.max_level,
+        "period_s": thr.period,
+    }  # fmt: skip
+    run = sink.running
+    if run is not None:
+        stats.remote_pid = run.pid
+        src = sink.frozen_for_ms or 0.0
+        stats.downtime_ms = src + run.destination_ms
+        stats.downtime = {
+            "source_freeze_to_marker_ms": src,
+            "destination_ms": run.destination_ms,
+            "destination_commit_ms": run.commit_ms,
+            "destination_restore_ms": run.restore_ms,
+            "source_view_ms": (run.received_at - sink.clock.last_round_end) * 1000,
+        }
+
+
+def _where_now(exc: CkptError, target: Target, sink: NetSink, peer: str) -> CkptError:
+    """The same error, with where the process is now appended to its message."""
+    if target.alive():
+        where = f"process {target.pid} keeps running here"
+        if (
+            sink.running is None
+            and sink.committed
+            and isinstance(exc, ConnectionLost | TransportTimeout)
+        ):
+            where += (
+                f", but {peer} may have started its copy too (the connection broke after the "
+                "final state was sent): check there before using either"
+            )
+    else:
+        where = f"process {target.pid} is gone (it exited during the migration)"
+    return _annotate(exc, where, prefix="migration failed: ")
+
+
+def _annotate(exc: CkptError, where: str, prefix: str = "") -> CkptError:
+    try:
+        return type(exc)(f"{prefix}{exc}; {where}", pid=exc.pid, step=exc.step)
+    except TypeError:  # a subclass with another constructor: keep it as it is
+        return exc
