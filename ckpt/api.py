@@ -9,7 +9,16 @@ from .capture.dump import dump as _dump
 from .restore.run import Restored, load
 from .restore.run import restore as _restore
 
-__all__ = ["DumpResult", "Restored", "dump", "restore", "show", "wait_exit_status"]
+__all__ = [
+    "DumpResult",
+    "Restored",
+    "dump",
+    "restore",
+    "show",
+    "snapshot",
+    "snapshot_dir",
+    "wait_exit_status",
+]
 
 
 def dump(pid: int, directory: str, **options) -> DumpResult:
@@ -19,6 +28,31 @@ def dump(pid: int, directory: str, **options) -> DumpResult:
 
 def restore(directory: str, *, new_pid: bool = False) -> Restored:
     return _restore(directory, new_pid=new_pid)
+
+
+def snapshot(pid: int, store: str, **options):
+    """One snapshot of `pid` into the store at `store` (created if missing)."""
+    from .capture.snapshot import snapshot as _snapshot
+    from .store import Store
+
+    return _snapshot(pid, Store.open(store, create=True), **options)
+
+
+def snapshot_dir(store: str, at: str | None) -> tuple[str, str]:
+    """(image directory, id) of the snapshot `at` (id, prefix, time; None = latest)."""
+    from .store import Store
+
+    st = Store.open(store)
+    info = st.resolve(at)
+    return st.path_of(info), info.id
+
+
+def _resolve_show_target(target: str) -> str:
+    """`ckpt show` takes an image DIR, a store S (latest) or S@ID."""
+    base, _, at = target.partition("@")
+    if os.path.isfile(os.path.join(base, "store.json")):
+        return snapshot_dir(base, at or None)[0]
+    return target
 
 
 def wait_exit_status(pid: int) -> int:
@@ -36,6 +70,7 @@ def wait_exit_status(pid: int) -> int:
 
 def show(directory: str) -> dict:
     """What an image holds, as plain data (for `ckpt show`)."""
+    directory = _resolve_show_target(directory)
     reader, proc = load(directory)
     try:
         summary = reader.summary()

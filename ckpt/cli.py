@@ -144,16 +144,32 @@ def dump(
 
 @cli.command()
 @click.option(
-    "-D", "--images-dir", "directory", required=True, type=click.Path(), help="Image directory."
+    "-D", "--images-dir", "directory", type=click.Path(), default=None, help="Image directory."
+)
+@click.option(
+    "--store", type=click.Path(), default=None, help="Restore from a snapshot store instead."
+)
+@click.option(
+    "--at", default=None, help="Snapshot id, id prefix or time (with --store; default: latest)."
 )
 @click.option("--detach", is_flag=True, help="Print the PID and return while the process runs on.")
 @click.option(
     "--new-pid", is_flag=True, help="Let the kernel pick a new PID instead of the dumped one."
 )
-def restore(directory: str, detach: bool, new_pid: bool) -> None:
-    """Restore the process in DIR; wait for it and exit with its status unless --detach."""
+def restore(
+    directory: str | None, store: str | None, at: str | None, detach: bool, new_pid: bool
+) -> None:
+    """Restore a process (-D DIR or --store S); wait for it and exit with its status unless --detach."""
     from . import api
+    from .errors import UsageError
 
+    if (directory is None) == (store is None):
+        raise UsageError("give exactly one of -D DIR or --store S")
+    if at is not None and store is None:
+        raise UsageError("--at needs --store")
+    if store is not None:
+        directory, sid = api.snapshot_dir(store, at)
+        status(f"restoring snapshot {sid} of {store}")
     r = api.restore(directory, new_pid=new_pid)
     if detach:
         click.echo(r.pid)
@@ -166,10 +182,39 @@ def restore(directory: str, detach: bool, new_pid: bool) -> None:
 
 
 @cli.command()
+@click.argument("pid", type=int)
+@click.option(
+    "--store", required=True, type=click.Path(), help="Snapshot store (created if missing)."
+)
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(0),
+    default=0.0,
+    help="Wait up to this many seconds for a busy store.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def snapshot(pid: int, store: str, wait_s: float, as_json: bool) -> None:
+    """Take one point-in-time snapshot of PID into store S (incremental after the first)."""
+    from . import api
+
+    r = api.snapshot(pid, store, wait=wait_s, on_status=status)
+    if as_json:
+        click.echo(json.dumps(r.__dict__, indent=2))
+        return
+    click.echo(r.id)
+    status(
+        f"snapshot {r.id} of {r.pid}: {'full' if r.full else 'incremental'}, "
+        f"{r.pages_written} pages ({_human(r.bytes_stored)} stored), freeze {r.freeze_ms:.1f} ms, "
+        f"total {r.seconds:.2f} s"
+    )
+
+
+@cli.command()
 @click.argument("directory", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def show(directory: str, as_json: bool) -> None:
-    """Show what an image holds: process, VMAs, fds, sizes."""
+    """Show what an image (DIR, or snapshot STORE[@ID]) holds: process, VMAs, fds, sizes."""
     from . import api
 
     info = api.show(directory)

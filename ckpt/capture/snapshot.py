@@ -1,0 +1,158 @@
+"""One point-in-time snapshot of a live process into a snapshot store.
+
+The first snapshot of a process is full; later ones copy only the pages
+written since the previous one. With uffd-wp the write-protect state lives in
+the target's page tables for as long as the target holds the userfaultfd, so
+ckpt leaves that fd in the target between runs (persistent tracking) and the
+store remembers where it is (a tracking record per PID).
+
+Never an incremental snapshot that misses writes: the record is marked
+"dirty" before any page is re-armed and "clean" only once the snapshot is
+committed, so a run that failed or was killed forces the next one to be full.
+Tracking also counts as lost when the process was restarted under the same PID
+(start time), closed the fd, or exec'd (the fd is close-on-exec).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .. import __version__, faults
+from ..kernel import features
+from ..precopy import Policy, Precopy, RoundStats
+from ..track.base import Tracker
+from ..track.full import FullTracker
+from ..track.uffd_wp import Handle, UffdWpTracker
+from .dump import _arm, _capture_final, _fail_cleanup
+from .target import Target
+from .validate import check_target
+
+# A snapshot run pre-copies a little (the process keeps running) and then
+# freezes: the rounds are few because the written set since the last snapshot
+# is usually small already.
+SNAPSHOT_POLICY = Policy(max_rounds=3, target_downtime_ms=20.0, max_time=30.0)
+
+
+@dataclass
+class SnapshotResult:
+    id: str
+    pid: int
+    full: bool
+    reason: str
+    freeze_ms: float
+    seconds: float
+    pages_written: int
+    bytes_stored: int
+    tracker: str
+
+
+def snapshot(
+    pid: int,
+    store,
+    *,
+    wait: float = 0.0,
+    policy: Policy | None = None,
+    on_round: Callable[[RoundStats], None] | None = None,
+    on_status: Callable[[str], None] | None = None,
+) -> SnapshotResult:
+    t0 = time.monotonic()
+    st = check_target(pid)
+    target = Target(pid, st.starttime)
+    say = on_status or (lambda _msg: None)
+    with store.lock(wait=wait):
+        rec = store.tracking_get(pid)
+        parent = store.latest(pid)
+        trk, full_reason = _attach_tracking(pid, st.starttime, rec, parent)
+        if full_reason:
+            say(f"full snapshot: {full_reason}")
+        writer = store.begin(None if full_reason else parent)
+        tracee = None
+        pre = None
+        try:
+            if isinstance(trk, UffdWpTracker) and trk.ctx is None:
+                tracee = target.freeze()
+                faults.point("seized")
+                _arm(tracee, trk)
+                tracee.detach()
+                tracee = None
+            if isinstance(trk, UffdWpTracker):
+                # from here on pages get re-armed: the record must say "dirty" first
+                store.tracking_put(pid, _record(trk.handle(st.starttime), None, "dirty"))
+            faults.point("armed")
+            pre = Precopy(target, trk, writer, policy or SNAPSHOT_POLICY, on_round)
+            pre.whole_next = bool(full_reason)
+            pre.run_rounds(t0)
+            t_freeze = time.monotonic()
+            tracee = target.freeze()
+            skip = {trk.target_fd} if isinstance(trk, UffdWpTracker) else set()
+            proc, final_pages, stored = _capture_final(tracee, trk, writer, skip_fds=skip)
+            freeze_ms = (time.monotonic() - t_freeze) * 1000
+            tracee.detach()
+            tracee = None
+            written = sum(r.pages_copied for r in pre.stats.rounds) + final_pages
+            meta = {
+                "ckpt_version": __version__, "pid": pid, "comm": proc.comm.decode(errors="replace"),
+                "full": bool(full_reason), "reason": full_reason or "incremental",
+                "pages_written": written, "bytes": stored + pre.bytes_stored, "freeze_ms": freeze_ms,
+                "tracker": trk.name, "rounds": len(pre.stats.rounds) + 1,
+                "pages": sum(n for v in proc.vmas for _, n in v.present),
+            }  # fmt: skip
+            faults.point("commit")
+            info = store.commit(writer, proc.to_dict(), meta)
+            if isinstance(trk, UffdWpTracker):
+                store.tracking_put(pid, _record(trk.handle(st.starttime), info.id, "clean"))
+            trk.disarm()  # persistent: closes only ckpt's copy; the target keeps tracking
+        except BaseException:
+            if tracee is not None and tracee.attached:
+                tracee.detach()
+            if isinstance(trk, UffdWpTracker):
+                # keep the tracking in the target (recorded as dirty → next run is full)
+                trk.disarm()
+            else:
+                _fail_cleanup(trk, writer, None)
+            store.abort(writer)
+            raise
+        finally:
+            if pre is not None:
+                pre.close()
+    return SnapshotResult(
+        id=info.id, pid=pid, full=bool(full_reason), reason=full_reason or "incremental",
+        freeze_ms=freeze_ms, seconds=time.monotonic() - t0, pages_written=written,
+        bytes_stored=meta["bytes"], tracker=trk.name,
+    )  # fmt: skip
+
+
+def _record(h: Handle, last: str | None, state: str) -> dict:
+    return {
+        "pid": h.pid,
+        "starttime": h.starttime,
+        "fd": h.fd,
+        "ino": h.ino,
+        "last": last,
+        "state": state,
+    }
+
+
+def _attach_tracking(pid: int, starttime: int, rec: dict | None, parent) -> tuple[Tracker, str]:
+    """The tracker for this run, and why the snapshot must be full ("" if incremental)."""
+    f = features.probe()
+    if not (f.uffd_wp_async and f.uffd_wp_unpopulated and f.pagemap_scan):
+        return FullTracker(pid), "this kernel lacks uffd-wp tracking (WP_ASYNC + PAGEMAP_SCAN)"
+    trk = UffdWpTracker(pid, persistent=True)
+    if rec is None:
+        return trk, "first snapshot of this process in this store"
+    if rec.get("starttime") != starttime:
+        return trk, "the process was restarted (same PID, new process): tracking lost"
+    why = trk.reattach(Handle(pid, starttime, rec["fd"], rec["ino"]))
+    if why:
+        return trk, f"tracking lost: {why}"
+    if rec.get("state") != "clean":
+        return trk, "the previous snapshot run did not finish: tracking cannot be trusted"
+    if parent is None or rec.get("last") != parent.id:
+        return (
+            trk,
+            "the store's latest snapshot of this process is not the one tracking started from",
+        )
+    return trk, ""
