@@ -246,6 +246,20 @@ def show(directory: str, as_json: bool) -> None:
     click.echo(f"layers   {json.dumps(lay, default=str)}")
 
 
+def _register_optional() -> None:
+    """Commands that live in their own packages (migration, snapshot store)."""
+    from .transport.cli import migrate, receive
+
+    cli.add_command(receive)
+    cli.add_command(migrate)
+    from .store.cli import register
+
+    register(cli)
+
+
+_register_optional()
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False, prog_name="ckpt")

@@ -113,6 +113,7 @@ def dump(
             faults.point("armed")
             pre = Precopy(target, trk, writer, policy or Policy(), on_round)
             pre.stats.base_freeze_ms = (time.monotonic() - ta) * 1000
+            pre.whole_next = True  # round 0 copies everything, whatever arming did
             pre.run_rounds(t0)
             t_freeze = time.monotonic()
             tracee = target.freeze()

@@ -57,6 +57,19 @@ def capture_fds(pid: int, skip: frozenset[int] | set[int] = frozenset()) -> list
     return out
 
 
+def _is_ckpt_tracking(extra: dict[str, str]) -> bool:
+    """ckpt's persistent tracking uffd: WP_ASYNC|WP_UNPOPULATED and nothing else.
+
+    No application asks for exactly that feature set (it only serves write
+    tracking from outside), so this does not hide an application's own uffd.
+    """
+    parts = extra.get("API", "").split(":")
+    try:
+        return len(parts) == 3 and int(parts[1], 16) & 0xFFFF == 0xA000
+    except ValueError:
+        return False
+
+
 def _describe(target: str, st: os.stat_result) -> str:
     if statmod.S_ISFIFO(st.st_mode):
         return f"a pipe/FIFO ({target})"

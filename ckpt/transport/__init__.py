@@ -6,6 +6,7 @@
     tls.py        optional TLS contexts
     net.py        addresses, connect/listen/accept
     ratelimit.py  token bucket (--max-bandwidth)
+    sender.py     the thread that owns the socket while rounds stream (source)
     sink.py       NetSink: ImageWriter's interface over the channel (source)
     control.py    per-round progress, throttle decisions, freeze stamp (source)
     throttle.py   client of throttle_helper.py (cgroup cpu.max or SIGSTOP duty cycle)

@@ -30,7 +30,7 @@ from .. import __version__
 from ..errors import UsageError
 from . import protocol
 from .channel import Channel
-from .errors import AuthFailed, ProtocolError
+from .errors import AuthFailed, ConnectionLost, ProtocolError
 
 MIN_TOKEN_BYTES = 16
 MAX_TOKEN_BYTES = 4096
@@ -84,8 +84,15 @@ def _hello(role: str, nonce: bytes) -> bytes:
 
 def _preamble(ch: Channel) -> None:
     ch.send_raw(protocol.PREAMBLE)
-    got = ch.recv_raw(len(protocol.PREAMBLE), HANDSHAKE_TIMEOUT)
+    try:
+        got = ch.recv_raw(len(protocol.PREAMBLE), HANDSHAKE_TIMEOUT)
+    except ConnectionLost as exc:
+        raise ConnectionLost(f"{exc} (does the peer expect TLS? see --tls-ca/--tls-cert)") from None
     if got != protocol.PREAMBLE:
+        if got[:1] == b"\x16":  # a TLS record: ClientHello
+            raise ProtocolError(
+                f"{ch.peer} starts a TLS handshake, but TLS is off here (--tls-cert/--tls-key)"
+            )
         if got[:7] == protocol.PREAMBLE[:7]:
             raise ProtocolError(
                 f"{ch.peer} speaks migration protocol version {got[7]}, we speak "

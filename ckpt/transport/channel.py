@@ -38,7 +38,7 @@ _SLICE = 256 << 10  # pacing granularity of large frames
 @dataclass(frozen=True)
 class Frame:
     type: int
-    payload: bytes
+    payload: bytes | bytearray  # a fresh buffer per frame (never copied again)
 
     @property
     def name(self) -> str:
@@ -135,7 +135,7 @@ class Channel:
 
     def recv_raw(self, n: int, timeout: float | None = None) -> bytes:
         """Exactly n unframed bytes (the preamble)."""
-        return self._recv_exact(n, first=True, timeout=timeout)
+        return bytes(self._recv_exact(n, first=True, timeout=timeout))
 
     def readable(self) -> bool:
         """Is a frame (or EOF) waiting? Never blocks."""
@@ -173,7 +173,7 @@ class Channel:
                 self.sock.settimeout(self.io_timeout)
         return Frame(mtype, payload)
 
-    def _recv_exact(self, n: int, *, first: bool = False, timeout: float | None) -> bytes:
+    def _recv_exact(self, n: int, *, first: bool = False, timeout: float | None) -> bytearray:
         buf = bytearray(n)
         mv = memoryview(buf)
         got = 0
@@ -198,7 +198,7 @@ class Channel:
                 raise ConnectionLost(f"{self.peer} closed the connection{where} while {self.doing}")
             got += k
         self.bytes_received += n
-        return bytes(buf)
+        return buf
 
     # -- closing -------------------------------------------------------------------------
 

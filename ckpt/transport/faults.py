@@ -2,6 +2,7 @@
 
     receive-midstream   the receiver SIGKILLs itself when layer 1 begins (after layer 0 is stored)
     receive-restore     the receiver's restore fails (RestoreError) instead of running
+    receive-slow-restore  the receiver waits 5 s before its restore (the source gives up first)
     migrate-cut-final   the source drops the connection right after the FROZEN marker
 
 CKPT_TEST_FROZEN_CMD=<shell command> runs on the source right after the FROZEN
@@ -13,10 +14,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 
 from ..errors import RestoreError
 
-POINTS = ("receive-midstream", "receive-restore", "migrate-cut-final")
+POINTS = ("receive-midstream", "receive-restore", "receive-slow-restore", "migrate-cut-final")
+SLOW_RESTORE_S = 5.0
 
 
 def active(name: str) -> bool:
@@ -31,6 +34,8 @@ def kill_point(name: str) -> None:
 
 
 def restore_point() -> None:
+    if active("receive-slow-restore"):
+        time.sleep(SLOW_RESTORE_S)
     if active("receive-restore"):
         raise RestoreError("restore failed: injected fault (CKPT_FAULT=receive-restore)")
 

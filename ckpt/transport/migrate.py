@@ -19,15 +19,18 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from ..capture.dump import dump
+from ..capture.fds import capture_fds
 from ..capture.target import Target
 from ..capture.validate import check_target
+from ..capture.vmas import classify
 from ..errors import CkptError
+from ..kernel import procfs
 from ..precopy import Policy
 from . import tls
 from .auth import client_handshake
 from .channel import Channel
 from .control import Controller
-from .errors import ConnectionLost, TransportTimeout
+from .errors import DestinationFailed
 from .net import Address, connect
 from .ratelimit import TokenBucket
 from .sink import FreezeClock, NetSink
@@ -84,6 +87,14 @@ class MigrationStats:
             json.dump(self.to_dict(), f, indent=2)
 
 
+def _preflight(pid: int) -> None:
+    """Refuse now what the final capture would refuse (an unsupported fd or mapping):
+    otherwise we would learn it only after the whole memory crossed the network."""
+    capture_fds(pid)
+    for m in procfs.smaps(pid):
+        classify(pid, m)
+
+
 def _signal_throttle_ok(tracker: str) -> bool:
     """A SIGSTOP must never land while the tracker freezes the target between rounds."""
     if tracker == "auto":
@@ -103,6 +114,7 @@ def migrate(
     stats.destination = str(opts.to)
     stats.max_bandwidth_mib_s = opts.max_bandwidth
     st = check_target(opts.pid)  # refuse a missing or unsupported target before connecting
+    _preflight(opts.pid)
     target = Target(opts.pid, st.starttime)
 
     peer = str(opts.to)
@@ -199,15 +211,17 @@ def _where_now(exc: CkptError, target: Target, sink: NetSink, peer: str) -> Ckpt
     """The same error, with where the process is now appended to its message."""
     if target.alive():
         where = f"process {target.pid} keeps running here"
-        if (
-            sink.running is None
-            and sink.committed
-            and isinstance(exc, ConnectionLost | TransportTimeout)
-        ):
-            where += (
-                f", but {peer} may have started its copy too (the connection broke after the "
-                "final state was sent): check there before using either"
-            )
+        if sink.running is None and sink.committed and not isinstance(exc, DestinationFailed):
+            if sink.abort_sent:
+                where += (
+                    f"; {peer} was told to drop any copy it restores "
+                    "(if that message was lost, check there)"
+                )
+            else:
+                where += (
+                    f", but {peer} may have started its copy too (the connection broke after "
+                    "the final state was sent): check there before using either"
+                )
     else:
         where = f"process {target.pid} is gone (it exited during the migration)"
     return _annotate(exc, where, prefix="migration failed: ")

@@ -102,7 +102,7 @@ def encode(mtype: int, **fields: Any) -> bytes:
     return msgpack.packb(fields, use_bin_type=True)
 
 
-def decode(mtype: int, payload: bytes) -> dict[str, Any]:
+def decode(mtype: int, payload: bytes | bytearray) -> dict[str, Any]:
     """Parse and validate a control payload; any deviation is a ProtocolError."""
     want = _SCHEMA.get(mtype)
     if want is None:
@@ -138,7 +138,7 @@ def encode_chunk(layer: int, runs: list[tuple[int, int]], frame: bytes, crc: int
     return [_CHUNK_HEAD.pack(layer, len(runs), ulen, crc), table, frame]
 
 
-def decode_chunk(payload: bytes | memoryview) -> Chunk:
+def decode_chunk(payload: bytes | bytearray | memoryview) -> Chunk:
     """Check the header and run table against each other, then the checksum, then inflate."""
     mv = memoryview(payload)
     if len(mv) < _CHUNK_HEAD.size:
@@ -161,7 +161,7 @@ def decode_chunk(payload: bytes | memoryview) -> Chunk:
     if total * PAGE_SIZE != ulen:
         raise ProtocolError(f"page chunk runs cover {total} pages but it holds {ulen} bytes")
     try:
-        data = decompress(bytes(mv[table_end:]), ulen, crc, f"page chunk of layer {layer}")
+        data = decompress(mv[table_end:], ulen, crc, f"page chunk of layer {layer}")
     except ImageCorrupt as exc:
         raise ProtocolError(str(exc)) from None
     return Chunk(layer, runs, data)

@@ -325,8 +325,17 @@ def _session(ch, asm: Assembler, opts, result, report, on_running) -> None:
     result.pid = restored.pid
     result.destination_ms = (time.monotonic() - asm.frozen_at) * 1000
 
-    # 3. the handover
+    # 3. the handover. If the source gave up or vanished while we restored, it never
+    # hears RUNNING and keeps (or got back) its copy: ours must go.
     ch.doing = "reporting the process running"
+    try:
+        _check_still_wanted(ch)
+    except TransportError as exc:
+        _kill(restored.pid)
+        ch.close()
+        raise _with_suffix(
+            exc, f"killed our copy (PID {restored.pid}); the source keeps its own"
+        ) from None
     try:
         running = protocol.encode(
             protocol.RUNNING, pid=restored.pid, destination_ms=result.destination_ms,
@@ -348,6 +357,17 @@ def _session(ch, asm: Assembler, opts, result, report, on_running) -> None:
         )
         result.confirmed = False
     ch.finish(linger=1.0)
+
+
+def _check_still_wanted(ch: Channel) -> None:
+    """Before RUNNING: read what arrived while we restored (ABORT, EOF) without waiting."""
+    while ch.readable():
+        f = ch.recv(timeout=1.0)
+        if f.type == protocol.ABORT:
+            reason = protocol.decode(f.type, f.payload)["reason"]
+            raise SourceAborted(f"the source called the handover off: {reason}")
+        if f.type != protocol.PING:
+            raise ProtocolError(f"unexpected {f.name} from the source during the handover")
 
 
 def _wait_done(ch: Channel, report) -> bool:

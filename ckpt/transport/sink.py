@@ -4,16 +4,12 @@ dump() writes pre-copy rounds and the final round into a sink; this one streams
 them to the destination as they are produced, so the network transfer overlaps
 the pre-copy rounds instead of following them.
 
-Threads, and why:
-- the dump thread (caller) copies pages into 1 MiB chunks;
-- a small pool compresses chunks (zstd releases the GIL) while the next is filled;
-- one sender thread owns the socket during pre-copy: it sends frames strictly in
-  order, paces them (--max-bandwidth), sends a PING when idle, and between two
-  sends reads whatever the destination says, so an ERROR from it surfaces at
-  once instead of as a broken pipe later.
-The sender queue is short, so the caller blocks when the link is the bottleneck:
-the copy rate the pre-copy loop measures is then the link's rate, and its
-estimate of the final freeze includes the transfer.
+Threads, and why: the dump thread (caller) copies pages into 1 MiB chunks; a
+small pool compresses chunks (zstd releases the GIL) while the next is filled;
+the sender thread (sender.py) owns the socket while the rounds stream and puts
+the frames on the wire in order. Its queue is short, so the caller blocks when
+the link is the bottleneck: the copy rate the pre-copy loop measures is then
+the link's, and its estimate of the final freeze includes the transfer.
 
 At commit the sender stops and the channel passes back to the caller
 (after_commit waits for the destination's RUNNING report on it).
@@ -25,9 +21,7 @@ import contextlib
 import os
 import socket
 import sys
-import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,17 +32,10 @@ from ..kernel import procfs
 from ..kernel.native import PAGE_SIZE
 from . import faults, protocol
 from .channel import Channel
-from .errors import (
-    ConnectionLost,
-    DestinationFailed,
-    ProtocolError,
-    TransportError,
-    TransportTimeout,
-)
+from .errors import DestinationFailed, ProtocolError, TransportError, TransportTimeout
+from .sender import Item, Sender, handle_incoming
 
-HEARTBEAT = 1.0  # seconds of silence before a PING
 PROGRESS_EVERY = 2.0  # seconds between progress lines within a long round
-QUEUE = 4  # frames queued for the sender (≈ 4 MiB of raw pages in flight)
 
 
 @dataclass(frozen=True)
@@ -72,122 +59,6 @@ class Running:
     commit_ms: float
     restore_ms: float
     received_at: float
-
-
-@dataclass
-class _Item:
-    build: Callable[[], tuple[int, Any]]
-    after: Callable[[], None] | None = None
-
-
-class Sender:
-    """Owns the channel while the rounds stream; see the module docstring."""
-
-    def __init__(self, ch: Channel, *, heartbeat: float = HEARTBEAT, queue: int = QUEUE):
-        self.ch = ch
-        self.heartbeat = heartbeat
-        self.max_queue = queue
-        self.error: BaseException | None = None
-        self._q: deque[_Item] = deque()
-        self._cv = threading.Condition()
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, name="ckpt-send", daemon=True)
-        self._thread.start()
-
-    def put(self, item: _Item) -> None:
-        with self._cv:
-            while len(self._q) >= self.max_queue and self.error is None and not self._stop:
-                self._cv.wait(0.5)
-            self._raise()
-            self._q.append(item)
-            self._cv.notify_all()
-
-    def flush(self) -> None:
-        """Wait until everything queued is on the wire (or raise the sender's error)."""
-        with self._cv:
-            while self._q and self.error is None:
-                self._cv.wait(0.5)
-            self._raise()
-
-    def stop(self, *, drain: bool = True, timeout: float | None = None) -> bool:
-        """End the thread (after sending the queue, if drain). True if it ended in time."""
-        if drain:
-            self.flush()
-        with self._cv:
-            self._stop = True
-            if not drain:
-                self._q.clear()
-            self._cv.notify_all()
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-    def _raise(self) -> None:
-        if self.error is not None:
-            raise self.error
-        if self._stop:
-            raise RuntimeError("sender stopped")
-
-    def _run(self) -> None:
-        last = time.monotonic()
-        while True:
-            with self._cv:
-                while not self._q and not self._stop:
-                    idle = self.heartbeat - (time.monotonic() - last)
-                    if idle <= 0:
-                        break
-                    self._cv.wait(idle)
-                if self._stop and (not self._q or self.error is not None):
-                    return
-                item = self._q[0] if self._q else None
-            try:
-                self._poll_incoming()
-                if item is None:
-                    self.ch.send(protocol.PING, protocol.encode(protocol.PING))
-                else:
-                    mtype, payload = item.build()
-                    self.ch.send(mtype, payload)
-                    if item.after is not None:
-                        item.after()
-                last = time.monotonic()
-            except BaseException as exc:
-                with self._cv:
-                    self.error = explain(self.ch, exc)
-                    self._cv.notify_all()
-                return
-            with self._cv:
-                if self._q and self._q[0] is item:
-                    self._q.popleft()
-                self._cv.notify_all()
-
-    def _poll_incoming(self) -> None:
-        """Read what the destination sent meanwhile: PINGs, or an ERROR that ends it all."""
-        while not self.ch.closed and self.ch.readable():
-            handle_incoming(self.ch, self.ch.recv())
-
-
-def handle_incoming(ch: Channel, f) -> None:
-    if f.type == protocol.PING:
-        return
-    if f.type == protocol.ERROR:
-        raise DestinationFailed(
-            f"the destination {ch.peer} failed: {protocol.decode(f.type, f.payload)['message']}"
-        )
-    raise ProtocolError(f"{ch.peer} sent an unexpected {f.name} while we were {ch.doing}")
-
-
-def explain(ch: Channel, exc: BaseException) -> BaseException:
-    """A broken send often has a reason waiting in the receive queue: prefer that one."""
-    if not isinstance(exc, ConnectionLost | TransportTimeout) or ch.closed:
-        return exc
-    try:
-        deadline = time.monotonic() + 0.5
-        while time.monotonic() < deadline and ch.readable():
-            handle_incoming(ch, ch.recv(timeout=0.5))
-    except DestinationFailed as better:
-        return better
-    except Exception:
-        pass
-    return exc
 
 
 class NetLayer:
@@ -256,7 +127,7 @@ class NetLayer:
             frame, crc = fut.result()
             return protocol.PAGES, protocol.encode_chunk(layer, runs, frame, crc, ulen)
 
-        self.sink.sender.put(_Item(build))
+        self.sink.sender.put(Item(build))
 
     def _maybe_report(self) -> None:
         """A progress line now and then during a long round (from the dump thread, so it
@@ -286,7 +157,7 @@ class NetLayer:
         # The final layer does not wait: the process state follows at once.
         final = self.sink.frozen_for_ms is not None
         ack = None if final else (lambda layer=self.layer: self.sink.wait_ack(layer))
-        self.sink.sender.put(_Item(lambda: (protocol.LAYER_END, end), ack))
+        self.sink.sender.put(Item(lambda: (protocol.LAYER_END, end), ack))
         self.sink.sender.flush()
         report = LayerReport(
             layer=self.layer, pages=self._pages, chunks=self._chunks,
@@ -334,6 +205,7 @@ class NetSink:
         self.frozen_for_ms: float | None = None  # source: freeze → FROZEN marker on the wire
         self.running: Running | None = None
         self.committed = False  # the final state went out: the destination may restore
+        self.abort_sent = False  # ABORT handed to the kernel (delivery is not confirmed)
         self._next = 0
         self._state = "streaming"  # → committed → (done | aborted)
 
@@ -351,7 +223,7 @@ class NetSink:
             else f"sending pre-copy round {layer}"
         )  # fmt: skip
         begin = protocol.encode(protocol.LAYER_BEGIN, layer=layer)
-        self.sender.put(_Item(lambda: (protocol.LAYER_BEGIN, begin)))
+        self.sender.put(Item(lambda: (protocol.LAYER_BEGIN, begin)))
         return NetLayer(self, layer)
 
     def commit(self, state: dict, meta: dict | None = None) -> str:
@@ -363,7 +235,7 @@ class NetSink:
             raise ProtocolError(f"the process state is too large to send ({len(payload)} bytes)")
         self.ch.doing = "sending the process state"
         self.sender.put(
-            _Item(lambda: (protocol.STATE, payload), lambda: setattr(self, "committed", True))
+            Item(lambda: (protocol.STATE, payload), lambda: setattr(self, "committed", True))
         )
         self.sender.stop(drain=True)
         self.pool.shutdown(wait=True)
@@ -388,6 +260,7 @@ class NetSink:
             try:
                 self.ch.sock.settimeout(1.0)
                 self.ch.send(protocol.ABORT, protocol.encode(protocol.ABORT, reason=reason))
+                self.abort_sent = True
             except Exception:
                 pass
         self.ch.close(abrupt=not ended)
@@ -410,14 +283,20 @@ class NetSink:
         (dump() then thaws our copy, which keeps running)."""
         self.ch.doing = "waiting for the destination to restore the process"
         deadline = time.monotonic() + self.restore_timeout
+        late = TransportTimeout(
+            f"the destination {self.ch.peer} did not report the process running "
+            f"within {self.restore_timeout:g} s"
+        )
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TransportTimeout(
-                    f"the destination {self.ch.peer} did not report the process running "
-                    f"within {self.restore_timeout:g} s"
-                )
-            f = self.ch.recv(timeout=min(self.ch.io_timeout, left))
+                raise late
+            try:
+                f = self.ch.recv(timeout=min(self.ch.io_timeout, left))
+            except TransportTimeout:
+                if left < self.ch.io_timeout:  # the wait was cut short by the deadline
+                    raise late from None
+                raise
             if f.type == protocol.RUNNING:
                 r = protocol.decode(f.type, f.payload)
                 self.running = Running(
@@ -465,4 +344,4 @@ class NetSink:
             faults.frozen_hook()
 
         self.frozen_for_ms = 0.0  # marks "sent" for begin_layer; build() sets the real value
-        self.sender.put(_Item(build, after))
+        self.sender.put(Item(build, after))

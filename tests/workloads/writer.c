@@ -13,6 +13,8 @@
  *               ballast>>k pages present (MADV_DONTNEED on the rest) and rewrites
  *               them, so the set of written (and of present) pages halves per step
  *   report=S    print a RATE line every S seconds (default 1; 0: never)
+ *   nothp=0|1   MADV_NOHUGEPAGE on W (4 KiB pages: soft-dirty tracks a THP as one
+ *               2 MiB unit, so its precision is only measurable without THP)
  *
  * Lines (one write(2) each; see tests/helpers.py):
  *   READY pid= mib= rate= seed= pages= w=<addr of W> steps= <region>=<addr> ...
@@ -581,6 +583,7 @@ static void nap(double s)
 int main(int argc, char **argv)
 {
     size_t mib = 64, ballast = 0;
+    int nothp = 0;
     double rate = 2000;
     double report = 1.0;
     int rate_max = 0, prefill = 1, steps = 0;
@@ -588,6 +591,8 @@ int main(int argc, char **argv)
         const char *a = argv[i];
         if (!strncmp(a, "mib=", 4))
             mib = strtoul(a + 4, NULL, 10);
+        else if (!strncmp(a, "nothp=", 6))
+            nothp = atoi(a + 6);
         else if (!strcmp(a, "rate=max"))
             rate_max = 1;
         else if (!strncmp(a, "rate=", 5))
@@ -621,6 +626,8 @@ int main(int argc, char **argv)
     size_t wpages = mib * 256;
     W = add_region("w", R_W, map_isolated(wpages * PG, RW, MAP_PRIVATE | MAP_ANONYMOUS, -1),
                    wpages, RW, 0);
+    if (nothp)
+        SETUP_CHECK(madvise(W->addr, wpages * PG, 15 /* MADV_NOHUGEPAGE */) == 0, "madvise nohugepage");
     if (prefill)
         write_pages(W, 0, wpages);
     if (steps)

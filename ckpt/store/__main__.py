@@ -1,0 +1,3 @@
+from ckpt.store.cli import main
+
+main()

@@ -1,0 +1,353 @@
+#!/usr/bin/env python3
+"""Benchmark: live migration over a veth pair vs. an offline dump + copy + restore.
+
+Two network namespaces joined by a veth pair stand for two hosts (as in
+tests/test_migrate.py). For each write rate of the workload (tests/workloads/
+writer.c: N MiB, every page written once, then R MiB/s of random page writes)
+and each --max-bandwidth setting it migrates the process and reports total time,
+bytes on the wire, rounds, throttle, and the downtime measured at the
+destination (docs/MIGRATION.md defines it). The offline baseline in the same
+run: `ckpt dump` (the process is frozen from its start), the image sent through
+the same veth, `ckpt restore` there; its downtime is the sum. Each migrated
+process verifies its whole memory afterwards (a FAIL aborts the benchmark).
+
+    python scripts/bench_migrate.py [--mib 1024] [--rates 0,16,64] [--limits none,100]
+                                    [--no-offline] [--no-verify] [--throttle auto]
+                                    [--work-dir DIR] [-v]
+Needs root, iproute2 and gcc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+PY = sys.executable
+PORT = 7419
+MIB = float(1 << 20)
+
+
+def mig_cmd() -> list[str]:
+    try:
+        from ckpt.cli import cli
+
+        if "migrate" in cli.commands:
+            return [PY, "-m", "ckpt"]
+    except Exception:
+        pass
+    return [PY, "-m", "ckpt.transport"]
+
+
+# ---------------------------------------------------------------- hosts
+
+
+@dataclass
+class Hosts:
+    src: str
+    dst: str
+    src_ip: str
+    dst_ip: str
+
+    def exec_src(self) -> list[str]:
+        return ["ip", "netns", "exec", self.src]
+
+    def exec_dst(self) -> list[str]:
+        return ["ip", "netns", "exec", self.dst]
+
+
+def ip(*args: str, check: bool = True) -> None:
+    subprocess.run(["ip", *args], check=check, capture_output=True)
+
+
+@contextlib.contextmanager
+def two_hosts():
+    tag = secrets.token_hex(3)
+    h = Hosts(f"ckbench-s-{tag}", f"ckbench-d-{tag}", "10.214.0.1", "10.214.0.2")
+    sdev, ddev = f"cbs{tag}", f"cbd{tag}"
+    try:
+        ip("netns", "add", h.src)
+        ip("netns", "add", h.dst)
+        ip("link", "add", sdev, "type", "veth", "peer", "name", ddev)
+        ip("link", "set", sdev, "netns", h.src)
+        ip("link", "set", ddev, "netns", h.dst)
+        for ns, dev, addr in ((h.src, sdev, h.src_ip), (h.dst, ddev, h.dst_ip)):
+            ip("-n", ns, "addr", "add", f"{addr}/30", "dev", dev)
+            ip("-n", ns, "link", "set", dev, "up")
+            ip("-n", ns, "link", "set", "lo", "up")
+        yield h
+    finally:
+        for ns in (h.src, h.dst):
+            out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+            for pid in out.stdout.split():
+                with contextlib.suppress(OSError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+            ip("netns", "del", ns, check=False)
+
+
+# ---------------------------------------------------------------- the workload
+
+
+def build(tmp: str) -> str:
+    exe = os.path.join(tmp, "writer")
+    src = os.path.join(REPO, "tests", "workloads", "writer.c")
+    subprocess.run(["gcc", "-O2", "-pthread", "-o", exe, src], check=True)
+    return exe
+
+
+class Writer:
+    def __init__(self, exe: str, mib: int, rate_mib: float, tmp: str, n: int):
+        self.cwd = os.path.join(tmp, f"w{n}")
+        os.mkdir(self.cwd)
+        self.log = os.path.join(self.cwd, "writer.log")
+        args = [exe, f"mib={mib}", f"rate={int(rate_mib * 256)}", "report=0", "seed=7"]
+        with open(self.log, "ab") as out:
+            self.popen = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                cwd=self.cwd, start_new_session=True,
+            )  # fmt: skip
+        self.pid = self.popen.pid
+        self.wait_line("READY", self.pid, 300)
+
+    def lines(self) -> list[str]:
+        with open(self.log, errors="replace") as f:
+            return f.read().splitlines()
+
+    def wait_line(self, word: str, pid: int, timeout: float) -> str:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            for ln in self.lines():
+                if ln.startswith(word) and f"pid={pid} " in ln + " ":
+                    return ln
+            time.sleep(0.05)
+        raise SystemExit(f"no {word} from pid {pid}:\n" + "\n".join(self.lines()[-5:]))
+
+    def verify(self, global_pid: int, ns_pid: int) -> None:
+        os.kill(global_pid, signal.SIGUSR2)
+        line = self.wait_line("VERIFY", ns_pid, 300)
+        if not line.startswith("VERIFY OK"):
+            raise SystemExit(f"the migrated process is damaged: {line}")
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait()
+
+
+def read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def ns_global_pid(init_parent: int, ns_pid: int) -> int:
+    kids = read(f"/proc/{init_parent}/task/{init_parent}/children").split()
+    ns = os.readlink(f"/proc/{kids[0]}/ns/pid")
+    for e in os.listdir("/proc"):
+        try:
+            if e.isdigit() and os.readlink(f"/proc/{e}/ns/pid") == ns:
+                for ln in read(f"/proc/{e}/status").splitlines():
+                    if ln.startswith("NSpid:") and int(ln.split()[-1]) == ns_pid:
+                        return int(e)
+        except OSError:
+            continue
+    raise SystemExit(f"process {ns_pid} not found in the receiver's namespace")
+
+
+# ---------------------------------------------------------------- runs
+
+
+@dataclass
+class Row:
+    writes: float
+    limit: str
+    mode: str
+    total_s: float = 0.0
+    wire_mib: float = 0.0
+    rounds: int = 0
+    stop: str = ""
+    throttle: float = 0.0
+    downtime_ms: float = 0.0
+    parts: dict = field(default_factory=dict)
+
+
+def run_migration(h: Hosts, exe, args, rate, limit, tmp, n, token) -> Row:
+    w = Writer(exe, args.mib, rate, tmp, n)
+    mig = mig_cmd()
+    with open(os.path.join(tmp, f"recv{n}.log"), "wb") as rlog:
+        recv = subprocess.Popen(
+            [*h.exec_dst(), "unshare", "--pid", "--fork", "--kill-child", "--mount-proc", *mig,
+             "receive", "--listen", f"{h.dst_ip}:{PORT}", "--token-file", token,
+             "-D", args.work_dir or tmp],
+            stdin=subprocess.DEVNULL, stdout=rlog, stderr=rlog, cwd=tmp,
+        )  # fmt: skip
+    stats_path = os.path.join(tmp, f"stats{n}.json")
+    extra = ["--max-bandwidth", limit] if limit != "none" else []
+    try:
+        t = time.monotonic()
+        res = subprocess.run(
+            [*h.exec_src(), *mig, "migrate", str(w.pid), "--to", f"{h.dst_ip}:{PORT}",
+             "--token-file", token, "--stats-json", stats_path, "--throttle", args.throttle,
+             *extra],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=tmp,
+        )  # fmt: skip
+        wall = time.monotonic() - t
+        if res.returncode != 0:
+            raise SystemExit(f"migration failed:\n{res.stderr}")
+        if args.verbose:
+            print(res.stderr, file=sys.stderr)
+        st = json.loads(read(stats_path))
+        if not args.no_verify:
+            ns_pid = st["remote_pid"]
+            w.verify(ns_global_pid(recv.pid, ns_pid), ns_pid)
+        return Row(
+            writes=rate, limit=limit, mode="migrate", total_s=wall,
+            wire_mib=st["bytes_wire"] / MIB, rounds=len(st["rounds"]), stop=st["stop_reason"],
+            throttle=st["throttle"]["max_level"], downtime_ms=st["downtime_ms"],
+            parts={"src": st["downtime"]["source_freeze_to_marker_ms"],
+                   "restore": st["downtime"]["destination_restore_ms"],
+                   "commit": st["downtime"]["destination_commit_ms"],
+                   "dst": st["downtime"]["destination_ms"]},
+        )  # fmt: skip
+    finally:
+        recv.kill()
+        recv.wait()
+        w.kill()
+
+
+RECV_TAR = (
+    "import socket,sys,tarfile; s=socket.create_server((sys.argv[1],int(sys.argv[2])));"
+    "print('up',flush=True); c,_=s.accept(); f=c.makefile('rb');"
+    "tarfile.open(fileobj=f,mode='r|').extractall(sys.argv[3]); print('done',flush=True)"
+)
+SEND_TAR = (
+    "import socket,sys,tarfile,os,time\n"
+    "for i in range(100):\n"
+    "    try: c=socket.create_connection((sys.argv[1],int(sys.argv[2]))); break\n"
+    "    except OSError: time.sleep(0.05)\n"
+    "f=c.makefile('wb'); t=tarfile.open(fileobj=f,mode='w|')\n"
+    "t.add(sys.argv[3],arcname=os.path.basename(sys.argv[3])); t.close(); f.close(); c.close()"
+)
+
+
+def run_offline(h: Hosts, exe, args, rate, tmp, n) -> Row:
+    w = Writer(exe, args.mib, rate, tmp, n)
+    img = os.path.join(tmp, f"img{n}")
+    dst = os.path.join(tmp, f"dst{n}")
+    os.mkdir(dst)
+    try:
+        t0 = time.monotonic()
+        r = subprocess.run(
+            [*h.exec_src(), PY, "-m", "ckpt", "dump", str(w.pid), "-D", img],
+            capture_output=True, text=True, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        if r.returncode:
+            raise SystemExit(f"offline dump failed:\n{r.stderr}")
+        w.popen.wait()
+        t1 = time.monotonic()
+        rx = subprocess.Popen(
+            [*h.exec_dst(), PY, "-c", RECV_TAR, h.dst_ip, str(PORT + 1), dst],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        rx.stdout.readline()
+        subprocess.run(
+            [*h.exec_src(), PY, "-c", SEND_TAR, h.dst_ip, str(PORT + 1), img], check=True
+        )
+        rx.wait()
+        t2 = time.monotonic()
+        r = subprocess.run(
+            [*h.exec_dst(), PY, "-m", "ckpt", "restore", "-D",
+             os.path.join(dst, os.path.basename(img)), "--detach"],
+            capture_output=True, text=True, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        if r.returncode:
+            raise SystemExit(f"offline restore failed:\n{r.stderr}")
+        t3 = time.monotonic()
+        pid = int(r.stdout.split()[0])
+        if not args.no_verify:
+            w.verify(pid, pid)
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+        size = sum(os.path.getsize(os.path.join(img, f)) for f in os.listdir(img))
+        return Row(
+            writes=rate, limit="none", mode="offline", total_s=t3 - t0, wire_mib=size / MIB,
+            downtime_ms=(t3 - t0) * 1000,
+            parts={"dump": (t1 - t0) * 1000, "copy": (t2 - t1) * 1000,
+                   "restore": (t3 - t2) * 1000},
+        )  # fmt: skip
+    finally:
+        w.kill()
+        shutil.rmtree(img, ignore_errors=True)
+        shutil.rmtree(dst, ignore_errors=True)
+
+
+def print_table(rows: list[Row], mib: int) -> None:
+    print(f"\n{mib} MiB process over a veth pair (downtime as measured at the destination)\n")
+    head = (
+        f"{'writes MiB/s':>12} {'limit MiB/s':>11} {'mode':>8} {'total s':>8} {'wire MiB':>9} "
+        f"{'rounds':>6} {'stop':>13} {'throttle':>8} {'downtime ms':>11}  breakdown (ms)"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        parts = ", ".join(f"{k} {v:.0f}" for k, v in r.parts.items())
+        print(
+            f"{r.writes:>12g} {r.limit:>11} {r.mode:>8} {r.total_s:>8.2f} {r.wire_mib:>9.1f} "
+            f"{r.rounds or '-':>6} {r.stop or '-':>13} {r.throttle * 100:>7.0f}% "
+            f"{r.downtime_ms:>11.0f}  {parts}"
+        )
+    print(
+        "\nmigrate: src = source freeze → FROZEN marker sent, dst = marker received → process "
+        "running (commit + restore + the final layer); downtime = src + dst.\n"
+        "offline: the process is frozen from the start of `ckpt dump`; downtime = dump + copy "
+        "+ restore."
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--mib", type=int, default=1024)
+    ap.add_argument("--rates", default="0,16,64", help="MiB/s of random page writes")
+    ap.add_argument("--limits", default="none,100", help="--max-bandwidth values (MiB/s)")
+    ap.add_argument("--throttle", default="auto", choices=["auto", "cgroup", "signal", "off"])
+    ap.add_argument("--no-offline", action="store_true")
+    ap.add_argument("--work-dir", default=None, help="receive -D (default: the run's temp dir)")
+    ap.add_argument("--no-verify", action="store_true")
+    ap.add_argument("-v", "--verbose", action="store_true", help="show ckpt migrate's output")
+    args = ap.parse_args()
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        raise SystemExit("needs root and iproute2")
+    rates = [float(x) for x in args.rates.split(",")]
+    limits = args.limits.split(",")
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="ckpt-bench-mig-") as tmp, two_hosts() as h:
+        exe = build(tmp)
+        token = os.path.join(tmp, "token")
+        with open(token, "w") as f:
+            f.write(secrets.token_urlsafe(32))
+        os.chmod(token, 0o600)
+        n = 0
+        for rate in rates:
+            for limit in limits:
+                n += 1
+                print(f"migrate: writes {rate:g} MiB/s, limit {limit} ...", file=sys.stderr)
+                rows.append(run_migration(h, exe, args, rate, limit, tmp, n, token))
+            if not args.no_offline:
+                n += 1
+                print(f"offline: writes {rate:g} MiB/s ...", file=sys.stderr)
+                rows.append(run_offline(h, exe, args, rate, tmp, n))
+    print_table(rows, args.mib)
+
+
+if __name__ == "__main__":
+    main()
