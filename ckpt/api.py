@@ -47,6 +47,16 @@ def snapshot_dir(store: str, at: str | None) -> tuple[str, str]:
     return st.path_of(info), info.id
 
 
+def restore_snapshot(store: str, at: str | None, *, new_pid: bool = False, wait: float = 10.0):
+    """Restore snapshot `at` of a store; a shared store lock keeps gc from swapping it meanwhile."""
+    from .store import Store
+
+    st = Store.open(store)
+    with st.lock(wait, shared=True, op="restore"):
+        info = st.resolve(at)
+        return _restore(st.path_of(info), new_pid=new_pid), info.id
+
+
 def _resolve_show_target(target: str) -> str:
     """`ckpt show` takes an image DIR, a store S (latest) or S@ID."""
     base, _, at = target.partition("@")

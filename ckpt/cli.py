@@ -168,9 +168,10 @@ def restore(
     if at is not None and store is None:
         raise UsageError("--at needs --store")
     if store is not None:
-        directory, sid = api.snapshot_dir(store, at)
-        status(f"restoring snapshot {sid} of {store}")
-    r = api.restore(directory, new_pid=new_pid)
+        r, sid = api.restore_snapshot(store, at, new_pid=new_pid)
+        status(f"restored snapshot {sid} of {store}")
+    else:
+        r = api.restore(directory, new_pid=new_pid)
     if detach:
         click.echo(r.pid)
         status(f"restored {r.pid} in {r.seconds:.2f} s")

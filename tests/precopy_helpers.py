@@ -67,7 +67,7 @@ def tracker_unavailable(name: str) -> str | None:
     """Why `name` cannot work on this kernel (a skip reason), or None."""
     f = kernel_features()
     if name == "soft-dirty" and not f.get("soft_dirty"):
-        return "kernel lacks soft-dirty (CONFIG_MEM_SOFT_DIRTY off)"
+        return "kernel lacks soft-dirty (CONFIG_MEM_SOFT_DIRTY off); tests/test_vm_kernel.py runs it on Debian 6.1 in a VM"
     if name == "uffd-wp" and not (
         f.get("uffd_wp_async", f.get("wp_async_anon")) and f.get("pagemap_scan")
     ):
