@@ -70,7 +70,13 @@ class PrecopyStats:
 
 
 def collect(
-    pid: int, tracker: Tracker, pm_fd: int, zero_pfn: int, *, whole: bool = False
+    pid: int,
+    tracker: Tracker,
+    pm_fd: int,
+    zero_pfn: int,
+    *,
+    whole: bool = False,
+    mappings: list | None = None,
 ) -> tuple[list[tuple[int, int]], int]:
     """One round's page list: written pages of tracked VMAs, all pages of the rest.
 
@@ -80,7 +86,7 @@ def collect(
     """
     to_copy: list[tuple[int, int]] = []
     written = 0
-    for m in procfs.smaps(pid):
+    for m in mappings if mappings is not None else procfs.smaps(pid):
         try:
             v = classify(pid, m)
         except Exception:
@@ -132,6 +138,8 @@ class Precopy:
         self.bytes_stored = 0
         #: copy everything in the next round regardless of tracking (full snapshot)
         self.whole_next = False
+        #: smaps of the last round (VmFlags reused by the final freeze when unchanged)
+        self.last_maps: list | None = None
 
     def close(self) -> None:
         if self.pm_fd >= 0:
@@ -156,9 +164,12 @@ class Precopy:
         t0 = time.monotonic()
         tracee = self.target.freeze() if self.tracker.needs_freeze else None
         try:
+            maps = procfs.smaps(self.target.pid)
             runs, written = collect(
-                self.target.pid, self.tracker, self.pm_fd, self.zero_pfn, whole=self.whole_next
-            )
+                self.target.pid, self.tracker, self.pm_fd, self.zero_pfn, whole=self.whole_next,
+                mappings=maps,
+            )  # fmt: skip
+            self.last_maps = maps
             self.whole_next = False
         finally:
             if tracee is not None:

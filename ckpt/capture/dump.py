@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 from .. import __version__, faults
 from ..errors import UnsupportedProcess
 from ..image import ImageWriter
-from ..kernel import native, procfs
-from ..kernel.memory import pagemap_runs
+from ..kernel import features, native, procfs
+from ..kernel.memory import present_runs
 from ..kernel.process import auxv_bytes, get_robust_list, personality, rlimits
 from ..kernel.ptrace import Tracee
 from ..kernel.remote import DumpInjection
@@ -122,7 +122,9 @@ def dump(
             faults.point("seized")
             t_freeze = time.monotonic()
             tracee.interrupt()
-        proc, final_pages, bytes_stored = _capture_final(tracee, trk, writer)
+        proc, final_pages, bytes_stored = _capture_final(
+            tracee, trk, writer, prior_maps=pre.last_maps if pre else None
+        )
         freeze_ms = (time.monotonic() - t_freeze) * 1000
         trk.disarm()
         faults.point("write-image")
@@ -200,7 +202,13 @@ def _check_arch(pid: int, regs: dict[str, int]) -> None:
 
 
 def _capture_final(
-    tracee: Tracee, trk: Tracker, writer, *, skip_fds=frozenset(), whole: bool = False
+    tracee: Tracee,
+    trk: Tracker,
+    writer,
+    *,
+    skip_fds=frozenset(),
+    whole: bool = False,
+    prior_maps: list | None = None,
 ) -> tuple[ProcessImage, int, int]:
     """Everything read while frozen: state, the last pages, the present map.
 
@@ -220,10 +228,9 @@ def _capture_final(
     rseq = tracee.rseq_config()
     pending = tracee.peek_siginfo(False)
     shared_pending = tracee.peek_siginfo(True)
-    maps = procfs.smaps(pid)
-    vmas = [
-        v for v in (classify(pid, m) for m in maps) if v is not None
-    ]  # refuses unsupported kinds
+    maps = procfs.maps_with_flags(pid, prior_maps)
+    # classify() refuses unsupported kinds
+    vmas = [v for v in (classify(pid, m) for m in maps) if v is not None]
     status = procfs.status(pid)
     robust = get_robust_list(pid)
 
@@ -251,18 +258,22 @@ def _capture_final(
     copier = PageCopier(pid)
     try:
         zpfn = native.zero_pfn()
-        runs, _ = collect(pid, trk, pm_fd, zpfn, whole=whole)
+        use_scan = features.probe().pagemap_scan
+        runs, _ = collect(pid, trk, pm_fd, zpfn, whole=whole, mappings=maps)
         layer = writer.begin_layer()
         final_pages = copier.copy(runs, layer, on_half=lambda: faults.point("read-pages"))
         for v in vmas:
             save, include_file = needs_pages(v)
             if save:
-                v.present = [
-                    [a, n]
-                    for a, n in pagemap_runs(
-                        pm_fd, v.start, v.end, include_file=include_file, zero_pfn=zpfn
-                    )
-                ]
+                runs = present_runs(
+                    pm_fd,
+                    v.start,
+                    v.end,
+                    include_file=include_file,
+                    zero_pfn=zpfn,
+                    use_scan=use_scan,
+                )
+                v.present = [[a, n] for a, n in runs]
         lstats = layer.close()
     finally:
         os.close(pm_fd)

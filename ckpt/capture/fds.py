@@ -46,6 +46,8 @@ def capture_fds(pid: int, skip: frozenset[int] | set[int] = frozenset()) -> list
             out.append(Fd(fd=fd, kind="file", path=target, flags=flags, cloexec=cloexec,
                           pos=info.pos, file=file_ref(target, st)))  # fmt: skip
             continue
+        if target == "anon_inode:[userfaultfd]" and _is_ckpt_tracking(info.extra):
+            continue  # a snapshot store's tracking fd (ckpt's own, see track/uffd_wp.py)
         if (
             statmod.S_ISCHR(st.st_mode)
             and (os.major(st.st_rdev), os.minor(st.st_rdev)) in SIMPLE_CHR

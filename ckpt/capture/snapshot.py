@@ -87,7 +87,9 @@ def snapshot(
             t_freeze = time.monotonic()
             tracee = target.freeze()
             skip = {trk.target_fd} if isinstance(trk, UffdWpTracker) else set()
-            proc, final_pages, stored = _capture_final(tracee, trk, writer, skip_fds=skip)
+            proc, final_pages, stored = _capture_final(
+                tracee, trk, writer, skip_fds=skip, prior_maps=pre.last_maps
+            )
             freeze_ms = (time.monotonic() - t_freeze) * 1000
             tracee.detach()
             tracee = None

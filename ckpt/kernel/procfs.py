@@ -230,6 +230,32 @@ def maps(pid: int) -> list[Mapping]:
     return parse_maps(read_bytes(pid, "maps"))
 
 
+def _key(m: Mapping) -> tuple:
+    return (m.start, m.end, m.perms, m.offset, m.dev_major, m.dev_minor, m.inode, m.name, m.deleted)
+
+
+def maps_with_flags(pid: int, prior: list[Mapping] | None) -> list[Mapping]:
+    """smaps as of now, cheaply when nothing changed since `prior` (an smaps read).
+
+    smaps walks every page table to count RSS (≈25 ms for 4 GiB), maps does
+    not. When every VMA of maps is exactly one of `prior`, its VmFlags are
+    taken from there; any difference falls back to reading smaps. Used inside
+    the final freeze, right after a pre-copy round read smaps; tracking status
+    (`uw`) is not trusted from it anyway (PAGEMAP_SCAN with CHECK_WPASYNC
+    refuses an unregistered VMA, which is then copied whole).
+    """
+    if not prior:
+        return smaps(pid)
+    known = {_key(m): m.vmflags for m in prior}
+    now = maps(pid)
+    for m in now:
+        flags = known.get(_key(m))
+        if flags is None:
+            return smaps(pid)
+        m.vmflags = list(flags)
+    return now
+
+
 # ---------------------------------------------------------------- auxv
 
 

@@ -102,6 +102,8 @@ class UffdWpTracker(Tracker):
         try:
             self.ctx.register(m.start, m.end)
             self.ctx.protect_all(m.start, m.end)
+            if "uw" not in m.vmflags:
+                m.vmflags.append("uw")  # so a reuse of these flags knows it is tracked
         except OSError as exc:
             if exc.errno not in (errno.EINVAL, errno.EPERM, errno.EBUSY, errno.ENOMEM):
                 raise
