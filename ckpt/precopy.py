@@ -24,6 +24,7 @@ from .capture.target import Target
 from .capture.vmas import classify, needs_pages
 from .kernel import native, procfs
 from .kernel.memory import pagemap_filter, pagemap_runs
+from .present import PresentMap
 from .track.base import Tracker
 
 PAGE = native.PAGE_SIZE
@@ -77,12 +78,14 @@ def collect(
     *,
     whole: bool = False,
     mappings: list | None = None,
+    present: PresentMap | None = None,
 ) -> tuple[list[tuple[int, int]], int]:
     """One round's page list: written pages of tracked VMAs, all pages of the rest.
 
     whole: copy every page anyway (a full snapshot over tracking that was armed
     before), still re-arming what is tracked so the next round starts clean.
-    Returns (runs holding data to copy, pages reported written).
+    Returns (runs holding data to copy, pages reported written). `present` is
+    kept up to date (see present.py) when the tracker reports zapped pages.
     """
     to_copy: list[tuple[int, int]] = []
     written = 0
@@ -103,16 +106,31 @@ def collect(
                 runs = None
             if runs is not None:
                 written += sum(n for _, n in runs)
+                reported = runs
                 if not tracker.returns_present:
                     runs = pagemap_filter(pm_fd, runs, include_file=include_file, zero_pfn=zero_pfn)
+                if present is not None and tracker.exact_present and exact_kind(v):
+                    present.update(reported, runs)
         else:
             tracker.track(m)
         if runs is None:  # untracked, new, moved or re-created: copy whole
             runs = pagemap_runs(pm_fd, m.start, m.end, include_file=include_file, zero_pfn=zero_pfn)
             written += (m.end - m.start) // PAGE
+            if present is not None:
+                present.replace(m.start, m.end, runs)
         to_copy.extend(runs)
     tracker.after_collect()
     return to_copy, written
+
+
+def exact_kind(v) -> bool:
+    """VMAs whose zapped pages uffd-wp reports as written: private anonymous ones.
+
+    Zapping file-backed memory (private file mappings, shmem) leaves a uffd-wp
+    marker instead (the page can come back from the page cache), so those are
+    re-read at the freeze.
+    """
+    return v.kind in ("anon", "heap", "stack") and not v.shared
 
 
 class Precopy:
@@ -140,6 +158,8 @@ class Precopy:
         self.whole_next = False
         #: smaps of the last round (VmFlags reused by the final freeze when unchanged)
         self.last_maps: list | None = None
+        #: pages holding data, maintained round by round (exact with uffd-wp)
+        self.present = PresentMap()
 
     def close(self) -> None:
         if self.pm_fd >= 0:
@@ -167,7 +187,7 @@ class Precopy:
             maps = procfs.smaps(self.target.pid)
             runs, written = collect(
                 self.target.pid, self.tracker, self.pm_fd, self.zero_pfn, whole=self.whole_next,
-                mappings=maps,
+                mappings=maps, present=self.present,
             )  # fmt: skip
             self.last_maps = maps
             self.whole_next = False

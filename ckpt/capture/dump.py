@@ -27,7 +27,8 @@ from ..kernel.process import auxv_bytes, get_robust_list, personality, rlimits
 from ..kernel.ptrace import Tracee
 from ..kernel.remote import DumpInjection
 from ..model import MmFields, ProcessImage, Rseq, Thread
-from ..precopy import Policy, Precopy, RoundStats, collect
+from ..precopy import Policy, Precopy, RoundStats, collect, exact_kind
+from ..present import PresentMap
 from ..track import make_tracker
 from ..track.base import Tracker
 from ..track.full import FullTracker
@@ -123,7 +124,11 @@ def dump(
             t_freeze = time.monotonic()
             tracee.interrupt()
         proc, final_pages, bytes_stored = _capture_final(
-            tracee, trk, writer, prior_maps=pre.last_maps if pre else None
+            tracee,
+            trk,
+            writer,
+            prior_maps=pre.last_maps if pre else None,
+            present=pre.present if pre else None,
         )
         freeze_ms = (time.monotonic() - t_freeze) * 1000
         trk.disarm()
@@ -209,11 +214,14 @@ def _capture_final(
     skip_fds=frozenset(),
     whole: bool = False,
     prior_maps: list | None = None,
+    present: PresentMap | None = None,
 ) -> tuple[ProcessImage, int, int]:
     """Everything read while frozen: state, the last pages, the present map.
 
     skip_fds: ckpt's own fds in the target (persistent tracking) — not part of
     the process. whole: copy every page in this round (full snapshot).
+    present: the pre-copy rounds' present map; with a tracker that reports zapped
+    pages it is updated by this round and used instead of re-reading pagemap.
     """
     pid = tracee.pid
     if len(procfs.tasks(pid)) != 1:
@@ -259,19 +267,26 @@ def _capture_final(
     try:
         zpfn = native.zero_pfn()
         use_scan = features.probe().pagemap_scan
-        runs, _ = collect(pid, trk, pm_fd, zpfn, whole=whole, mappings=maps)
+        exact = present is not None and trk.exact_present
+        runs, _ = collect(
+            pid, trk, pm_fd, zpfn, whole=whole, mappings=maps, present=present if exact else None
+        )
         layer = writer.begin_layer()
         final_pages = copier.copy(runs, layer, on_half=lambda: faults.point("read-pages"))
         for v in vmas:
             save, include_file = needs_pages(v)
             if save:
-                runs = present_runs(
-                    pm_fd,
-                    v.start,
-                    v.end,
-                    include_file=include_file,
-                    zero_pfn=zpfn,
-                    use_scan=use_scan,
+                runs = (
+                    present.within(v.start, v.end)
+                    if exact and exact_kind(v)
+                    else present_runs(
+                        pm_fd,
+                        v.start,
+                        v.end,
+                        include_file=include_file,
+                        zero_pfn=zpfn,
+                        use_scan=use_scan,
+                    )
                 )
                 v.present = [[a, n] for a, n in runs]
         lstats = layer.close()

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from .. import __version__, faults
 from ..kernel import features
 from ..precopy import Policy, Precopy, RoundStats
+from ..present import PresentMap
 from ..track.base import Tracker
 from ..track.full import FullTracker
 from ..track.uffd_wp import Handle, UffdWpTracker
@@ -83,12 +84,14 @@ def snapshot(
             faults.point("armed")
             pre = Precopy(target, trk, writer, policy or SNAPSHOT_POLICY, on_round)
             pre.whole_next = bool(full_reason)
+            if not full_reason:
+                pre.present = _parent_present(store, parent)
             pre.run_rounds(t0)
             t_freeze = time.monotonic()
             tracee = target.freeze()
             skip = {trk.target_fd} if isinstance(trk, UffdWpTracker) else set()
             proc, final_pages, stored = _capture_final(
-                tracee, trk, writer, skip_fds=skip, prior_maps=pre.last_maps
+                tracee, trk, writer, skip_fds=skip, prior_maps=pre.last_maps, present=pre.present
             )
             freeze_ms = (time.monotonic() - t_freeze) * 1000
             tracee.detach()
@@ -124,6 +127,14 @@ def snapshot(
         freeze_ms=freeze_ms, seconds=time.monotonic() - t0, pages_written=written,
         bytes_stored=meta["bytes"], tracker=trk.name,
     )  # fmt: skip
+
+
+def _parent_present(store, parent) -> PresentMap:
+    """The parent snapshot's present map: where incremental tracking starts from."""
+    from ..image import ImageReader
+
+    with ImageReader(store.path_of(parent)) as r:
+        return PresentMap(tuple(run) for v in r.state["vmas"] for run in v.get("present", ()))
 
 
 def _record(h: Handle, last: str | None, state: str) -> dict:

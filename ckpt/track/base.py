@@ -18,6 +18,9 @@ class Tracker:
     needs_freeze = False
     #: collect() results are already filtered to pages that hold data
     returns_present = False
+    #: every change of presence (new data, zapped page) is reported as written, so
+    #: the present map can be updated from collect() instead of re-read (present.py)
+    exact_present = False
 
     def __init__(self, pid: int):
         self.pid = pid

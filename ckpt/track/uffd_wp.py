@@ -40,6 +40,7 @@ class UffdWpTracker(Tracker):
     """
 
     name = "uffd-wp"
+    exact_present = True
 
     def __init__(self, pid: int, *, persistent: bool = False):
         super().__init__(pid)
