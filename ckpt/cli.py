@@ -8,12 +8,9 @@ them). Heavy imports happen inside the commands.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import click
-
-from .errors import CkptError
 
 
 def _human(n: float) -> str:
@@ -262,24 +259,6 @@ _register_optional()
 
 
 def main() -> None:
-    try:
-        cli.main(standalone_mode=False, prog_name="ckpt")
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("ckpt: aborted", err=True)
-        sys.exit(130)
-    except CkptError as e:
-        click.echo(f"ckpt: error: {e}", err=True)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo("ckpt: interrupted", err=True)
-        sys.exit(130)
-    except Exception as e:
-        if os.environ.get("CKPT_DEBUG"):
-            raise
-        click.echo(f"ckpt: internal error: {type(e).__name__}: {e}", err=True)
-        sys.exit(1)
+    from .cli_run import run
+
+    run(cli)

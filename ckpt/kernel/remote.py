@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from ..errors import DumpError, UnsupportedProcess
 from .native import PAGE_SIZE, check, ffi, lib
 from .procfs import Mapping
-from .ptrace import Tracee
+from .ptrace import REG_NAMES, Tracee
 
 # -- syscall numbers (x86_64) ------------------------------------------------------------
 NR = {
@@ -42,23 +42,7 @@ NR = {
 SCRATCH_PAGES = 4  # page 0: code + heal frame; pages 1..3: data
 HEAL_SIZE = 224
 _OFF_MASK, _OFF_FRAME, _OFF_RIP = 72, 80, 216
-_FRAME_REGS = [
-    "r15",
-    "r14",
-    "r13",
-    "r12",
-    "rbp",
-    "rbx",
-    "r11",
-    "r10",
-    "r9",
-    "r8",
-    "rax",
-    "rcx",
-    "rdx",
-    "rsi",
-    "rdi",
-]
+_FRAME_REGS = REG_NAMES[:15]  # r15 … rdi: the order the trampoline pops them
 
 
 def _heal_code() -> bytes:

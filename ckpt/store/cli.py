@@ -9,13 +9,11 @@ Data goes to stdout, status to stderr; failures raise CkptError subclasses
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 
 import click
 
-from ..errors import CkptError, ImageCorrupt, UsageError
+from ..errors import ImageCorrupt, UsageError
 
 
 def _human(n: float) -> str:
@@ -240,24 +238,6 @@ register(store_cli)
 
 def main() -> None:
     """`python -m ckpt.store`: one error line and the error's exit code, like ckpt's main."""
-    try:
-        store_cli.main(standalone_mode=False, prog_name="ckpt")
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("ckpt: aborted", err=True)
-        sys.exit(130)
-    except CkptError as e:
-        click.echo(f"ckpt: error: {e}", err=True)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo("ckpt: interrupted", err=True)
-        sys.exit(130)
-    except Exception as e:
-        if os.environ.get("CKPT_DEBUG"):
-            raise
-        click.echo(f"ckpt: internal error: {type(e).__name__}: {e}", err=True)
-        sys.exit(1)
+    from ..cli_run import run
+
+    run(store_cli)
