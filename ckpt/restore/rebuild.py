@@ -6,7 +6,6 @@ one function so the order lives in `rebuild()` and nowhere else.
 
 from __future__ import annotations
 
-import bisect
 import os
 import struct
 
@@ -16,7 +15,7 @@ from ..kernel.native import PAGE_SIZE
 from ..kernel.ptrace import Tracee, restore_regs
 from ..kernel.remote import HEAL_CODE, INJECT_MASK, SCRATCH_PAGES, Injector, RemoteError, Scratch
 from ..kernel.spawn import pause_syscall_addr
-from ..model import ProcessImage, Vma
+from ..model import ProcessImage
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS = 0x01, 0x02, 0x20
@@ -357,15 +356,3 @@ def free_range(busy: list[tuple[int, int]], size: int, lo: int = 1 << 32) -> int
     if addr + size > TASK_SIZE:
         raise RestoreError("no free address range for the restorer's scratch area")
     return addr
-
-
-def vma_index(vmas: list[Vma]):
-    starts = [v.start for v in vmas]
-
-    def find(addr: int) -> Vma | None:
-        i = bisect.bisect_right(starts, addr) - 1
-        if i >= 0 and vmas[i].start <= addr < vmas[i].end:
-            return vmas[i]
-        return None
-
-    return find

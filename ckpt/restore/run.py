@@ -13,8 +13,9 @@ from ..kernel.memory import write_at
 from ..kernel.process import set_rlimits
 from ..kernel.spawn import spawn_restorer
 from ..model import ProcessImage
+from ..present import intersect
 from .checks import check_files, wait_pid_free
-from .rebuild import Rebuilder, vma_index
+from .rebuild import Rebuilder
 
 _ZERO = bytes(1 << 20)
 
@@ -69,10 +70,10 @@ def restore(directory: str, *, new_pid: bool = False) -> Restored:
 def _write_pages(reader: ImageReader, plan, proc: ProcessImage, mem_fd: int) -> None:
     for vaddr, data in reader.iter_data(plan):
         write_at(mem_fd, vaddr, data)
-    find = vma_index(proc.vmas)
-    for vaddr, npages in plan.zero:
-        v = find(vaddr)
-        if v is not None and v.kind == "file":  # a COW page of a file mapping that is now zero
-            size = npages * 4096
-            for off in range(0, size, len(_ZERO)):
-                write_at(mem_fd, vaddr + off, _ZERO[: min(len(_ZERO), size - off)])
+    # Present pages whose newest copy is all zero: fresh anonymous memory already
+    # reads zero, but a file mapping would show the file's content there.
+    file_spans = [(v.start, v.end) for v in proc.vmas if v.kind == "file"]
+    zero_spans = sorted((a, a + n * 4096) for a, n in plan.zero)
+    for a, b in intersect(zero_spans, file_spans):
+        for off in range(a, b, len(_ZERO)):
+            write_at(mem_fd, off, _ZERO[: min(len(_ZERO), b - off)])
