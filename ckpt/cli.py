@@ -241,7 +241,16 @@ def show(directory: str, as_json: bool) -> None:
         click.echo(f"fd {f['fd']:>4}  {f['kind']:<4} pos {f['pos']:<10} {f['path']}")
     lay = info["layers"]
     click.echo("")
-    click.echo(f"layers   {json.dumps(lay, default=str)}")
+    for layer in lay.get("layers", []):
+        click.echo(
+            f"layer {layer['layer']:>3}  {layer['data_pages']:>9} data pages, {layer['zero_pages']:>7} zero pages, "
+            f"{_human(layer['bytes_raw'])} → {_human(layer['bytes_stored'])} in {layer['chunks']} chunks"
+        )
+    tot = lay.get("total", {})
+    if tot:
+        click.echo(
+            f"total      {_human(tot['bytes_raw'])} of pages → {_human(tot['bytes_stored'])} stored, format {lay.get('format', '?')}"
+        )
 
 
 def _register_optional() -> None:
