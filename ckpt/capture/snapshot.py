@@ -59,10 +59,11 @@ def snapshot(
     on_status: Callable[[str], None] | None = None,
 ) -> SnapshotResult:
     t0 = time.monotonic()
-    st = check_target(pid)
-    target = Target(pid, st.starttime)
     say = on_status or (lambda _msg: None)
     with store.lock(wait=wait):
+        # inside the lock: another snapshot run may have the target frozen (traced)
+        st = check_target(pid)
+        target = Target(pid, st.starttime)
         rec = store.tracking_get(pid)
         parent = store.latest(pid)
         trk, full_reason = _attach_tracking(pid, st.starttime, rec, parent)

@@ -96,7 +96,20 @@ class UffdWpTracker(Tracker):
         return None
 
     def is_tracked(self, m: Mapping) -> bool:
-        return "uw" in m.vmflags
+        """Tracked by OUR uffd. `uw` alone is not enough: another ckpt (a snapshot
+        store, another dump) may own the registration, and scanning with
+        WP_MATCHING would re-arm ITS tracking and hide writes from it. Registering
+        again with our context is a no-op if the VMA is ours and EBUSY if not."""
+        if "uw" not in m.vmflags:
+            return False
+        assert self.ctx is not None
+        try:
+            self.ctx.register(m.start, m.end)
+        except OSError as exc:
+            if exc.errno in (errno.EBUSY, errno.EINVAL, errno.ENOMEM, errno.EPERM):
+                return False  # foreign (or gone): copied whole, never scanned
+            raise
+        return True
 
     def track(self, m: Mapping) -> None:
         assert self.ctx is not None
