@@ -49,19 +49,29 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--mib", type=int, default=4096)
     ap.add_argument("--pct", type=float, default=1.0)
     ap.add_argument("--snapshots", type=int, default=6)
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="ckpt-bench-snap-")
     exe = os.path.join(tmp, "bench_snap")
-    subprocess.run(["gcc", "-O2", "-o", exe, os.path.join(HERE, "workloads", "bench_snap.c")], check=True)
+    subprocess.run(
+        ["gcc", "-O2", "-o", exe, os.path.join(HERE, "workloads", "bench_snap.c")], check=True
+    )
     log = os.path.join(tmp, "w.log")
     store = os.path.join(tmp, "store")
     restored = None
     with open(log, "w") as lf:
-        proc = subprocess.Popen([exe, str(args.mib), str(args.pct)], stdin=subprocess.DEVNULL, stdout=lf, stderr=lf, close_fds=True)
+        proc = subprocess.Popen(
+            [exe, str(args.mib), str(args.pct)],
+            stdin=subprocess.DEVNULL,
+            stdout=lf,
+            stderr=lf,
+            close_fds=True,
+        )
     try:
         wait_count(log, "READY", 1)
         rows = []
@@ -73,11 +83,31 @@ def main() -> None:
             r = run([*CKPT, "snapshot", str(proc.pid), "--store", store, "--json"])
             wall = time.perf_counter() - t
             res = json.loads(r.stdout)
-            rows.append((res["id"], "full" if res["full"] else "incr", wall, res["freeze_ms"], res["pages_written"], res["bytes_stored"]))
+            rows.append(
+                (
+                    res["id"],
+                    "full" if res["full"] else "incr",
+                    wall,
+                    res["freeze_ms"],
+                    res["pages_written"],
+                    res["bytes_stored"],
+                )
+            )
         # a full dump of the same process, for comparison (left running)
         img = os.path.join(tmp, "full")
         t = time.perf_counter()
-        r = run([*CKPT, "dump", str(proc.pid), "-D", img, "--leave-running", "--stats-json", os.path.join(tmp, "s.json")])
+        r = run(
+            [
+                *CKPT,
+                "dump",
+                str(proc.pid),
+                "-D",
+                img,
+                "--leave-running",
+                "--stats-json",
+                os.path.join(tmp, "s.json"),
+            ]
+        )
         full_wall = time.perf_counter() - t
         with open(os.path.join(tmp, "s.json")) as f:
             st = json.load(f)
@@ -90,7 +120,9 @@ def main() -> None:
         got = wait_count(log, "VERIFY", 1)[0][1]
         ok = "OK" if got == want else f"MISMATCH {got} != {want}"
         t = time.perf_counter()
-        gc = subprocess.run([*CKPT, "gc", store, "--keep-last", "2"], capture_output=True, text=True)
+        gc = subprocess.run(
+            [*CKPT, "gc", store, "--keep-last", "2"], capture_output=True, text=True
+        )
         gc_s = time.perf_counter() - t
 
         print(f"process: {args.mib} MiB, {args.pct}% of pages rewritten between snapshots")
@@ -99,7 +131,9 @@ def main() -> None:
         print("-" * len(hdr))
         for sid, kind, wall, fr, pages, b in rows:
             print(f"{sid:<24} {kind:<5} {wall:>7.2f} {fr:>9.1f} {pages:>9} {b / 2**20:>10.1f}")
-        print(f"{'full dump (same run)':<24} {'dump':<5} {full_wall:>7.2f} {st['final']['freeze_ms']:>9.1f} {st['pages']:>9} {full_bytes / 2**20:>10.1f}")
+        print(
+            f"{'full dump (same run)':<24} {'dump':<5} {full_wall:>7.2f} {st['final']['freeze_ms']:>9.1f} {st['pages']:>9} {full_bytes / 2**20:>10.1f}"
+        )
         print(f"restore of the last snapshot: checksum {ok}")
         print(f"gc --keep-last 2: {gc_s:.2f} s (exit {gc.returncode})")
     finally:
