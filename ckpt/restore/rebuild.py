@@ -12,6 +12,7 @@ import struct
 from ..errors import RestoreError
 from ..kernel import procfs
 from ..kernel.native import PAGE_SIZE
+from ..kernel.process import set_rlimits
 from ..kernel.ptrace import Tracee, restore_regs
 from ..kernel.remote import HEAL_CODE, INJECT_MASK, SCRATCH_PAGES, Injector, RemoteError, Scratch
 from ..kernel.spawn import pause_syscall_addr
@@ -43,17 +44,12 @@ class Rebuilder:
         self.tracee = Tracee.seize(pid, exitkill=True)
         self.tracee.interrupt()
         template = self.tracee.getregs()
-        self.mem_fd = __import__("os").open(f"/proc/{pid}/mem", 0o2 | 0o2000000)
+        self.mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
         self.inj = Injector(self.tracee, template, self.mem_fd)
         self.inj.use(pause_syscall_addr())
         self.tracee.set_sigmask(INJECT_MASK)
 
-    def before_leave(self) -> None:
-        """Hook run from outside the child just before it is released (e.g. rlimits)."""
-
     def close(self) -> None:
-        import os
-
         if self.mem_fd >= 0:
             os.close(self.mem_fd)
             self.mem_fd = -1
@@ -76,7 +72,7 @@ class Rebuilder:
         self.restore_timers()
         self.restore_creds()
         self.register_rseq()
-        self.before_leave()
+        set_rlimits(self.pid, self.proc.rlimits)  # from outside, once memory is in place
         self.leave()
 
     def make_scratch(self, child_maps) -> None:

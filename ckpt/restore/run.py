@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from ..errors import ImageCorrupt, RestoreError
 from ..image import ImageReader
 from ..kernel.memory import write_at
-from ..kernel.process import set_rlimits
 from ..kernel.spawn import spawn_restorer
 from ..model import ProcessImage
 from ..present import intersect
@@ -52,7 +51,6 @@ def restore(directory: str, *, new_pid: bool = False) -> Restored:
     rb = None
     try:
         rb = Rebuilder(child, proc, new_pid)
-        rb.before_leave = lambda: set_rlimits(child, proc.rlimits)
         rb.run(lambda mem_fd: _write_pages(reader, plan, proc, mem_fd))
     except BaseException as exc:
         os.kill(child, signal.SIGKILL)
