@@ -12,6 +12,14 @@ import sys
 
 import click
 
+from .cli_options import (
+    level_option,
+    max_rounds_option,
+    max_time_option,
+    target_downtime_option,
+    tracker_option,
+)
+
 
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -60,37 +68,14 @@ def check(as_json: bool) -> None:
     is_flag=True,
     help="Pre-copy memory while the process runs; freeze only for the last round.",
 )
-@click.option(
-    "--tracker",
-    type=click.Choice(["auto", "uffd-wp", "soft-dirty", "full"]),
-    default="auto",
-    show_default=True,
-    help="Dirty-page tracking backend for --iterative.",
-)
-@click.option(
-    "--max-rounds",
-    type=click.IntRange(1, 1000),
-    default=None,
-    help="Pre-copy rounds at most [default: 8].",
-)
-@click.option(
-    "--target-downtime-ms",
-    type=click.FloatRange(0),
-    default=None,
-    help="Stop pre-copying once the final freeze is estimated below this [default: 50].",
-)
-@click.option(
-    "--max-time",
-    type=click.FloatRange(0),
-    default=None,
-    help="Seconds of pre-copy at most [default: 60].",
-)
+@tracker_option
+@max_rounds_option
+@target_downtime_option
+@max_time_option
 @click.option(
     "--stats-json", type=click.Path(), default=None, help="Write per-round statistics as JSON here."
 )
-@click.option(
-    "--level", type=click.IntRange(1, 19), default=None, help="zstd level (default: fast)."
-)
+@level_option
 def dump(
     pid: int,
     directory: str,

@@ -12,6 +12,14 @@ import sys
 
 import click
 
+from ..cli_options import (
+    level_option,
+    max_rounds_option,
+    max_time_option,
+    target_downtime_option,
+    tracker_option,
+)
+
 DEFAULT_MAX_ROUNDS = 20  # migrations may need rounds to let the throttle bite
 DEFAULT_MAX_TIME = 120.0
 
@@ -146,12 +154,7 @@ def receive(
     type=click.Path(dir_okay=False),
     help="Shared secret (mode 0600, at least 16 bytes); the same file as the receiver's.",
 )
-@click.option(
-    "--target-downtime-ms",
-    type=click.FloatRange(0),
-    default=None,
-    help="Stop pre-copying once the final freeze is estimated below this [default: 50].",
-)
+@target_downtime_option
 @click.option(
     "--max-bandwidth",
     type=click.FloatRange(0.01),
@@ -159,31 +162,15 @@ def receive(
     metavar="MIB/S",
     help="Cap on the bytes put on the wire, in MiB/s.",
 )
-@click.option(
-    "--tracker",
-    type=click.Choice(["auto", "uffd-wp", "soft-dirty", "full"]),
-    default="auto",
-    show_default=True,
-    help="Dirty-page tracking backend.",
-)
+@tracker_option
 @click.option(
     "--stats-json",
     type=click.Path(),
     default=None,
     help="Write per-round statistics, downtime and outcome as JSON here.",
 )
-@click.option(
-    "--max-rounds",
-    type=click.IntRange(1, 1000),
-    default=None,
-    help=f"Pre-copy rounds at most [default: {DEFAULT_MAX_ROUNDS}].",
-)
-@click.option(
-    "--max-time",
-    type=click.FloatRange(0),
-    default=None,
-    help=f"Seconds of pre-copy at most [default: {DEFAULT_MAX_TIME:g}].",
-)
+@max_rounds_option
+@max_time_option
 @click.option(
     "--throttle",
     type=click.Choice(["auto", "cgroup", "signal", "off"]),
@@ -191,9 +178,7 @@ def receive(
     show_default=True,
     help="How to slow the process down when pre-copy does not converge.",
 )
-@click.option(
-    "--level", type=click.IntRange(1, 19), default=None, help="zstd level (default: fast)."
-)
+@level_option
 @click.option(
     "--io-timeout",
     type=click.FloatRange(0.5),
