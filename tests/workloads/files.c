@@ -239,14 +239,8 @@ int main(void)
     saved_sid = getsid(0);
     saved_pgid = getpgrp();
 
-    struct sigaction sa;
-    memset(&sa, 0, sizeof(sa));
-    sa.sa_handler = on_usr2;
-    SETUP_CHECK(sigaction(SIGUSR2, &sa, NULL) == 0, "sigaction");
-    sigset_t block, old;
-    sigemptyset(&block);
-    sigaddset(&block, SIGUSR2);
-    sigprocmask(SIG_BLOCK, &block, &old);
+    sigset_t old;
+    catch_usr2_blocked(on_usr2, &old);
     snapshot_fds(saved_fds, &nfds);
 
     say("READY pid=%d fds=%d umask=027 personality=%x sid=%d", (int)getpid(), nfds, saved_pers,

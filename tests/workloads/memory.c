@@ -475,14 +475,8 @@ int main(int argc, char **argv)
     fill(stackbuf, STACK_BYTES, 1000);
     add_region("stack", stackbuf, STACK_BYTES, 0);
 
-    struct sigaction sa;
-    memset(&sa, 0, sizeof(sa));
-    sa.sa_handler = on_usr2;
-    SETUP_CHECK(sigaction(SIGUSR2, &sa, NULL) == 0, "sigaction");
-    sigset_t block, old;
-    sigemptyset(&block);
-    sigaddset(&block, SIGUSR2);
-    sigprocmask(SIG_BLOCK, &block, &old);
+    sigset_t old;
+    catch_usr2_blocked(on_usr2, &old);
     clock_gettime(CLOCK_MONOTONIC, &saved_mono);
 
     say("READY pid=%d sum=%016llx token=%s comm=%s pfile=%p sfile=%p mb=%zu thp=%d", (int)getpid(),

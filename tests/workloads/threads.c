@@ -33,15 +33,9 @@ static void *worker(void *arg)
 int main(void)
 {
     SETUP_CHECK(prctl(PR_SET_NAME, "ckthr") == 0, "PR_SET_NAME");
-    struct sigaction sa;
-    memset(&sa, 0, sizeof(sa));
-    sa.sa_handler = on_usr2;
-    SETUP_CHECK(sigaction(SIGUSR2, &sa, NULL) == 0, "sigaction");
-    sigset_t block, old;
-    sigemptyset(&block);
-    sigaddset(&block, SIGUSR2);
+    sigset_t old;
     /* block before creating the thread so only the main thread takes SIGUSR2 */
-    sigprocmask(SIG_BLOCK, &block, &old);
+    catch_usr2_blocked(on_usr2, &old);
     pthread_t t;
     SETUP_CHECK(pthread_create(&t, NULL, worker, NULL) == 0, "pthread_create");
     say("READY pid=%d threads=2", (int)getpid());

@@ -34,14 +34,8 @@ static int tracer_pid(void)
 
 int main(void)
 {
-    struct sigaction sa;
-    memset(&sa, 0, sizeof(sa));
-    sa.sa_handler = on_usr2;
-    SETUP_CHECK(sigaction(SIGUSR2, &sa, NULL) == 0, "sigaction");
-    sigset_t block, old;
-    sigemptyset(&block);
-    sigaddset(&block, SIGUSR2);
-    sigprocmask(SIG_BLOCK, &block, &old);
+    sigset_t old;
+    catch_usr2_blocked(on_usr2, &old);
 
     pid_t parent = getpid();
     pid_t child = fork();

@@ -62,6 +62,20 @@ static void say(const char *fmt, ...)
     } while (0)
 
 /* Verification failures: collected so one VERIFY FAIL line names every problem. */
+/* Install `handler` for SIGUSR2 and block SIGUSR2; *old gets the previous mask,
+   for sigsuspend(old): the race-free way to wait for the signal in a loop. */
+static void catch_usr2_blocked(void (*handler)(int), sigset_t *old)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = handler;
+    SETUP_CHECK(sigaction(SIGUSR2, &sa, NULL) == 0, "sigaction");
+    sigset_t block;
+    sigemptyset(&block);
+    sigaddset(&block, SIGUSR2);
+    sigprocmask(SIG_BLOCK, &block, old);
+}
+
 static char wl_fail_buf[6000];
 static int wl_fails;
 
