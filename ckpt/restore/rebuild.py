@@ -14,9 +14,10 @@ from ..kernel import procfs
 from ..kernel.native import PAGE_SIZE
 from ..kernel.process import set_rlimits
 from ..kernel.ptrace import Tracee, restore_regs
-from ..kernel.remote import HEAL_CODE, INJECT_MASK, SCRATCH_PAGES, Injector, RemoteError, Scratch
+from ..kernel.remote import HEAL_CODE, INJECT_MASK, SCRATCH_PAGES, Injector, Scratch
 from ..kernel.spawn import pause_syscall_addr
 from ..model import ProcessImage
+from .fds import restore_fds
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS = 0x01, 0x02, 0x20
@@ -57,13 +58,21 @@ class Rebuilder:
     # -- the steps, in order ---------------------------------------------------------------
 
     def run(self, write_pages) -> None:
+        self.prepare_memory()
+        self.map_vmas()
+        write_pages(self.mem_fd)
+        self.apply_state()
+
+    def prepare_memory(self) -> None:
+        """Empty the restorer's address space down to the scratch area and the vDSO."""
         child_maps = procfs.maps(self.pid)
         self.make_scratch(child_maps)
         self.unregister_rseq()
         self.unmap_all(child_maps)
         self.place_vdso(child_maps)
-        self.map_vmas()
-        write_pages(self.mem_fd)
+
+    def apply_state(self) -> None:
+        """Everything after the pages are in: protections, mm, fds, signals, creds; then go."""
         self.finish_vmas()
         self.set_mm()
         self.restore_fds()
@@ -199,25 +208,7 @@ class Rebuilder:
                 inj.call("close", exe_fd)
 
     def restore_fds(self) -> None:
-        inj = self.inj
-        inj.call("close_range", 0, 0xFFFFFFFF, 0)
-        for fd in sorted(self.proc.fds, key=lambda f: (f.kind == "dup", f.fd)):
-            inj.reset_data()
-            if fd.kind == "dup":  # shares the open file description of an fd restored before
-                inj.call("dup3", fd.dup_of, fd.fd, O_CLOEXEC if fd.cloexec else 0)
-                continue
-            flags = fd.flags & ~(O_CREAT | O_EXCL | O_TRUNC | O_CLOEXEC)
-            try:
-                tmp = inj.call("openat", _u(AT_FDCWD), inj.cstr(fd.path), flags, 0)
-            except RemoteError as exc:
-                raise RestoreError(f"cannot reopen fd {fd.fd} ({fd.path}): {exc.strerror}") from exc
-            if tmp != fd.fd:
-                inj.call("dup3", tmp, fd.fd, O_CLOEXEC if fd.cloexec else 0)
-                inj.call("close", tmp)
-            elif fd.cloexec:
-                inj.call("fcntl", fd.fd, 2, 1)  # F_SETFD FD_CLOEXEC
-            if fd.kind == "file":
-                inj.call("lseek", fd.fd, fd.pos, 0)
+        restore_fds(self.inj, self.proc)
 
     def restore_process_misc(self) -> None:
         p, inj = self.proc, self.inj
