@@ -45,9 +45,48 @@ class Vma:
 
 
 @dataclass
+class MemfdState:
+    """A memfd's content, on the first Fd record of that memfd (see Fd.obj_id)."""
+
+    name: str  # as given to memfd_create
+    size: int
+    mode: int
+    seals: int  # F_GET_SEALS
+    extents: list[list] = field(default_factory=list)  # [offset, bytes]; the rest is holes
+    maps: list[int] = field(default_factory=list)  # start addresses of VMAs mapping it
+
+
+@dataclass
+class TimerfdState:
+    clockid: int
+    value_ns: int  # remaining time; 0 = disarmed
+    interval_ns: int
+    ticks: int  # expirations not read yet
+    settime_flags: int = 0
+
+
+@dataclass
+class EpollEntry:
+    tfd: int  # the fd number the registration is keyed by
+    events: int
+    data: int
+    src_fd: int = -1  # an fd holding the registered file when tfd no longer does (else tfd)
+
+
+@dataclass
+class InotifyWatch:
+    wd: int
+    mask: int  # user-visible mask (IN_* events, IN_ONESHOT, IN_EXCL_UNLINK…)
+    path: str
+    dev: int
+    ino: int
+
+
+@dataclass
 class Fd:
-    fd: int
-    kind: str  # "file", "chr"
+    fd: int  # -1: an object only mappings hold (a memfd whose fds were closed)
+    kind: str  # "file", "chr", "pipe", "fifo", "eventfd", "timerfd", "signalfd",
+    #            "epoll", "inotify", "memfd", "dup"
     path: str
     flags: int  # open flags without O_CLOEXEC
     cloexec: bool
@@ -55,6 +94,19 @@ class Fd:
     file: FileRef | None = None
     rdev: int = 0
     dup_of: int = -1  # another fd of the process sharing this open file description
+    socket: Socket | None = None  # kind "socket" (ckpt/capture/sockets.py)
+    # Identity of the kernel object behind the fd (pipe/FIFO/memfd inode): records
+    # with the same obj_id share one object; its state is on the first of them.
+    obj_id: int = 0
+    pipe_size: int = 0  # pipe/FIFO capacity (F_GETPIPE_SZ), on the object's first fd
+    data: bytes = b""  # pipe/FIFO buffered bytes, on the object's first fd
+    count: int = 0  # eventfd counter
+    semaphore: bool = False  # EFD_SEMAPHORE
+    sigmask: int = 0  # signalfd
+    timer: TimerfdState | None = None
+    epoll: list[EpollEntry] = field(default_factory=list)
+    watches: list[InotifyWatch] = field(default_factory=list)
+    memfd: MemfdState | None = None
 
 
 @dataclass
@@ -103,6 +155,7 @@ class Thread:
     rseq: Rseq | None
     robust_list: list[int]  # [head, len]
     clear_child_tid: int
+    comm: bytes = b""  # per-thread name (pthread_setname_np); empty: the process's
 
 
 @dataclass
@@ -185,3 +238,65 @@ def _convert(tp: Any, value: Any) -> Any:
         inner = next(a for a in args if a is not type(None))
         return _convert(inner, value)
     return value
+
+
+# -- sockets (ckpt/capture/sockets.py, ckpt/restore/sockets.py) ------------------------------
+
+
+@dataclass
+class SocketMsg:
+    """One queued datagram (unix dgram/seqpacket) or the whole stream backlog."""
+
+    data: bytes
+    source: bytes | None = None  # unix dgram: the sender's bound name (None: unnamed)
+
+
+@dataclass
+class TcpConn:
+    """An established TCP connection, as TCP_REPAIR reads it (kernel/tcp_repair.py)."""
+
+    snd_seq: int
+    rcv_seq: int
+    outq: bytes
+    unsent: int
+    inq: bytes
+    mss: int
+    options: int
+    snd_wscale: int
+    rcv_wscale: int
+    timestamp: int
+    window: list[int]
+
+
+@dataclass
+class Socket:
+    """One socket, named by its inode so that several fds or processes can share it.
+
+    state: "unbound", "bound", "listen", "connected" (unix), "pending" (unix,
+    connected to a listener that has not accepted it yet), "established" (TCP).
+    Addresses: unix names are bytes (b"\\0..." abstract); inet ones [host, port,...].
+    """
+
+    ino: int
+    family: int
+    type: int
+    protocol: int
+    state: str
+    local: Any = None
+    remote: Any = None
+    peer_ino: int = 0  # the other end, when it is a socket of the dumped process
+    listener_ino: int = 0  # "pending"/accepted: the listening socket it came through
+    backlog: int = 0
+    pending: list[int] = field(default_factory=list)  # unix listener: clients waiting, in order
+    shutdown: int = 0  # unix: RCV_SHUTDOWN 1 | SEND_SHUTDOWN 2
+    peer_closed: bool = False
+    accepted: bool = False  # unix stream: the accept()ed end of a connection
+    name_file: list[int] | None = None  # unix path: [mode, uid, gid] of the socket file
+    name_deleted: bool = False  # unix path: the socket file was unlinked
+    options: dict[str, Any] = field(default_factory=dict)
+    sndbuf: int = 0
+    rcvbuf: int = 0
+    buf_lock: int = 0
+    peek_off: int = -1
+    queue: list[SocketMsg] = field(default_factory=list)  # received, not yet read
+    tcp: TcpConn | None = None

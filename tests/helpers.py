@@ -433,8 +433,8 @@ class E2E:
         timeout: float = DEADLINE,
     ) -> Workload:
         """Start a workload in its own session and wait for its READY line."""
-        if name == "pywork":
-            argv = [sys.executable, str(PYWORK), *args]
+        if (WORKLOADS / f"{name}.py").exists():
+            argv = [sys.executable, str(WORKLOADS / f"{name}.py"), *args]
         else:
             argv = [str(self.bins[name]), *args]
         cwd = self.path(name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from helpers import (
     free_pid,
     image_complete,
     kernel_thread_pid,
+    proc_state,
     proc_status,
     untraced_and_running,
     wait_until,
@@ -101,15 +103,25 @@ def test_already_traced_process(e2e):
     assert w.reap() == 0
 
 
-def test_multithreaded_refused_and_left_running(e2e):
-    w = e2e.spawn("threads")
+def test_exited_main_thread_refused_and_left_running(e2e):
+    """A process whose main thread called pthread_exit (leader a zombie) is refused."""
+    w = e2e.spawn("threads", "leader-exit")
+    os.kill(w.pid, signal.SIGUSR1)
+    wait_until(lambda: proc_state(w.pid) == "Z", 30, "the main thread to exit")
     image = e2e.path("img")
     res = e2e.dump(w.pid, image)
-    assert_error(res, 5, "thread")
+    assert_error(res, 5, "main thread")
     assert not image_complete(e2e, image)
-    wait_until(lambda: untraced_and_running(w.pid), 30, "the target to run untraced")
-    v = e2e.verify(w, w.pid)
-    assert v.ok, v.line
+    tids = os.listdir(f"/proc/{w.pid}/task")
+    wait_until(
+        lambda: all(proc_status(f"{w.pid}/task/{t}")["TracerPid"] == "0" for t in tids),
+        30,
+        "the threads to run untraced",
+    )
+    os.kill(w.pid, signal.SIGUSR2)  # the surviving thread takes it and verifies
+    wait_until(lambda: w.find("VERIFY", w.pid), 60, "the surviving thread to verify")
+    words, fields = w.find("VERIFY", w.pid)[-1]
+    assert words[1] == "OK", fields
     assert w.reap() == 0
 
 

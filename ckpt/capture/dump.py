@@ -24,7 +24,7 @@ from ..image import ImageWriter
 from ..kernel import features, native, procfs
 from ..kernel.memory import present_runs
 from ..kernel.process import auxv_bytes, get_robust_list, personality, rlimits
-from ..kernel.ptrace import Tracee
+from ..kernel.ptrace import Tracee, seize_group
 from ..kernel.remote import DumpInjection
 from ..model import MmFields, ProcessImage, Rseq, Thread
 from ..precopy import Policy, Precopy, RoundStats, collect, exact_kind
@@ -88,6 +88,7 @@ def dump(
     stats_json: str | None = None,
     sink=None,
     after_commit: Callable[[], None] | None = None,
+    tcp_established: bool = False,
 ) -> DumpResult:
     """Checkpoint `pid` into `directory` (or into `sink`, an object with ImageWriter's
     interface, e.g. a network stream).
@@ -119,16 +120,16 @@ def dump(
             t_freeze = time.monotonic()
             tracee = target.freeze()
         else:
-            tracee = Tracee.seize(pid)
-            faults.point("seized")
             t_freeze = time.monotonic()
-            tracee.interrupt()
+            tracee = seize_group(pid, procfs.tasks)
+            faults.point("seized")
         proc, final_pages, bytes_stored = _capture_final(
             tracee,
             trk,
             writer,
             prior_maps=pre.last_maps if pre else None,
             present=pre.present if pre else None,
+            tcp_established=tcp_established,
         )
         freeze_ms = (time.monotonic() - t_freeze) * 1000
         trk.disarm()
@@ -159,11 +160,7 @@ def dump(
         tracee.detach()
     else:
         os.kill(pid, signal.SIGKILL)
-        try:
-            tracee.wait()
-        except OSError:
-            pass
-        tracee.attached = False
+        tracee.reap_killed()
     result = DumpResult(
         pid=pid, image=directory, freeze_ms=freeze_ms, seconds=time.monotonic() - t0,
         pages=pages, bytes_raw=pages * PAGE, bytes_stored=bytes_stored, vmas=len(proc.vmas),
@@ -199,6 +196,20 @@ def _arm(tracee: Tracee, trk: Tracker) -> None:
         trk.arm(inj)
 
 
+def _thread_regs(t: Tracee) -> Thread:
+    """A non-leader thread's state readable by ptrace; the injected parts come later."""
+    regs = t.getregs()
+    _check_arch(t.pid, regs)
+    rseq = t.rseq_config()
+    return Thread(
+        tid=t.pid, regs=regs, xstate=t.get_xstate(), sigmask=t.get_sigmask(),
+        pending=t.peek_siginfo(False), sigaltstack=[0, 2, 0],
+        rseq=Rseq(rseq.ptr, rseq.size, rseq.signature) if rseq else None,
+        robust_list=list(get_robust_list(t.pid)), clear_child_tid=0,
+        comm=procfs.read_bytes(t.pid, "comm").rstrip(b"\n"),
+    )  # fmt: skip
+
+
 def _check_arch(pid: int, regs: dict[str, int]) -> None:
     if regs["cs"] != 0x33:
         raise UnsupportedProcess(
@@ -215,6 +226,7 @@ def _capture_final(
     whole: bool = False,
     prior_maps: list | None = None,
     present: PresentMap | None = None,
+    tcp_established: bool = False,
 ) -> tuple[ProcessImage, int, int]:
     """Everything read while frozen: state, the last pages, the present map.
 
@@ -224,14 +236,10 @@ def _capture_final(
     pages it is updated by this round and used instead of re-reading pagemap.
     """
     pid = tracee.pid
-    if len(procfs.tasks(pid)) != 1:
-        raise UnsupportedProcess(
-            f"process {pid} has several threads; multi-threaded processes are not supported yet",
-            pid=pid,
-        )
     regs = tracee.getregs()
     _check_arch(pid, regs)
     mask = tracee.get_sigmask()
+    others = [_thread_regs(t) for t in tracee.others]
     xstate = tracee.get_xstate()
     rseq = tracee.rseq_config()
     pending = tracee.peek_siginfo(False)
@@ -248,7 +256,10 @@ def _capture_final(
         misc = state.misc(inj)
         its = state.itimers(inj)
         timers = state.posix_timers(inj, pid)
-    fds = capture_fds(pid, skip_fds)
+        others_misc = state.other_threads_misc(
+            inj, tracee.others, [o.regs for o in others], [o.sigmask for o in others]
+        )
+    fds = capture_fds(pid, skip_fds, tcp_established=tcp_established)
 
     st = procfs.stat(pid)  # mm fields are only visible to a tracer
     exe = procfs.readlink(pid, "exe")
@@ -300,6 +311,8 @@ def _capture_final(
         rseq=Rseq(rseq.ptr, rseq.size, rseq.signature) if rseq else None,
         robust_list=list(robust), clear_child_tid=misc["clear_child_tid"],
     )  # fmt: skip
+    for o, (altstack, ctid) in zip(others, others_misc):
+        o.sigaltstack, o.clear_child_tid = altstack, ctid
     proc = ProcessImage(
         pid=pid, ppid=st.ppid, pgid=st.pgrp, sid=st.session, comm=st.comm,
         cmdline=procfs.read_bytes(pid, "cmdline"), exe=exe, cwd=procfs.readlink(pid, "cwd"),
@@ -307,7 +320,7 @@ def _capture_final(
         uids=[int(x) for x in status["Uid"].split()], gids=[int(x) for x in status["Gid"].split()],
         groups=[int(x) for x in status.get("Groups", "").split()], rlimits=rlimits(pid), mm=mm,
         vmas=vmas, fds=fds, sigactions=acts, shared_pending=shared_pending, itimers=its,
-        posix_timers=timers, threads=[thread], no_new_privs=misc["no_new_privs"],
+        posix_timers=timers, threads=[thread, *others], no_new_privs=misc["no_new_privs"],
         dumpable=misc["dumpable"], child_subreaper=misc["child_subreaper"],
         thp_disable=misc["thp_disable"],
     )  # fmt: skip

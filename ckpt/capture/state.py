@@ -11,7 +11,8 @@ import struct
 
 from .. import faults
 from ..kernel import procfs
-from ..kernel.remote import Injector
+from ..kernel.ptrace import Tracee
+from ..kernel.remote import HEAL_STRIDE, Injector, ThreadInjection, heal_area_size
 from ..model import ITimer, PosixTimer, SigAction
 
 SIGEV = {"signal": 0, "none": 1, "thread": 4}
@@ -39,17 +40,42 @@ def sigactions(inj: Injector) -> list[SigAction]:
     return out
 
 
+def thread_misc(inj: Injector) -> tuple[list[int], int]:
+    """The calling thread's (sigaltstack, clear_child_tid): per-thread, no /proc view."""
+    inj.reset_data()
+    ss = inj.alloc(24)
+    inj.call("sigaltstack", 0, ss)
+    sp, flags, _pad, size = struct.unpack("<QiiQ", inj.read(ss, 24))
+    tid_addr = inj.alloc(8)
+    inj.call("prctl", PR_GET_TID_ADDRESS, tid_addr, 0, 0, 0)
+    ctid = struct.unpack("<Q", inj.read(tid_addr, 8))[0]
+    return [sp, flags & ~1, size], ctid  # SS_ONSTACK is status, not a setting
+
+
+def other_threads_misc(
+    inj: Injector, threads: list[Tracee], regs: list[dict[str, int]], masks: list[int]
+) -> list[tuple[list[int], int]]:
+    """thread_misc() of each non-leader thread, each in its own heal-safe session."""
+    if not threads:
+        return []
+    size = heal_area_size(len(threads))
+    area = inj.call("mmap", 0, size, 7, 0x22, (1 << 64) - 1, 0)  # RWX, PRIVATE|ANON
+    out = []
+    try:
+        for i, t in enumerate(threads):
+            with ThreadInjection(t, regs[i], masks[i], inj, area + i * HEAL_STRIDE) as tinj:
+                out.append(thread_misc(tinj))
+    finally:
+        inj.call("munmap", area, size)
+    return out
+
+
 def misc(inj: Injector) -> dict:
     inj.reset_data()
     out: dict = {}
     out["brk"] = inj.call("brk", 0)
-    ss = inj.alloc(24)
-    inj.call("sigaltstack", 0, ss)
-    sp, flags, _pad, size = struct.unpack("<QiiQ", inj.read(ss, 24))
-    out["sigaltstack"] = [sp, flags & ~1, size]  # SS_ONSTACK is status, not a setting
-    tid_addr = inj.alloc(8)
-    inj.call("prctl", PR_GET_TID_ADDRESS, tid_addr, 0, 0, 0)
-    out["clear_child_tid"] = struct.unpack("<Q", inj.read(tid_addr, 8))[0]
+    out["sigaltstack"], out["clear_child_tid"] = thread_misc(inj)
+    inj.reset_data()
     out["dumpable"] = inj.call("prctl", PR_GET_DUMPABLE, 0, 0, 0, 0)
     out["no_new_privs"] = bool(inj.call("prctl", PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0))
     out["thp_disable"] = inj.call("prctl", PR_GET_THP_DISABLE, 0, 0, 0, 0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..errors import AccessDenied, DumpError, NoSuchProcess
 from ..kernel import procfs
-from ..kernel.ptrace import Tracee
+from ..kernel.ptrace import Tracee, seize_group
 
 
 class Target:
@@ -30,13 +30,13 @@ class Target:
             raise DumpError(f"process {self.pid} exited during the dump", pid=self.pid)
 
     def freeze(self) -> Tracee:
+        """Every thread stopped; the leader is returned, the others in `.others`."""
         self.check()
         try:
-            t = Tracee.seize(self.pid)
+            t = seize_group(self.pid, procfs.tasks)
         except NoSuchProcess as exc:
             raise DumpError(f"process {self.pid} exited during the dump", pid=self.pid) from exc
         try:
-            t.interrupt()
             self.check()
         except BaseException:
             if t.attached:

@@ -18,18 +18,18 @@ def check_target(pid: int) -> procfs.Stat:
         raise UnsupportedProcess(
             f"process {pid} ({st.comm.decode(errors='replace')}) is a kernel thread", pid=pid
         )
-    if st.state in ("Z", "X"):
-        raise UnsupportedProcess(f"process {pid} is a zombie", pid=pid)
     status = procfs.status(pid)
+    if st.state in ("Z", "X"):
+        if int(status.get("Threads", "1")) > 1:
+            raise UnsupportedProcess(
+                f"the main thread of process {pid} has exited while other threads run; "
+                "not supported",
+                pid=pid,
+            )
+        raise UnsupportedProcess(f"process {pid} is a zombie", pid=pid)
     tracer = int(status.get("TracerPid", "0"))
     if tracer and tracer != os.getpid():
         raise AccessDenied(f"process {pid} is already traced by process {tracer}", pid=pid)
-    threads = int(status.get("Threads", "1"))
-    if threads != 1:
-        raise UnsupportedProcess(
-            f"process {pid} has {threads} threads; multi-threaded processes are not supported yet",
-            pid=pid,
-        )
     if st.state == "T":
         raise UnsupportedProcess(
             f"process {pid} is stopped (job control); continue it first", pid=pid

@@ -26,7 +26,9 @@ PTRACE_GETSIGMASK = 0x420A
 PTRACE_SETSIGMASK = 0x420B
 PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
 
+PTRACE_SETOPTIONS = 0x4200
 PTRACE_O_TRACESYSGOOD = 0x1
+PTRACE_O_TRACECLONE = 0x8
 PTRACE_O_EXITKILL = 0x100000
 PTRACE_EVENT_STOP = 128
 
@@ -164,6 +166,13 @@ class Tracee:
     def __init__(self, pid: int):
         self.pid = pid
         self.attached = False
+        # the other threads of the process, when seized as a group (seize_group)
+        self.others: list[Tracee] = []
+
+    @property
+    def threads(self) -> list[Tracee]:
+        """The leader first, then the other threads, ordered by TID."""
+        return [self, *self.others]
 
     # -- attach / stop -----------------------------------------------------------------
 
@@ -226,6 +235,9 @@ class Tracee:
                 raise DumpError(
                     f"process {self.pid} took signal {sig} while being parked", pid=self.pid
                 )
+
+    def set_options(self, opts: int) -> None:
+        check(lib.ck_ptrace(PTRACE_SETOPTIONS, self.pid, 0, opts), "PTRACE_SETOPTIONS")
 
     def wait(self) -> int:
         st = ffi.new("int *")
@@ -305,8 +317,74 @@ class Tracee:
         check(lib.ck_ptrace(PTRACE_CONT, self.pid, 0, sig), "PTRACE_CONT", target=self.pid)
 
     def detach(self, sig: int = 0) -> None:
-        if not self.attached:
-            return
-        r = lib.ck_ptrace(PTRACE_DETACH, self.pid, 0, sig)
-        self.attached = False
-        check(r, "PTRACE_DETACH", target=self.pid)
+        """Let the task (and, for a group, every other thread) run again."""
+        others, self.others = self.others, []
+        err: OSError | None = None
+        for t in others:
+            try:
+                t.detach()
+            except OSError as exc:  # a thread that exited meanwhile; go on with the rest
+                err = err or exc
+        if self.attached:
+            r = lib.ck_ptrace(PTRACE_DETACH, self.pid, 0, sig)
+            self.attached = False
+            check(r, "PTRACE_DETACH", target=self.pid)
+        if err is not None and not isinstance(err, NoSuchProcess):
+            raise err
+
+    def reap_killed(self) -> None:
+        """After SIGKILL of the process: collect every thread's exit so none lingers traced.
+
+        The other threads first: a traced thread stays a zombie until its tracer
+        waits for it, and the leader's exit is only reported once they are gone.
+        """
+        for t in [*self.others, self]:
+            if not t.attached:
+                continue
+            try:
+                t.wait()
+            except OSError:
+                pass
+            t.attached = False
+        self.others = []
+
+
+def seize_group(pid: int, tasks) -> Tracee:
+    """Seize and stop every thread of `pid`; returns the leader with `.others` filled.
+
+    Threads may be created while ckpt attaches: a thread that is still running can
+    clone. So list the threads again after each pass, until a pass finds no new
+    one; once every known thread is stopped, none can appear. A thread that exits
+    while being seized is simply not part of the process any more.
+    """
+    leader = Tracee.seize(pid)
+    held: dict[int, Tracee] = {pid: leader}
+    try:
+        leader.interrupt()
+        while True:
+            new = [tid for tid in tasks(pid) if tid not in held]
+            if not new:
+                break
+            for tid in new:
+                try:
+                    t = Tracee.seize(tid)
+                except NoSuchProcess:
+                    continue
+                held[tid] = t
+                try:
+                    t.interrupt()
+                except DumpError:
+                    held.pop(tid)  # exited while being stopped
+        live = set(tasks(pid))
+        leader.others = [held[t] for t in sorted(held) if t != pid and t in live]
+        for tid in set(held) - live - {pid}:
+            held[tid].attached = False
+    except BaseException:
+        for t in held.values():
+            if t.attached:
+                try:
+                    t.detach()
+                except OSError:
+                    pass
+        raise
+    return leader

@@ -37,6 +37,9 @@ NR = {
     "setgroups": 116, "set_tid_address": 218, "timer_create": 222, "timer_settime": 223,
     "timer_gettime": 224, "set_robust_list": 273, "openat": 257, "rt_tgsigqueueinfo": 297,
     "rt_sigqueueinfo": 129, "prlimit64": 302, "rseq": 334, "close_range": 436,
+    "ioctl": 16, "pipe2": 293, "eventfd2": 290, "timerfd_create": 283, "timerfd_settime": 286, "signalfd4": 289, "inotify_init1": 294, "epoll_create1": 291, "epoll_ctl": 233, "memfd_create": 319,
+    "clone3": 435, "gettid": 186,
+    "socket": 41, "connect": 42, "bind": 49, "listen": 50, "socketpair": 53, "accept4": 288, "shutdown": 48,
 }  # fmt: skip
 
 SCRATCH_PAGES = 4  # page 0: code + heal frame; pages 1..3: data
@@ -314,3 +317,47 @@ class DumpInjection:
         if self.mem_fd >= 0:
             os.close(self.mem_fd)
             self.mem_fd = -1
+
+
+class ThreadInjection:
+    """An injection session on one more thread of a process already in a DumpInjection.
+
+    Each thread gets its own heal blob (its own registers and signal mask) in
+    `heal_area`, so a ckpt killed while this thread runs an injected syscall
+    puts exactly this thread back where it was. The data pages of the leader's
+    scratch area are shared: sessions run one after another.
+    """
+
+    def __init__(self, tracee: Tracee, regs: dict[str, int], mask: int, main: Injector,
+                 blob_addr: int):  # fmt: skip
+        from .ptrace import resume_regs
+
+        self.tracee = tracee
+        self.regs = regs
+        self.mask = mask
+        self.inj = Injector(tracee, resume_regs(regs), main.mem_fd)
+        self.inj.scratch = main.scratch
+        self.blob_addr = blob_addr
+        self._entered = False
+
+    def __enter__(self) -> Injector:
+        self.inj.write(self.blob_addr, heal_blob(self.inj.template, self.mask))
+        self.inj.use(self.blob_addr)
+        self.inj.park()
+        self._entered = True
+        self.tracee.set_sigmask(INJECT_MASK)
+        return self.inj
+
+    def __exit__(self, *exc) -> None:
+        if self._entered and self.tracee.attached:
+            self._entered = False
+            self.tracee.stop_in_signal_path()
+            self.tracee.set_sigmask(self.mask)
+            self.tracee.setregs(self.regs)
+
+
+HEAL_STRIDE = 256  # one heal blob per thread in a heal area
+
+
+def heal_area_size(nthreads: int) -> int:
+    return max(1, (nthreads * HEAL_STRIDE + PAGE_SIZE - 1) // PAGE_SIZE) * PAGE_SIZE

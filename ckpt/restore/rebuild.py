@@ -13,11 +13,17 @@ from ..errors import RestoreError
 from ..kernel import procfs
 from ..kernel.native import PAGE_SIZE
 from ..kernel.process import set_rlimits
-from ..kernel.ptrace import Tracee, restore_regs
-from ..kernel.remote import HEAL_CODE, INJECT_MASK, SCRATCH_PAGES, Injector, Scratch
+from ..kernel.ptrace import (
+    PTRACE_O_EXITKILL,
+    PTRACE_O_TRACECLONE,
+    PTRACE_O_TRACESYSGOOD,
+    Tracee,
+    restore_regs,
+)
+from ..kernel.remote import HEAL_CODE, INJECT_MASK, SCRATCH_PAGES, Injector, RemoteError, Scratch
 from ..kernel.spawn import pause_syscall_addr
-from ..model import ProcessImage
-from .fds import restore_fds
+from ..model import ProcessImage, Thread
+from .fds import create_memfds, memfd_fd_for, restore_fds
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS = 0x01, 0x02, 0x20
@@ -31,6 +37,9 @@ VDSO_KINDS = ("vvar", "vvar_vclock", "vdso")
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NAME, PR_SET_MM, PR_SET_MM_MAP = 1, 4, 15, 35, 14
 PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS, PR_SET_THP_DISABLE = 36, 38, 41
 PR_TIMER_CREATE_RESTORE_IDS = 77
+CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
+CLONE_THREAD, CLONE_SYSVSEM = 0x10000, 0x40000
+THREAD_FLAGS = CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM
 
 
 def _u(v: int) -> int:
@@ -49,6 +58,9 @@ class Rebuilder:
         self.inj = Injector(self.tracee, template, self.mem_fd)
         self.inj.use(pause_syscall_addr())
         self.tracee.set_sigmask(INJECT_MASK)
+        # the other threads, once created: (image thread, tracee, injector)
+        self.threads: list[tuple[Thread, Tracee, Injector]] = []
+        self.tid_map: dict[int, int] = {proc.pid: pid}
 
     def close(self) -> None:
         if self.mem_fd >= 0:
@@ -59,6 +71,7 @@ class Rebuilder:
 
     def run(self, write_pages) -> None:
         self.prepare_memory()
+        create_memfds(self.inj, self.proc)  # mappings of memfds need the objects
         self.map_vmas()
         write_pages(self.mem_fd)
         self.apply_state()
@@ -77,6 +90,7 @@ class Rebuilder:
         self.set_mm()
         self.restore_fds()
         self.restore_process_misc()
+        self.create_threads()
         self.restore_signals()
         self.restore_timers()
         self.restore_creds()
@@ -157,12 +171,16 @@ class Rebuilder:
                 flags |= MAP_GROWSDOWN
             if "nr" in v.vmflags:
                 flags |= MAP_NORESERVE
-            if v.kind == "file":
+            if v.kind in ("file", "memfd"):
                 mode = O_RDWR if (v.shared and "mw" in v.vmflags) else O_RDONLY
-                self.inj.reset_data()
-                fd = self.inj.call(
-                    "openat", _u(AT_FDCWD), self.inj.cstr(v.file.path), mode | O_CLOEXEC, 0
+                # a memfd: the object create_memfds made, shared with its fds
+                path = (
+                    v.file.path
+                    if v.kind == "file"
+                    else f"/proc/self/fd/{memfd_fd_for(self.proc, v.start)}"
                 )
+                self.inj.reset_data()
+                fd = self.inj.call("openat", _u(AT_FDCWD), self.inj.cstr(path), mode | O_CLOEXEC, 0)
                 try:
                     got = self.inj.call("mmap", v.start, v.size, prot0, flags, fd, v.offset)
                 finally:
@@ -225,14 +243,48 @@ class Rebuilder:
         inj.call("prctl", PR_SET_CHILD_SUBREAPER, p.child_subreaper, 0, 0, 0)
         inj.call("prctl", PR_SET_THP_DISABLE, p.thp_disable, 0, 0, 0)
         inj.call("prctl", PR_SET_PDEATHSIG, 0, 0, 0, 0)
-        t = p.threads[0]
-        sp, flags, size = t.sigaltstack
-        if not flags & 2:  # not SS_DISABLE
-            inj.call("sigaltstack", inj.put(struct.pack("<QiiQ", sp, flags, 0, size)), 0)
-        head, ln = t.robust_list
-        if head:
-            inj.call("set_robust_list", head, ln)
-        inj.call("set_tid_address", t.clear_child_tid)
+        _thread_misc(inj, p.threads[0])
+
+    def create_threads(self) -> None:
+        """The other threads: clone3 from the leader (with their TIDs), then their own state.
+
+        Each new thread is auto-attached (PTRACE_O_TRACECLONE) and stops before it
+        runs a single instruction; from then on it is injected into like the leader.
+        Credentials are set later, per thread, because setresuid changes only the
+        calling thread.
+        """
+        extra = self.proc.threads[1:]
+        if not extra:
+            return
+        base = PTRACE_O_TRACESYSGOOD | PTRACE_O_EXITKILL
+        inj = self.inj
+        self.tracee.set_options(base | PTRACE_O_TRACECLONE)
+        try:
+            for t in extra:
+                inj.reset_data()
+                set_tid = 0 if self.new_pid else inj.put(struct.pack("<i", t.tid))
+                args = struct.pack("<11Q", THREAD_FLAGS, 0, 0, 0, 0, 0, 0, 0, set_tid,
+                                   0 if self.new_pid else 1, 0)  # fmt: skip
+                try:
+                    tid = inj.call("clone3", inj.put(args), len(args))
+                except RemoteError as exc:
+                    raise RestoreError(f"cannot create thread {t.tid}: {exc.strerror}") from exc
+                tr = Tracee(tid)
+                tr.attached = True
+                st = tr.wait()
+                if not os.WIFSTOPPED(st):
+                    raise RestoreError(f"new thread {tid} did not stop (status {st:#x})")
+                tinj = Injector(tr, tr.getregs(), self.mem_fd)
+                tinj.scratch = inj.scratch
+                tinj.use(inj.scratch.addr)
+                self.threads.append((t, tr, tinj))
+                self.tid_map[t.tid] = tid
+                tinj.reset_data()
+                if t.comm:
+                    tinj.call("prctl", PR_SET_NAME, tinj.cstr(t.comm[:15]), 0, 0, 0)
+                _thread_misc(tinj, t)
+        finally:
+            self.tracee.set_options(base)
 
     def restore_signals(self) -> None:
         inj = self.inj
@@ -247,10 +299,12 @@ class Rebuilder:
             inj.write(buf, raw)
             inj.call("rt_sigaction", sig, buf, 0, 8)
         pid = self.pid
-        for info in self.proc.threads[0].pending:
-            inj.write(buf := inj.alloc(128), info)
-            inj.call("rt_tgsigqueueinfo", pid, pid, struct.unpack_from("<i", info)[0], buf)
-            inj.reset_data()
+        for t in self.proc.threads:
+            tid = self.tid_map.get(t.tid, pid)
+            for info in t.pending:
+                inj.write(buf := inj.alloc(128), info)
+                inj.call("rt_tgsigqueueinfo", pid, tid, struct.unpack_from("<i", info)[0], buf)
+                inj.reset_data()
         for info in self.proc.shared_pending:
             inj.write(buf := inj.alloc(128), info)
             inj.call("rt_sigqueueinfo", pid, struct.unpack_from("<i", info)[0], buf)
@@ -274,7 +328,7 @@ class Rebuilder:
         try:
             for t in timers:
                 inj.reset_data()
-                tid = self.pid if t.notify == 4 else 0
+                tid = self.tid_map.get(t.notify_tid, self.pid) if t.notify == 4 else 0
                 sev = struct.pack("<qii", t.sigev_value, t.signo, t.notify) + struct.pack("<i", tid)
                 sev = sev.ljust(64, b"\0")
                 idp = inj.put(struct.pack("<i", t.id))
@@ -291,31 +345,51 @@ class Rebuilder:
                 inj.raw(157, PR_TIMER_CREATE_RESTORE_IDS, 0, 0, 0, 0)
 
     def restore_creds(self) -> None:
-        p, inj = self.proc, self.inj
-        if p.no_new_privs:
-            inj.call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-        if p.uids[:3] == [0, 0, 0] and p.gids[:3] == [0, 0, 0]:
-            return
-        inj.reset_data()
-        groups = struct.pack(f"<{len(p.groups)}I", *p.groups)
-        inj.call("setgroups", len(p.groups), inj.put(groups) if groups else 0)
-        inj.call("setresgid", *p.gids[:3])
-        inj.call("setresuid", *p.uids[:3])
+        for inj in [self.inj, *(ti for _, _, ti in self.threads)]:
+            _set_creds(inj, self.proc)
 
     def register_rseq(self) -> None:
-        r = self.proc.threads[0].rseq
-        if r is not None:
-            self.inj.call("rseq", r.ptr, r.size, 0, r.signature)
+        for t, inj in [(self.proc.threads[0], self.inj), *((t, ti) for t, _, ti in self.threads)]:
+            if t.rseq is not None:
+                inj.call("rseq", t.rseq.ptr, t.rseq.size, 0, t.rseq.signature)
 
     def leave(self) -> None:
-        t = self.proc.threads[0]
+        """Scratch gone, then every thread gets its registers back and runs."""
         s = self.inj.scratch
         self.inj.call("munmap", s.addr, s.size)
-        self.tracee.stop_in_signal_path()
-        self.tracee.set_xstate(t.xstate)
-        self.tracee.setregs(restore_regs(t.regs))
-        self.tracee.set_sigmask(t.sigmask)
+        for t, tr in [(self.proc.threads[0], self.tracee), *((t, tr) for t, tr, _ in self.threads)]:
+            tr.stop_in_signal_path()
+            tr.set_xstate(t.xstate)
+            tr.setregs(restore_regs(t.regs))
+            tr.set_sigmask(t.sigmask)
+        for _, tr, _ in self.threads:
+            tr.detach()
         self.tracee.detach()
+
+
+def _thread_misc(inj: Injector, t: Thread) -> None:
+    """Per-thread kernel state that only the thread itself can set."""
+    inj.reset_data()
+    sp, flags, size = t.sigaltstack
+    if not flags & 2:  # not SS_DISABLE
+        inj.call("sigaltstack", inj.put(struct.pack("<QiiQ", sp, flags, 0, size)), 0)
+    head, ln = t.robust_list
+    if head:
+        inj.call("set_robust_list", head, ln)
+    inj.call("set_tid_address", t.clear_child_tid)
+
+
+def _set_creds(inj: Injector, p: ProcessImage) -> None:
+    """Credentials and no_new_privs belong to each thread (glibc syncs them by signals)."""
+    if p.no_new_privs:
+        inj.call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    if p.uids[:3] == [0, 0, 0] and p.gids[:3] == [0, 0, 0]:
+        return
+    inj.reset_data()
+    groups = struct.pack(f"<{len(p.groups)}I", *p.groups)
+    inj.call("setgroups", len(p.groups), inj.put(groups) if groups else 0)
+    inj.call("setresgid", *p.gids[:3])
+    inj.call("setresuid", *p.uids[:3])
 
 
 def _same_file(a: str, b: str) -> bool:

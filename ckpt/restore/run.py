@@ -39,8 +39,6 @@ def restore(directory: str, *, new_pid: bool = False) -> Restored:
     """Rebuild the process; it runs on as a child of this process."""
     t0 = time.monotonic()
     reader, proc = load(directory)
-    if len(proc.threads) != 1:
-        raise RestoreError("images with several threads need a newer ckpt")
     check_files(proc)
     present = [(r[0], r[1]) for v in proc.vmas for r in v.present]
     plan = reader.plan(present)

@@ -1,0 +1,87 @@
+"""Multi-threaded processes (issue "Real programs"): every thread is stopped, its
+per-thread state captured and given back under its own TID.
+
+The workloads check themselves after the restore: tests/workloads/pthreads.c
+(threads running, blocked on a mutex, in a condition wait, in nanosleep; each
+verifies its TID, name, sigaltstack, signal mask, TLS, robust list, rseq and
+its own memory, and pthread_join must work) and tests/workloads/pythreads.py
+(a ThreadPoolExecutor, a queue pipeline and a parked thread in CPython).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+from helpers import dump_restore_verify, proc_status, wait_until
+
+
+def thread_names(pid: int) -> dict[int, str]:
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/comm") as f:
+            out[int(tid)] = f.read().strip()
+    return out
+
+
+def test_pthreads_round_trip(e2e):
+    w = e2e.spawn("pthreads", "4")
+    assert len(thread_names(w.pid)) == 9
+    v = dump_restore_verify(e2e, w)
+    assert v.fields["threads"] == "9"
+
+
+def test_pthreads_same_tids_and_names(e2e):
+    """Checked from outside while the restored process runs: same TIDs, same names."""
+    w = e2e.spawn("pthreads", "2")
+    pid = w.pid
+    before = thread_names(pid)
+    image = e2e.path("img")
+    e2e.dump_ok(w, image)
+    bg = e2e.ckpt_bg("restore", "-D", str(image))
+    e2e.wait_restored(pid, w.ident, bg)
+    wait_until(lambda: len(os.listdir(f"/proc/{pid}/task")) == len(before), 30, "all threads")
+    assert thread_names(pid) == before
+    for tid in before:
+        st = proc_status(f"{pid}/task/{tid}")
+        assert st is not None and st["TracerPid"] == "0", f"thread {tid} is still traced"
+    v = e2e.verify(w, pid, signal.SIGUSR2)
+    assert v.ok, v.line
+    assert bg.wait(60).returncode == 0
+
+
+def test_pthreads_new_pid(e2e):
+    w = e2e.spawn("pthreads", "2")
+    image = e2e.path("img")
+    e2e.dump_ok(w, image, "--leave-running")
+    bg = e2e.ckpt_bg("restore", "-D", str(image), "--new-pid")
+    new = e2e.find_restored(w.ident, exclude=w.pid, bg=bg)
+    assert new != w.pid
+    wait_until(lambda: len(os.listdir(f"/proc/{new}/task")) == 7, 30, "all threads")
+    v = e2e.verify(w, new)
+    assert v.ok, v.line
+    assert bg.wait(60).returncode == 0
+    v0 = e2e.verify(w, w.pid)
+    assert v0.ok, v0.line
+
+
+@pytest.mark.parametrize("tracker", ["uffd-wp", "full"])
+def test_pthreads_iterative(e2e, tracker):
+    """Pre-copy rounds while the spinners write their regions; every thread arrives."""
+    w = e2e.spawn("pthreads", "3")
+    image = e2e.path("img")
+    res = e2e.dump(w.pid, image, "--iterative", "--tracker", tracker, "--max-rounds", "4")
+    assert res.returncode == 0, str(res)
+    assert w.reap() == -signal.SIGKILL
+    bg = e2e.ckpt_bg("restore", "-D", str(image))
+    e2e.wait_restored(w.pid, w.ident, bg)
+    v = e2e.verify(w, w.pid, signal.SIGUSR2)
+    assert v.ok, v.line
+    assert bg.wait(60).returncode == 0
+
+
+def test_python_threadpool(e2e):
+    w = e2e.spawn("pythreads", "4")
+    v = dump_restore_verify(e2e, w, timeout=120)
+    assert int(v.fields["tasks"]) > 64
