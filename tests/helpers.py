@@ -728,13 +728,20 @@ def dump_restore_verify(
     verified = lambda: bool(w.find("VERIFY", pid))  # noqa: E731
     if e2e.wait_restored(pid, w.ident, bg, timeout, finished=verified if sig is None else None):
         try:
-            sig_after, maps_after = signal_state(pid), maps_for_compare(pid)
+            # A thread restarted into sigsuspend shows its own mask until it is back
+            # in the call (/proc then shows the call's temporary mask): poll.
+            end = time.monotonic() + 10
+            while (sig_after := signal_state(pid)) != sig_before and time.monotonic() < end:
+                time.sleep(POLL)
+            maps_after = maps_for_compare(pid)
         except (AssertionError, OSError):
             # only a workload that verifies on its own (sig=None) may be gone already
             if sig is not None or not verified():
                 raise
         else:
-            assert sig_after == sig_before, "signal mask/dispositions/pending set changed"
+            assert sig_after == sig_before, (
+                f"signal mask/dispositions/pending set changed: {sig_before} -> {sig_after}"
+            )
             assert_same_maps(maps_before, maps_after, "after restore")
     v = e2e.verify(w, pid, sig, timeout)
     res = bg.wait(timeout)

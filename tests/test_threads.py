@@ -85,3 +85,21 @@ def test_python_threadpool(e2e):
     w = e2e.spawn("pythreads", "4")
     v = dump_restore_verify(e2e, w, timeout=120)
     assert int(v.fields["tasks"]) > 64
+
+
+@pytest.mark.parametrize("mode", ["plain", "iterative"])
+def test_threads_appearing_while_attaching(e2e, mode):
+    """A thread keeps creating and joining short-lived threads: every pass of the
+    freeze must catch the ones that appeared, and the process keeps churning after."""
+    w = e2e.spawn("pthreads", "1", "churn")
+    extra = ("--iterative", "--max-rounds", "3") if mode == "iterative" else ()
+    for _ in range(3):  # several attempts at different moments of the churn
+        res = e2e.dump(w.pid, e2e.path("img"), "--leave-running", *extra)
+        assert res.returncode == 0, str(res)
+    image = e2e.path("img")
+    e2e.dump_ok(w, image, *extra)
+    bg = e2e.ckpt_bg("restore", "-D", str(image))
+    e2e.wait_restored(w.pid, w.ident, bg)
+    v = e2e.verify(w, w.pid, signal.SIGUSR2)
+    assert v.ok, v.line
+    assert bg.wait(60).returncode == 0

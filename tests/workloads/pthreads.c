@@ -1,6 +1,8 @@
 /* pthreads: threads in different states, each with its own per-thread kernel state.
  *
- * usage: pthreads [NSPIN]     (NSPIN extra spinning threads, default 0)
+ * usage: pthreads [NSPIN [churn]]   (NSPIN extra spinning threads, default 0)
+ *        churn: one more thread that keeps creating and joining short-lived
+ *        threads, so threads appear and vanish while ckpt attaches.
  *
  * Threads: "spin"   running, rewriting its own 4 MiB region and counting;
  *          "mutex"  blocked in pthread_mutex_lock on a mutex main holds;
@@ -56,6 +58,13 @@ static pthread_mutex_t cm = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
 static int cond_flag;
 static volatile sig_atomic_t got_usr2;
+static volatile uint64_t churned;
+
+static void *short_lived(void *arg)
+{
+    (void)arg;
+    return (void *)(uintptr_t)syscall(SYS_gettid);
+}
 
 static void on_usr2(int sig)
 {
@@ -161,6 +170,17 @@ static void *thread_main(void *arg)
             nanosleep(&d, NULL);
         }
         break;
+    case 4:
+        while (!stop) {
+            pthread_t c;
+            void *r = NULL;
+            if (pthread_create(&c, NULL, short_lived, NULL) || pthread_join(c, &r) || !r) {
+                tfail(t, "create_join");
+                break;
+            }
+            churned++;
+        }
+        break;
     }
     check_self(t);
     return NULL;
@@ -190,6 +210,9 @@ int main(int argc, char **argv)
     add("mutex", 1);
     add("cond", 2);
     add("sleep", 3);
+    int churn = argc > 2 && strcmp(argv[2], "churn") == 0;
+    if (churn)
+        add("churn", 4);
     for (int i = 0; i < nspin; i++) {
         char n[16];
         snprintf(n, sizeof(n), "spin%d", i);
@@ -214,6 +237,10 @@ int main(int argc, char **argv)
 
     while (!got_usr2)
         sigsuspend(&old);
+    /* sigsuspend gives back the thread's own mask: SIGUSR2 blocked, as before */
+    sigset_t now;
+    sigprocmask(SIG_SETMASK, NULL, &now);
+    CHECK(sigismember(&now, SIGUSR2), "mask_after_sigsuspend_lost_SIGUSR2");
 
     /* Make sure the spinners are still making progress after the restore. */
     uint64_t g0 = ts[0].gen;
@@ -221,6 +248,11 @@ int main(int argc, char **argv)
     while (ts[0].gen < g0 + 2 && mono_now() < deadline)
         usleep(1000);
     CHECK(ts[0].gen >= g0 + 2, "spinner stalled");
+    uint64_t c0 = churned;
+    deadline = mono_now() + 30;
+    while (churn && churned < c0 + 10 && mono_now() < deadline)
+        usleep(1000);
+    CHECK(!churn || churned >= c0 + 10, "thread churn stalled");
     pthread_mutex_unlock(&held);
     pthread_mutex_lock(&cm);
     cond_flag = 1;
