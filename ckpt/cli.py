@@ -17,8 +17,14 @@ from .cli_options import (
     max_rounds_option,
     max_time_option,
     target_downtime_option,
+    tcp_established_option,
     tracker_option,
+    tree_option,
 )
+
+
+def _tree_note(r) -> str:
+    return f" and {r.processes - 1} descendants" if r.processes > 1 else ""
 
 
 def _human(n: float) -> str:
@@ -76,6 +82,8 @@ def check(as_json: bool) -> None:
     "--stats-json", type=click.Path(), default=None, help="Write per-round statistics as JSON here."
 )
 @level_option
+@tcp_established_option
+@tree_option
 def dump(
     pid: int,
     directory: str,
@@ -87,6 +95,8 @@ def dump(
     max_time: float | None,
     stats_json: str | None,
     level: int | None,
+    tcp_established: bool,
+    tree: bool,
 ) -> None:
     """Checkpoint process PID into DIR (then kill it, unless --leave-running)."""
     from . import api
@@ -110,6 +120,7 @@ def dump(
     r = api.dump(
         pid, directory, leave_running=leave_running, level=level, iterative=iterative,
         tracker=tracker, policy=policy, on_round=on_round, stats_json=stats_json,
+        tcp_established=tcp_established, tree=tree,
     )  # fmt: skip
     extra = (
         f"; tracker {r.tracker}, {len(r.rounds)} pre-copy rounds ({r.stop_reason})"
@@ -117,7 +128,7 @@ def dump(
         else ""
     )
     status(
-        f"dumped {r.pid} to {r.image}: {r.vmas} VMAs, {_human(r.bytes_raw)} of pages "
+        f"dumped {r.pid}{_tree_note(r)} to {r.image}: {r.vmas} VMAs, {_human(r.bytes_raw)} of pages "
         f"→ {_human(r.bytes_stored)} stored, freeze {r.freeze_ms:.0f} ms"
         f" ({r.final_pages} pages in the final round), total {r.seconds:.2f} s{extra}"
         + ("; left running" if leave_running else "; process killed")
@@ -177,11 +188,17 @@ def restore(
     help="Wait up to this many seconds for a busy store.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def snapshot(pid: int, store: str, wait_s: float, as_json: bool) -> None:
+@tree_option
+@tcp_established_option
+def snapshot(
+    pid: int, store: str, wait_s: float, as_json: bool, tree: bool, tcp_established: bool
+) -> None:
     """Take one point-in-time snapshot of PID into store S (incremental after the first)."""
     from . import api
 
-    r = api.snapshot(pid, store, wait=wait_s, on_status=status)
+    r = api.snapshot(
+        pid, store, wait=wait_s, on_status=status, tree=tree, tcp_established=tcp_established
+    )
     if as_json:
         click.echo(json.dumps(r.__dict__, indent=2))
         return

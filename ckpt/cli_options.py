@@ -40,3 +40,16 @@ max_time_option = click.option(
 level_option = click.option(
     "--level", type=click.IntRange(1, 19), default=None, help="zstd level (default: fast)."
 )
+tcp_established_option = click.option(
+    "--tcp-established",
+    is_flag=True,
+    help="Also checkpoint established TCP connections to peers outside the process "
+    "(TCP_REPAIR; the peer must stay quiet until the restore). Connections between two "
+    "sockets of the process are always checkpointed.",
+)
+tree_option = click.option(
+    "--tree/--no-tree",
+    default=True,
+    show_default=True,
+    help="Take the process's descendants too (restored as its children, same PIDs).",
+)

@@ -13,6 +13,13 @@ from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
 T = TypeVar("T")
 
+SLOT_SHIFT = 48  # user addresses stay below 2^47
+
+
+def slot_base(slot: int) -> int:
+    """Page keys of tree member `slot` (0 = the root) are slot_base(slot) | vaddr."""
+    return slot << SLOT_SHIFT
+
 
 @dataclass
 class FileRef:
@@ -38,6 +45,9 @@ class Vma:
     file: FileRef | None = None
     # Pages holding data at the final freeze, as [vaddr, npages] runs; data is in the layers.
     present: list[list[int]] = field(default_factory=list)
+    # MAP_SHARED anonymous memory another process of the tree restores first:
+    # [slot, start] of its VMA of the same object (pages are stored there only)
+    shared_with: list[int] | None = None
 
     @property
     def size(self) -> int:
@@ -107,6 +117,10 @@ class Fd:
     epoll: list[EpollEntry] = field(default_factory=list)
     watches: list[InotifyWatch] = field(default_factory=list)
     memfd: MemfdState | None = None
+    # kind "peer": the same open file description as fd `peer_fd` of the tree's
+    # process `peer_slot` (restored there first, then taken with pidfd_getfd)
+    peer_slot: int = -1
+    peer_fd: int = -1
 
 
 @dataclass
@@ -203,6 +217,9 @@ class ProcessImage:
     dumpable: int = 1
     child_subreaper: int = 0
     thp_disable: int = 0
+    # The dumped process's descendants, parents before children; process i here
+    # is "slot" i + 1 (the root is slot 0). Its pages are keyed slot << 48 | vaddr.
+    tree: list[ProcessImage] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -13,6 +13,7 @@ process verifies its whole memory afterwards (a FAIL aborts the benchmark).
 
     python scripts/bench_migrate.py [--mib 1024] [--rates 0,16,64] [--limits none,100]
                                     [--no-offline] [--no-verify] [--throttle auto]
+                                    [--image-rates 64]  (also the pre-staging path)
                                     [--work-dir DIR] [-v]
 Needs root, iproute2 and gcc.
 """
@@ -181,14 +182,34 @@ class Row:
     parts: dict = field(default_factory=dict)
 
 
-def run_migration(h: Hosts, exe, args, rate, limit, tmp, n, token) -> Row:
+def _parts(d: dict) -> dict:
+    """The downtime breakdown: source part, then the destination's milestones."""
+    out = {"src": d["source_freeze_to_marker_ms"]}
+    if d.get("source_state_sent_ms") is not None:
+        out["src→state"] = d["source_state_sent_ms"]  # source clock: freeze → STATE sent
+    p = d.get("destination_parts") or {}
+    if d.get("staged"):
+        out["final@"] = p.get("final_end_at_ms", 0.0)  # final pages in place (after marker)
+        out["state@"] = p.get("state_at_ms", 0.0)  # process state received
+        out["zap"] = p.get("zap_ms", 0.0)
+        out["apply"] = p.get("state_ms", 0.0)  # Rebuilder.apply_state()
+        out["dst"] = d["destination_ms"]
+    else:
+        out.update(
+            restore=d["destination_restore_ms"], commit=d["destination_commit_ms"],
+            dst=d["destination_ms"],
+        )  # fmt: skip
+    return out
+
+
+def run_migration(h: Hosts, exe, args, rate, limit, tmp, n, token, mode="migrate") -> Row:
     w = Writer(exe, args.mib, rate, tmp, n)
     mig = mig_cmd()
     with open(os.path.join(tmp, f"recv{n}.log"), "wb") as rlog:
         recv = subprocess.Popen(
             [*h.exec_dst(), "unshare", "--pid", "--fork", "--kill-child", "--mount-proc", *mig,
              "receive", "--listen", f"{h.dst_ip}:{PORT}", "--token-file", token,
-             "-D", args.work_dir or tmp],
+             "-D", args.work_dir or tmp, *(["--no-stage"] if mode == "image" else [])],
             stdin=subprocess.DEVNULL, stdout=rlog, stderr=rlog, cwd=tmp,
         )  # fmt: skip
     stats_path = os.path.join(tmp, f"stats{n}.json")
@@ -211,13 +232,10 @@ def run_migration(h: Hosts, exe, args, rate, limit, tmp, n, token) -> Row:
             ns_pid = st["remote_pid"]
             w.verify(ns_global_pid(recv.pid, ns_pid), ns_pid)
         return Row(
-            writes=rate, limit=limit, mode="migrate", total_s=wall,
+            writes=rate, limit=limit, mode=mode, total_s=wall,
             wire_mib=st["bytes_wire"] / MIB, rounds=len(st["rounds"]), stop=st["stop_reason"],
             throttle=st["throttle"]["max_level"], downtime_ms=st["downtime_ms"],
-            parts={"src": st["downtime"]["source_freeze_to_marker_ms"],
-                   "restore": st["downtime"]["destination_restore_ms"],
-                   "commit": st["downtime"]["destination_commit_ms"],
-                   "dst": st["downtime"]["destination_ms"]},
+            parts=_parts(st["downtime"]),
         )  # fmt: skip
     finally:
         recv.kill()
@@ -307,8 +325,12 @@ def print_table(rows: list[Row], mib: int) -> None:
             f"{r.downtime_ms:>11.0f}  {parts}"
         )
     print(
-        "\nmigrate: src = source freeze → FROZEN marker sent, dst = marker received → process "
-        "running (commit + restore + the final layer); downtime = src + dst.\n"
+        "\nmigrate (staged restore): src = source freeze → FROZEN marker sent, src→state = "
+        "freeze → process state sent (source clock); at the "
+        "destination, from the marker's arrival: final@ = the final round's pages are in "
+        "place, state@ = the process state arrived, zap = stale pages dropped, apply = "
+        "Rebuilder.apply_state(), dst = the process runs; downtime = src + dst.\n"
+        "image (receive --no-stage): dst = final layer + commit + a full restore.\n"
         "offline: the process is frozen from the start of `ckpt dump`; downtime = dump + copy "
         "+ restore."
     )
@@ -321,6 +343,10 @@ def main() -> None:
     ap.add_argument("--limits", default="none,100", help="--max-bandwidth values (MiB/s)")
     ap.add_argument("--throttle", default="auto", choices=["auto", "cgroup", "signal", "off"])
     ap.add_argument("--no-offline", action="store_true")
+    ap.add_argument(
+        "--image-rates", default="",
+        help="also migrate with `receive --no-stage` (restore from an image) at these rates",
+    )  # fmt: skip
     ap.add_argument("--work-dir", default=None, help="receive -D (default: the run's temp dir)")
     ap.add_argument("--no-verify", action="store_true")
     ap.add_argument("-v", "--verbose", action="store_true", help="show ckpt migrate's output")
@@ -342,6 +368,10 @@ def main() -> None:
                 n += 1
                 print(f"migrate: writes {rate:g} MiB/s, limit {limit} ...", file=sys.stderr)
                 rows.append(run_migration(h, exe, args, rate, limit, tmp, n, token))
+            if f"{rate:g}" in args.image_rates.split(","):
+                n += 1
+                print(f"migrate --no-stage: writes {rate:g} MiB/s ...", file=sys.stderr)
+                rows.append(run_migration(h, exe, args, rate, "none", tmp, n, token, "image"))
             if not args.no_offline:
                 n += 1
                 print(f"offline: writes {rate:g} MiB/s ...", file=sys.stderr)

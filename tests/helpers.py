@@ -134,6 +134,18 @@ def signal_state(pid: int) -> dict[str, str]:
     }
 
 
+def settled_signal_state(pid: int, expected: dict[str, str], timeout: float = 10) -> dict:
+    """signal_state(pid), polled until it equals `expected` or `timeout` passes.
+
+    A thread restarted into sigsuspend shows its own mask until it is back in
+    the call (/proc then shows the call's temporary mask), so poll.
+    """
+    end = time.monotonic() + timeout
+    while (now := signal_state(pid)) != expected and time.monotonic() < end:
+        time.sleep(POLL)
+    return now
+
+
 def current_syscall(pid: int) -> int | None:
     """Number of the syscall PID is blocked in (from /proc/PID/syscall), or None."""
     raw = read_bytes(f"/proc/{pid}/syscall")
@@ -728,11 +740,7 @@ def dump_restore_verify(
     verified = lambda: bool(w.find("VERIFY", pid))  # noqa: E731
     if e2e.wait_restored(pid, w.ident, bg, timeout, finished=verified if sig is None else None):
         try:
-            # A thread restarted into sigsuspend shows its own mask until it is back
-            # in the call (/proc then shows the call's temporary mask): poll.
-            end = time.monotonic() + 10
-            while (sig_after := signal_state(pid)) != sig_before and time.monotonic() < end:
-                time.sleep(POLL)
+            sig_after = settled_signal_state(pid, sig_before)
             maps_after = maps_for_compare(pid)
         except (AssertionError, OSError):
             # only a workload that verifies on its own (sig=None) may be gone already

@@ -306,6 +306,67 @@ def test_writer_migrates_and_verifies_at_destination(e2e, hosts, token):
     show = subprocess.run([*CKPT, "show", str(keep), "--json"], capture_output=True, text=True)
     assert show.returncode == 0, f"--keep-images left no usable image:\n{show.stderr}"
     assert json.loads(show.stdout)["process"]["pid"] == w.pid
+    # the kept image (chunks stored as they came over the wire) restores and verifies
+    got = subprocess.run(
+        [*CKPT, "restore", "-D", str(keep), "--new-pid", "--detach"],
+        capture_output=True, text=True, env=e2e.env(), timeout=120,
+    )  # fmt: skip
+    assert got.returncode == 0, f"the kept image does not restore:\n{got.stderr}"
+    pid = int(got.stdout.split()[0])
+    try:
+        line = verify_at(w, pid, pid)
+        assert line.startswith("VERIFY OK"), f"the kept image restored damaged: {line}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+MUTATION_STEPS = 4  # tests/workloads/writer.c steps=1: steps 1-4 change the layout
+
+
+@needs_ns
+def test_staged_restore_follows_mutations_between_rounds(e2e, hosts, token):
+    """The destination builds the process while the rounds arrive (staged restore).
+    Between rounds the writer frees and remaps memory: MADV_DONTNEED of written
+    pages, munmap + mmap at the same address, mremap to a new address, PROT_NONE
+    with data and back, a new mapping, private file COW pages dropped again, shared
+    anonymous memory MADV_REMOVE'd, and a ballast whose present half shrinks each
+    step. Pages the staged process received in earlier rounds must not survive
+    where the process dropped them: the migrated copy checks every byte of its
+    memory against its own model (stale data fails it)."""
+    from precopy_helpers import Hook, steps_done
+
+    w = e2e.spawn("writer", "mib=4", "rate=300", "steps=1", "ballast=16", "report=0")
+    hook = Hook(e2e, w, steps=True)
+    rcv = Receiver(e2e, hosts, token)
+    env = e2e.env(CKPT_TEST_ROUND_CMD=hook.cmd)
+    try:
+        res, stats = migrate(
+            e2e, hosts, token, w.pid, "--max-rounds", str(MUTATION_STEPS + 1),
+            "--target-downtime-ms", "1", "--throttle", "off", env=env,
+        )  # fmt: skip
+        assert res.returncode == 0, f"{res}\n{hook}"
+        assert w.reap() == -signal.SIGKILL
+        done = steps_done(w, w.pid)
+        assert done >= MUTATION_STEPS, f"only {done} mutation steps ran between rounds\n{hook}"
+        stepped = hook.stepped()
+        for n in range(1, MUTATION_STEPS + 1):
+            assert stepped.get(n) == n - 1, f"step {n} not after round {n - 1}: {stepped}"
+        ns_pid = rcv.reported_pid()
+        line = verify_at(w, rcv.global_pid(ns_pid), ns_pid)
+        assert line.startswith("VERIFY OK"), f"{line}\n{hook}"
+        assert f"steps={done}" in line, f"migrated after another step than {done}: {line}"
+        got = rcv.wait()
+        assert got.returncode == 0, str(got)
+        assert "staged restore" in got.stderr, f"the receiver did not stage:\n{got.stderr}"
+    finally:
+        rcv.kill()
+    d = stats["downtime"]
+    assert d["staged"], f"the destination restored from an image, not staged: {d}"
+    parts = d["destination_parts"]
+    # pages received in earlier rounds and dropped since (ballast, dn, re…) were zapped
+    assert parts["zapped_spans"] > 0, f"no stale pages were dropped: {parts}"
+    assert len(stats["rounds"]) == MUTATION_STEPS + 1, stats["rounds"]
 
 
 @needs_ns
@@ -376,6 +437,29 @@ def test_destination_restore_fails(e2e, hosts, token):
         rcv.kill()
     assert stats["outcome"] == "failed" and stats["exit_code"] == 23
     assert_source_kept(w, "destination restore failed")
+
+
+@needs_ns
+def test_staged_restore_fails_mid_precopy(e2e, hosts, token):
+    """The destination's staged process cannot be built further (CKPT_FAULT=receive-stage
+    when round 2's layout is applied): it is killed there, the source hears why
+    during pre-copy, and its copy runs on unharmed."""
+    w = e2e.spawn("writer", "mib=16", "rate=2000", "report=0")
+    rcv = Receiver(e2e, hosts, token, env=e2e.env(CKPT_FAULT="receive-stage"))
+    try:
+        res, stats = migrate(
+            e2e, hosts, token, w.pid, "--max-rounds", "5", "--target-downtime-ms", "1",
+            "--throttle", "off",
+        )  # fmt: skip
+        assert_error(res, 23, "injected fault", "keeps running here")
+        got = rcv.wait()
+        assert_error(got, 11, "injected fault", "partly built copy was killed")
+        assert not rcv.stdout().strip(), "the destination must not report a running copy"
+    finally:
+        rcv.kill()
+    assert stats["outcome"] == "failed" and stats["remote_pid"] is None
+    assert len(stats["rounds"]) <= 3, "the failure must surface during pre-copy"
+    assert_source_kept(w, "staged restore failed mid pre-copy")
 
 
 @needs_ns
@@ -576,23 +660,28 @@ def test_cgroup_throttle_writes_quota_and_undoes_it(e2e, tmp_path):
 
 
 def test_unsupported_process_is_refused_before_connecting(e2e, token):
-    """A pipe fd would make the final capture fail: refuse before a byte is sent
-    (port 1 on loopback has no receiver, so reaching the network would exit 25)."""
-    cwd = e2e.path("piped")
+    """An fd on a deleted file would make the final capture fail: refuse before a byte
+    is sent (port 1 on loopback has no receiver, so reaching the network would exit 25)."""
+    cwd = e2e.path("unsupported")
     cwd.mkdir()
-    p = subprocess.Popen(["sleep", "60"], stdout=subprocess.PIPE, cwd=cwd)
+    gone = cwd / "deleted.log"
+    with open(gone, "wb") as out:
+        gone.unlink()
+        p = subprocess.Popen(
+            ["sleep", "60"], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.DEVNULL,
+            cwd=cwd,
+        )  # fmt: skip
     try:
         cmd = Cmd(
             [*MIG, "migrate", str(p.pid), "--to", "127.0.0.1:1", "--token-file", str(token)],
-            e2e.base, e2e.env(), "migrate-piped",
+            e2e.base, e2e.env(), "migrate-unsupported",
         )  # fmt: skip
         res = cmd.wait()
-        assert_error(res, 5, "pipe")
+        assert_error(res, 5, "deleted")
         assert p.poll() is None
     finally:
         p.kill()
         p.wait()
-        p.stdout.close()
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make a certificate")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,7 +25,7 @@ from ..kernel.memory import present_runs
 from ..kernel.process import auxv_bytes, get_robust_list, personality, rlimits
 from ..kernel.ptrace import Tracee, seize_group
 from ..kernel.remote import DumpInjection
-from ..model import MmFields, ProcessImage, Rseq, Thread
+from ..model import MmFields, ProcessImage, Rseq, Thread, slot_base
 from ..precopy import Policy, Precopy, RoundStats, collect, exact_kind
 from ..present import PresentMap
 from ..track import make_tracker
@@ -36,6 +35,7 @@ from . import state
 from .fds import capture_fds
 from .pages import PageCopier
 from .target import Target
+from .tree import FrozenTree, freeze_tree, link_shared
 from .validate import check_target
 from .vmas import classify, file_ref, needs_pages
 
@@ -57,6 +57,7 @@ class DumpResult:
     final_pages: int = 0
     stop_reason: str = ""
     layers: int = 1
+    processes: int = 1  # the root and its descendants
 
     def stats(self) -> dict:
         return {
@@ -89,6 +90,7 @@ def dump(
     sink=None,
     after_commit: Callable[[], None] | None = None,
     tcp_established: bool = False,
+    tree: bool = True,
 ) -> DumpResult:
     """Checkpoint `pid` into `directory` (or into `sink`, an object with ImageWriter's
     interface, e.g. a network stream).
@@ -96,6 +98,9 @@ def dump(
     `after_commit` runs while the target is still frozen, after the image is
     complete: migration waits there for the destination to report the process
     running. If it raises, the target is thawed and keeps running.
+
+    tree: take the process's descendants too (frozen with it, restored as its
+    children). Their pages are copied in the final freeze.
     """
     t0 = time.monotonic()
     st = check_target(pid)
@@ -103,6 +108,7 @@ def dump(
     trk: Tracker = make_tracker(tracker, pid) if iterative else FullTracker(pid)
     writer = sink if sink is not None else ImageWriter(directory, level=level)
     tracee: Tracee | None = None
+    frozen: FrozenTree | None = None
     pre: Precopy | None = None
     try:
         if iterative:
@@ -123,6 +129,7 @@ def dump(
             t_freeze = time.monotonic()
             tracee = seize_group(pid, procfs.tasks)
             faults.point("seized")
+        frozen = freeze_tree(tracee) if tree else FrozenTree([tracee])
         proc, final_pages, bytes_stored = _capture_final(
             tracee,
             trk,
@@ -130,42 +137,59 @@ def dump(
             prior_maps=pre.last_maps if pre else None,
             present=pre.present if pre else None,
             tcp_established=tcp_established,
+            tree=frozenset(frozen.pids),
         )
+        for slot, member in enumerate(frozen.members[1:], 1):
+            sub, sub_pages, sub_bytes = _capture_final(
+                member, FullTracker(member.pid), writer, base=slot_base(slot),
+                tcp_established=tcp_established, tree=frozenset(frozen.pids),
+            )  # fmt: skip
+            proc.tree.append(sub)
+            final_pages += sub_pages
+            bytes_stored += sub_bytes
+        link_shared([proc, *proc.tree])
         freeze_ms = (time.monotonic() - t_freeze) * 1000
-        trk.disarm()
         faults.point("write-image")
         rounds = [asdict(r) for r in pre.stats.rounds] if pre else []
         if pre:
             bytes_stored += pre.bytes_stored
-        pages = sum(n for v in proc.vmas for _, n in v.present)
+        pages = sum(n for p in (proc, *proc.tree) for v in p.vmas for _, n in v.present)
         meta = {
             "ckpt_version": __version__, "created": time.time(), "host": platform.node(),
             "kernel": platform.release(), "pid": pid, "comm": proc.comm.decode(errors="replace"),
             "freeze_ms": freeze_ms, "tracker": trk.name if iterative else "none",
             "rounds": len(rounds) + 1, "pages": pages, "bytes_stored": bytes_stored,
             "stop_reason": pre.stats.stop_reason if pre else "",
-            "round_stats": rounds,
+            "round_stats": rounds, "processes": 1 + len(proc.tree),
         }  # fmt: skip
         faults.point("commit")
         writer.commit(proc.to_dict(), meta)
+        # Disarm after the commit: unregistering walks every page table (~13 ms per GiB),
+        # and a migration's destination needs the state first (a failure until here is
+        # cleaned up by _fail_cleanup, as before).
+        trk.disarm()
         if after_commit is not None:
             after_commit()
     except BaseException:
         _fail_cleanup(trk, writer, tracee)
+        if frozen is not None:
+            try:
+                frozen.detach()
+            except OSError:
+                pass
         raise
     finally:
         if pre is not None:
             pre.close()
     if leave_running:
-        tracee.detach()
+        frozen.detach()
     else:
-        os.kill(pid, signal.SIGKILL)
-        tracee.reap_killed()
+        frozen.kill_and_reap()
     result = DumpResult(
         pid=pid, image=directory, freeze_ms=freeze_ms, seconds=time.monotonic() - t0,
         pages=pages, bytes_raw=pages * PAGE, bytes_stored=bytes_stored, vmas=len(proc.vmas),
         tracker=meta["tracker"], rounds=rounds, final_pages=final_pages,
-        stop_reason=meta["stop_reason"], layers=len(rounds) + 1,
+        stop_reason=meta["stop_reason"], layers=len(rounds) + 1, processes=1 + len(proc.tree),
     )  # fmt: skip
     if stats_json:
         with open(stats_json, "w") as f:
@@ -226,6 +250,8 @@ def _capture_final(
     whole: bool = False,
     prior_maps: list | None = None,
     present: PresentMap | None = None,
+    base: int = 0,
+    tree: frozenset[int] = frozenset(),
     tcp_established: bool = False,
 ) -> tuple[ProcessImage, int, int]:
     """Everything read while frozen: state, the last pages, the present map.
@@ -259,7 +285,7 @@ def _capture_final(
         others_misc = state.other_threads_misc(
             inj, tracee.others, [o.regs for o in others], [o.sigmask for o in others]
         )
-    fds = capture_fds(pid, skip_fds, tcp_established=tcp_established)
+    fds = capture_fds(pid, skip_fds, tcp_established=tcp_established, tree=tree - {pid})
 
     st = procfs.stat(pid)  # mm fields are only visible to a tracer
     exe = procfs.readlink(pid, "exe")
@@ -274,7 +300,7 @@ def _capture_final(
 
     # the last pages: written since the previous round (everything, without pre-copy)
     pm_fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-    copier = PageCopier(pid)
+    copier = PageCopier(pid, base)
     try:
         zpfn = native.zero_pfn()
         use_scan = features.probe().pagemap_scan

@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import stat as statmod
 
-from ..errors import NoSuchProcess, UnsupportedProcess
+from ..errors import DumpError, NoSuchProcess, UnsupportedProcess
 from ..kernel import procfs
 from ..kernel.process import same_open_file
 from ..model import Fd
+from . import fd_kinds
+from .sockets import capture_socket
 from .vmas import file_ref
 
 O_CLOEXEC = 0o2000000
@@ -16,8 +18,30 @@ O_CLOEXEC = 0o2000000
 SIMPLE_CHR = {(1, 3), (1, 5), (1, 7), (1, 8), (1, 9)}
 
 
-def capture_fds(pid: int, skip: frozenset[int] | set[int] = frozenset()) -> list[Fd]:
-    """`skip`: ckpt's own fds living in the target (persistent tracking)."""
+def capture_fds(
+    pid: int,
+    skip: frozenset[int] | set[int] = frozenset(),
+    *,
+    tcp_established: bool = False,
+    tree: frozenset[int] = frozenset(),
+) -> list[Fd]:
+    """`skip`: ckpt's own fds in the target (persistent tracking).
+    `tcp_established`: also dump TCP connections to peers outside the process.
+    `tree`: the other processes dumped with this one; a pipe may connect them."""
+    scan = fd_kinds.FdScan(pid, tree)
+    try:
+        out = _capture(scan, pid, skip, tcp_established)
+        fd_kinds.finish(scan, out, procfs.maps(pid))
+    except OSError as exc:  # reading a pipe's data, a memfd, a pidfd_getfd copy…
+        raise DumpError(f"reading the fds of process {pid} failed: {exc}") from exc
+    finally:
+        scan.close()
+    return out
+
+
+def _capture(
+    scan: fd_kinds.FdScan, pid: int, skip: frozenset[int] | set[int], tcp_established: bool
+) -> list[Fd]:
     out: list[Fd] = []
     seen: dict[tuple[int, int], list[int]] = {}
     for fd in procfs.fds(pid):
@@ -26,7 +50,8 @@ def capture_fds(pid: int, skip: frozenset[int] | set[int] = frozenset()) -> list
         try:
             target = procfs.readlink(pid, "fd", str(fd))
             st = os.stat(f"/proc/{pid}/fd/{fd}")
-            info = procfs.parse_fdinfo(procfs.read_bytes(pid, "fdinfo", str(fd)))
+            raw = procfs.read_bytes(pid, "fdinfo", str(fd))
+            info = procfs.parse_fdinfo(raw)
         except FileNotFoundError as exc:  # closed while we looked (cannot happen when stopped)
             raise NoSuchProcess(f"fd {fd} of {pid} vanished", pid=pid) from exc
         flags = info.flags & ~O_CLOEXEC
@@ -37,6 +62,12 @@ def capture_fds(pid: int, skip: frozenset[int] | set[int] = frozenset()) -> list
         if dup_of >= 0:
             out.append(Fd(fd=fd, kind="dup", path=target, flags=flags, cloexec=cloexec,
                           pos=info.pos, dup_of=dup_of))  # fmt: skip
+            continue
+        # pipes, FIFOs, eventfd, timerfd, signalfd, epoll, inotify, memfd
+        kind = fd_kinds.kind_of(target, st)
+        if kind is not None:
+            rec = Fd(fd=fd, kind=kind, path=target, flags=flags, cloexec=cloexec, pos=info.pos)
+            out.append(fd_kinds.capture(scan, rec, kind, st, raw))
             continue
         if statmod.S_ISREG(st.st_mode):
             if target.endswith(" (deleted)") or not target.startswith("/"):
@@ -54,6 +85,10 @@ def capture_fds(pid: int, skip: frozenset[int] | set[int] = frozenset()) -> list
         ):
             out.append(Fd(fd=fd, kind="chr", path=target, flags=flags, cloexec=cloexec,
                           pos=info.pos, rdev=st.st_rdev))  # fmt: skip
+            continue
+        if statmod.S_ISSOCK(st.st_mode):  # sockets: capture/sockets.py
+            out.append(capture_socket(pid, fd, st, flags=flags, cloexec=cloexec,
+                                      fdinfo=info.extra, tcp_established=tcp_established))  # fmt: skip
             continue
         raise UnsupportedProcess(f"fd {fd} is {_describe(target, st)}: not supported yet", pid=pid)
     return out

@@ -36,8 +36,9 @@ def batches(runs: Iterable[tuple[int, int]], max_pages: int = BATCH_PAGES):
 class PageCopier:
     """Reads runs from a process (through one /proc/PID/mem fd) into a layer."""
 
-    def __init__(self, pid: int):
+    def __init__(self, pid: int, base: int = 0):
         self.pid = pid
+        self.base = base  # added to page keys: a tree member's slot (capture/tree.py)
         self.mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
 
     def close(self) -> None:
@@ -70,7 +71,7 @@ class PageCopier:
                 if not tolerant:
                     raise
                 buf, good = self._read_each(batch)
-            layer.add_runs(good, buf)
+            layer.add_runs([(a + self.base, n) for a, n in good] if self.base else good, buf)
             done += sum(n for _, n in good)
             if half is not None and done * 2 >= total:
                 half()

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from .. import __version__, faults
 from ..kernel import features
+from ..model import slot_base
 from ..precopy import Policy, Precopy, RoundStats
 from ..present import PresentMap
 from ..track.base import Tracker
@@ -28,6 +29,7 @@ from ..track.full import FullTracker
 from ..track.uffd_wp import Handle, UffdWpTracker
 from .dump import _arm, _capture_final, _fail_cleanup
 from .target import Target
+from .tree import FrozenTree, freeze_tree, link_shared
 from .validate import check_target
 
 # A snapshot run pre-copies a little (the process keeps running) and then
@@ -57,7 +59,11 @@ def snapshot(
     policy: Policy | None = None,
     on_round: Callable[[RoundStats], None] | None = None,
     on_status: Callable[[str], None] | None = None,
+    tree: bool = True,
+    tcp_established: bool = False,
 ) -> SnapshotResult:
+    """tree: the process's descendants too; they are tracked only by the final
+    freeze, so each snapshot copies their pages whole (the root's are incremental)."""
     t0 = time.monotonic()
     say = on_status or (lambda _msg: None)
     with store.lock(wait=wait):
@@ -71,6 +77,7 @@ def snapshot(
             say(f"full snapshot: {full_reason}")
         writer = store.begin(None if full_reason else parent)
         tracee = None
+        frozen = None
         pre = None
         try:
             if isinstance(trk, UffdWpTracker) and trk.ctx is None:
@@ -90,20 +97,33 @@ def snapshot(
             pre.run_rounds(t0)
             t_freeze = time.monotonic()
             tracee = target.freeze()
+            frozen = freeze_tree(tracee) if tree else FrozenTree([tracee])
             skip = {trk.target_fd} if isinstance(trk, UffdWpTracker) else set()
+            pids = frozenset(frozen.pids)
             proc, final_pages, stored = _capture_final(
-                tracee, trk, writer, skip_fds=skip, prior_maps=pre.last_maps, present=pre.present
-            )
+                tracee, trk, writer, skip_fds=skip, prior_maps=pre.last_maps, present=pre.present,
+                tree=pids, tcp_established=tcp_established,
+            )  # fmt: skip
+            for slot, member in enumerate(frozen.members[1:], 1):
+                sub, sub_pages, sub_stored = _capture_final(
+                    member, FullTracker(member.pid), writer, base=slot_base(slot), tree=pids,
+                    tcp_established=tcp_established,
+                )  # fmt: skip
+                proc.tree.append(sub)
+                final_pages += sub_pages
+                stored += sub_stored
+            link_shared([proc, *proc.tree])
             freeze_ms = (time.monotonic() - t_freeze) * 1000
-            tracee.detach()
-            tracee = None
+            frozen.detach()
+            frozen = tracee = None
             written = sum(r.pages_copied for r in pre.stats.rounds) + final_pages
             meta = {
                 "ckpt_version": __version__, "pid": pid, "comm": proc.comm.decode(errors="replace"),
                 "full": bool(full_reason), "reason": full_reason or "incremental",
                 "pages_written": written, "bytes": stored + pre.bytes_stored, "freeze_ms": freeze_ms,
                 "tracker": trk.name, "rounds": len(pre.stats.rounds) + 1,
-                "pages": sum(n for v in proc.vmas for _, n in v.present),
+                "pages": sum(n for p in (proc, *proc.tree) for v in p.vmas for _, n in v.present),
+                "processes": 1 + len(proc.tree),
             }  # fmt: skip
             faults.point("commit")
             info = store.commit(writer, proc.to_dict(), meta)
@@ -111,7 +131,9 @@ def snapshot(
                 store.tracking_put(pid, _record(trk.handle(st.starttime), info.id, "clean"))
             trk.disarm()  # persistent: closes only ckpt's copy; the target keeps tracking
         except BaseException:
-            if tracee is not None and tracee.attached:
+            if frozen is not None:
+                frozen.detach()
+            elif tracee is not None and tracee.attached:
                 tracee.detach()
             if isinstance(trk, UffdWpTracker):
                 # keep the tracking in the target (recorded as dirty → next run is full)

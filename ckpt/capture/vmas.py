@@ -49,9 +49,12 @@ def classify(pid: int, m: Mapping) -> Vma | None:
         return Vma(kind="anon", **base)
     if m.shared and name == "/dev/zero" and m.deleted:
         return Vma(kind="shmem", **base)
+    if m.deleted and name.startswith("/memfd:"):
+        # content is saved with the memfd (capture/fd_kinds.py), not as pages
+        return Vma(kind="memfd", **base)
     if m.deleted:
         raise UnsupportedProcess(
-            f"{where} maps a deleted file (memfd, SysV shm or unlinked file: not supported yet)",
+            f"{where} maps a deleted file (SysV shm or unlinked file: not supported yet)",
             pid=pid,
         )
     if name.startswith("/"):
@@ -81,8 +84,8 @@ def needs_pages(v: Vma) -> tuple[bool, bool]:
     """(save pages at all, include file/shmem pages) for a VMA kind."""
     if v.kind in ("vdso", "vvar", "vvar_vclock"):
         return (False, False)
-    if v.kind == "file" and v.shared:
-        return (False, False)  # the data lives in the file
+    if v.kind in ("file", "memfd") and v.shared:
+        return (False, False)  # the data lives in the file (a memfd's is saved with it)
     if v.kind == "shmem":
         return (True, True)
     return (True, False)

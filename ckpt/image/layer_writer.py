@@ -179,6 +179,43 @@ class LayerWriter:
             if self._borrowed:
                 self._materialize()
 
+    def add_compressed(self, runs, frame, crc: int, ulen: int) -> None:
+        """Store one chunk that is already compressed (a zstd frame of `ulen` bytes of
+        the runs' pages, `crc` its crc32), as it came over the network: no second
+        compression. Zero pages in it stay data (readers never rely on their absence).
+        The caller vouches for the frame (the migration receiver checks its crc and
+        inflates it itself); `frame` is kept by reference until written.
+        """
+        self._check_open()
+        if self._pending:
+            self._seal()
+        total = 0
+        chunk = self._next_chunk
+        for vaddr, npages in runs:
+            if vaddr % PAGE_SIZE or vaddr < 0 or npages <= 0:
+                raise ValueError(f"run (0x{vaddr:x}, {npages}): not page aligned")
+            last = self._runs[-1] if self._runs else None
+            if last is not None and last[2] == chunk and last[0] + last[1] * PAGE_SIZE == vaddr:
+                last[1] += npages
+            else:
+                self._runs.append([vaddr, npages, chunk, total])
+            total += npages
+        if total * PAGE_SIZE != ulen or not ulen:
+            raise ValueError(f"runs hold {total} pages but the chunk has {ulen} bytes")
+        self._pages_in += total
+        while len(self._inflight) >= self._max_inflight:
+            self._drain_one()
+        self._inflight.append(self._pool.submit(self._write_frame, frame, crc, ulen))
+        self._next_chunk += 1
+
+    def _write_frame(self, frame, crc: int, ulen: int) -> tuple[int, int, int, int]:
+        n = memoryview(frame).nbytes
+        with self._pos_lock:
+            off = self._pos
+            self._pos += n
+        fsio.pwrite_all(self._fd, frame, HEADER_LEN + off)
+        return off, n, ulen, crc
+
     def add_zero(self, vaddr: int, npages: int) -> None:
         """Record pages known to be all zero without reading them (e.g. the zero-page PFN)."""
         self._check_open()

@@ -61,6 +61,7 @@ class ImageWriter:
         threads: int = 2,
         *,
         base: str | os.PathLike | None = None,
+        durable: bool = True,
     ):
         if chunk_bytes % PAGE_SIZE or not PAGE_SIZE <= chunk_bytes <= MAX_CHUNK_ULEN:
             raise ValueError(
@@ -69,6 +70,9 @@ class ImageWriter:
         if threads < 1:
             raise ValueError("threads must be >= 1")
         self.path = os.path.abspath(os.fspath(path))
+        #: fsync files and directories at commit; False for scratch images that only
+        #: live until a restore has read them (crash-safety is then not needed)
+        self.durable = durable
         _check_destination(self.path)
         self.level = DEFAULT_LEVEL if level is None else level
         self.chunk_bytes = chunk_bytes
@@ -153,11 +157,12 @@ class ImageWriter:
         state_path = os.path.join(self.tmp_path, STATE_NAME)
         write_blob(state_path, KIND_STATE, self._ident, NO_LAYER, envelope)
         self._pool.shutdown(wait=True)
-        for e in self._entries:
-            fsio.fsync_path(os.path.join(self.tmp_path, pages_name(e.layer)))
-            fsio.fsync_path(os.path.join(self.tmp_path, index_name(e.layer)))
-        fsio.fsync_path(state_path)
-        fsio.fsync_path(self.tmp_path)
+        if self.durable:
+            for e in self._entries:
+                fsio.fsync_path(os.path.join(self.tmp_path, pages_name(e.layer)))
+                fsio.fsync_path(os.path.join(self.tmp_path, index_name(e.layer)))
+            fsio.fsync_path(state_path)
+            fsio.fsync_path(self.tmp_path)
         try:
             os.rename(self.tmp_path, self.path)
         except OSError as exc:
@@ -165,7 +170,8 @@ class ImageWriter:
                 raise ImageExists(f"{self.path}: appeared while the image was written") from None
             raise
         self._done = True
-        fsio.fsync_path(os.path.dirname(self.path))
+        if self.durable:
+            fsio.fsync_path(os.path.dirname(self.path))
 
     def abort(self) -> None:
         """Drop everything written so far (idempotent; a no-op after commit)."""

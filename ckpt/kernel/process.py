@@ -64,3 +64,8 @@ def same_open_file(pid: int, fd1: int, fd2: int) -> bool:
     """Do two fds of pid share one open file description (dup'd)? kcmp(KCMP_FILE)."""
     r = lib.ck_syscall(NR_KCMP, pid, pid, KCMP_FILE, fd1, fd2, 0)
     return r == 0
+
+
+def kcmp_file(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
+    """Is fd1 of pid1 the same open file description as fd2 of pid2 (inherited)?"""
+    return lib.ck_syscall(NR_KCMP, pid1, pid2, KCMP_FILE, fd1, fd2, 0) == 0

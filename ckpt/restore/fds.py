@@ -1,40 +1,425 @@
 """Re-create a process's file descriptors inside the restorer, by injected syscalls.
 
 Runs after memory and mm are in place and before signals and credentials (so
-the restorer is still root and may open anything the dump could read).
+the restorer is still root and may open anything the dump could read). Bulk
+data (pipe buffers, memfd content) and inotify watches go in from ckpt's side,
+through a pidfd_getfd copy of the restorer's fd or /proc/PID/fd/N: the scratch
+area is small and both reach the same kernel object.
+
+Order:
+  create_memfds  (before map_vmas) memfd objects, at "holder" fds above every fd
+                 of the image, with their content — mappings need them
+  restore_fds    close the rest; every fd in number order (each kind creates its
+                 object at the lowest free number, then dup3 to its own); dups;
+                 epoll registrations (keyed by the target's fd numbers, so last);
+                 memfd seals; close the holders
 """
 
 from __future__ import annotations
 
-from ..errors import RestoreError
+import os
+import stat as statmod
+import struct
+
+from ..errors import FileChanged, RestoreError
+from ..kernel import fdobjs
+from ..kernel.pidfd import pidfd_getfd, pidfd_open
 from ..kernel.remote import Injector, RemoteError
-from ..model import ProcessImage
+from ..model import Fd, ProcessImage
+from .sockets import restore_sockets
 
 O_CREAT, O_EXCL, O_TRUNC, O_CLOEXEC = 0o100, 0o200, 0o1000, 0o2000000
+O_ACCMODE, O_RDONLY, O_WRONLY, O_RDWR = 3, 0, 1, 2
+O_NONBLOCK, O_DIRECT = 0o4000, 0o40000
 AT_FDCWD = -100
-F_SETFD, FD_CLOEXEC = 2, 1
+F_DUPFD, F_SETFD, F_SETFL, FD_CLOEXEC = 0, 2, 4, 1
+F_SETPIPE_SZ, F_ADD_SEALS = 1031, 1033
+EFD_SEMAPHORE = 1
+MFD_ALLOW_SEALING = 2
+EPOLL_CTL_ADD = 1
+TFD_IOC_SET_TICKS = 0x40085400
+MAX_WD_TRIES = 1 << 20
 
 
 def _u(v: int) -> int:
     return v & 0xFFFFFFFFFFFFFFFF
 
 
-def restore_fds(inj: Injector, proc: ProcessImage) -> None:
-    inj.call("close_range", 0, 0xFFFFFFFF, 0)
-    for fd in sorted(proc.fds, key=lambda f: (f.kind == "dup", f.fd)):
-        inj.reset_data()
-        if fd.kind == "dup":  # shares the open file description of an fd restored before
-            inj.call("dup3", fd.dup_of, fd.fd, O_CLOEXEC if fd.cloexec else 0)
+# ---------------------------------------------------------------- memfd objects
+
+
+def _top(proc: ProcessImage) -> int:
+    return max((f.fd for f in getattr(proc, "fds", ())), default=-1) + 1
+
+
+def memfd_holders(proc: ProcessImage) -> dict[int, int]:
+    """memfd object id → the restorer fd holding it until restore_fds is done."""
+    fds = getattr(proc, "fds", ())  # (a staged restore maps layouts that have no fds)
+    objs = [f.obj_id for f in fds if f.kind == "memfd" and f.memfd is not None]
+    return {obj: _top(proc) + i for i, obj in enumerate(objs)}
+
+
+def memfd_fd_for(proc: ProcessImage, start: int) -> int:
+    """The holder fd of the memfd that the VMA starting at `start` maps."""
+    holders = memfd_holders(proc)
+    for f in getattr(proc, "fds", ()):
+        if f.memfd is not None and start in f.memfd.maps:
+            return holders[f.obj_id]
+    raise RestoreError(f"the image has no memfd for the mapping at {start:#x}")
+
+
+def create_memfds(inj: Injector, proc: ProcessImage) -> None:
+    """Pre-pass (start of map_vmas): every memfd object, filled, at its holder fd.
+
+    A holder number may hold a leftover fd of the restorer: dup3 replaces it
+    (restore_fds closes every fd but the holders anyway)."""
+    holders = memfd_holders(proc)
+    for f in getattr(proc, "fds", ()):
+        if f.kind != "memfd" or f.memfd is None:
             continue
-        flags = fd.flags & ~(O_CREAT | O_EXCL | O_TRUNC | O_CLOEXEC)
+        m = f.memfd
+        holder = holders[f.obj_id]
+        inj.reset_data()
         try:
-            tmp = inj.call("openat", _u(AT_FDCWD), inj.cstr(fd.path), flags, 0)
-        except RemoteError as exc:
-            raise RestoreError(f"cannot reopen fd {fd.fd} ({fd.path}): {exc.strerror}") from exc
-        if tmp != fd.fd:
-            inj.call("dup3", tmp, fd.fd, O_CLOEXEC if fd.cloexec else 0)
+            tmp = inj.call("memfd_create", inj.cstr(m.name), MFD_ALLOW_SEALING)
+            _place(inj, tmp, holder, True)
+            content = fdobjs.FileContent(size=m.size, mode=m.mode, seals=0, extents=m.extents)
+            fdobjs.write_sparse(f"/proc/{inj.tracee.pid}/fd/{holder}", content)
+        except OSError as exc:
+            raise RestoreError(f"cannot re-create memfd {m.name}: {exc.strerror}") from exc
+
+
+# ---------------------------------------------------------------- all fds
+
+
+class _Ctx:
+    def __init__(
+        self,
+        inj: Injector,
+        proc: ProcessImage,
+        peers: dict[int, int] | None = None,
+        parked: dict[tuple[int, int], tuple[int, int]] | None = None,
+    ):
+        self.inj = inj
+        self.proc = proc
+        self.peers = peers or {}  # tree slot → PID of that restored process
+        # tree restore: pipe ends kept for later members, (obj_id, mode) → (pid, fd)
+        self.parked = parked
+        self.holders = memfd_holders(proc)
+        self.spare = _top(proc) + len(self.holders) + 1  # temporaries live from here up
+        self.by_obj: dict[int, list[Fd]] = {}
+        for f in proc.fds:
+            if f.obj_id and f.fd >= 0:
+                self.by_obj.setdefault(f.obj_id, []).append(f)
+        self.done: set[int] = set()
+        self._pidfd = -1
+
+    def copy(self, fd: int) -> int:
+        """ckpt's duplicate of the restorer's fd (close it)."""
+        if self._pidfd < 0:
+            self._pidfd = pidfd_open(self.inj.tracee.pid)
+        return pidfd_getfd(self._pidfd, fd)
+
+    def spare_fd(self, fd: int) -> int:
+        """Move a fresh fd out of the way of the image's fd numbers."""
+        moved = self.inj.call("fcntl", fd, F_DUPFD, self.spare)
+        self.inj.call("close", fd)
+        return moved
+
+    def close(self) -> None:
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+
+def _place(inj: Injector, tmp: int, fd: int, cloexec: bool) -> None:
+    if tmp != fd:
+        inj.call("dup3", tmp, fd, O_CLOEXEC if cloexec else 0)
+        inj.call("close", tmp)
+    elif cloexec:
+        inj.call("fcntl", fd, F_SETFD, FD_CLOEXEC)
+
+
+def restore_fds(
+    inj: Injector,
+    proc: ProcessImage,
+    peers: dict[int, int] | None = None,
+    parked: dict[tuple[int, int], tuple[int, int]] | None = None,
+) -> None:
+    """peers: for a process tree, the PIDs of the processes restored before this one;
+    parked: the tree's pipe ends kept for a later member (the caller closes them
+    all once every member has its fds)."""
+    ctx = _Ctx(inj, proc, peers, parked)
+    top, n = _top(proc), len(ctx.holders)
+    if top > 0:
+        inj.call("close_range", 0, top - 1, 0)
+    inj.call("close_range", top + n, 0xFFFFFFFF, 0)
+    try:
+        for fd in sorted(proc.fds, key=lambda f: f.fd):
+            if fd.fd < 0 or fd.kind == "dup" or fd.fd in ctx.done:
+                continue
+            inj.reset_data()
+            make = KINDS.get(fd.kind)
+            if make is None:
+                raise RestoreError(f"fd {fd.fd} is a {fd.kind}, which this ckpt cannot restore")
+            try:
+                make(ctx, fd)
+            except RemoteError as exc:
+                raise RestoreError(
+                    f"cannot restore fd {fd.fd} ({fd.kind} {fd.path}): {exc.strerror}"
+                ) from exc
+            ctx.done.add(fd.fd)
+        for fd in proc.fds:
+            if fd.kind == "dup":  # shares the open file description of an fd restored before
+                inj.call("dup3", fd.dup_of, fd.fd, O_CLOEXEC if fd.cloexec else 0)
+        for fd in proc.fds:
+            if fd.kind == "epoll":
+                _epoll_entries(ctx, fd)
+        for fd in proc.fds:
+            if fd.memfd is not None and fd.memfd.seals:
+                inj.call("fcntl", ctx.holders[fd.obj_id], F_ADD_SEALS, fd.memfd.seals)
+        if n:
+            inj.call("close_range", top, top + n - 1, 0)
+    finally:
+        ctx.close()
+
+
+def _by_path(ctx: _Ctx, fd: Fd) -> None:
+    """Regular files and character devices: reopen by path, then the offset."""
+    inj = ctx.inj
+    flags = fd.flags & ~(O_CREAT | O_EXCL | O_TRUNC | O_CLOEXEC)
+    try:
+        tmp = inj.call("openat", _u(AT_FDCWD), inj.cstr(fd.path), flags, 0)
+    except RemoteError as exc:
+        raise RestoreError(f"cannot reopen fd {fd.fd} ({fd.path}): {exc.strerror}") from exc
+    _place(inj, tmp, fd.fd, fd.cloexec)
+    if fd.kind == "file":
+        inj.call("lseek", fd.fd, fd.pos, 0)
+
+
+def _memfd(ctx: _Ctx, fd: Fd) -> None:
+    """A new open file description of the memfd made in create_memfds."""
+    inj = ctx.inj
+    flags = fd.flags & ~(O_CREAT | O_EXCL | O_TRUNC | O_CLOEXEC)
+    path = f"/proc/self/fd/{ctx.holders[fd.obj_id]}"
+    tmp = inj.call("openat", _u(AT_FDCWD), inj.cstr(path), flags, 0)
+    _place(inj, tmp, fd.fd, fd.cloexec)
+    inj.call("lseek", fd.fd, fd.pos, 0)
+
+
+def _pipe(ctx: _Ctx, fd: Fd) -> None:
+    """pipe2, both ends placed (an end the process had closed is closed again),
+    capacity, then the buffered bytes written in through ckpt's copy of the write end."""
+    inj = ctx.inj
+    recs = ctx.by_obj[fd.obj_id]
+    first = recs[0]
+    packet = any(r.flags & O_DIRECT for r in recs)
+    buf = inj.alloc(8)
+    inj.call("pipe2", buf, O_DIRECT if packet else 0)
+    r_tmp, w_tmp = struct.unpack("<ii", inj.read(buf, 8))
+    r_tmp, w_tmp = ctx.spare_fd(r_tmp), ctx.spare_fd(w_tmp)
+    if first.pipe_size:
+        inj.call("fcntl", r_tmp, F_SETPIPE_SZ, first.pipe_size)
+    if first.data:
+        copy = ctx.copy(w_tmp)
+        try:
+            fdobjs.pipe_fill(copy, first.data)
+        finally:
+            os.close(copy)
+    ends = {r.flags & O_ACCMODE: r for r in recs}
+    for mode, tmp in ((O_RDONLY, r_tmp), (O_WRONLY, w_tmp)):
+        rec = ends.get(mode)
+        if rec is None and ctx.parked is not None:  # a later tree member may take it
+            ctx.parked[(fd.obj_id, mode)] = (inj.tracee.pid, tmp)
+            continue
+        if rec is None:
             inj.call("close", tmp)
-        elif fd.cloexec:
-            inj.call("fcntl", fd.fd, F_SETFD, FD_CLOEXEC)
-        if fd.kind == "file":
-            inj.call("lseek", fd.fd, fd.pos, 0)
+            continue
+        _place(inj, tmp, rec.fd, rec.cloexec)
+        if rec.flags & O_NONBLOCK:
+            inj.call("fcntl", rec.fd, F_SETFL, O_NONBLOCK | (rec.flags & O_DIRECT))
+        ctx.done.add(rec.fd)
+
+
+def _fifo(ctx: _Ctx, fd: Fd) -> None:
+    """Open the FIFO O_RDWR first (never blocks, keeps the buffer alive), put the data
+    in, open each description with its own mode, then drop the helper."""
+    inj = ctx.inj
+    recs = ctx.by_obj[fd.obj_id]
+    first = recs[0]
+    try:
+        st = os.stat(first.path)
+    except OSError as exc:
+        raise FileChanged(f"FIFO {first.path} of fd {first.fd} is gone ({exc.strerror})") from exc
+    if not statmod.S_ISFIFO(st.st_mode):
+        raise FileChanged(f"{first.path} (fd {first.fd}) is no longer a FIFO")
+    path = inj.cstr(first.path)
+    helper = ctx.spare_fd(inj.call("openat", _u(AT_FDCWD), path, O_RDWR | O_NONBLOCK, 0))
+    if first.pipe_size:
+        inj.call("fcntl", helper, F_SETPIPE_SZ, first.pipe_size)
+    if first.data:
+        copy = ctx.copy(helper)
+        try:
+            fdobjs.pipe_fill(copy, first.data)
+        finally:
+            os.close(copy)
+    for rec in recs:
+        flags = rec.flags & ~(O_CREAT | O_EXCL | O_TRUNC | O_CLOEXEC)
+        _place(inj, inj.call("openat", _u(AT_FDCWD), path, flags, 0), rec.fd, rec.cloexec)
+        ctx.done.add(rec.fd)
+    inj.call("close", helper)
+
+
+def _eventfd(ctx: _Ctx, fd: Fd) -> None:
+    inj = ctx.inj
+    flags = (EFD_SEMAPHORE if fd.semaphore else 0) | (fd.flags & O_NONBLOCK)
+    tmp = inj.call("eventfd2", 0, flags)
+    if fd.count:
+        inj.call("write", tmp, inj.put(struct.pack("<Q", fd.count)), 8)
+    _place(inj, tmp, fd.fd, fd.cloexec)
+
+
+def _signalfd(ctx: _Ctx, fd: Fd) -> None:
+    inj = ctx.inj
+    mask = inj.put(struct.pack("<Q", fd.sigmask))
+    tmp = inj.call("signalfd4", _u(-1), mask, 8, fd.flags & O_NONBLOCK)
+    _place(inj, tmp, fd.fd, fd.cloexec)
+
+
+def _timerfd(ctx: _Ctx, fd: Fd) -> None:
+    """Relative re-arm with the remaining time; unread expirations via TFD_IOC_SET_TICKS."""
+    inj = ctx.inj
+    t = fd.timer
+    tmp = inj.call("timerfd_create", t.clockid, fd.flags & O_NONBLOCK)
+    # A periodic timer that expired and was not read shows 0 left (the kernel re-arms
+    # it on read): its next expiry is one interval on.
+    value = t.value_ns or t.interval_ns
+    if value:
+        its = struct.pack("<qqqq", t.interval_ns // 10**9, t.interval_ns % 10**9,
+                          value // 10**9, value % 10**9)  # fmt: skip
+        inj.call("timerfd_settime", tmp, 0, inj.put(its), 0)
+    if t.ticks:
+        inj.call("ioctl", tmp, TFD_IOC_SET_TICKS, inj.put(struct.pack("<Q", t.ticks)))
+    _place(inj, tmp, fd.fd, fd.cloexec)
+
+
+def _epoll(ctx: _Ctx, fd: Fd) -> None:
+    tmp = ctx.inj.call("epoll_create1", 0)
+    _place(ctx.inj, tmp, fd.fd, fd.cloexec)
+    if fd.flags & O_NONBLOCK:
+        ctx.inj.call("fcntl", fd.fd, F_SETFL, O_NONBLOCK)
+
+
+def _epoll_entries(ctx: _Ctx, ep: Fd) -> None:
+    """EPOLL_CTL_ADD per registration. One whose fd number no longer holds the file
+    (closed or replaced after epoll_ctl) is added by putting the file at that number
+    for the call, then putting back what the number holds."""
+    inj = ctx.inj
+    table = {f.fd: f for f in ctx.proc.fds if f.fd >= 0}
+    for e in ep.epoll:
+        inj.reset_data()
+        ev = inj.put(struct.pack("<IQ", e.events, e.data))  # struct epoll_event is packed
+        try:
+            if e.src_fd in (e.tfd, -1):
+                inj.call("epoll_ctl", ep.fd, EPOLL_CTL_ADD, e.tfd, ev)
+            elif e.tfd not in table:
+                inj.call("dup3", e.src_fd, e.tfd, 0)
+                inj.call("epoll_ctl", ep.fd, EPOLL_CTL_ADD, e.tfd, ev)
+                inj.call("close", e.tfd)
+            else:
+                saved = inj.call("fcntl", e.tfd, F_DUPFD, ctx.spare)
+                inj.call("dup3", e.src_fd, e.tfd, 0)
+                inj.call("epoll_ctl", ep.fd, EPOLL_CTL_ADD, e.tfd, ev)
+                inj.call("dup3", saved, e.tfd, O_CLOEXEC if table[e.tfd].cloexec else 0)
+                inj.call("close", saved)
+        except RemoteError as exc:
+            raise RestoreError(
+                f"cannot re-register fd {e.tfd} in epoll fd {ep.fd}: {exc.strerror}"
+            ) from exc
+
+
+def _inotify(ctx: _Ctx, fd: Fd) -> None:
+    """Watches are added from ckpt's copy. wds are allocated cyclically, so a watch is
+    added and removed until it gets its old number (as CRIU does); the IN_IGNORED
+    events that leaves behind are drained."""
+    inj = ctx.inj
+    tmp = inj.call("inotify_init1", fd.flags & O_NONBLOCK)
+    _place(inj, tmp, fd.fd, fd.cloexec)
+    if not fd.watches:
+        return
+    copy = ctx.copy(fd.fd)
+    try:
+        for w in sorted(fd.watches, key=lambda w: w.wd):
+            try:
+                st = os.stat(w.path, follow_symlinks=False)
+            except OSError as exc:
+                raise FileChanged(f"{w.path} (inotify fd {fd.fd}) is gone: {exc.strerror}") from exc
+            if (st.st_dev, st.st_ino) != (w.dev, w.ino):
+                raise FileChanged(f"{w.path} (inotify fd {fd.fd}) was replaced since the dump")
+            for _ in range(MAX_WD_TRIES):
+                got = fdobjs.inotify_add(copy, w.path, w.mask)
+                if got == w.wd:
+                    break
+                fdobjs.inotify_rm(copy, got)
+                if got > w.wd:
+                    raise RestoreError(
+                        f"inotify fd {fd.fd}: watch {w.wd} on {w.path} came back as {got}"
+                    )
+            else:
+                raise RestoreError(f"inotify fd {fd.fd}: cannot get watch number {w.wd}")
+        fdobjs.drain(copy)
+    except OSError as exc:
+        raise RestoreError(f"cannot restore inotify fd {fd.fd}: {exc}") from exc
+    finally:
+        os.close(copy)
+
+
+def _peer(ctx: _Ctx, fd: Fd) -> None:
+    """An open file description another process of the tree restored first:
+    take it from there (pidfd_getfd, injected), so offset and flags stay shared."""
+    owner = ctx.peers.get(fd.peer_slot)
+    if owner is None:
+        raise RestoreError(f"fd {fd.fd}: process slot {fd.peer_slot} of the tree is missing")
+    _take(ctx, fd, owner, fd.peer_fd)
+
+
+def _take(ctx: _Ctx, fd: Fd, owner: int, ofd: int) -> None:
+    inj = ctx.inj
+    pidfd = inj.call("pidfd_open", owner, 0)
+    try:
+        tmp = inj.call("pidfd_getfd", pidfd, ofd, 0)
+    finally:
+        inj.call("close", pidfd)
+    if tmp == fd.fd:  # pidfd_getfd sets close-on-exec
+        if not fd.cloexec:
+            inj.call("fcntl", fd.fd, F_SETFD, 0)
+        return
+    inj.call("dup3", tmp, fd.fd, O_CLOEXEC if fd.cloexec else 0)
+    inj.call("close", tmp)
+
+
+def _pipe_end(ctx: _Ctx, fd: Fd) -> None:
+    """This process's end of a pipe an earlier tree member created (and parked)."""
+    got = (ctx.parked or {}).get((fd.obj_id, fd.flags & O_ACCMODE))
+    if got is None:
+        raise RestoreError(f"fd {fd.fd}: the other end's process did not leave this pipe end")
+    _take(ctx, fd, *got)
+    if fd.flags & O_NONBLOCK:
+        ctx.inj.call("fcntl", fd.fd, F_SETFL, O_NONBLOCK | (fd.flags & O_DIRECT))
+
+
+KINDS = {
+    "pipe_end": _pipe_end,
+    "peer": _peer,
+    "file": _by_path,
+    "chr": _by_path,
+    "memfd": _memfd,
+    "pipe": _pipe,
+    "fifo": _fifo,
+    "eventfd": _eventfd,
+    "signalfd": _signalfd,
+    "timerfd": _timerfd,
+    "epoll": _epoll,
+    "inotify": _inotify,
+    "socket": restore_sockets,  # restore/sockets.py: every socket at the first one
+}

@@ -6,16 +6,18 @@ one function so the order lives in `rebuild()` and nowhere else.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 
-from ..errors import RestoreError
+from ..errors import PidInUse, RestoreError
 from ..kernel import procfs
 from ..kernel.native import PAGE_SIZE
 from ..kernel.process import set_rlimits
 from ..kernel.ptrace import (
     PTRACE_O_EXITKILL,
     PTRACE_O_TRACECLONE,
+    PTRACE_O_TRACEFORK,
     PTRACE_O_TRACESYSGOOD,
     Tracee,
     restore_regs,
@@ -39,6 +41,7 @@ PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS, PR_SET_THP_DISABLE = 36, 38, 41
 PR_TIMER_CREATE_RESTORE_IDS = 77
 CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
 CLONE_THREAD, CLONE_SYSVSEM = 0x10000, 0x40000
+SIGCHLD = 17
 THREAD_FLAGS = CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM
 
 
@@ -47,12 +50,17 @@ def _u(v: int) -> int:
 
 
 class Rebuilder:
-    def __init__(self, pid: int, proc: ProcessImage, new_pid: bool):
+    def __init__(self, pid: int, proc: ProcessImage, new_pid: bool, tracee: Tracee | None = None):
+        """tracee: the restorer already attached and stopped (a forked tree member)."""
         self.pid = pid
         self.proc = proc
         self.new_pid = new_pid
-        self.tracee = Tracee.seize(pid, exitkill=True)
-        self.tracee.interrupt()
+        if tracee is None:
+            self.tracee = Tracee.seize(pid, exitkill=True)
+            self.tracee.interrupt()
+        else:
+            self.tracee = tracee
+            self.tracee.set_options(PTRACE_O_TRACESYSGOOD | PTRACE_O_EXITKILL)
         template = self.tracee.getregs()
         self.mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
         self.inj = Injector(self.tracee, template, self.mem_fd)
@@ -61,6 +69,12 @@ class Rebuilder:
         # the other threads, once created: (image thread, tracee, injector)
         self.threads: list[tuple[Thread, Tracee, Injector]] = []
         self.tid_map: dict[int, int] = {proc.pid: pid}
+        #: tree restore: slot → PID of the processes restored before (fds, shared memory)
+        self.peers: dict[int, int] = {}
+        self.peer_images: dict[int, ProcessImage] = {}
+        self.parked: dict[tuple[int, int], tuple[int, int]] | None = None  # see restore/fds.py
+        #: setsid already done (a session leader of a tree does it before forking)
+        self.session_done = False
 
     def close(self) -> None:
         if self.mem_fd >= 0:
@@ -71,7 +85,6 @@ class Rebuilder:
 
     def run(self, write_pages) -> None:
         self.prepare_memory()
-        create_memfds(self.inj, self.proc)  # mappings of memfds need the objects
         self.map_vmas()
         write_pages(self.mem_fd)
         self.apply_state()
@@ -79,24 +92,66 @@ class Rebuilder:
     def prepare_memory(self) -> None:
         """Empty the restorer's address space down to the scratch area and the vDSO."""
         child_maps = procfs.maps(self.pid)
-        self.make_scratch(child_maps)
+        if self.inj.scratch is None:
+            self.make_scratch(child_maps)
         self.unregister_rseq()
         self.unmap_all(child_maps)
         self.place_vdso(child_maps)
 
     def apply_state(self) -> None:
         """Everything after the pages are in: protections, mm, fds, signals, creds; then go."""
+        self.state_files()
+        self.state_rest()
+        self.leave()
+
+    def state_files(self) -> None:
+        """Up to the fds and the process's own attributes (a tree does every member's
+        first: a later member's shared fds come from an earlier one)."""
         self.finish_vmas()
         self.set_mm()
         self.restore_fds()
         self.restore_process_misc()
+
+    def state_rest(self) -> None:
         self.create_threads()
         self.restore_signals()
         self.restore_timers()
         self.restore_creds()
         self.register_rseq()
         set_rlimits(self.pid, self.proc.rlimits)  # from outside, once memory is in place
-        self.leave()
+
+    def fork_child(self, want: int | None) -> Tracee:
+        """A copy of this (still empty) restorer as its child, with PID `want` when given.
+
+        The child is auto-attached (PTRACE_O_TRACEFORK) and stops before running an
+        instruction; it becomes a tree member's restorer. Needs the scratch area.
+        """
+        if self.inj.scratch is None:
+            self.make_scratch(procfs.maps(self.pid))
+        inj = self.inj
+        inj.reset_data()
+        set_tid = inj.put(struct.pack("<i", want)) if want else 0
+        args = struct.pack("<11Q", 0, 0, 0, 0, SIGCHLD, 0, 0, 0, set_tid, 1 if want else 0, 0)
+        base = PTRACE_O_TRACESYSGOOD | PTRACE_O_EXITKILL
+        self.tracee.set_options(base | PTRACE_O_TRACEFORK)
+        try:
+            try:
+                pid = inj.call("clone3", inj.put(args), len(args))
+            except RemoteError as exc:
+                if want and exc.errno == errno.EEXIST:
+                    raise PidInUse(
+                        f"PID {want} (a process of the tree) is in use; restore with --new-pid",
+                        pid=want,
+                    ) from exc
+                raise RestoreError(f"cannot create a tree member: {exc.strerror}") from exc
+        finally:
+            self.tracee.set_options(base)
+        child = Tracee(pid)
+        child.attached = True
+        st = child.wait()
+        if not os.WIFSTOPPED(st):
+            raise RestoreError(f"new tree member {pid} did not stop (status {st:#x})")
+        return child
 
     def make_scratch(self, child_maps) -> None:
         busy = [(m.start, m.end) for m in child_maps] + [(v.start, v.end) for v in self.proc.vmas]
@@ -162,6 +217,7 @@ class Rebuilder:
                 )
 
     def map_vmas(self) -> None:
+        create_memfds(self.inj, self.proc)  # memfd objects first: mappings share them
         for v in self.proc.vmas:
             if v.kind in VDSO_KINDS:
                 continue
@@ -169,6 +225,9 @@ class Rebuilder:
             flags = MAP_FIXED_NOREPLACE | (MAP_SHARED if v.shared else MAP_PRIVATE)
             if "gd" in v.vmflags:
                 flags |= MAP_GROWSDOWN
+            if v.shared_with is not None:  # a tree member restored it first
+                self._map_from_peer(v, prot0, flags)
+                continue
             if "nr" in v.vmflags:
                 flags |= MAP_NORESERVE
             if v.kind in ("file", "memfd"):
@@ -191,6 +250,28 @@ class Rebuilder:
                 )
             if got != v.start:
                 raise RestoreError(f"mapping {v.start:#x} landed at {got:#x}")
+
+    def _map_from_peer(self, v, prot: int, flags: int) -> None:
+        """MAP_SHARED anonymous memory of the tree: map the object the owner restored."""
+        slot, start = v.shared_with
+        owner = self.peers.get(slot)
+        img = self.peer_images.get(slot)
+        ov = next((o for o in img.vmas if o.start == start), None) if img else None
+        if owner is None or ov is None:
+            raise RestoreError(f"shared mapping {v.start:#x}: its owner (slot {slot}) is missing")
+        inj = self.inj
+        inj.reset_data()
+        path = f"/proc/{owner}/map_files/{ov.start:x}-{ov.end:x}"
+        try:
+            fd = inj.call("openat", _u(AT_FDCWD), inj.cstr(path), O_RDWR | O_CLOEXEC, 0)
+        except RemoteError as exc:
+            raise RestoreError(f"cannot open {path} to share memory: {exc.strerror}") from exc
+        try:
+            got = inj.call("mmap", v.start, v.size, prot, flags, fd, v.offset)
+        finally:
+            inj.call("close", fd)
+        if got != v.start:
+            raise RestoreError(f"mapping {v.start:#x} landed at {got:#x}")
 
     def finish_vmas(self) -> None:
         for v in self.proc.vmas:
@@ -226,13 +307,14 @@ class Rebuilder:
                 inj.call("close", exe_fd)
 
     def restore_fds(self) -> None:
-        restore_fds(self.inj, self.proc)
+        restore_fds(self.inj, self.proc, self.peers, self.parked)
 
     def restore_process_misc(self) -> None:
         p, inj = self.proc, self.inj
         inj.reset_data()
         if p.sid == p.pid:
-            inj.call("setsid")
+            if not self.session_done:
+                inj.call("setsid")
         elif p.pgid == p.pid:
             inj.call("setpgid", 0, 0)
         inj.call("prctl", PR_SET_NAME, inj.cstr(p.comm[:15]), 0, 0, 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -11,10 +12,9 @@ from ..errors import ImageCorrupt, RestoreError
 from ..image import ImageReader
 from ..kernel.memory import write_at
 from ..kernel.spawn import spawn_restorer
-from ..model import ProcessImage
+from ..model import ProcessImage, slot_base
 from ..present import intersect
-from .checks import check_files, wait_pid_free
-from .rebuild import Rebuilder
+from .tree import build_tree, check_tree, members
 
 _ZERO = bytes(1 << 20)
 
@@ -36,40 +36,43 @@ def load(directory: str) -> tuple[ImageReader, ProcessImage]:
 
 
 def restore(directory: str, *, new_pid: bool = False) -> Restored:
-    """Rebuild the process; it runs on as a child of this process."""
+    """Rebuild the process (and its tree); it runs on as a child of this process."""
     t0 = time.monotonic()
     reader, proc = load(directory)
-    check_files(proc)
-    present = [(r[0], r[1]) for v in proc.vmas for r in v.present]
-    plan = reader.plan(present)
-    want = None if new_pid else proc.pid
-    if want is not None:
-        wait_pid_free(want)
-    child = spawn_restorer(want)
-    rb = None
+    procs = members(proc)
+    check_tree(proc, new_pid)
+    child = spawn_restorer(None if new_pid else proc.pid)
+    rbs = []
     try:
-        rb = Rebuilder(child, proc, new_pid)
-        rb.run(lambda mem_fd: _write_pages(reader, plan, proc, mem_fd))
+        rbs = build_tree(
+            child, proc, new_pid, lambda slot, p, mem_fd: _write_pages(reader, slot, p, mem_fd)
+        )
     except BaseException as exc:
-        os.kill(child, signal.SIGKILL)
-        os.waitpid(child, 0)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(child, 0)
         if isinstance(exc, OSError) and not hasattr(exc, "exit_code"):
             raise RestoreError(f"restore failed: {exc}") from exc
         raise
     finally:
-        if rb is not None:
+        for rb in rbs:
             rb.close()
         reader.close()
-    return Restored(pid=child, seconds=time.monotonic() - t0, pages=sum(n for _, n in present))
+    pages = sum(n for p in procs for v in p.vmas for _, n in v.present)
+    return Restored(pid=child, seconds=time.monotonic() - t0, pages=pages)
 
 
-def _write_pages(reader: ImageReader, plan, proc: ProcessImage, mem_fd: int) -> None:
-    for vaddr, data in reader.iter_data(plan):
-        write_at(mem_fd, vaddr, data)
+def _write_pages(reader: ImageReader, slot: int, proc: ProcessImage, mem_fd: int) -> None:
+    """One process's pages; a tree member's are keyed slot << 48 | vaddr."""
+    base = slot_base(slot)
+    plan = reader.plan([(r[0] + base, r[1]) for v in proc.vmas for r in v.present])
+    for key, data in reader.iter_data(plan):
+        write_at(mem_fd, key - base, data)
     # Present pages whose newest copy is all zero: fresh anonymous memory already
     # reads zero, but a file mapping would show the file's content there.
-    file_spans = [(v.start, v.end) for v in proc.vmas if v.kind == "file"]
-    zero_spans = sorted((a, a + n * 4096) for a, n in plan.zero)
+    file_spans = [(v.start, v.end) for v in proc.vmas if v.kind in ("file", "memfd")]
+    zero_spans = sorted((a - base, a - base + n * 4096) for a, n in plan.zero)
     for a, b in intersect(zero_spans, file_spans):
         for off in range(a, b, len(_ZERO)):
             write_at(mem_fd, off, _ZERO[: min(len(_ZERO), b - off)])

@@ -102,13 +102,20 @@ def _tls_options(f):
     "--level",
     type=click.IntRange(1, 19),
     default=None,
-    help="zstd level of the kept image (default: fast).",
+    help="Unused (kept images store the chunks as they arrive); accepted for compatibility.",
+)
+@click.option(
+    "--no-stage",
+    is_flag=True,
+    help="Do not build the process while the rounds arrive: assemble an image and "
+    "restore it after the final round (slower; for comparison).",
 )
 @_tls_options
 def receive(
     listen_addr: str, token_file: str, work_dir: str | None, keep_images: str | None,
     new_pid: bool, detach: bool, io_timeout: float, accept_timeout: float | None,
-    level: int | None, tls_cert: str | None, tls_key: str | None, tls_ca: str | None,
+    level: int | None, no_stage: bool, tls_cert: str | None, tls_key: str | None,
+    tls_ca: str | None,
 ) -> None:  # fmt: skip
     """Receive a migrating process and run it here."""
     from ..api import wait_exit_status
@@ -122,6 +129,7 @@ def receive(
         listen=parse_address(listen_addr, listen=True), token=load_token(token_file),
         work_dir=work_dir, keep_images=keep_images, new_pid=new_pid, io_timeout=io_timeout,
         accept_timeout=accept_timeout, tls=TlsOptions(tls_cert, tls_key, tls_ca), level=level,
+        stage=not no_stage,
     )  # fmt: skip
 
     def on_running(pid: int) -> None:
@@ -129,11 +137,20 @@ def receive(
         sys.stdout.flush()
 
     r = do_receive(opts, _status, on_running)
+    if r.staged:
+        p = r.parts
+        here = (
+            f"final round in place at {p.get('final_end_at_ms', 0):.0f}, state at "
+            f"{p.get('state_at_ms', 0):.0f}, then zap {p.get('zap_ms', 0):.0f} + "
+            f"process state {p.get('state_ms', 0):.0f}; staged restore"
+        )
+    else:
+        here = f"commit {r.commit_ms:.0f}, restore {r.restore_ms:.0f}"
     _status(
         f"received process {r.source_pid} from {r.peer}: {r.layers} layers, "
         f"{_human(r.bytes_received)} on the wire in {r.seconds:.2f} s; running as PID {r.pid}; "
         f"downtime {r.downtime_ms:.0f} ms (source freeze→marker {r.source_frozen_ms:.0f} ms "
-        f"+ here {r.destination_ms:.0f} ms: commit {r.commit_ms:.0f}, restore {r.restore_ms:.0f})"
+        f"+ here {r.destination_ms:.0f} ms: {here})"
         + (f"; image kept in {r.image}" if r.image else "")
         + ("" if r.confirmed else "; the source did not confirm the handover")
     )
@@ -247,9 +264,14 @@ def migrate(
         f"{stats.total_seconds:.2f} s: {len(stats.rounds)} pre-copy rounds ({stats.stop_reason}), "
         f"{_human(stats.bytes_raw)} of pages, {_human(stats.bytes_wire)} on the wire; "
         f"downtime {stats.downtime_ms:.0f} ms (source freeze→marker "
-        f"{d['source_freeze_to_marker_ms']:.0f} ms + destination {d['destination_ms']:.0f} ms: "
-        f"commit {d['destination_commit_ms']:.0f}, restore {d['destination_restore_ms']:.0f}); "
-        f"max throttle {stats.throttle['max_level'] * 100:.0f}%"
+        f"{d['source_freeze_to_marker_ms']:.0f} ms + destination {d['destination_ms']:.0f} ms"
+        + (
+            f": staged, {d['destination_restore_ms']:.0f} after the state arrived); "
+            if d.get("staged")
+            else f": commit {d['destination_commit_ms']:.0f}, "
+            f"restore {d['destination_restore_ms']:.0f}); "
+        )
+        + f"max throttle {stats.throttle['max_level'] * 100:.0f}%"
         + ("" if stats.handover_confirmed else "; the destination did not hear our confirmation")
     )
     click.echo(stats.remote_pid)

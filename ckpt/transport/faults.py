@@ -3,6 +3,7 @@
     receive-midstream   the receiver SIGKILLs itself when layer 1 begins (after layer 0 is stored)
     receive-restore     the receiver's restore fails (RestoreError) instead of running
     receive-slow-restore  the receiver waits 5 s before its restore (the source gives up first)
+    receive-stage       the staged restore fails when layer 2's layout is applied (mid pre-copy)
     migrate-cut-final   the source drops the connection right after the FROZEN marker
 
 CKPT_TEST_FROZEN_CMD=<shell command> runs on the source right after the FROZEN
@@ -18,7 +19,10 @@ import time
 
 from ..errors import RestoreError
 
-POINTS = ("receive-midstream", "receive-restore", "receive-slow-restore", "migrate-cut-final")
+POINTS = (
+    "receive-midstream", "receive-restore", "receive-slow-restore", "receive-stage",
+    "migrate-cut-final",
+)  # fmt: skip
 SLOW_RESTORE_S = 5.0
 
 
@@ -38,6 +42,11 @@ def restore_point() -> None:
         time.sleep(SLOW_RESTORE_S)
     if active("receive-restore"):
         raise RestoreError("restore failed: injected fault (CKPT_FAULT=receive-restore)")
+
+
+def stage_point(layer: int) -> None:
+    if active("receive-stage") and layer == 2:
+        raise RestoreError("staged restore failed: injected fault (CKPT_FAULT=receive-stage)")
 
 
 def frozen_hook() -> None:

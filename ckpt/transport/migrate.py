@@ -198,12 +198,18 @@ def _fill(stats: MigrationStats, ctl: Controller, sink: NetSink, thr: Throttle, 
         stats.remote_pid = run.pid
         src = sink.frozen_for_ms or 0.0
         stats.downtime_ms = src + run.destination_ms
+        freeze = sink.clock.last_round_end
         stats.downtime = {
             "source_freeze_to_marker_ms": src,
             "destination_ms": run.destination_ms,
             "destination_commit_ms": run.commit_ms,
             "destination_restore_ms": run.restore_ms,
-            "source_view_ms": (run.received_at - sink.clock.last_round_end) * 1000,
+            "source_view_ms": (run.received_at - freeze) * 1000,
+            "source_state_sent_ms": (
+                (sink.state_sent_at - freeze) * 1000 if sink.state_sent_at is not None else None
+            ),
+            "staged": bool(run.parts.get("staged")),
+            "destination_parts": run.parts,
         }
 
 

@@ -14,16 +14,20 @@ message sequence.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+import zstandard
 
 from ..errors import ImageCorrupt
 from ..image import MAX_STATE_BYTES
 from ..image.codec import decompress
 from ..kernel.native import PAGE_SIZE
+from ..model import Vma, from_dict
 from .errors import ProtocolError
 
 PREAMBLE = b"CKPTMIG\x01"  # sent first by both sides: "I speak ckpt migration, version 1"
@@ -33,14 +37,14 @@ VERSION = 1
 HELLO = 0x01  # both: {version, role, nonce, ckpt, host, kernel}
 PROOF = 0x02  # both: {mac}
 REFUSED = 0x03  # either: {reason}; authentication or compatibility refused, then close
-LAYER_BEGIN = 0x10  # source: {layer}
+LAYER_BEGIN = 0x10  # source: {layer, [pid, vmas]}; the round's VMA layout (staged restore)
 PAGES = 0x11  # source: binary page chunk
 LAYER_END = 0x12  # source: {layer, pages, chunks}
 FROZEN = 0x13  # source: {frozen_for_ms}; the final round started (no clock value)
 STATE = 0x14  # source: {state, meta}; the image is complete
 ABORT = 0x15  # source: {reason}; the migration is off, the source keeps its process
 DONE = 0x16  # source: {}; the source's copy is gone
-RUNNING = 0x20  # destination: {pid, destination_ms, commit_ms, restore_ms}
+RUNNING = 0x20  # destination: {pid, destination_ms, commit_ms, restore_ms, [parts]}
 ERROR = 0x21  # destination: {message, code}
 PING = 0x22  # either: {}; keeps the peer's idle timer from firing
 LAYER_ACK = 0x23  # destination: {layer}; a pre-copy layer is stored (flow control)
@@ -57,12 +61,14 @@ _CHUNK_HEAD = struct.Struct("!IIII")  # layer, nruns, ulen, crc32(zstd frame)
 _RUN = struct.Struct("!QI")  # vaddr, npages
 _MAX_FRAME_OVERHEAD = 64 << 10
 MAX_CONTROL = 64 << 10
+MAX_LAYOUT = 16 << 20  # a LAYER_BEGIN with the VMA list (65530 VMAs at most, ~250 bytes each)
 
 # The largest payload accepted per type; anything bigger is refused before reading it.
 MAX_PAYLOAD = {
     PAGES: _CHUNK_HEAD.size + (MAX_CHUNK_ULEN // PAGE_SIZE) * _RUN.size
     + MAX_CHUNK_ULEN + _MAX_FRAME_OVERHEAD,
     STATE: MAX_STATE_BYTES,
+    LAYER_BEGIN: MAX_LAYOUT,
 }  # fmt: skip
 TASK_SIZE = 0x7FFFFFFFF000
 
@@ -85,6 +91,12 @@ _SCHEMA: dict[int, dict[str, tuple[type, ...]]] = {
     LAYER_ACK: {"layer": (int,)},
 }  # fmt: skip
 
+# optional keys (absent from older peers): key -> accepted types
+_OPTIONAL: dict[int, dict[str, tuple[type, ...]]] = {
+    LAYER_BEGIN: {"pid": (int,), "vmas": (list,)},
+    RUNNING: {"parts": (dict,)},
+}
+
 
 def max_payload(mtype: int) -> int:
     return MAX_PAYLOAD.get(mtype, MAX_CONTROL)
@@ -97,7 +109,8 @@ def name(mtype: int) -> str:
 def encode(mtype: int, **fields: Any) -> bytes:
     """A control payload (checked against the schema, so both sides agree)."""
     want = _SCHEMA[mtype]
-    if set(fields) != set(want):
+    extra = set(fields) - set(want)
+    if not set(want) <= set(fields) or not extra <= set(_OPTIONAL.get(mtype, ())):
         raise ValueError(f"{name(mtype)} takes {sorted(want)}, got {sorted(fields)}")
     return msgpack.packb(fields, use_bin_type=True)
 
@@ -117,6 +130,10 @@ def decode(mtype: int, payload: bytes | bytearray) -> dict[str, Any]:
         value = obj.get(key)
         if not isinstance(value, types) or isinstance(value, bool):
             raise ProtocolError(f"{name(mtype)} message: field {key!r} is missing or malformed")
+    for key, types in _OPTIONAL.get(mtype, {}).items():
+        value = obj.get(key)
+        if key in obj and (not isinstance(value, types) or isinstance(value, bool)):
+            raise ProtocolError(f"{name(mtype)} message: field {key!r} is malformed")
     return obj
 
 
@@ -138,8 +155,44 @@ def encode_chunk(layer: int, runs: list[tuple[int, int]], frame: bytes, crc: int
     return [_CHUNK_HEAD.pack(layer, len(runs), ulen, crc), table, frame]
 
 
+@dataclass(frozen=True)
+class RawChunk:
+    """A page chunk whose header and run table are checked; the frame is not inflated yet."""
+
+    layer: int
+    runs: list[tuple[int, int]]
+    frame: memoryview
+    ulen: int
+    crc: int
+
+    def check(self) -> None:
+        """The checksum and the declared size, without inflating (the frame is stored)."""
+        where = f"page chunk of layer {self.layer}"
+        if zlib.crc32(self.frame) != self.crc:
+            raise ProtocolError(f"{where}: checksum mismatch")
+        try:
+            size = zstandard.frame_content_size(self.frame)
+        except zstandard.ZstdError as exc:
+            raise ProtocolError(f"{where}: bad zstd frame header ({exc})") from None
+        if size != self.ulen:
+            raise ProtocolError(f"{where}: frame holds {size} bytes, header says {self.ulen}")
+
+    def inflate(self) -> bytes:
+        """Checksum, then decompress (safe to call from a pool thread)."""
+        try:
+            return decompress(self.frame, self.ulen, self.crc, f"page chunk of layer {self.layer}")
+        except ImageCorrupt as exc:
+            raise ProtocolError(str(exc)) from None
+
+
 def decode_chunk(payload: bytes | bytearray | memoryview) -> Chunk:
     """Check the header and run table against each other, then the checksum, then inflate."""
+    raw = parse_chunk(payload)
+    return Chunk(raw.layer, raw.runs, raw.inflate())
+
+
+def parse_chunk(payload: bytes | bytearray | memoryview) -> RawChunk:
+    """Check the header and run table against each other (the frame is checked later)."""
     mv = memoryview(payload)
     if len(mv) < _CHUNK_HEAD.size:
         raise ProtocolError("page chunk shorter than its header")
@@ -160,8 +213,52 @@ def decode_chunk(payload: bytes | bytearray | memoryview) -> Chunk:
         total += npages
     if total * PAGE_SIZE != ulen:
         raise ProtocolError(f"page chunk runs cover {total} pages but it holds {ulen} bytes")
-    try:
-        data = decompress(mv[table_end:], ulen, crc, f"page chunk of layer {layer}")
-    except ImageCorrupt as exc:
-        raise ProtocolError(str(exc)) from None
-    return Chunk(layer, runs, data)
+    return RawChunk(layer, runs, mv[table_end:], ulen, crc)
+
+
+# ---------------------------------------------------------------- VMA layouts
+
+_KINDS = ("anon", "file", "shmem", "heap", "stack", "vdso", "vvar", "vvar_vclock")
+
+
+def encode_layout(vmas: list[Vma]) -> list[dict]:
+    """A round's VMA list for LAYER_BEGIN (model.Vma fields, without the present map)."""
+    out = []
+    for v in vmas:
+        d = dataclasses.asdict(v)
+        d.pop("present", None)
+        out.append(d)
+    return out
+
+
+def decode_layout(items: list) -> list[Vma]:
+    """Rebuild and check a LAYER_BEGIN's VMA list: page aligned, user space, sorted,
+    not overlapping, known kinds, a file identity for file mappings."""
+    vmas: list[Vma] = []
+    last_end = 0
+    for d in items:
+        try:
+            if not isinstance(d, dict):
+                raise TypeError("not a map")
+            v = from_dict(Vma, d)
+            ok = (
+                isinstance(v.start, int) and isinstance(v.end, int) and isinstance(v.prot, int)
+                and isinstance(v.offset, int) and isinstance(v.kind, str)
+                and isinstance(v.name, str) and isinstance(v.vmflags, list)
+                and all(isinstance(f, str) for f in v.vmflags)
+            )  # fmt: skip
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ProtocolError(f"malformed VMA in a layer's layout ({exc})") from None
+        if not ok or v.kind not in _KINDS or (v.kind == "file") != (v.file is not None):
+            raise ProtocolError(f"malformed VMA {d.get('start', '?')!r} in a layer's layout")
+        if v.start % PAGE_SIZE or v.end % PAGE_SIZE or not last_end <= v.start < v.end:
+            raise ProtocolError(f"VMA 0x{v.start:x}-0x{v.end:x} out of order or not page aligned")
+        if v.end > TASK_SIZE or not 0 <= v.prot <= 7 or v.offset < 0:
+            raise ProtocolError(f"VMA 0x{v.start:x}-0x{v.end:x} is not a user mapping")
+        if v.file is not None and not (
+            isinstance(v.file.path, str) and v.file.path.startswith("/")
+        ):
+            raise ProtocolError(f"VMA 0x{v.start:x}-0x{v.end:x}: bad file reference")
+        last_end = v.end
+        vmas.append(v)
+    return vmas

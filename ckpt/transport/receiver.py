@@ -1,15 +1,19 @@
 """The destination side of a live migration, in order.
 
-    listen → accept one source → (TLS) → authenticate       nothing is written before this
-    LAYER_BEGIN/PAGES/LAYER_END per round → ImageWriter       a normal image, in a temp dir
-    FROZEN (downtime clock starts) → final layer → STATE      (or --keep-images DIR)
-    commit the image → restore() here → RUNNING{pid}          PINGs keep the source waiting
-    DONE → the handover is complete                            ABORT instead: kill our copy
+    listen → accept one source → (TLS) → authenticate       nothing is done before this
+    LAYER_BEGIN{layout} 0 → spawn the restorer, map layout   staged restore (restore/staged.py)
+    PAGES… → inflated straight into its memory (pool)        LAYER_ACK once all are in place
+    LAYER_BEGIN{layout} k → remap what changed, pages…       per pre-copy round
+    FROZEN (downtime clock starts) → final layout + pages    the rest of the restore:
+    STATE → zap stale pages, apply_state() → RUNNING{pid}    PINGs keep the source waiting
+    DONE → the handover is complete                          ABORT instead: kill our copy
+    --keep-images: commit the image (stored chunks as they came), after the handover
 
-Every failure before RUNNING leaves no process here and, unless --keep-images
-was given and the image completed, no image; the source keeps its copy. Layer
-files are fsynced in the background as each layer closes, so the commit during
-the downtime only has the final layer left to flush.
+Every failure before RUNNING kills the staged process (if any) and leaves no
+image; the source keeps its copy. A source that sends no layouts (or
+`receive --no-stage`) gets the older path: an image is assembled in a temp dir
+(not fsynced: it only lives until the restore has read it) and restored after
+the final round.
 """
 
 from __future__ import annotations
@@ -20,16 +24,19 @@ import signal
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from ..errors import CkptError, ImageExists, ImageNotFound
+from ..errors import CkptError, ImageExists, ImageNotFound, RestoreError
 from ..image import ImageWriter, fsio
 from ..image.layer_writer import LayerWriter, index_name, pages_name
 from ..kernel.native import PAGE_SIZE
+from ..model import ProcessImage
 from ..restore.run import restore
+from ..restore.staged import StagedRestore
 from . import faults, protocol
 from .auth import server_handshake
 from .channel import Channel
@@ -59,6 +66,7 @@ class ReceiveOptions:
     accept_timeout: float | None = None
     tls: TlsOptions = field(default_factory=TlsOptions)
     level: int | None = None
+    stage: bool = True  # build the process while the rounds arrive (if the source sends layouts)
 
 
 @dataclass
@@ -74,7 +82,10 @@ class ReceiveResult:
     commit_ms: float = 0.0
     restore_ms: float = 0.0
     image: str | None = None  # kept image, if --keep-images
+    image_kept: bool = False
     confirmed: bool = False  # the source said its copy is gone
+    staged: bool = False  # built while the rounds arrived (else restored from the image)
+    parts: dict = field(default_factory=dict)  # where the destination's time went
 
     @property
     def downtime_ms(self) -> float:
@@ -91,21 +102,49 @@ def check_image_destination(path: str) -> None:
 
 
 class Assembler:
-    """Turns the frame stream into image layers, enforcing the message order."""
+    """Turns the frame stream into a staged process and/or image layers, enforcing the
+    message order.
 
-    def __init__(self, path: str, level: int | None, ack: Callable[[int], None]):
+    Staged (the source sends each round's VMA layout, docs/MIGRATION.md): the restorer
+    child is built from layer 0 on; chunks are inflated and written into it by a small
+    pool, each layer's writes finish before its LAYER_ACK (and before the next layer's
+    layout is applied). An image is written as well only for --keep-images, from the
+    received compressed chunks (no second compression). Without layouts (an older
+    source, or --no-stage): an image only, restored after the final round.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        level: int | None,
+        ack: Callable[[int], None],
+        *,
+        stage: bool = True,
+        keep: bool = False,
+        new_pid: bool = False,
+        threads: int = 2,
+    ):
         self.path = path
         self.ack = ack
         self.level = level
+        self.stage = stage
+        self.keep = keep
+        self.new_pid = new_pid
         self.writer: ImageWriter | None = None
         self.layer: LayerWriter | None = None
+        self.staged: StagedRestore | None = None
+        self.open = False  # a layer is open
         self.expect = 0  # next layer number
         self.pages = self.chunks = 0
         self.frozen_at: float | None = None
         self.frozen_layer = -1  # first layer after FROZEN
         self.source_frozen_ms = 0.0
+        self.marks: dict[str, float] = {}  # when final-round events happened (monotonic)
         self._fsync = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-fsync")
         self._fsyncs: list = []
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckpt-stage")
+        self._inflight: deque[Future] = deque()
+        self._max_inflight = 4 * threads
 
     def round_name(self) -> str:
         if self.frozen_at is not None:
@@ -121,52 +160,107 @@ class Assembler:
             reason = protocol.decode(t, f.payload)["reason"]
             raise SourceAborted(f"the source aborted the migration: {reason}")
         if t == protocol.PAGES:
-            if self.layer is None:
+            if not self.open:
                 raise ProtocolError("page chunk outside a layer")
-            chunk = protocol.decode_chunk(f.payload)
+            chunk = protocol.parse_chunk(f.payload)
             if chunk.layer != self.expect:
                 raise ProtocolError(f"page chunk of layer {chunk.layer} inside layer {self.expect}")
-            self.layer.add_runs(chunk.runs, chunk.data)
+            if len(chunk.frame) > chunk.ulen + chunk.ulen // 128 + 4096:
+                raise ProtocolError(f"page chunk of layer {chunk.layer}: frame too large")
+            self._pages(chunk)
             self.chunks += 1
-            self.pages += len(chunk.data) // PAGE_SIZE
+            self.pages += chunk.ulen // PAGE_SIZE
             return None
         msg = protocol.decode(t, f.payload)
         if t == protocol.LAYER_BEGIN:
-            if self.layer is not None or msg["layer"] != self.expect:
+            if self.open or msg["layer"] != self.expect:
                 raise ProtocolError(f"layer {msg['layer']} begins, expected {self.expect}")
             if self.expect == 1:
                 faults.kill_point("receive-midstream")
-            if self.writer is None:
-                self.writer = ImageWriter(self.path, level=self.level)
-            self.layer = self.writer.begin_layer()
+            if self.frozen_at is not None:
+                self.marks["final_begin"] = time.monotonic()
+            self._begin(msg)
+            self.open = True
             self.pages = self.chunks = 0
         elif t == protocol.LAYER_END:
-            if self.layer is None or msg["layer"] != self.expect:
+            if not self.open or msg["layer"] != self.expect:
                 raise ProtocolError(f"layer {msg['layer']} ends, but layer {self.expect} is open")
             if (msg["pages"], msg["chunks"]) != (self.pages, self.chunks):
                 raise ProtocolError(
                     f"layer {self.expect} ends after {self.pages} pages in {self.chunks} chunks, "
                     f"the source sent {msg['pages']} in {msg['chunks']}"
                 )
-            self.layer.close()
-            self._sync_later(self.expect)
-            self.layer = None
+            self._drain(0)  # every page of the layer is in place (or its error surfaces)
+            if self.layer is not None:
+                self.layer.close()
+                if self.keep:
+                    self._sync_later(self.expect)
+                self.layer = None
+            self.open = False
             if self.frozen_at is None:
+                if self.staged is not None:
+                    self.staged.compact()
                 self.ack(self.expect)
+            else:
+                self.marks["final_end"] = time.monotonic()
             self.expect += 1
         elif t == protocol.FROZEN:
-            if self.layer is not None or self.frozen_at is not None:
+            if self.open or self.frozen_at is not None:
                 raise ProtocolError("FROZEN marker out of place")
             self.frozen_at = time.monotonic()
             self.frozen_layer = self.expect
             self.source_frozen_ms = float(msg["frozen_for_ms"])
         elif t == protocol.STATE:
-            if self.layer is not None or self.frozen_at is None or self.expect <= self.frozen_layer:
+            if self.open or self.frozen_at is None or self.expect <= self.frozen_layer:
                 raise ProtocolError("process state before the final round")
+            self.marks["state"] = time.monotonic()
             return msg
         else:
             raise ProtocolError(f"unexpected {f.name} from the source")
         return None
+
+    def _begin(self, msg: dict) -> None:
+        vmas = msg.get("vmas")
+        if self.expect == 0:
+            if self.stage and vmas is not None:
+                pid = msg.get("pid")
+                if not pid or pid < 0:
+                    raise ProtocolError("layer 0 carries a layout but no PID")
+                layout = protocol.decode_layout(vmas)
+                with _staging("starting the process"):
+                    self.staged = StagedRestore(pid, layout, new_pid=self.new_pid)
+            if self.keep or self.staged is None:
+                self.writer = ImageWriter(self.path, level=self.level, durable=self.keep)
+        elif self.staged is not None:
+            if vmas is None:
+                raise ProtocolError(f"layer {self.expect} carries no layout")
+            layout = protocol.decode_layout(vmas)
+            with _staging(f"mapping the layout of round {self.expect}"):
+                faults.stage_point(self.expect)
+                self.staged.reshape(layout)
+        if self.writer is not None:
+            self.layer = self.writer.begin_layer()
+
+    def _pages(self, chunk: protocol.RawChunk) -> None:
+        if self.staged is not None:
+            while len(self._inflight) >= self._max_inflight:
+                self._inflight.popleft().result()
+            self._inflight.append(self._pool.submit(self._apply, self.staged, chunk))
+        elif self.layer is not None:
+            chunk.check()  # the image path stores the frame as it came: check it first
+        if self.layer is not None:
+            self.layer.add_compressed(chunk.runs, chunk.frame, chunk.crc, chunk.ulen)
+
+    @staticmethod
+    def _apply(staged: StagedRestore, chunk: protocol.RawChunk) -> None:
+        """Pool thread: inflate a chunk straight into the staged process."""
+        data = chunk.inflate()
+        with _staging(f"writing pages of round {chunk.layer}"):
+            staged.write(chunk.runs, data)
+
+    def _drain(self, keep: int) -> None:
+        while len(self._inflight) > keep:
+            self._inflight.popleft().result()
 
     def _sync_later(self, layer: int) -> None:
         """fsync a closed layer now, off the critical path (commit fsyncs again, cheaply)."""
@@ -185,10 +279,39 @@ class Assembler:
         self.writer.commit(msg["state"], msg["meta"])
         self._fsync.shutdown(wait=False)
 
-    def abort(self) -> None:
+    def close(self) -> None:
+        """The stream is over (pages all written): stop the pool."""
+        self._pool.shutdown(wait=True)
+        if self.writer is None:
+            self._fsync.shutdown(wait=False)
+
+    def abort_image(self) -> None:
         self._fsync.shutdown(wait=True, cancel_futures=True)
         if self.writer is not None:
             self.writer.abort()
+
+    def abort(self) -> None:
+        """Kill the staged process (if any) and drop the image."""
+        for fut in self._inflight:
+            fut.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._inflight.clear()
+        if self.staged is not None:
+            self.staged.kill()
+        self._fsync.shutdown(wait=True, cancel_futures=True)
+        if self.writer is not None:
+            self.writer.abort()
+
+
+@contextmanager
+def _staging(what: str):
+    """An OSError while building the process is a failed restore, not a storage problem."""
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, CkptError):
+            raise
+        raise RestoreError(f"staged restore failed while {what}: {exc}") from None
 
 
 @contextmanager
@@ -268,7 +391,10 @@ def receive(
     def ack(layer: int) -> None:
         ch.send(protocol.LAYER_ACK, protocol.encode(protocol.LAYER_ACK, layer=layer))
 
-    asm = Assembler(path, opts.level, ack)
+    asm = Assembler(
+        path, opts.level, ack, stage=opts.stage, keep=bool(opts.keep_images),
+        new_pid=opts.new_pid,
+    )  # fmt: skip
     try:
         _session(ch, asm, opts, result, report, on_running)
     finally:
@@ -277,53 +403,56 @@ def receive(
     result.layers = asm.expect
     result.bytes_received = ch.bytes_received
     result.seconds = time.monotonic() - t0
-    result.image = path if opts.keep_images else None
+    result.image = path if opts.keep_images and result.image_kept else None
     return result
 
 
 def _session(ch, asm: Assembler, opts, result, report, on_running) -> None:
-    # 1. the stream
+    # 1. the stream (staged: the process is built as the rounds arrive)
     try:
         while True:
             ch.doing = f"receiving {asm.round_name()}"
             state = asm.feed(ch.recv())
             if state is not None:
                 break
+        asm.close()
     except BaseException as exc:
         asm.abort()
-        if isinstance(exc, OSError):
+        if isinstance(exc, OSError) and not isinstance(exc, CkptError):
             exc = ReceiveFailed(f"cannot store the incoming image: {exc}")
         if not isinstance(exc, ConnectionLost | TransportTimeout | SourceAborted | TlsError):
             _send_error(ch, exc)  # our own failure: the source should hear why
         ch.close()
         if isinstance(exc, CkptError):
-            raise _with_suffix(exc, "nothing was restored here") from None
+            done = "nothing was restored here"
+            if asm.staged is not None:
+                done += " (the partly built copy was killed)"
+            raise _with_suffix(exc, done) from None
         raise
     result.source_pid = int(state["state"].get("pid", 0) or 0)
     result.source_frozen_ms = asm.source_frozen_ms
+    result.staged = asm.staged is not None
 
-    # 2. commit + restore, while PINGs tell the source we are alive
+    # 2. the rest of the restore, while PINGs tell the source we are alive
     try:
         with heartbeat(ch):
-            t = time.monotonic()
-            try:
-                asm.commit(state)
-            except OSError as exc:
-                raise ReceiveFailed(f"cannot store the incoming image: {exc}") from None
-            result.commit_ms = (time.monotonic() - t) * 1000
-            t = time.monotonic()
-            faults.restore_point()
-            restored = restore(asm.path, new_pid=opts.new_pid)
-            result.restore_ms = (time.monotonic() - t) * 1000
+            if asm.staged is not None:
+                pid = _finish_staged(asm, state, result)
+            else:
+                pid = _restore_image(asm, state, opts, result)
     except BaseException as exc:
         asm.abort()
+        if isinstance(exc, OSError) and not isinstance(exc, CkptError):
+            exc = RestoreError(f"restore failed: {exc}")
         _send_error(ch, exc)
         ch.close()
         if isinstance(exc, CkptError):
             raise _with_suffix(exc, "the source keeps running its copy") from None
         raise
-    result.pid = restored.pid
+    result.pid = pid
     result.destination_ms = (time.monotonic() - asm.frozen_at) * 1000
+    _mark_parts(asm, result)
+    result.parts["staged"] = result.staged
 
     # 3. the handover. If the source gave up or vanished while we restored, it never
     # hears RUNNING and keeps (or got back) its copy: ours must go.
@@ -331,32 +460,81 @@ def _session(ch, asm: Assembler, opts, result, report, on_running) -> None:
     try:
         _check_still_wanted(ch)
     except TransportError as exc:
-        _kill(restored.pid)
+        _kill(pid)
+        asm.abort()
         ch.close()
-        raise _with_suffix(
-            exc, f"killed our copy (PID {restored.pid}); the source keeps its own"
-        ) from None
+        raise _with_suffix(exc, f"killed our copy (PID {pid}); the source keeps its own") from None
     try:
         running = protocol.encode(
-            protocol.RUNNING, pid=restored.pid, destination_ms=result.destination_ms,
-            commit_ms=result.commit_ms, restore_ms=result.restore_ms,
+            protocol.RUNNING, pid=pid, destination_ms=result.destination_ms,
+            commit_ms=result.commit_ms, restore_ms=result.restore_ms, parts=result.parts,
         )  # fmt: skip
         ch.send(protocol.RUNNING, running)
-        on_running(restored.pid)
+        on_running(pid)
         result.confirmed = _wait_done(ch, report)
     except SourceAborted as exc:
-        _kill(restored.pid)
+        _kill(pid)
+        asm.abort()
         ch.close()
-        raise _with_suffix(
-            exc, f"killed our copy (PID {restored.pid}); the source keeps its own"
-        ) from None
+        raise _with_suffix(exc, f"killed our copy (PID {pid}); the source keeps its own") from None
     except TransportError as exc:
         report(
-            f"warning: {exc}; keeping process {restored.pid} running here, but the source "
+            f"warning: {exc}; keeping process {pid} running here, but the source "
             "did not confirm that it stopped its copy: check the source host"
         )
         result.confirmed = False
     ch.finish(linger=1.0)
+    # 4. a kept image is made durable only now: the process did not need to wait for it
+    if asm.staged is not None and opts.keep_images:
+        t = time.monotonic()
+        try:
+            asm.commit(state)
+            result.image_kept = True
+        except (OSError, CkptError) as exc:
+            asm.abort_image()
+            report(f"warning: process {pid} runs, but the image could not be kept: {exc}")
+        result.commit_ms = (time.monotonic() - t) * 1000
+    elif opts.keep_images:
+        result.image_kept = True
+
+
+def _finish_staged(asm: Assembler, state: dict, result: ReceiveResult) -> int:
+    """Final layout, stale pages dropped, process state; returns the running PID."""
+    staged = asm.staged
+    assert staged is not None
+    try:
+        proc = ProcessImage.from_dict(state["state"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ProtocolError(f"the source sent a malformed process state ({exc})") from None
+    t = time.monotonic()
+    faults.restore_point()
+    timings = staged.finish(proc)
+    result.restore_ms = (time.monotonic() - t) * 1000
+    result.parts.update({k: round(v, 3) for k, v in timings.items()})
+    staged.close()
+    return staged.child
+
+
+def _restore_image(asm: Assembler, state: dict, opts, result: ReceiveResult) -> int:
+    """The image path (a source that sends no layouts): commit, then a normal restore."""
+    t = time.monotonic()
+    try:
+        asm.commit(state)
+    except OSError as exc:
+        raise ReceiveFailed(f"cannot store the incoming image: {exc}") from None
+    result.commit_ms = (time.monotonic() - t) * 1000
+    t = time.monotonic()
+    faults.restore_point()
+    restored = restore(asm.path, new_pid=opts.new_pid)
+    result.restore_ms = (time.monotonic() - t) * 1000
+    return restored.pid
+
+
+def _mark_parts(asm: Assembler, result: ReceiveResult) -> None:
+    """Final-round milestones, in ms after the FROZEN marker arrived."""
+    assert asm.frozen_at is not None
+    for name, at in asm.marks.items():
+        result.parts[f"{name}_at_ms"] = round((at - asm.frozen_at) * 1000, 3)
 
 
 def _check_still_wanted(ch: Channel) -> None:

@@ -27,6 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..capture.vmas import classify
+from ..errors import DumpError
 from ..image.codec import DEFAULT_LEVEL, Compressor
 from ..kernel import procfs
 from ..kernel.native import PAGE_SIZE
@@ -59,6 +61,7 @@ class Running:
     commit_ms: float
     restore_ms: float
     received_at: float
+    parts: dict = field(default_factory=dict)  # the destination's breakdown (staged restore)
 
 
 class NetLayer:
@@ -208,6 +211,8 @@ class NetSink:
         self.abort_sent = False  # ABORT handed to the kernel (delivery is not confirmed)
         self._next = 0
         self._state = "streaming"  # → committed → (done | aborted)
+        self._maps: list | None = None  # last smaps-with-flags read, for _layout()
+        self.state_sent_at: float | None = None  # monotonic: the STATE frame went out
 
     # -- ImageWriter's interface ------------------------------------------------------------
 
@@ -222,9 +227,38 @@ class NetSink:
             "sending the final round" if self.frozen_for_ms is not None
             else f"sending pre-copy round {layer}"
         )  # fmt: skip
-        begin = protocol.encode(protocol.LAYER_BEGIN, layer=layer)
+        begin = protocol.encode(
+            protocol.LAYER_BEGIN, layer=layer, pid=self.pid, vmas=self._layout()
+        )
+        if len(begin) > protocol.max_payload(protocol.LAYER_BEGIN):
+            raise ProtocolError(f"the memory layout is too large to send ({len(begin)} bytes)")
         self.sender.put(Item(lambda: (protocol.LAYER_BEGIN, begin)))
         return NetLayer(self, layer)
+
+    def _layout(self) -> list[dict]:
+        """The VMAs as of this round (the destination maps them before the round's pages).
+
+        Read right after the round collected its pages (or, in the final round, while
+        the target is frozen); VmFlags come from the previous read when /proc/PID/maps
+        is unchanged, so this costs one read of maps. A mapping the final capture would
+        refuse is left out here (the capture fails the migration anyway).
+        """
+        try:
+            maps = procfs.maps_with_flags(self.pid, self._maps)
+        except OSError as exc:
+            raise DumpError(
+                f"cannot read the memory layout of process {self.pid}: {exc}", pid=self.pid
+            ) from None
+        self._maps = maps
+        vmas = []
+        for m in maps:
+            try:
+                v = classify(self.pid, m)
+            except Exception:
+                continue
+            if v is not None:
+                vmas.append(v)
+        return protocol.encode_layout(vmas)
 
     def commit(self, state: dict, meta: dict | None = None) -> str:
         """Send the process state (the image is complete); the channel returns to us."""
@@ -234,9 +268,12 @@ class NetSink:
         if len(payload) > protocol.max_payload(protocol.STATE):
             raise ProtocolError(f"the process state is too large to send ({len(payload)} bytes)")
         self.ch.doing = "sending the process state"
-        self.sender.put(
-            Item(lambda: (protocol.STATE, payload), lambda: setattr(self, "committed", True))
-        )
+
+        def sent() -> None:
+            self.state_sent_at = time.monotonic()
+            self.committed = True
+
+        self.sender.put(Item(lambda: (protocol.STATE, payload), sent))
         self.sender.stop(drain=True)
         self.pool.shutdown(wait=True)
         self._state = "committed"
@@ -301,7 +338,7 @@ class NetSink:
                 r = protocol.decode(f.type, f.payload)
                 self.running = Running(
                     r["pid"], r["destination_ms"], r["commit_ms"], r["restore_ms"],
-                    time.monotonic(),
+                    time.monotonic(), dict(r.get("parts") or {}),
                 )  # fmt: skip
                 return
             if f.type == protocol.ERROR:

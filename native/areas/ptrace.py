@@ -114,7 +114,8 @@ int ck_inject_syscall(int pid, const struct user_regs_struct *base, uint64_t ins
             return 0;
         }
         if ((st >> 16) == PTRACE_EVENT_STOP) continue;   /* interrupt / group stop: go on */
-        if ((st >> 16) == PTRACE_EVENT_CLONE) continue;  /* an injected clone3: child auto-attached */
+        if ((st >> 16) == PTRACE_EVENT_CLONE || (st >> 16) == PTRACE_EVENT_FORK)
+            continue;                   /* an injected clone3: the child is auto-attached */
         return -EFAULT;                                   /* a real signal: a fault */
     }
 }

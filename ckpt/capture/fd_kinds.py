@@ -1,0 +1,290 @@
+"""Capture of fds that are kernel objects: pipes, FIFOs, eventfd, timerfd, signalfd,
+epoll, inotify and memfd (capture/fds.py dispatches here).
+
+Nothing here changes the target: pipe data is duplicated with tee(), memfd
+content is read through ckpt's own open file description, everything else
+comes from fdinfo. Checks that need every fd (both ends of a pipe, epoll
+registrations, memfds only mappings hold) run in `finish()`.
+"""
+
+from __future__ import annotations
+
+import os
+import stat as statmod
+
+from ..errors import UnsupportedProcess
+from ..kernel import fdobjs, procfs
+from ..kernel.pidfd import pidfd_getfd, pidfd_open
+from ..model import EpollEntry, Fd, InotifyWatch, MemfdState, TimerfdState
+
+# The image state is one msgpack document (capped at 256 MiB when read): memfd
+# content and pipe data together may take at most this much of it.
+MAX_FD_DATA = 64 << 20
+
+O_ACCMODE, O_RDONLY, O_WRONLY, O_RDWR = 3, 0, 1, 2
+O_DIRECT = 0o40000
+PAGE_SIZE = 4096
+
+ANON_KINDS = {
+    "anon_inode:[eventfd]": "eventfd",
+    "anon_inode:[timerfd]": "timerfd",
+    "anon_inode:[signalfd]": "signalfd",
+    "anon_inode:[eventpoll]": "epoll",
+    "anon_inode:inotify": "inotify",
+}
+MEMFD_PREFIX, DELETED = "/memfd:", " (deleted)"
+
+
+def kind_of(target: str, st: os.stat_result) -> str | None:
+    """The fd kind this module captures, or None."""
+    if statmod.S_ISFIFO(st.st_mode):
+        return "pipe" if target.startswith("pipe:[") else "fifo"
+    if statmod.S_ISREG(st.st_mode) and target.startswith(MEMFD_PREFIX) and target.endswith(DELETED):
+        return "memfd"
+    return ANON_KINDS.get(target)
+
+
+class FdScan:
+    """State shared by the fds of one capture: a pidfd, the data budget, and objects."""
+
+    def __init__(self, pid: int, tree: frozenset[int] = frozenset()):
+        self.pid = pid
+        self.tree = tree  # the other processes dumped with this one (pipes may join them)
+        self._pidfd = -1
+        self.budget = MAX_FD_DATA
+
+    def getfd(self, fd: int) -> int:
+        """ckpt's duplicate of the target's fd (same open file description); close it."""
+        if self._pidfd < 0:
+            self._pidfd = pidfd_open(self.pid)
+        return pidfd_getfd(self._pidfd, fd)
+
+    def refuse(self, fd: int, what: str) -> UnsupportedProcess:
+        return UnsupportedProcess(f"fd {fd} {what}", pid=self.pid)
+
+    def charge(self, fd: int, kind: str, nbytes: int) -> None:
+        self.budget -= nbytes
+        if self.budget < 0:
+            raise self.refuse(
+                fd,
+                f"is a {kind} holding more data than ckpt keeps in an image's state "
+                f"({MAX_FD_DATA >> 20} MiB for all memfds and pipes together)",
+            )
+
+    def close(self) -> None:
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+
+def capture(scan: FdScan, rec: Fd, kind: str, st: os.stat_result, raw: bytes) -> Fd:
+    """Fill `rec` (fd, path, flags, cloexec, pos already set) for `kind`."""
+    rec.kind = kind
+    fd = rec.fd
+    if kind in ("pipe", "fifo"):
+        rec.obj_id = st.st_ino
+        if kind == "fifo" and (rec.path.endswith(DELETED) or not rec.path.startswith("/")):
+            raise scan.refuse(fd, f"is a FIFO that was deleted or is unreachable ({rec.path})")
+        return rec
+    if kind == "memfd":
+        if st.st_blksize > PAGE_SIZE:
+            raise scan.refuse(fd, f"is a hugetlbfs memfd ({rec.path}): not supported yet")
+        rec.obj_id = st.st_ino
+        return rec
+    try:
+        if kind == "eventfd":
+            (info,) = fdobjs.fdinfo_lines(raw, "eventfd-count:")
+            rec.count = int(info["eventfd-count"], 16)
+            (sem,) = fdobjs.fdinfo_lines(raw, "eventfd-semaphore:")
+            rec.semaphore = sem["eventfd-semaphore"] == "1"
+        elif kind == "signalfd":
+            (info,) = fdobjs.fdinfo_lines(raw, "sigmask:")
+            rec.sigmask = int(info["sigmask"], 16)
+        elif kind == "timerfd":
+            rec.timer = _timerfd(raw)
+        elif kind == "epoll":
+            rec.epoll = [
+                EpollEntry(tfd=int(e["tfd"]), events=int(e["events"], 16), data=int(e["data"], 16))
+                for e in fdobjs.fdinfo_lines(raw, "tfd:")
+            ]
+        elif kind == "inotify":
+            rec.watches = [_watch(scan, fd, w) for w in fdobjs.fdinfo_lines(raw, "inotify ")]
+            _no_queued_events(scan, fd)
+    except (KeyError, ValueError) as exc:
+        raise scan.refuse(fd, f"({kind}): cannot parse its fdinfo ({exc})") from exc
+    return rec
+
+
+def _timerfd(raw: bytes) -> TimerfdState:
+    vals = {}
+    for line in raw.decode("utf-8", "surrogateescape").splitlines():
+        key, _, value = line.partition(":")
+        vals[key] = value.strip()
+    return TimerfdState(
+        clockid=int(vals["clockid"]),
+        ticks=int(vals["ticks"]),
+        settime_flags=int(vals["settime flags"], 8),
+        value_ns=fdobjs.parse_pair(vals["it_value"]),
+        interval_ns=fdobjs.parse_pair(vals["it_interval"]),
+    )
+
+
+def _watch(scan: FdScan, fd: int, w: dict[str, str]) -> InotifyWatch:
+    wd = int(w["wd"], 16)
+    sdev, ino = int(w["sdev"], 16), int(w["ino"], 16)
+    handle = bytes.fromhex(w.get("f_handle", ""))
+    path = fdobjs.handle_to_path(sdev, int(w.get("fhandle-type", "0"), 16), handle)
+    dev = os.makedev(sdev >> 20, sdev & 0xFFFFF)
+    if path is not None:
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except OSError:
+            path = None
+        else:
+            if (st.st_dev, st.st_ino) != (dev, ino):
+                path = None
+    if path is None:
+        raise scan.refuse(
+            fd,
+            f"(inotify): the inode watched as wd {wd} (inode {ino}) has no path any more "
+            "(deleted, or on a filesystem without file handles)",
+        )
+    return InotifyWatch(wd=wd, mask=int(w["mask"], 16), path=path, dev=dev, ino=ino)
+
+
+def _no_queued_events(scan: FdScan, fd: int) -> None:
+    copy = scan.getfd(fd)
+    try:
+        queued = fdobjs.fionread(copy)
+    finally:
+        os.close(copy)
+    if queued:
+        raise scan.refuse(
+            fd, f"(inotify) has {queued} bytes of unread events (queued events are not saved)"
+        )
+
+
+# ---------------------------------------------------------------- cross-fd checks
+
+
+def finish(scan: FdScan, out: list[Fd], maps: list[procfs.Mapping]) -> None:
+    """Checks and state that need all fds: pipes, epoll registrations, memfds."""
+    by_fd = {f.fd: f for f in out}
+    _pipes(scan, [f for f in out if f.kind in ("pipe", "fifo")])
+    for f in out:
+        if f.kind == "epoll":
+            _epoll_sources(scan, f, by_fd)
+    _memfds(scan, out, maps)
+
+
+def _pipes(scan: FdScan, recs: list[Fd]) -> None:
+    groups: dict[int, list[Fd]] = {}
+    for r in recs:
+        groups.setdefault(r.obj_id, []).append(r)
+    for recs_of in groups.values():
+        first = recs_of[0]
+        kind = first.kind
+        st = os.stat(f"/proc/{scan.pid}/fd/{first.fd}")
+        link = os.readlink(f"/proc/{scan.pid}/fd/{first.fd}")
+        mates = scan.tree if kind == "pipe" else frozenset()
+        others = fdobjs.holders(st.st_dev, st.st_ino, link, {scan.pid, os.getpid(), *mates})
+        if others:
+            what = "pipe" if kind == "pipe" else f"FIFO ({first.path})"
+            raise scan.refuse(
+                first.fd,
+                f"is a {what} also open in process {others[0]} (pipes between processes "
+                "are not supported yet)",
+            )
+        modes = [r.flags & O_ACCMODE for r in recs_of]
+        if kind == "pipe" and (len(recs_of) > 2 or len(set(modes)) != len(modes)):
+            raise scan.refuse(
+                first.fd, "is a pipe reopened through /proc (more than two open descriptions)"
+            )
+        readable = next((r for r in recs_of if r.flags & O_ACCMODE != O_WRONLY), None)
+        copy = -1
+        if readable is not None:
+            copy = scan.getfd(readable.fd)
+        elif kind == "fifo":  # only writers here: peek through a reader of our own
+            copy = os.open(
+                f"/proc/{scan.pid}/fd/{first.fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+            )
+        if copy < 0:  # a pipe whose read end is closed: its data can never be read
+            copy = scan.getfd(first.fd)
+            try:
+                first.pipe_size = fdobjs.pipe_size(copy)
+            finally:
+                os.close(copy)
+            continue
+        try:
+            first.pipe_size = fdobjs.pipe_size(copy)
+            first.data = fdobjs.pipe_peek(copy)
+        finally:
+            os.close(copy)
+        if first.data and any(r.flags & O_DIRECT for r in recs_of):
+            raise scan.refuse(first.fd, "is a packet-mode (O_DIRECT) pipe with buffered data")
+        scan.charge(first.fd, kind, len(first.data))
+
+
+def _epoll_sources(scan: FdScan, ep: Fd, by_fd: dict[int, Fd]) -> None:
+    """Find, for each registration, an fd of the process holding the registered file."""
+    seen: dict[int, int] = {}
+    for e in ep.epoll:
+        toff = seen.get(e.tfd, 0)
+        seen[e.tfd] = toff + 1
+        if e.tfd in by_fd and fdobjs.epoll_target_is(scan.pid, e.tfd, ep.fd, e.tfd, toff):
+            e.src_fd = e.tfd
+            continue
+        src = next(
+            (
+                fd
+                for fd in sorted(by_fd)
+                if fd >= 0 and fdobjs.epoll_target_is(scan.pid, fd, ep.fd, e.tfd, toff)
+            ),
+            None,
+        )
+        if src is None:
+            raise scan.refuse(
+                ep.fd,
+                f"(epoll): the file registered as fd {e.tfd} is no longer open in the process "
+                "(closed after registration, still held elsewhere)",
+            )
+        e.src_fd = src
+
+
+def _memfds(scan: FdScan, out: list[Fd], maps: list[procfs.Mapping]) -> None:
+    first: dict[int, Fd] = {}
+    for f in out:
+        if f.kind == "memfd" and f.obj_id not in first:
+            first[f.obj_id] = f
+            name = f.path[len(MEMFD_PREFIX) : -len(DELETED)]
+            f.memfd = _memfd_state(scan, f.fd, name, f"/proc/{scan.pid}/fd/{f.fd}")
+    for m in maps:
+        if not (m.deleted and m.name.startswith(MEMFD_PREFIX) and m.inode):
+            continue
+        rec = first.get(m.inode)
+        if rec is None:  # held only by mappings: a record without an fd number
+            name = m.name[len(MEMFD_PREFIX) :]
+            rec = Fd(fd=-1, kind="memfd", path=m.name + DELETED, flags=O_RDWR, cloexec=True,
+                     pos=0, obj_id=m.inode)  # fmt: skip
+            where = f"/proc/{scan.pid}/map_files/{m.start:x}-{m.end:x}"
+            rec.memfd = _memfd_state(scan, -1, name, where, m.start)
+            first[m.inode] = rec
+            out.append(rec)
+        rec.memfd.maps.append(m.start)
+
+
+def _memfd_state(scan: FdScan, fd: int, name: str, path: str, at: int = 0) -> MemfdState:
+    try:
+        c = fdobjs.read_sparse(path, scan.budget)
+    except OSError as exc:
+        who = f"fd {fd}" if fd >= 0 else f"the memfd mapped at {at:#x}"
+        if exc.errno == 27:  # EFBIG
+            raise UnsupportedProcess(
+                f"{who} is a memfd ({name}) holding more than the {MAX_FD_DATA >> 20} MiB "
+                "ckpt keeps for memfds and pipes in an image's state",
+                pid=scan.pid,
+            ) from exc
+        raise UnsupportedProcess(f"{who}: cannot read memfd {name}: {exc.strerror}",
+                                 pid=scan.pid) from exc  # fmt: skip
+    scan.budget -= sum(len(d) for _, d in c.extents)
+    return MemfdState(name=name, size=c.size, mode=c.mode, seals=c.seals, extents=c.extents)

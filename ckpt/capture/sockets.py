@@ -1,0 +1,332 @@
+"""Socket fds → model Sockets (called by capture/fds.py for every socket fd).
+
+Works on a duplicate of the target's socket (pidfd_getfd) while the target is
+frozen, plus sock_diag for what the socket itself cannot tell (unix peers and
+accept queues). Queued data is peeked, never consumed. Anything that cannot be
+rebuilt is refused before the target is harmed, naming the fd, its type and,
+for connections, both ends.
+
+A process-wide view (which socket inodes belong to the process) is built once
+per frozen capture and reused for the following fds: it is keyed by the
+target's scheduler statistics, which do not change while it stays stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+from ..errors import DumpError, UnsupportedProcess
+from ..kernel import procfs, sockdiag, tcp_repair
+from ..kernel.sockets import TargetSocket, socket_file
+from ..model import Fd, Socket, SocketMsg, TcpConn
+
+UNIX_TYPES = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "dgram", socket.SOCK_SEQPACKET: "seqpacket"}  # fmt: skip
+FAMILIES = {socket.AF_UNIX: "unix", socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6",
+            socket.AF_NETLINK: "netlink", socket.AF_PACKET: "packet"}  # fmt: skip
+CONSISTENT_TRIES = 20
+
+
+@dataclass
+class _ProcessSockets:
+    key: tuple
+    fds: dict[int, int]  # socket inode → fd
+    frozen: bool  # ptrace-stopped: queues may be peeked and TCP put in repair mode
+    captured: dict[int, Socket] = field(default_factory=dict)
+    held: dict[int, TargetSocket] = field(default_factory=dict)  # established TCP dups
+    _all_unix: dict[int, sockdiag.UnixDiag] | None = None
+
+    def all_unix(self) -> dict[int, sockdiag.UnixDiag]:
+        if self._all_unix is None:
+            self._all_unix = sockdiag.unix_sockets()
+        return self._all_unix
+
+
+_cache: dict[int, _ProcessSockets] = {}
+
+
+def _process(pid: int) -> _ProcessSockets:
+    key = (procfs.read_bytes(pid, "schedstat"), procfs.read_bytes(pid, "stat").split(b")")[0])
+    ctx = _cache.get(pid)
+    if ctx is not None and ctx.key == key:
+        return ctx
+    inodes = {}
+    for fd in procfs.fds(pid):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.setdefault(int(link[8:-1]), fd)
+    frozen = procfs.status(pid).get("State", "")[:1] == "t"
+    ctx = _ProcessSockets(key, inodes, frozen)
+    _cache.clear()
+    _cache[pid] = ctx
+    return ctx
+
+
+def capture_socket(
+    pid: int,
+    fd: int,
+    st: os.stat_result,
+    *,
+    flags: int,
+    cloexec: bool,
+    fdinfo: dict[str, str] | None = None,
+    tcp_established: bool = False,
+) -> Fd:
+    """The Fd (kind "socket") for socket fd `fd` of the frozen process `pid`."""
+    ctx = _process(pid)
+    ino = st.st_ino
+    try:
+        ts = TargetSocket(pid, fd)
+    except OSError as exc:
+        raise DumpError(f"cannot inspect socket fd {fd} of {pid}: {exc.strerror}", pid=pid) from exc
+    keep = False
+    try:
+        if ts.family == socket.AF_UNIX:
+            sock = _unix(pid, ctx, ts, ino, fdinfo or {})
+        elif ts.family in (socket.AF_INET, socket.AF_INET6) and ts.type == socket.SOCK_STREAM:
+            sock = _tcp(pid, ctx, ts, ino, tcp_established)
+            keep = sock.tcp is not None
+        elif ts.family in (socket.AF_INET, socket.AF_INET6) and ts.type == socket.SOCK_DGRAM:
+            sock = _udp(pid, ts, ino)
+        else:
+            kind = FAMILIES.get(ts.family, f"family {ts.family}")
+            raise UnsupportedProcess(
+                f"fd {fd} is a {kind} socket (type {ts.type}, socket:[{ino}]): not supported",
+                pid=pid,
+            )
+        sock.options = ts.options()
+        sock.sndbuf, sock.rcvbuf, sock.buf_lock = ts.buffers()
+        if ts.family == socket.AF_UNIX:
+            sock.peek_off = ts.peek_offset()
+    except OSError as exc:
+        raise DumpError(f"cannot read socket fd {fd} of {pid}: {exc}", pid=pid) from exc
+    finally:
+        if not keep:
+            ts.close()
+    ctx.captured[ino] = sock
+    if keep:
+        ctx.held[ino] = ts
+        tcp_repair.hold_until_exit(pid, ts)
+    return Fd(fd=fd, kind="socket", path=f"socket:[{ino}]", flags=flags, cloexec=cloexec,
+              pos=0, socket=sock)  # fmt: skip
+
+
+# -- unix -------------------------------------------------------------------------------------
+
+
+def _name(n: bytes | None) -> str:
+    if not n:
+        return "unnamed"
+    if n[:1] == b"\0":
+        return "@" + n[1:].decode(errors="replace")
+    return n.decode(errors="replace")
+
+
+def _unix(pid: int, ctx: _ProcessSockets, ts: TargetSocket, ino: int, fdinfo) -> Socket:
+    fd = ts.fd
+    tname = UNIX_TYPES.get(ts.type, str(ts.type))
+    what = f"fd {fd} is a unix {tname} socket"
+    d = sockdiag.unix_socket(ino)
+    if d is None:
+        raise DumpError(f"socket fd {fd} of {pid} vanished", pid=pid)
+    if int(fdinfo.get("scm_fds", "0") or 0):
+        raise UnsupportedProcess(
+            f"{what} with file descriptors in flight (SCM_RIGHTS): not supported", pid=pid
+        )
+    s = Socket(ino=ino, family=socket.AF_UNIX, type=ts.type, protocol=ts.proto, state="unbound")
+    s.local = d.name or None
+    s.shutdown = d.shutdown
+    if d.state == sockdiag.TCP_LISTEN:
+        s.state, s.backlog = "listen", d.wqueue
+        for client in d.icons:
+            if client not in ctx.fds:
+                raise UnsupportedProcess(
+                    f"{what} listening on {_name(s.local)} with a connection from outside the "
+                    f"process (socket:[{client}]) waiting to be accepted: not supported",
+                    pid=pid,
+                )
+        s.pending = list(d.icons)
+    elif d.peer or (ts.type != socket.SOCK_DGRAM and d.state == sockdiag.TCP_ESTABLISHED):
+        s.state = "connected"
+        _unix_peer(pid, ctx, ts, s, d, what)
+    elif s.local:
+        s.state = "bound"
+    if s.local and s.local[:1] != b"\0" and not s.accepted and s.state != "pending":
+        _name_file(pid, s, d)
+    if s.state != "listen" and ctx.frozen:
+        if ts.type == socket.SOCK_STREAM:
+            data = ts.peek_stream()
+            s.queue = [SocketMsg(data)] if data else []
+        else:
+            s.queue = [SocketMsg(m, src or None) for m, src in ts.peek_messages()]
+    return s
+
+
+def _unix_peer(pid, ctx, ts, s: Socket, d: sockdiag.UnixDiag, what: str) -> None:
+    remote = ts.peername()
+    s.remote = remote or None
+    if d.peer and d.peer in ctx.fds:
+        s.peer_ino = d.peer
+        if ts.type != socket.SOCK_DGRAM and s.local:
+            # the accept()ed end carries its listener's name
+            for ino, other in ctx.all_unix().items():
+                if other.state == sockdiag.TCP_LISTEN and other.name == s.local and ino in ctx.fds:
+                    s.accepted, s.listener_ino = True, ino
+                    break
+        return
+    if d.peer:
+        if ts.type == socket.SOCK_DGRAM and remote:
+            return  # connected to a named socket elsewhere (e.g. /dev/log): reconnect by name
+        raise UnsupportedProcess(
+            f"{what} connected to a socket outside the process (socket:[{d.peer}], "
+            f"{_name(remote)}): not supported",
+            pid=pid,
+        )
+    # stream/seqpacket, no peer socket: waiting in a listener's queue, or the peer closed
+    for ino, other in sockdiag.unix_sockets().items():
+        if other.state == sockdiag.TCP_LISTEN and s.ino in other.icons:
+            if ino not in ctx.fds:
+                raise UnsupportedProcess(
+                    f"{what} waiting to be accepted by a listener outside the process "
+                    f"({_name(other.name)}, socket:[{ino}]): not supported",
+                    pid=pid,
+                )
+            if d.wqueue:
+                raise UnsupportedProcess(
+                    f"{what} with {d.wqueue} bytes sent to a connection its listener "
+                    f"({_name(other.name)}) has not accepted yet: not supported",
+                    pid=pid,
+                )
+            s.state, s.listener_ino = "pending", ino
+            return
+    s.peer_closed = True
+
+
+def _name_file(pid: int, s: Socket, d: sockdiag.UnixDiag) -> None:
+    path = os.fsdecode(s.local)
+    if not path.startswith("/"):
+        path = os.path.join(procfs.readlink(pid, "cwd"), path)
+    st = socket_file(path)
+    if st is None or d.vfs is None or st.st_ino != d.vfs[0]:
+        s.name_deleted = True
+        return
+    s.name_file = [st.st_mode & 0o7777, st.st_uid, st.st_gid]
+
+
+# -- TCP / UDP -------------------------------------------------------------------------------
+
+
+def _addr(a) -> str:
+    if not a:
+        return "?"
+    host, port = a[0], a[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _tcp(
+    pid: int, ctx: _ProcessSockets, ts: TargetSocket, ino: int, allow_external: bool
+) -> Socket:
+    fd = ts.fd
+    fam = FAMILIES[ts.family]
+    info = tcp_repair.tcp_info(ts)
+    s = Socket(ino=ino, family=ts.family, type=ts.type, protocol=ts.proto, state="unbound")
+    s.local = ts.sockname()
+    if info.state == sockdiag.TCP_CLOSE:
+        s.state = "bound" if s.local[1] else "unbound"
+        return s
+    if info.state == sockdiag.TCP_LISTEN:
+        s.state, s.backlog = "listen", info.sacked
+        if info.unacked:
+            raise UnsupportedProcess(
+                f"fd {fd} is a listening TCP/{fam} socket on {_addr(s.local)} with "
+                f"{info.unacked} connection(s) waiting to be accepted: not supported "
+                "(try again when the process has accepted them)",
+                pid=pid,
+            )
+        return s
+    s.remote = ts.peername()
+    if info.state != sockdiag.TCP_ESTABLISHED:
+        state = sockdiag.TCP_STATES.get(info.state, str(info.state))
+        raise UnsupportedProcess(
+            f"fd {fd} is a TCP/{fam} socket in state {state} ({_addr(s.local)} -> "
+            f"{_addr(s.remote)}): only listening, bound and established TCP sockets are supported",
+            pid=pid,
+        )
+    s.state = "established"
+    peer = sockdiag.tcp_socket_inode(ts.family, tuple(s.remote[:2]), tuple(s.local[:2]))
+    if peer and peer in ctx.fds:
+        s.peer_ino = peer
+    elif not allow_external:
+        raise UnsupportedProcess(
+            f"fd {fd} is an established TCP/{fam} connection {_addr(s.local)} -> "
+            f"{_addr(s.remote)} whose peer is outside the process: dump with "
+            "--tcp-established to checkpoint it (the peer must not send until the restore)",
+            pid=pid,
+        )
+    if not ctx.frozen:
+        return s  # a check while it runs (migration's preflight): no repair mode now
+    s.tcp = _read_tcp(ts, info)
+    partner = ctx.captured.get(s.peer_ino) if s.peer_ino else None
+    if partner is not None and partner.tcp is not None:
+        _make_consistent(pid, ctx, ts, s, partner)
+    return s
+
+
+def _read_tcp(ts: TargetSocket, info) -> TcpConn:
+    tcp_repair.repair_on(ts)
+    try:
+        r = tcp_repair.read_state(ts, info)
+    finally:
+        tcp_repair.repair_off(ts)
+    return TcpConn(
+        snd_seq=r.snd_seq, rcv_seq=r.rcv_seq, outq=r.outq, unsent=r.unsent, inq=r.inq,
+        mss=r.mss, options=r.options, snd_wscale=r.snd_wscale, rcv_wscale=r.rcv_wscale,
+        timestamp=r.timestamp, window=r.window,
+    )  # fmt: skip
+
+
+def _before(a: int, b: int) -> bool:
+    """a ≤ b in 32-bit sequence space."""
+    return ((b - a) & 0xFFFFFFFF) < 1 << 31
+
+
+def _consistent(a: TcpConn, b: TcpConn) -> bool:
+    def one_way(snd: TcpConn, rcv: TcpConn) -> bool:
+        una = (snd.snd_seq - len(snd.outq)) & 0xFFFFFFFF
+        return _before(una, rcv.rcv_seq) and _before(rcv.rcv_seq, snd.snd_seq)
+
+    return one_way(a, b) and one_way(b, a)
+
+
+def _make_consistent(pid, ctx, ts: TargetSocket, s: Socket, partner: Socket) -> None:
+    """Both ends of a loopback connection are ours: their two captures must agree
+    (nothing acknowledged by one end that the other does not hold). The process
+    is frozen, so the kernel settles within a delayed-ACK time; re-read until then."""
+    pts = ctx.held[partner.ino]
+    for _ in range(CONSISTENT_TRIES):
+        if _consistent(s.tcp, partner.tcp):
+            return
+        time.sleep(0.05)
+        partner.tcp = _read_tcp(pts, tcp_repair.tcp_info(pts))
+        s.tcp = _read_tcp(ts, tcp_repair.tcp_info(ts))
+    raise DumpError(
+        f"the two ends of TCP connection {_addr(s.local)} <-> {_addr(s.remote)} (fd {ts.fd}) "
+        "kept changing while the process was frozen",
+        pid=pid,
+    )
+
+
+def _udp(pid: int, ts: TargetSocket, ino: int) -> Socket:
+    s = Socket(ino=ino, family=ts.family, type=ts.type, protocol=ts.proto, state="unbound")
+    s.local = ts.sockname()
+    s.remote = ts.peername()
+    if s.remote:
+        s.state = "connected"
+    elif s.local[1]:
+        s.state = "bound"
+    return s  # queued datagrams are not kept (UDP may drop them anyway)

@@ -1,0 +1,231 @@
+"""A process and its descendants: find them, freeze them all, link what they share.
+
+The tree is frozen top-down and listed again until a pass finds nobody new: a
+process that is still running can fork, a frozen one cannot, so once every
+process found is frozen the tree is complete. The order (parents before their
+children, breadth first) is the restore order; a process's index in it is its
+"slot": page keys are `slot << 48 | vaddr` (vaddrs stay below 2^47).
+
+Things two processes share are stored once, on the first process in slot order
+that has them, and the others point at it: an open file description (an fd
+inherited across fork: same offset and flags afterwards, found with kcmp), and
+MAP_SHARED anonymous memory (the same shmem inode).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..errors import DumpError, NoSuchProcess, UnsupportedProcess
+from ..kernel import procfs
+from ..kernel.process import kcmp_file
+from ..kernel.ptrace import Tracee, seize_group
+from ..model import Fd, ProcessImage
+
+O_ACCMODE = 3
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of every thread of pid."""
+    out: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return sorted(set(out))
+
+
+def descendants(pid: int) -> list[int]:
+    """pid's descendants, breadth first (parents before children)."""
+    order, queue = [], [pid]
+    while queue:
+        p = queue.pop(0)
+        kids = children(p)
+        order += kids
+        queue += kids
+    return order
+
+
+def check_member(pid: int, root: int, *, frozen: bool = False) -> None:
+    """Descendant states ckpt cannot bring back: refuse them by name.
+
+    frozen: pid is already seized by us (its "t" state and tracer are ours)."""
+    try:
+        st = procfs.stat(pid)
+    except NoSuchProcess:
+        return
+    what = f"process {pid} ({st.comm.decode(errors='replace')}), a descendant of {root},"
+    if st.state in ("Z", "X"):
+        raise UnsupportedProcess(
+            f"{what} is a zombie (exited, not yet waited for); trees with zombies are not "
+            "supported: let its parent reap it, or dump with --no-tree",
+            pid=root,
+        )
+    if frozen:
+        return
+    if st.state in ("T", "t"):
+        raise UnsupportedProcess(
+            f"{what} is stopped (job control or a debugger); continue it first, or dump "
+            "with --no-tree",
+            pid=root,
+        )
+    tracer = int(procfs.status(pid).get("TracerPid", "0"))
+    if tracer and tracer != os.getpid():
+        raise UnsupportedProcess(f"{what} is traced by process {tracer}", pid=root)
+
+
+@dataclass
+class FrozenTree:
+    """Every process of the tree stopped; members[0] is the root."""
+
+    members: list[Tracee]
+
+    @property
+    def pids(self) -> list[int]:
+        return [t.pid for t in self.members]
+
+    def detach(self) -> None:
+        err: OSError | None = None
+        for t in reversed(self.members):
+            try:
+                t.detach()
+            except OSError as exc:
+                err = err or exc
+        if err is not None and not isinstance(err, NoSuchProcess):
+            raise err
+
+    def kill_and_reap(self) -> None:
+        for t in self.members:
+            try:
+                os.kill(t.pid, 9)
+            except ProcessLookupError:
+                pass
+        for t in reversed(self.members):
+            t.reap_killed()
+
+
+def freeze_tree(root: Tracee) -> FrozenTree:
+    """With the root already frozen (and its threads), freeze every descendant."""
+    held: dict[int, Tracee] = {root.pid: root}
+    try:
+        while True:
+            found = descendants(root.pid)
+            new = [p for p in found if p not in held]
+            if not new:
+                break
+            for p in new:
+                check_member(p, root.pid)
+                try:
+                    held[p] = seize_group(p, procfs.tasks)
+                except (NoSuchProcess, DumpError):
+                    continue  # exited meanwhile: not part of the tree any more
+        order = [root.pid, *descendants(root.pid)]
+        for p in set(held) - set(order):  # left the tree (exited, re-parented)
+            held.pop(p).detach()
+        for p in order[1:]:
+            check_member(p, root.pid, frozen=True)
+        return FrozenTree([held[p] for p in order])
+    except BaseException:
+        for p, t in held.items():
+            if p != root.pid:
+                try:
+                    t.detach()
+                except OSError:
+                    pass
+        raise
+
+
+def link_shared(procs: list[ProcessImage]) -> None:
+    """Point what later processes share with earlier ones at its first holder.
+
+    Runs on the captured images while the tree is still frozen (kcmp and
+    /proc/PID/maps need the live processes).
+    """
+    _link_fds(procs)
+    _link_pipes(procs)
+    _link_shmem(procs)
+
+
+def _link_fds(procs: list[ProcessImage]) -> None:
+    by_ident: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for slot, p in enumerate(procs):
+        for i, fd in enumerate(p.fds):
+            if fd.kind == "dup" or fd.fd < 0:
+                continue
+            try:
+                st = os.stat(f"/proc/{p.pid}/fd/{fd.fd}")
+            except OSError:
+                continue
+            key = (st.st_dev, st.st_ino)
+            owner = next(
+                (
+                    (s, ofd)
+                    for s, ofd in by_ident.get(key, [])
+                    if kcmp_file(procs[s].pid, ofd, p.pid, fd.fd)
+                ),
+                None,
+            )
+            if owner is None:
+                by_ident.setdefault(key, []).append((slot, fd.fd))
+                continue
+            p.fds[i] = Fd(
+                fd=fd.fd, kind="peer", path=fd.path, flags=fd.flags, cloexec=fd.cloexec,
+                pos=fd.pos, peer_slot=owner[0], peer_fd=owner[1],
+            )  # fmt: skip
+
+
+def _link_pipes(procs: list[ProcessImage]) -> None:
+    """A pipe whose ends live in different processes (the usual fork + close pattern):
+    the first process holding an end creates the pipe (with its buffered data); each
+    end first held by a later process becomes a "pipe_end" taken from it."""
+    groups: dict[int, list[tuple[int, Fd]]] = {}
+    for slot, p in enumerate(procs):
+        for f in p.fds:
+            if f.kind == "pipe":
+                groups.setdefault(f.obj_id, []).append((slot, f))
+    for recs in groups.values():
+        slots = {slot for slot, _ in recs}
+        if len(slots) < 2:
+            continue
+        modes = [f.flags & O_ACCMODE for _, f in recs]
+        if len(modes) != len(set(modes)):
+            slot, f = recs[-1]
+            raise UnsupportedProcess(
+                f"fd {f.fd} of process {procs[slot].pid} is a pipe end opened twice "
+                "(reopened through /proc): not supported",
+                pid=procs[0].pid,
+            )
+        creator = min(slots)
+        first = next(f for slot, f in recs if slot == creator)
+        for slot, f in recs:
+            if f.data and not first.data:
+                first.data, f.data = f.data, b""
+            first.pipe_size = max(first.pipe_size, f.pipe_size)
+            if slot != creator:
+                f.kind, f.peer_slot = "pipe_end", creator
+
+
+def _link_shmem(procs: list[ProcessImage]) -> None:
+    first: dict[tuple[int, int, int], tuple[int, int]] = {}
+    for slot, p in enumerate(procs):
+        inodes = {
+            m.start: (m.dev_major, m.dev_minor, m.inode)
+            for m in procfs.maps(p.pid)
+            if m.shared and m.inode
+        }
+        for v in p.vmas:
+            if v.kind != "shmem" or v.start not in inodes:
+                continue
+            ident = inodes[v.start]
+            if ident in first:
+                v.shared_with = list(first[ident])
+                v.present = []  # the owner stores the pages
+            else:
+                first[ident] = (slot, v.start)

@@ -1,0 +1,280 @@
+"""Kernel objects behind fds (pipes, memfds, epoll, inotify, timerfd…), seen from ckpt.
+
+Reading their state never changes it: pipe data is duplicated with tee()
+into a private pipe (the target's buffer is not consumed), memfd content is
+read through ckpt's own open file description (the target's offset stays),
+and epoll/inotify/timerfd/signalfd/eventfd state comes from fdinfo.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+import termios
+from dataclasses import dataclass
+
+from .native import PAGE_SIZE, check, ffi, nonzero_runs, syscall
+
+NR_TEE, NR_KCMP, NR_OPEN_BY_HANDLE_AT = 276, 312, 304
+NR_INOTIFY_ADD_WATCH, NR_INOTIFY_RM_WATCH = 254, 255
+KCMP_EPOLL_TFD = 7
+SPLICE_F_NONBLOCK = 2
+F_GETPIPE_SZ, F_SETPIPE_SZ = 1032, 1031
+F_ADD_SEALS, F_GET_SEALS = 1033, 1034
+TFD_IOC_SET_TICKS = 0x40085400  # _IOW('T', 0, u64)
+IN_DONT_FOLLOW = 0x02000000
+O_PATH = 0o10000000
+SEEK_DATA, SEEK_HOLE = 3, 4
+_CHUNK = 8 << 20
+
+
+# ---------------------------------------------------------------- fdinfo
+
+
+def fdinfo_lines(raw: bytes, prefix: str) -> list[dict[str, str]]:
+    """Every fdinfo line starting with `prefix` as {key: value} of its `key:value` words.
+
+    `tfd:        5 events:       19 data: ...` → {"tfd": "5", "events": "19", ...}.
+    """
+    out = []
+    for line in raw.decode("utf-8", "surrogateescape").splitlines():
+        if not line.startswith(prefix):
+            continue
+        fields: dict[str, str] = {}
+        key = None
+        for word in line[len(prefix) :].replace(":", ": ").split():
+            if word.endswith(":"):
+                key = word[:-1]
+            elif key is not None:
+                fields[key] = word
+                key = None
+        if prefix.endswith(":"):
+            fields[prefix[:-1].strip()] = line[len(prefix) :].split()[0]
+        out.append(fields)
+    return out
+
+
+def parse_pair(value: str) -> int:
+    """`(sec, nsec)` from timerfd fdinfo → nanoseconds."""
+    sec, nsec = value.strip("() ").split(",")
+    return int(sec) * 10**9 + int(nsec)
+
+
+# ---------------------------------------------------------------- pipes
+
+
+def pipe_size(fd: int) -> int:
+    return fcntl.fcntl(fd, F_GETPIPE_SZ)
+
+
+def fionread(fd: int) -> int:
+    buf = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    return struct.unpack("i", buf)[0]
+
+
+def pipe_peek(fd: int) -> bytes:
+    """The bytes buffered in the pipe/FIFO that `fd` reads, left in place.
+
+    tee() duplicates the pipe's buffers into a private pipe of the same
+    capacity (capacity counts buffers, so all of them fit); reading the
+    private pipe consumes only the copies.
+    """
+    want = fionread(fd)
+    if want == 0:
+        return b""
+    r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        fcntl.fcntl(w, F_SETPIPE_SZ, pipe_size(fd))
+        n = check(syscall(NR_TEE, fd, w, 1 << 30, SPLICE_F_NONBLOCK), "tee")
+        chunks = []
+        got = 0
+        while got < n:
+            chunk = os.read(r, n - got)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+    finally:
+        os.close(r)
+        os.close(w)
+    data = b"".join(chunks)
+    if len(data) != want:
+        raise OSError(errno.EIO, f"tee copied {len(data)} of the pipe's {want} bytes")
+    return data
+
+
+def pipe_fill(fd: int, data: bytes) -> None:
+    """Write `data` into a pipe through ckpt's copy of its write end (it fits: the
+    pipe was sized to hold it)."""
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError as exc:
+            raise OSError(errno.EAGAIN, "pipe is full while refilling its buffered data") from exc
+        view = view[n:]
+
+
+def holders(dev: int, ino: int, link: str, exclude: set[int]) -> list[int]:
+    """PIDs (other than `exclude`) with an fd on the object whose /proc fd link reads `link`
+    and whose (st_dev, st_ino) is (dev, ino)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in exclude:
+            continue
+        base = f"/proc/{entry}/fd"
+        try:
+            names = os.listdir(base)
+        except OSError:
+            continue
+        for name in names:
+            try:
+                if os.readlink(f"{base}/{name}") != link:
+                    continue
+                st = os.stat(f"{base}/{name}")
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (dev, ino):
+                out.append(int(entry))
+                break
+    return out
+
+
+# ---------------------------------------------------------------- memfd
+
+
+@dataclass
+class FileContent:
+    size: int
+    mode: int
+    seals: int
+    extents: list[list]  # [offset, bytes]: the data; holes read as zero
+
+
+def read_sparse(path: str, limit: int) -> FileContent:
+    """Size, mode, seals and data extents (SEEK_DATA/SEEK_HOLE) of a file opened by
+    path (e.g. /proc/PID/fd/N: a new open file description, so the target's
+    offset is untouched). OSError(EFBIG) when the data exceeds `limit` bytes."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        try:
+            seals = fcntl.fcntl(fd, F_GET_SEALS)
+        except OSError:
+            seals = 0
+        extents: list[list] = []
+        total = 0
+        pos = 0
+        while pos < st.st_size:
+            try:
+                start = os.lseek(fd, pos, SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    break
+                raise
+            end = os.lseek(fd, start, SEEK_HOLE)
+            for off in range(start, end, _CHUNK):  # bounded reads; pages of zeros stay holes
+                data = os.pread(fd, min(_CHUNK, end - off), off)
+                for first, n in _nonzero(data):
+                    a, b = first * PAGE_SIZE, min((first + n) * PAGE_SIZE, len(data))
+                    total += b - a
+                    if total > limit:
+                        raise OSError(errno.EFBIG, f"more than {limit >> 20} MiB of data")
+                    extents.append([off + a, data[a:b]])
+            pos = end
+        return FileContent(size=st.st_size, mode=st.st_mode & 0o7777, seals=seals, extents=extents)
+    finally:
+        os.close(fd)
+
+
+def _nonzero(data: bytes) -> list[tuple[int, int]]:
+    """(first page, pages) runs of data that are not all zero (a short tail counts)."""
+    npages = (len(data) + PAGE_SIZE - 1) // PAGE_SIZE
+    if len(data) % PAGE_SIZE:
+        data = data + bytes(PAGE_SIZE - len(data) % PAGE_SIZE)
+    return nonzero_runs(data, npages)
+
+
+def write_sparse(path: str, content: FileContent) -> None:
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        os.ftruncate(fd, content.size)
+        for off, data in content.extents:
+            view = memoryview(data)
+            while view:
+                n = os.pwrite(fd, view, off)
+                view, off = view[n:], off + n
+        os.fchmod(fd, content.mode)
+    finally:
+        os.close(fd)
+
+
+def add_seals(fd: int, seals: int) -> None:
+    fcntl.fcntl(fd, F_ADD_SEALS, seals)
+
+
+# ---------------------------------------------------------------- epoll
+
+
+def epoll_target_is(pid: int, fd: int, efd: int, tfd: int, toff: int) -> bool:
+    """Is the file at `fd` of pid the one registered in epoll `efd` as (tfd, toff-th)?"""
+    slot = ffi.new("uint32_t[3]", [efd, tfd, toff])
+    addr = int(ffi.cast("uintptr_t", slot))
+    return syscall(NR_KCMP, pid, pid, KCMP_EPOLL_TFD, fd, addr) == 0
+
+
+# ---------------------------------------------------------------- inotify
+
+
+def _mount_dir_for(sdev: int) -> str | None:
+    """A mount point of the filesystem with kernel dev_t `sdev` (major << 20 | minor)."""
+    want = f"{sdev >> 20}:{sdev & 0xFFFFF}"
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 4 and parts[2] == want:
+                return parts[4].replace("\\040", " ")
+    return None
+
+
+def handle_to_path(sdev: int, htype: int, handle: bytes) -> str | None:
+    """Path of the inode named by a file handle (open_by_handle_at), or None."""
+    mnt = _mount_dir_for(sdev)
+    if mnt is None or not handle:
+        return None
+    mfd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # not O_PATH: EBADF
+    try:
+        buf = ffi.new("char[]", struct.pack("<Ii", len(handle), htype) + handle)
+        addr = int(ffi.cast("uintptr_t", buf))
+        fd = syscall(NR_OPEN_BY_HANDLE_AT, mfd, addr, O_PATH | os.O_CLOEXEC)
+        if fd < 0:
+            return None
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+    finally:
+        os.close(mfd)
+    return None if path.endswith(" (deleted)") or not path.startswith("/") else path
+
+
+def inotify_add(fd: int, path: str, mask: int) -> int:
+    p = ffi.new("char[]", os.fsencode(path))
+    r = syscall(NR_INOTIFY_ADD_WATCH, fd, int(ffi.cast("uintptr_t", p)), mask | IN_DONT_FOLLOW)
+    return check(r, "inotify_add_watch", target=path)
+
+
+def inotify_rm(fd: int, wd: int) -> None:
+    check(syscall(NR_INOTIFY_RM_WATCH, fd, wd), "inotify_rm_watch")
+
+
+def drain(fd: int) -> None:
+    """Discard what is queued on fd now (reads exactly FIONREAD bytes: never blocks)."""
+    n = fionread(fd)
+    while n > 0:
+        got = os.read(fd, n)
+        if not got:
+            break
+        n -= len(got)

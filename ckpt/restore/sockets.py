@@ -1,0 +1,403 @@
+"""Re-create the dumped sockets inside the restorer (called once, from restore/fds.py,
+for the first socket fd; it builds every socket of the process, since the two
+ends of a connection are made together).
+
+What depends on the calling process — socket()/socketpair() (the creator's
+credentials), bind of unix paths (relative to the cwd), connect/accept of unix
+sockets (the peer credentials) — is injected into the restorer. Options, queued
+data and the TCP_REPAIR work go through ckpt's pidfd_getfd copy of the
+restorer's socket: the same kernel object, with no scratch-area size limit.
+
+Order: listening, bound and unbound sockets; unix connections (socketpair, or
+connect + accept through the restored listener so that names come back);
+dgram connects; connections still waiting in an accept queue, in queue order;
+established TCP connections in repair mode (both ends of a loopback pair are
+rebuilt before either leaves repair mode); then queued unix data, sent from the
+peer's end, shutdown states, options, peek offsets and O_NONBLOCK.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+
+from ..errors import RestoreError
+from ..kernel import sockets as ks
+from ..kernel import tcp_repair
+from ..kernel.remote import RemoteError
+from ..model import Fd, Socket
+
+SOCK_NONBLOCK, SOCK_CLOEXEC = 0o4000, 0o2000000
+O_NONBLOCK = 0o4000
+F_DUPFD, F_SETFL = 0, 4
+
+
+def _u(v: int) -> int:
+    return v & 0xFFFFFFFFFFFFFFFF
+
+
+def _name(n) -> str:
+    if not n:
+        return "unnamed"
+    if isinstance(n, list):
+        return f"[{n[0]}]:{n[1]}" if ":" in n[0] else f"{n[0]}:{n[1]}"
+    return "@" + n[1:].decode(errors="replace") if n[:1] == b"\0" else os.fsdecode(n)
+
+
+class _Sockets:
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.inj = ctx.inj
+        self.proc = ctx.proc
+        self.fds = [f for f in self.proc.fds if f.kind == "socket" and f.socket and f.fd >= 0]
+        self.by_ino: dict[int, Fd] = {f.socket.ino: f for f in self.fds}
+        self.made: set[int] = set()  # inodes created and placed
+        self.copies: dict[int, socket.socket] = {}
+        self._live: set | None = None
+        self.cwd_set = False
+        self.paired: set[int] = set()  # unix dgram socketpairs
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def copy(self, f: Fd) -> socket.socket:
+        s = self.copies.get(f.fd)
+        if s is None:
+            s = self.copies[f.fd] = ks.adopt(self.ctx.copy(f.fd))
+        return s
+
+    def close(self) -> None:
+        for s in self.copies.values():
+            s.close()
+        self.copies.clear()
+
+    def place(self, tmp: int, f: Fd) -> None:
+        """Put a fresh socket at its fd number (out of the way first: a socketpair's
+        second fd may be the first one's number)."""
+        from .fds import _place
+
+        _place(self.inj, tmp, f.fd, f.cloexec)
+        self.made.add(f.socket.ino)
+
+    def new(self, s: Socket) -> int:
+        t = s.type | SOCK_NONBLOCK | SOCK_CLOEXEC
+        return self.ctx.spare_fd(self.inj.call("socket", s.family, t, s.protocol))
+
+    def pair(self, a: Fd, b: Fd) -> None:
+        inj = self.inj
+        inj.reset_data()
+        buf = inj.alloc(8)
+        inj.call("socketpair", socket.AF_UNIX, a.socket.type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, buf)
+        ta, tb = struct.unpack("<ii", inj.read(buf, 8))
+        ta, tb = self.ctx.spare_fd(ta), self.ctx.spare_fd(tb)
+        self.place(ta, a)
+        self.place(tb, b)
+
+    def sockaddr(self, family: int, addr) -> tuple[int, int]:
+        raw = ks.pack_sockaddr(family, addr)
+        return self.inj.put(raw), len(raw)
+
+    def chdir_for(self, name: bytes) -> None:
+        """Relative unix paths were relative to the process's cwd (set again later)."""
+        if name[:1] not in (b"/", b"\0") and not self.cwd_set:
+            self.inj.call("chdir", self.inj.cstr(self.proc.cwd))
+            self.cwd_set = True
+
+    def path_of(self, name: bytes) -> str:
+        p = os.fsdecode(name)
+        return p if p.startswith("/") else os.path.join(self.proc.cwd, p)
+
+    def bind_unix(self, f: Fd) -> None:
+        s = f.socket
+        name = s.local
+        if name[:1] != b"\0":
+            if self._live is None:
+                self._live = ks.live_bound_files()
+            try:
+                ks.remove_stale_socket_file(self.path_of(name), self._live)
+            except FileExistsError as exc:
+                raise RestoreError(
+                    f"cannot bind unix socket fd {f.fd} to {_name(name)}: {exc.strerror}"
+                ) from exc
+        self.chdir_for(name)
+        self.inj.reset_data()
+        addr, ln = self.sockaddr(socket.AF_UNIX, name)
+        try:
+            self.inj.call("bind", f.fd, addr, ln)
+        except RemoteError as exc:
+            raise RestoreError(
+                f"cannot bind unix socket fd {f.fd} to {_name(name)}: {exc.strerror}"
+            ) from exc
+        if name[:1] != b"\0":
+            path = self.path_of(name)
+            if s.name_deleted:
+                os.unlink(path)
+            elif s.name_file:
+                ks.set_file_mode(path, *s.name_file)
+
+    def connect_unix(self, f: Fd, name: bytes) -> None:
+        self.chdir_for(name)
+        self.inj.reset_data()
+        addr, ln = self.sockaddr(socket.AF_UNIX, name)
+        try:
+            self.inj.call("connect", f.fd, addr, ln)
+        except RemoteError as exc:
+            raise RestoreError(
+                f"cannot reconnect unix socket fd {f.fd} to {_name(name)}: {exc.strerror}"
+            ) from exc
+
+    # -- the passes ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            self.simple()
+            self.unix_connections()
+            self.pending()
+            established = self.tcp_established()
+            for f in established:
+                tcp_repair.resume(self.copy(f), f.socket.tcp)
+            self.unix_data()
+            self.finish()
+        except OSError as exc:
+            if isinstance(exc, RemoteError):
+                raise
+            raise RestoreError(f"cannot restore the sockets: {exc}") from exc
+        finally:
+            self.close()
+        for f in self.fds:
+            self.ctx.done.add(f.fd)
+
+    def simple(self) -> None:
+        """Sockets that need no partner: listening, bound, unbound, UDP, unix dgram."""
+        for f in self.fds:
+            s = f.socket
+            if s.family == socket.AF_UNIX:
+                if s.state in ("pending",) or (
+                    s.state == "connected" and s.type != socket.SOCK_DGRAM
+                ):
+                    continue
+                if s.state == "connected" and self._dgram_pair(f):
+                    continue
+                self.place(self.new(s), f)
+                if s.local:
+                    self.bind_unix(f)
+                if s.state == "listen":
+                    self.inj.call("listen", f.fd, s.backlog)
+                continue
+            if s.state == "established":
+                continue
+            self.place(self.new(s), f)
+            c = self.copy(f)
+            ks.set_options(c, s.options, only=ks.BEFORE_BIND)
+            if s.state in ("bound", "listen", "connected") and s.local:
+                try:
+                    c.bind(tuple(s.local))
+                except OSError as exc:
+                    raise RestoreError(
+                        f"cannot bind fd {f.fd} to {_name(s.local)}: {exc.strerror}"
+                    ) from exc
+            if s.state == "listen":
+                c.listen(s.backlog)
+            elif s.state == "connected" and s.remote:
+                c.connect(tuple(s.remote))
+
+    def _dgram_pair(self, f: Fd) -> bool:
+        """Two unnamed dgram sockets connected to each other: a socketpair."""
+        s = f.socket
+        p = self.by_ino.get(s.peer_ino)
+        if p is None or p.socket.peer_ino != s.ino or s.local or p.socket.local:
+            return False
+        if s.ino not in self.made:
+            self.pair(f, p)
+        self.paired |= {s.ino, p.socket.ino}
+        return True
+
+    def unix_connections(self) -> None:
+        for f in self.fds:
+            s = f.socket
+            if s.family != socket.AF_UNIX or s.state != "connected":
+                continue
+            if s.type == socket.SOCK_DGRAM:
+                if s.ino in self.paired:
+                    continue
+                target = self.by_ino.get(s.peer_ino)
+                name = target.socket.local if target is not None else s.remote
+                if name:
+                    self.connect_unix(f, name)
+                continue
+            if s.ino in self.made:
+                continue
+            p = self.by_ino.get(s.peer_ino)
+            if p is None:  # the peer had closed: a pair whose other end goes after the data
+                self.pair_with_closed(f)
+                continue
+            if p.socket.accepted and not s.accepted:
+                f, p = p, f  # f: the accepted end
+            listener = self.by_ino.get(f.socket.listener_ino) if f.socket.accepted else None
+            if listener is None:
+                self.pair(f, p)
+                continue
+            self.place(self.new(p.socket), p)
+            if p.socket.local:
+                self.bind_unix(p)
+            self.connect_unix(p, listener.socket.local)
+            tmp = self.ctx.spare_fd(self.inj.call("accept4", listener.fd, 0, 0, SOCK_CLOEXEC))
+            self.place(tmp, f)
+
+    def pair_with_closed(self, f: Fd) -> None:
+        inj = self.inj
+        inj.reset_data()
+        buf = inj.alloc(8)
+        inj.call("socketpair", socket.AF_UNIX, f.socket.type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, buf)
+        ta, tb = struct.unpack("<ii", inj.read(buf, 8))
+        ta, tb = self.ctx.spare_fd(ta), self.ctx.spare_fd(tb)
+        self.place(ta, f)
+        other = self.ctx.copy(tb)
+        inj.call("close", tb)
+        with ks.adopt(other) as o:
+            self.send_queue(f, o)
+        # dropping ckpt's copy closes the last reference: f sees EOF after its data
+
+    def pending(self) -> None:
+        """Connections not yet accepted, re-made in the listener's queue order."""
+        for f in self.fds:
+            s = f.socket
+            if s.family != socket.AF_UNIX or s.state != "listen":
+                continue
+            for ino in s.pending:
+                c = self.by_ino.get(ino)
+                if c is None:
+                    continue
+                self.place(self.new(c.socket), c)
+                if c.socket.local:
+                    self.bind_unix(c)
+                self.connect_unix(c, s.local)
+
+    def tcp_established(self) -> list[Fd]:
+        out = []
+        for f in self.fds:
+            s = f.socket
+            if s.family == socket.AF_UNIX or s.state != "established" or s.tcp is None:
+                continue
+            self.place(self.new(s), f)
+            c = self.copy(f)
+            try:
+                tcp_repair.rebuild(
+                    c, tuple(s.local), tuple(s.remote), s.tcp,
+                    lambda sock, s=s: ks.set_options(sock, s.options, only=ks.BEFORE_BIND),
+                )  # fmt: skip
+            except OSError as exc:
+                raise RestoreError(
+                    f"cannot rebuild TCP connection fd {f.fd} ({_name(s.local)} -> "
+                    f"{_name(s.remote)}): {exc.strerror or exc}"
+                ) from exc
+            out.append(f)
+        return out
+
+    def send_queue(self, f: Fd, sender: socket.socket, dest: bytes | None = None) -> None:
+        s = f.socket
+        try:
+            for m in s.queue:
+                try:
+                    self._send(s, sender, m.data, dest)
+                except BlockingIOError:
+                    ks.grow_sndbuf(sender, sum(len(x.data) for x in s.queue))
+                    self._send(s, sender, m.data, dest)
+        except OSError as exc:
+            raise RestoreError(
+                f"cannot put the {sum(len(m.data) for m in s.queue)} queued bytes back into "
+                f"socket fd {f.fd}: {exc.strerror or exc}"
+            ) from exc
+
+    @staticmethod
+    def _send(s: Socket, sender: socket.socket, data: bytes, dest) -> None:
+        if s.type == socket.SOCK_STREAM:
+            ks.send_all(sender, data, dest)
+        else:
+            ks.send_message(sender, data, dest)
+
+    def unix_data(self) -> None:
+        """Each socket's unread data, sent again from the end that sent it."""
+        for f in self.fds:
+            s = f.socket
+            if s.family != socket.AF_UNIX or not s.queue or s.peer_closed:
+                continue
+            if s.type != socket.SOCK_DGRAM:
+                p = self.by_ino.get(s.peer_ino)
+                if p is None:
+                    raise RestoreError(f"socket fd {f.fd} has queued data but no peer to send it")
+                self.send_queue(f, self.copy(p))
+                continue
+            self.dgram_queue(f)
+
+    def dgram_queue(self, f: Fd) -> None:
+        s = f.socket
+        peer = self.by_ino.get(s.peer_ino)
+        named = {
+            x.socket.local: x
+            for x in self.fds
+            if x.socket.family == socket.AF_UNIX and x.socket.local
+        }
+        for m in s.queue:
+            one = Socket(ino=s.ino, family=s.family, type=s.type, protocol=0, state="", queue=[m])
+            rec = Fd(
+                fd=f.fd,
+                kind="socket",
+                path=f.path,
+                flags=f.flags,
+                cloexec=f.cloexec,
+                pos=0,
+                socket=one,
+            )
+            src = named.get(m.source) if m.source else None
+            if (
+                peer is not None
+                and peer.socket.peer_ino == s.ino
+                and (m.source is None or m.source == peer.socket.local)
+            ):
+                self.send_queue(rec, self.copy(peer))
+            elif not s.local:
+                raise RestoreError(
+                    f"unix dgram socket fd {f.fd} is unnamed but holds a message from "
+                    f"{_name(m.source)} that is not its peer"
+                )
+            elif src is not None:
+                self.send_queue(rec, self.copy(src), self.dest(s.local))
+            else:  # sender unnamed or outside the process: from an unnamed socket
+                with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as tmp:
+                    self.send_queue(rec, tmp, self.dest(s.local))
+
+    def dest(self, name: bytes) -> bytes:
+        """A unix name as ckpt (another cwd) must address it."""
+        return name if name[:1] == b"\0" else os.fsencode(self.path_of(name))
+
+    def finish(self) -> None:
+        inj = self.inj
+        for f in self.fds:
+            s = f.socket
+            c = self.copy(f)
+            ks.set_options(c, s.options, skip=ks.BEFORE_BIND)
+            if s.family == socket.AF_UNIX:  # no autotuning: the sizes as they were
+                ks.set_buffers(c, s.sndbuf, s.rcvbuf, s.buf_lock)
+            else:  # TCP/UDP autotune unless the application pinned a size
+                ks.set_buffers(
+                    c,
+                    s.sndbuf if s.buf_lock & ks.SOCK_SNDBUF_LOCK else 0,
+                    s.rcvbuf if s.buf_lock & ks.SOCK_RCVBUF_LOCK else 0,
+                    s.buf_lock,
+                )
+            if s.family == socket.AF_UNIX:
+                if s.shutdown and not s.peer_closed:
+                    with contextlib.suppress(OSError):
+                        c.shutdown(
+                            {1: socket.SHUT_RD, 2: socket.SHUT_WR}.get(s.shutdown, socket.SHUT_RDWR)
+                        )
+                if s.peek_off >= 0:
+                    c.setsockopt(ks.SOL_SOCKET, ks.SO_PEEK_OFF, s.peek_off)
+            inj.call("fcntl", f.fd, F_SETFL, f.flags & ~3)  # O_NONBLOCK as it was
+
+
+def restore_sockets(ctx, first: Fd) -> None:
+    """restore/fds.py's entry for kind "socket": every socket of the process at once."""
+    _Sockets(ctx).run()

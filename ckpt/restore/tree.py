@@ -1,0 +1,122 @@
+"""Restore a process tree: fork the members from their restored parents, then
+rebuild them in phases so that what they share exists before it is taken.
+
+    fork      each member is forked (clone3, its PID) from its parent's restorer,
+              parents first; a session leader calls setsid before its children
+              are forked, so they inherit the session
+    memory    every member's address space; MAP_SHARED anonymous memory of a
+              later member maps the object an earlier one restored
+    files     fds (a shared open file description is taken from its first holder
+              by pidfd_getfd) and process attributes; then process groups, a
+              group's leader before its members
+    rest      threads, signals, timers, credentials, rseq, rlimits
+    leave     children first, the root last
+
+Any failure kills every member (they are all traced with PTRACE_O_EXITKILL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Callable
+
+from ..errors import ImageCorrupt
+from ..model import ProcessImage
+from .checks import check_files, wait_pid_free
+from .rebuild import Rebuilder
+
+
+def members(root: ProcessImage) -> list[ProcessImage]:
+    return [root, *root.tree]
+
+
+def check_tree(root: ProcessImage, new_pid: bool) -> None:
+    procs = members(root)
+    slot = {p.pid: i for i, p in enumerate(procs)}
+    for i, p in enumerate(procs[1:], 1):
+        if slot.get(p.ppid, i) >= i:
+            raise ImageCorrupt(f"tree member {p.pid}: its parent {p.ppid} is not before it")
+    for p in procs:
+        check_files(p)
+        if not new_pid:
+            wait_pid_free(p.pid)
+
+
+def build_tree(
+    root_pid: int,
+    root: ProcessImage,
+    new_pid: bool,
+    write_pages: Callable[[int, ProcessImage, int], None],
+) -> list[Rebuilder]:
+    """Turn the parked restorer `root_pid` and its forks into the tree; returns the
+    Rebuilders (closed by the caller). write_pages(slot, image, mem_fd)."""
+    procs = members(root)
+    slot = {p.pid: i for i, p in enumerate(procs)}
+    rbs: list[Rebuilder] = []
+    try:
+        rbs.append(Rebuilder(root_pid, root, new_pid))
+        _early_session(rbs[0])
+        for p in procs[1:]:
+            parent = rbs[slot[p.ppid]]
+            tr = parent.fork_child(None if new_pid else p.pid)
+            rb = Rebuilder(tr.pid, p, new_pid, tracee=tr)
+            rbs.append(rb)
+            _early_session(rb)
+        pids = [rb.pid for rb in rbs]
+        parked: dict[tuple[int, int], tuple[int, int]] = {}
+        for i, rb in enumerate(rbs):
+            rb.peers = {j: pids[j] for j in range(i)}
+            rb.peer_images = {j: procs[j] for j in range(i)}
+            rb.parked = parked if len(rbs) > 1 else None
+        for i, rb in enumerate(rbs):
+            rb.prepare_memory()
+            rb.map_vmas()
+            write_pages(i, rb.proc, rb.mem_fd)
+        for rb in rbs:
+            rb.state_files()
+        by_pid = {rb.pid: rb for rb in rbs}
+        for pid, fd in parked.values():  # taken (duplicated) by now, or closed in the image
+            by_pid[pid].inj.call("close", fd)
+        _process_groups(rbs, slot, pids)
+        for rb in rbs:
+            rb.state_rest()
+        for rb in reversed(rbs):
+            rb.leave()
+    except BaseException:
+        kill_members(rbs)
+        for rb in rbs:
+            rb.close()
+        raise
+    return rbs
+
+
+def _early_session(rb: Rebuilder) -> None:
+    if rb.proc.sid == rb.proc.pid:
+        rb.inj.call("setsid")
+        rb.session_done = True
+
+
+def _process_groups(rbs: list[Rebuilder], slot: dict[int, int], pids: list[int]) -> None:
+    """Members of a group led by another member join it (leaders made theirs already)."""
+    for rb in rbs:
+        p = rb.proc
+        if p.pgid == p.pid or p.pgid not in slot:
+            continue
+        want = pids[slot[p.pgid]]
+        if os.getpgid(rb.pid) != want:
+            rb.inj.call("setpgid", 0, want)
+
+
+def kill_members(rbs: list[Rebuilder]) -> None:
+    """SIGKILL every restorer of the tree; reap what we may (the root is our child)."""
+    for rb in reversed(rbs):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(rb.pid, signal.SIGKILL)
+    for rb in reversed(rbs):
+        for tr in [*(t for _, t, _ in rb.threads), rb.tracee]:
+            if tr.attached:
+                with contextlib.suppress(OSError):
+                    tr.wait()
+                tr.attached = False

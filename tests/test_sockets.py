@@ -1,0 +1,126 @@
+"""End to end: sockets with data in flight survive dump + restore (issue 5, sockets).
+
+The workload (tests/workloads/sockets.c) queues pattern bytes on every
+connection before READY and, restored, reads each stream back byte by byte
+(every byte exactly once, in order, nothing more), checks datagram boundaries
+and senders, names, options and flags, makes one more round trip on every
+connection and accepts new ones, then prints VERIFY OK or VERIFY FAIL.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import socket
+import struct
+
+from helpers import DEADLINE, assert_error, dump_restore_verify, proc_alive, wait_until
+
+SIOCOUTQ = 0x5411
+
+
+def pat(k: int, start: int, n: int) -> bytes:
+    return bytes((i * 31 + k * 7 + (i >> 8)) & 0xFF for i in range(start, start + n))
+
+
+def recv_exactly(s: socket.socket, n: int) -> bytes:
+    s.settimeout(DEADLINE)
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        assert chunk, f"connection closed after {len(buf)} of {n} bytes"
+        buf += chunk
+    return bytes(buf)
+
+
+def all_acked(s: socket.socket) -> bool:
+    raw = fcntl.ioctl(s.fileno(), SIOCOUTQ, b"\0" * 4)
+    return struct.unpack("i", raw)[0] == 0
+
+
+def test_unix_sockets_restored(e2e):
+    """Socketpairs of every type, path and abstract listeners with accepted and
+    waiting connections, dgram servers: every queued byte and message comes back."""
+    w = e2e.spawn("sockets", "unix")
+    dump_restore_verify(e2e, w)
+
+
+def test_unix_sockets_restored_after_iterative_dump(e2e):
+    """The pre-copy dump shares the capture code: same result."""
+    w = e2e.spawn("sockets", "unix")
+    image = e2e.path("img")
+    e2e.dump_ok(w, image, "--iterative")
+    bg = e2e.ckpt_bg("restore", "-D", str(image))
+    e2e.wait_restored(w.pid, w.ident, bg)
+    v = e2e.verify(w, w.pid)
+    assert v.ok, v.line
+    assert bg.wait().returncode == 0
+
+
+def test_tcp_loopback_and_listener_restored(e2e):
+    """Both ends of IPv4 and IPv6 loopback connections (megabytes in flight one way),
+    the listeners accept new connections, a bound UDP socket still receives."""
+    w = e2e.spawn("sockets", "tcp")
+    assert int(w.ready["queued"]) > 1 << 20, "the workload could not fill a send queue"
+    port = int(w.ready["port"])
+    image = e2e.path("img")
+    e2e.dump_ok(w, image)
+    bg = e2e.ckpt_bg("restore", "-D", str(image))
+    e2e.wait_restored(w.pid, w.ident, bg)
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as c:
+        c.sendall(b"hello")  # waits in the restored listener's queue until SIGUSR2
+        v = e2e.verify(w, w.pid)
+        assert v.ok, v.line
+        assert recv_exactly(c, 5) == b"world"
+    assert bg.wait().returncode == 0
+
+
+def test_tcp_external_peer_needs_flag(e2e):
+    """A connection to a peer outside the process (this test): refused without
+    --tcp-established (the process runs on), then dumped with it; every byte sent
+    before the dump and after the restore arrives, in both directions."""
+    w = e2e.spawn("sockets", "ext")
+    port = int(w.ready["port"])
+    c = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+    try:
+        w.wait_for("ACCEPTED", w.pid)
+        before = 40000
+        c.sendall(pat(0, 0, before))
+        wait_until(lambda: all_acked(c), DEADLINE, "the workload's kernel to ack our bytes")
+        local = f"127.0.0.1:{c.getsockname()[1]}"
+
+        res = e2e.dump(w.pid, e2e.path("img"))
+        assert_error(res, 5, "fd", f"127.0.0.1:{port}", local, "--tcp-established")
+        assert proc_alive(w.pid), "a refused dump must leave the process running"
+
+        image = e2e.path("img")
+        e2e.dump_ok(w, image, "--tcp-established")
+        bg = e2e.ckpt_bg("restore", "-D", str(image))
+        e2e.wait_restored(w.pid, w.ident, bg)
+        after = 25000
+        c.sendall(pat(0, before, after))
+        (w.cwd / "total").write_text(str(before + after))
+        v = e2e.verify(w, w.pid)
+        assert v.ok, v.line
+        assert v.fields["received"] == str(before + after)
+        assert recv_exactly(c, 30000) == pat(1, 0, 30000), "bytes sent before the dump differ"
+        assert recv_exactly(c, 3) == b"bye"
+        assert bg.wait().returncode == 0
+    finally:
+        c.close()
+
+
+def test_unix_peer_outside_refused(e2e):
+    """A unix stream connected to a socket of another process: refused before the
+    target is harmed, naming the fd, the type and the peer; the process runs on."""
+    path = e2e.base / "outside.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as lst:
+        lst.bind(str(path))
+        lst.listen(1)
+        w = e2e.spawn("sockets", "connect", str(path))
+        peer, _ = lst.accept()
+        res = e2e.dump(w.pid, e2e.path("img"))
+        assert_error(res, 5, f"fd {w.ready['fd']}", "unix stream", "outside the process")
+        assert proc_alive(w.pid)
+        v = e2e.verify(w, w.pid)
+        assert v.ok, v.line
+        peer.close()

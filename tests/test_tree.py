@@ -1,0 +1,141 @@
+"""Process trees (issue "Real programs"): `ckpt dump PID` takes the process and its
+descendants, with their parent/child links, process groups and sessions, the
+memory they share and the open files they share; restore rebuilds the tree with
+the same PIDs. The workload (tests/workloads/tree.c) checks all of it from
+inside every member after the restore.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from helpers import assert_error, image_complete, proc_status, wait_until
+
+
+def reap_orphans(pids: list[int], timeout: float = 30) -> None:
+    """Killed members are re-parented to us (the tests' subreaper): reap them so
+    their PIDs are free for the restore."""
+    end = time.monotonic() + timeout
+    for pid in pids:
+        while os.path.exists(f"/proc/{pid}"):
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            if time.monotonic() > end:
+                raise AssertionError(f"tree member {pid} did not go away after the dump")
+            time.sleep(0.01)
+
+
+def members(w) -> list[int]:
+    return [int(w.ready[k]) for k in ("a", "a1", "b")]
+
+
+def tree_round_trip(e2e, w, *extra):
+    kids = members(w)
+    image = e2e.path("img")
+    e2e.dump_ok(w, image, *extra)
+    reap_orphans(kids)
+    bg = e2e.ckpt_bg("restore", "-D", str(image))
+    e2e.wait_restored(w.pid, w.ident, bg)
+    for pid in kids:
+        e2e.adopt(pid)
+        wait_until(lambda pid=pid: (proc_status(pid) or {}).get("TracerPid") == "0", 30,
+                   f"member {pid} to run")  # fmt: skip
+    # parent links, as the kernel sees them
+    assert int(proc_status(kids[0])["PPid"]) == w.pid
+    assert int(proc_status(kids[1])["PPid"]) == kids[0]
+    assert int(proc_status(kids[2])["PPid"]) == w.pid
+    v = e2e.verify(w, w.pid, signal.SIGUSR2)
+    assert v.ok, v.line
+    assert v.fields["offset"] == "16"
+    assert bg.wait(60).returncode == 0
+
+
+def test_tree_round_trip(e2e):
+    w = e2e.spawn("tree")
+    tree_round_trip(e2e, w)
+
+
+def test_tree_iterative(e2e):
+    w = e2e.spawn("tree")
+    tree_round_trip(e2e, w, "--iterative", "--max-rounds", "3")
+
+
+def test_tree_leave_running_then_restore_elsewhere(e2e):
+    """--leave-running keeps the whole tree working; the image restores later."""
+    w = e2e.spawn("tree")
+    image = e2e.path("img")
+    res = e2e.dump(w.pid, image, "--leave-running")
+    assert res.returncode == 0, str(res)
+    for pid in [w.pid, *members(w)]:
+        wait_until(lambda pid=pid: (proc_status(pid) or {}).get("TracerPid") == "0", 30,
+                   f"member {pid} to run untraced")  # fmt: skip
+    v = e2e.verify(w, w.pid, signal.SIGUSR2)
+    assert v.ok, v.line
+    assert w.reap() == 0
+    reap_orphans(members(w))
+    bg = e2e.ckpt_bg("restore", "-D", str(image))
+    e2e.wait_restored(w.pid, w.ident, bg)
+    for pid in members(w):
+        e2e.adopt(pid)
+    # same PID, same log: wait for the restored root's own (second) VERIFY line
+    os.kill(w.pid, signal.SIGUSR2)
+    wait_until(lambda: len(w.find("VERIFY", w.pid)) >= 2, 60, "the restored tree to verify")
+    words, fields = w.find("VERIFY", w.pid)[-1]
+    assert words[1] == "OK", fields
+    assert bg.wait(60).returncode == 0
+
+
+def test_no_tree_refuses_shared_children_cleanly(e2e):
+    """--no-tree dumps the root alone; the children are left running untouched."""
+    w = e2e.spawn("tree")
+    image = e2e.path("img")
+    res = e2e.dump(w.pid, image, "--leave-running", "--no-tree")
+    assert res.returncode == 0, str(res)
+    out = e2e.ckpt("show", str(image), "--json")
+    assert out.returncode == 0, str(out)
+    for pid in members(w):
+        assert (proc_status(pid) or {}).get("TracerPid") == "0"
+    v = e2e.verify(w, w.pid, signal.SIGUSR2)
+    assert v.ok, v.line
+
+
+def test_zombie_child_refused(e2e):
+    w = e2e.spawn("tree", "zombie")
+    image = e2e.path("img")
+    res = e2e.dump(w.pid, image)
+    assert_error(res, 5, "zombie")
+    assert not image_complete(e2e, image)
+    for pid in [w.pid, *members(w)]:
+        wait_until(lambda pid=pid: (proc_status(pid) or {}).get("TracerPid") == "0", 30,
+                   f"member {pid} to run untraced")  # fmt: skip
+    v = e2e.verify(w, w.pid, signal.SIGUSR2)
+    assert v.ok, v.line
+
+
+def pipeline_round_trip(e2e, *extra):
+    w = e2e.spawn("pipeline")
+    kids = [int(w.ready["producer"]), int(w.ready["filter"])]
+    image = e2e.path("img")
+    e2e.dump_ok(w, image, *extra)
+    reap_orphans(kids)
+    bg = e2e.ckpt_bg("restore", "-D", str(image))
+    e2e.wait_restored(w.pid, w.ident, bg)
+    for pid in kids:
+        e2e.adopt(pid)
+    v = e2e.verify(w, w.pid, signal.SIGUSR2)
+    assert v.ok, v.line
+    assert int(v.fields["records"]) > 120000
+    assert bg.wait(60).returncode == 0
+
+
+def test_pipeline_no_byte_lost_or_duplicated(e2e):
+    """Parent + two children streaming through two pipes that are full at the dump."""
+    pipeline_round_trip(e2e)
+
+
+def test_pipeline_iterative(e2e):
+    pipeline_round_trip(e2e, "--iterative", "--max-rounds", "3")
