@@ -84,6 +84,12 @@ def check(as_json: bool) -> None:
 @level_option
 @tcp_established_option
 @tree_option
+@click.option(
+    "--shell-job",
+    is_flag=True,
+    help="The process is a job started from a shell: take its fds on its controlling "
+    "terminal (restore with `ckpt restore --shell-job` on any terminal).",
+)
 def dump(
     pid: int,
     directory: str,
@@ -97,6 +103,7 @@ def dump(
     level: int | None,
     tcp_established: bool,
     tree: bool,
+    shell_job: bool,
 ) -> None:
     """Checkpoint process PID into DIR (then kill it, unless --leave-running)."""
     from . import api
@@ -120,7 +127,7 @@ def dump(
     r = api.dump(
         pid, directory, leave_running=leave_running, level=level, iterative=iterative,
         tracker=tracker, policy=policy, on_round=on_round, stats_json=stats_json,
-        tcp_established=tcp_established, tree=tree,
+        tcp_established=tcp_established, tree=tree, shell_job=shell_job,
     )  # fmt: skip
     extra = (
         f"; tracker {r.tracker}, {len(r.rounds)} pre-copy rounds ({r.stop_reason})"
@@ -149,8 +156,19 @@ def dump(
 @click.option(
     "--new-pid", is_flag=True, help="Let the kernel pick a new PID instead of the dumped one."
 )
+@click.option(
+    "--shell-job",
+    is_flag=True,
+    help="Restore a job dumped with --shell-job on the terminal ckpt runs on, in the "
+    "foreground; ckpt takes the terminal back when it exits.",
+)
 def restore(
-    directory: str | None, store: str | None, at: str | None, detach: bool, new_pid: bool
+    directory: str | None,
+    store: str | None,
+    at: str | None,
+    detach: bool,
+    new_pid: bool,
+    shell_job: bool,
 ) -> None:
     """Restore a process (-D DIR or --store S); wait for it and exit with its status unless --detach."""
     from . import api
@@ -161,17 +179,17 @@ def restore(
     if at is not None and store is None:
         raise UsageError("--at needs --store")
     if store is not None:
-        r, sid = api.restore_snapshot(store, at, new_pid=new_pid)
+        r, sid = api.restore_snapshot(store, at, new_pid=new_pid, shell_job=shell_job)
         status(f"restored snapshot {sid} of {store}")
     else:
-        r = api.restore(directory, new_pid=new_pid)
+        r = api.restore(directory, new_pid=new_pid, shell_job=shell_job)
     if detach:
         click.echo(r.pid)
         status(f"restored {r.pid} in {r.seconds:.2f} s")
         return
     status(f"restored {r.pid} in {r.seconds:.2f} s; waiting for it to exit")
     sys.stdout.flush()
-    code = api.wait_exit_status(r.pid)
+    code = api.wait_exit_status(r.pid, r.terminal)
     sys.exit(code)
 
 

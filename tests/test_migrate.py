@@ -761,3 +761,48 @@ def test_source_gives_up_waiting_and_destination_drops_its_copy(e2e, hosts, toke
         rcv.kill()
     assert stats["remote_pid"] is None
     assert_source_kept(w, "the source gave up waiting")
+
+
+@needs_ns
+def test_threads_migrate_staged(e2e, hosts, token):
+    """A multi-threaded process through the staged path: every thread arrives with
+    its TID, per-thread state and memory (tests/workloads/pthreads.c checks)."""
+    w = e2e.spawn("pthreads", "2")
+    rcv = Receiver(e2e, hosts, token)
+    try:
+        res, stats = migrate(e2e, hosts, token, w.pid)
+        assert res.returncode == 0, str(res)
+        assert stats["downtime"].get("staged"), "a single process must use the staged path"
+        assert w.reap() == -signal.SIGKILL
+        ns_pid = rcv.reported_pid()
+        gpid = rcv.global_pid(ns_pid)
+        assert len(os.listdir(f"/proc/{gpid}/task")) == 7
+        line = verify_at(w, gpid, ns_pid)
+        assert line.startswith("VERIFY OK"), line
+        assert rcv.wait().returncode == 0
+    finally:
+        rcv.kill()
+
+
+@needs_ns
+def test_process_tree_migrates(e2e, hosts, token):
+    """A parent with children, shared memory and a shared file: the tree goes as an
+    image and is rebuilt at the destination with the same PIDs there."""
+    from test_tree import members, reap_orphans
+
+    w = e2e.spawn("tree")
+    rcv = Receiver(e2e, hosts, token)
+    try:
+        res, stats = migrate(e2e, hosts, token, w.pid)
+        assert res.returncode == 0, str(res)
+        assert "descendants" in res.stderr
+        assert not stats["downtime"].get("staged"), "a tree goes as an image"
+        assert w.reap() == -signal.SIGKILL
+        reap_orphans(members(w))
+        ns_pid = rcv.reported_pid()
+        assert ns_pid == w.pid
+        line = verify_at(w, rcv.global_pid(ns_pid), ns_pid)
+        assert line.startswith("VERIFY OK") and "offset=16" in line, line
+        assert rcv.wait().returncode == 0
+    finally:
+        rcv.kill()

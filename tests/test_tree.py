@@ -139,3 +139,28 @@ def test_pipeline_no_byte_lost_or_duplicated(e2e):
 
 def test_pipeline_iterative(e2e):
     pipeline_round_trip(e2e, "--iterative", "--max-rounds", "3")
+
+
+def test_tree_snapshots(e2e):
+    """Two snapshots of a running tree (the second incremental for the root); the
+    original keeps running; the latest restores as the whole tree."""
+    w = e2e.spawn("tree")
+    store = e2e.path("store")
+    for _ in range(2):
+        res = e2e.ckpt("snapshot", str(w.pid), "--store", str(store))
+        assert res.returncode == 0, str(res)
+    for pid in [w.pid, *members(w)]:
+        wait_until(lambda pid=pid: (proc_status(pid) or {}).get("TracerPid") == "0", 30,
+                   f"member {pid} to run untraced")  # fmt: skip
+    os.kill(w.pid, signal.SIGKILL)
+    for pid in members(w):
+        os.kill(pid, signal.SIGKILL)
+    assert w.reap() == -signal.SIGKILL
+    reap_orphans(members(w))
+    bg = e2e.ckpt_bg("restore", "--store", str(store))
+    e2e.wait_restored(w.pid, w.ident, bg)
+    for pid in members(w):
+        e2e.adopt(pid)
+    v = e2e.verify(w, w.pid, signal.SIGUSR2)
+    assert v.ok, v.line
+    assert bg.wait(60).returncode == 0

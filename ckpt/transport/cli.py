@@ -17,7 +17,9 @@ from ..cli_options import (
     max_rounds_option,
     max_time_option,
     target_downtime_option,
+    tcp_established_option,
     tracker_option,
+    tree_option,
 )
 
 DEFAULT_MAX_ROUNDS = 20  # migrations may need rounds to let the throttle bite
@@ -224,12 +226,15 @@ def receive(
     help="Name the destination's certificate must carry (default: HOST).",
 )
 @_tls_options
+@tree_option
+@tcp_established_option
 def migrate(
     pid: int, to: str, token_file: str, target_downtime_ms: float | None,
     max_bandwidth: float | None, tracker: str, stats_json: str | None, max_rounds: int | None,
     max_time: float | None, throttle: str, level: int | None, io_timeout: float,
     restore_timeout: float, connect_timeout: float, use_tls: bool, tls_server_name: str | None,
-    tls_cert: str | None, tls_key: str | None, tls_ca: str | None,
+    tls_cert: str | None, tls_key: str | None, tls_ca: str | None, tree: bool,
+    tcp_established: bool,
 ) -> None:  # fmt: skip
     """Move process PID to another host running `ckpt receive`; it keeps running here
     unless the destination reports it running there."""
@@ -250,7 +255,8 @@ def migrate(
         pid=pid, to=parse_address(to), token=load_token(token_file), policy=policy,
         tracker=tracker, tls=TlsOptions(tls_cert, tls_key, tls_ca, tls_server_name, use_tls),
         max_bandwidth=max_bandwidth, throttle=throttle, level=level, io_timeout=io_timeout,
-        restore_timeout=restore_timeout, connect_timeout=connect_timeout,
+        restore_timeout=restore_timeout, connect_timeout=connect_timeout, tree=tree,
+        tcp_established=tcp_established,
     )  # fmt: skip
     stats = MigrationStats()
     try:

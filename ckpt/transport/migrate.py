@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from ..capture.dump import dump
 from ..capture.fds import capture_fds
 from ..capture.target import Target
+from ..capture.tree import descendants
 from ..capture.validate import check_target
 from ..capture.vmas import classify
 from ..errors import CkptError
@@ -53,6 +54,8 @@ class MigrateOptions:
     io_timeout: float = 20.0
     restore_timeout: float = 300.0
     connect_timeout: float = 10.0
+    tree: bool = True  # the process's descendants too (sent as an image: no staging)
+    tcp_established: bool = False
 
 
 @dataclass
@@ -87,10 +90,11 @@ class MigrationStats:
             json.dump(self.to_dict(), f, indent=2)
 
 
-def _preflight(pid: int) -> None:
+def _preflight(pid: int, *, tree: bool = True, tcp_established: bool = False) -> None:
     """Refuse now what the final capture would refuse (an unsupported fd or mapping):
     otherwise we would learn it only after the whole memory crossed the network."""
-    capture_fds(pid)
+    mates = frozenset(descendants(pid)) if tree else frozenset()
+    capture_fds(pid, tcp_established=tcp_established, tree=mates)
     for m in procfs.smaps(pid):
         classify(pid, m)
 
@@ -114,7 +118,7 @@ def migrate(
     stats.destination = str(opts.to)
     stats.max_bandwidth_mib_s = opts.max_bandwidth
     st = check_target(opts.pid)  # refuse a missing or unsupported target before connecting
-    _preflight(opts.pid)
+    _preflight(opts.pid, tree=opts.tree, tcp_established=opts.tcp_established)
     target = Target(opts.pid, st.starttime)
 
     peer = str(opts.to)
@@ -150,15 +154,22 @@ def migrate(
         opts.pid, st.starttime, mode, warn=lambda m: report(f"warning: {m}")
     )  # fmt: skip
     clock = FreezeClock()
+    # A tree's members are only captured in the final freeze, and staged restore
+    # builds one process: a process with descendants goes as an image (no layouts
+    # sent, so the destination restores after the final round).
+    stage = not (opts.tree and descendants(opts.pid))
+    if not stage:
+        report("the process has descendants: the destination restores the tree at the end")
     sink = NetSink(
         ch, opts.pid, clock, level=opts.level, restore_timeout=opts.restore_timeout,
-        progress=report,
+        progress=report, layouts=stage,
     )  # fmt: skip
     ctl = Controller(opts.policy, sink, clock, throttle, t0, report)
     try:
         res = dump(
             opts.pid, peer, iterative=True, tracker=opts.tracker, policy=opts.policy,
-            on_round=ctl.on_round, sink=sink, after_commit=sink.wait_running,
+            on_round=ctl.on_round, sink=sink, after_commit=sink.wait_running, tree=opts.tree,
+            tcp_established=opts.tcp_established,
         )  # fmt: skip
     except BaseException as exc:
         throttle.close()

@@ -27,7 +27,7 @@ from ..errors import ImageCorrupt
 from ..image import MAX_STATE_BYTES
 from ..image.codec import decompress
 from ..kernel.native import PAGE_SIZE
-from ..model import Vma, from_dict
+from ..model import SLOT_SHIFT, Vma, from_dict
 from .errors import ProtocolError
 
 PREAMBLE = b"CKPTMIG\x01"  # sent first by both sides: "I speak ckpt migration, version 1"
@@ -207,7 +207,9 @@ def parse_chunk(payload: bytes | bytearray | memoryview) -> RawChunk:
     runs = []
     total = 0
     for vaddr, npages in _RUN.iter_unpack(mv[_CHUNK_HEAD.size : table_end]):
-        if vaddr % PAGE_SIZE or npages == 0 or vaddr + npages * PAGE_SIZE > TASK_SIZE:
+        # a page key is slot << 48 | vaddr (slot: a process of a tree, model.slot_base)
+        low = vaddr & ((1 << SLOT_SHIFT) - 1)
+        if vaddr % PAGE_SIZE or npages == 0 or low + npages * PAGE_SIZE > TASK_SIZE:
             raise ProtocolError(f"page chunk run (0x{vaddr:x}, {npages}) is not a user range")
         runs.append((vaddr, npages))
         total += npages

@@ -34,7 +34,7 @@ from ..errors import CkptError, ImageExists, ImageNotFound, RestoreError
 from ..image import ImageWriter, fsio
 from ..image.layer_writer import LayerWriter, index_name, pages_name
 from ..kernel.native import PAGE_SIZE
-from ..model import ProcessImage
+from ..model import SLOT_SHIFT, ProcessImage
 from ..restore.run import restore
 from ..restore.staged import StagedRestore
 from . import faults, protocol
@@ -242,6 +242,8 @@ class Assembler:
             self.layer = self.writer.begin_layer()
 
     def _pages(self, chunk: protocol.RawChunk) -> None:
+        if self.staged is not None and any(a >> SLOT_SHIFT for a, _ in chunk.runs):
+            raise ProtocolError("pages of a process tree's member in a staged migration")
         if self.staged is not None:
             while len(self._inflight) >= self._max_inflight:
                 self._inflight.popleft().result()

@@ -195,8 +195,12 @@ class NetSink:
         threads: int = 2,
         restore_timeout: float = 300.0,
         progress: Callable[[str], None] | None = None,
+        layouts: bool = True,
     ):
+        """layouts: send each round's VMA list (the destination stages the process);
+        without, the destination assembles an image and restores it at the end."""
         self.ch = ch
+        self.layouts = layouts
         self.pid = pid
         self.clock = clock
         self.restore_timeout = restore_timeout
@@ -227,9 +231,8 @@ class NetSink:
             "sending the final round" if self.frozen_for_ms is not None
             else f"sending pre-copy round {layer}"
         )  # fmt: skip
-        begin = protocol.encode(
-            protocol.LAYER_BEGIN, layer=layer, pid=self.pid, vmas=self._layout()
-        )
+        extra = {"vmas": self._layout()} if self.layouts else {}
+        begin = protocol.encode(protocol.LAYER_BEGIN, layer=layer, pid=self.pid, **extra)
         if len(begin) > protocol.max_payload(protocol.LAYER_BEGIN):
             raise ProtocolError(f"the memory layout is too large to send ({len(begin)} bytes)")
         self.sender.put(Item(lambda: (protocol.LAYER_BEGIN, begin)))
