@@ -93,10 +93,22 @@ class InotifyWatch:
 
 
 @dataclass
+class TtyState:
+    """A terminal fd of a shell job (ckpt dump --shell-job; capture/tty.py)."""
+
+    name: str  # the terminal, e.g. /dev/pts/3 (the fd itself may be /dev/tty)
+    rdev: int  # its device number
+    ctty: bool  # it is the process's controlling terminal (the only kind dumped today)
+    pgid: int  # the job: the process's group at the dump
+    foreground: bool  # that group was the terminal's foreground process group
+    termios: bytes = b""  # struct termios (TCGETS), put back on the new terminal
+
+
+@dataclass
 class Fd:
     fd: int  # -1: an object only mappings hold (a memfd whose fds were closed)
     kind: str  # "file", "chr", "pipe", "fifo", "eventfd", "timerfd", "signalfd",
-    #            "epoll", "inotify", "memfd", "dup"
+    #            "epoll", "inotify", "memfd", "dup", "tty"
     path: str
     flags: int  # open flags without O_CLOEXEC
     cloexec: bool
@@ -121,6 +133,7 @@ class Fd:
     # process `peer_slot` (restored there first, then taken with pidfd_getfd)
     peer_slot: int = -1
     peer_fd: int = -1
+    tty: TtyState | None = None  # kind "tty"
 
 
 @dataclass
@@ -220,6 +233,9 @@ class ProcessImage:
     # The dumped process's descendants, parents before children; process i here
     # is "slot" i + 1 (the root is slot 0). Its pages are keyed slot << 48 | vaddr.
     tree: list[ProcessImage] = field(default_factory=list)
+    # A tree member's page keys are slot_base(space) | vaddr; -1: its slot (a member
+    # pre-copied with the root keeps the space it had when first seen)
+    space: int = -1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

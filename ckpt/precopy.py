@@ -22,8 +22,10 @@ from . import faults
 from .capture.pages import PageCopier
 from .capture.target import Target
 from .capture.vmas import classify, needs_pages
+from .errors import DumpError, NoSuchProcess
 from .kernel import native, procfs
 from .kernel.memory import pagemap_filter, pagemap_runs
+from .model import slot_base
 from .present import PresentMap
 from .track.base import Tracker
 
@@ -133,6 +135,36 @@ def exact_kind(v) -> bool:
     return v.kind in ("anon", "heap", "stack") and not v.shared
 
 
+@dataclass
+class Member:
+    """A descendant pre-copied along with the root (dump --iterative of a tree).
+
+    Its pages go to the same layers, keyed slot_base(space) | vaddr; `space` is
+    fixed when it is first seen (the final freeze may order the tree differently).
+    """
+
+    target: Target
+    tracker: Tracker
+    space: int
+    pm_fd: int = -1
+    copier: PageCopier | None = None
+    present: PresentMap = field(default_factory=PresentMap)
+    last_maps: list | None = None
+    whole_next: bool = True
+    gone: bool = False
+
+    def open(self) -> None:
+        self.pm_fd = os.open(f"/proc/{self.target.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        self.copier = PageCopier(self.target.pid, slot_base(self.space))
+
+    def close(self) -> None:
+        if self.pm_fd >= 0:
+            os.close(self.pm_fd)
+            self.pm_fd = -1
+        if self.copier is not None:
+            self.copier.close()
+
+
 class Precopy:
     """Runs the rounds before the final freeze, writing one layer per round."""
 
@@ -160,12 +192,31 @@ class Precopy:
         self.last_maps: list | None = None
         #: pages holding data, maintained round by round (exact with uffd-wp)
         self.present = PresentMap()
+        #: descendants pre-copied with the root (armed by the caller)
+        self.members: list[Member] = []
+
+    def add_member(self, m: Member) -> None:
+        m.open()
+        self.members.append(m)
+
+    def member(self, pid: int, starttime: int) -> Member | None:
+        """The pre-copied member that is this process, if it was followed all along."""
+        return next(
+            (
+                m
+                for m in self.members
+                if not m.gone and m.target.pid == pid and m.target.starttime == starttime
+            ),
+            None,
+        )
 
     def close(self) -> None:
         if self.pm_fd >= 0:
             os.close(self.pm_fd)
             self.pm_fd = -1
         self.copier.close()
+        for m in self.members:
+            m.close()
 
     def run_rounds(self, t_start: float) -> None:
         k = 0
@@ -195,9 +246,13 @@ class Precopy:
             if tracee is not None:
                 tracee.detach()
         self.target.check()
+        member_runs = [(m, *self._collect_member(m)) for m in self.members if not m.gone]
+        written += sum(w for _, _, w in member_runs)
         layer = self.writer.begin_layer()
         t_copy = time.monotonic()
         pages = self.copier.copy(runs, layer, tolerant=True)
+        for m, mruns, _ in member_runs:
+            pages += m.copier.copy(mruns, layer, tolerant=True)
         self.bytes_stored += getattr(layer.close(), "bytes_stored", 0)
         copy_s = time.monotonic() - t_copy
         if pages and copy_s > 0:
@@ -215,6 +270,29 @@ class Precopy:
         if self.progress:
             self.progress(rs)
         return rs
+
+    def _collect_member(self, m: Member) -> tuple[list[tuple[int, int]], int]:
+        """A member's round; one that exited (or was replaced) just drops out."""
+        if not m.target.alive():
+            m.gone = True
+            return [], 0
+        tracee = None
+        try:
+            tracee = m.target.freeze() if m.tracker.needs_freeze else None
+            maps = procfs.smaps(m.target.pid)
+            runs, written = collect(
+                m.target.pid, m.tracker, m.pm_fd, self.zero_pfn, whole=m.whole_next,
+                mappings=maps, present=m.present,
+            )  # fmt: skip
+        except (DumpError, NoSuchProcess):
+            m.gone = True
+            return [], 0
+        finally:
+            if tracee is not None and tracee.attached:
+                tracee.detach()
+        m.last_maps = maps
+        m.whole_next = False
+        return runs, written
 
     def estimate_freeze_ms(self, pages_next: int) -> float:
         rate = self.stats.copy_rate or 1e9

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from .. import __version__, faults
-from ..errors import UnsupportedProcess
+from ..errors import DumpError, NoSuchProcess, UnsupportedProcess
 from ..image import ImageWriter
 from ..kernel import features, native, procfs
 from ..kernel.memory import present_runs
@@ -26,7 +26,7 @@ from ..kernel.process import auxv_bytes, get_robust_list, personality, rlimits
 from ..kernel.ptrace import Tracee, seize_group
 from ..kernel.remote import DumpInjection
 from ..model import MmFields, ProcessImage, Rseq, Thread, slot_base
-from ..precopy import Policy, Precopy, RoundStats, collect, exact_kind
+from ..precopy import Member, Policy, Precopy, RoundStats, collect, exact_kind
 from ..present import PresentMap
 from ..track import make_tracker
 from ..track.base import Tracker
@@ -35,7 +35,7 @@ from . import state
 from .fds import capture_fds
 from .pages import PageCopier
 from .target import Target
-from .tree import FrozenTree, freeze_tree, link_shared
+from .tree import FrozenTree, check_member, descendants, freeze_tree, link_shared
 from .validate import check_target
 from .vmas import classify, file_ref, needs_pages
 
@@ -91,6 +91,7 @@ def dump(
     after_commit: Callable[[], None] | None = None,
     tcp_established: bool = False,
     tree: bool = True,
+    shell_job: bool = False,
 ) -> DumpResult:
     """Checkpoint `pid` into `directory` (or into `sink`, an object with ImageWriter's
     interface, e.g. a network stream).
@@ -101,6 +102,7 @@ def dump(
 
     tree: take the process's descendants too (frozen with it, restored as its
     children). Their pages are copied in the final freeze.
+    shell_job: take fds on the terminal the job was started from (capture/tty.py).
     """
     t0 = time.monotonic()
     st = check_target(pid)
@@ -121,6 +123,8 @@ def dump(
             faults.point("armed")
             pre = Precopy(target, trk, writer, policy or Policy(), on_round)
             pre.stats.base_freeze_ms = (time.monotonic() - ta) * 1000
+            if tree:
+                _arm_members(pre, tracker, pid)
             pre.whole_next = True  # round 0 copies everything, whatever arming did
             pre.run_rounds(t0)
             t_freeze = time.monotonic()
@@ -138,12 +142,23 @@ def dump(
             present=pre.present if pre else None,
             tcp_established=tcp_established,
             tree=frozenset(frozen.pids),
+            shell_job=shell_job,
         )
-        for slot, member in enumerate(frozen.members[1:], 1):
+        # page-key spaces: a pre-copied member keeps its own, the others get new ones
+        free_space = 1 + max((m.space for m in pre.members), default=0) if pre else 1
+        for member in frozen.members[1:]:
+            m = pre.member(member.pid, procfs.stat(member.pid).starttime) if pre else None
+            if m is not None:
+                space = m.space
+            else:
+                space, free_space = free_space, free_space + 1
             sub, sub_pages, sub_bytes = _capture_final(
-                member, FullTracker(member.pid), writer, base=slot_base(slot),
-                tcp_established=tcp_established, tree=frozenset(frozen.pids),
+                member, m.tracker if m else FullTracker(member.pid), writer,
+                base=slot_base(space), prior_maps=m.last_maps if m else None,
+                present=m.present if m else None, tcp_established=tcp_established,
+                tree=frozenset(frozen.pids), shell_job=shell_job,
             )  # fmt: skip
+            sub.space = space
             proc.tree.append(sub)
             final_pages += sub_pages
             bytes_stored += sub_bytes
@@ -168,10 +183,17 @@ def dump(
         # and a migration's destination needs the state first (a failure until here is
         # cleaned up by _fail_cleanup, as before).
         trk.disarm()
+        for m in pre.members if pre else ():
+            m.tracker.disarm()
         if after_commit is not None:
             after_commit()
     except BaseException:
         _fail_cleanup(trk, writer, tracee)
+        for m in pre.members if pre else ():
+            try:
+                m.tracker.cleanup_on_error()
+            except Exception:
+                pass
         if frozen is not None:
             try:
                 frozen.detach()
@@ -195,6 +217,31 @@ def dump(
         with open(stats_json, "w") as f:
             json.dump(result.stats(), f, indent=2)
     return result
+
+
+def _arm_members(pre: Precopy, tracker: str, root: int) -> None:
+    """Arm tracking in each descendant, so the tree's pages are pre-copied too.
+
+    Each is frozen only for its own arming. One that exits meanwhile is skipped;
+    one that appears later is copied whole in the final freeze.
+    """
+    for space, pid in enumerate(descendants(root), 1):
+        try:
+            check_member(pid, root)
+            st = procfs.stat(pid)
+            member = Member(Target(pid, st.starttime), make_tracker(tracker, pid), space)
+            tracee = member.target.freeze()
+        except (NoSuchProcess, DumpError):
+            continue
+        try:
+            _arm(tracee, member.tracker)
+        except BaseException:
+            member.tracker.cleanup_on_error()
+            if tracee.attached:
+                tracee.detach()
+            raise
+        tracee.detach()
+        pre.add_member(member)
 
 
 def _fail_cleanup(trk: Tracker, writer: ImageWriter, tracee: Tracee | None) -> None:
@@ -253,6 +300,7 @@ def _capture_final(
     base: int = 0,
     tree: frozenset[int] = frozenset(),
     tcp_established: bool = False,
+    shell_job: bool = False,
 ) -> tuple[ProcessImage, int, int]:
     """Everything read while frozen: state, the last pages, the present map.
 
@@ -285,7 +333,8 @@ def _capture_final(
         others_misc = state.other_threads_misc(
             inj, tracee.others, [o.regs for o in others], [o.sigmask for o in others]
         )
-    fds = capture_fds(pid, skip_fds, tcp_established=tcp_established, tree=tree - {pid})
+    fds = capture_fds(pid, skip_fds, tcp_established=tcp_established, tree=tree - {pid},
+                      shell_job=shell_job)  # fmt: skip
 
     st = procfs.stat(pid)  # mm fields are only visible to a tracer
     exe = procfs.readlink(pid, "exe")

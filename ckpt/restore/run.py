@@ -15,6 +15,7 @@ from ..kernel.spawn import spawn_restorer
 from ..model import ProcessImage, slot_base
 from ..present import intersect
 from .tree import build_tree, check_tree, members
+from .tty import Terminal, check_image
 
 _ZERO = bytes(1 << 20)
 
@@ -24,6 +25,8 @@ class Restored:
     pid: int
     seconds: float
     pages: int
+    #: restore --shell-job: ckpt's terminal, now the job's (take_back() / wait_job(), close())
+    terminal: Terminal | None = None
 
 
 def load(directory: str) -> tuple[ImageReader, ProcessImage]:
@@ -35,23 +38,37 @@ def load(directory: str) -> tuple[ImageReader, ProcessImage]:
     return reader, proc
 
 
-def restore(directory: str, *, new_pid: bool = False) -> Restored:
-    """Rebuild the process (and its tree); it runs on as a child of this process."""
+def restore(directory: str, *, new_pid: bool = False, shell_job: bool = False) -> Restored:
+    """Rebuild the process (and its tree); it runs on as a child of this process.
+    shell_job: as a job of ckpt's terminal, in the foreground (restore/tty.py)."""
     t0 = time.monotonic()
     reader, proc = load(directory)
     procs = members(proc)
-    check_tree(proc, new_pid)
-    child = spawn_restorer(None if new_pid else proc.pid)
+    terminal = None
+    try:
+        check_image(procs, shell_job)
+        terminal = Terminal.find() if shell_job else None
+        check_tree(proc, new_pid)
+        child = spawn_restorer(None if new_pid else proc.pid)
+    except BaseException:
+        reader.close()
+        if terminal is not None:
+            terminal.close()
+        raise
     rbs = []
     try:
         rbs = build_tree(
-            child, proc, new_pid, lambda slot, p, mem_fd: _write_pages(reader, slot, p, mem_fd)
-        )
+            child, proc, new_pid, lambda slot, p, mem_fd: _write_pages(reader, slot, p, mem_fd),
+            terminal,
+        )  # fmt: skip
     except BaseException as exc:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(child, 0)
+        if terminal is not None:
+            terminal.take_back()
+            terminal.close()
         if isinstance(exc, OSError) and not hasattr(exc, "exit_code"):
             raise RestoreError(f"restore failed: {exc}") from exc
         raise
@@ -60,12 +77,12 @@ def restore(directory: str, *, new_pid: bool = False) -> Restored:
             rb.close()
         reader.close()
     pages = sum(n for p in procs for v in p.vmas for _, n in v.present)
-    return Restored(pid=child, seconds=time.monotonic() - t0, pages=pages)
+    return Restored(pid=child, seconds=time.monotonic() - t0, pages=pages, terminal=terminal)
 
 
 def _write_pages(reader: ImageReader, slot: int, proc: ProcessImage, mem_fd: int) -> None:
     """One process's pages; a tree member's are keyed slot << 48 | vaddr."""
-    base = slot_base(slot)
+    base = slot_base(proc.space if proc.space >= 0 else slot)
     plan = reader.plan([(r[0] + base, r[1]) for v in proc.vmas for r in v.present])
     for key, data in reader.iter_data(plan):
         write_at(mem_fd, key - base, data)
