@@ -8,6 +8,7 @@ does not know (a newer minor format may add fields).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
@@ -238,38 +239,80 @@ class ProcessImage:
     space: int = -1
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return to_plain(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProcessImage:
         return from_dict(cls, data)
 
 
+def to_plain(obj: Any) -> Any:
+    """dataclasses.asdict without its deep copies (a 1000-thread image: 0.8 s → ms).
+
+    The result shares no mutable containers with obj: lists and dicts are new;
+    leaves (int, str, bytes, bool, None) are immutable.
+    """
+    names = _field_names(type(obj)) if dataclasses.is_dataclass(obj) else None
+    if names is not None:
+        return {n: to_plain(getattr(obj, n)) for n in names}
+    if isinstance(obj, list | tuple):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+@functools.cache
+def _hints(cls: type) -> tuple[tuple[str, Any], ...]:
+    """(field name, type) of a dataclass; get_type_hints is slow, and called per object."""
+    hints = get_type_hints(cls)
+    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls))
+
+
 def from_dict(cls: type[T], data: Any) -> T:
     """Rebuild a dataclass tree from plain data (as msgpack returns it)."""
-    hints = get_type_hints(cls)
     kwargs = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.name not in data:
-            continue
-        kwargs[f.name] = _convert(hints[f.name], data[f.name])
+    for name, tp in _hints(cls):
+        if name in data:
+            kwargs[name] = _convert(tp, data[name])
     return cls(**kwargs)
+
+
+@functools.cache
+def _shape(tp: Any) -> tuple[str, Any]:
+    """How to convert a value of type tp: ("dc", cls), ("list", item type),
+    ("dict", (key type, value type)), ("opt", inner type) or ("leaf", None)."""
+    origin, args = get_origin(tp), get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return "dc", tp
+    if origin is list and args:
+        return "list", args[0]
+    if origin is dict and len(args) == 2:
+        return "dict", args
+    if args and type(None) in args:  # Optional[X]
+        return "opt", next(a for a in args if a is not type(None))
+    return "leaf", None
 
 
 def _convert(tp: Any, value: Any) -> Any:
     if value is None:
         return None
-    origin = get_origin(tp)
-    args = get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value)
-    if origin is list and args:
-        return [_convert(args[0], v) for v in value]
-    if origin is dict and len(args) == 2:
-        return {_convert(args[0], k): _convert(args[1], v) for k, v in value.items()}
-    if args and type(None) in args:  # Optional[X]
-        inner = next(a for a in args if a is not type(None))
-        return _convert(inner, value)
+    kind, arg = _shape(tp)
+    if kind == "dc":
+        return from_dict(arg, value)
+    if kind == "list":
+        if _shape(arg)[0] == "leaf":
+            return list(value)
+        return [_convert(arg, v) for v in value]
+    if kind == "dict":
+        return {_convert(arg[0], k): _convert(arg[1], v) for k, v in value.items()}
+    if kind == "opt":
+        return _convert(arg, value)
     return value
 
 
