@@ -26,8 +26,10 @@ def dump(pid: int, directory: str, **options) -> DumpResult:
     return _dump(pid, directory, **options)
 
 
-def restore(directory: str, *, new_pid: bool = False) -> Restored:
-    return _restore(directory, new_pid=new_pid)
+def restore(directory: str, *, new_pid: bool = False, shell_job: bool = False) -> Restored:
+    """shell_job: a job of the terminal ckpt runs on (restore/tty.py); then wait with
+    wait_exit_status(r.pid, r.terminal), which hands the terminal back."""
+    return _restore(directory, new_pid=new_pid, shell_job=shell_job)
 
 
 def snapshot(pid: int, store: str, **options):
@@ -47,14 +49,17 @@ def snapshot_dir(store: str, at: str | None) -> tuple[str, str]:
     return st.path_of(info), info.id
 
 
-def restore_snapshot(store: str, at: str | None, *, new_pid: bool = False, wait: float = 10.0):
+def restore_snapshot(
+    store: str, at: str | None, *, new_pid: bool = False, wait: float = 10.0,
+    shell_job: bool = False,
+):  # fmt: skip
     """Restore snapshot `at` of a store; a shared store lock keeps gc from swapping it meanwhile."""
     from .store import Store
 
     st = Store.open(store)
     with st.lock(wait, shared=True, op="restore"):
         info = st.resolve(at)
-        return _restore(st.path_of(info), new_pid=new_pid), info.id
+        return _restore(st.path_of(info), new_pid=new_pid, shell_job=shell_job), info.id
 
 
 def _resolve_show_target(target: str) -> str:
@@ -65,13 +70,19 @@ def _resolve_show_target(target: str) -> str:
     return target
 
 
-def wait_exit_status(pid: int) -> int:
-    """Wait for a restored child; shell-style status (128+N when killed by signal N)."""
+def wait_exit_status(pid: int, terminal=None) -> int:
+    """Wait for a restored child; shell-style status (128+N when killed by signal N).
+    terminal: a shell job's (Restored.terminal): ckpt takes it back when the job ends."""
     while True:
-        try:
-            _, status = os.waitpid(pid, 0)
-        except ChildProcessError:
-            return 0
+        if terminal is not None:
+            status = terminal.wait_job(pid)
+            terminal.close()
+            terminal = None
+        else:
+            try:
+                _, status = os.waitpid(pid, 0)
+            except ChildProcessError:
+                return 0
         if os.WIFEXITED(status):
             return os.WEXITSTATUS(status)
         if os.WIFSIGNALED(status):
@@ -107,6 +118,9 @@ def show(directory: str) -> dict:
         }
         for f in proc.fds
     ]
+    for rec, f in zip(fds, proc.fds):
+        if f.tty is not None:  # a shell job's terminal (capture/tty.py)
+            rec["tty"] = {"name": f.tty.name, "pgid": f.tty.pgid, "foreground": f.tty.foreground}
     t = proc.threads[0]
     return {
         "image": os.path.abspath(directory),

@@ -96,3 +96,9 @@ class StoreBusy(CkptError):
 
 class ImageExists(CkptError):
     exit_code = 15
+
+
+class NoTerminal(CkptError):
+    """`ckpt restore --shell-job` without a controlling terminal on stdin/stdout/stderr."""
+
+    exit_code = 16

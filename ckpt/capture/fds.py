@@ -9,7 +9,7 @@ from ..errors import DumpError, NoSuchProcess, UnsupportedProcess
 from ..kernel import procfs
 from ..kernel.process import same_open_file
 from ..model import Fd
-from . import fd_kinds
+from . import fd_kinds, tty
 from .sockets import capture_socket
 from .vmas import file_ref
 
@@ -24,13 +24,15 @@ def capture_fds(
     *,
     tcp_established: bool = False,
     tree: frozenset[int] = frozenset(),
+    shell_job: bool = False,
 ) -> list[Fd]:
     """`skip`: ckpt's own fds in the target (persistent tracking).
     `tcp_established`: also dump TCP connections to peers outside the process.
-    `tree`: the other processes dumped with this one; a pipe may connect them."""
+    `tree`: the other processes dumped with this one; a pipe may connect them.
+    `shell_job`: take fds on the job's controlling terminal (capture/tty.py)."""
     scan = fd_kinds.FdScan(pid, tree)
     try:
-        out = _capture(scan, pid, skip, tcp_established)
+        out = _capture(scan, pid, skip, tcp_established, shell_job)
         fd_kinds.finish(scan, out, procfs.maps(pid))
     except OSError as exc:  # reading a pipe's data, a memfd, a pidfd_getfd copy…
         raise DumpError(f"reading the fds of process {pid} failed: {exc}") from exc
@@ -40,7 +42,11 @@ def capture_fds(
 
 
 def _capture(
-    scan: fd_kinds.FdScan, pid: int, skip: frozenset[int] | set[int], tcp_established: bool
+    scan: fd_kinds.FdScan,
+    pid: int,
+    skip: frozenset[int] | set[int],
+    tcp_established: bool,
+    shell_job: bool = False,
 ) -> list[Fd]:
     out: list[Fd] = []
     seen: dict[tuple[int, int], list[int]] = {}
@@ -86,9 +92,14 @@ def _capture(
             out.append(Fd(fd=fd, kind="chr", path=target, flags=flags, cloexec=cloexec,
                           pos=info.pos, rdev=st.st_rdev))  # fmt: skip
             continue
+        if (modes := tty.termios_of(scan, fd, st)) is not None:  # terminals: capture/tty.py
+            rec = Fd(fd=fd, kind="tty", path=target, flags=flags, cloexec=cloexec, pos=0)
+            out.append(tty.capture(scan, rec, st, modes, shell_job=shell_job))
+            continue
         if statmod.S_ISSOCK(st.st_mode):  # sockets: capture/sockets.py
             out.append(capture_socket(pid, fd, st, flags=flags, cloexec=cloexec,
-                                      fdinfo=info.extra, tcp_established=tcp_established))  # fmt: skip
+                                      fdinfo=info.extra, tcp_established=tcp_established,
+                                      tree=scan.tree))  # fmt: skip
             continue
         raise UnsupportedProcess(f"fd {fd} is {_describe(target, st)}: not supported yet", pid=pid)
     return out

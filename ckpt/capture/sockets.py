@@ -9,6 +9,13 @@ for connections, both ends.
 A process-wide view (which socket inodes belong to the process) is built once
 per frozen capture and reused for the following fds: it is keyed by the
 target's scheduler statistics, which do not change while it stays stopped.
+
+Process trees: a peer held by another process of the dumped tree is not
+"outside". Each process is captured on its own (its Sockets name their peers by
+inode); `link_tree_sockets` then runs on all captured images (from
+capture/tree.py link_shared, still frozen) and gives every group of sockets that
+spans processes to its first process in slot order, which restores the whole
+group and parks the others' ends for them (see restore/sockets.py).
 """
 
 from __future__ import annotations
@@ -18,10 +25,10 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from ..errors import DumpError, UnsupportedProcess
+from ..errors import CkptError, DumpError, UnsupportedProcess
 from ..kernel import procfs, sockdiag, tcp_repair
 from ..kernel.sockets import TargetSocket, socket_file
-from ..model import Fd, Socket, SocketMsg, TcpConn
+from ..model import Fd, ProcessImage, Socket, SocketMsg, TcpConn
 
 UNIX_TYPES = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "dgram", socket.SOCK_SEQPACKET: "seqpacket"}  # fmt: skip
 FAMILIES = {socket.AF_UNIX: "unix", socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6",
@@ -36,12 +43,75 @@ class _ProcessSockets:
     frozen: bool  # ptrace-stopped: queues may be peeked and TCP put in repair mode
     captured: dict[int, Socket] = field(default_factory=dict)
     held: dict[int, TargetSocket] = field(default_factory=dict)  # established TCP dups
+    tree: frozenset[int] | None = None  # the other processes dumped with this one
     _all_unix: dict[int, sockdiag.UnixDiag] | None = None
+    _mates: dict[int, int] | None = None
 
     def all_unix(self) -> dict[int, sockdiag.UnixDiag]:
         if self._all_unix is None:
             self._all_unix = sockdiag.unix_sockets()
         return self._all_unix
+
+    def ours(self, ino: int) -> bool:
+        """Is socket `ino` held by this process or another process of the dumped tree?"""
+        return ino in self.fds or ino in self.mates()
+
+    def mates(self) -> dict[int, int]:
+        """socket inode → PID, for the sockets the other tree members hold."""
+        if self._mates is None:
+            pids = self.tree if self.tree is not None else _frozen_by_us()
+            self._mates = {}
+            for p in sorted(pids):
+                for ino in _socket_fds(p):
+                    self._mates.setdefault(ino, p)
+            for ino in self.fds:
+                self._mates.pop(ino, None)
+        return self._mates
+
+    @property
+    def outside(self) -> str:
+        return "outside the process tree" if self.mates_possible else "outside the process"
+
+    @property
+    def mates_possible(self) -> bool:
+        return bool(self.tree) if self.tree is not None else bool(self.mates())
+
+
+# established TCP duplicates of every captured process, by inode (for link_tree_sockets)
+_held_tcp: dict[int, TargetSocket] = {}
+
+
+def _socket_fds(pid: int) -> dict[int, int]:
+    """socket inode → fd of process pid."""
+    out: dict[int, int] = {}
+    try:
+        fds = procfs.fds(pid)
+    except OSError:
+        return out
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            out.setdefault(int(link[8:-1]), fd)
+    return out
+
+
+def _frozen_by_us() -> frozenset[int]:
+    """The processes this ckpt holds in a ptrace stop: during a dump, exactly the
+    dumped tree (every member is frozen before the first one is captured)."""
+    me, out = os.getpid(), set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            st = procfs.status(int(entry))
+        except (OSError, CkptError):  # gone meanwhile
+            continue
+        if st.get("TracerPid") == str(me) and st.get("State", "")[:1] == "t":
+            out.add(int(entry))
+    return frozenset(out)
 
 
 _cache: dict[int, _ProcessSockets] = {}
@@ -52,14 +122,7 @@ def _process(pid: int) -> _ProcessSockets:
     ctx = _cache.get(pid)
     if ctx is not None and ctx.key == key:
         return ctx
-    inodes = {}
-    for fd in procfs.fds(pid):
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            inodes.setdefault(int(link[8:-1]), fd)
+    inodes = _socket_fds(pid)
     frozen = procfs.status(pid).get("State", "")[:1] == "t"
     ctx = _ProcessSockets(key, inodes, frozen)
     _cache.clear()
@@ -76,9 +139,15 @@ def capture_socket(
     cloexec: bool,
     fdinfo: dict[str, str] | None = None,
     tcp_established: bool = False,
+    tree: frozenset[int] | None = None,
 ) -> Fd:
-    """The Fd (kind "socket") for socket fd `fd` of the frozen process `pid`."""
+    """The Fd (kind "socket") for socket fd `fd` of the frozen process `pid`.
+
+    tree: the other processes dumped with this one (their sockets are not
+    "outside"); None: every process this ckpt holds frozen (see _frozen_by_us)."""
     ctx = _process(pid)
+    if tree is not None:
+        ctx.tree = frozenset(tree) - {pid}
     ino = st.st_ino
     try:
         ts = TargetSocket(pid, fd)
@@ -111,6 +180,7 @@ def capture_socket(
     ctx.captured[ino] = sock
     if keep:
         ctx.held[ino] = ts
+        _held_tcp[ino] = ts
         tcp_repair.hold_until_exit(pid, ts)
     return Fd(fd=fd, kind="socket", path=f"socket:[{ino}]", flags=flags, cloexec=cloexec,
               pos=0, socket=sock)  # fmt: skip
@@ -144,10 +214,10 @@ def _unix(pid: int, ctx: _ProcessSockets, ts: TargetSocket, ino: int, fdinfo) ->
     if d.state == sockdiag.TCP_LISTEN:
         s.state, s.backlog = "listen", d.wqueue
         for client in d.icons:
-            if client not in ctx.fds:
+            if not ctx.ours(client):
                 raise UnsupportedProcess(
-                    f"{what} listening on {_name(s.local)} with a connection from outside the "
-                    f"process (socket:[{client}]) waiting to be accepted: not supported",
+                    f"{what} listening on {_name(s.local)} with a connection from "
+                    f"{ctx.outside} (socket:[{client}]) waiting to be accepted: not supported",
                     pid=pid,
                 )
         s.pending = list(d.icons)
@@ -170,12 +240,12 @@ def _unix(pid: int, ctx: _ProcessSockets, ts: TargetSocket, ino: int, fdinfo) ->
 def _unix_peer(pid, ctx, ts, s: Socket, d: sockdiag.UnixDiag, what: str) -> None:
     remote = ts.peername()
     s.remote = remote or None
-    if d.peer and d.peer in ctx.fds:
+    if d.peer and ctx.ours(d.peer):
         s.peer_ino = d.peer
         if ts.type != socket.SOCK_DGRAM and s.local:
             # the accept()ed end carries its listener's name
             for ino, other in ctx.all_unix().items():
-                if other.state == sockdiag.TCP_LISTEN and other.name == s.local and ino in ctx.fds:
+                if other.state == sockdiag.TCP_LISTEN and other.name == s.local and ctx.ours(ino):
                     s.accepted, s.listener_ino = True, ino
                     break
         return
@@ -183,16 +253,16 @@ def _unix_peer(pid, ctx, ts, s: Socket, d: sockdiag.UnixDiag, what: str) -> None
         if ts.type == socket.SOCK_DGRAM and remote:
             return  # connected to a named socket elsewhere (e.g. /dev/log): reconnect by name
         raise UnsupportedProcess(
-            f"{what} connected to a socket outside the process (socket:[{d.peer}], "
+            f"{what} connected to a socket {ctx.outside} (socket:[{d.peer}], "
             f"{_name(remote)}): not supported",
             pid=pid,
         )
     # stream/seqpacket, no peer socket: waiting in a listener's queue, or the peer closed
     for ino, other in sockdiag.unix_sockets().items():
         if other.state == sockdiag.TCP_LISTEN and s.ino in other.icons:
-            if ino not in ctx.fds:
+            if not ctx.ours(ino):
                 raise UnsupportedProcess(
-                    f"{what} waiting to be accepted by a listener outside the process "
+                    f"{what} waiting to be accepted by a listener {ctx.outside} "
                     f"({_name(other.name)}, socket:[{ino}]): not supported",
                     pid=pid,
                 )
@@ -259,12 +329,12 @@ def _tcp(
         )
     s.state = "established"
     peer = sockdiag.tcp_socket_inode(ts.family, tuple(s.remote[:2]), tuple(s.local[:2]))
-    if peer and peer in ctx.fds:
+    if peer and ctx.ours(peer):
         s.peer_ino = peer
     elif not allow_external:
         raise UnsupportedProcess(
             f"fd {fd} is an established TCP/{fam} connection {_addr(s.local)} -> "
-            f"{_addr(s.remote)} whose peer is outside the process: dump with "
+            f"{_addr(s.remote)} whose peer is {ctx.outside}: dump with "
             "--tcp-established to checkpoint it (the peer must not send until the restore)",
             pid=pid,
         )
@@ -273,8 +343,8 @@ def _tcp(
     s.tcp = _read_tcp(ts, info)
     partner = ctx.captured.get(s.peer_ino) if s.peer_ino else None
     if partner is not None and partner.tcp is not None:
-        _make_consistent(pid, ctx, ts, s, partner)
-    return s
+        _make_consistent(pid, ts, s, ctx.held[partner.ino], partner)
+    return s  # a partner in another tree member: link_tree_sockets makes them agree
 
 
 def _read_tcp(ts: TargetSocket, info) -> TcpConn:
@@ -303,11 +373,10 @@ def _consistent(a: TcpConn, b: TcpConn) -> bool:
     return one_way(a, b) and one_way(b, a)
 
 
-def _make_consistent(pid, ctx, ts: TargetSocket, s: Socket, partner: Socket) -> None:
+def _make_consistent(pid, ts: TargetSocket, s: Socket, pts: TargetSocket, partner: Socket) -> None:
     """Both ends of a loopback connection are ours: their two captures must agree
-    (nothing acknowledged by one end that the other does not hold). The process
-    is frozen, so the kernel settles within a delayed-ACK time; re-read until then."""
-    pts = ctx.held[partner.ino]
+    (nothing acknowledged by one end that the other does not hold). The processes
+    are frozen, so the kernel settles within a delayed-ACK time; re-read until then."""
     for _ in range(CONSISTENT_TRIES):
         if _consistent(s.tcp, partner.tcp):
             return
@@ -330,3 +399,134 @@ def _udp(pid: int, ts: TargetSocket, ino: int) -> Socket:
     elif s.local[1]:
         s.state = "bound"
     return s  # queued datagrams are not kept (UDP may drop them anyway)
+
+
+# -- process trees ---------------------------------------------------------------------------
+
+
+def link_tree_sockets(procs: list[ProcessImage]) -> None:
+    """Groups of sockets that span processes of the tree go to their first process.
+
+    A group is what must be rebuilt together: the two ends of a connection, a
+    listener with the connections accepted through it or waiting in its queue, a
+    unix dgram socket with the named sockets it is connected to or holds messages
+    from. The first process (in slot order) holding a socket of a group restores
+    the whole group (restore/sockets.py): every socket of it that a later process
+    holds is copied into the first one's image as a record with fd -1 (peer_slot,
+    peer_fd: the process and fd that take it; flags, cloexec: its description),
+    and the holder's own record becomes kind "socket_end" (obj_id: the inode,
+    peer_slot: the creator), taken with pidfd_getfd once the creator parked it.
+
+    Both ends of a TCP connection between two members are made to agree here, as
+    capture_socket does for the two ends inside one process.
+    """
+    try:
+        _link(procs)
+    finally:
+        _held_tcp.clear()
+
+
+def _unix_key(name: bytes, cwd: str) -> bytes:
+    if name[:1] == b"\0":
+        return name
+    path = os.fsdecode(name)
+    return os.fsencode(path if path.startswith("/") else os.path.join(cwd, path))
+
+
+def _link(procs: list[ProcessImage]) -> None:
+    where: dict[int, tuple[int, int]] = {}  # inode → (slot, index in that image's fds)
+    named: dict[bytes, int] = {}  # unix name (absolute) → inode of the socket bound to it
+    for slot, p in enumerate(procs):
+        for i, f in enumerate(p.fds):
+            if f.kind != "socket" or f.socket is None or f.fd < 0:
+                continue
+            where[f.socket.ino] = (slot, i)
+            s = f.socket
+            if s.family == socket.AF_UNIX and s.local and not s.accepted:
+                named.setdefault(_unix_key(s.local, p.cwd), s.ino)
+    if len({slot for slot, _ in where.values()}) < 2:
+        return
+    up = {ino: ino for ino in where}
+
+    def find(x: int) -> int:
+        while up[x] != x:
+            up[x] = up[up[x]]
+            x = up[x]
+        return x
+
+    def rec(ino: int) -> tuple[ProcessImage, Fd]:
+        slot, i = where[ino]
+        return procs[slot], procs[slot].fds[i]
+
+    for ino in where:
+        p, f = rec(ino)
+        s = f.socket
+        for other in (s.peer_ino, s.listener_ino, *s.pending):
+            if not other:
+                continue
+            if other not in where:
+                raise DumpError(
+                    f"fd {f.fd} of process {p.pid} (socket:[{ino}]) is connected to "
+                    f"socket:[{other}], which no dumped process holds any more",
+                    pid=procs[0].pid,
+                )
+            up[find(other)] = find(ino)
+        if s.family == socket.AF_UNIX and s.type == socket.SOCK_DGRAM:
+            names = [m.source for m in s.queue if m.source] + ([s.remote] if s.remote else [])
+            for n in names:
+                other = named.get(_unix_key(n, p.cwd))
+                if other is not None:
+                    up[find(other)] = find(ino)
+    groups: dict[int, list[int]] = {}
+    for ino in where:
+        groups.setdefault(find(ino), []).append(ino)
+    for inos in groups.values():
+        slots = {where[ino][0] for ino in inos}
+        if len(slots) < 2:
+            continue
+        _agree_tcp(procs, [rec(ino)[1] for ino in inos], where)
+        creator = min(slots)
+        for ino in sorted(inos, key=lambda x: where[x]):
+            slot, i = where[ino]
+            if slot != creator:
+                _hand_over(procs, creator, slot, i)
+
+
+def _agree_tcp(procs, recs: list[Fd], where) -> None:
+    """The two ends of a loopback TCP connection held by two members: as _make_consistent."""
+    by_ino = {f.socket.ino: f for f in recs}
+    for f in recs:
+        s = f.socket
+        p = by_ino.get(s.peer_ino)
+        if s.tcp is None or p is None or p.socket.tcp is None or s.ino > p.socket.ino:
+            continue
+        if where[s.ino][0] == where[p.socket.ino][0]:
+            continue  # one process: capture_socket did it
+        ts, pts = _held_tcp.get(s.ino), _held_tcp.get(p.socket.ino)
+        if ts is None or pts is None:
+            raise DumpError(
+                f"TCP connection {_addr(s.local)} <-> {_addr(s.remote)}: a capture of one "
+                "end is missing",
+                pid=procs[0].pid,
+            )
+        _make_consistent(procs[where[s.ino][0]].pid, ts, s, pts, p.socket)
+
+
+def _hand_over(procs: list[ProcessImage], creator: int, slot: int, i: int) -> None:
+    """Move socket record i of process `slot` into process `creator`'s image."""
+    p, f = procs[slot], procs[slot].fds[i]
+    s = f.socket
+    if s.family == socket.AF_UNIX and procs[creator].cwd != p.cwd:
+        for n in (s.local, s.remote):
+            if n and n[:1] not in (b"\0", b"/"):
+                raise UnsupportedProcess(
+                    f"fd {f.fd} of process {p.pid} is a unix socket named by the relative path "
+                    f"{_name(n)} and connected to process {procs[creator].pid}, whose current "
+                    "directory differs: not supported",
+                    pid=procs[0].pid,
+                )
+    ghost = Fd(fd=-1, kind="socket", path=f.path, flags=f.flags, cloexec=f.cloexec, pos=0,
+               socket=s, obj_id=s.ino, peer_slot=slot, peer_fd=f.fd)  # fmt: skip
+    procs[creator].fds.append(ghost)
+    p.fds[i] = Fd(fd=f.fd, kind="socket_end", path=f.path, flags=f.flags, cloexec=f.cloexec,
+                  pos=0, obj_id=s.ino, peer_slot=creator)  # fmt: skip

@@ -22,6 +22,7 @@ from ..kernel import procfs
 from ..kernel.process import kcmp_file
 from ..kernel.ptrace import Tracee, seize_group
 from ..model import Fd, ProcessImage
+from .sockets import link_tree_sockets
 
 O_ACCMODE = 3
 
@@ -150,6 +151,7 @@ def link_shared(procs: list[ProcessImage]) -> None:
     """
     _link_fds(procs)
     _link_pipes(procs)
+    _link_sockets(procs)
     _link_shmem(procs)
 
 
@@ -212,6 +214,13 @@ def _link_pipes(procs: list[ProcessImage]) -> None:
                 f.kind, f.peer_slot = "pipe_end", creator
 
 
+def _link_sockets(procs: list[ProcessImage]) -> None:
+    """Sockets connected across processes (socketpairs split by fork, a client and
+    the listener it connected to, TCP on loopback): capture/sockets.py gives each
+    such group to its first process; the others' records become "socket_end"."""
+    link_tree_sockets(procs)
+
+
 def _link_shmem(procs: list[ProcessImage]) -> None:
     first: dict[tuple[int, int, int], tuple[int, int]] = {}
     for slot, p in enumerate(procs):
@@ -225,7 +234,9 @@ def _link_shmem(procs: list[ProcessImage]) -> None:
                 continue
             ident = inodes[v.start]
             if ident in first:
+                # The owner maps the object; this member still writes the pages
+                # present in its own mapping (some may be in no other member's
+                # page tables), through its mapping of the same object.
                 v.shared_with = list(first[ident])
-                v.present = []  # the owner stores the pages
             else:
                 first[ident] = (slot, v.start)

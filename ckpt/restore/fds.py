@@ -26,7 +26,8 @@ from ..kernel import fdobjs
 from ..kernel.pidfd import pidfd_getfd, pidfd_open
 from ..kernel.remote import Injector, RemoteError
 from ..model import Fd, ProcessImage
-from .sockets import restore_sockets
+from .sockets import restore_socket_end, restore_sockets
+from .tty import restore_tty
 
 O_CREAT, O_EXCL, O_TRUNC, O_CLOEXEC = 0o100, 0o200, 0o1000, 0o2000000
 O_ACCMODE, O_RDONLY, O_WRONLY, O_RDWR = 3, 0, 1, 2
@@ -99,8 +100,10 @@ class _Ctx:
         proc: ProcessImage,
         peers: dict[int, int] | None = None,
         parked: dict[tuple[int, int], tuple[int, int]] | None = None,
+        terminal=None,
     ):
         self.inj = inj
+        self.terminal = terminal  # restore --shell-job: where terminal fds go (restore/tty.py)
         self.proc = proc
         self.peers = peers or {}  # tree slot → PID of that restored process
         # tree restore: pipe ends kept for later members, (obj_id, mode) → (pid, fd)
@@ -145,11 +148,12 @@ def restore_fds(
     proc: ProcessImage,
     peers: dict[int, int] | None = None,
     parked: dict[tuple[int, int], tuple[int, int]] | None = None,
+    terminal=None,
 ) -> None:
     """peers: for a process tree, the PIDs of the processes restored before this one;
     parked: the tree's pipe ends kept for a later member (the caller closes them
-    all once every member has its fds)."""
-    ctx = _Ctx(inj, proc, peers, parked)
+    all once every member has its fds); terminal: restore/tty.Terminal (--shell-job)."""
+    ctx = _Ctx(inj, proc, peers, parked, terminal)
     top, n = _top(proc), len(ctx.holders)
     if top > 0:
         inj.call("close_range", 0, top - 1, 0)
@@ -422,4 +426,6 @@ KINDS = {
     "epoll": _epoll,
     "inotify": _inotify,
     "socket": restore_sockets,  # restore/sockets.py: every socket at the first one
+    "socket_end": restore_socket_end,  # a tree member's socket, rebuilt by an earlier one
+    "tty": restore_tty,  # restore/tty.py: the terminal ckpt runs on (--shell-job)
 }

@@ -75,6 +75,10 @@ class Rebuilder:
         self.parked: dict[tuple[int, int], tuple[int, int]] | None = None  # see restore/fds.py
         #: setsid already done (a session leader of a tree does it before forking)
         self.session_done = False
+        #: restore --shell-job: the terminal this process's terminal fds go to (restore/tty.py)
+        self.terminal = None
+        #: the root of a shell job: stays in ckpt's session, in a process group of its own
+        self.shell_job = False
 
     def close(self) -> None:
         if self.mem_fd >= 0:
@@ -307,12 +311,14 @@ class Rebuilder:
                 inj.call("close", exe_fd)
 
     def restore_fds(self) -> None:
-        restore_fds(self.inj, self.proc, self.peers, self.parked)
+        restore_fds(self.inj, self.proc, self.peers, self.parked, self.terminal)
 
     def restore_process_misc(self) -> None:
         p, inj = self.proc, self.inj
         inj.reset_data()
-        if p.sid == p.pid:
+        if self.shell_job:  # a job of ckpt's terminal: no setsid (ckpt's session)
+            inj.call("setpgid", 0, 0)
+        elif p.sid == p.pid:
             if not self.session_done:
                 inj.call("setsid")
         elif p.pgid == p.pid:

@@ -8,6 +8,17 @@ sockets (the peer credentials) — is injected into the restorer. Options, queue
 data and the TCP_REPAIR work go through ckpt's pidfd_getfd copy of the
 restorer's socket: the same kernel object, with no scratch-area size limit.
 
+Process trees (see capture/sockets.py link_tree_sockets): a group of sockets
+that spans processes is rebuilt entirely by its first process. The sockets of
+the group that later processes hold come as records with fd -1 ("handed over":
+peer_slot/peer_fd name who takes them); they are built like the process's own
+at a spare fd number, left in `parked` under (inode, PARKED), and each later
+process takes its own with pidfd_getfd (kind "socket_end", restore_socket_end).
+So both ends of a TCP connection between two processes exist, here, before
+either leaves repair mode. The creator's credentials are what the kernel
+records for connect/accept (SO_PEERCRED of a rebuilt connection names the
+creator, as for every connection ckpt rebuilds).
+
 Order: listening, bound and unbound sockets; unix connections (socketpair, or
 connect + accept through the restored listener so that names come back);
 dgram connects; connections still waiting in an accept queue, in queue order;
@@ -19,6 +30,7 @@ peer's end, shutdown states, options, peek offsets and O_NONBLOCK.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 import struct
@@ -32,6 +44,7 @@ from ..model import Fd, Socket
 SOCK_NONBLOCK, SOCK_CLOEXEC = 0o4000, 0o2000000
 O_NONBLOCK = 0o4000
 F_DUPFD, F_SETFL = 0, 4
+PARKED = -2  # key (inode, PARKED) in the tree's `parked` registry (pipes use (inode, mode))
 
 
 def _u(v: int) -> int:
@@ -51,7 +64,15 @@ class _Sockets:
         self.ctx = ctx
         self.inj = ctx.inj
         self.proc = ctx.proc
-        self.fds = [f for f in self.proc.fds if f.kind == "socket" and f.socket and f.fd >= 0]
+        own = [f for f in self.proc.fds if f.kind == "socket" and f.socket and f.fd >= 0]
+        # handed over by later tree members: built here at a spare fd, then parked
+        handed = [
+            dataclasses.replace(f)
+            for f in self.proc.fds
+            if f.kind == "socket" and f.socket and f.fd < 0 and f.peer_slot >= 0
+        ]
+        self.handed = {f.socket.ino for f in handed}
+        self.fds = own + handed
         self.by_ino: dict[int, Fd] = {f.socket.ino: f for f in self.fds}
         self.made: set[int] = set()  # inodes created and placed
         self.copies: dict[int, socket.socket] = {}
@@ -74,10 +95,14 @@ class _Sockets:
 
     def place(self, tmp: int, f: Fd) -> None:
         """Put a fresh socket at its fd number (out of the way first: a socketpair's
-        second fd may be the first one's number)."""
+        second fd may be the first one's number). A socket handed over by another
+        tree member stays where it is (tmp is a spare number, above the image's fds)."""
         from .fds import _place
 
-        _place(self.inj, tmp, f.fd, f.cloexec)
+        if f.socket.ino in self.handed:
+            f.fd = tmp
+        else:
+            _place(self.inj, tmp, f.fd, f.cloexec)
         self.made.add(f.socket.ino)
 
     def new(self, s: Socket) -> int:
@@ -166,7 +191,12 @@ class _Sockets:
         finally:
             self.close()
         for f in self.fds:
-            self.ctx.done.add(f.fd)
+            if f.socket.ino not in self.handed:
+                self.ctx.done.add(f.fd)
+                continue
+            if self.ctx.parked is None:
+                raise RestoreError(f"socket:[{f.socket.ino}] belongs to another process of a tree")
+            self.ctx.parked[(f.socket.ino, PARKED)] = (self.inj.tracee.pid, f.fd)
 
     def simple(self) -> None:
         """Sockets that need no partner: listening, bound, unbound, UDP, unix dgram."""
@@ -401,3 +431,16 @@ class _Sockets:
 def restore_sockets(ctx, first: Fd) -> None:
     """restore/fds.py's entry for kind "socket": every socket of the process at once."""
     _Sockets(ctx).run()
+
+
+def restore_socket_end(ctx, fd: Fd) -> None:
+    """restore/fds.py's entry for kind "socket_end": this process's socket of a group
+    an earlier tree member rebuilt (with its data, options and flags) and parked."""
+    from .fds import _take
+
+    got = (ctx.parked or {}).get((fd.obj_id, PARKED))
+    if got is None:
+        raise RestoreError(
+            f"fd {fd.fd}: the process that rebuilt socket:[{fd.obj_id}] did not leave it"
+        )
+    _take(ctx, fd, *got)

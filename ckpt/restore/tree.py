@@ -26,6 +26,7 @@ from ..errors import ImageCorrupt
 from ..model import ProcessImage
 from .checks import check_files, wait_pid_free
 from .rebuild import Rebuilder
+from .tty import Terminal, job_modes
 
 
 def members(root: ProcessImage) -> list[ProcessImage]:
@@ -49,21 +50,23 @@ def build_tree(
     root: ProcessImage,
     new_pid: bool,
     write_pages: Callable[[int, ProcessImage, int], None],
+    terminal: Terminal | None = None,
 ) -> list[Rebuilder]:
     """Turn the parked restorer `root_pid` and its forks into the tree; returns the
-    Rebuilders (closed by the caller). write_pages(slot, image, mem_fd)."""
+    Rebuilders (closed by the caller). write_pages(slot, image, mem_fd).
+    terminal: restore --shell-job (restore/tty.py): the tree is a job of ckpt's terminal."""
     procs = members(root)
     slot = {p.pid: i for i, p in enumerate(procs)}
     rbs: list[Rebuilder] = []
     try:
         rbs.append(Rebuilder(root_pid, root, new_pid))
-        _early_session(rbs[0])
+        _early_session(rbs[0], terminal, root=True)
         for p in procs[1:]:
             parent = rbs[slot[p.ppid]]
             tr = parent.fork_child(None if new_pid else p.pid)
             rb = Rebuilder(tr.pid, p, new_pid, tracee=tr)
             rbs.append(rb)
-            _early_session(rb)
+            _early_session(rb, terminal)
         pids = [rb.pid for rb in rbs]
         parked: dict[tuple[int, int], tuple[int, int]] = {}
         for i, rb in enumerate(rbs):
@@ -92,21 +95,37 @@ def build_tree(
     return rbs
 
 
-def _early_session(rb: Rebuilder) -> None:
-    if rb.proc.sid == rb.proc.pid:
+def _early_session(rb: Rebuilder, terminal: Terminal | None, root: bool = False) -> None:
+    """A session leader makes its session before its children are forked. The root of a
+    shell job never does: it stays in ckpt's session (restore_process_misc)."""
+    rb.terminal = terminal
+    rb.shell_job = root and terminal is not None
+    if rb.proc.sid == rb.proc.pid and not rb.shell_job:
         rb.inj.call("setsid")
         rb.session_done = True
 
 
 def _process_groups(rbs: list[Rebuilder], slot: dict[int, int], pids: list[int]) -> None:
-    """Members of a group led by another member join it (leaders made theirs already)."""
+    """Members of a group led by another member join it (leaders made theirs already).
+
+    A shell job: the root leads a group of its own, members of a group led from
+    outside the tree (the job's group when the root did not lead it) join the root's,
+    and that group gets the terminal, with the job's modes, before anything runs."""
+    job = rbs[0] if rbs[0].shell_job else None
     for rb in rbs:
         p = rb.proc
-        if p.pgid == p.pid or p.pgid not in slot:
+        if p.pgid == p.pid or rb is job:
             continue
-        want = pids[slot[p.pgid]]
+        if p.pgid in slot:
+            want = pids[slot[p.pgid]]
+        elif job is not None and p.sid == job.proc.sid:
+            want = job.pid
+        else:
+            continue
         if os.getpgid(rb.pid) != want:
             rb.inj.call("setpgid", 0, want)
+    if job is not None:
+        job.terminal.hand_over(job.pid, job_modes(members(job.proc)))
 
 
 def kill_members(rbs: list[Rebuilder]) -> None:

@@ -31,10 +31,14 @@ struct shared {
     volatile uint64_t token[N];
     volatile int done[N];
     volatile int fail[N];
+    volatile int b_wrote;
     char why[N][128];
 };
 
 static struct shared *sh;
+/* shared too, but only b ever touches page 3 of it before the dump: its only copy
+   is in b's page tables (the owner, root, must still get it back) */
+static volatile uint64_t *only_b;
 static int datafd;
 static volatile sig_atomic_t got_usr2;
 
@@ -131,6 +135,8 @@ int main(int argc, char **argv)
     catch_usr2_blocked(on_usr2, &old);
     sh = mmap(NULL, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     SETUP_CHECK(sh != MAP_FAILED, "mmap shared");
+    only_b = mmap(NULL, 16 * 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    SETUP_CHECK(only_b != MAP_FAILED, "mmap only_b");
     datafd = open("data", O_RDWR | O_CREAT | O_TRUNC, 0644);
     SETUP_CHECK(datafd >= 0, "open data");
     SETUP_CHECK(write(datafd, "0123456789abcdef0123456789abcdef", 32) == 32, "write data");
@@ -144,6 +150,8 @@ int main(int argc, char **argv)
         setpgid(0, 0);
         unsigned char *priv = private_area(B);
         sh->pid[B] = getpid();
+        only_b[3 * 512] = 0xB0B0B0B0ULL;
+        sh->b_wrote = 1;
         child_loop(B, priv, root, getpid(), sid);
         _exit(sh->fail[B]);
     }
@@ -172,6 +180,8 @@ int main(int argc, char **argv)
     while ((!sh->pid[A] || !sh->pid[A1] || !sh->pid[B]) && mono_now() < end)
         usleep(1000);
     SETUP_CHECK(sh->pid[A] && sh->pid[A1] && sh->pid[B], "children started");
+    while (!sh->b_wrote && mono_now() < end)
+        usleep(1000);
     /* wait until a1 is in b's group (setpgid by a1 or a) */
     while (getpgid(sh->pid[A1]) != b && mono_now() < end)
         usleep(1000);
@@ -199,6 +209,7 @@ int main(int argc, char **argv)
     for (int i = 0; i < N; i++)
         if (sh->fail[i])
             fail("member%d:%s", i, sh->why[i]);
+    CHECK(only_b[3 * 512] == 0xB0B0B0B0ULL, "page_only_b_touched_lost");
     off_t off = lseek(datafd, 0, SEEK_CUR);
     CHECK(off == 16, "shared_offset=%ld", (long)off);
     char extra[32];
