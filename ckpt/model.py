@@ -65,6 +65,9 @@ class MemfdState:
     seals: int  # F_GET_SEALS
     extents: list[list] = field(default_factory=list)  # [offset, bytes]; the rest is holes
     maps: list[int] = field(default_factory=list)  # start addresses of VMAs mapping it
+    # a process tree: the slot whose restore makes this memfd (this record's content
+    # and seals are there); -1: made here
+    shared_from: int = -1
 
 
 @dataclass

@@ -150,6 +150,7 @@ def link_shared(procs: list[ProcessImage]) -> None:
     /proc/PID/maps need the live processes).
     """
     _link_fds(procs)
+    _link_memfds(procs)
     _link_pipes(procs)
     _link_sockets(procs)
     _link_shmem(procs)
@@ -159,7 +160,7 @@ def _link_fds(procs: list[ProcessImage]) -> None:
     by_ident: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for slot, p in enumerate(procs):
         for i, fd in enumerate(p.fds):
-            if fd.kind == "dup" or fd.fd < 0:
+            if fd.kind in ("dup", "memfd") or fd.fd < 0:  # memfds: _link_memfds
                 continue
             try:
                 st = os.stat(f"/proc/{p.pid}/fd/{fd.fd}")
@@ -181,6 +182,21 @@ def _link_fds(procs: list[ProcessImage]) -> None:
                 fd=fd.fd, kind="peer", path=fd.path, flags=fd.flags, cloexec=fd.cloexec,
                 pos=fd.pos, peer_slot=owner[0], peer_fd=owner[1],
             )  # fmt: skip
+
+
+def _link_memfds(procs: list[ProcessImage]) -> None:
+    """A memfd several members hold (fd or mapping) is made once, by the first, with
+    its content and seals; the others take that object (restore/fds.create_memfds)."""
+    first: dict[int, int] = {}
+    for slot, p in enumerate(procs):
+        for f in p.fds:
+            if f.kind != "memfd" or f.memfd is None:
+                continue
+            if f.obj_id not in first:
+                first[f.obj_id] = slot
+            elif first[f.obj_id] != slot:
+                f.memfd.shared_from = first[f.obj_id]
+                f.memfd.extents, f.memfd.seals = [], 0
 
 
 def _link_pipes(procs: list[ProcessImage]) -> None:

@@ -69,11 +69,15 @@ def memfd_fd_for(proc: ProcessImage, start: int) -> int:
     raise RestoreError(f"the image has no memfd for the mapping at {start:#x}")
 
 
-def create_memfds(inj: Injector, proc: ProcessImage) -> None:
+def create_memfds(
+    inj: Injector, proc: ProcessImage, shared: dict[int, tuple[int, int]] | None = None
+) -> None:
     """Pre-pass (start of map_vmas): every memfd object, filled, at its holder fd.
 
     A holder number may hold a leftover fd of the restorer: dup3 replaces it
-    (restore_fds closes every fd but the holders anyway)."""
+    (restore_fds closes every fd but the holders anyway). shared (a process tree):
+    obj_id → (pid, holder fd) of the memfds made so far; a memfd an earlier member
+    made is taken from there (pidfd_getfd), so the members share it again."""
     holders = memfd_holders(proc)
     for f in getattr(proc, "fds", ()):
         if f.kind != "memfd" or f.memfd is None:
@@ -81,6 +85,17 @@ def create_memfds(inj: Injector, proc: ProcessImage) -> None:
         m = f.memfd
         holder = holders[f.obj_id]
         inj.reset_data()
+        if m.shared_from >= 0:
+            got = (shared or {}).get(f.obj_id)
+            if got is None:
+                raise RestoreError(f"memfd {m.name}: the tree member that makes it is missing")
+            try:
+                _take_fd(inj, got[0], got[1], holder, cloexec=True)
+            except OSError as exc:
+                raise RestoreError(f"cannot share memfd {m.name}: {exc.strerror}") from exc
+            continue
+        if shared is not None:
+            shared[f.obj_id] = (inj.tracee.pid, holder)
         try:
             tmp = inj.call("memfd_create", inj.cstr(m.name), MFD_ALLOW_SEALING)
             _place(inj, tmp, holder, True)
@@ -388,17 +403,21 @@ def _peer(ctx: _Ctx, fd: Fd) -> None:
 
 
 def _take(ctx: _Ctx, fd: Fd, owner: int, ofd: int) -> None:
-    inj = ctx.inj
+    _take_fd(ctx.inj, owner, ofd, fd.fd, cloexec=fd.cloexec)
+
+
+def _take_fd(inj: Injector, owner: int, ofd: int, at: int, *, cloexec: bool) -> None:
+    """Put process owner's fd `ofd` (its open file description) at fd `at` here."""
     pidfd = inj.call("pidfd_open", owner, 0)
     try:
         tmp = inj.call("pidfd_getfd", pidfd, ofd, 0)
     finally:
         inj.call("close", pidfd)
-    if tmp == fd.fd:  # pidfd_getfd sets close-on-exec
-        if not fd.cloexec:
-            inj.call("fcntl", fd.fd, F_SETFD, 0)
+    if tmp == at:  # pidfd_getfd sets close-on-exec
+        if not cloexec:
+            inj.call("fcntl", at, F_SETFD, 0)
         return
-    inj.call("dup3", tmp, fd.fd, O_CLOEXEC if fd.cloexec else 0)
+    inj.call("dup3", tmp, at, O_CLOEXEC if cloexec else 0)
     inj.call("close", tmp)
 
 

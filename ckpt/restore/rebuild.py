@@ -73,6 +73,7 @@ class Rebuilder:
         self.peers: dict[int, int] = {}
         self.peer_images: dict[int, ProcessImage] = {}
         self.parked: dict[tuple[int, int], tuple[int, int]] | None = None  # see restore/fds.py
+        self.memfds: dict[int, tuple[int, int]] | None = None  # tree: memfds made so far
         #: setsid already done (a session leader of a tree does it before forking)
         self.session_done = False
         #: restore --shell-job: the terminal this process's terminal fds go to (restore/tty.py)
@@ -221,7 +222,7 @@ class Rebuilder:
                 )
 
     def map_vmas(self) -> None:
-        create_memfds(self.inj, self.proc)  # memfd objects first: mappings share them
+        create_memfds(self.inj, self.proc, self.memfds)  # first: mappings share them
         for v in self.proc.vmas:
             if v.kind in VDSO_KINDS:
                 continue

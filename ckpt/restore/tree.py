@@ -69,10 +69,12 @@ def build_tree(
             _early_session(rb, terminal)
         pids = [rb.pid for rb in rbs]
         parked: dict[tuple[int, int], tuple[int, int]] = {}
+        memfds: dict[int, tuple[int, int]] = {}
         for i, rb in enumerate(rbs):
             rb.peers = {j: pids[j] for j in range(i)}
             rb.peer_images = {j: procs[j] for j in range(i)}
             rb.parked = parked if len(rbs) > 1 else None
+            rb.memfds = memfds if len(rbs) > 1 else None
         for i, rb in enumerate(rbs):
             rb.prepare_memory()
             rb.map_vmas()

@@ -39,6 +39,9 @@ static struct shared *sh;
 /* shared too, but only b ever touches page 3 of it before the dump: its only copy
    is in b's page tables (the owner, root, must still get it back) */
 static volatile uint64_t *only_b;
+/* a memfd mapped MAP_SHARED by everybody (and its fd inherited): tokens go through it */
+static volatile uint64_t *mfd;
+static int memfd;
 static int datafd;
 static volatile sig_atomic_t got_usr2;
 
@@ -94,6 +97,17 @@ static void check(int me, unsigned char *priv, pid_t parent, pid_t want_pgid, pi
     for (int i = 0; i < N; i++)
         if (sh->token[i] != 0xC0FFEE00ULL + (uint64_t)i)
             note(me, "shared_memory_not_shared");
+    mfd[64 * me] = 0xF00D00ULL + (uint64_t)me;
+    end = mono_now() + 30;
+    for (int i = 0; i < N; i++)
+        while (mfd[64 * i] != 0xF00D00ULL + (uint64_t)i && mono_now() < end)
+            usleep(1000);
+    for (int i = 0; i < N; i++)
+        if (mfd[64 * i] != 0xF00D00ULL + (uint64_t)i)
+            note(me, "memfd_not_shared");
+    uint64_t first;
+    if (pread(memfd, &first, 8, 8192) != 8 || first != 0x5EED5EEDULL)
+        note(me, "memfd_content");
     char buf[4];
     if (read(datafd, buf, 4) != 4)
         note(me, "shared_file_read");
@@ -137,6 +151,11 @@ int main(int argc, char **argv)
     SETUP_CHECK(sh != MAP_FAILED, "mmap shared");
     only_b = mmap(NULL, 16 * 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     SETUP_CHECK(only_b != MAP_FAILED, "mmap only_b");
+    memfd = memfd_create("treemem", 0);
+    SETUP_CHECK(memfd >= 0 && ftruncate(memfd, 16 * 4096) == 0, "memfd");
+    mfd = mmap(NULL, 16 * 4096, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
+    SETUP_CHECK(mfd != MAP_FAILED, "mmap memfd");
+    mfd[1024] = 0x5EED5EEDULL; /* offset 8192 */
     datafd = open("data", O_RDWR | O_CREAT | O_TRUNC, 0644);
     SETUP_CHECK(datafd >= 0, "open data");
     SETUP_CHECK(write(datafd, "0123456789abcdef0123456789abcdef", 32) == 32, "write data");
