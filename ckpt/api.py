@@ -141,6 +141,17 @@ def show(directory: str) -> dict:
             "sigactions": len(proc.sigactions),
             "posix_timers": len(proc.posix_timers),
             "itimers": len(proc.itimers),
+            "descendants": [
+                {
+                    "pid": p.pid,
+                    "ppid": p.ppid,
+                    "comm": p.comm.decode(errors="replace"),
+                    "threads": len(p.threads),
+                    "fds": len(p.fds),
+                }
+                for p in proc.tree
+            ],
+            "net_lock": proc.net_lock,
         },
         "vmas": vmas,
         "fds": fds,

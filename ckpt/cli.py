@@ -140,6 +140,16 @@ def dump(
         f" ({r.final_pages} pages in the final round), total {r.seconds:.2f} s{extra}"
         + ("; left running" if leave_running else "; process killed")
     )
+    if r.net_lock:
+        status(
+            f"TCP peers outside the dump are held (nftables table inet {r.net_lock}) until "
+            f"`ckpt restore` deletes it; without a restore: nft delete table inet {r.net_lock}"
+        )
+    if r.unlocked_tcp:
+        status(
+            f"warning: {r.unlocked_tcp} TCP connection(s) to outside peers without a network "
+            "lock (no `nft`): whatever the peers send before the restore resets them"
+        )
 
 
 @cli.command()
@@ -250,6 +260,14 @@ def show(directory: str, as_json: bool) -> None:
     click.echo(
         f"signals  {p['sigactions']} handlers, mask {p['sigmask']}; timers {p['posix_timers']} posix, {p['itimers']} itimer"
     )
+    click.echo(f"threads  {p['threads']}")
+    for d in p["descendants"]:
+        click.echo(
+            f"child    {d['pid']} {d['comm']!r} (parent {d['ppid']}): {d['threads']} threads, "
+            f"{d['fds']} fds"
+        )
+    if p["net_lock"]:
+        click.echo(f"netlock  nftables table inet {p['net_lock']} (deleted by the restore)")
     click.echo("")
     click.echo(f"{'start':>14} {'end':>14} perms {'pages':>8}  kind     name")
     for v in info["vmas"]:

@@ -240,6 +240,9 @@ class ProcessImage:
     # A tree member's page keys are slot_base(space) | vaddr; -1: its slot (a member
     # pre-copied with the root keeps the space it had when first seen)
     space: int = -1
+    # nftables table dropping the dumped connections' packets until the restore
+    # deletes it (kernel/netlock.py); "" when there is none
+    net_lock: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)

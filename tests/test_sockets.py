@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import socket
 import struct
+import subprocess
 
 from helpers import DEADLINE, assert_error, dump_restore_verify, proc_alive, wait_until
 
@@ -124,3 +125,49 @@ def test_unix_peer_outside_refused(e2e):
         v = e2e.verify(w, w.pid)
         assert v.ok, v.line
         peer.close()
+
+
+def test_tcp_external_peer_sending_between_dump_and_restore(e2e):
+    """The network lock: the peer keeps sending after the dump, before the restore.
+    Its segments are dropped (not reset, not swallowed by the dead socket), so TCP
+    resends them to the restored socket and every byte arrives once, in order."""
+    w = e2e.spawn("sockets", "ext")
+    port = int(w.ready["port"])
+    c = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+    image = e2e.path("img")
+    try:
+        w.wait_for("ACCEPTED", w.pid)
+        before, window, after = 30000, 20000, 15000
+        c.sendall(pat(0, 0, before))
+        wait_until(lambda: all_acked(c), DEADLINE, "the workload's kernel to ack our bytes")
+        res = e2e.dump_ok(w, image, "--tcp-established")
+        assert "nftables table inet ckpt_lock_" in res.stderr, res.stderr
+        c.sendall(pat(0, before, window))  # nobody owns the connection now
+        bg = e2e.ckpt_bg("restore", "-D", str(image))
+        e2e.wait_restored(w.pid, w.ident, bg)
+        c.sendall(pat(0, before + window, after))
+        (w.cwd / "total").write_text(str(before + window + after))
+        v = e2e.verify(w, w.pid)
+        assert v.ok, v.line
+        assert v.fields["received"] == str(before + window + after)
+        assert recv_exactly(c, 30000) == pat(1, 0, 30000)
+        assert recv_exactly(c, 3) == b"bye"
+        assert bg.wait().returncode == 0
+        tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True)
+        assert "ckpt_lock_" not in tables.stdout, "the restore must remove the lock"
+    finally:
+        c.close()
+        _drop_lock_of(image)
+
+
+def _drop_lock_of(image) -> None:
+    """If the test failed before the restore, delete the lock its dump recorded."""
+    from ckpt.image import ImageReader
+
+    try:
+        with ImageReader(str(image)) as r:
+            name = r.state.get("net_lock")
+    except Exception:
+        return
+    if name:
+        subprocess.run(["nft", "delete", "table", "inet", name], capture_output=True)

@@ -34,6 +34,7 @@ from ..track.full import FullTracker
 from . import state
 from .fds import capture_fds
 from .pages import PageCopier
+from .sockets import take_net_lock
 from .target import Target
 from .tree import FrozenTree, check_member, descendants, freeze_tree, link_shared
 from .validate import check_target
@@ -58,6 +59,8 @@ class DumpResult:
     stop_reason: str = ""
     layers: int = 1
     processes: int = 1  # the root and its descendants
+    net_lock: str = ""  # nftables table holding outside TCP peers until the restore
+    unlocked_tcp: int = 0  # outside TCP connections dumped without a lock (no nft)
 
     def stats(self) -> dict:
         return {
@@ -112,6 +115,7 @@ def dump(
     tracee: Tracee | None = None
     frozen: FrozenTree | None = None
     pre: Precopy | None = None
+    lock, unlocked = None, 0
     try:
         if iterative:
             ta = time.monotonic()
@@ -163,6 +167,10 @@ def dump(
             final_pages += sub_pages
             bytes_stored += sub_bytes
         link_shared([proc, *proc.tree])
+        lock, unlocked = take_net_lock()
+        # kept until the restore only when this host's copy is killed and restored here
+        if lock is not None and not leave_running and sink is None:
+            proc.net_lock = lock.name
         freeze_ms = (time.monotonic() - t_freeze) * 1000
         faults.point("write-image")
         rounds = [asdict(r) for r in pre.stats.rounds] if pre else []
@@ -188,6 +196,7 @@ def dump(
         if after_commit is not None:
             after_commit()
     except BaseException:
+        _release_lock(lock or take_net_lock()[0])  # taken, or still with the capture
         _fail_cleanup(trk, writer, tracee)
         for m in pre.members if pre else ():
             try:
@@ -207,16 +216,24 @@ def dump(
         frozen.detach()
     else:
         frozen.kill_and_reap()
+    if not proc.net_lock:
+        _release_lock(lock)
     result = DumpResult(
         pid=pid, image=directory, freeze_ms=freeze_ms, seconds=time.monotonic() - t0,
         pages=pages, bytes_raw=pages * PAGE, bytes_stored=bytes_stored, vmas=len(proc.vmas),
         tracker=meta["tracker"], rounds=rounds, final_pages=final_pages,
         stop_reason=meta["stop_reason"], layers=len(rounds) + 1, processes=1 + len(proc.tree),
+        net_lock=proc.net_lock, unlocked_tcp=unlocked,
     )  # fmt: skip
     if stats_json:
         with open(stats_json, "w") as f:
             json.dump(result.stats(), f, indent=2)
     return result
+
+
+def _release_lock(lock) -> None:
+    if lock is not None:
+        lock.remove()
 
 
 def _arm_members(pre: Precopy, tracker: str, root: int) -> None:

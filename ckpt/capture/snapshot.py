@@ -28,6 +28,7 @@ from ..track.base import Tracker
 from ..track.full import FullTracker
 from ..track.uffd_wp import Handle, UffdWpTracker
 from .dump import _arm, _capture_final, _fail_cleanup
+from .sockets import take_net_lock
 from .target import Target
 from .tree import FrozenTree, freeze_tree, link_shared
 from .validate import check_target
@@ -116,6 +117,9 @@ def snapshot(
             freeze_ms = (time.monotonic() - t_freeze) * 1000
             frozen.detach()
             frozen = tracee = None
+            lock, _ = take_net_lock()  # the process runs on: its peers may talk again
+            if lock is not None:
+                lock.remove()
             written = sum(r.pages_copied for r in pre.stats.rounds) + final_pages
             meta = {
                 "ckpt_version": __version__, "pid": pid, "comm": proc.comm.decode(errors="replace"),
@@ -131,6 +135,9 @@ def snapshot(
                 store.tracking_put(pid, _record(trk.handle(st.starttime), info.id, "clean"))
             trk.disarm()  # persistent: closes only ckpt's copy; the target keeps tracking
         except BaseException:
+            lock, _ = take_net_lock()
+            if lock is not None:
+                lock.remove()
             if frozen is not None:
                 frozen.detach()
             elif tracee is not None and tracee.attached:

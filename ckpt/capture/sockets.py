@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import CkptError, DumpError, UnsupportedProcess
-from ..kernel import procfs, sockdiag, tcp_repair
+from ..kernel import netlock, procfs, sockdiag, tcp_repair
 from ..kernel.sockets import TargetSocket, socket_file
 from ..model import Fd, ProcessImage, Socket, SocketMsg, TcpConn
 
@@ -79,6 +79,30 @@ class _ProcessSockets:
 
 # established TCP duplicates of every captured process, by inode (for link_tree_sockets)
 _held_tcp: dict[int, TargetSocket] = {}
+
+# The network lock of this ckpt run: connections to outside peers (kernel/netlock.py)
+_lock: netlock.NetLock | None = None
+_unlocked = 0  # connections to outside peers dumped without a lock (no nft)
+
+
+def take_net_lock() -> tuple[netlock.NetLock | None, int]:
+    """This capture's lock (None if no connection needed one) and the number of
+    outside connections dumped without a lock (no nft); the caller owns the lock
+    from now on: it keeps it for the restore or removes it."""
+    global _lock, _unlocked
+    got = (_lock if _lock is not None and _lock.created else None), _unlocked
+    _lock, _unlocked = None, 0
+    return got
+
+
+def _lock_connection(local, remote) -> None:
+    global _lock, _unlocked
+    if not netlock.available():
+        _unlocked += 1
+        return
+    if _lock is None:
+        _lock = netlock.NetLock()
+    _lock.add(tuple(local[:2]), tuple(remote[:2]))
 
 
 def _socket_fds(pid: int) -> dict[int, int]:
@@ -340,6 +364,8 @@ def _tcp(
         )
     if not ctx.frozen:
         return s  # a check while it runs (migration's preflight): no repair mode now
+    if not s.peer_ino:  # an outside peer: nothing may arrive after the state is read
+        _lock_connection(s.local, s.remote)
     s.tcp = _read_tcp(ts, info)
     partner = ctx.captured.get(s.peer_ino) if s.peer_ino else None
     if partner is not None and partner.tcp is not None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from ..errors import ImageCorrupt, RestoreError
 from ..image import ImageReader
+from ..kernel import netlock
 from ..kernel.memory import write_at
 from ..kernel.spawn import spawn_restorer
 from ..model import ProcessImage, slot_base
@@ -76,6 +77,8 @@ def restore(directory: str, *, new_pid: bool = False, shell_job: bool = False) -
         for rb in rbs:
             rb.close()
         reader.close()
+    if proc.net_lock:  # the restored sockets exist: let the peers' resends through
+        netlock.unlock(proc.net_lock)
     pages = sum(n for p in procs for v in p.vmas for _, n in v.present)
     return Restored(pid=child, seconds=time.monotonic() - t0, pages=pages, terminal=terminal)
 

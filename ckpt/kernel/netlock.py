@@ -1,0 +1,89 @@
+"""The network lock: drop the packets of dumped TCP connections to outside peers
+until the restore, so the peer retransmits instead of being answered with RST.
+
+Between the dump and the restore no socket owns a dumped connection's address
+pair: a segment from the peer would be answered with a reset, and one arriving
+while ckpt still holds the original socket would be acknowledged and lost. With
+the lock (an nftables table of ckpt's own that drops both directions of each
+connection) the peer's segments are lost without an answer, so TCP resends them
+to the restored socket once the restore removes the table. CRIU does the same
+with iptables.
+
+The table outlives the dump on purpose (the image records its name); `ckpt
+restore` deletes it. Without `nft` there is no lock, and the dump says so.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import subprocess
+
+from ..errors import DumpError
+
+TABLE_PREFIX = "ckpt_lock_"
+
+
+def available() -> bool:
+    return shutil.which("nft") is not None
+
+
+def _nft(script: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["nft", "-f", "-"], input=script, capture_output=True, text=True, check=False
+    )
+
+
+def _match(host: str) -> tuple[str, str]:
+    """('ip' | 'ip6', address) as nft wants it; IPv4-mapped IPv6 travels as IPv4."""
+    addr = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return ("ip" if addr.version == 4 else "ip6"), str(addr)
+
+
+class NetLock:
+    """One dump's table; rules are added connection by connection, before each
+    connection's state is read (nothing arrives or leaves after that)."""
+
+    def __init__(self, name: str | None = None):
+        self.name = name or f"{TABLE_PREFIX}{os.getpid()}_{os.urandom(4).hex()}"
+        self.created = False
+        self.connections = 0
+
+    def add(self, local: tuple, remote: tuple) -> None:
+        lfam, laddr = _match(local[0])
+        rfam, raddr = _match(remote[0])
+        lport, rport = int(local[1]), int(remote[1])
+        script = ""
+        if not self.created:
+            script += (
+                f"table inet {self.name} {{\n"
+                "  chain input { type filter hook input priority -300; policy accept; }\n"
+                "  chain output { type filter hook output priority -300; policy accept; }\n"
+                "}\n"
+            )
+        script += (
+            f"add rule inet {self.name} input {rfam} saddr {raddr} {lfam} daddr {laddr} "
+            f"tcp sport {rport} tcp dport {lport} drop\n"
+            f"add rule inet {self.name} output {lfam} saddr {laddr} {rfam} daddr {raddr} "
+            f"tcp sport {lport} tcp dport {rport} drop\n"
+        )
+        r = _nft(script)
+        if r.returncode != 0:
+            raise DumpError(f"cannot lock the network with nft: {r.stderr.strip()}")
+        self.created = True
+        self.connections += 1
+
+    def remove(self) -> None:
+        if self.created:
+            unlock(self.name)
+            self.created = False
+
+
+def unlock(name: str) -> bool:
+    """Delete a lock table; False if it was not there (already removed, other host)."""
+    if not name.startswith(TABLE_PREFIX) or not available():
+        return False
+    return _nft(f"delete table inet {name}\n").returncode == 0
