@@ -15,13 +15,12 @@ and checks, through redis-cli and RESP:
 - new connections are served, the writer gets further acknowledgements;
 - the restored server shuts down cleanly (SHUTDOWN NOSAVE, exit status 0).
 
-A request sent between the capture and the restore is lost (docs/ARCHITECTURE.md,
-"Sockets": without a netfilter lock the old socket acknowledges it, or the kernel
-answers with a reset): the writer times out or sees the reset, reconnects and
-sends the same SET again. An acknowledged write must never be lost. (A synchronous
-client is quiet while the server is frozen, so the writer's connection normally
-survives; a third connection sends a request on purpose after the dump, and what
-happens to it is only reported: `pytest -s` prints it with the dump's figures.)
+A request sent between the dump and the restore is not lost: the network lock
+(docs/ARCHITECTURE.md, "Sockets") drops it instead of letting the dying socket
+acknowledge it or the kernel reset the connection, and TCP resends it to the
+restored server. A third connection sends one on purpose after the dump; it must
+be answered. The writer still copes with a stalled or broken connection
+(reconnect, same SET again): an acknowledged write must never be lost.
 Nothing asserts on time; every wait polls against a generous deadline.
 """
 
