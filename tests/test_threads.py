@@ -15,6 +15,7 @@ import signal
 
 import pytest
 from helpers import dump_restore_verify, proc_status, wait_until
+from precopy_helpers import need_tracker
 
 
 def thread_names(pid: int) -> dict[int, str]:
@@ -66,9 +67,11 @@ def test_pthreads_new_pid(e2e):
     assert v0.ok, v0.line
 
 
-@pytest.mark.parametrize("tracker", ["uffd-wp", "full"])
+@pytest.mark.parametrize("tracker", ["uffd-wp", "soft-dirty", "full"])
 def test_pthreads_iterative(e2e, tracker):
-    """Pre-copy rounds while the spinners write their regions; every thread arrives."""
+    """Pre-copy rounds while the spinners write their regions; every thread arrives.
+    (soft-dirty: run inside the Debian 6.1 VM by tests/test_vm_kernel.py.)"""
+    need_tracker(tracker)
     w = e2e.spawn("pthreads", "3")
     image = e2e.path("img")
     res = e2e.dump(w.pid, image, "--iterative", "--tracker", tracker, "--max-rounds", "4")

@@ -30,6 +30,9 @@ IN_VM = [
     "tests/test_precopy.py::test_killed_at_fault_point[soft-dirty-round]",
     "tests/test_precopy.py::test_unavailable_tracker_is_exit_13[uffd-wp]",
     "tests/test_precopy.py::test_auto_tracker_is_the_check_backend",
+    # threads and process trees under soft-dirty (the tree test uses --tracker auto)
+    "tests/test_threads.py::test_pthreads_iterative[soft-dirty]",
+    "tests/test_tree.py::test_tree_members_are_precopied",
 ]
 
 
