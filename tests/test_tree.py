@@ -12,7 +12,17 @@ import os
 import signal
 import time
 
-from helpers import assert_error, image_complete, proc_status, wait_until
+import pytest
+from helpers import (
+    assert_error,
+    assert_no_process,
+    dir_digest,
+    image_complete,
+    proc_status,
+    wait_until,
+)
+
+from ckpt.kernel.spawn import spawn_restorer
 
 
 def reap_orphans(pids: list[int], timeout: float = 30) -> None:
@@ -180,6 +190,52 @@ def test_tree_members_are_precopied(e2e):
     assert data["pages"] > 4 * 512
     assert data["final"]["pages_copied"] < 512, data["final"]
     reap_orphans(kids)
+    bg = e2e.ckpt_bg("restore", "-D", str(image))
+    e2e.wait_restored(w.pid, w.ident, bg)
+    for pid in kids:
+        e2e.adopt(pid)
+    v = e2e.verify(w, w.pid, signal.SIGUSR2)
+    assert v.ok, v.line
+    assert bg.wait(60).returncode == 0
+
+
+@pytest.mark.parametrize("point", ["seized", "inject", "read-pages", "commit"])
+def test_tree_dump_killed_leaves_every_member_running(e2e, point):
+    """ckpt SIGKILLed in the middle of a tree dump: every member runs on, untraced,
+    and the tree still verifies (shared memory, files, parents) afterwards."""
+    w = e2e.spawn("tree")
+    image = e2e.path("img")
+    res = e2e.dump(w.pid, image, env=e2e.env(CKPT_FAULT=point))
+    assert res.returncode == -signal.SIGKILL, str(res)
+    assert not image_complete(e2e, image)
+    for pid in [w.pid, *members(w)]:
+        wait_until(lambda pid=pid: (proc_status(pid) or {}).get("TracerPid") == "0"
+                   and proc_status(pid)["State"][:1] in "RS", 30,
+                   f"member {pid} to run untraced")  # fmt: skip
+    v = e2e.verify(w, w.pid, signal.SIGUSR2)
+    assert v.ok, v.line
+
+
+def test_tree_restore_fails_cleanly_when_a_member_pid_is_taken(e2e):
+    """A child's PID is in use: the restore fails (exit 9) before anything runs,
+    nothing of the tree is left behind, the image is untouched; --new-pid works."""
+    w = e2e.spawn("tree")
+    kids = members(w)
+    image = e2e.path("img")
+    e2e.dump_ok(w, image)
+    reap_orphans(kids)
+    digest = dir_digest(image)
+    taken = kids[2]
+    holder = spawn_restorer(taken)  # a parked child of ours at b's PID (clone3 set_tid)
+    try:
+        res = e2e.ckpt("restore", "-D", str(image))
+        assert_error(res, 9, str(taken))
+        for pid in [w.pid, *kids[:2]]:
+            assert_no_process(pid)
+        assert dir_digest(image) == digest, "a failed restore must leave the image untouched"
+    finally:
+        os.kill(holder, signal.SIGKILL)
+        os.waitpid(holder, 0)
     bg = e2e.ckpt_bg("restore", "-D", str(image))
     e2e.wait_restored(w.pid, w.ident, bg)
     for pid in kids:
