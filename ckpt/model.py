@@ -252,6 +252,32 @@ class ProcessImage:
         return from_dict(cls, data)
 
 
+# What a format 1.x reader (ckpt before threads, trees and the new fd kinds) can
+# restore faithfully. A state using anything else is written as major 2, which 1.x
+# readers refuse: some of it they would restore wrongly and say nothing (a tree's
+# children, memfd mappings, shared memory, the network lock).
+V1_VMA_KINDS = frozenset({"anon", "file", "shmem", "heap", "stack", "vdso", "vvar", "vvar_vclock"})
+V1_FD_KINDS = frozenset({"file", "chr", "dup"})
+
+
+def state_version(state: dict[str, Any]) -> tuple[int, int]:
+    """(major, minor) of the state file for this process state (as to_dict gives it)."""
+    procs = [state, *state.get("tree", ())]
+    v2 = (
+        bool(state.get("tree"))
+        or bool(state.get("net_lock"))
+        or any(
+            len(p.get("threads", ())) > 1
+            or any(
+                v.get("kind") not in V1_VMA_KINDS or v.get("shared_with") for v in p.get("vmas", ())
+            )
+            or any(f.get("kind") not in V1_FD_KINDS for f in p.get("fds", ()))
+            for p in procs
+        )
+    )
+    return (2, 0) if v2 else (1, 1)  # image.FORMAT_MAJOR, FORMAT_MINOR for 1.x
+
+
 def to_plain(obj: Any) -> Any:
     """dataclasses.asdict without its deep copies (a 1000-thread image: 0.8 s → ms).
 

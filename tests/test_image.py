@@ -549,8 +549,9 @@ def test_forged_frame_size_is_rejected(tmp_path):
 
 
 def test_unknown_major_version_refused(img):
-    rewrite_blob(img / STATE_NAME, hdr.KIND_STATE, major=FORMAT_MAJOR + 1)
-    with pytest.raises(ImageVersionError, match=f"format {FORMAT_MAJOR + 1}.0 .*newer ckpt"):
+    unknown = max(hdr.READ_MAJORS) + 1
+    rewrite_blob(img / STATE_NAME, hdr.KIND_STATE, major=unknown)
+    with pytest.raises(ImageVersionError, match=f"format {unknown}.{FORMAT_MINOR} .*newer ckpt"):
         ImageReader(img)
 
 
@@ -564,7 +565,7 @@ def test_major_version_checked_before_the_rest_of_the_header(img):
     """A newer major may change everything after byte 12: only the prefix is trusted."""
     path = img / STATE_NAME
     raw = bytearray(path.read_bytes())
-    raw[8:10] = (FORMAT_MAJOR + 1).to_bytes(2, "little")
+    raw[8:10] = (max(hdr.READ_MAJORS) + 1).to_bytes(2, "little")
     raw[12:] = os.urandom(len(raw) - 12)
     path.write_bytes(bytes(raw))
     with pytest.raises(ImageVersionError):
@@ -775,3 +776,26 @@ def test_resolve_matches_per_page_reference(layers, present):
     want_pages = {p for s, e in wanted for p in range(s, e)}
     assert missing == {p for p in want_pages if p not in owner}
     assert got == {p: owner[p] for p in want_pages if p in owner}
+
+
+def test_state_major_2_when_a_1x_reader_would_restore_wrongly(tmp_path):
+    """A tree, several threads, memfd mappings, new fd kinds or a network lock make
+    the state file 2.0 (1.x readers refuse it); anything else stays 1.x."""
+    from ckpt.model import state_version
+
+    plain = {"threads": [{}], "vmas": [{"kind": "anon"}], "fds": [{"kind": "file"}]}
+    assert state_version(plain) == (FORMAT_MAJOR, FORMAT_MINOR)
+    for change in (
+        {"tree": [dict(plain)]},
+        {"threads": [{}, {}]},
+        {"vmas": [{"kind": "memfd"}]},
+        {"vmas": [{"kind": "shmem", "shared_with": [0, 4096]}]},
+        {"fds": [{"kind": "pipe"}]},
+        {"net_lock": "ckpt_lock_1_ab"},
+    ):
+        assert state_version({**plain, **change}) == (2, 0), change
+    w = ImageWriter(str(tmp_path / "img"))
+    w.commit({**plain, "tree": [dict(plain)]}, {})
+    with ImageReader(str(tmp_path / "img")) as r:
+        assert r.version == (2, 0)
+        assert r.state["tree"] == [plain]

@@ -32,13 +32,17 @@ def encode(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def write_blob(path: str, kind: bytes, ident: bytes, layer: int, obj: Any) -> BlobInfo:
+def write_blob(
+    path: str, kind: bytes, ident: bytes, layer: int, obj: Any, *, version: tuple[int, int] = (1, 0)
+) -> BlobInfo:
     """Write header + msgpack(obj) to a new file (no fsync: the image writer fsyncs at commit)."""
     payload = encode(obj)
     crc = zlib.crc32(payload)
     fd = fsio.create_file(path)
+    major, minor = version
     try:
-        fsio.write_all(fd, pack_header(kind, ident, layer, len(payload), crc) + payload)
+        header = pack_header(kind, ident, layer, len(payload), crc, major=major, minor=minor)
+        fsio.write_all(fd, header + payload)
     finally:
         os.close(fd)
     return BlobInfo(len(payload), crc)

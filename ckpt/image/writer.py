@@ -21,6 +21,7 @@ from typing import Any
 from .. import __version__
 from ..errors import ImageExists, ImageNotFound
 from ..kernel.native import PAGE_SIZE
+from ..model import state_version
 from . import fsio
 from .blob import write_blob
 from .codec import DEFAULT_LEVEL, Compressor
@@ -155,7 +156,8 @@ class ImageWriter:
             "state": state,
         }
         state_path = os.path.join(self.tmp_path, STATE_NAME)
-        write_blob(state_path, KIND_STATE, self._ident, NO_LAYER, envelope)
+        version = state_version(state)
+        write_blob(state_path, KIND_STATE, self._ident, NO_LAYER, envelope, version=version)
         self._pool.shutdown(wait=True)
         if self.durable:
             for e in self._entries:
