@@ -103,6 +103,8 @@ class Features:
     cap_eff: int
     thp: str
     unprivileged_userfaultfd: int | None
+    tcp_repair: bool = False  # TCP_REPAIR on a socket (CAP_NET_ADMIN): established connections
+    nft: bool = False  # the nft command: the network lock of --tcp-established
     notes: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -499,8 +501,29 @@ def _probe_uncached() -> Features:
             lambda: _read_int("/proc/sys/vm/unprivileged_userfaultfd"),
             None,
         ),
+        tcp_repair=p.run("tcp_repair", _tcp_repair, False),
+        nft=p.run("nft", _nft, False),
         notes=p.notes,
     )
+
+
+def _tcp_repair() -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.setsockopt(socket.SOL_TCP, 19, 1)  # TCP_REPAIR on a fresh socket
+        except PermissionError as exc:
+            raise _No("TCP_REPAIR refused: needs CAP_NET_ADMIN") from exc
+    return True
+
+
+def _nft() -> bool:
+    from . import netlock
+
+    if not netlock.available():
+        raise _No("no `nft` command (apt-get install nftables)")
+    return True
 
 
 @functools.cache
@@ -603,6 +626,14 @@ def rows(f: Features) -> list[tuple[str, ...]]:
             "vm.unprivileged_userfaultfd",
             "-" if f.unprivileged_userfaultfd is None else str(f.unprivileged_userfaultfd),
             n.get("unprivileged_userfaultfd", ""),
+        ),
+        row("tcp_repair", "TCP_REPAIR", f.tcp_repair, yes="established TCP connections"),
+        row(
+            "nft",
+            "nftables (network lock)",
+            f.nft,
+            yes="--tcp-established holds outside peers until the restore",
+            no="outside TCP peers are reset between dump and restore",
         ),
         ("dirty_backend", "dirty tracking backend", f.dirty_backend, backend_note),
         (
