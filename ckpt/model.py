@@ -243,6 +243,7 @@ class ProcessImage:
     # nftables table dropping the dumped connections' packets until the restore
     # deletes it (kernel/netlock.py); "" when there is none
     net_lock: str = ""
+    starttime: int = 0  # /proc/PID/stat start time: (pid, starttime) names the process
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)

@@ -46,12 +46,15 @@ from helpers import (
     DEADLINE,
     E2E,
     POLL,
+    Ident,
     Result,
     Workload,
     assert_error,
     copies,
     proc_alive,
     proc_status,
+    read_bytes,
+    read_link,
     signal_state,
     wait_until,
 )
@@ -814,3 +817,86 @@ def test_one_process_two_stores(e2e):
         finish_original(e2e, w, pid, 3)
     else:
         finish_original(e2e, w, pid, 2)
+
+
+def ident_of(pid: int) -> Ident:
+    return Ident(
+        read_bytes(f"/proc/{pid}/cmdline") or b"",
+        read_link(f"/proc/{pid}/exe") or "",
+        read_link(f"/proc/{pid}/cwd") or "",
+    )
+
+
+def test_tree_descendants_tracked_between_snapshots(e2e):
+    """A parent whose child has a numbered memory history (snapgen): the child is
+    tracked between runs like the root (its own uffd and record), so later snapshots
+    hold only what it wrote since; restored as copies, each snapshot's child has
+    exactly the generation it had when the snapshot was taken."""
+    w = e2e.spawn("parentof", str(e2e.bins["snapgen"]), *SNAPGEN_ARGS)
+    child = int(w.ready["pid"])  # the READY line is snapgen's
+    parent = w.popen.pid
+    assert int(Path(f"/proc/{parent}/task/{parent}/children").read_text()) == child
+    pident = ident_of(parent)
+    store = e2e.path("store")
+    taken: list[tuple[str, int, int]] = []
+    for g in range(3):
+        kept = next_gen(w, child, g) if g else SNAPGEN_PAGES
+        sid, res = snap_ok(e2e, parent, store)
+        if g:
+            assert full_reason(res) is None, f"snapshot {g + 1}: the root is incremental\n{res}"
+            assert "copied whole" not in res.stderr, f"the child should be incremental\n{res}"
+            rec = tracking_record(store, child)
+            assert rec and rec["state"] == "clean" and rec["last"] == sid, rec
+        taken.append((sid, g, kept))
+    snaps = listing(e2e, store)
+    assert snaps[0]["pages_written"] >= SNAPGEN_PAGES
+    for s, (sid, g, kept) in zip(snaps[1:], taken[1:]):
+        # the root (a small idle parent) and the child's generation: far below a full copy
+        assert kept <= s["pages_written"] <= kept + 2 * IDLE_SLACK, (
+            f"generation {g} wrote {kept} pages; snapshot {sid} holds {s['pages_written']}"
+        )
+    for sid, g, _ in taken:
+        start = log_len(w)
+        bg = e2e.ckpt_bg("restore", "--store", str(store), "--at", sid, "--new-pid")
+        root = e2e.find_restored(pident, exclude=parent, bg=bg)
+        kids = Path(f"/proc/{root}/task/{root}/children")
+        wait_until(lambda kids=kids: kids.read_text().split(), DEADLINE, "the restored child")
+        kid = int(kids.read_text().split()[0])
+        e2e.adopt(kid)
+        os.kill(root, signal.SIGUSR2)  # the parent forwards it to its child
+        _, fields = wait_line(w, start, "VERIFY", kid)
+        assert fields.get("gen") == str(g), f"snapshot {sid} restored generation {fields}"
+        _, done = wait_line(w, start, "PARENT", root)
+        assert done["child_status"] == "0", done
+        assert bg.wait().returncode == 0
+
+
+def test_tree_snapshot_killed_then_descendants_copied_whole(e2e):
+    """A tree snapshot SIGKILLed at its commit leaves the child's tracking record
+    dirty: the next snapshot copies the child whole (and says why), and restores."""
+    w = e2e.spawn("parentof", str(e2e.bins["snapgen"]), *SNAPGEN_ARGS)
+    child = int(w.ready["pid"])
+    parent = w.popen.pid
+    store = e2e.path("store")
+    snap_ok(e2e, parent, store)
+    next_gen(w, child, 1)
+    res = snapshot(e2e, parent, store, env=e2e.env(CKPT_FAULT="commit"))
+    assert res.returncode == -signal.SIGKILL, str(res)
+    rec = tracking_record(store, child)
+    assert rec and rec["state"] == "dirty", rec
+    next_gen(w, child, 2)
+    sid, res = snap_ok(e2e, parent, store)
+    assert f"descendant {child} copied whole" in res.stderr, res.stderr
+    assert tracking_record(store, child)["state"] == "clean"
+    start = log_len(w)
+    bg = e2e.ckpt_bg("restore", "--store", str(store), "--at", sid, "--new-pid")
+    pident = ident_of(parent)
+    root = e2e.find_restored(pident, exclude=parent, bg=bg)
+    kids = Path(f"/proc/{root}/task/{root}/children")
+    wait_until(lambda: kids.read_text().split(), DEADLINE, "the restored child")
+    kid = int(kids.read_text().split()[0])
+    e2e.adopt(kid)
+    os.kill(root, signal.SIGUSR2)
+    _, fields = wait_line(w, start, "VERIFY", kid)
+    assert fields.get("gen") == "2", fields
+    assert bg.wait().returncode == 0

@@ -414,6 +414,6 @@ def _capture_final(
         vmas=vmas, fds=fds, sigactions=acts, shared_pending=shared_pending, itimers=its,
         posix_timers=timers, threads=[thread, *others], no_new_privs=misc["no_new_privs"],
         dumpable=misc["dumpable"], child_subreaper=misc["child_subreaper"],
-        thp_disable=misc["thp_disable"],
+        thp_disable=misc["thp_disable"], starttime=st.starttime,
     )  # fmt: skip
     return proc, final_pages, getattr(lstats, "bytes_stored", 0)

@@ -20,9 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .. import __version__, faults
-from ..kernel import features
+from ..errors import DumpError, NoSuchProcess
+from ..kernel import features, procfs
 from ..model import slot_base
-from ..precopy import Policy, Precopy, RoundStats
+from ..precopy import Member, Policy, Precopy, RoundStats
 from ..present import PresentMap
 from ..track.base import Tracker
 from ..track.full import FullTracker
@@ -30,7 +31,7 @@ from ..track.uffd_wp import Handle, UffdWpTracker
 from .dump import _arm, _capture_final, _fail_cleanup
 from .sockets import take_net_lock
 from .target import Target
-from .tree import FrozenTree, freeze_tree, link_shared
+from .tree import FrozenTree, check_member, descendants, freeze_tree, link_shared
 from .validate import check_target
 
 # A snapshot run pre-copies a little (the process keeps running) and then
@@ -63,8 +64,9 @@ def snapshot(
     tree: bool = True,
     tcp_established: bool = False,
 ) -> SnapshotResult:
-    """tree: the process's descendants too; they are tracked only by the final
-    freeze, so each snapshot copies their pages whole (the root's are incremental)."""
+    """tree: the process's descendants too, each tracked between runs like the root
+    (its own persistent uffd and tracking record): a descendant that was in the
+    previous snapshot, with tracking intact, is incremental as well."""
     t0 = time.monotonic()
     say = on_status or (lambda _msg: None)
     with store.lock(wait=wait):
@@ -93,8 +95,11 @@ def snapshot(
             faults.point("armed")
             pre = Precopy(target, trk, writer, policy or SNAPSHOT_POLICY, on_round)
             pre.whole_next = bool(full_reason)
-            if not full_reason:
-                pre.present = _parent_present(store, parent)
+            parent_state = None if full_reason else _parent_state(store, parent)
+            if parent_state is not None:
+                pre.present = _present_of(parent_state)
+            if tree:
+                _track_members(store, pid, parent, parent_state, pre, say)
             pre.run_rounds(t0)
             t_freeze = time.monotonic()
             tracee = target.freeze()
@@ -105,11 +110,21 @@ def snapshot(
                 tracee, trk, writer, skip_fds=skip, prior_maps=pre.last_maps, present=pre.present,
                 tree=pids, tcp_established=tcp_established,
             )  # fmt: skip
-            for slot, member in enumerate(frozen.members[1:], 1):
+            free_space = _free_space(parent_state, pre)
+            for member in frozen.members[1:]:
+                m = pre.member(member.pid, procfs.stat(member.pid).starttime)
+                if m is not None:
+                    space = m.space
+                else:  # appeared since the rounds began: copied whole, a new key space
+                    space, free_space = free_space, free_space + 1
+                mtrk = m.tracker if m is not None else FullTracker(member.pid)
                 sub, sub_pages, sub_stored = _capture_final(
-                    member, FullTracker(member.pid), writer, base=slot_base(slot), tree=pids,
+                    member, mtrk, writer, base=slot_base(space), tree=pids,
+                    skip_fds={mtrk.target_fd} if isinstance(mtrk, UffdWpTracker) else set(),
+                    prior_maps=m.last_maps if m else None, present=m.present if m else None,
                     tcp_established=tcp_established,
                 )  # fmt: skip
+                sub.space = space
                 proc.tree.append(sub)
                 final_pages += sub_pages
                 stored += sub_stored
@@ -134,6 +149,11 @@ def snapshot(
             if isinstance(trk, UffdWpTracker):
                 store.tracking_put(pid, _record(trk.handle(st.starttime), info.id, "clean"))
             trk.disarm()  # persistent: closes only ckpt's copy; the target keeps tracking
+            for m in pre.members:
+                if isinstance(m.tracker, UffdWpTracker) and not m.gone:
+                    handle = m.tracker.handle(m.target.starttime)
+                    store.tracking_put(m.target.pid, _record(handle, info.id, "clean"))
+                m.tracker.disarm()
         except BaseException:
             lock, _ = take_net_lock()
             if lock is not None:
@@ -147,6 +167,8 @@ def snapshot(
                 trk.disarm()
             else:
                 _fail_cleanup(trk, writer, None)
+            for m in pre.members if pre is not None else ():
+                m.tracker.disarm()  # persistent ones stay in the member, recorded dirty
             store.abort(writer)
             raise
         finally:
@@ -159,12 +181,71 @@ def snapshot(
     )  # fmt: skip
 
 
-def _parent_present(store, parent) -> PresentMap:
-    """The parent snapshot's present map: where incremental tracking starts from."""
+def _parent_state(store, parent) -> dict:
+    """The parent snapshot's process state: where incremental tracking starts from."""
     from ..image import ImageReader
 
     with ImageReader(store.path_of(parent)) as r:
-        return PresentMap(tuple(run) for v in r.state["vmas"] for run in v.get("present", ()))
+        return r.state
+
+
+def _present_of(state: dict) -> PresentMap:
+    return PresentMap(tuple(run) for v in state["vmas"] for run in v.get("present", ()))
+
+
+def _free_space(parent_state: dict | None, pre: Precopy) -> int:
+    """A page-key space no member of this snapshot's chain has used."""
+    used = {m.space for m in pre.members}
+    for slot, sub in enumerate((parent_state or {}).get("tree", ()), 1):
+        used.add(sub.get("space", -1) if sub.get("space", -1) >= 0 else slot)
+    return max(used, default=0) + 1
+
+
+def _track_members(store, root: int, parent, parent_state: dict | None, pre: Precopy, say) -> None:
+    """Persistent tracking in each descendant, as for the root.
+
+    A descendant is incremental when the parent snapshot holds it (same PID and start
+    time) and its tracking record says the tracking went on since then; it keeps the
+    key space it had there, so the parent's layers still answer for its pages. The
+    record goes "dirty" before any page is re-armed, "clean" after the commit.
+    """
+    before = {}
+    for slot, sub in enumerate((parent_state or {}).get("tree", ()), 1):
+        space = sub.get("space", -1)
+        before[(sub["pid"], sub.get("starttime", 0))] = (space if space >= 0 else slot, sub)
+    free = _free_space(parent_state, pre)
+    for mpid in descendants(root):
+        try:
+            check_member(mpid, root)
+            mst = procfs.stat(mpid)
+        except NoSuchProcess:
+            continue
+        mtrk, why = _attach_tracking(mpid, mst.starttime, store.tracking_get(mpid), parent)
+        old = before.get((mpid, mst.starttime))
+        if old is None and not why:
+            why = "not in the previous snapshot"
+        if old is not None and not why:
+            space, present = old[0], _present_of(old[1])
+        else:
+            space, present, free = free, PresentMap(), free + 1
+        member = Member(Target(mpid, mst.starttime), mtrk, space, present=present)
+        member.whole_next = bool(why)
+        try:
+            if isinstance(mtrk, UffdWpTracker) and mtrk.ctx is None:
+                tracee = member.target.freeze()
+                try:
+                    _arm(tracee, mtrk)
+                finally:
+                    if tracee.attached:
+                        tracee.detach()
+            if isinstance(mtrk, UffdWpTracker):
+                store.tracking_put(mpid, _record(mtrk.handle(mst.starttime), None, "dirty"))
+        except (NoSuchProcess, DumpError):
+            mtrk.disarm()
+            continue  # exited meanwhile
+        if why:
+            say(f"descendant {mpid} copied whole: {why}")
+        pre.add_member(member)
 
 
 def _record(h: Handle, last: str | None, state: str) -> dict:
