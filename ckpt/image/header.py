@@ -19,7 +19,9 @@ FORMAT_MAJOR = 1
 FORMAT_MINOR = 1  # 1.1: optional state keys for threads' names, trees, spaces
 # Majors this ckpt reads. 2 = the header and envelope of 1, but a state that a 1.x
 # reader would restore wrongly (docs/FORMAT.md, "Major 2"): 1.x readers refuse it.
+# Only state files are ever 2; layer files are 1.
 READ_MAJORS = (1, 2)
+_READ_MAJORS_OF = {b"STAT": READ_MAJORS, b"INDX": (1,), b"PAGE": (1,)}
 
 MAGIC = b"CKPT"
 KIND_STATE = b"STAT"
@@ -99,11 +101,12 @@ def parse_header(data: bytes, path: str, expected_kind: bytes) -> Header:
         )
     if kind != expected_kind:
         raise ImageCorrupt(f"{path}: is a {KNOWN_KINDS[kind]} file, expected a {what} file")
-    if major not in READ_MAJORS:
-        newer = "a newer" if major > max(READ_MAJORS) else "an older, unsupported"
+    majors = _READ_MAJORS_OF[kind]
+    if major not in majors:
+        newer = "a newer" if major > max(majors) else "an older, unsupported"
         raise ImageVersionError(
             f"{path}: image format {major}.{minor} was written by {newer} ckpt; "
-            f"this ckpt reads formats {', '.join(f'{m}.x' for m in READ_MAJORS)}"
+            f"this ckpt reads formats {', '.join(f'{m}.x' for m in majors)} of this file"
         )
     (header_len,) = struct.unpack_from("<I", data, _PREFIX.size)
     if not HEADER_LEN <= header_len <= MAX_HEADER_LEN:
