@@ -34,6 +34,18 @@ class FileRef:
 
 
 @dataclass
+class SysvShm:
+    """The SysV shared memory segment a VMA attaches (kernel/sysvshm.py)."""
+
+    shmid: int
+    key: int
+    size: int
+    mode: int  # permission bits (and SHM_DEST: marked for deletion, gone with its users)
+    uid: int
+    gid: int
+
+
+@dataclass
 class Vma:
     start: int
     end: int
@@ -49,6 +61,7 @@ class Vma:
     # MAP_SHARED anonymous memory another process of the tree restores first:
     # [slot, start] of its VMA of the same object (pages are stored there only)
     shared_with: list[int] | None = None
+    sysv: SysvShm | None = None  # kind "sysv"
 
     @property
     def size(self) -> int:
@@ -258,6 +271,7 @@ class ProcessImage:
 # readers refuse: some of it they would restore wrongly and say nothing (a tree's
 # children, memfd mappings, shared memory, the network lock).
 V1_VMA_KINDS = frozenset({"anon", "file", "shmem", "heap", "stack", "vdso", "vvar", "vvar_vclock"})
+# (a "sysv" VMA, for instance, a 1.x reader would map as empty anonymous memory)
 V1_FD_KINDS = frozenset({"file", "chr", "dup"})
 
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
 import stat as statmod
 
 from ..errors import UnsupportedProcess
+from ..kernel import sysvshm
+from ..kernel.native import PAGE_SIZE as PAGE
 from ..kernel.procfs import Mapping
-from ..model import FileRef, Vma
+from ..model import FileRef, SysvShm, Vma
 
 SPECIAL = {"[vdso]": "vdso", "[vvar]": "vvar", "[vvar_vclock]": "vvar_vclock"}
+SYSV_NAME = re.compile(r"/SYSV[0-9a-f]{8}")
 
 
 def file_ref(path: str, st: os.stat_result) -> FileRef:
@@ -52,10 +56,11 @@ def classify(pid: int, m: Mapping) -> Vma | None:
     if m.deleted and name.startswith("/memfd:"):
         # content is saved with the memfd (capture/fd_kinds.py), not as pages
         return Vma(kind="memfd", **base)
+    if m.deleted and SYSV_NAME.fullmatch(name):
+        return Vma(kind="sysv", sysv=_sysv(pid, m, where), **base)
     if m.deleted:
         raise UnsupportedProcess(
-            f"{where} maps a deleted file (SysV shm or unlinked file: not supported yet)",
-            pid=pid,
+            f"{where} maps a deleted file (an unlinked file: not supported yet)", pid=pid
         )
     if name.startswith("/"):
         try:
@@ -72,6 +77,22 @@ def classify(pid: int, m: Mapping) -> Vma | None:
     raise UnsupportedProcess(f"{where}: unknown mapping kind", pid=pid)
 
 
+def _sysv(pid: int, m: Mapping, where: str) -> SysvShm:
+    """The segment behind a /SYSV<key> mapping (its inode number is the shmid)."""
+    seg = sysvshm.segments().get(m.inode)
+    if seg is None:
+        raise UnsupportedProcess(f"{where}: SysV segment {m.inode} not found", pid=pid)
+    whole = (seg.size + PAGE - 1) // PAGE * PAGE
+    if m.offset != 0 or m.end - m.start != whole:
+        raise UnsupportedProcess(
+            f"{where} attaches part of SysV segment {seg.shmid} (a split or partly "
+            "unmapped attachment): not supported",
+            pid=pid,
+        )
+    return SysvShm(shmid=seg.shmid, key=seg.key, size=seg.size, mode=seg.mode, uid=seg.uid,
+                   gid=seg.gid)  # fmt: skip
+
+
 def _path_identity(path: str) -> tuple[int, int]:
     try:
         st = os.stat(path)
@@ -86,6 +107,6 @@ def needs_pages(v: Vma) -> tuple[bool, bool]:
         return (False, False)
     if v.kind in ("file", "memfd") and v.shared:
         return (False, False)  # the data lives in the file (a memfd's is saved with it)
-    if v.kind == "shmem":
+    if v.kind in ("shmem", "sysv"):
         return (True, True)
     return (True, False)

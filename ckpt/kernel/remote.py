@@ -38,7 +38,7 @@ NR = {
     "timer_gettime": 224, "set_robust_list": 273, "openat": 257, "rt_tgsigqueueinfo": 297,
     "rt_sigqueueinfo": 129, "prlimit64": 302, "rseq": 334, "close_range": 436,
     "ioctl": 16, "pipe2": 293, "eventfd2": 290, "timerfd_create": 283, "timerfd_settime": 286, "signalfd4": 289, "inotify_init1": 294, "epoll_create1": 291, "epoll_ctl": 233, "memfd_create": 319,
-    "clone3": 435, "gettid": 186, "pidfd_open": 434, "pidfd_getfd": 438,
+    "clone3": 435, "gettid": 186, "pidfd_open": 434, "pidfd_getfd": 438, "shmat": 30,
     "socket": 41, "connect": 42, "bind": 49, "listen": 50, "socketpair": 53, "accept4": 288, "shutdown": 48,
 }  # fmt: skip
 

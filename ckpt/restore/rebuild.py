@@ -11,7 +11,7 @@ import os
 import struct
 
 from ..errors import PidInUse, RestoreError
-from ..kernel import procfs
+from ..kernel import procfs, sysvshm
 from ..kernel.native import PAGE_SIZE
 from ..kernel.process import set_rlimits
 from ..kernel.ptrace import (
@@ -42,6 +42,7 @@ PR_TIMER_CREATE_RESTORE_IDS = 77
 CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
 CLONE_THREAD, CLONE_SYSVSEM = 0x10000, 0x40000
 SIGCHLD = 17
+SHM_RDONLY, SHM_EXEC = 0o10000, 0o100000
 THREAD_FLAGS = CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM
 
 
@@ -74,6 +75,8 @@ class Rebuilder:
         self.peer_images: dict[int, ProcessImage] = {}
         self.parked: dict[tuple[int, int], tuple[int, int]] | None = None  # see restore/fds.py
         self.memfds: dict[int, tuple[int, int]] | None = None  # tree: memfds made so far
+        #: SysV segments this restore made (removed again if the restore fails)
+        self.sysv_created: list[int] = []
         #: setsid already done (a session leader of a tree does it before forking)
         self.session_done = False
         #: restore --shell-job: the terminal this process's terminal fds go to (restore/tty.py)
@@ -230,6 +233,9 @@ class Rebuilder:
             flags = MAP_FIXED_NOREPLACE | (MAP_SHARED if v.shared else MAP_PRIVATE)
             if "gd" in v.vmflags:
                 flags |= MAP_GROWSDOWN
+            if v.kind == "sysv":
+                self._map_sysv(v, prot0)
+                continue
             if v.shared_with is not None:  # a tree member restored it first
                 self._map_from_peer(v, prot0, flags)
                 continue
@@ -255,6 +261,32 @@ class Rebuilder:
                 )
             if got != v.start:
                 raise RestoreError(f"mapping {v.start:#x} landed at {got:#x}")
+
+    def _map_sysv(self, v, prot: int) -> None:
+        """Attach the SysV segment at its address: the live one if it is still there
+        (same host), else one made again under the same id (its pages follow)."""
+        seg = v.sysv
+        live = sysvshm.segments().get(seg.shmid)
+        if live is not None and (live.key, live.size) != (seg.key, seg.size):
+            raise RestoreError(
+                f"SysV shm id {seg.shmid} now names another segment (key {live.key:#x}, "
+                f"{live.size} bytes; the image's: key {seg.key:#x}, {seg.size} bytes)"
+            )
+        if live is None:
+            try:
+                sysvshm.recreate(seg.shmid, seg.key, seg.size, seg.mode, seg.uid, seg.gid)
+            except OSError as exc:
+                raise RestoreError(
+                    f"cannot make SysV segment {seg.shmid} (key {seg.key:#x}) again: {exc}"
+                ) from exc
+            self.sysv_created.append(seg.shmid)
+        flags = (0 if prot & PROT_WRITE else SHM_RDONLY) | (SHM_EXEC if prot & PROT_EXEC else 0)
+        try:
+            got = self.inj.call("shmat", seg.shmid, v.start, flags)
+        except RemoteError as exc:
+            raise RestoreError(f"cannot attach SysV segment {seg.shmid}: {exc.strerror}") from exc
+        if got != v.start:
+            raise RestoreError(f"SysV segment {seg.shmid} attached at {got:#x}, not {v.start:#x}")
 
     def _map_from_peer(self, v, prot: int, flags: int) -> None:
         """MAP_SHARED anonymous memory of the tree: map the object the owner restored."""

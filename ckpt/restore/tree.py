@@ -23,6 +23,7 @@ import signal
 from collections.abc import Callable
 
 from ..errors import ImageCorrupt
+from ..kernel import sysvshm
 from ..model import ProcessImage
 from .checks import check_files, wait_pid_free
 from .rebuild import Rebuilder
@@ -92,9 +93,22 @@ def build_tree(
     except BaseException:
         kill_members(rbs)
         for rb in rbs:
+            for shmid in rb.sysv_created:  # made for this restore: not left behind
+                with contextlib.suppress(OSError):
+                    sysvshm.remove(shmid)
             rb.close()
         raise
+    _remove_doomed_segments(procs)
     return rbs
+
+
+def _remove_doomed_segments(procs: list[ProcessImage]) -> None:
+    """Segments that were marked for deletion (IPC_RMID while attached) are marked
+    again once every member is attached: they go when the last one detaches."""
+    for p in procs:
+        for v in p.vmas:
+            if v.sysv is not None and v.sysv.mode & sysvshm.SHM_DEST:
+                sysvshm.remove(v.sysv.shmid)
 
 
 def _early_session(rb: Rebuilder, terminal: Terminal | None, root: bool = False) -> None:
