@@ -806,3 +806,23 @@ def test_process_tree_migrates(e2e, hosts, token):
         assert rcv.wait().returncode == 0
     finally:
         rcv.kill()
+
+
+@needs_ns
+def test_memfd_process_migrates_as_image(e2e, hosts, token):
+    """A process mapping a memfd (its fd and a shared mapping of the same object):
+    the staged restore cannot make memfds, so it goes as an image, and arrives whole."""
+    w = e2e.spawn("fdkinds", "memfd")
+    rcv = Receiver(e2e, hosts, token)
+    try:
+        res, stats = migrate(e2e, hosts, token, w.pid)
+        assert res.returncode == 0, str(res)
+        assert "maps a memfd" in res.stderr
+        assert not stats["downtime"].get("staged")
+        assert w.reap() == -signal.SIGKILL
+        ns_pid = rcv.reported_pid()
+        line = verify_at(w, rcv.global_pid(ns_pid), ns_pid)
+        assert line.startswith("VERIFY OK"), line
+        assert rcv.wait().returncode == 0
+    finally:
+        rcv.kill()

@@ -99,6 +99,16 @@ def _preflight(pid: int, *, tree: bool = True, tcp_established: bool = False) ->
         classify(pid, m)
 
 
+def _why_not_staged(opts: MigrateOptions) -> str:
+    """Why the destination cannot build this process while the rounds arrive ("" if it
+    can): the staged restore builds one process, and makes memfds only with the fds."""
+    if opts.tree and descendants(opts.pid):
+        return "the process has descendants"
+    if any(m.deleted and m.name.startswith("/memfd:") for m in procfs.maps(opts.pid)):
+        return "the process maps a memfd"
+    return ""
+
+
 def _signal_throttle_ok(tracker: str) -> bool:
     """A SIGSTOP must never land while the tracker freezes the target between rounds."""
     if tracker == "auto":
@@ -157,9 +167,10 @@ def migrate(
     # A tree's members are only captured in the final freeze, and staged restore
     # builds one process: a process with descendants goes as an image (no layouts
     # sent, so the destination restores after the final round).
-    stage = not (opts.tree and descendants(opts.pid))
-    if not stage:
-        report("the process has descendants: the destination restores the tree at the end")
+    why_image = _why_not_staged(opts)
+    stage = not why_image
+    if why_image:
+        report(f"{why_image}: the destination restores it at the end")
     sink = NetSink(
         ch, opts.pid, clock, level=opts.level, restore_timeout=opts.restore_timeout,
         progress=report, layouts=stage,
