@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import signal
 
-POINTS = ("seized", "inject-setup", "inject", "read-pages", "write-image", "commit")
+POINTS = (
+    "seized", "inject-setup", "inject", "inject-thread", "read-pages", "write-image", "commit",
+)  # fmt: skip
 
 
 def point(name: str) -> None:

@@ -11,7 +11,9 @@ its own memory, and pthread_join must work) and tests/workloads/pythreads.py
 from __future__ import annotations
 
 import os
+import random
 import signal
+import time
 
 import pytest
 from helpers import dump_restore_verify, proc_status, wait_until
@@ -113,3 +115,66 @@ def test_threads_appearing_while_attaching(e2e, mode):
     v = e2e.verify(w, w.pid, signal.SIGUSR2)
     assert v.ok, v.line
     assert bg.wait(60).returncode == 0
+
+
+def thread_masks(pid: int) -> dict[int, str]:
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        st = proc_status(f"{pid}/task/{tid}")
+        if st:
+            out[int(tid)] = st["SigBlk"]
+    return out
+
+
+def all_untraced(pid: int) -> bool:
+    tids = os.listdir(f"/proc/{pid}/task")
+    return all(
+        (proc_status(f"{pid}/task/{t}") or {}).get("TracerPid") == "0"
+        and (proc_status(f"{pid}/task/{t}") or {}).get("State", "t")[:1] not in "tT"
+        for t in tids
+    )
+
+
+@pytest.mark.parametrize("point", ["seized", "inject", "inject-thread", "read-pages"])
+def test_threads_dump_killed_at_fault_point(e2e, point):
+    """ckpt SIGKILLed mid-dump, also inside one thread's own injected session: every
+    thread runs on untraced with its own mask, altstack, TLS and memory intact."""
+    w = e2e.spawn("pthreads", "4")
+    masks = thread_masks(w.pid)
+    res = e2e.dump(w.pid, e2e.path("img"), env=e2e.env(CKPT_FAULT=point))
+    assert res.returncode == -signal.SIGKILL, f"ckpt did not stop at {point}\n{res}"
+    wait_until(lambda: all_untraced(w.pid), 30, f"every thread to run untraced ({point})")
+    # the main thread sits in sigsuspend (its mask shows the call's): compare the others
+    wait_until(
+        lambda: (
+            {t: m for t, m in thread_masks(w.pid).items() if t != w.pid}
+            == {t: m for t, m in masks.items() if t != w.pid}
+        ),
+        10,
+        "every thread's signal mask as before",
+    )
+    v = e2e.verify(w, w.pid, signal.SIGUSR2)
+    assert v.ok, f"threads broken by a dump killed at {point}: {v.line}"
+    assert w.reap() == 0
+
+
+def test_threads_dump_killed_at_random_moments(e2e):
+    """SIGKILL `ckpt dump --leave-running` of a 33-thread process at moments spread
+    over a whole dump; afterwards every thread is intact and the process verifies."""
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    w = e2e.spawn("pthreads", "28")
+    start = time.monotonic()
+    res = e2e.dump(w.pid, e2e.path("img"), "--leave-running")
+    full = time.monotonic() - start
+    assert res.returncode == 0, str(res)
+    for frac in (0.1, 0.3, 0.5, 0.7, 0.9):
+        delay = full * frac * rng.uniform(0.8, 1.2)
+        bg = e2e.ckpt_bg("dump", str(w.pid), "-D", str(e2e.path("img")), "--leave-running")
+        time.sleep(delay)
+        bg.kill()
+        what = f"killed after {delay:.2f}s of a {full:.2f}s dump (seed {seed})"
+        wait_until(lambda: all_untraced(w.pid), 30, f"every thread to run untraced ({what})")
+    v = e2e.verify(w, w.pid, signal.SIGUSR2)
+    assert v.ok, f"threads broken by killed dumps (seed {seed}): {v.line}"
+    assert w.reap() == 0

@@ -64,6 +64,8 @@ def other_threads_misc(
     try:
         for i, t in enumerate(threads):
             with ThreadInjection(t, regs[i], masks[i], inj, area + i * HEAL_STRIDE) as tinj:
+                if i == len(threads) // 2:
+                    faults.point("inject-thread")  # mid-way, inside one thread's session
                 out.append(thread_misc(tinj))
     finally:
         inj.call("munmap", area, size)
