@@ -16,8 +16,17 @@ import signal
 import time
 
 import pytest
-from helpers import dump_restore_verify, proc_status, wait_until
+from helpers import (
+    assert_error,
+    assert_no_process,
+    dir_digest,
+    dump_restore_verify,
+    proc_status,
+    wait_until,
+)
 from precopy_helpers import need_tracker
+
+from ckpt.kernel.spawn import spawn_restorer
 
 
 def thread_names(pid: int) -> dict[int, str]:
@@ -178,3 +187,27 @@ def test_threads_dump_killed_at_random_moments(e2e):
     v = e2e.verify(w, w.pid, signal.SIGUSR2)
     assert v.ok, f"threads broken by killed dumps (seed {seed}): {v.line}"
     assert w.reap() == 0
+
+
+def test_restore_fails_cleanly_when_a_thread_id_is_taken(e2e):
+    """A thread's TID is in use: exit 9 naming it before anything is built, no
+    process left, image untouched; once it is free the restore works."""
+    w = e2e.spawn("pthreads", "1")
+    tids = [int(t) for t in w.ready["tids"].split(",")]
+    image = e2e.path("img")
+    e2e.dump_ok(w, image)
+    digest = dir_digest(image)
+    holder = spawn_restorer(tids[-1])  # a parked child of ours at that TID
+    try:
+        res = e2e.ckpt("restore", "-D", str(image))
+        assert_error(res, 9, str(tids[-1]))
+        assert_no_process(w.pid)
+        assert dir_digest(image) == digest
+    finally:
+        os.kill(holder, signal.SIGKILL)
+        os.waitpid(holder, 0)
+    bg = e2e.ckpt_bg("restore", "-D", str(image))
+    e2e.wait_restored(w.pid, w.ident, bg)
+    v = e2e.verify(w, w.pid, signal.SIGUSR2)
+    assert v.ok, v.line
+    assert bg.wait(60).returncode == 0

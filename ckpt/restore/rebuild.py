@@ -389,6 +389,12 @@ class Rebuilder:
                 try:
                     tid = inj.call("clone3", inj.put(args), len(args))
                 except RemoteError as exc:
+                    if not self.new_pid and exc.errno == errno.EEXIST:
+                        raise PidInUse(
+                            f"TID {t.tid} (a thread of process {self.proc.pid}) is in use; "
+                            "restore with --new-pid",
+                            pid=t.tid,
+                        ) from exc
                     raise RestoreError(f"cannot create thread {t.tid}: {exc.strerror}") from exc
                 tr = Tracee(tid)
                 tr.attached = True

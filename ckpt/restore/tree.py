@@ -42,8 +42,9 @@ def check_tree(root: ProcessImage, new_pid: bool) -> None:
             raise ImageCorrupt(f"tree member {p.pid}: its parent {p.ppid} is not before it")
     for p in procs:
         check_files(p)
-        if not new_pid:
-            wait_pid_free(p.pid)
+        if not new_pid:  # every PID and TID must be free before anything is built
+            for t in [p.pid, *(t.tid for t in p.threads[1:])]:
+                wait_pid_free(t)
 
 
 def build_tree(
