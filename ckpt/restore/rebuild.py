@@ -40,7 +40,7 @@ PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NAME, PR_SET_MM, PR_SET_MM_MAP = 1, 4,
 PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS, PR_SET_THP_DISABLE = 36, 38, 41
 PR_TIMER_CREATE_RESTORE_IDS = 77
 CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
-CLONE_THREAD, CLONE_SYSVSEM = 0x10000, 0x40000
+CLONE_THREAD, CLONE_SYSVSEM, CLONE_CHILD_CLEARTID = 0x10000, 0x40000, 0x200000
 SIGCHLD = 17
 SHM_RDONLY, SHM_EXEC = 0o10000, 0o100000
 THREAD_FLAGS = CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM
@@ -384,7 +384,11 @@ class Rebuilder:
             for t in extra:
                 inj.reset_data()
                 set_tid = 0 if self.new_pid else inj.put(struct.pack("<i", t.tid))
-                args = struct.pack("<11Q", THREAD_FLAGS, 0, 0, 0, 0, 0, 0, 0, set_tid,
+                # clear_child_tid comes with the clone (CLONE_CHILD_CLEARTID): one
+                # injected set_tid_address less per thread
+                ctid = t.clear_child_tid
+                flags = THREAD_FLAGS | (CLONE_CHILD_CLEARTID if ctid else 0)
+                args = struct.pack("<11Q", flags, 0, ctid, 0, 0, 0, 0, 0, set_tid,
                                    0 if self.new_pid else 1, 0)  # fmt: skip
                 try:
                     tid = inj.call("clone3", inj.put(args), len(args))
@@ -407,9 +411,9 @@ class Rebuilder:
                 self.threads.append((t, tr, tinj))
                 self.tid_map[t.tid] = tid
                 tinj.reset_data()
-                if t.comm:
+                if t.comm and t.comm[:15] != self.proc.comm[:15]:  # else inherited
                     tinj.call("prctl", PR_SET_NAME, tinj.cstr(t.comm[:15]), 0, 0, 0)
-                _thread_misc(tinj, t)
+                _thread_misc(tinj, t, tid_address=False)
         finally:
             self.tracee.set_options(base)
 
@@ -494,8 +498,11 @@ class Rebuilder:
         self.tracee.detach()
 
 
-def _thread_misc(inj: Injector, t: Thread) -> None:
-    """Per-thread kernel state that only the thread itself can set."""
+def _thread_misc(inj: Injector, t: Thread, *, tid_address: bool = True) -> None:
+    """Per-thread kernel state that only the thread itself can set.
+
+    tid_address=False: a thread made by create_threads, whose clear_child_tid the
+    clone already set."""
     inj.reset_data()
     sp, flags, size = t.sigaltstack
     if not flags & 2:  # not SS_DISABLE
@@ -503,7 +510,8 @@ def _thread_misc(inj: Injector, t: Thread) -> None:
     head, ln = t.robust_list
     if head:
         inj.call("set_robust_list", head, ln)
-    inj.call("set_tid_address", t.clear_child_tid)
+    if tid_address:
+        inj.call("set_tid_address", t.clear_child_tid)
 
 
 def _set_creds(inj: Injector, p: ProcessImage) -> None:
