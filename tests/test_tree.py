@@ -40,6 +40,23 @@ def reap_orphans(pids: list[int], timeout: float = 30) -> None:
             time.sleep(0.01)
 
 
+def restore_tree(e2e, w, kids: list[int], *source: str):
+    """Reap the killed members, restore (source: "-D", IMAGE or "--store", STORE) and
+    wait until the root is back; the members are tracked for cleanup."""
+    reap_orphans(kids)
+    bg = e2e.ckpt_bg("restore", *source)
+    e2e.wait_restored(w.pid, w.ident, bg)
+    for pid in kids:
+        e2e.adopt(pid)
+    return bg
+
+
+def wait_untraced(pids: list[int], what: str = "run untraced") -> None:
+    for pid in pids:
+        wait_until(lambda pid=pid: (proc_status(pid) or {}).get("TracerPid") == "0", 30,
+                   f"member {pid} to {what}")  # fmt: skip
+
+
 def members(w) -> list[int]:
     return [int(w.ready[k]) for k in ("a", "a1", "b")]
 
@@ -48,13 +65,8 @@ def tree_round_trip(e2e, w, *extra):
     kids = members(w)
     image = e2e.path("img")
     e2e.dump_ok(w, image, *extra)
-    reap_orphans(kids)
-    bg = e2e.ckpt_bg("restore", "-D", str(image))
-    e2e.wait_restored(w.pid, w.ident, bg)
-    for pid in kids:
-        e2e.adopt(pid)
-        wait_until(lambda pid=pid: (proc_status(pid) or {}).get("TracerPid") == "0", 30,
-                   f"member {pid} to run")  # fmt: skip
+    bg = restore_tree(e2e, w, kids, "-D", str(image))
+    wait_untraced(kids, "run")
     # parent links, as the kernel sees them
     assert int(proc_status(kids[0])["PPid"]) == w.pid
     assert int(proc_status(kids[1])["PPid"]) == kids[0]
@@ -81,17 +93,11 @@ def test_tree_leave_running_then_restore_elsewhere(e2e):
     image = e2e.path("img")
     res = e2e.dump(w.pid, image, "--leave-running")
     assert res.returncode == 0, str(res)
-    for pid in [w.pid, *members(w)]:
-        wait_until(lambda pid=pid: (proc_status(pid) or {}).get("TracerPid") == "0", 30,
-                   f"member {pid} to run untraced")  # fmt: skip
+    wait_untraced([w.pid, *members(w)])
     v = e2e.verify(w, w.pid, signal.SIGUSR2)
     assert v.ok, v.line
     assert w.reap() == 0
-    reap_orphans(members(w))
-    bg = e2e.ckpt_bg("restore", "-D", str(image))
-    e2e.wait_restored(w.pid, w.ident, bg)
-    for pid in members(w):
-        e2e.adopt(pid)
+    bg = restore_tree(e2e, w, members(w), "-D", str(image))
     # same PID, same log: wait for the restored root's own (second) VERIFY line
     os.kill(w.pid, signal.SIGUSR2)
     wait_until(lambda: len(w.find("VERIFY", w.pid)) >= 2, 60, "the restored tree to verify")
@@ -120,9 +126,7 @@ def test_zombie_child_refused(e2e):
     res = e2e.dump(w.pid, image)
     assert_error(res, 5, "zombie")
     assert not image_complete(e2e, image)
-    for pid in [w.pid, *members(w)]:
-        wait_until(lambda pid=pid: (proc_status(pid) or {}).get("TracerPid") == "0", 30,
-                   f"member {pid} to run untraced")  # fmt: skip
+    wait_untraced([w.pid, *members(w)])
     v = e2e.verify(w, w.pid, signal.SIGUSR2)
     assert v.ok, v.line
 
@@ -132,11 +136,7 @@ def pipeline_round_trip(e2e, *extra):
     kids = [int(w.ready["producer"]), int(w.ready["filter"])]
     image = e2e.path("img")
     e2e.dump_ok(w, image, *extra)
-    reap_orphans(kids)
-    bg = e2e.ckpt_bg("restore", "-D", str(image))
-    e2e.wait_restored(w.pid, w.ident, bg)
-    for pid in kids:
-        e2e.adopt(pid)
+    bg = restore_tree(e2e, w, kids, "-D", str(image))
     v = e2e.verify(w, w.pid, signal.SIGUSR2)
     assert v.ok, v.line
     assert int(v.fields["records"]) > 120000
@@ -160,18 +160,12 @@ def test_tree_snapshots(e2e):
     for _ in range(2):
         res = e2e.ckpt("snapshot", str(w.pid), "--store", str(store))
         assert res.returncode == 0, str(res)
-    for pid in [w.pid, *members(w)]:
-        wait_until(lambda pid=pid: (proc_status(pid) or {}).get("TracerPid") == "0", 30,
-                   f"member {pid} to run untraced")  # fmt: skip
+    wait_untraced([w.pid, *members(w)])
     os.kill(w.pid, signal.SIGKILL)
     for pid in members(w):
         os.kill(pid, signal.SIGKILL)
     assert w.reap() == -signal.SIGKILL
-    reap_orphans(members(w))
-    bg = e2e.ckpt_bg("restore", "--store", str(store))
-    e2e.wait_restored(w.pid, w.ident, bg)
-    for pid in members(w):
-        e2e.adopt(pid)
+    bg = restore_tree(e2e, w, members(w), "--store", str(store))
     v = e2e.verify(w, w.pid, signal.SIGUSR2)
     assert v.ok, v.line
     assert bg.wait(60).returncode == 0
@@ -189,11 +183,7 @@ def test_tree_members_are_precopied(e2e):
     data = json.loads(stats.read_text())
     assert data["pages"] > 4 * 512
     assert data["final"]["pages_copied"] < 512, data["final"]
-    reap_orphans(kids)
-    bg = e2e.ckpt_bg("restore", "-D", str(image))
-    e2e.wait_restored(w.pid, w.ident, bg)
-    for pid in kids:
-        e2e.adopt(pid)
+    bg = restore_tree(e2e, w, kids, "-D", str(image))
     v = e2e.verify(w, w.pid, signal.SIGUSR2)
     assert v.ok, v.line
     assert bg.wait(60).returncode == 0
