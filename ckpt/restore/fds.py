@@ -226,6 +226,19 @@ def _memfd(ctx: _Ctx, fd: Fd) -> None:
     inj.call("lseek", fd.fd, fd.pos, 0)
 
 
+def _fill_pipe(ctx: _Ctx, first: Fd, size_fd: int, write_fd: int) -> None:
+    """The pipe's capacity (set through size_fd) and its buffered bytes (written in
+    through ckpt's copy of write_fd), both recorded on the object's first fd."""
+    if first.pipe_size:
+        ctx.inj.call("fcntl", size_fd, F_SETPIPE_SZ, first.pipe_size)
+    if first.data:
+        copy = ctx.copy(write_fd)
+        try:
+            fdobjs.pipe_fill(copy, first.data)
+        finally:
+            os.close(copy)
+
+
 def _pipe(ctx: _Ctx, fd: Fd) -> None:
     """pipe2, both ends placed (an end the process had closed is closed again),
     capacity, then the buffered bytes written in through ckpt's copy of the write end."""
@@ -237,14 +250,7 @@ def _pipe(ctx: _Ctx, fd: Fd) -> None:
     inj.call("pipe2", buf, O_DIRECT if packet else 0)
     r_tmp, w_tmp = struct.unpack("<ii", inj.read(buf, 8))
     r_tmp, w_tmp = ctx.spare_fd(r_tmp), ctx.spare_fd(w_tmp)
-    if first.pipe_size:
-        inj.call("fcntl", r_tmp, F_SETPIPE_SZ, first.pipe_size)
-    if first.data:
-        copy = ctx.copy(w_tmp)
-        try:
-            fdobjs.pipe_fill(copy, first.data)
-        finally:
-            os.close(copy)
+    _fill_pipe(ctx, first, r_tmp, w_tmp)
     ends = {r.flags & O_ACCMODE: r for r in recs}
     for mode, tmp in ((O_RDONLY, r_tmp), (O_WRONLY, w_tmp)):
         rec = ends.get(mode)
@@ -274,14 +280,7 @@ def _fifo(ctx: _Ctx, fd: Fd) -> None:
         raise FileChanged(f"{first.path} (fd {first.fd}) is no longer a FIFO")
     path = inj.cstr(first.path)
     helper = ctx.spare_fd(inj.call("openat", _u(AT_FDCWD), path, O_RDWR | O_NONBLOCK, 0))
-    if first.pipe_size:
-        inj.call("fcntl", helper, F_SETPIPE_SZ, first.pipe_size)
-    if first.data:
-        copy = ctx.copy(helper)
-        try:
-            fdobjs.pipe_fill(copy, first.data)
-        finally:
-            os.close(copy)
+    _fill_pipe(ctx, first, helper, helper)
     for rec in recs:
         flags = rec.flags & ~(O_CREAT | O_EXCL | O_TRUNC | O_CLOEXEC)
         _place(inj, inj.call("openat", _u(AT_FDCWD), path, flags, 0), rec.fd, rec.cloexec)
