@@ -443,12 +443,16 @@ class E2E:
         *args: str,
         env: dict[str, str] | None = None,
         timeout: float = DEADLINE,
+        wrapper: list[str] | None = None,
     ) -> Workload:
-        """Start a workload in its own session and wait for its READY line."""
+        """Start a workload in its own session and wait for its READY line.
+
+        wrapper: a command that execs the workload, e.g. setpriv to run it as another user."""
         if (WORKLOADS / f"{name}.py").exists():
             argv = [sys.executable, str(WORKLOADS / f"{name}.py"), *args]
         else:
             argv = [str(self.bins[name]), *args]
+        argv = [*(wrapper or []), *argv]
         cwd = self.path(name)
         cwd.mkdir()
         log = cwd.with_suffix(".log")

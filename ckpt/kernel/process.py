@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-import resource
+import os
 import struct
 
+from ..errors import NoSuchProcess
+from . import procfs
 from .native import check, ffi, lib
 
 NR_GET_ROBUST_LIST = 274
-RLIMITS = list(range(16))  # RLIMIT_CPU .. RLIMIT_RTTIME
+#: RLIMIT_* by number, for messages
+RLIMIT_NAMES = (
+    "RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_DATA", "RLIMIT_STACK", "RLIMIT_CORE", "RLIMIT_RSS",
+    "RLIMIT_NPROC", "RLIMIT_NOFILE", "RLIMIT_MEMLOCK", "RLIMIT_AS", "RLIMIT_LOCKS",
+    "RLIMIT_SIGPENDING", "RLIMIT_MSGQUEUE", "RLIMIT_NICE", "RLIMIT_RTPRIO", "RLIMIT_RTTIME",
+)  # fmt: skip
 
 
 def get_robust_list(tid: int) -> tuple[int, int]:
@@ -31,16 +38,30 @@ def get_robust_list(tid: int) -> tuple[int, int]:
 
 
 def rlimits(pid: int) -> dict[int, list[int]]:
-    out = {}
-    for r in RLIMITS:
-        soft, hard = resource.prlimit(pid, r)
-        out[r] = [soft, hard]
-    return out
+    """{RLIMIT_*: [soft, hard]} from /proc/PID/limits: prlimit(pid, …) on a process of
+    another user needs CAP_SYS_RESOURCE. Restore sets them from inside (rebuild.py)."""
+    return procfs.limits(pid)
 
 
-def set_rlimits(pid: int, limits: dict[int, list[int]]) -> None:
-    for r, (soft, hard) in limits.items():
-        resource.prlimit(pid, int(r), (soft, hard))
+def _seccomp(status: dict[str, str]) -> tuple[int, int]:
+    return int(status.get("Seccomp", "0")), int(status.get("Seccomp_filters", "0"))
+
+
+def foreign_seccomp(pid: int) -> tuple[int, int, int] | None:
+    """(tid, mode, filters) of a thread of pid under seccomp beyond ckpt's own (a filter
+    it installed itself, or strict mode), else None. Filters inherited from a common
+    ancestor (a container's) also apply to ckpt and come back with the restorer."""
+    mine = _seccomp(procfs.status(os.getpid()))  # (mode, filters) of ckpt itself
+    for tid in procfs.tasks(pid):
+        try:
+            mode, n = _seccomp(
+                procfs.parse_status(procfs.read_bytes(pid, "task", str(tid), "status"))
+            )
+        except NoSuchProcess:
+            continue  # a thread that just exited
+        if mode == 1 or (mode and n > mine[1]):
+            return tid, mode, n
+    return None
 
 
 def personality(pid: int) -> int:

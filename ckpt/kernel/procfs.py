@@ -141,6 +141,48 @@ def status(pid: int) -> dict[str, str]:
     return parse_status(read_bytes(pid, "status"))
 
 
+# ---------------------------------------------------------------- limits
+
+#: /proc/PID/limits row names (fs/proc/base.c lnames), in RLIMIT_* order
+LIMIT_NAMES = (
+    "Max cpu time", "Max file size", "Max data size", "Max stack size", "Max core file size",
+    "Max resident set", "Max processes", "Max open files", "Max locked memory",
+    "Max address space", "Max file locks", "Max pending signals", "Max msgqueue size",
+    "Max nice priority", "Max realtime priority", "Max realtime timeout",
+)  # fmt: skip
+RLIM_INFINITY = -1  # as the resource module and older images spell it
+
+
+def parse_limits(data: bytes) -> dict[int, list[int]]:
+    """/proc/PID/limits → {RLIMIT_*: [soft, hard]}, values raw (the file's units are
+    the rlimit's own), "unlimited" as RLIM_INFINITY. Every limit must be there."""
+    lines = data.decode("ascii", "replace").splitlines()
+    if not lines or not lines[0].startswith("Limit "):
+        raise ProcParseError("limits: no header line")
+    out: dict[int, list[int]] = {}
+    for line in lines[1:]:
+        if not line.strip():
+            continue
+        r = next((i for i, n in enumerate(LIMIT_NAMES) if line.startswith(n + " ")), None)
+        fields = line[len(LIMIT_NAMES[r]) :].split() if r is not None else []
+        if r is None or len(fields) < 2 or r in out:
+            raise ProcParseError(f"limits: unexpected line {line!r}")
+        try:
+            out[r] = [RLIM_INFINITY if v == "unlimited" else int(v) for v in fields[:2]]
+        except ValueError as exc:
+            raise ProcParseError(f"limits: unexpected line {line!r}") from exc
+    if len(out) != len(LIMIT_NAMES):
+        missing = [LIMIT_NAMES[i] for i in range(len(LIMIT_NAMES)) if i not in out]
+        raise ProcParseError(f"limits: missing {', '.join(missing)}")
+    return out
+
+
+def limits(pid: int) -> dict[int, list[int]]:
+    """Resource limits of any process we may read /proc of (prlimit on another
+    process needs CAP_SYS_RESOURCE or its uids)."""
+    return parse_limits(read_bytes(pid, "limits"))
+
+
 # ---------------------------------------------------------------- maps / smaps
 
 

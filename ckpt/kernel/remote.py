@@ -23,7 +23,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..errors import DumpError, UnsupportedProcess
+from . import procfs
 from .native import PAGE_SIZE, check, ffi, lib
+from .process import foreign_seccomp
 from .procfs import Mapping
 from .ptrace import REG_NAMES, Tracee
 
@@ -240,6 +242,23 @@ def find_bootstrap_site(pid: int, mappings: Iterable[Mapping]) -> int | None:
     return None
 
 
+def _refuse_seccomp(pid: int) -> None:
+    """A seccomp filter of the target's own filters injected syscalls too: refused or
+    failed calls (or a killed target), and no filter in the restored process. Refuse."""
+    found = foreign_seccomp(pid)
+    if found is None:
+        return
+    tid, mode, n = found
+    comm = procfs.stat(pid).comm.decode(errors="replace")
+    who = f"process {pid} ({comm})" + (f", thread {tid}," if tid != pid else "")
+    what = "runs in seccomp strict mode" if mode == 1 else f"has a seccomp filter ({n} installed)"
+    raise UnsupportedProcess(
+        f"{who} {what}: not supported (ckpt's injected syscalls would be filtered too, "
+        "and the filter would not be restored)",
+        pid=pid,
+    )
+
+
 class DumpInjection:
     """Open/close an injection session on a dump target, heal-safe throughout.
 
@@ -266,6 +285,11 @@ class DumpInjection:
     def __enter__(self) -> Injector:
         from .. import faults
 
+        try:
+            _refuse_seccomp(self.tracee.pid)
+        except BaseException:
+            self._cleanup_fd()
+            raise
         site = find_bootstrap_site(self.tracee.pid, self.mappings)
         if site is None:
             raise UnsupportedProcess(
@@ -283,7 +307,18 @@ class DumpInjection:
         self.tracee.set_sigmask(INJECT_MASK)
         faults.point("inject-setup")
         size = SCRATCH_PAGES * PAGE_SIZE
-        addr = self.inj.call("mmap", 0, size, 7, 0x22, (1 << 64) - 1, 0)  # RWX, PRIVATE|ANON
+        try:
+            addr = self.inj.call("mmap", 0, size, 7, 0x22, (1 << 64) - 1, 0)  # RWX, PRIVATE|ANON
+        except RemoteError as exc:
+            self.close()  # the site's bytes, registers and mask back
+            pid = self.tracee.pid
+            why = os.strerror(exc.errno)
+            if exc.errno == errno.EAGAIN:  # mlockall(MCL_FUTURE) locks it too
+                why += " (its locked memory is at RLIMIT_MEMLOCK and new mappings are locked)"
+            raise UnsupportedProcess(
+                f"process {pid}: cannot map ckpt's {size // 1024} KiB scratch area: {why}",
+                pid=pid,
+            ) from exc
         self.scratch = Scratch(addr)
         self.inj.scratch = self.scratch
         self.inj.write(addr, blob)

@@ -13,7 +13,7 @@ import struct
 from ..errors import PidInUse, RestoreError
 from ..kernel import procfs, sysvshm
 from ..kernel.native import PAGE_SIZE
-from ..kernel.process import set_rlimits
+from ..kernel.process import RLIMIT_NAMES
 from ..kernel.ptrace import (
     PTRACE_O_EXITKILL,
     PTRACE_O_TRACECLONE,
@@ -39,6 +39,7 @@ VDSO_KINDS = ("vvar", "vvar_vclock", "vdso")
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NAME, PR_SET_MM, PR_SET_MM_MAP = 1, 4, 15, 35, 14
 PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS, PR_SET_THP_DISABLE = 36, 38, 41
 PR_TIMER_CREATE_RESTORE_IDS = 77
+NR_MLOCK2, MLOCK_ONFAULT = 325, 1
 CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
 CLONE_THREAD, CLONE_SYSVSEM, CLONE_CHILD_CLEARTID = 0x10000, 0x40000, 0x200000
 SIGCHLD = 17
@@ -124,9 +125,9 @@ class Rebuilder:
         self.create_threads()
         self.restore_signals()
         self.restore_timers()
+        self.restore_rlimits()  # with ckpt's credentials still: before restore_creds
         self.restore_creds()
         self.register_rseq()
-        set_rlimits(self.pid, self.proc.rlimits)  # from outside, once memory is in place
 
     def fork_child(self, want: int | None) -> Tracee:
         """A copy of this (still empty) restorer as its child, with PID `want` when given.
@@ -319,6 +320,22 @@ class Rebuilder:
             for flag, advice in MADV.items():
                 if flag in v.vmflags:
                     self.inj.raw(28, v.start, v.size, advice)  # best effort (e.g. THP off)
+            if "lo" in v.vmflags:
+                self._mlock(v)
+
+    def _mlock(self, v) -> None:
+        """mlock'd memory, locked again while the restorer still has ckpt's credentials
+        and limits (CAP_IPC_LOCK): a process that locked it before it dropped root, or
+        whose RLIMIT_MEMLOCK is lower now, keeps it locked as it was."""
+        flags = MLOCK_ONFAULT if "lf" in v.vmflags else 0
+        try:
+            self.inj.call_nr(NR_MLOCK2, v.start, v.size, flags, name="mlock2")
+        except RemoteError as exc:
+            raise RestoreError(
+                f"cannot lock memory {v.start:#x}-{v.end:#x} ({v.size} bytes, mlock'd in "
+                f"process {self.proc.pid}): {os.strerror(exc.errno)} (ckpt needs CAP_IPC_LOCK "
+                "or a RLIMIT_MEMLOCK that large)"
+            ) from exc
 
     def set_mm(self) -> None:
         mm = self.proc.mm
@@ -475,9 +492,31 @@ class Rebuilder:
             if by_id:
                 inj.raw(157, PR_TIMER_CREATE_RESTORE_IDS, 0, 0, 0, 0)
 
+    def restore_rlimits(self) -> None:
+        """prlimit64(0, …) inside the process, before its credentials are set (setting
+        another process's limits needs CAP_SYS_RESOURCE or its uids). Rlimits belong to
+        the process, so the leader sets them for every thread; only those that differ
+        from what the restorer inherited from ckpt. Lowering always works; a hard limit
+        above ckpt's needs CAP_SYS_RESOURCE, else the restore fails naming the limit."""
+        have = procfs.limits(self.pid)
+        inj = self.inj
+        inj.reset_data()
+        buf = inj.alloc(16)
+        for r, (soft, hard) in sorted((int(k), v) for k, v in self.proc.rlimits.items()):
+            if have.get(r) == [soft, hard]:
+                continue
+            inj.write(buf, struct.pack("<QQ", _u(soft), _u(hard)))
+            try:
+                inj.call("prlimit64", 0, r, buf, 0)
+            except RemoteError as exc:
+                msg = _rlimit_refused(self.proc.pid, r, soft, hard, have.get(r), exc)
+                raise RestoreError(msg) from exc
+
     def restore_creds(self) -> None:
         for inj in [self.inj, *(ti for _, _, ti in self.threads)]:
             _set_creds(inj, self.proc)
+        # a change of uid or gid made the mm non-dumpable (fs.suid_dumpable): as it was
+        self.inj.call("prctl", PR_SET_DUMPABLE, self.proc.dumpable, 0, 0, 0)
 
     def register_rseq(self) -> None:
         for t, inj in [(self.proc.threads[0], self.inj), *((t, ti) for t, _, ti in self.threads)]:
@@ -525,6 +564,23 @@ def _set_creds(inj: Injector, p: ProcessImage) -> None:
     inj.call("setgroups", len(p.groups), inj.put(groups) if groups else 0)
     inj.call("setresgid", *p.gids[:3])
     inj.call("setresuid", *p.uids[:3])
+
+
+def _rlimit_refused(pid: int, r: int, soft: int, hard: int, have, exc: RemoteError) -> str:
+    def show(v: int) -> str:
+        return "unlimited" if _u(v) == _u(-1) else str(v)
+
+    name = RLIMIT_NAMES[r] if r < len(RLIMIT_NAMES) else f"rlimit {r}"
+    msg = (
+        f"cannot set {name} of process {pid} to soft {show(soft)}, hard {show(hard)}: "
+        f"{os.strerror(exc.errno)}"
+    )
+    if exc.errno == errno.EPERM and have is not None and _u(hard) > _u(have[1]):
+        msg += (
+            f" (ckpt's own hard limit is {show(have[1])}; raising it needs CAP_SYS_RESOURCE: "
+            "restore from a shell with that hard limit)"
+        )
+    return msg
 
 
 def _same_file(a: str, b: str) -> bool:

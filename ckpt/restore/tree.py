@@ -9,7 +9,8 @@ rebuild them in phases so that what they share exists before it is taken.
     files     fds (a shared open file description is taken from its first holder
               by pidfd_getfd) and process attributes; then process groups, a
               group's leader before its members
-    rest      threads, signals, timers, credentials, rseq, rlimits
+    rest      threads, signals, timers, rlimits, credentials (after: they drop
+              ckpt's privileges), rseq
     leave     children first, the root last
 
 Any failure kills every member (they are all traced with PTRACE_O_EXITKILL).
