@@ -15,6 +15,10 @@ from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 T = TypeVar("T")
 
 SLOT_SHIFT = 48  # user addresses stay below 2^47
+# Shared memory objects have key spaces of their own, above any tree member's slot:
+# object space SHM_SPACE0 + i holds its pages keyed by offset in the object.
+SHM_SPACE0 = 1 << 14
+MAX_SPACE = (1 << 16) - 1  # keys stay below 2^64
 
 
 def slot_base(slot: int) -> int:
@@ -59,13 +63,37 @@ class Vma:
     # Pages holding data at the final freeze, as [vaddr, npages] runs; data is in the layers.
     present: list[list[int]] = field(default_factory=list)
     # MAP_SHARED anonymous memory another process of the tree restores first:
-    # [slot, start] of its VMA of the same object (pages are stored there only)
+    # [slot, start] of its VMA of the same object (format 2.0 images; newer ones use shm)
     shared_with: list[int] | None = None
     sysv: SysvShm | None = None  # kind "sysv"
+    # kinds "shmem" and "sysv": index of the object it maps in the root's `shm` list;
+    # its pages are the object's (ShmObject.present), never the VMA's own
+    shm: int = -1
 
     @property
     def size(self) -> int:
         return self.end - self.start
+
+
+@dataclass
+class ShmObject:
+    """A shared memory object the dumped processes map (MAP_SHARED anonymous memory,
+    a SysV segment): stored once, by offset in the object, with the content it has at
+    the freeze whichever process wrote it, including pages no process has mapped in.
+
+    Pages are keyed slot_base(space) | offset. `digest` holds 8 bytes per present page
+    (in `present` order): the digest of the copy the layers hold, which lets the next
+    round or snapshot store only pages whose content changed (capture/shm.py).
+    """
+
+    kind: str  # "shmem" or "sysv"
+    space: int
+    size: int  # bytes
+    dev: int  # identity of the object at the dump (its shmem inode)
+    ino: int
+    present: list[list[int]] = field(default_factory=list)  # [offset, npages]
+    digest: bytes = b""
+    sysv: SysvShm | None = None
 
 
 @dataclass
@@ -257,6 +285,8 @@ class ProcessImage:
     # deletes it (kernel/netlock.py); "" when there is none
     net_lock: str = ""
     starttime: int = 0  # /proc/PID/stat start time: (pid, starttime) names the process
+    # the tree's shared memory objects (on the root only); Vma.shm indexes this list
+    shm: list[ShmObject] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)
@@ -290,7 +320,29 @@ def state_version(state: dict[str, Any]) -> tuple[int, int]:
             for p in procs
         )
     )
+    if state.get("shm"):
+        # a 2.0 reader would map the objects' VMAs as empty memory and say nothing
+        return (3, 0)
     return (2, 0) if v2 else (1, 1)  # image.FORMAT_MAJOR, FORMAT_MINOR for 1.x
+
+
+def present_keys(state: dict[str, Any]) -> list[tuple[int, int]]:
+    """Every page key the state says holds data, as (key, npages): each process's VMAs
+    in its key space, and every shared memory object's pages in the object's.
+
+    The one definition of "what an image must hold" for restore, verify, gc and the
+    completeness check a dump runs before it reports success.
+    """
+    out: list[tuple[int, int]] = []
+    for slot, p in enumerate([state, *(state.get("tree") or ())]):
+        space = p.get("space", -1)
+        base = slot_base(space if isinstance(space, int) and space >= 0 else slot)
+        for v in p.get("vmas") or ():
+            out.extend((base + int(r[0]), int(r[1])) for r in v.get("present") or ())
+    for obj in state.get("shm") or ():
+        base = slot_base(int(obj["space"]))
+        out.extend((base + int(r[0]), int(r[1])) for r in obj.get("present") or ())
+    return out
 
 
 def to_plain(obj: Any) -> Any:

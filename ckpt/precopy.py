@@ -175,6 +175,8 @@ class Precopy:
         writer,
         policy: Policy,
         progress: Callable[[RoundStats], None] | None = None,
+        *,
+        shm=None,
     ):
         self.target = target
         self.tracker = tracker
@@ -194,6 +196,9 @@ class Precopy:
         self.present = PresentMap()
         #: descendants pre-copied with the root (armed by the caller)
         self.members: list[Member] = []
+        #: the tree's shared memory objects (capture/shm.SharedMemory), copied by
+        #: content each round: writes through any process's mapping count
+        self.shm = shm
 
     def add_member(self, m: Member) -> None:
         m.open()
@@ -246,6 +251,8 @@ class Precopy:
             if tracee is not None:
                 tracee.detach()
         self.target.check()
+        if self.shm is not None:
+            self.shm.discover(self.target.pid, maps)
         member_runs = [(m, *self._collect_member(m)) for m in self.members if not m.gone]
         written += sum(w for _, _, w in member_runs)
         layer = self.writer.begin_layer()
@@ -253,6 +260,10 @@ class Precopy:
         pages = self.copier.copy(runs, layer, tolerant=True)
         for m, mruns, _ in member_runs:
             pages += m.copier.copy(mruns, layer, tolerant=True)
+        if self.shm is not None:
+            shared = self.shm.copy(layer)
+            pages += shared
+            written += shared
         self.bytes_stored += getattr(layer.close(), "bytes_stored", 0)
         copy_s = time.monotonic() - t_copy
         if pages and copy_s > 0:
@@ -292,6 +303,8 @@ class Precopy:
                 tracee.detach()
         m.last_maps = maps
         m.whole_next = False
+        if self.shm is not None:
+            self.shm.discover(m.target.pid, maps)
         return runs, written
 
     def estimate_freeze_ms(self, pages_next: int) -> float:

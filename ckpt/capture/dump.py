@@ -34,6 +34,7 @@ from ..track.full import FullTracker
 from . import state
 from .fds import capture_fds
 from .pages import PageCopier
+from .shm import SHM_KINDS, SharedMemory
 from .sockets import take_net_lock
 from .target import Target
 from .tree import FrozenTree, check_member, descendants, freeze_tree, link_shared
@@ -116,6 +117,7 @@ def dump(
     frozen: FrozenTree | None = None
     pre: Precopy | None = None
     lock, unlocked = None, 0
+    shm = SharedMemory()
     try:
         if iterative:
             ta = time.monotonic()
@@ -125,7 +127,7 @@ def dump(
             tracee.detach()
             tracee = None
             faults.point("armed")
-            pre = Precopy(target, trk, writer, policy or Policy(), on_round)
+            pre = Precopy(target, trk, writer, policy or Policy(), on_round, shm=shm)
             pre.stats.base_freeze_ms = (time.monotonic() - ta) * 1000
             if tree:
                 _arm_members(pre, tracker, pid)
@@ -147,6 +149,7 @@ def dump(
             tcp_established=tcp_established,
             tree=frozenset(frozen.pids),
             shell_job=shell_job,
+            shm=shm,
         )
         # page-key spaces: a pre-copied member keeps its own, the others get new ones
         free_space = 1 + max((m.space for m in pre.members), default=0) if pre else 1
@@ -160,12 +163,15 @@ def dump(
                 member, m.tracker if m else FullTracker(member.pid), writer,
                 base=slot_base(space), prior_maps=m.last_maps if m else None,
                 present=m.present if m else None, tcp_established=tcp_established,
-                tree=frozenset(frozen.pids), shell_job=shell_job,
+                tree=frozenset(frozen.pids), shell_job=shell_job, shm=shm,
             )  # fmt: skip
             sub.space = space
             proc.tree.append(sub)
             final_pages += sub_pages
             bytes_stored += sub_bytes
+        shm_pages, shm_bytes = capture_shared(proc, shm, writer)
+        final_pages += shm_pages
+        bytes_stored += shm_bytes
         link_shared([proc, *proc.tree])
         lock, unlocked = take_net_lock()
         # kept until the restore only when this host's copy is killed and restored here
@@ -176,7 +182,7 @@ def dump(
         rounds = [asdict(r) for r in pre.stats.rounds] if pre else []
         if pre:
             bytes_stored += pre.bytes_stored
-        pages = sum(n for p in (proc, *proc.tree) for v in p.vmas for _, n in v.present)
+        pages = image_pages(proc)
         meta = {
             "ckpt_version": __version__, "created": time.time(), "host": platform.node(),
             "kernel": platform.release(), "pid": pid, "comm": proc.comm.decode(errors="replace"),
@@ -212,6 +218,7 @@ def dump(
     finally:
         if pre is not None:
             pre.close()
+        shm.close()
     if leave_running:
         frozen.detach()
     else:
@@ -229,6 +236,22 @@ def dump(
         with open(stats_json, "w") as f:
             json.dump(result.stats(), f, indent=2)
     return result
+
+
+def capture_shared(proc: ProcessImage, shm: SharedMemory, writer) -> tuple[int, int]:
+    """The freeze's copy of the tree's shared memory objects, in a layer of its own;
+    their records go on the root. Returns (pages stored, bytes stored)."""
+    if not shm.order:
+        return 0, 0
+    layer = writer.begin_layer()
+    proc.shm, pages = shm.final(layer)
+    return pages, getattr(layer.close(), "bytes_stored", 0)
+
+
+def image_pages(proc: ProcessImage) -> int:
+    """Pages the image holds for the process, its tree and their shared memory."""
+    own = sum(n for p in (proc, *proc.tree) for v in p.vmas for _, n in v.present)
+    return own + sum(n for o in proc.shm for _, n in o.present)
 
 
 def _release_lock(lock) -> None:
@@ -318,6 +341,7 @@ def _capture_final(
     tree: frozenset[int] = frozenset(),
     tcp_established: bool = False,
     shell_job: bool = False,
+    shm: SharedMemory,
 ) -> tuple[ProcessImage, int, int]:
     """Everything read while frozen: state, the last pages, the present map.
 
@@ -325,6 +349,8 @@ def _capture_final(
     the process. whole: copy every page in this round (full snapshot).
     present: the pre-copy rounds' present map; with a tracker that reports zapped
     pages it is updated by this round and used instead of re-reading pagemap.
+    shm: the run's shared memory objects; each shared VMA is linked to its object
+    (copied once for the whole tree by capture_shared).
     """
     pid = tracee.pid
     regs = tracee.getregs()
@@ -338,6 +364,10 @@ def _capture_final(
     maps = procfs.maps_with_flags(pid, prior_maps)
     # classify() refuses unsupported kinds
     vmas = [v for v in (classify(pid, m) for m in maps) if v is not None]
+    by_start = {m.start: m for m in maps}
+    for v in vmas:
+        if v.kind in SHM_KINDS:
+            v.shm = shm.ref(pid, by_start[v.start], v)
     status = procfs.status(pid)
     robust = get_robust_list(pid)
 

@@ -28,7 +28,8 @@ from ..present import PresentMap
 from ..track.base import Tracker
 from ..track.full import FullTracker
 from ..track.uffd_wp import Handle, UffdWpTracker
-from .dump import _arm, _capture_final, _fail_cleanup
+from .dump import _arm, _capture_final, _fail_cleanup, capture_shared, image_pages
+from .shm import SharedMemory
 from .sockets import take_net_lock
 from .target import Target
 from .tree import FrozenTree, check_member, descendants, freeze_tree, link_shared
@@ -82,6 +83,7 @@ def snapshot(
         tracee = None
         frozen = None
         pre = None
+        shm = None
         try:
             if isinstance(trk, UffdWpTracker) and trk.ctx is None:
                 tracee = target.freeze()
@@ -93,9 +95,12 @@ def snapshot(
                 # from here on pages get re-armed: the record must say "dirty" first
                 store.tracking_put(pid, _record(trk.handle(st.starttime), None, "dirty"))
             faults.point("armed")
-            pre = Precopy(target, trk, writer, policy or SNAPSHOT_POLICY, on_round)
-            pre.whole_next = bool(full_reason)
             parent_state = None if full_reason else _parent_state(store, parent)
+            # shared memory continues from the parent's digests whatever the tracking
+            # says: content comparison does not depend on it
+            shm = SharedMemory((parent_state or {}).get("shm") or ())
+            pre = Precopy(target, trk, writer, policy or SNAPSHOT_POLICY, on_round, shm=shm)
+            pre.whole_next = bool(full_reason)
             if parent_state is not None:
                 pre.present = _present_of(parent_state)
             if tree:
@@ -108,7 +113,7 @@ def snapshot(
             pids = frozenset(frozen.pids)
             proc, final_pages, stored = _capture_final(
                 tracee, trk, writer, skip_fds=skip, prior_maps=pre.last_maps, present=pre.present,
-                tree=pids, tcp_established=tcp_established,
+                tree=pids, tcp_established=tcp_established, shm=shm,
             )  # fmt: skip
             free_space = _free_space(parent_state, pre)
             for member in frozen.members[1:]:
@@ -122,12 +127,15 @@ def snapshot(
                     member, mtrk, writer, base=slot_base(space), tree=pids,
                     skip_fds={mtrk.target_fd} if isinstance(mtrk, UffdWpTracker) else set(),
                     prior_maps=m.last_maps if m else None, present=m.present if m else None,
-                    tcp_established=tcp_established,
+                    tcp_established=tcp_established, shm=shm,
                 )  # fmt: skip
                 sub.space = space
                 proc.tree.append(sub)
                 final_pages += sub_pages
                 stored += sub_stored
+            shm_pages, shm_stored = capture_shared(proc, shm, writer)
+            final_pages += shm_pages
+            stored += shm_stored
             link_shared([proc, *proc.tree])
             freeze_ms = (time.monotonic() - t_freeze) * 1000
             frozen.detach()
@@ -141,7 +149,7 @@ def snapshot(
                 "full": bool(full_reason), "reason": full_reason or "incremental",
                 "pages_written": written, "bytes": stored + pre.bytes_stored, "freeze_ms": freeze_ms,
                 "tracker": trk.name, "rounds": len(pre.stats.rounds) + 1,
-                "pages": sum(n for p in (proc, *proc.tree) for v in p.vmas for _, n in v.present),
+                "pages": image_pages(proc),
                 "processes": 1 + len(proc.tree),
             }  # fmt: skip
             faults.point("commit")
@@ -174,6 +182,8 @@ def snapshot(
         finally:
             if pre is not None:
                 pre.close()
+            if shm is not None:
+                shm.close()
     return SnapshotResult(
         id=info.id, pid=pid, full=bool(full_reason), reason=full_reason or "incremental",
         freeze_ms=freeze_ms, seconds=time.monotonic() - t0, pages_written=written,

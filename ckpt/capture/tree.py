@@ -8,8 +8,9 @@ children, breadth first) is the restore order; a process's index in it is its
 
 Things two processes share are stored once, on the first process in slot order
 that has them, and the others point at it: an open file description (an fd
-inherited across fork: same offset and flags afterwards, found with kcmp), and
-MAP_SHARED anonymous memory (the same shmem inode).
+inherited across fork: same offset and flags afterwards, found with kcmp), pipes,
+sockets and memfds. Shared memory objects are stored once per object by
+capture/shm.py.
 """
 
 from __future__ import annotations
@@ -153,7 +154,6 @@ def link_shared(procs: list[ProcessImage]) -> None:
     _link_memfds(procs)
     _link_pipes(procs)
     _link_sockets(procs)
-    _link_shmem(procs)
 
 
 def _link_fds(procs: list[ProcessImage]) -> None:
@@ -235,24 +235,3 @@ def _link_sockets(procs: list[ProcessImage]) -> None:
     the listener it connected to, TCP on loopback): capture/sockets.py gives each
     such group to its first process; the others' records become "socket_end"."""
     link_tree_sockets(procs)
-
-
-def _link_shmem(procs: list[ProcessImage]) -> None:
-    first: dict[tuple[int, int, int], tuple[int, int]] = {}
-    for slot, p in enumerate(procs):
-        inodes = {
-            m.start: (m.dev_major, m.dev_minor, m.inode)
-            for m in procfs.maps(p.pid)
-            if m.shared and m.inode
-        }
-        for v in p.vmas:
-            if v.kind != "shmem" or v.start not in inodes:
-                continue
-            ident = inodes[v.start]
-            if ident in first:
-                # The owner maps the object; this member still writes the pages
-                # present in its own mapping (some may be in no other member's
-                # page tables), through its mapping of the same object.
-                v.shared_with = list(first[ident])
-            else:
-                first[ident] = (slot, v.start)

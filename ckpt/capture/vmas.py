@@ -108,5 +108,5 @@ def needs_pages(v: Vma) -> tuple[bool, bool]:
     if v.kind in ("file", "memfd") and v.shared:
         return (False, False)  # the data lives in the file (a memfd's is saved with it)
     if v.kind in ("shmem", "sysv"):
-        return (True, True)
+        return (False, False)  # stored by object, not by mapping (capture/shm.py)
     return (True, False)

@@ -20,7 +20,9 @@ FORMAT_MINOR = 1  # 1.1: optional state keys for threads' names, trees, spaces
 # Majors this ckpt reads. 2 = the header and envelope of 1, but a state that a 1.x
 # reader would restore wrongly (docs/FORMAT.md, "Major 2"): 1.x readers refuse it.
 # Only state files are ever 2; layer files are 1.
-READ_MAJORS = (1, 2)
+# 3 = a state whose shared memory is stored by object (model.ShmObject): a 2.x reader
+# would restore those mappings empty, so it must refuse it.
+READ_MAJORS = (1, 2, 3)
 _READ_MAJORS_OF = {b"STAT": READ_MAJORS, b"INDX": (1,), b"PAGE": (1,)}
 
 MAGIC = b"CKPT"

@@ -19,15 +19,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .. import __version__
-from ..errors import ImageExists, ImageNotFound
+from ..errors import DumpError, ImageExists, ImageNotFound
 from ..kernel.native import PAGE_SIZE
-from ..model import state_version
+from ..model import present_keys, state_version
 from . import fsio
 from .blob import write_blob
 from .codec import DEFAULT_LEVEL, Compressor
 from .header import KIND_STATE, NO_LAYER
 from .index import MAX_CHUNK_ULEN
 from .layer_writer import LayerEntry, LayerWriter, index_name, pages_name
+from .runs import normalize, resolve
 
 STATE_NAME = "state.bin"
 
@@ -147,7 +148,32 @@ class ImageWriter:
             raise
         return self.path
 
+    def check_complete(self, state: dict[str, Any]) -> None:
+        """Refuse to publish an image restore would refuse: every page the state says
+        holds data must have a record (data or zero) in some layer. This is restore's
+        own check (ImageReader.plan), run on the layers as written, so a dump never
+        reports success (or kills its target) for an image that cannot be restored."""
+        from .layer_reader import LayerReader  # the reader validates what it reads
+
+        records = []
+        for e in self._entries:
+            lr = LayerReader(self.tmp_path, e)
+            try:
+                records.append(lr.index.records)
+            finally:
+                lr.close()
+        missing = resolve(normalize(present_keys(state)), records).missing
+        if missing:
+            s, e = missing[0]
+            total = sum(b - a for a, b in missing)
+            raise DumpError(
+                f"the image is incomplete: {total} page(s) the process holds are stored in "
+                f"no layer (first key {s * PAGE_SIZE:#x}, {e - s} page(s)); not written "
+                "(a ckpt bug: please report it)"
+            )
+
     def _commit(self, state: dict[str, Any], meta: dict[str, Any]) -> None:
+        self.check_complete(state)
         envelope = {
             "page_size": PAGE_SIZE,
             "writer": f"ckpt {__version__}",

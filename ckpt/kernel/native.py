@@ -58,6 +58,19 @@ def nonzero_runs(buf, npages: int) -> list[tuple[int, int]]:
     return [(out[2 * i], out[2 * i + 1]) for i in range(n)]
 
 
+def diff_pages(buf, npages: int, table, first: int) -> list[tuple[int, int]]:
+    """(first_page, npages) runs of the pages of buf whose digest differs from
+    table[first + i] (8-byte digests, 0 = none), updating those entries."""
+    if npages == 0:
+        return []
+    cap = npages // 2 + 1
+    out = ffi.new("uint64_t[]", 2 * cap)
+    tab = ffi.cast("uint64_t *", ffi.from_buffer(table, require_writable=True)) + first
+    n = check(lib.ck_diff_pages(ffi.from_buffer(buf), npages, tab, out, cap), "diff_pages")
+    flat = ffi.unpack(out, 2 * n)
+    return list(zip(flat[0::2], flat[1::2]))
+
+
 def all_zero(buf) -> bool:
     return bool(lib.ck_all_zero(ffi.from_buffer(buf), len(buf)))
 

@@ -26,6 +26,7 @@ from ..kernel.remote import HEAL_CODE, INJECT_MASK, SCRATCH_PAGES, Injector, Rem
 from ..kernel.spawn import pause_syscall_addr
 from ..model import ProcessImage, Thread
 from .fds import create_memfds, memfd_fd_for, restore_fds
+from .shm import Owner, SharedObjects
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS = 0x01, 0x02, 0x20
@@ -76,6 +77,8 @@ class Rebuilder:
         self.peer_images: dict[int, ProcessImage] = {}
         self.parked: dict[tuple[int, int], tuple[int, int]] | None = None  # see restore/fds.py
         self.memfds: dict[int, tuple[int, int]] | None = None  # tree: memfds made so far
+        #: the tree's shared memory objects, and who made each so far (restore/shm.py)
+        self.shared = SharedObjects(proc.shm)
         #: SysV segments this restore made (removed again if the restore fails)
         self.sysv_created: list[int] = []
         #: setsid already done (a session leader of a tree does it before forking)
@@ -234,10 +237,13 @@ class Rebuilder:
             flags = MAP_FIXED_NOREPLACE | (MAP_SHARED if v.shared else MAP_PRIVATE)
             if "gd" in v.vmflags:
                 flags |= MAP_GROWSDOWN
+            if v.shm >= 0:
+                self._map_object(v, prot0, flags)
+                continue
             if v.kind == "sysv":
                 self._map_sysv(v, prot0)
                 continue
-            if v.shared_with is not None:  # a tree member restored it first
+            if v.shared_with is not None:  # a tree member restored it first (format 2.0)
                 self._map_from_peer(v, prot0, flags)
                 continue
             if "nr" in v.vmflags:
@@ -263,7 +269,51 @@ class Rebuilder:
             if got != v.start:
                 raise RestoreError(f"mapping {v.start:#x} landed at {got:#x}")
 
-    def _map_sysv(self, v, prot: int) -> None:
+    def _map_object(self, v, prot: int, flags: int) -> None:
+        """A VMA of a shared memory object: the first one makes the object, the others
+        map that one (restore/shm.py)."""
+        obj = self.shared.get(v.shm)
+        owner = self.shared.owners.get(v.shm)
+        fresh = True
+        if v.kind == "sysv":
+            fresh = self._map_sysv(v, prot)
+        elif owner is not None:
+            self._map_via(owner.pid, owner.start, owner.end, v, prot, flags)
+        elif v.offset == 0 and v.size == obj.size:
+            self._mmap_at(v, prot, flags | MAP_ANONYMOUS, _u(-1), 0)
+        else:  # the object is bigger than this VMA: make it whole elsewhere, map a part
+            busy = self._busy + [(x.start, x.end) for x in self.proc.vmas]
+            busy.append((self.inj.scratch.addr, self.inj.scratch.addr + self.inj.scratch.size))
+            tmp = free_range(busy, obj.size)
+            self.inj.call("mmap", tmp, obj.size, PROT_READ | PROT_WRITE,
+                          MAP_SHARED | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, _u(-1), 0)  # fmt: skip
+            try:
+                self._map_via(self.pid, tmp, tmp + obj.size, v, prot, flags)
+            finally:
+                self.inj.call("munmap", tmp, obj.size)
+        if owner is None:
+            self.shared.owners[v.shm] = Owner(self.pid, v.start, v.end, fresh)
+
+    def _map_via(self, pid: int, start: int, end: int, v, prot: int, flags: int) -> None:
+        """Map the object that process `pid` maps at [start, end), at v's place."""
+        inj = self.inj
+        inj.reset_data()
+        path = f"/proc/{pid}/map_files/{start:x}-{end:x}"
+        try:
+            fd = inj.call("openat", _u(AT_FDCWD), inj.cstr(path), O_RDWR | O_CLOEXEC, 0)
+        except RemoteError as exc:
+            raise RestoreError(f"cannot open {path} to share memory: {exc.strerror}") from exc
+        try:
+            self._mmap_at(v, prot, flags, fd, v.offset)
+        finally:
+            inj.call("close", fd)
+
+    def _mmap_at(self, v, prot: int, flags: int, fd: int, offset: int) -> None:
+        got = self.inj.call("mmap", v.start, v.size, prot, flags, fd, offset)
+        if got != v.start:
+            raise RestoreError(f"mapping {v.start:#x} landed at {got:#x}")
+
+    def _map_sysv(self, v, prot: int) -> bool:
         """Attach the SysV segment at its address: the live one if it is still there
         (same host), else one made again under the same id (its pages follow)."""
         seg = v.sysv
@@ -282,6 +332,10 @@ class Rebuilder:
                 ) from exc
             self.sysv_created.append(seg.shmid)
         flags = (0 if prot & PROT_WRITE else SHM_RDONLY) | (SHM_EXEC if prot & PROT_EXEC else 0)
+        self._attach_sysv(v, seg, flags)
+        return live is None
+
+    def _attach_sysv(self, v, seg, flags: int) -> None:
         try:
             got = self.inj.call("shmat", seg.shmid, v.start, flags)
         except RemoteError as exc:
@@ -290,26 +344,15 @@ class Rebuilder:
             raise RestoreError(f"SysV segment {seg.shmid} attached at {got:#x}, not {v.start:#x}")
 
     def _map_from_peer(self, v, prot: int, flags: int) -> None:
-        """MAP_SHARED anonymous memory of the tree: map the object the owner restored."""
+        """MAP_SHARED anonymous memory of a format 2.0 tree image: map the object the
+        owner restored."""
         slot, start = v.shared_with
         owner = self.peers.get(slot)
         img = self.peer_images.get(slot)
         ov = next((o for o in img.vmas if o.start == start), None) if img else None
         if owner is None or ov is None:
             raise RestoreError(f"shared mapping {v.start:#x}: its owner (slot {slot}) is missing")
-        inj = self.inj
-        inj.reset_data()
-        path = f"/proc/{owner}/map_files/{ov.start:x}-{ov.end:x}"
-        try:
-            fd = inj.call("openat", _u(AT_FDCWD), inj.cstr(path), O_RDWR | O_CLOEXEC, 0)
-        except RemoteError as exc:
-            raise RestoreError(f"cannot open {path} to share memory: {exc.strerror}") from exc
-        try:
-            got = inj.call("mmap", v.start, v.size, prot, flags, fd, v.offset)
-        finally:
-            inj.call("close", fd)
-        if got != v.start:
-            raise RestoreError(f"mapping {v.start:#x} landed at {got:#x}")
+        self._map_via(owner, ov.start, ov.end, v, prot, flags)
 
     def finish_vmas(self) -> None:
         for v in self.proc.vmas:

@@ -60,7 +60,7 @@ def restore(directory: str, *, new_pid: bool = False, shell_job: bool = False) -
     try:
         rbs = build_tree(
             child, proc, new_pid, lambda slot, p, mem_fd: _write_pages(reader, slot, p, mem_fd),
-            terminal,
+            terminal, lambda shared: shared.fill(reader),
         )  # fmt: skip
     except BaseException as exc:
         with contextlib.suppress(ProcessLookupError):
@@ -80,6 +80,7 @@ def restore(directory: str, *, new_pid: bool = False, shell_job: bool = False) -
     if proc.net_lock:  # the restored sockets exist: let the peers' resends through
         netlock.unlock(proc.net_lock)
     pages = sum(n for p in procs for v in p.vmas for _, n in v.present)
+    pages += sum(n for o in proc.shm for _, n in o.present)
     return Restored(pid=child, seconds=time.monotonic() - t0, pages=pages, terminal=terminal)
 
 

@@ -4,8 +4,9 @@ rebuild them in phases so that what they share exists before it is taken.
     fork      each member is forked (clone3, its PID) from its parent's restorer,
               parents first; a session leader calls setsid before its children
               are forked, so they inherit the session
-    memory    every member's address space; MAP_SHARED anonymous memory of a
-              later member maps the object an earlier one restored
+    memory    every member's address space; a shared memory object is made by the
+              first VMA that maps it and mapped by the others (restore/shm.py),
+              then filled once from the image
     files     fds (a shared open file description is taken from its first holder
               by pidfd_getfd) and process attributes; then process groups, a
               group's leader before its members
@@ -28,6 +29,7 @@ from ..kernel import sysvshm
 from ..model import ProcessImage
 from .checks import check_files, wait_pid_free
 from .rebuild import Rebuilder
+from .shm import SharedObjects, check_objects
 from .tty import Terminal, job_modes
 
 
@@ -41,6 +43,7 @@ def check_tree(root: ProcessImage, new_pid: bool) -> None:
     for i, p in enumerate(procs[1:], 1):
         if slot.get(p.ppid, i) >= i:
             raise ImageCorrupt(f"tree member {p.pid}: its parent {p.ppid} is not before it")
+    check_objects(root)
     for p in procs:
         check_files(p)
         if not new_pid:  # every PID and TID must be free before anything is built
@@ -54,9 +57,11 @@ def build_tree(
     new_pid: bool,
     write_pages: Callable[[int, ProcessImage, int], None],
     terminal: Terminal | None = None,
+    fill_shared: Callable[[SharedObjects], None] | None = None,
 ) -> list[Rebuilder]:
     """Turn the parked restorer `root_pid` and its forks into the tree; returns the
-    Rebuilders (closed by the caller). write_pages(slot, image, mem_fd).
+    Rebuilders (closed by the caller). write_pages(slot, image, mem_fd); then
+    fill_shared(objects) once every member has mapped the shared memory objects.
     terminal: restore --shell-job (restore/tty.py): the tree is a job of ckpt's terminal."""
     procs = members(root)
     slot = {p.pid: i for i, p in enumerate(procs)}
@@ -73,15 +78,21 @@ def build_tree(
         pids = [rb.pid for rb in rbs]
         parked: dict[tuple[int, int], tuple[int, int]] = {}
         memfds: dict[int, tuple[int, int]] = {}
+        shared = SharedObjects(root.shm)
         for i, rb in enumerate(rbs):
             rb.peers = {j: pids[j] for j in range(i)}
             rb.peer_images = {j: procs[j] for j in range(i)}
             rb.parked = parked if len(rbs) > 1 else None
             rb.memfds = memfds if len(rbs) > 1 else None
+            rb.shared = shared
         for i, rb in enumerate(rbs):
             rb.prepare_memory()
             rb.map_vmas()
             write_pages(i, rb.proc, rb.mem_fd)
+        if shared.objects:
+            if fill_shared is None:
+                raise ImageCorrupt("the image has shared memory objects but no way to fill them")
+            fill_shared(shared)
         for rb in rbs:
             rb.state_files()
         by_pid = {rb.pid: rb for rb in rbs}

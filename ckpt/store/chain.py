@@ -26,6 +26,7 @@ from ..image import ImageWriter, LayerReader, LayerStats, LayerWriter
 from ..image.layer_writer import LayerEntry, index_name, pages_name
 from ..image.runs import LayerRecords, merge, normalize, resolve
 from ..kernel.native import PAGE_SIZE
+from ..model import present_keys
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -72,12 +73,9 @@ class ChainWriter(ImageWriter):
 
 
 def present_runs(state: dict[str, Any]) -> list[tuple[int, int]]:
-    """The final present map of a process state: (vaddr, npages) over every VMA."""
-    out: list[tuple[int, int]] = []
-    for vma in state.get("vmas") or ():
-        for run in vma.get("present") or ():
-            out.append((int(run[0]), int(run[1])))
-    return out
+    """Every page key a snapshot's state needs, as (key, npages): the root's, each tree
+    member's (in its key space) and the shared memory objects' (model.present_keys)."""
+    return present_keys(state)
 
 
 def present_pages(state: dict[str, Any]) -> Intervals:

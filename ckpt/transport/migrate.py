@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..capture.dump import dump
 from ..capture.fds import capture_fds
+from ..capture.shm import SHM_KINDS, shm_kind
 from ..capture.target import Target
 from ..capture.tree import descendants
 from ..capture.validate import check_target
@@ -101,11 +102,16 @@ def _preflight(pid: int, *, tree: bool = True, tcp_established: bool = False) ->
 
 def _why_not_staged(opts: MigrateOptions) -> str:
     """Why the destination cannot build this process while the rounds arrive ("" if it
-    can): the staged restore builds one process, and makes memfds only with the fds."""
+    can): the staged restore builds one process, makes memfds only with the fds, and
+    maps shared memory objects only as an image restore does."""
     if opts.tree and descendants(opts.pid):
         return "the process has descendants"
-    if any(m.deleted and m.name.startswith("/memfd:") for m in procfs.maps(opts.pid)):
+    maps = procfs.maps(opts.pid)
+    if any(m.deleted and m.name.startswith("/memfd:") for m in maps):
         return "the process maps a memfd"
+    if any(m.shared and shm_kind(m) in SHM_KINDS for m in maps):
+        # stored by object (capture/shm.py), which the staged restore does not build
+        return "the process maps shared memory"
     return ""
 
 

@@ -24,6 +24,8 @@ long ck_read_runs(int pid, int mem_fd, const uint64_t *runs, size_t nruns, char 
 long ck_write_runs(int mem_fd, const uint64_t *runs, size_t nruns, const char *buf);
 long ck_nonzero_runs(const char *buf, size_t npages, uint64_t *out, size_t max_runs);
 int ck_all_zero(const char *buf, size_t len);
+long ck_diff_pages(const char *buf, size_t npages, uint64_t *table, uint64_t *out,
+                   size_t max_runs);
 """
 
 CUSTOMIZATIONS = """
@@ -219,6 +221,63 @@ long ck_nonzero_runs(const char *buf, size_t npages, uint64_t *out, size_t max_r
         while (i < npages && !page_is_zero(buf + i * CK_PAGE)) i++;
         if (n == max_runs) return -ENOSPC;
         out[2 * n] = s; out[2 * n + 1] = i - s; n++;
+    }
+    return (long)n;
+}
+
+/* 64-bit digest of one page: XXH64's stripe loop and avalanche (4 lanes). Never 0:
+   a table entry of 0 means "no copy of this page is stored". */
+#define XP1 0x9E3779B185EBCA87ULL
+#define XP2 0xC2B2AE3D27D4EB4FULL
+#define XP3 0x165667B19E3779F9ULL
+#define XP4 0x85EBCA77C2B2AE63ULL
+#define XP5 0x27D4EB2F165667C5ULL
+static inline uint64_t xrotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+static inline uint64_t xround(uint64_t acc, uint64_t in)
+{
+    acc += in * XP2; acc = xrotl(acc, 31); return acc * XP1;
+}
+static inline uint64_t xmerge(uint64_t acc, uint64_t v)
+{
+    acc ^= xround(0, v); return acc * XP1 + XP4;
+}
+static uint64_t page_digest(const char *p)
+{
+    const uint64_t *w = (const uint64_t *)p;
+    uint64_t v1 = XP1 + XP2, v2 = XP2, v3 = 0, v4 = 0 - XP1;
+    for (size_t i = 0; i < CK_PAGE / 8; i += 4) {
+        v1 = xround(v1, w[i]); v2 = xround(v2, w[i + 1]);
+        v3 = xround(v3, w[i + 2]); v4 = xround(v4, w[i + 3]);
+    }
+    uint64_t h = xrotl(v1, 1) + xrotl(v2, 7) + xrotl(v3, 12) + xrotl(v4, 18);
+    h = xmerge(h, v1); h = xmerge(h, v2); h = xmerge(h, v3); h = xmerge(h, v4);
+    h += CK_PAGE;
+    h ^= h >> 33; h *= XP2; h ^= h >> 29; h *= XP3; h ^= h >> 32;
+    return h ? h : 1;
+}
+
+/* Pages of buf whose digest differs from table[i] (what the image holds for them):
+   their table entries are updated and their (first_page, npages) runs written to
+   out. Returns the number of runs, or -ENOSPC. */
+long ck_diff_pages(const char *buf, size_t npages, uint64_t *table, uint64_t *out,
+                   size_t max_runs)
+{
+    size_t n = 0;
+    long run_start = -1;
+    for (size_t i = 0; i < npages; i++) {
+        uint64_t h = page_digest(buf + i * CK_PAGE);
+        int changed = table[i] != h;
+        table[i] = h;
+        if (changed && run_start < 0) run_start = (long)i;
+        if (!changed && run_start >= 0) {
+            if (n == max_runs) return -ENOSPC;
+            out[2 * n] = (uint64_t)run_start; out[2 * n + 1] = i - (size_t)run_start; n++;
+            run_start = -1;
+        }
+    }
+    if (run_start >= 0) {
+        if (n == max_runs) return -ENOSPC;
+        out[2 * n] = (uint64_t)run_start; out[2 * n + 1] = npages - (size_t)run_start; n++;
     }
     return (long)n;
 }

@@ -1,0 +1,223 @@
+"""Shared memory captured by object: each shmem object once, by offset, whoever wrote it.
+
+Why not through the processes' page tables: a page of a MAP_SHARED object can be in
+no dumped process's page tables at all (the child that wrote it exited; a process
+only read other pages; PostgreSQL's backends come and go), and two processes that
+write the same page would each store their own, possibly older, copy. So the
+object itself is read, through an fd on it (kernel/shmobj.py): SEEK_DATA/SEEK_HOLE
+say which pages hold data, and every such page is compared by digest with the copy
+the image already holds. Only pages whose content changed are stored again.
+
+The digest comparison is what makes pre-copy rounds and incremental snapshots exact
+for shared memory: no write tracking can see writes made through another process's
+mapping (one not tracked, or already exited), but content comparison does not care
+who wrote. A round reads every data page of every object (memcpy speed plus a
+17 GB/s digest); the freeze re-reads them all, so a page torn by a concurrent write
+in a round is always superseded.
+
+Per object, ckpt keeps one 8-byte digest per page (0: the image holds no copy), in
+an anonymous mapping so that untouched parts of a huge sparse object cost nothing.
+A snapshot's state carries the digests of its present pages (ShmObject.digest), so
+the next snapshot continues from them.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ..errors import DumpError, UnsupportedProcess
+from ..kernel import native, shmobj
+from ..kernel.native import PAGE_SIZE
+from ..kernel.procfs import Mapping
+from ..model import MAX_SPACE, SHM_SPACE0, ShmObject, SysvShm, Vma, slot_base
+from .vmas import SYSV_NAME
+
+BATCH_PAGES = 2048  # 8 MiB per read
+SHM_KINDS = ("shmem", "sysv")
+
+
+def ident_of(m: Mapping) -> tuple[int, int]:
+    """(st_dev, st_ino) of the object a /proc/PID/maps line maps."""
+    return (os.makedev(m.dev_major, m.dev_minor), m.inode)
+
+
+@dataclass
+class _Object:
+    kind: str
+    space: int
+    file: shmobj.ObjectFile
+    table: mmap.mmap  # 8-byte digest per page of what the image holds (0: nothing)
+    sysv: SysvShm | None = None
+    extents: list[tuple[int, int]] | None = None  # (first_page, npages) at the last copy
+
+    @property
+    def npages(self) -> int:
+        return (self.file.size + PAGE_SIZE - 1) // PAGE_SIZE
+
+
+class SharedMemory:
+    """The shared memory objects of one dump or snapshot run, and what the image holds.
+
+    `prior`: the parent snapshot's objects (state dicts): an object still alive with
+    the same identity and size keeps its key space and digests, so only what changed
+    since is stored.
+    """
+
+    def __init__(self, prior: Iterable[dict] = ()):
+        self.objects: dict[tuple[int, int], _Object] = {}
+        self.prior = {(int(o["dev"]), int(o["ino"])): o for o in prior}
+        used = [int(o["space"]) for o in self.prior.values()]
+        self._next_space = max([SHM_SPACE0 - 1, *used]) + 1
+        self.order: list[tuple[int, int]] = []  # objects the final capture refers to
+        self._index: dict[tuple[int, int], int] = {}
+
+    def close(self) -> None:
+        for obj in self.objects.values():
+            shmobj.close(obj.file)
+            obj.table.close()
+        self.objects.clear()
+
+    # -- finding objects ----------------------------------------------------------------
+
+    def discover(self, pid: int, maps: Iterable[Mapping], vmas: Iterable[Vma] = ()) -> None:
+        """Open the objects `pid` maps that are not open yet (a pre-copy round).
+
+        A mapping that vanished meanwhile is skipped: the final freeze sees the truth.
+        """
+        kinds = {v.start: v for v in vmas}
+        for m in maps:
+            if not m.shared or not m.inode or ident_of(m) in self.objects:
+                continue
+            v = kinds.get(m.start)
+            kind = v.kind if v is not None else shm_kind(m)
+            if kind not in SHM_KINDS:
+                continue
+            try:
+                self._open(pid, m, kind, v.sysv if v is not None else None)
+            except OSError:
+                continue
+
+    def ref(self, pid: int, m: Mapping, v: Vma) -> int:
+        """Index of the object VMA `v` maps in the final capture (opened if new)."""
+        if not m.inode:
+            raise UnsupportedProcess(
+                f"mapping {v.start:#x}-{v.end:#x} is shared memory without an object", pid=pid
+            )
+        ident = ident_of(m)
+        if ident not in self.objects:
+            try:
+                self._open(pid, m, v.kind, v.sysv)
+            except OSError as exc:
+                raise DumpError(
+                    f"process {pid}: cannot open the shared memory at {v.start:#x}: "
+                    f"{exc.strerror or exc}"
+                ) from exc
+        obj = self.objects[ident]
+        obj.kind, obj.sysv = v.kind, v.sysv  # a round may have opened it from maps alone
+        if ident not in self._index:
+            self._index[ident] = len(self.order)
+            self.order.append(ident)
+        return self._index[ident]
+
+    def _open(self, pid: int, m: Mapping, kind: str, sysv: SysvShm | None) -> None:
+        ident = ident_of(m)
+        f = shmobj.open_mapped(pid, m.start, m.end, ident)
+        try:
+            npages = (f.size + PAGE_SIZE - 1) // PAGE_SIZE
+            table = mmap.mmap(-1, max(npages, 1) * 8)
+            prior = self.prior.get(ident)
+            space = self._continue(prior, f, table) if prior is not None else -1
+            if space < 0:
+                space = self._new_space(pid)
+        except BaseException:
+            shmobj.close(f)
+            raise
+        self.objects[ident] = _Object(kind, space, f, table, sysv)
+
+    def _new_space(self, pid: int) -> int:
+        if self._next_space > MAX_SPACE:
+            raise UnsupportedProcess(
+                f"more than {MAX_SPACE - SHM_SPACE0 + 1} shared memory objects", pid=pid
+            )
+        space, self._next_space = self._next_space, self._next_space + 1
+        return space
+
+    @staticmethod
+    def _continue(prior: dict, f: shmobj.ObjectFile, table: mmap.mmap) -> int:
+        """Load the parent snapshot's digests of this object; its key space, or -1
+        when they do not fit (then everything is stored again, in a new space)."""
+        runs = [(int(a), int(n)) for a, n in prior.get("present") or ()]
+        digest = prior.get("digest") or b""
+        if int(prior.get("size", -1)) != f.size or len(digest) != 8 * sum(n for _, n in runs):
+            return -1
+        pos = 0
+        for off, n in runs:
+            first = off // PAGE_SIZE
+            if off % PAGE_SIZE or (first + n) * 8 > len(table):
+                return -1
+            table[first * 8 : (first + n) * 8] = digest[pos : pos + 8 * n]
+            pos += 8 * n
+        return int(prior["space"])
+
+    # -- copying ------------------------------------------------------------------------
+
+    def copy(self, layer, only: Iterable[tuple[int, int]] | None = None) -> int:
+        """Store every page whose content differs from the image's copy; returns how
+        many. `only`: the objects to copy (default: all open ones)."""
+        done = 0
+        for ident in list(only) if only is not None else list(self.objects):
+            obj = self.objects[ident]
+            obj.extents = shmobj.data_extents(obj.file.fd, obj.file.size)
+            base = slot_base(obj.space)
+            for first, n in _pieces(obj.extents):
+                buf = shmobj.read_pages(obj.file.fd, first, n)
+                changed = native.diff_pages(buf, n, obj.table, first)
+                if not changed:
+                    continue
+                runs = [(base + (first + i) * PAGE_SIZE, k) for i, k in changed]
+                if len(changed) == 1 and changed[0] == (0, n):
+                    data = buf
+                else:
+                    mv = memoryview(buf)
+                    data = b"".join(mv[i * PAGE_SIZE : (i + k) * PAGE_SIZE] for i, k in changed)
+                layer.add_runs(runs, data)
+                done += sum(k for _, k in changed)
+        return done
+
+    def final(self, layer) -> tuple[list[ShmObject], int]:
+        """The freeze: copy what changed in the objects the capture referred to, and
+        their records (Vma.shm indexes them). Returns (records, pages stored)."""
+        pages = self.copy(layer, self.order)
+        records = []
+        for ident in self.order:
+            obj = self.objects[ident]
+            assert obj.extents is not None
+            digest = b"".join(obj.table[a * 8 : (a + n) * 8] for a, n in obj.extents)
+            rec = ShmObject(
+                kind=obj.kind, space=obj.space, size=obj.file.size, dev=ident[0], ino=ident[1],
+                present=[[a * PAGE_SIZE, n] for a, n in obj.extents], digest=digest,
+                sysv=obj.sysv,
+            )  # fmt: skip
+            records.append(rec)
+        return records, pages
+
+
+def shm_kind(m: Mapping) -> str:
+    """shmem / sysv / other, for a shared mapping, without the checks classify() makes."""
+    if m.deleted and SYSV_NAME.fullmatch(m.name):
+        return "sysv"
+    if not m.name or (m.name == "/dev/zero" and m.deleted):
+        return "shmem"
+    return "other"
+
+
+def _pieces(extents: list[tuple[int, int]]):
+    for first, n in extents:
+        while n:
+            k = min(n, BATCH_PAGES)
+            yield first, k
+            first += k
+            n -= k
