@@ -105,7 +105,7 @@ def show(directory: str) -> dict:
             "start": v.start, "end": v.end, "size": v.size,
             "perms": ("r" if v.prot & 1 else "-") + ("w" if v.prot & 2 else "-")
             + ("x" if v.prot & 4 else "-") + ("s" if v.shared else "p"),
-            "kind": v.kind, "name": v.name, "offset": v.offset, "pages": pages,
+            "kind": v.kind, "name": v.name, "offset": v.offset, "pages": pages, "shm": v.shm,
         })  # fmt: skip
     fds = [
         {
@@ -155,5 +155,18 @@ def show(directory: str) -> dict:
         },
         "vmas": vmas,
         "fds": fds,
+        "shm": [_shm_info(i, o, proc) for i, o in enumerate(proc.shm)],
         "layers": summary,
     }
+
+
+def _shm_info(index: int, obj, proc) -> dict:
+    """One shared memory object: what it is, its pages, and which processes map it."""
+    mapped_by = sorted({p.pid for p in (proc, *proc.tree) for v in p.vmas if v.shm == index})
+    info = {
+        "index": index, "kind": obj.kind, "size": obj.size,
+        "pages": sum(n for _, n in obj.present), "mapped_by": mapped_by,
+    }  # fmt: skip
+    if obj.sysv is not None:
+        info["sysv"] = {"shmid": obj.sysv.shmid, "key": obj.sysv.key}
+    return info

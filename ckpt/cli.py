@@ -274,6 +274,12 @@ def show(directory: str, as_json: bool) -> None:
         click.echo(
             f"{v['start']:>14x} {v['end']:>14x} {v['perms']}  {v['pages']:>8}  {v['kind']:<8} {v['name']}"
         )
+    for o in info["shm"]:
+        what = f"SysV shmid {o['sysv']['shmid']}" if "sysv" in o else "shared anonymous memory"
+        click.echo(
+            f"shm {o['index']:>4}  {what}, {_human(o['size'])}, {o['pages']} pages, "
+            f"mapped by {', '.join(map(str, o['mapped_by']))}"
+        )
     click.echo("")
     for f in info["fds"]:
         click.echo(f"fd {f['fd']:>4}  {f['kind']:<4} pos {f['pos']:<10} {f['path']}")

@@ -34,7 +34,7 @@ from ..track.full import FullTracker
 from . import state
 from .fds import capture_fds
 from .pages import PageCopier
-from .shm import SHM_KINDS, SharedMemory
+from .shm import SHM_KINDS, SharedMemory, project_onto
 from .sockets import take_net_lock
 from .target import Target
 from .tree import FrozenTree, check_member, descendants, freeze_tree, link_shared
@@ -96,6 +96,7 @@ def dump(
     tcp_established: bool = False,
     tree: bool = True,
     shell_job: bool = False,
+    staged: bool = False,
 ) -> DumpResult:
     """Checkpoint `pid` into `directory` (or into `sink`, an object with ImageWriter's
     interface, e.g. a network stream).
@@ -107,6 +108,8 @@ def dump(
     tree: take the process's descendants too (frozen with it, restored as its
     children). Their pages are copied in the final freeze.
     shell_job: take fds on the terminal the job was started from (capture/tty.py).
+    staged: the sink's destination builds the process while the rounds arrive and
+    places pages by address (shared memory is keyed by its one mapping: capture/shm.py).
     """
     t0 = time.monotonic()
     st = check_target(pid)
@@ -117,7 +120,7 @@ def dump(
     frozen: FrozenTree | None = None
     pre: Precopy | None = None
     lock, unlocked = None, 0
-    shm = SharedMemory()
+    shm = SharedMemory(project=staged)
     try:
         if iterative:
             ta = time.monotonic()
@@ -244,7 +247,11 @@ def capture_shared(proc: ProcessImage, shm: SharedMemory, writer) -> tuple[int, 
     if not shm.order:
         return 0, 0
     layer = writer.begin_layer()
-    proc.shm, pages = shm.final(layer)
+    records, pages = shm.final(layer)
+    if shm.project:
+        project_onto([proc, *proc.tree], records)
+    else:
+        proc.shm = records
     return pages, getattr(layer.close(), "bytes_stored", 0)
 
 

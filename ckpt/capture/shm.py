@@ -64,9 +64,18 @@ class SharedMemory:
     `prior`: the parent snapshot's objects (state dicts): an object still alive with
     the same identity and size keeps its key space and digests, so only what changed
     since is stored.
+
+    `project`: a migration whose destination builds the process while the rounds
+    arrive (restore/staged.py), which places pages by address: every object must be
+    mapped whole by exactly one VMA (offset 0), and its pages are keyed by their
+    address there instead of by object, then listed as that VMA's own (format 2.0
+    style). Content is still read from the object and compared by digest. A VMA that
+    moves makes its object go again whole at the new address.
     """
 
-    def __init__(self, prior: Iterable[dict] = ()):
+    def __init__(self, prior: Iterable[dict] = (), *, project: bool = False):
+        self.project = project
+        self.bases: dict[tuple[int, int], int] = {}  # project: the address of offset 0
         self.objects: dict[tuple[int, int], _Object] = {}
         self.prior = {(int(o["dev"]), int(o["ino"])): o for o in prior}
         used = [int(o["space"]) for o in self.prior.values()]
@@ -88,17 +97,44 @@ class SharedMemory:
         A mapping that vanished meanwhile is skipped: the final freeze sees the truth.
         """
         kinds = {v.start: v for v in vmas}
+        shared = []
         for m in maps:
-            if not m.shared or not m.inode or ident_of(m) in self.objects:
+            if not m.shared or not m.inode:
                 continue
             v = kinds.get(m.start)
             kind = v.kind if v is not None else shm_kind(m)
             if kind not in SHM_KINDS:
                 continue
+            shared.append(m)
+            if ident_of(m) in self.objects:
+                continue
             try:
                 self._open(pid, m, kind, v.sysv if v is not None else None)
             except OSError:
                 continue
+        if self.project:
+            self._place(pid, shared)
+
+    def _place(self, pid: int, shared: list[Mapping]) -> None:
+        """project: each object's address; an object moved since is stored whole again."""
+        count: dict[tuple[int, int], int] = {}
+        for m in shared:
+            count[ident_of(m)] = count.get(ident_of(m), 0) + 1
+        for m in shared:
+            ident = ident_of(m)
+            obj = self.objects.get(ident)
+            if obj is None:
+                continue
+            whole = -(-obj.file.size // PAGE_SIZE) * PAGE_SIZE
+            if count[ident] != 1 or m.offset != 0 or m.end - m.start != whole:
+                raise DumpError(
+                    f"process {pid} now maps shared memory at {m.start:#x} in a way the "
+                    "destination cannot build while the rounds arrive (part of an object, "
+                    "or one object twice); migrate again: it will go as an image"
+                )
+            if self.bases.get(ident) != m.start:
+                self.bases[ident] = m.start
+                obj.table[:] = bytes(len(obj.table))
 
     def ref(self, pid: int, m: Mapping, v: Vma) -> int:
         """Index of the object VMA `v` maps in the final capture (opened if new)."""
@@ -117,6 +153,13 @@ class SharedMemory:
                 ) from exc
         obj = self.objects[ident]
         obj.kind, obj.sysv = v.kind, v.sysv  # a round may have opened it from maps alone
+        if self.project and ident in self._index:
+            raise DumpError(
+                f"process {pid} maps one shared memory object twice: the destination cannot "
+                "build it while the rounds arrive; migrate again (it will go as an image)"
+            )
+        if self.project:
+            self._place(pid, [m])
         if ident not in self._index:
             self._index[ident] = len(self.order)
             self.order.append(ident)
@@ -171,7 +214,7 @@ class SharedMemory:
         for ident in list(only) if only is not None else list(self.objects):
             obj = self.objects[ident]
             obj.extents = shmobj.data_extents(obj.file.fd, obj.file.size)
-            base = slot_base(obj.space)
+            base = self.bases[ident] if self.project else slot_base(obj.space)
             for first, n in _pieces(obj.extents):
                 buf = shmobj.read_pages(obj.file.fd, first, n)
                 changed = native.diff_pages(buf, n, obj.table, first)
@@ -189,7 +232,8 @@ class SharedMemory:
 
     def final(self, layer) -> tuple[list[ShmObject], int]:
         """The freeze: copy what changed in the objects the capture referred to, and
-        their records (Vma.shm indexes them). Returns (records, pages stored)."""
+        their records (Vma.shm indexes them). Returns (records, pages stored).
+        project: the records' present runs are addresses (see project_onto)."""
         pages = self.copy(layer, self.order)
         records = []
         for ident in self.order:
@@ -203,6 +247,16 @@ class SharedMemory:
             )  # fmt: skip
             records.append(rec)
         return records, pages
+
+
+def project_onto(procs, records: list[ShmObject]) -> None:
+    """project mode: each object's pages become its one VMA's own present pages (they
+    were keyed by address), and the VMA a plain shared mapping again."""
+    for p in procs:
+        for v in p.vmas:
+            if v.shm >= 0:
+                v.present = [[v.start + a, n] for a, n in records[v.shm].present]
+                v.shm = -1
 
 
 def shm_kind(m: Mapping) -> str:

@@ -50,6 +50,14 @@ def open_mapped(
     return ObjectFile(fd, st.st_dev, st.st_ino, st.st_size)
 
 
+def mapped_size(pid: int, start: int, end: int) -> int:
+    """The size of the object a mapping maps (-1 if it cannot be looked at)."""
+    try:
+        return os.stat(f"{PROC_ROOT}/{pid}/map_files/{start:x}-{end:x}").st_size
+    except OSError:
+        return -1
+
+
 def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
     """(first_page, npages) runs of the object holding data (SEEK_DATA/SEEK_HOLE)."""
     out: list[tuple[int, int]] = []

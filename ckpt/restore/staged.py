@@ -76,6 +76,7 @@ class _Layout:
     def __init__(self, pid: int, vmas: list[Vma]):
         self.pid = pid
         self.vmas = vmas
+        self.shm: list = []  # a process with shared memory objects is never staged
 
 
 def prot0(v: Vma) -> int:

@@ -26,7 +26,7 @@ from ..capture.tree import descendants
 from ..capture.validate import check_target
 from ..capture.vmas import classify
 from ..errors import CkptError
-from ..kernel import procfs
+from ..kernel import procfs, shmobj
 from ..precopy import Policy
 from . import tls
 from .auth import client_handshake
@@ -103,16 +103,30 @@ def _preflight(pid: int, *, tree: bool = True, tcp_established: bool = False) ->
 def _why_not_staged(opts: MigrateOptions) -> str:
     """Why the destination cannot build this process while the rounds arrive ("" if it
     can): the staged restore builds one process, makes memfds only with the fds, and
-    maps shared memory objects only as an image restore does."""
+    places shared memory by address."""
     if opts.tree and descendants(opts.pid):
         return "the process has descendants"
     maps = procfs.maps(opts.pid)
     if any(m.deleted and m.name.startswith("/memfd:") for m in maps):
         return "the process maps a memfd"
-    if any(m.shared and shm_kind(m) in SHM_KINDS for m in maps):
-        # stored by object (capture/shm.py), which the staged restore does not build
-        return "the process maps shared memory"
+    if not _shared_memory_stageable(opts.pid, maps):
+        return "the process maps part of a shared memory object, or one object twice"
     return ""
+
+
+def _shared_memory_stageable(pid: int, maps) -> bool:
+    """The staged restore places pages by address: each shared memory object must be
+    mapped whole, once (capture/shm.py, project mode)."""
+    seen: set[tuple[int, int]] = set()
+    for m in maps:
+        if not (m.shared and m.inode and shm_kind(m) in SHM_KINDS):
+            continue
+        ident = (m.dev_major, m.dev_minor, m.inode)
+        whole = -(-shmobj.mapped_size(pid, m.start, m.end) // 4096) * 4096
+        if ident in seen or m.offset != 0 or m.end - m.start != whole:
+            return False
+        seen.add(ident)
+    return True
 
 
 def _signal_throttle_ok(tracker: str) -> bool:
@@ -186,7 +200,7 @@ def migrate(
         res = dump(
             opts.pid, peer, iterative=True, tracker=opts.tracker, policy=opts.policy,
             on_round=ctl.on_round, sink=sink, after_commit=sink.wait_running, tree=opts.tree,
-            tcp_established=opts.tcp_established,
+            tcp_established=opts.tcp_established, staged=stage,
         )  # fmt: skip
     except BaseException as exc:
         throttle.close()
