@@ -15,7 +15,9 @@ from ..kernel.ptrace import Tracee
 from ..kernel.remote import HEAL_STRIDE, Injector, ThreadInjection, heal_area_size
 from ..model import ITimer, PosixTimer, SigAction
 
-SIGEV = {"signal": 0, "none": 1, "thread": 4}
+# /proc/PID/timers names sigev_notify without SIGEV_THREAD_ID (4), shown as "/tid.N"
+SIGEV = {"signal": 0, "none": 1, "thread": 2}
+SIGEV_THREAD_ID = 4
 PR_GET_DUMPABLE, PR_GET_CHILD_SUBREAPER, PR_GET_NO_NEW_PRIVS = 3, 37, 39
 PR_GET_TID_ADDRESS, PR_GET_THP_DISABLE = 40, 42
 
@@ -109,13 +111,18 @@ def posix_timers(inj: Injector, pid: int) -> list[PosixTimer]:
     out = []
     inj.reset_data()
     buf = inj.alloc(32)
+    threads = set(procfs.tasks(pid)) if any(t.by_tid for t in listed) else set()
     for t in listed:
         inj.call("timer_gettime", t.id, buf)
         isec, insec, vsec, vnsec = struct.unpack("<qqqq", inj.read(buf, 32))
+        notify = SIGEV.get(t.notify, 0)
+        if t.by_tid:  # to one thread (glibc's SIGEV_THREAD helper); gone: delivers nothing
+            notify = notify | SIGEV_THREAD_ID if t.notify_tid in threads else SIGEV["none"]
         out.append(
             PosixTimer(
                 id=t.id, clock_id=t.clock_id, signo=t.signo, sigev_value=t.sigev_value,
-                notify=SIGEV.get(t.notify, 0), notify_tid=t.notify_tid,
+                notify=notify,
+                notify_tid=t.notify_tid,
                 interval_ns=isec * 1_000_000_000 + insec, value_ns=vsec * 1_000_000_000 + vnsec,
             )
         )  # fmt: skip

@@ -354,6 +354,7 @@ class PosixTimer:
     notify: str  # "signal", "thread", "none"
     notify_tid: int
     clock_id: int
+    by_tid: bool = False  # "…/tid.N": SIGEV_THREAD_ID, to thread N (else "…/pid.N")
 
 
 def parse_timers(data: bytes) -> list[PosixTimer]:
@@ -375,6 +376,7 @@ def parse_timers(data: bytes) -> list[PosixTimer]:
                     notify=kind,
                     notify_tid=tid,
                     clock_id=int(cur["ClockID"]),
+                    by_tid=rest.startswith("tid"),
                 )
             )
         except (KeyError, ValueError, IndexError) as exc:

@@ -519,7 +519,7 @@ class Rebuilder:
         try:
             for t in timers:
                 inj.reset_data()
-                tid = self.tid_map.get(t.notify_tid, self.pid) if t.notify == 4 else 0
+                tid = self.tid_map.get(t.notify_tid, self.pid) if t.notify & 4 else 0
                 sev = struct.pack("<qii", t.sigev_value, t.signo, t.notify) + struct.pack("<i", tid)
                 sev = sev.ljust(64, b"\0")
                 idp = inj.put(struct.pack("<i", t.id))
