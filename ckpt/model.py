@@ -78,15 +78,16 @@ class Vma:
 @dataclass
 class ShmObject:
     """A shared memory object the dumped processes map (MAP_SHARED anonymous memory,
-    a SysV segment): stored once, by offset in the object, with the content it has at
-    the freeze whichever process wrote it, including pages no process has mapped in.
+    a SysV segment, a tmpfs file mapped shared): stored once, by offset in the object,
+    with the content it has at the freeze whichever process wrote it, including pages
+    no process has mapped in.
 
     Pages are keyed slot_base(space) | offset. `digest` holds 8 bytes per present page
     (in `present` order): the digest of the copy the layers hold, which lets the next
     round or snapshot store only pages whose content changed (capture/shm.py).
     """
 
-    kind: str  # "shmem" or "sysv"
+    kind: str  # "shmem", "sysv", or "file" (a tmpfs file such as /dev/shm/x, mapped shared)
     space: int
     size: int  # bytes
     dev: int  # identity of the object at the dump (its shmem inode)
@@ -94,6 +95,8 @@ class ShmObject:
     present: list[list[int]] = field(default_factory=list)  # [offset, npages]
     digest: bytes = b""
     sysv: SysvShm | None = None
+    name: str = ""  # kind "file": its path (the VMAs mapping it have the FileRef)
+    owner: list[int] = field(default_factory=list)  # kind "file": [mode, uid, gid]
 
 
 @dataclass

@@ -18,6 +18,7 @@ every shared object's, not the root's alone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -60,8 +61,8 @@ def shm_objects(image) -> list[dict]:
         ),
     ],
 )
-def test_shared_memory_round_trip(e2e, extra):
-    w = e2e.spawn("shmstate")
+def test_shared_memory_round_trip(e2e, posix_files, extra):
+    w = spawn(e2e, posix_files)
     image = e2e.path("img")
     stats = e2e.path("stats.json")
     e2e.dump_ok(w, image, *extra, "--stats-json", str(stats))
@@ -69,6 +70,7 @@ def test_shared_memory_round_trip(e2e, extra):
     # the MAP_SHARED anonymous area is one object, stored once for the three processes
     shmem = [o for o in objs if o["kind"] == "shmem"]
     assert len(shmem) == 1, objs
+    assert [o["name"] for o in objs if o["kind"] == "file"] == [posix_path(w.pid)]
     # the exited child's and the read-only pages are in it (1024 pages mapped, >= 513 data)
     assert sum(n for _, n in shmem[0]["present"]) >= 513
     if extra:
@@ -78,10 +80,33 @@ def test_shared_memory_round_trip(e2e, extra):
     restored_ok(e2e, w, bg)
 
 
-def test_shared_memory_snapshots(e2e):
-    """Three snapshots while the counters run; the last restores exact (the
-    incremental ones store only shared pages whose content changed)."""
+@pytest.fixture
+def posix_files():
+    """/dev/shm files of the workloads (shmstate names one after its root PID)."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(posix_path(pid))
+
+
+def posix_path(pid: int) -> str:
+    return f"/dev/shm/ckpt-shmstate-{pid}"
+
+
+def spawn(e2e, posix_files):
     w = e2e.spawn("shmstate")
+    posix_files.append(w.pid)
+    return w
+
+
+@pytest.mark.parametrize("gone", [False, True], ids=["file-kept", "file-gone"])
+def test_shared_memory_snapshots(e2e, posix_files, gone):
+    """Three snapshots while the counters run; the last restores exact (the
+    incremental ones store only shared pages whose content changed). The original
+    keeps writing its /dev/shm file after the last snapshot: the restore brings back
+    the snapshot's content, and makes the file again when it is gone."""
+    w = spawn(e2e, posix_files)
     store = e2e.path("store")
     for _ in range(3):
         res = e2e.ckpt("snapshot", str(w.pid), "--store", str(store))
@@ -98,8 +123,27 @@ def test_shared_memory_snapshots(e2e):
         os.kill(pid, signal.SIGKILL)
     assert w.reap() == -signal.SIGKILL
     reap_orphans(kids(w))
+    if gone:
+        os.unlink(posix_path(w.pid))
     bg = restore_tree(e2e, w, kids(w), "--store", str(store))
+    st = os.stat(posix_path(w.pid))
+    assert (st.st_mode & 0o777, st.st_uid) == (0o640, 0)
     restored_ok(e2e, w, bg)
+
+
+def test_file_in_use_with_other_content_is_not_overwritten(e2e, posix_files):
+    """--new-pid next to the running original: its /dev/shm file has moved on since the
+    dump, so the restore refuses (exit 11) instead of writing the old content into it."""
+    w = spawn(e2e, posix_files)
+    image = e2e.path("img")
+    res = e2e.dump(w.pid, image, "--leave-running")
+    assert res.returncode == 0, str(res)
+    wait_untraced([w.pid, *kids(w)])
+    res = e2e.ckpt("restore", "-D", str(image), "--new-pid", "--detach")
+    assert res.returncode == 11, str(res)
+    assert "in use by process" in res.stderr, res.stderr
+    v = e2e.verify(w, w.pid, signal.SIGUSR2)
+    assert v.ok, v.line
 
 
 def test_commit_refuses_an_incomplete_image(tmp_path):
@@ -128,10 +172,10 @@ def test_commit_refuses_an_incomplete_image(tmp_path):
 
 
 @pytest.mark.parametrize("where", ["member", "object"])
-def test_verify_checks_members_and_objects(e2e, where):
+def test_verify_checks_members_and_objects(e2e, posix_files, where):
     """A snapshot whose tree member (or shared object) needs pages no layer holds is
     reported by `ckpt verify`, which used to look at the root's VMAs only."""
-    w = e2e.spawn("shmstate")
+    w = spawn(e2e, posix_files)
     store = e2e.path("store")
     res = e2e.ckpt("snapshot", str(w.pid), "--store", str(store))
     assert res.returncode == 0, str(res)
@@ -144,7 +188,7 @@ def test_verify_checks_members_and_objects(e2e, where):
             vma["present"].append([vma["end"] - 4096, 1])
             vma["present"] = [list(r) for r in sorted(map(tuple, vma["present"]))]
         else:
-            obj = state["shm"][0]
+            obj = next(o for o in state["shm"] if o["kind"] == "shmem")
             held = {a // 4096 + i for a, n in obj["present"] for i in range(n)}
             gap = next(p for p in range(obj["size"] // 4096) if p not in held)
             runs = sorted([*map(tuple, obj["present"]), (gap * 4096, 1)])

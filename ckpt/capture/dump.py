@@ -373,7 +373,7 @@ def _capture_final(
     vmas = [v for v in (classify(pid, m) for m in maps) if v is not None]
     by_start = {m.start: m for m in maps}
     for v in vmas:
-        if v.kind in SHM_KINDS:
+        if v.kind in SHM_KINDS or (v.kind == "file" and v.shared):
             v.shm = shm.ref(pid, by_start[v.start], v)
     status = procfs.status(pid)
     robust = get_robust_list(pid)

@@ -36,7 +36,7 @@ from ..model import MAX_SPACE, SHM_SPACE0, ShmObject, SysvShm, Vma, slot_base
 from .vmas import SYSV_NAME
 
 BATCH_PAGES = 2048  # 8 MiB per read
-SHM_KINDS = ("shmem", "sysv")
+SHM_KINDS = ("shmem", "sysv")  # always objects; a shared "file" mapping is one on tmpfs
 
 
 def ident_of(m: Mapping) -> tuple[int, int]:
@@ -52,6 +52,7 @@ class _Object:
     table: mmap.mmap  # 8-byte digest per page of what the image holds (0: nothing)
     sysv: SysvShm | None = None
     extents: list[tuple[int, int]] | None = None  # (first_page, npages) at the last copy
+    name: str = ""  # the path of a tmpfs file
 
     @property
     def npages(self) -> int:
@@ -81,6 +82,7 @@ class SharedMemory:
         used = [int(o["space"]) for o in self.prior.values()]
         self._next_space = max([SHM_SPACE0 - 1, *used]) + 1
         self.order: list[tuple[int, int]] = []  # objects the final capture refers to
+        self.not_objects: set[tuple[int, int]] = set()  # shared files not on tmpfs
         self._index: dict[tuple[int, int], int] = {}
 
     def close(self) -> None:
@@ -103,15 +105,17 @@ class SharedMemory:
                 continue
             v = kinds.get(m.start)
             kind = v.kind if v is not None else shm_kind(m)
-            if kind not in SHM_KINDS:
+            if kind not in SHM_KINDS and not (kind == "file" and not self.project):
                 continue
+            if ident_of(m) in self.not_objects:
+                continue
+            if ident_of(m) not in self.objects:
+                try:
+                    if not self._open(pid, m, kind, v.sysv if v is not None else None):
+                        continue
+                except OSError:
+                    continue
             shared.append(m)
-            if ident_of(m) in self.objects:
-                continue
-            try:
-                self._open(pid, m, kind, v.sysv if v is not None else None)
-            except OSError:
-                continue
         if self.project:
             self._place(pid, shared)
 
@@ -137,7 +141,10 @@ class SharedMemory:
                 obj.table[:] = bytes(len(obj.table))
 
     def ref(self, pid: int, m: Mapping, v: Vma) -> int:
-        """Index of the object VMA `v` maps in the final capture (opened if new)."""
+        """Index of the object VMA `v` maps in the final capture (opened if new); -1
+        for a shared file mapping whose file is not in memory (its data is the file's)."""
+        if v.kind == "file" and (self.project or ident_of(m) in self.not_objects):
+            return -1
         if not m.inode:
             raise UnsupportedProcess(
                 f"mapping {v.start:#x}-{v.end:#x} is shared memory without an object", pid=pid
@@ -145,7 +152,8 @@ class SharedMemory:
         ident = ident_of(m)
         if ident not in self.objects:
             try:
-                self._open(pid, m, v.kind, v.sysv)
+                if not self._open(pid, m, v.kind, v.sysv):
+                    return -1
             except OSError as exc:
                 raise DumpError(
                     f"process {pid}: cannot open the shared memory at {v.start:#x}: "
@@ -165,9 +173,14 @@ class SharedMemory:
             self.order.append(ident)
         return self._index[ident]
 
-    def _open(self, pid: int, m: Mapping, kind: str, sysv: SysvShm | None) -> None:
+    def _open(self, pid: int, m: Mapping, kind: str, sysv: SysvShm | None) -> bool:
+        """Open the object; False for a shared file mapping that is not on tmpfs."""
         ident = ident_of(m)
         f = shmobj.open_mapped(pid, m.start, m.end, ident)
+        if kind == "file" and not shmobj.on_shmem(f.fd):
+            shmobj.close(f)
+            self.not_objects.add(ident)
+            return False
         try:
             npages = (f.size + PAGE_SIZE - 1) // PAGE_SIZE
             table = mmap.mmap(-1, max(npages, 1) * 8)
@@ -178,7 +191,8 @@ class SharedMemory:
         except BaseException:
             shmobj.close(f)
             raise
-        self.objects[ident] = _Object(kind, space, f, table, sysv)
+        self.objects[ident] = _Object(kind, space, f, table, sysv, name=m.name)
+        return True
 
     def _new_space(self, pid: int) -> int:
         if self._next_space > MAX_SPACE:
@@ -240,10 +254,12 @@ class SharedMemory:
             obj = self.objects[ident]
             assert obj.extents is not None
             digest = b"".join(obj.table[a * 8 : (a + n) * 8] for a, n in obj.extents)
+            f = obj.file
             rec = ShmObject(
                 kind=obj.kind, space=obj.space, size=obj.file.size, dev=ident[0], ino=ident[1],
                 present=[[a * PAGE_SIZE, n] for a, n in obj.extents], digest=digest,
-                sysv=obj.sysv,
+                sysv=obj.sysv, name=obj.name if obj.kind == "file" else "",
+                owner=[f.mode, f.uid, f.gid] if obj.kind == "file" else [],
             )  # fmt: skip
             records.append(rec)
         return records, pages
@@ -260,11 +276,13 @@ def project_onto(procs, records: list[ShmObject]) -> None:
 
 
 def shm_kind(m: Mapping) -> str:
-    """shmem / sysv / other, for a shared mapping, without the checks classify() makes."""
+    """shmem / sysv / file / other, for a shared mapping, without classify()'s checks."""
     if m.deleted and SYSV_NAME.fullmatch(m.name):
         return "sysv"
     if not m.name or (m.name == "/dev/zero" and m.deleted):
         return "shmem"
+    if m.name.startswith("/") and not m.deleted:
+        return "file"
     return "other"
 
 

@@ -14,8 +14,12 @@ import os
 import stat as statmod
 from dataclasses import dataclass
 
-from .native import PAGE_SIZE
+from .native import PAGE_SIZE, check, ffi, syscall
 from .procfs import PROC_ROOT
+
+NR_FSTATFS, NR_FALLOCATE = 138, 285
+TMPFS_MAGIC = 0x01021994  # tmpfs and the internal shmem mount (anonymous shared memory)
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,9 @@ class ObjectFile:
     dev: int
     ino: int
     size: int  # bytes (the shmem inode's i_size)
+    mode: int = 0
+    uid: int = 0
+    gid: int = 0
 
 
 def open_mapped(
@@ -47,7 +54,24 @@ def open_mapped(
     except BaseException:
         os.close(fd)
         raise
-    return ObjectFile(fd, st.st_dev, st.st_ino, st.st_size)
+    return ObjectFile(fd, st.st_dev, st.st_ino, st.st_size, st.st_mode & 0o7777, st.st_uid,
+                      st.st_gid)  # fmt: skip
+
+
+def on_shmem(fd: int) -> bool:
+    """The file lives in memory (tmpfs, e.g. /dev/shm): its content is the process's
+    shared memory, not data a file system keeps."""
+    buf = ffi.new("char[]", 128)  # struct statfs; f_type is its first field
+    check(syscall(NR_FSTATFS, fd, int(ffi.cast("uintptr_t", buf))), "fstatfs")
+    return int.from_bytes(bytes(ffi.buffer(buf, 8)), "little", signed=True) == TMPFS_MAGIC
+
+
+def punch(fd: int, offset: int, length: int) -> None:
+    """Drop [offset, offset+length) of the object: it reads as zero, holds no page."""
+    check(
+        syscall(NR_FALLOCATE, fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length),
+        "fallocate",
+    )
 
 
 def mapped_size(pid: int, start: int, end: int) -> int:
@@ -98,6 +122,28 @@ def write_pages(fd: int, offset: int, data) -> None:
         if n <= 0:
             raise OSError(errno.EIO, "short write into a shared memory object")
         done += n
+
+
+def mappers(dev: int, ino: int) -> list[tuple[int, int, int]]:
+    """(pid, start, end) of a mapping of the object (dev, ino) in each process that
+    maps it now (every /proc/PID/maps)."""
+    want = f" {os.major(dev):02x}:{os.minor(dev):02x} {ino} ".encode()
+    found = []
+    for name in os.listdir(PROC_ROOT):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"{PROC_ROOT}/{name}/maps", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        at = data.find(want)
+        if at < 0:
+            continue
+        line = data[data.rfind(b"\n", 0, at) + 1 : at]
+        a, b = line.split(b" ", 1)[0].split(b"-")
+        found.append((int(name), int(a, 16), int(b, 16)))
+    return found
 
 
 def close(obj: ObjectFile) -> None:

@@ -36,7 +36,11 @@ def check_files(proc: ProcessImage) -> None:
         check_file(proc.mm.exe, "executable")
     for v in proc.vmas:
         if v.file is not None:
-            check_file(v.file, f"mapped file (at {v.start:#x})")
+            # a tmpfs file whose content the image holds (restore/shm.py) is written back,
+            # or made again when it is gone (e.g. on another host)
+            if v.shm >= 0 and not os.path.lexists(v.file.path):
+                continue
+            check_file(v.file, f"mapped file (at {v.start:#x})", strict=v.shm < 0)
     for fd in proc.fds:
         if fd.file is not None:
             check_file(fd.file, f"file of fd {fd.fd}", strict=(fd.flags & O_ACCMODE) != O_WRONLY)

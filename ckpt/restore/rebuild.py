@@ -45,6 +45,8 @@ CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
 CLONE_THREAD, CLONE_SYSVSEM, CLONE_CHILD_CLEARTID = 0x10000, 0x40000, 0x200000
 SIGCHLD = 17
 SHM_RDONLY, SHM_EXEC = 0o10000, 0o100000
+NR_FTRUNCATE, NR_SETFSUID, NR_SETFSGID = 77, 122, 123
+O_NOFOLLOW = 0o400000
 THREAD_FLAGS = CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM
 
 
@@ -256,18 +258,22 @@ class Rebuilder:
                     if v.kind == "file"
                     else f"/proc/self/fd/{memfd_fd_for(self.proc, v.start)}"
                 )
-                self.inj.reset_data()
-                fd = self.inj.call("openat", _u(AT_FDCWD), self.inj.cstr(path), mode | O_CLOEXEC, 0)
-                try:
-                    got = self.inj.call("mmap", v.start, v.size, prot0, flags, fd, v.offset)
-                finally:
-                    self.inj.call("close", fd)
+                self._map_path(v, prot0, flags, path, mode)
+                continue
             else:
                 got = self.inj.call(
                     "mmap", v.start, v.size, prot0, flags | MAP_ANONYMOUS, _u(-1), 0
                 )
             if got != v.start:
                 raise RestoreError(f"mapping {v.start:#x} landed at {got:#x}")
+
+    def _map_path(self, v, prot: int, flags: int, path: str, mode: int) -> None:
+        self.inj.reset_data()
+        fd = self.inj.call("openat", _u(AT_FDCWD), self.inj.cstr(path), mode | O_CLOEXEC, 0)
+        try:
+            self._mmap_at(v, prot, flags, fd, v.offset)
+        finally:
+            self.inj.call("close", fd)
 
     def _map_object(self, v, prot: int, flags: int) -> None:
         """A VMA of a shared memory object: the first one makes the object, the others
@@ -277,6 +283,9 @@ class Rebuilder:
         fresh = True
         if v.kind == "sysv":
             fresh = self._map_sysv(v, prot)
+        elif v.kind == "file":  # a tmpfs file: the same file, its content from the image
+            fresh = owner is None and self._make_tmpfs_file(v, obj)
+            self._map_path(v, prot, flags, v.file.path, O_RDWR if "mw" in v.vmflags else O_RDONLY)
         elif owner is not None:
             self._map_via(owner.pid, owner.start, owner.end, v, prot, flags)
         elif v.offset == 0 and v.size == obj.size:
@@ -293,6 +302,36 @@ class Rebuilder:
                 self.inj.call("munmap", tmp, obj.size)
         if owner is None:
             self.shared.owners[v.shm] = Owner(self.pid, v.start, v.end, fresh)
+
+    def _make_tmpfs_file(self, v, obj) -> bool:
+        """A tmpfs file (e.g. /dev/shm/x) that is gone, as on another host: made again at
+        its path, with its owner and mode, by the restorer as that owner (fsuid/fsgid:
+        the kernel checks the directory as the owner would be checked, and no symlink
+        is followed at the last step). True if made (it then reads zero: filled later)."""
+        if os.path.lexists(v.file.path):
+            return False
+        if len(obj.owner) != 3:
+            raise RestoreError(f"{v.file.path} is gone and the image lacks its owner")
+        mode, uid, gid = obj.owner
+        inj = self.inj
+        inj.reset_data()
+        old_mask = inj.call("umask", 0)
+        inj.call_nr(NR_SETFSGID, gid, name="setfsgid")
+        inj.call_nr(NR_SETFSUID, uid, name="setfsuid")
+        try:
+            flags = O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC
+            fd = inj.call("openat", _u(AT_FDCWD), inj.cstr(v.file.path), flags, mode)
+        except RemoteError as exc:
+            raise RestoreError(f"cannot make {v.file.path} again: {exc.strerror}") from exc
+        finally:
+            inj.call_nr(NR_SETFSUID, 0, name="setfsuid")
+            inj.call_nr(NR_SETFSGID, 0, name="setfsgid")
+            inj.call("umask", old_mask)
+        try:
+            inj.call_nr(NR_FTRUNCATE, fd, obj.size, name="ftruncate")
+        finally:
+            inj.call("close", fd)
+        return True
 
     def _map_via(self, pid: int, start: int, end: int, v, prot: int, flags: int) -> None:
         """Map the object that process `pid` maps at [start, end), at v's place."""

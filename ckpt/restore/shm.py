@@ -11,10 +11,11 @@ so pages that no VMA maps right now come back too.
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass, field
 
 from ..errors import ImageCorrupt, RestoreError
-from ..kernel import shmobj
+from ..kernel import native, shmobj
 from ..kernel.native import PAGE_SIZE
 from ..model import MAX_SPACE, SHM_SPACE0, ProcessImage, ShmObject, slot_base
 
@@ -60,9 +61,11 @@ class SharedObjects:
                     f"cannot open shared memory object {i} to fill it: {exc.strerror or exc}"
                 ) from exc
             try:
+                if not owner.fresh:  # an existing segment or file: exactly the image's
+                    _punch_outside(f.fd, obj)
                 for key, data in reader.iter_data(plan):
                     shmobj.write_pages(f.fd, key - base, data)
-                if not owner.fresh:  # an existing segment: its zero pages must read zero
+                if not owner.fresh:
                     for key, n in plan.zero:
                         for off in range(0, n * PAGE_SIZE, len(_ZERO)):
                             size = min(len(_ZERO), n * PAGE_SIZE - off)
@@ -73,6 +76,64 @@ class SharedObjects:
         return done
 
 
+def _punch_outside(fd: int, obj: ShmObject) -> None:
+    """Pages the object did not hold at the dump read as zero again (runs, not pages)."""
+    pos = 0
+    for a, n in [*obj.present, [-(-obj.size // PAGE_SIZE) * PAGE_SIZE, 0]]:
+        if a > pos:
+            shmobj.punch(fd, pos, a - pos)
+        pos = a + n * PAGE_SIZE
+
+
+def check_not_in_use(root: ProcessImage) -> None:
+    """An existing object the restore fills (a SysV segment that is still there, a tmpfs
+    file) must not be in use by a live process with other content: it would be
+    overwritten under it (e.g. the original, still running next to a --new-pid
+    restore). A user whose object holds exactly the image's content (a migration's
+    frozen source on the same host) loses nothing."""
+    for i, o in enumerate(root.shm):
+        if o.kind == "shmem":
+            continue  # made new by the restore
+        for pid, start, end in shmobj.mappers(o.dev, o.ino):
+            if not _holds_image_content(o, pid, start, end):
+                what = o.name or (f"SysV segment {o.sysv.shmid}" if o.sysv else f"object {i}")
+                raise RestoreError(
+                    f"shared memory {what} is in use by process {pid} and its content "
+                    "differs from the image's: restoring would overwrite it (stop that "
+                    "process first)"
+                )
+
+
+def _holds_image_content(obj: ShmObject, pid: int, start: int, end: int) -> bool:
+    """The live object has data exactly where the image does, with the same digests."""
+    try:
+        f = shmobj.open_mapped(pid, start, end, (obj.dev, obj.ino))
+    except OSError:
+        return True  # gone meanwhile: nobody left to disturb
+    table = None
+    try:
+        if f.size != obj.size or not obj.digest:
+            return False
+        runs = [(a // PAGE_SIZE, n) for a, n in obj.present]
+        if shmobj.data_extents(f.fd, f.size) != runs:
+            return False
+        table = mmap.mmap(-1, max(1, sum(n for _, n in runs)) * 8)
+        table[: len(obj.digest)] = obj.digest
+        pos = 0
+        for first, n in runs:
+            for k in range(0, n, 2048):
+                cnt = min(2048, n - k)
+                buf = shmobj.read_pages(f.fd, first + k, cnt)
+                if native.diff_pages(buf, cnt, table, pos + k):
+                    return False
+            pos += n
+        return True
+    finally:
+        shmobj.close(f)
+        if table is not None:
+            table.close()
+
+
 def check_objects(root: ProcessImage) -> None:
     """Every field of the objects and of the VMAs that refer to them, before anything
     is built: a corrupt image must not half-restore."""
@@ -80,7 +141,7 @@ def check_objects(root: ProcessImage) -> None:
     spaces = set()
     for i, o in enumerate(objs):
         where = f"shared memory object {i}"
-        if o.kind not in ("shmem", "sysv") or (o.kind == "sysv") != (o.sysv is not None):
+        if o.kind not in ("shmem", "sysv", "file") or (o.kind == "sysv") != (o.sysv is not None):
             raise ImageCorrupt(f"{where}: bad kind {o.kind!r}")
         if not SHM_SPACE0 <= o.space <= MAX_SPACE or o.space in spaces:
             raise ImageCorrupt(f"{where}: bad page-key space {o.space}")

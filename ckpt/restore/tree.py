@@ -29,7 +29,7 @@ from ..kernel import sysvshm
 from ..model import ProcessImage
 from .checks import check_files, wait_pid_free
 from .rebuild import Rebuilder
-from .shm import SharedObjects, check_objects
+from .shm import SharedObjects, check_not_in_use, check_objects
 from .tty import Terminal, job_modes
 
 
@@ -44,6 +44,7 @@ def check_tree(root: ProcessImage, new_pid: bool) -> None:
         if slot.get(p.ppid, i) >= i:
             raise ImageCorrupt(f"tree member {p.pid}: its parent {p.ppid} is not before it")
     check_objects(root)
+    check_not_in_use(root)
     for p in procs:
         check_files(p)
         if not new_pid:  # every PID and TID must be free before anything is built

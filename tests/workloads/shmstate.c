@@ -13,10 +13,16 @@
  *          its page tables between pre-copy rounds by reads alone)
  *   memfd  1 MiB memfd mapped by all: pages [128, 192) written by e through its
  *          mapping; c2 keeps writing a counter into page 8 through the fd (pwrite)
+ *   posix  256 KiB POSIX shm (/dev/shm/ckpt-shmstate-<root pid>, a tmpfs file) mapped by
+ *          all: pages [16, 32) written by e; c2 bumps a counter in its page 0 too (after
+ *          a snapshot the original keeps changing the file: the restore must bring back
+ *          the snapshot's content, or make the file again when it is gone)
  *
- * Counters: each bumper loops `v = mine + 1; shared[me] = v; mine = v;` with `mine`
- * in its private memory. Whenever it stops, shared[me] == mine, if and only if the
- * shared page came back with the newest content (whichever process wrote it last).
+ * Counters: each bumper loops `check shared[me] == mine; v = mine + 1; shared[me] = v;
+ * mine = v;` with `mine` in its private memory. At the top of the loop the two agree,
+ * in the original and after any restore, if and only if the shared page came back
+ * with the newest content (whichever process wrote it last); a disagreement is kept
+ * (in private memory) and reported.
  *
  * READY pid= c1= c2=
  * On SIGUSR2 (to the root) everybody stops and checks; the root prints
@@ -45,6 +51,9 @@ static struct ctl *ctl;
 static unsigned char *anon;
 static unsigned char *mfd;
 static int memfd;
+static volatile uint64_t *posix;
+static volatile uint64_t pmine;
+#define POSIX_LEN (256UL << 10)
 static volatile sig_atomic_t got_usr2;
 static volatile uint64_t mine; /* private: the last value this process stored */
 static volatile uint64_t fd_mine;
@@ -89,6 +98,22 @@ static void check_common(int me)
         note(me, "anon_pages_only_read");
     if (hash_mem(mfd + 128 * WL_PAGE, 64 * WL_PAGE, 0) != want_hash(64 * WL_PAGE, 79))
         note(me, "memfd_pages_of_exited_child");
+    if (hash_mem((unsigned char *)posix + 16 * WL_PAGE, 16 * WL_PAGE, 0) !=
+        want_hash(16 * WL_PAGE, 80))
+        note(me, "posix_shm_pages_of_exited_child");
+}
+
+/* The first disagreement a bumper saw at the top of its loop (private memory): at
+ * the top, every shared counter must hold exactly what this process stored last. A
+ * restore that brings a shared page back older (or the /dev/shm file with content
+ * from after the snapshot) shows up in the first iteration after it. */
+static char seen_bad[160];
+
+static void see(const char *what, uint64_t got, uint64_t want)
+{
+    if (!seen_bad[0])
+        snprintf(seen_bad, sizeof(seen_bad), "%s=%lu_want=%lu", what, (unsigned long)got,
+                 (unsigned long)want);
 }
 
 static void bumper(int me)
@@ -96,27 +121,33 @@ static void bumper(int me)
     ctl->pid[me] = getpid();
     ctl->ready[me] = 1;
     while (!ctl->stop) {
+        if (ctl->counter[me] != mine)
+            see("counter", ctl->counter[me], mine);
         uint64_t v = mine + 1;
         ctl->counter[me] = v;
         mine = v;
         if (me == C2) {
-            uint64_t w = fd_mine + 1;
+            uint64_t w = 0;
+            if (pread(memfd, &w, 8, 8 * WL_PAGE) != 8 || w != fd_mine)
+                see("memfd_fd_counter", w, fd_mine);
+            w = fd_mine + 1;
             if (pwrite(memfd, &w, 8, 8 * WL_PAGE) == 8)
                 fd_mine = w;
+            if (posix[0] != pmine)
+                see("posix_counter", posix[0], pmine);
+            uint64_t p = pmine + 1;
+            posix[0] = p;
+            pmine = p;
         }
         if ((v & 1023) == 0)
             usleep(100);
     }
+    if (seen_bad[0])
+        note(me, "%s", seen_bad);
     if (ctl->counter[me] != mine)
         note(me, "counter%d=%lu_mine=%lu", me, (unsigned long)ctl->counter[me],
              (unsigned long)mine);
-    if (me == C2) {
-        uint64_t w = 0;
-        if (pread(memfd, &w, 8, 8 * WL_PAGE) != 8 || w != fd_mine)
-            note(me, "memfd_fd_counter=%lu_mine=%lu", (unsigned long)w, (unsigned long)fd_mine);
-    }
     check_common(me);
-    /* the page is still shared after the restore: see the other's last value */
     ctl->done[me] = 1;
     _exit(0);
 }
@@ -133,6 +164,13 @@ int main(void)
     mfd = mmap(NULL, MFD, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
     SETUP_CHECK(mfd != MAP_FAILED, "mmap memfd");
     ctl->pid[ROOT] = getpid();
+    char pname[64];
+    snprintf(pname, sizeof(pname), "/ckpt-shmstate-%d", (int)getpid());
+    int pfd = shm_open(pname, O_CREAT | O_EXCL | O_RDWR, 0640);
+    SETUP_CHECK(pfd >= 0 && ftruncate(pfd, POSIX_LEN) == 0, "shm_open");
+    posix = mmap(NULL, POSIX_LEN, PROT_READ | PROT_WRITE, MAP_SHARED, pfd, 0);
+    SETUP_CHECK(posix != MAP_FAILED, "mmap posix");
+    close(pfd);
 
     pid_t e = fork();
     SETUP_CHECK(e >= 0, "fork e");
@@ -140,6 +178,7 @@ int main(void)
         fill(anon + 512 * WL_PAGE, 256 * WL_PAGE, 77);
         fill(anon + 768 * WL_PAGE, 256 * WL_PAGE, 78);
         fill(mfd + 128 * WL_PAGE, 64 * WL_PAGE, 79);
+        fill((unsigned char *)posix + 16 * WL_PAGE, 16 * WL_PAGE, 80);
         _exit(0);
     }
     int st;
@@ -181,6 +220,7 @@ int main(void)
     for (int i = 0; i < N; i++)
         if (ctl->fail[i])
             fail("p%d:%s", i, ctl->why[i]);
+    shm_unlink(pname);
     char extra[64];
     snprintf(extra, sizeof(extra), "bumps=%lu", (unsigned long)(ctl->counter[C1] + ctl->counter[C2]));
     finish(extra);
