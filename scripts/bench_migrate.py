@@ -5,16 +5,21 @@ Two network namespaces joined by a veth pair stand for two hosts (as in
 tests/test_migrate.py). For each write rate of the workload (tests/workloads/
 writer.c: N MiB, every page written once, then R MiB/s of random page writes)
 and each --max-bandwidth setting it migrates the process and reports total time,
-bytes on the wire, rounds, throttle, and the downtime measured at the
-destination (docs/MIGRATION.md defines it). The offline baseline in the same
-run: `ckpt dump` (the process is frozen from its start), the image sent through
-the same veth, `ckpt restore` there; its downtime is the sum. Each migrated
-process verifies its whole memory afterwards (a FAIL aborts the benchmark).
+bytes on the wire, round 0's copy rate (pages and wire), rounds, throttle, and
+the downtime measured at the destination (docs/MIGRATION.md defines it). Each
+migration runs once per --crypto mode, one after the other in the same run:
+`aead` (the default stream: AES-256-GCM keyed from the token) and `cleartext`
+(`--insecure-cleartext` on both sides: HMAC tags only), so their cost compares
+on the same machine state. The offline baseline in the same run: `ckpt dump`
+(the process is frozen from its start), the image sent through the same veth,
+`ckpt restore` there; its downtime is the sum. Each migrated process verifies
+its whole memory afterwards (a FAIL aborts the benchmark).
 
     python scripts/bench_migrate.py [--mib 1024] [--rates 0,16,64] [--limits none,100]
-                                    [--no-offline] [--no-verify] [--throttle auto]
-                                    [--image-rates 64]  (also the pre-staging path)
-                                    [--work-dir DIR] [-v]
+                                    [--crypto aead,cleartext] [--repeat N] [--no-offline]
+                                    [--no-verify]
+                                    [--throttle auto] [--image-rates 64] (also the pre-staging
+                                    path) [--work-dir DIR] [-v]
 Needs root, iproute2 and gcc.
 """
 
@@ -173,8 +178,11 @@ class Row:
     writes: float
     limit: str
     mode: str
+    crypto: str = "-"
     total_s: float = 0.0
     wire_mib: float = 0.0
+    r0_pages_mib_s: float = 0.0  # round 0: MiB of pages copied per second
+    r0_wire_mib_s: float = 0.0  # round 0: MiB on the wire per second
     rounds: int = 0
     stop: str = ""
     throttle: float = 0.0
@@ -202,14 +210,17 @@ def _parts(d: dict) -> dict:
     return out
 
 
-def run_migration(h: Hosts, exe, args, rate, limit, tmp, n, token, mode="migrate") -> Row:
+def run_migration(
+    h: Hosts, exe, args, rate, limit, tmp, n, token, mode="migrate", crypto="aead"
+) -> Row:
     w = Writer(exe, args.mib, rate, tmp, n)
     mig = mig_cmd()
+    clear = ["--insecure-cleartext"] if crypto == "cleartext" else []
     with open(os.path.join(tmp, f"recv{n}.log"), "wb") as rlog:
         recv = subprocess.Popen(
             [*h.exec_dst(), "unshare", "--pid", "--fork", "--kill-child", "--mount-proc", *mig,
              "receive", "--listen", f"{h.dst_ip}:{PORT}", "--token-file", token,
-             "-D", args.work_dir or tmp, *(["--no-stage"] if mode == "image" else [])],
+             "-D", args.work_dir or tmp, *(["--no-stage"] if mode == "image" else []), *clear],
             stdin=subprocess.DEVNULL, stdout=rlog, stderr=rlog, cwd=tmp,
         )  # fmt: skip
     stats_path = os.path.join(tmp, f"stats{n}.json")
@@ -219,7 +230,7 @@ def run_migration(h: Hosts, exe, args, rate, limit, tmp, n, token, mode="migrate
         res = subprocess.run(
             [*h.exec_src(), *mig, "migrate", str(w.pid), "--to", f"{h.dst_ip}:{PORT}",
              "--token-file", token, "--stats-json", stats_path, "--throttle", args.throttle,
-             *extra],
+             *extra, *clear],
             stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=tmp,
         )  # fmt: skip
         wall = time.monotonic() - t
@@ -231,9 +242,12 @@ def run_migration(h: Hosts, exe, args, rate, limit, tmp, n, token, mode="migrate
         if not args.no_verify:
             ns_pid = st["remote_pid"]
             w.verify(ns_global_pid(recv.pid, ns_pid), ns_pid)
+        r0 = st["rounds"][0]
         return Row(
-            writes=rate, limit=limit, mode=mode, total_s=wall,
+            writes=rate, limit=limit, mode=mode, crypto=crypto, total_s=wall,
             wire_mib=st["bytes_wire"] / MIB, rounds=len(st["rounds"]), stop=st["stop_reason"],
+            r0_pages_mib_s=r0["bytes_raw"] / MIB / r0["seconds"],
+            r0_wire_mib_s=r0["bytes_wire"] / MIB / r0["seconds"],
             throttle=st["throttle"]["max_level"], downtime_ms=st["downtime_ms"],
             parts=_parts(st["downtime"]),
         )  # fmt: skip
@@ -312,17 +326,22 @@ def run_offline(h: Hosts, exe, args, rate, tmp, n) -> Row:
 def print_table(rows: list[Row], mib: int) -> None:
     print(f"\n{mib} MiB process over a veth pair (downtime as measured at the destination)\n")
     head = (
-        f"{'writes MiB/s':>12} {'limit MiB/s':>11} {'mode':>8} {'total s':>8} {'wire MiB':>9} "
-        f"{'rounds':>6} {'stop':>13} {'throttle':>8} {'downtime ms':>11}  breakdown (ms)"
+        f"{'writes MiB/s':>12} {'limit MiB/s':>11} {'mode':>8} {'crypto':>9} {'total s':>8} "
+        f"{'wire MiB':>9} {'r0 pages/s':>10} {'r0 wire/s':>9} {'rounds':>6} {'stop':>13} "
+        f"{'throttle':>8} {'downtime ms':>11}  breakdown (ms)"
     )
     print(head)
     print("-" * len(head))
     for r in rows:
         parts = ", ".join(f"{k} {v:.0f}" for k, v in r.parts.items())
+        r0 = (
+            f"{r.r0_pages_mib_s:>10.0f} {r.r0_wire_mib_s:>9.0f}" if r.r0_pages_mib_s
+            else f"{'-':>10} {'-':>9}"
+        )  # fmt: skip
         print(
-            f"{r.writes:>12g} {r.limit:>11} {r.mode:>8} {r.total_s:>8.2f} {r.wire_mib:>9.1f} "
-            f"{r.rounds or '-':>6} {r.stop or '-':>13} {r.throttle * 100:>7.0f}% "
-            f"{r.downtime_ms:>11.0f}  {parts}"
+            f"{r.writes:>12g} {r.limit:>11} {r.mode:>8} {r.crypto:>9} {r.total_s:>8.2f} "
+            f"{r.wire_mib:>9.1f} {r0} {r.rounds or '-':>6} {r.stop or '-':>13} "
+            f"{r.throttle * 100:>7.0f}% {r.downtime_ms:>11.0f}  {parts}"
         )
     print(
         "\nmigrate (staged restore): src = source freeze → FROZEN marker sent, src→state = "
@@ -332,8 +351,67 @@ def print_table(rows: list[Row], mib: int) -> None:
         "Rebuilder.apply_state(), dst = the process runs; downtime = src + dst.\n"
         "image (receive --no-stage): dst = final layer + commit + a full restore.\n"
         "offline: the process is frozen from the start of `ckpt dump`; downtime = dump + copy "
-        "+ restore."
+        "+ restore.\n"
+        "crypto: aead = the default stream (AES-256-GCM, keys from the token), cleartext = "
+        "--insecure-cleartext on both sides (HMAC-SHA256 tags only); r0 pages/s and wire/s = "
+        "round 0's copy rate in MiB/s of pages and of bytes on the wire."
     )
+
+
+def print_crypto_summary(rows: list[Row]) -> None:
+    """Medians per setting and crypto mode, and the encrypted stream's cost relative to
+    the cleartext one (only for settings that ran both)."""
+    from statistics import median
+
+    groups: dict[tuple, list[Row]] = {}
+    for r in rows:
+        if r.mode == "migrate":
+            groups.setdefault((r.writes, r.limit, r.crypto), []).append(r)
+    settings = list(dict.fromkeys((w, lim) for w, lim, _ in groups))  # in the order run
+    if not any((w, lim, "aead") in groups and (w, lim, "cleartext") in groups
+               for w, lim in settings):  # fmt: skip
+        return
+    print("\nencrypted (aead) vs --insecure-cleartext, medians of the runs above\n")
+    head = (
+        f"{'writes MiB/s':>12} {'limit MiB/s':>11} {'crypto':>9} {'runs':>4} {'total s':>8} "
+        f"{'r0 pages/s':>10} {'r0 wire/s':>9} {'downtime ms':>11}"
+    )
+    print(head)
+    print("-" * len(head))
+    for w, lim in settings:
+        med = {}
+        for crypto in ("aead", "cleartext"):
+            rs = groups.get((w, lim, crypto))
+            if not rs:
+                continue
+            med[crypto] = m = (
+                median(r.total_s for r in rs), median(r.r0_pages_mib_s for r in rs),
+                median(r.r0_wire_mib_s for r in rs), median(r.downtime_ms for r in rs),
+            )  # fmt: skip
+            print(
+                f"{w:>12g} {lim:>11} {crypto:>9} {len(rs):>4} {m[0]:>8.2f} {m[1]:>10.0f} "
+                f"{m[2]:>9.0f} {m[3]:>11.0f}"
+            )
+        if len(med) == 2:
+            a, c = med["aead"], med["cleartext"]
+            print(
+                f"{'':>12} {'':>11} {'aead/clear':>9} {'':>4} {a[0] / c[0]:>8.2f} "
+                f"{a[1] / c[1]:>10.2f} {a[2] / c[2]:>9.2f} {a[3] / c[3]:>11.2f}"
+            )
+
+
+def aead_speed() -> str:
+    """This machine's AES-256-GCM rate on one core, for 1 MiB frames (the stream's unit)."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    key, data = AESGCM(os.urandom(32)), os.urandom(1 << 20)
+    n, t = 0, time.perf_counter()
+    while time.perf_counter() - t < 0.5:
+        box = key.encrypt(n.to_bytes(12, "big"), data, b"head")
+        key.decrypt(n.to_bytes(12, "big"), box, b"head")
+        n += 1
+    dt = time.perf_counter() - t
+    return f"AES-256-GCM on one core, 1 MiB frames: {n / dt:.0f} MiB/s encrypt+decrypt"
 
 
 def main() -> None:
@@ -342,6 +420,16 @@ def main() -> None:
     ap.add_argument("--rates", default="0,16,64", help="MiB/s of random page writes")
     ap.add_argument("--limits", default="none,100", help="--max-bandwidth values (MiB/s)")
     ap.add_argument("--throttle", default="auto", choices=["auto", "cgroup", "signal", "off"])
+    ap.add_argument(
+        "--crypto", default="aead,cleartext",
+        help="stream protection(s) to compare: aead (default stream), cleartext "
+        "(--insecure-cleartext)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--repeat", type=int, default=1,
+        help="run each migration N times, the crypto modes alternating (the summary "
+        "gives medians)",
+    )  # fmt: skip
     ap.add_argument("--no-offline", action="store_true")
     ap.add_argument(
         "--image-rates", default="",
@@ -355,28 +443,43 @@ def main() -> None:
         raise SystemExit("needs root and iproute2")
     rates = [float(x) for x in args.rates.split(",")]
     limits = args.limits.split(",")
+    cryptos = args.crypto.split(",")
+    if not set(cryptos) <= {"aead", "cleartext"}:
+        raise SystemExit(f"--crypto: aead and/or cleartext, not {args.crypto!r}")
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="ckpt-bench-mig-") as tmp, two_hosts() as h:
         exe = build(tmp)
         token = os.path.join(tmp, "token")
-        with open(token, "w") as f:
+        fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
             f.write(secrets.token_urlsafe(32))
-        os.chmod(token, 0o600)
         n = 0
         for rate in rates:
             for limit in limits:
-                n += 1
-                print(f"migrate: writes {rate:g} MiB/s, limit {limit} ...", file=sys.stderr)
-                rows.append(run_migration(h, exe, args, rate, limit, tmp, n, token))
+                for crypto in cryptos * args.repeat:
+                    n += 1
+                    print(
+                        f"migrate: writes {rate:g} MiB/s, limit {limit}, {crypto} ...",
+                        file=sys.stderr,
+                    )
+                    rows.append(
+                        run_migration(h, exe, args, rate, limit, tmp, n, token, crypto=crypto)
+                    )
             if f"{rate:g}" in args.image_rates.split(","):
                 n += 1
                 print(f"migrate --no-stage: writes {rate:g} MiB/s ...", file=sys.stderr)
-                rows.append(run_migration(h, exe, args, rate, "none", tmp, n, token, "image"))
+                rows.append(
+                    run_migration(
+                        h, exe, args, rate, "none", tmp, n, token, "image", crypto=cryptos[0]
+                    )
+                )
             if not args.no_offline:
                 n += 1
                 print(f"offline: writes {rate:g} MiB/s ...", file=sys.stderr)
                 rows.append(run_offline(h, exe, args, rate, tmp, n))
+    print(aead_speed())
     print_table(rows, args.mib)
+    print_crypto_summary(rows)
 
 
 if __name__ == "__main__":

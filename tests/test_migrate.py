@@ -213,10 +213,13 @@ class Receiver(Cmd):
         raise AssertionError(f"no process {ns_pid} in the receiver's PID namespace")
 
 
-def migrate(e2e, hosts: Hosts, token: Path, pid: int, *extra: str, env=None) -> tuple[Result, dict]:
+def migrate(
+    e2e, hosts: Hosts, token: Path, pid: int, *extra: str, env=None, to: str | None = None
+) -> tuple[Result, dict]:
+    """`ckpt migrate` in the source namespace, to the receiver (or `to`, e.g. a relay)."""
     stats = e2e.path("stats.json")
     argv = [
-        "ip", "netns", "exec", hosts.src, *MIG, "migrate", str(pid), "--to", hosts.to,
+        "ip", "netns", "exec", hosts.src, *MIG, "migrate", str(pid), "--to", to or hosts.to,
         "--token-file", str(token), "--stats-json", str(stats), *extra,
     ]  # fmt: skip
     cmd = Cmd(argv, e2e.base, env or e2e.env(), f"migrate-{pid}")
@@ -395,13 +398,19 @@ def test_slow_link_converges_by_throttling(e2e, hosts, token):
 
 @needs_ns
 def test_wrong_token_is_refused_and_source_untouched(e2e, hosts, token, tmp_path):
+    """The source is refused (20) and untouched; the receiver logs the refusal, keeps
+    listening for the right source, and gives up (20) only at --accept-timeout."""
     w = e2e.spawn("writer", "mib=8", "rate=1000", "report=0")
-    rcv = Receiver(e2e, hosts, token)
+    rcv = Receiver(e2e, hosts, token, "--accept-timeout", "10")
     try:
         res, stats = migrate(e2e, hosts, _token_file(tmp_path / "other"), w.pid)
         assert_error(res, 20, "authentication", "not touched")
+        assert rcv.popen.poll() is None, f"the receiver must keep listening\n{rcv.result()}"
         got = rcv.wait()
-        assert_error(got, 20, "failed authentication", "nothing was received")
+        assert_error(got, 20, "no source authenticated", "failed authentication", "nothing was")
+        refusals = [ln for ln in got.stderr.splitlines() if ln.startswith("refused ")]
+        assert len(refusals) == 1 and f"{hosts.src_ip}:" in refusals[0], got.stderr
+        assert "failed authentication" in refusals[0]
     finally:
         rcv.kill()
     assert stats["outcome"] == "failed" and stats["exit_code"] == 20

@@ -1,10 +1,11 @@
 """Live migration: stream pre-copy rounds to another host and hand the process over.
 
     protocol.py   message types, caps, payload encodings
-    channel.py    framed, authenticated (HMAC per frame), paced socket I/O
-    auth.py       token file + mutual challenge-response handshake
+    channel.py    framed, encrypted (AES-256-GCM per frame) or HMAC-tagged, paced socket I/O
+    auth.py       token file checks + mutual handshake deriving the per-direction keys
     tls.py        optional TLS contexts
-    net.py        addresses, connect/listen/accept
+    net.py        addresses, connect/listen
+    gate.py       admission: accept until one source authenticates (deadline, rate limit)
     ratelimit.py  token bucket (--max-bandwidth)
     sender.py     the thread that owns the socket while rounds stream (source)
     sink.py       NetSink: ImageWriter's interface over the channel (source)

@@ -1,18 +1,25 @@
-"""A framed, authenticated, paced socket: what both sides of a migration talk through.
+"""A framed, protected, paced socket: what both sides of a migration talk through.
 
 Why each piece:
 - Frames are `type | length | payload`, and the length is checked against the
   type's cap (protocol.max_payload) BEFORE the payload is read: a peer cannot
-  make us allocate what it likes.
-- After the handshake every frame carries a 16-byte HMAC-SHA256 tag over
-  (direction, sequence number, header, payload) under a session key derived from
-  the token and both nonces. Without TLS this is what stops a man in the middle
-  from injecting, replaying, reordering or truncating frames; with TLS it costs
-  little and keeps one code path.
+  make us allocate what it likes. Before the handshake is done only handshake
+  messages of at most protocol.PREAUTH_MAX bytes are accepted, so a stranger
+  cannot make us allocate more than a few KiB.
+- After the handshake every frame is protected under per-direction keys derived
+  from the token and both sides' nonces (auth.py):
+  * default (AES-256-GCM): the payload is encrypted, the header (type, length)
+    is the associated data, the nonce is the direction's frame counter. So the
+    stream is confidential, and a frame that was altered, injected, replayed,
+    reordered, dropped or moved to the other direction fails to decrypt.
+  * --insecure-cleartext: the payload goes in the clear, followed by a 16-byte
+    HMAC-SHA256 tag over (counter, header, payload): authenticated, not secret.
 - Sends are paced by an optional token bucket (--max-bandwidth), in slices, so
   the rate is smooth even for megabyte frames.
-- Every blocking call has a timeout; a timeout or a broken connection becomes
-  TransportTimeout / ConnectionLost naming the peer and what we were doing.
+- Every blocking call has a timeout, and the handshake a deadline for the whole
+  exchange (set_deadline): a peer dripping one byte at a time cannot hold us.
+  A timeout or a broken connection becomes TransportTimeout / ConnectionLost
+  naming the peer and what we were doing.
 """
 
 from __future__ import annotations
@@ -24,15 +31,24 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import protocol
 from .errors import ConnectionLost, ProtocolError, TlsError, TransportTimeout
 from .ratelimit import TokenBucket
 
 _HEAD = struct.Struct("!BI")
-TAG_LEN = 16
+TAG_LEN = 16  # the AEAD tag, or the truncated HMAC with --insecure-cleartext
 _SLICE = 256 << 10  # pacing granularity of large frames
+_NONCE_PAD = bytes(4)  # AES-GCM nonce: 4 zero bytes | the direction's frame counter (u64)
+
+
+def _nonce(seq: int) -> bytes:
+    return _NONCE_PAD + seq.to_bytes(8, "big")
 
 
 @dataclass(frozen=True)
@@ -62,8 +78,13 @@ class Channel:
         self.limiter = limiter
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.cipher: str | None = None  # set by protect(): protocol.CIPHER_AEAD or CIPHER_CLEAR
+        self._aead_out: AESGCM | None = None
+        self._aead_in: AESGCM | None = None
         self._mac_out = self._mac_in = None
         self._seq_out = self._seq_in = 0
+        self._deadline: float | None = None  # monotonic; the handshake must be over by then
+        self._deadline_s = 0.0
         self._closed = False
         self.doing = "talking"  # shown in errors: what the connection was used for
         self._lock = threading.Lock()  # only guards close()
@@ -71,13 +92,46 @@ class Channel:
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    # -- keys ---------------------------------------------------------------------------
+    # -- keys and deadline ---------------------------------------------------------------
 
-    def authenticate(self, key: bytes, role: str) -> None:
-        """From now on every frame is tagged; `role` says which direction is ours."""
-        out, inn = (b"c2s", b"s2c") if role == "client" else (b"s2c", b"c2s")
-        self._mac_out = hmac.new(key + out, digestmod=hashlib.sha256)
-        self._mac_in = hmac.new(key + inn, digestmod=hashlib.sha256)
+    def protect(self, cipher: str, out_key: bytes, in_key: bytes) -> None:
+        """From now on every frame is protected: encrypted (CIPHER_AEAD) or only tagged
+        (CIPHER_CLEAR). Each direction has its own 32-byte key and frame counter."""
+        if cipher == protocol.CIPHER_AEAD:
+            self._aead_out, self._aead_in = AESGCM(out_key), AESGCM(in_key)
+        elif cipher == protocol.CIPHER_CLEAR:
+            self._mac_out = hmac.new(out_key, digestmod=hashlib.sha256)
+            self._mac_in = hmac.new(in_key, digestmod=hashlib.sha256)
+        else:
+            raise ValueError(f"unknown cipher {cipher!r}")
+        self.cipher = cipher
+
+    @property
+    def protected(self) -> bool:
+        return self.cipher is not None
+
+    def set_deadline(self, seconds: float) -> None:
+        """Every read and write must be done within `seconds` from now (the handshake)."""
+        self._deadline = time.monotonic() + seconds
+        self._deadline_s = seconds
+
+    def clear_deadline(self) -> None:
+        self._deadline = None
+        self.sock.settimeout(self.io_timeout)
+
+    def _late(self) -> TransportTimeout:
+        return TransportTimeout(
+            f"{self.peer} did not complete the handshake within {self._deadline_s:g} s"
+        )
+
+    def _bound(self, timeout: float | None) -> None:
+        """Before a blocking call under a deadline: wait at most what is left of it."""
+        if self._deadline is None:
+            return
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise self._late()
+        self.sock.settimeout(min(timeout if timeout is not None else self.io_timeout, left))
 
     def _tag(self, base, seq: int, head: bytes, parts) -> bytes:
         m = base.copy()
@@ -96,11 +150,17 @@ class Channel:
         if length > protocol.max_payload(mtype):
             raise ProtocolError(f"refusing to send an oversized {protocol.name(mtype)} frame")
         head = _HEAD.pack(mtype, length)
-        bufs = [head, *parts]
-        if self._mac_out is not None:
-            bufs.append(self._tag(self._mac_out, self._seq_out, head, parts))
+        if self._aead_out is not None:
+            # one AEAD call per frame (chunk-sized: OpenSSL does it at GB/s), ciphertext | tag
+            plain = parts[0] if len(parts) == 1 else b"".join(parts)
+            bufs = [head, self._aead_out.encrypt(_nonce(self._seq_out), plain, head)]
             self._seq_out += 1
-        total = length + len(head) + (TAG_LEN if self._mac_out is not None else 0)
+        elif self._mac_out is not None:
+            bufs = [head, *parts, self._tag(self._mac_out, self._seq_out, head, parts)]
+            self._seq_out += 1
+        else:
+            bufs = [head, *parts]
+        total = length + len(head) + (TAG_LEN if self.protected else 0)
         if total <= _SLICE:
             self._sendall(b"".join(bufs))
         else:
@@ -113,9 +173,12 @@ class Channel:
     def _sendall(self, data) -> None:
         if self.limiter is not None:
             self.limiter.take(len(data))
+        self._bound(None)
         try:
             self.sock.sendall(data)
         except TimeoutError:
+            if self._deadline is not None and time.monotonic() >= self._deadline:
+                raise self._late() from None
             raise TransportTimeout(
                 f"{self.peer} accepted no data for {self.io_timeout:g} s while {self.doing}"
             ) from None
@@ -151,36 +214,56 @@ class Channel:
         try:
             head = self._recv_exact(_HEAD.size, first=True, timeout=timeout)
             mtype, length = _HEAD.unpack(head)
-            if length > protocol.max_payload(mtype):
+            # The peer's refusal of our proof comes unprotected (it never derived the keys).
+            plain = not self.protected or (self._seq_in == 0 and mtype == protocol.REFUSED)
+            limit = protocol.PREAUTH_MAX if plain else protocol.max_payload(mtype)
+            if length > limit:
                 raise ProtocolError(
                     f"{self.peer} sent a {protocol.name(mtype)} frame of {length} bytes "
-                    f"(limit {protocol.max_payload(mtype)})"
+                    f"(limit {limit}{' before authentication' if plain else ''})"
                 )
-            payload = self._recv_exact(length, timeout=timeout)
-            # The peer's refusal of our proof comes untagged (it never derived the key).
-            refusal = self._seq_in == 0 and mtype == protocol.REFUSED
-            if self._mac_in is not None and not refusal:
+            if plain and mtype not in protocol.HANDSHAKE_TYPES:
+                raise ProtocolError(
+                    f"{self.peer} sent {protocol.name(mtype)} before authenticating"
+                )
+            if plain:
+                payload = self._recv_exact(length, timeout=timeout)
+            elif self._aead_in is not None:
+                body = self._recv_exact(length + TAG_LEN, timeout=timeout)
+                try:
+                    payload = self._aead_in.decrypt(_nonce(self._seq_in), body, head)
+                except InvalidTag:
+                    raise self._tampered() from None
+                self._seq_in += 1
+            else:
+                payload = self._recv_exact(length, timeout=timeout)
                 tag = self._recv_exact(TAG_LEN, timeout=timeout)
                 want = self._tag(self._mac_in, self._seq_in, head, [payload])
                 if not hmac.compare_digest(tag, want):
-                    raise ProtocolError(
-                        f"frame {self._seq_in} from {self.peer} failed authentication "
-                        "(tampered with, or not from the authenticated peer)"
-                    )
+                    raise self._tampered()
                 self._seq_in += 1
         finally:
             if timeout is not None:
                 self.sock.settimeout(self.io_timeout)
         return Frame(mtype, payload)
 
+    def _tampered(self) -> ProtocolError:
+        return ProtocolError(
+            f"frame {self._seq_in} from {self.peer} failed authentication (tampered with, "
+            "replayed, reordered, or not from the authenticated peer)"
+        )
+
     def _recv_exact(self, n: int, *, first: bool = False, timeout: float | None) -> bytearray:
         buf = bytearray(n)
         mv = memoryview(buf)
         got = 0
         while got < n:
+            self._bound(timeout)
             try:
                 k = self.sock.recv_into(mv[got:], n - got)
             except TimeoutError:
+                if self._deadline is not None and time.monotonic() >= self._deadline:
+                    raise self._late() from None
                 secs = timeout if timeout is not None else self.io_timeout
                 raise TransportTimeout(
                     f"no data from {self.peer} for {secs:g} s while {self.doing}"

@@ -38,6 +38,34 @@ def _human(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+TOKEN_HELP = (
+    "Shared secret: owned by us, mode 0600, at least 128 bits of entropy (make one with "
+    "`head -c 32 /dev/urandom | base64 > F`); the same file on both hosts."
+)
+CLEARTEXT_WARNING = (
+    "warning: --insecure-cleartext: the process's memory and state cross the network "
+    "unencrypted (anyone on the path can read them); frames are only authenticated"
+)
+
+
+def _cleartext_option(f):
+    return click.option(
+        "--insecure-cleartext",
+        is_flag=True,
+        help="Do not encrypt the stream (frames are still authenticated by the token); "
+        "both sides must say so. Default: AES-256-GCM with keys derived from the token.",
+    )(f)
+
+
+def _cipher(insecure_cleartext: bool) -> str:
+    from .protocol import CIPHER_AEAD, CIPHER_CLEAR
+
+    if insecure_cleartext:
+        _status(CLEARTEXT_WARNING)
+        return CIPHER_CLEAR
+    return CIPHER_AEAD
+
+
 def _tls_options(f):
     for opt in reversed(
         [
@@ -66,7 +94,7 @@ def _tls_options(f):
     "--token-file",
     required=True,
     type=click.Path(dir_okay=False),
-    help="Shared secret (mode 0600, at least 16 bytes); the same file as the source's.",
+    help=TOKEN_HELP,
 )
 @click.option(
     "-D",
@@ -98,8 +126,16 @@ def _tls_options(f):
     "--accept-timeout",
     type=click.FloatRange(0.1),
     default=None,
-    help="Seconds to wait for the source to connect (default: forever).",
+    help="Seconds to wait for a source to authenticate (default: forever).",
 )
+@click.option(
+    "--handshake-timeout",
+    type=click.FloatRange(0.5),
+    default=10.0,
+    show_default=True,
+    help="Seconds a connection may take to authenticate (TLS included) before it is closed.",
+)
+@_cleartext_option
 @click.option(
     "--level",
     type=click.IntRange(1, 19),
@@ -116,8 +152,8 @@ def _tls_options(f):
 def receive(
     listen_addr: str, token_file: str, work_dir: str | None, keep_images: str | None,
     new_pid: bool, detach: bool, io_timeout: float, accept_timeout: float | None,
-    level: int | None, no_stage: bool, tls_cert: str | None, tls_key: str | None,
-    tls_ca: str | None,
+    handshake_timeout: float, insecure_cleartext: bool, level: int | None, no_stage: bool,
+    tls_cert: str | None, tls_key: str | None, tls_ca: str | None,
 ) -> None:  # fmt: skip
     """Receive a migrating process and run it here."""
     from ..api import wait_exit_status
@@ -131,7 +167,8 @@ def receive(
         listen=parse_address(listen_addr, listen=True), token=load_token(token_file),
         work_dir=work_dir, keep_images=keep_images, new_pid=new_pid, io_timeout=io_timeout,
         accept_timeout=accept_timeout, tls=TlsOptions(tls_cert, tls_key, tls_ca), level=level,
-        stage=not no_stage,
+        stage=not no_stage, cipher=_cipher(insecure_cleartext),
+        handshake_timeout=handshake_timeout,
     )  # fmt: skip
 
     def on_running(pid: int) -> None:
@@ -171,7 +208,7 @@ def receive(
     "--token-file",
     required=True,
     type=click.Path(dir_okay=False),
-    help="Shared secret (mode 0600, at least 16 bytes); the same file as the receiver's.",
+    help=TOKEN_HELP,
 )
 @target_downtime_option
 @click.option(
@@ -219,6 +256,7 @@ def receive(
     show_default=True,
     help="Seconds to keep retrying a refused connection.",
 )
+@_cleartext_option
 @click.option("--tls", "use_tls", is_flag=True, help="Use TLS (implied by --tls-ca/--tls-cert).")
 @click.option(
     "--tls-server-name",
@@ -232,7 +270,8 @@ def migrate(
     pid: int, to: str, token_file: str, target_downtime_ms: float | None,
     max_bandwidth: float | None, tracker: str, stats_json: str | None, max_rounds: int | None,
     max_time: float | None, throttle: str, level: int | None, io_timeout: float,
-    restore_timeout: float, connect_timeout: float, use_tls: bool, tls_server_name: str | None,
+    restore_timeout: float, connect_timeout: float, insecure_cleartext: bool, use_tls: bool,
+    tls_server_name: str | None,
     tls_cert: str | None, tls_key: str | None, tls_ca: str | None, tree: bool,
     tcp_established: bool,
 ) -> None:  # fmt: skip
@@ -256,7 +295,7 @@ def migrate(
         tracker=tracker, tls=TlsOptions(tls_cert, tls_key, tls_ca, tls_server_name, use_tls),
         max_bandwidth=max_bandwidth, throttle=throttle, level=level, io_timeout=io_timeout,
         restore_timeout=restore_timeout, connect_timeout=connect_timeout, tree=tree,
-        tcp_established=tcp_established,
+        tcp_established=tcp_established, cipher=_cipher(insecure_cleartext),
     )  # fmt: skip
     stats = MigrationStats()
     try:

@@ -70,8 +70,27 @@ class ReceiveFailed(TransportError):
     exit_code = 28
 
 
+class TokenRejected(TransportError):
+    """The token file is unusable: unreadable, not ours, open to group/others, or too weak."""
+
+    exit_code = 29
+
+
+class Busy(ConnectFailed):
+    """Destination side: another source authenticated first (this one is refused)."""
+
+
+def error_for_code(code: int) -> type[TransportError]:
+    """The class a peer's refusal code stands for (REFUSED{code}); AuthFailed by default."""
+    for cls in (ProtocolError, ConnectFailed, TlsError, TransportTimeout):
+        if cls.exit_code == code:
+            return cls
+    return AuthFailed
+
+
 __all__ = [
     "AuthFailed",
+    "Busy",
     "ConnectFailed",
     "ConnectionLost",
     "DestinationFailed",
@@ -79,6 +98,8 @@ __all__ = [
     "ReceiveFailed",
     "SourceAborted",
     "TlsError",
+    "TokenRejected",
     "TransportError",
     "TransportTimeout",
+    "error_for_code",
 ]

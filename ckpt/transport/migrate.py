@@ -28,8 +28,8 @@ from ..capture.vmas import classify
 from ..errors import CkptError
 from ..kernel import procfs, shmobj
 from ..precopy import Policy
-from . import tls
-from .auth import client_handshake
+from . import protocol, tls
+from .auth import client_handshake, describe_protection
 from .channel import Channel
 from .control import Controller
 from .errors import DestinationFailed
@@ -57,6 +57,7 @@ class MigrateOptions:
     connect_timeout: float = 10.0
     tree: bool = True  # the process's descendants too (sent as an image: no staging)
     tcp_established: bool = False
+    cipher: str = protocol.CIPHER_AEAD  # CIPHER_CLEAR: --insecure-cleartext
 
 
 @dataclass
@@ -160,7 +161,7 @@ def migrate(
         if ctx is not None:
             sock = tls.wrap_client(ctx, sock, opts.tls.server_name or opts.to.host, peer)
         ch = Channel(sock, peer, io_timeout=opts.io_timeout)
-        info = client_handshake(ch, opts.token)
+        info = client_handshake(ch, opts.token, opts.cipher)
     except CkptError as exc:
         if ch is not None:
             ch.close()
@@ -169,8 +170,8 @@ def migrate(
         raise exc from None
     report(
         f"connected to {peer} ({info.host}, kernel {info.kernel}, ckpt {info.ckpt})"
-        + (", TLS" if ctx is not None else "")
-        + "; authenticated"
+        + "; authenticated, "
+        + describe_protection(ch.cipher, ctx is not None)
     )
     if opts.max_bandwidth:
         ch.limiter = TokenBucket(opts.max_bandwidth * MIB)

@@ -1,4 +1,4 @@
-"""Addresses, connecting (with retries while the receiver starts) and accepting one peer."""
+"""Addresses, connecting (with retries while the receiver starts), listening (gate.py accepts)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import time
 from dataclasses import dataclass
 
 from ..errors import UsageError
-from .errors import ConnectFailed, TransportTimeout
+from .errors import ConnectFailed
+
+LISTEN_BACKLOG = 64  # connections the kernel queues while gate.py hands others to threads
 
 
 @dataclass(frozen=True)
@@ -64,17 +66,7 @@ def listen(addr: Address) -> socket.socket:
         if family == socket.AF_INET6:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         s.bind((addr.host, addr.port))
-        s.listen(4)
+        s.listen(LISTEN_BACKLOG)
     except OSError as exc:
         raise ConnectFailed(f"cannot listen on {addr}: {exc.strerror or exc}") from None
     return s
-
-
-def accept(server: socket.socket, timeout: float | None) -> tuple[socket.socket, str]:
-    server.settimeout(timeout)
-    try:
-        conn, peer = server.accept()
-    except TimeoutError:
-        raise TransportTimeout(f"no source connected within {timeout:g} s") from None
-    host, port = peer[0], peer[1]
-    return conn, str(Address(host, port))

@@ -1,10 +1,13 @@
 """The migration protocol's messages: types, size caps, and their payload encodings.
 
 Every message is a frame `type (1 byte) | length (4 bytes, big endian) | payload`
-(channel.py adds the authentication tag). Control payloads are msgpack maps whose
-keys and value types are checked here against a schema, so a peer can never make
-the other side index a missing key or allocate by a length it chose: every
-length read from the wire is capped per message type before anything is read.
+(after the handshake channel.py encrypts the payload and appends the AEAD tag, or
+with --insecure-cleartext an HMAC tag). Before authentication only the handshake
+messages are accepted, and none longer than PREAUTH_MAX. Control payloads are
+msgpack maps whose keys and value types are checked here against a schema, so a
+peer can never make the other side index a missing key or allocate by a length
+it chose: every length read from the wire is capped per message type before
+anything is read.
 
 Page chunks are binary (msgpack would copy them): a fixed header, the run table,
 then one zstd frame whose crc32 the header carries (the same codec and checksum
@@ -30,13 +33,13 @@ from ..kernel.native import PAGE_SIZE
 from ..model import SLOT_SHIFT, Vma, from_dict
 from .errors import ProtocolError
 
-PREAMBLE = b"CKPTMIG\x01"  # sent first by both sides: "I speak ckpt migration, version 1"
-VERSION = 1
+PREAMBLE = b"CKPTMIG\x02"  # sent first by both sides: "I speak ckpt migration, version 2"
+VERSION = 2  # 2: frames encrypted by default (AES-256-GCM keyed from the token)
 
 # message types
-HELLO = 0x01  # both: {version, role, nonce, ckpt, host, kernel}
+HELLO = 0x01  # both: {version, role, nonce, cipher, ckpt, host, kernel}
 PROOF = 0x02  # both: {mac}
-REFUSED = 0x03  # either: {reason}; authentication or compatibility refused, then close
+REFUSED = 0x03  # either: {reason, [code]}; authentication or compatibility refused, then close
 LAYER_BEGIN = 0x10  # source: {layer, [pid, vmas]}; the round's VMA layout (staged restore)
 PAGES = 0x11  # source: binary page chunk
 LAYER_END = 0x12  # source: {layer, pages, chunks}
@@ -62,6 +65,13 @@ _RUN = struct.Struct("!QI")  # vaddr, npages
 _MAX_FRAME_OVERHEAD = 64 << 10
 MAX_CONTROL = 64 << 10
 MAX_LAYOUT = 16 << 20  # a LAYER_BEGIN with the VMA list (65530 VMAs at most, ~250 bytes each)
+PREAUTH_MAX = 4 << 10  # any frame before the peer proved the token (HELLO, PROOF, REFUSED)
+HANDSHAKE_TYPES = frozenset({HELLO, PROOF, REFUSED})
+
+# Frame protection after the handshake (HELLO's cipher; both sides must agree).
+CIPHER_AEAD = "aes-256-gcm"  # default: payload encrypted, header authenticated
+CIPHER_CLEAR = "none"  # --insecure-cleartext: payload in the clear, frame HMAC-SHA256-tagged
+CIPHERS = (CIPHER_AEAD, CIPHER_CLEAR)
 
 # The largest payload accepted per type; anything bigger is refused before reading it.
 MAX_PAYLOAD = {
@@ -74,8 +84,8 @@ TASK_SIZE = 0x7FFFFFFFF000
 
 # control message schemas: key -> accepted types
 _SCHEMA: dict[int, dict[str, tuple[type, ...]]] = {
-    HELLO: {"version": (int,), "role": (str,), "nonce": (bytes,), "ckpt": (str,),
-            "host": (str,), "kernel": (str,)},
+    HELLO: {"version": (int,), "role": (str,), "nonce": (bytes,), "cipher": (str,),
+            "ckpt": (str,), "host": (str,), "kernel": (str,)},
     PROOF: {"mac": (bytes,)},
     REFUSED: {"reason": (str,)},
     LAYER_BEGIN: {"layer": (int,)},
@@ -93,6 +103,7 @@ _SCHEMA: dict[int, dict[str, tuple[type, ...]]] = {
 
 # optional keys (absent from older peers): key -> accepted types
 _OPTIONAL: dict[int, dict[str, tuple[type, ...]]] = {
+    REFUSED: {"code": (int,)},  # the exit code the refused side should use (default 20)
     LAYER_BEGIN: {"pid": (int,), "vmas": (list,)},
     RUNNING: {"parts": (dict,)},
 }

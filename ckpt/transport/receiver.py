@@ -1,6 +1,7 @@
 """The destination side of a live migration, in order.
 
-    listen → accept one source → (TLS) → authenticate       nothing is done before this
+    listen → accept until one source authenticates (gate.py: (TLS), token handshake,
+             several at once, deadline, rate limit)     nothing is done before this
     LAYER_BEGIN{layout} 0 → spawn the restorer, map layout   staged restore (restore/staged.py)
     PAGES… → inflated straight into its memory (pool)        LAYER_ACK once all are in place
     LAYER_BEGIN{layout} k → remap what changed, pages…       per pre-copy round
@@ -38,7 +39,7 @@ from ..model import SLOT_SHIFT, ProcessImage
 from ..restore.run import restore
 from ..restore.staged import StagedRestore
 from . import faults, protocol
-from .auth import server_handshake
+from .auth import HANDSHAKE_DEADLINE, describe_protection
 from .channel import Channel
 from .errors import (
     ConnectionLost,
@@ -49,8 +50,9 @@ from .errors import (
     TransportError,
     TransportTimeout,
 )
-from .net import Address, accept, listen
-from .tls import TlsOptions, server_context, wrap_server
+from .gate import Gate
+from .net import Address, listen
+from .tls import TlsOptions, server_context
 
 HEARTBEAT = 1.0
 
@@ -67,6 +69,8 @@ class ReceiveOptions:
     tls: TlsOptions = field(default_factory=TlsOptions)
     level: int | None = None
     stage: bool = True  # build the process while the rounds arrive (if the source sends layouts)
+    cipher: str = protocol.CIPHER_AEAD  # CIPHER_CLEAR: --insecure-cleartext
+    handshake_timeout: float = HANDSHAKE_DEADLINE  # seconds for a whole handshake
 
 
 @dataclass
@@ -366,21 +370,22 @@ def receive(
         check_image_destination(opts.keep_images)
     ctx = server_context(opts.tls)
     server = listen(opts.listen)
+    gate = Gate(
+        server, token=opts.token, cipher=opts.cipher, report=report, tls_ctx=ctx,
+        io_timeout=opts.io_timeout, deadline=opts.handshake_timeout,
+    )  # fmt: skip
     try:
         report(f"listening on {opts.listen}" + (" (TLS)" if ctx else ""))
-        sock, peer = accept(server, opts.accept_timeout)
+        admitted = gate.run(opts.accept_timeout)
+    except TransportError as exc:
+        raise _with_suffix(exc, "nothing was received") from None
     finally:
         server.close()
-    sock.settimeout(opts.io_timeout)
-    if ctx is not None:
-        sock = wrap_server(ctx, sock, peer)
-    ch = Channel(sock, peer, io_timeout=opts.io_timeout)
-    try:
-        info = server_handshake(ch, opts.token)
-    except TransportError as exc:
-        ch.close()
-        raise _with_suffix(exc, "nothing was received") from None
-    report(f"authenticated {peer} ({info.host}, kernel {info.kernel}, ckpt {info.ckpt})")
+    ch, info, peer = admitted.ch, admitted.info, admitted.peer
+    report(
+        f"authenticated {peer} ({info.host}, kernel {info.kernel}, ckpt {info.ckpt}); "
+        + describe_protection(ch.cipher, ctx is not None)
+    )
     t0 = time.monotonic()
     result = ReceiveResult(peer=peer)
     tmp = None

@@ -1,8 +1,9 @@
 """Optional TLS around the migration socket (Python's ssl), configured from CLI options.
 
-TLS adds confidentiality (a process image holds keys and passwords) and
-certificate-based identity on top of the token handshake, which still runs
-inside the TLS session: a peer needs both the right certificate and the token.
+The frame layer is already encrypted with keys derived from the token (auth.py,
+channel.py); TLS adds certificate-based identity and forward secrecy (its ECDHE
+key exchange) for those who have a PKI. The token handshake still runs inside
+the TLS session: a peer needs both the right certificate and the token.
 """
 
 from __future__ import annotations
