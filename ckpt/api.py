@@ -26,10 +26,13 @@ def dump(pid: int, directory: str, **options) -> DumpResult:
     return _dump(pid, directory, **options)
 
 
-def restore(directory: str, *, new_pid: bool = False, shell_job: bool = False) -> Restored:
+def restore(
+    directory: str, *, new_pid: bool = False, shell_job: bool = False, detach: bool = False
+) -> Restored:
     """shell_job: a job of the terminal ckpt runs on (restore/tty.py); then wait with
-    wait_exit_status(r.pid, r.terminal), which hands the terminal back."""
-    return _restore(directory, new_pid=new_pid, shell_job=shell_job)
+    wait_exit_status(r.pid, r.terminal), which hands the terminal back. detach: the
+    caller will not wait for the process (refused for a parent-death signal)."""
+    return _restore(directory, new_pid=new_pid, shell_job=shell_job, detach=detach)
 
 
 def snapshot(pid: int, store: str, **options):
@@ -51,7 +54,7 @@ def snapshot_dir(store: str, at: str | None) -> tuple[str, str]:
 
 def restore_snapshot(
     store: str, at: str | None, *, new_pid: bool = False, wait: float = 10.0,
-    shell_job: bool = False,
+    shell_job: bool = False, detach: bool = False,
 ):  # fmt: skip
     """Restore snapshot `at` of a store; a shared store lock keeps gc from swapping it meanwhile."""
     from .store import Store
@@ -59,7 +62,8 @@ def restore_snapshot(
     st = Store.open(store)
     with st.lock(wait, shared=True, op="restore"):
         info = st.resolve(at)
-        return _restore(st.path_of(info), new_pid=new_pid, shell_job=shell_job), info.id
+        r = _restore(st.path_of(info), new_pid=new_pid, shell_job=shell_job, detach=detach)
+        return r, info.id
 
 
 def _resolve_show_target(target: str) -> str:

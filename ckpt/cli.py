@@ -189,10 +189,12 @@ def restore(
     if at is not None and store is None:
         raise UsageError("--at needs --store")
     if store is not None:
-        r, sid = api.restore_snapshot(store, at, new_pid=new_pid, shell_job=shell_job)
+        r, sid = api.restore_snapshot(
+            store, at, new_pid=new_pid, shell_job=shell_job, detach=detach
+        )
         status(f"restored snapshot {sid} of {store}")
     else:
-        r = api.restore(directory, new_pid=new_pid, shell_job=shell_job)
+        r = api.restore(directory, new_pid=new_pid, shell_job=shell_job, detach=detach)
     if detach:
         click.echo(r.pid)
         status(f"restored {r.pid} in {r.seconds:.2f} s")

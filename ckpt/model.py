@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
@@ -69,6 +70,8 @@ class Vma:
     # kinds "shmem" and "sysv": index of the object it maps in the root's `shm` list;
     # its pages are the object's (ShmObject.present), never the VMA's own
     shm: int = -1
+    # guard regions (MADV_GUARD_INSTALL) inside it, as [vaddr, npages] runs
+    guards: list[list[int]] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -220,6 +223,52 @@ class Rseq:
 
 
 @dataclass
+class SchedAttr:
+    """struct sched_attr of one thread (sched_getattr)."""
+
+    policy: int  # SCHED_OTHER 0, FIFO 1, RR 2, BATCH 3, IDLE 5, DEADLINE 6, EXT 7
+    flags: int  # SCHED_FLAG_RESET_ON_FORK, DL flags
+    nice: int
+    priority: int  # rt priority
+    runtime: int = 0  # SCHED_DEADLINE, ns
+    deadline: int = 0
+    period: int = 0
+    util_min: int = 0
+    util_max: int = 1024
+
+
+@dataclass
+class ThreadAttrs:
+    """Per-thread attributes ckpt keeps (docs/ARCHITECTURE.md "Process attributes").
+    None: not read (a kernel without it) — left as the restorer has it."""
+
+    sched: SchedAttr | None = None
+    affinity: list[int] | None = None  # CPU numbers
+    ioprio: int | None = None  # ioprio_get(IOPRIO_WHO_PROCESS)
+    timerslack: int | None = None  # ns, PR_GET_TIMERSLACK
+    pdeathsig: int = 0  # PR_GET_PDEATHSIG
+    tsc: int | None = None  # PR_GET_TSC: PR_TSC_ENABLE 1, PR_TSC_SIGSEGV 2
+    mce_kill: int | None = None  # PR_MCE_KILL_GET
+    cpuid: int | None = None  # ARCH_GET_CPUID: 1 cpuid works, 0 faults (SIGSEGV)
+    io_flusher: bool = False  # PR_SET_IO_FLUSHER (PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE)
+    # PR_GET_SPECULATION_CTRL of [store bypass, indirect branch, L1D flush] when the
+    # system lets prctl control them (PR_SPEC_PRCTL), else None
+    spec: list[int] | None = None
+
+
+@dataclass
+class ProcAttrs:
+    """Per-process attributes ckpt keeps (docs/ARCHITECTURE.md "Process attributes")."""
+
+    oom_score_adj: int = 0
+    coredump_filter: int = 0x33
+    # MEMBARRIER_CMD_GET_REGISTRATIONS: the REGISTER_* commands the mm has made; -1 unknown
+    membarrier: int = -1
+    ksm_merge_any: bool = False  # PR_SET_MEMORY_MERGE
+    exit_signal: int = 17  # sent to the parent at exit (clone's exit_signal; SIGCHLD)
+
+
+@dataclass
 class Thread:
     tid: int
     regs: dict[str, int]
@@ -231,6 +280,7 @@ class Thread:
     robust_list: list[int]  # [head, len]
     clear_child_tid: int
     comm: bytes = b""  # per-thread name (pthread_setname_np); empty: the process's
+    attrs: ThreadAttrs | None = None  # scheduling, affinity, … (capture/attrs.py)
 
 
 @dataclass
@@ -290,6 +340,7 @@ class ProcessImage:
     starttime: int = 0  # /proc/PID/stat start time: (pid, starttime) names the process
     # the tree's shared memory objects (on the root only); Vma.shm indexes this list
     shm: list[ShmObject] = field(default_factory=list)
+    attrs: ProcAttrs | None = None  # oom_score_adj, membarrier, … (capture/attrs.py)
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)
@@ -323,10 +374,51 @@ def state_version(state: dict[str, Any]) -> tuple[int, int]:
             for p in procs
         )
     )
+    if any(_needs_v4(p) for p in procs):
+        return (4, 0)  # a 3.x reader would drop these process attributes and say nothing
     if state.get("shm"):
         # a 2.0 reader would map the objects' VMAs as empty memory and say nothing
         return (3, 0)
     return (2, 0) if v2 else (1, 1)  # image.FORMAT_MAJOR, FORMAT_MINOR for 1.x
+
+
+# What a process has without ever setting it (capture/attrs.py): the attributes a
+# reader of majors <= 3 ignores. A state with anything else is major 4.
+_PLAIN_THREAD = {
+    "pdeathsig": (0,), "ioprio": (None, 0), "timerslack": (None, 50_000), "tsc": (None, 1),
+    "mce_kill": (None, 2), "cpuid": (None, 1), "io_flusher": (False,),
+}  # fmt: skip
+_PLAIN_PROC = {
+    "oom_score_adj": (0,), "coredump_filter": (0x33,), "membarrier": (-1, 0),
+    "ksm_merge_any": (False,), "exit_signal": (17,),
+}  # fmt: skip
+
+
+def _needs_v4(p: dict[str, Any]) -> bool:
+    """Guard regions, sealed or droppable memory, or process attributes that are not a
+    plain process's (a restricted CPU affinity, a real-time policy, a parent-death
+    signal…): a 3.x reader would restore the process without them."""
+    vmas = p.get("vmas") or ()
+    if any(v.get("guards") or {"sl", "dp"} & set(v.get("vmflags") or ()) for v in vmas):
+        return True
+    pa = p.get("attrs") or {}
+    if any(pa.get(k, ok[0]) not in ok for k, ok in _PLAIN_PROC.items()):
+        return True
+    cpus = list(range(os.cpu_count() or 1))
+    for t in p.get("threads") or ():
+        a = t.get("attrs") or {}
+        if any(a.get(k, ok[0]) not in ok for k, ok in _PLAIN_THREAD.items()):
+            return True
+        if a.get("affinity") not in (None, cpus) or any(s & 0x1C for s in a.get("spec") or ()):
+            return True
+        s = a.get("sched") or {}
+        plain = {"policy": 0, "flags": 0, "nice": 0, "priority": 0, "runtime": 0, "deadline": 0,
+                 "period": 0, "util_min": 0}  # fmt: skip
+        if any(s.get(k, v) != v for k, v in plain.items()):
+            return True
+        if s.get("util_max", 0) not in (0, 1024):  # 0: a kernel without uclamp
+            return True
+    return False
 
 
 def present_keys(state: dict[str, Any]) -> list[tuple[int, int]]:

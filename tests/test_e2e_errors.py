@@ -260,7 +260,7 @@ def test_unknown_major_version(e2e, small_image, image_copy, kind):
     """docs/FORMAT.md: magic(4) kind(4) u16 major u16 minor, frozen for every major."""
     path = image_file(image_copy, kind)
     data = bytearray(path.read_bytes())
-    struct.pack_into("<H", data, 8, 4)  # state files are 1.x to 3.x, layer files 1.x
+    struct.pack_into("<H", data, 8, 5)  # state files are 1.x to 4.x, layer files 1.x
     path.write_bytes(bytes(data))
     restore_fails(e2e, small_image, image_copy, 7)
 

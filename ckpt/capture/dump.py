@@ -31,7 +31,7 @@ from ..present import PresentMap
 from ..track import make_tracker
 from ..track.base import Tracker
 from ..track.full import FullTracker
-from . import state
+from . import attrs, state
 from .fds import capture_fds
 from .pages import PageCopier
 from .shm import SHM_KINDS, SharedMemory, project_onto
@@ -143,6 +143,7 @@ def dump(
             tracee = seize_group(pid, procfs.tasks)
             faults.point("seized")
         frozen = freeze_tree(tracee) if tree else FrozenTree([tracee])
+        attrs.refuse_frozen(frozen.members)
         proc, final_pages, bytes_stored = _capture_final(
             tracee,
             trk,
@@ -309,6 +310,7 @@ def _arm(tracee: Tracee, trk: Tracker) -> None:
     _check_arch(tracee.pid, regs)
     mask = tracee.get_sigmask()
     maps = procfs.maps(tracee.pid)
+    attrs.refuse_traced(tracee)
     with DumpInjection(tracee, maps, regs, mask) as inj:
         state.close_leftover_uffds(inj, tracee.pid)
         trk.arm(inj)
@@ -377,6 +379,7 @@ def _capture_final(
             v.shm = shm.ref(pid, by_start[v.start], v)
     status = procfs.status(pid)
     robust = get_robust_list(pid)
+    tattrs = {t: attrs.thread_outside(t) for t in [pid, *(o.tid for o in others)]}
 
     with DumpInjection(tracee, maps, regs, mask) as inj:
         state.close_leftover_uffds(inj, pid)
@@ -384,8 +387,14 @@ def _capture_final(
         misc = state.misc(inj)
         its = state.itimers(inj)
         timers = state.posix_timers(inj, pid)
+        pattrs = attrs.process_attrs(inj, pid)
+        attrs.thread_injected(inj, tattrs[pid])
         others_misc = state.other_threads_misc(
-            inj, tracee.others, [o.regs for o in others], [o.sigmask for o in others]
+            inj,
+            tracee.others,
+            [o.regs for o in others],
+            [o.sigmask for o in others],
+            also=lambda tid, tinj: attrs.thread_injected(tinj, tattrs[tid]),
         )
     fds = capture_fds(pid, skip_fds, tcp_established=tcp_established, tree=tree - {pid},
                       shell_job=shell_job)  # fmt: skip
@@ -433,6 +442,7 @@ def _capture_final(
     finally:
         os.close(pm_fd)
         copier.close()
+    attrs.guards(pid, vmas)
 
     thread = Thread(
         tid=pid, regs=regs, xstate=xstate, sigmask=mask, pending=pending,
@@ -442,6 +452,9 @@ def _capture_final(
     )  # fmt: skip
     for o, (altstack, ctid) in zip(others, others_misc):
         o.sigaltstack, o.clear_child_tid = altstack, ctid
+    for t in (thread, *others):
+        t.attrs = tattrs[t.tid]
+    pattrs.exit_signal = st.exit_signal
     proc = ProcessImage(
         pid=pid, ppid=st.ppid, pgid=st.pgrp, sid=st.session, comm=st.comm,
         cmdline=procfs.read_bytes(pid, "cmdline"), exe=exe, cwd=procfs.readlink(pid, "cwd"),
@@ -453,4 +466,5 @@ def _capture_final(
         dumpable=misc["dumpable"], child_subreaper=misc["child_subreaper"],
         thp_disable=misc["thp_disable"], starttime=st.starttime,
     )  # fmt: skip
+    proc.attrs = pattrs
     return proc, final_pages, getattr(lstats, "bytes_stored", 0)

@@ -28,6 +28,7 @@ from ..present import PresentMap
 from ..track.base import Tracker
 from ..track.full import FullTracker
 from ..track.uffd_wp import Handle, UffdWpTracker
+from . import attrs
 from .dump import _arm, _capture_final, _fail_cleanup, capture_shared, image_pages
 from .shm import SharedMemory
 from .sockets import take_net_lock
@@ -109,6 +110,7 @@ def snapshot(
             t_freeze = time.monotonic()
             tracee = target.freeze()
             frozen = freeze_tree(tracee) if tree else FrozenTree([tracee])
+            attrs.refuse_frozen(frozen.members)
             skip = {trk.target_fd} if isinstance(trk, UffdWpTracker) else set()
             pids = frozenset(frozen.pids)
             proc, final_pages, stored = _capture_final(

@@ -8,6 +8,7 @@ target itself, through the heal-safe Injector.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 from .. import faults
 from ..kernel import procfs
@@ -55,9 +56,14 @@ def thread_misc(inj: Injector) -> tuple[list[int], int]:
 
 
 def other_threads_misc(
-    inj: Injector, threads: list[Tracee], regs: list[dict[str, int]], masks: list[int]
+    inj: Injector,
+    threads: list[Tracee],
+    regs: list[dict[str, int]],
+    masks: list[int],
+    also: Callable[[int, Injector], None] | None = None,
 ) -> list[tuple[list[int], int]]:
-    """thread_misc() of each non-leader thread, each in its own heal-safe session."""
+    """thread_misc() of each non-leader thread, each in its own heal-safe session;
+    also(tid, injector) runs in that session too."""
     if not threads:
         return []
     size = heal_area_size(len(threads))
@@ -69,6 +75,8 @@ def other_threads_misc(
                 if i == len(threads) // 2:
                     faults.point("inject-thread")  # mid-way, inside one thread's session
                 out.append(thread_misc(tinj))
+                if also is not None:
+                    also(t.pid, tinj)
     finally:
         inj.call("munmap", area, size)
     return out

@@ -6,6 +6,7 @@ import os
 
 from ..errors import AccessDenied, NoSuchProcess, UnsupportedProcess
 from ..kernel import procfs
+from . import attrs
 
 
 def check_target(pid: int) -> procfs.Stat:
@@ -34,4 +35,5 @@ def check_target(pid: int) -> procfs.Stat:
         raise UnsupportedProcess(
             f"process {pid} is stopped (job control); continue it first", pid=pid
         )
+    attrs.refuse(pid)  # process attributes ckpt cannot restore
     return st

@@ -35,10 +35,8 @@ def classify(pid: int, m: Mapping) -> Vma | None:
         raise UnsupportedProcess(f"{where} is hugetlbfs memory (not supported yet)", pid=pid)
     if "pf" in m.vmflags or "io" in m.vmflags:
         raise UnsupportedProcess(f"{where} is a device/PFN mapping (not supported)", pid=pid)
-    if "dp" in m.vmflags:
-        raise UnsupportedProcess(f"{where} is MAP_DROPPABLE (not supported)", pid=pid)
-    if "sl" in m.vmflags:
-        raise UnsupportedProcess(f"{where} is sealed with mseal (not supported yet)", pid=pid)
+    if "dp" in m.vmflags and (m.shared or m.inode):
+        raise UnsupportedProcess(f"{where} is MAP_DROPPABLE but not anonymous", pid=pid)
     base = dict(
         start=m.start, end=m.end, prot=m.prot, shared=m.shared, name=name,
         offset=m.offset, vmflags=list(m.vmflags),

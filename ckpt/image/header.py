@@ -22,7 +22,10 @@ FORMAT_MINOR = 1  # 1.1: optional state keys for threads' names, trees, spaces
 # Only state files are ever 2; layer files are 1.
 # 3 = a state whose shared memory is stored by object (model.ShmObject): a 2.x reader
 # would restore those mappings empty, so it must refuse it.
-READ_MAJORS = (1, 2, 3)
+# 4 = a state with process attributes a 3.x reader ignores (model.ProcAttrs,
+# ThreadAttrs, guard regions, sealed or droppable memory) that are not a plain
+# process's: it would restore the process without them, so it must refuse it.
+READ_MAJORS = (1, 2, 3, 4)
 _READ_MAJORS_OF = {b"STAT": READ_MAJORS, b"INDX": (1,), b"PAGE": (1,)}
 
 MAGIC = b"CKPT"

@@ -25,12 +25,14 @@ from ..kernel.ptrace import (
 from ..kernel.remote import HEAL_CODE, INJECT_MASK, SCRATCH_PAGES, Injector, RemoteError, Scratch
 from ..kernel.spawn import pause_syscall_addr
 from ..model import ProcessImage, Thread
+from . import attrs
 from .fds import create_memfds, memfd_fd_for, restore_fds
 from .shm import Owner, SharedObjects
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS = 0x01, 0x02, 0x20
 MAP_GROWSDOWN, MAP_NORESERVE, MAP_FIXED_NOREPLACE = 0x100, 0x4000, 0x100000
+MAP_DROPPABLE = 0x08
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 O_RDONLY, O_RDWR, O_CREAT, O_EXCL, O_TRUNC, O_CLOEXEC = 0, 2, 0o100, 0o200, 0o1000, 0o2000000
 AT_FDCWD = -100
@@ -131,23 +133,27 @@ class Rebuilder:
         self.restore_signals()
         self.restore_timers()
         self.restore_rlimits()  # with ckpt's credentials still: before restore_creds
+        attrs.before_creds(self)  # restore/attrs.py
         self.restore_creds()
         self.register_rseq()
+        attrs.after_creds(self)
 
-    def fork_child(self, want: int | None) -> Tracee:
-        """A copy of this (still empty) restorer as its child, with PID `want` when given.
+    def fork_child(self, want: int | None, exit_signal: int = SIGCHLD) -> Tracee:
+        """A copy of this (still empty) restorer as its child, with PID `want` when given,
+        that sends `exit_signal` to its parent when it exits.
 
-        The child is auto-attached (PTRACE_O_TRACEFORK) and stops before running an
-        instruction; it becomes a tree member's restorer. Needs the scratch area.
+        The child is auto-attached (PTRACE_O_TRACEFORK, or TRACECLONE for an exit signal
+        other than SIGCHLD) and stops before running an instruction; it becomes a tree
+        member's restorer. Needs the scratch area.
         """
         if self.inj.scratch is None:
             self.make_scratch(procfs.maps(self.pid))
         inj = self.inj
         inj.reset_data()
         set_tid = inj.put(struct.pack("<i", want)) if want else 0
-        args = struct.pack("<11Q", 0, 0, 0, 0, SIGCHLD, 0, 0, 0, set_tid, 1 if want else 0, 0)
+        args = struct.pack("<11Q", 0, 0, 0, 0, exit_signal, 0, 0, 0, set_tid, 1 if want else 0, 0)
         base = PTRACE_O_TRACESYSGOOD | PTRACE_O_EXITKILL
-        self.tracee.set_options(base | PTRACE_O_TRACEFORK)
+        self.tracee.set_options(base | PTRACE_O_TRACEFORK | PTRACE_O_TRACECLONE)
         try:
             try:
                 pid = inj.call("clone3", inj.put(args), len(args))
@@ -239,6 +245,8 @@ class Rebuilder:
             flags = MAP_FIXED_NOREPLACE | (MAP_SHARED if v.shared else MAP_PRIVATE)
             if "gd" in v.vmflags:
                 flags |= MAP_GROWSDOWN
+            if "dp" in v.vmflags:  # MAP_DROPPABLE: a mapping type of its own
+                flags = flags & ~MAP_PRIVATE | MAP_DROPPABLE
             if v.shm >= 0:
                 self._map_object(v, prot0, flags)
                 continue
@@ -394,6 +402,7 @@ class Rebuilder:
         self._map_via(owner, ov.start, ov.end, v, prot, flags)
 
     def finish_vmas(self) -> None:
+        attrs.before_finish(self)  # guard regions, anon names (restore/attrs.py)
         for v in self.proc.vmas:
             if v.kind in VDSO_KINDS:
                 continue
@@ -404,6 +413,7 @@ class Rebuilder:
                     self.inj.raw(28, v.start, v.size, advice)  # best effort (e.g. THP off)
             if "lo" in v.vmflags:
                 self._mlock(v)
+        attrs.after_finish(self)  # mseal: last
 
     def _mlock(self, v) -> None:
         """mlock'd memory, locked again while the restorer still has ckpt's credentials
@@ -461,7 +471,8 @@ class Rebuilder:
         inj.call("personality", p.personality)
         inj.call("prctl", PR_SET_DUMPABLE, p.dumpable, 0, 0, 0)
         inj.call("prctl", PR_SET_CHILD_SUBREAPER, p.child_subreaper, 0, 0, 0)
-        inj.call("prctl", PR_SET_THP_DISABLE, p.thp_disable, 0, 0, 0)
+        # PR_GET_THP_DISABLE: 1 | flags (6.18: PR_THP_DISABLE_EXCEPT_ADVISED); set takes both
+        inj.call("prctl", PR_SET_THP_DISABLE, p.thp_disable & 1, p.thp_disable & ~1, 0, 0)
         inj.call("prctl", PR_SET_PDEATHSIG, 0, 0, 0, 0)
         _thread_misc(inj, p.threads[0])
 

@@ -15,6 +15,7 @@ from ..kernel.memory import write_at
 from ..kernel.spawn import spawn_restorer
 from ..model import ProcessImage, slot_base
 from ..present import intersect
+from .attrs import check_detach
 from .tree import build_tree, check_tree, members
 from .tty import Terminal, check_image
 
@@ -39,15 +40,20 @@ def load(directory: str) -> tuple[ImageReader, ProcessImage]:
     return reader, proc
 
 
-def restore(directory: str, *, new_pid: bool = False, shell_job: bool = False) -> Restored:
+def restore(
+    directory: str, *, new_pid: bool = False, shell_job: bool = False, detach: bool = False
+) -> Restored:
     """Rebuild the process (and its tree); it runs on as a child of this process.
-    shell_job: as a job of ckpt's terminal, in the foreground (restore/tty.py)."""
+    shell_job: as a job of ckpt's terminal, in the foreground (restore/tty.py).
+    detach: the caller will not stay the process's parent (restore/attrs.py)."""
     t0 = time.monotonic()
     reader, proc = load(directory)
     procs = members(proc)
     terminal = None
     try:
         check_image(procs, shell_job)
+        if detach:
+            check_detach(proc)
         terminal = Terminal.find() if shell_job else None
         check_tree(proc, new_pid)
         child = spawn_restorer(None if new_pid else proc.pid)

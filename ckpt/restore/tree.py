@@ -27,6 +27,7 @@ from collections.abc import Callable
 from ..errors import ImageCorrupt
 from ..kernel import sysvshm
 from ..model import ProcessImage
+from . import attrs
 from .checks import check_files, wait_pid_free
 from .rebuild import Rebuilder
 from .shm import SharedObjects, check_not_in_use, check_objects
@@ -72,7 +73,7 @@ def build_tree(
         _early_session(rbs[0], terminal, root=True)
         for p in procs[1:]:
             parent = rbs[slot[p.ppid]]
-            tr = parent.fork_child(None if new_pid else p.pid)
+            tr = parent.fork_child(None if new_pid else p.pid, attrs.exit_signal(p))
             rb = Rebuilder(tr.pid, p, new_pid, tracee=tr)
             rbs.append(rb)
             _early_session(rb, terminal)

@@ -1,0 +1,226 @@
+"""Process and thread attributes (docs/ARCHITECTURE.md "Process attributes").
+
+What the kernel shows from outside is read from outside (scheduling, affinity, I/O
+priority, /proc knobs, guard regions); the rest (prctl and arch_prctl getters, the
+membarrier registrations) by injected syscalls in each thread's own session. What
+ckpt can detect but not restore is refused by refuse() / refuse_traced() before
+anything is injected (exit 5, one line naming the process and thread).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import struct
+import subprocess
+
+from ..errors import NoSuchProcess, UnsupportedProcess
+from ..kernel import attrs as K
+from ..kernel import procfs
+from ..kernel.ptrace import Tracee
+from ..kernel.remote import Injector, RemoteError
+from ..model import ProcAttrs, SchedAttr, ThreadAttrs, Vma
+
+PR_GET_PDEATHSIG, PR_GET_TIMERSLACK, PR_GET_TSC, PR_MCE_KILL_GET = 2, 30, 25, 34
+PR_GET_SPECULATION_CTRL, PR_SPEC_PRCTL, PR_GET_MEMORY_MERGE = 52, 1, 68
+ARCH_GET_CPUID, NR_MEMBARRIER, MEMBARRIER_CMD_GET_REGISTRATIONS = 0x1011, 324, 1 << 9
+SPEC_KINDS = 3  # PR_SPEC_STORE_BYPASS, PR_SPEC_INDIRECT_BRANCH, PR_SPEC_L1D_FLUSH
+CAP_SYS_NICE, CAP_SYS_RESOURCE = 23, 24
+ALL_ONES = (1 << 64) - 1
+NO_GUARDS = ("vdso", "vvar", "vvar_vclock")
+
+
+# -- refused up front ---------------------------------------------------------------------
+
+
+def refuse(pid: int) -> None:
+    """What /proc shows that ckpt cannot bring back: refuse before anything is injected
+    (called when the dump starts, and again on every member of the frozen tree)."""
+    for tid in procfs.tasks(pid):
+        try:
+            status = procfs.parse_status(procfs.read_bytes(pid, "task", str(tid), "status"))
+            flags = procfs.parse_stat(procfs.read_bytes(pid, "task", str(tid), "stat")).flags
+        except NoSuchProcess:
+            continue  # a thread that just exited
+        who = _who(pid, tid)
+        mask = status.get("untag_mask", "")
+        if mask and int(mask, 16) != ALL_ONES:
+            raise UnsupportedProcess(
+                f"{who} uses linear address masking (LAM, untag_mask {mask}): not supported",
+                pid=pid,
+            )
+        feats = status.get("x86_Thread_features", "").strip()
+        if feats:
+            raise UnsupportedProcess(
+                f"{who} has x86 thread features enabled ({feats}: a shadow stack): not supported",
+                pid=pid,
+            )
+        if flags & K.IO_FLUSHER == K.IO_FLUSHER and not _own_cap(CAP_SYS_RESOURCE):
+            raise UnsupportedProcess(
+                f"{who} is an I/O flusher (PR_SET_IO_FLUSHER): setting it again needs "
+                "CAP_SYS_RESOURCE, which ckpt lacks",
+                pid=pid,
+            )
+        if not _own_cap(CAP_SYS_NICE):
+            try:
+                s = K.sched_getattr(tid)
+            except OSError:
+                continue
+            if s[0] not in K.FAIR or s[2] < os.getpriority(os.PRIO_PROCESS, 0):
+                raise UnsupportedProcess(
+                    f"{who} has scheduling policy {s[0]}, nice {s[2]}: setting it again "
+                    "needs CAP_SYS_NICE, which ckpt lacks",
+                    pid=pid,
+                )
+    _refuse_oom(pid)
+
+
+def refuse_traced(tracee: Tracee) -> None:
+    """What only ptrace shows (the threads are stopped by us): syscall user dispatch
+    would turn ckpt's injected syscalls into SIGSYS in the target."""
+    for t in [tracee, *tracee.others]:
+        try:
+            mode = K.sud_mode(t.pid)
+        except OSError:
+            continue
+        if mode:
+            raise UnsupportedProcess(
+                f"{_who(tracee.pid, t.pid)} uses syscall user dispatch "
+                "(PR_SET_SYSCALL_USER_DISPATCH): not supported (ckpt's injected syscalls "
+                "would be dispatched to its SIGSYS handler)",
+                pid=tracee.pid,
+            )
+
+
+def _refuse_oom(pid: int) -> None:
+    """oom_score_adj is written for the restored process by ckpt, which (without
+    CAP_SYS_RESOURCE) cannot go below the floor it inherited (oom_score_adj_min; a
+    restorer inherits ckpt's). The floor has no /proc view: a value below ckpt's own
+    is tried in a child of ckpt."""
+    value = int(K.read_knob(pid, "oom_score_adj"))
+    if value >= int(K.read_knob(os.getpid(), "oom_score_adj")) or _own_cap(CAP_SYS_RESOURCE):
+        return
+    probe = subprocess.run(
+        ["/bin/sh", "-c", f"echo {value} > /proc/self/oom_score_adj"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        check=False,
+    )  # fmt: skip
+    if probe.returncode != 0:
+        raise UnsupportedProcess(
+            f"process {pid} has oom_score_adj {value}, below what ckpt may set "
+            "(lowering it needs CAP_SYS_RESOURCE)",
+            pid=pid,
+        )
+
+
+def _who(pid: int, tid: int) -> str:
+    try:
+        comm = procfs.stat(pid).comm.decode(errors="replace")
+    except NoSuchProcess:
+        comm = "?"
+    return f"process {pid} ({comm})" + (f", thread {tid}," if tid != pid else "")
+
+
+def _own_cap(cap: int) -> bool:
+    return bool(int(procfs.status(os.getpid()).get("CapEff", "0"), 16) >> cap & 1)
+
+
+# -- captured -----------------------------------------------------------------------------
+
+
+def thread_outside(tid: int) -> ThreadAttrs:
+    """The parts of a thread's attributes read from outside (scheduling, affinity, I/O
+    priority, the I/O flusher flags)."""
+    policy, flags, nice, prio, rt, dl, per, umin, umax = K.sched_getattr(tid)
+    st = procfs.parse_stat(procfs.read_bytes(tid, "stat"))
+    return ThreadAttrs(
+        sched=SchedAttr(policy, flags & K.SCHED_KEEP, nice, prio, rt, dl, per, umin, umax),
+        affinity=K.affinity(tid), ioprio=K.ioprio_get(tid),
+        io_flusher=st.flags & K.IO_FLUSHER == K.IO_FLUSHER,
+    )  # fmt: skip
+
+
+def thread_injected(inj: Injector, a: ThreadAttrs) -> None:
+    """The calling thread's prctl / arch_prctl state (no view from outside), into `a`."""
+    inj.reset_data()
+    buf = inj.alloc(8)
+    inj.call("prctl", PR_GET_PDEATHSIG, buf, 0, 0, 0)
+    a.pdeathsig = struct.unpack("<i", inj.read(buf, 4))[0]
+    a.timerslack = inj.call("prctl", PR_GET_TIMERSLACK, 0, 0, 0, 0)
+    inj.call("prctl", PR_GET_TSC, buf, 0, 0, 0)
+    a.tsc = struct.unpack("<i", inj.read(buf, 4))[0]
+    a.mce_kill = inj.call("prctl", PR_MCE_KILL_GET, 0, 0, 0, 0)
+    if _cpuid_faulting():
+        a.cpuid = inj.call("arch_prctl", ARCH_GET_CPUID, 0)
+    ctl = spec_controls()
+    if any(ctl):
+        a.spec = [
+            inj.call("prctl", PR_GET_SPECULATION_CTRL, k, 0, 0, 0) if ctl[k] else 0
+            for k in range(SPEC_KINDS)
+        ]
+
+
+def process_attrs(inj: Injector, pid: int) -> ProcAttrs:
+    """Per-process attributes: /proc knobs from outside, the rest injected (leader)."""
+    a = ProcAttrs(
+        oom_score_adj=int(K.read_knob(pid, "oom_score_adj")),
+        coredump_filter=int(K.read_knob(pid, "coredump_filter"), 16),
+    )
+    inj.reset_data()
+    try:
+        a.membarrier = inj.call_nr(NR_MEMBARRIER, MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0,
+                                   name="membarrier")  # fmt: skip
+    except RemoteError:
+        a.membarrier = -1  # before Linux 6.3: registrations cannot be read
+    try:
+        a.ksm_merge_any = bool(inj.call("prctl", PR_GET_MEMORY_MERGE, 0, 0, 0, 0))
+    except RemoteError:
+        a.ksm_merge_any = False  # before Linux 6.4: no such thing
+    return a
+
+
+def guards(pid: int, vmas: list[Vma]) -> None:
+    """Each VMA's guard regions (pagemap PM_GUARD_REGION, via PAGEMAP_SCAN)."""
+    if not K.guard_supported():
+        return
+    fd = os.open(procfs.path(pid, "pagemap"), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for v in vmas:
+            if v.kind not in NO_GUARDS:
+                v.guards = K.guard_runs(fd, v.start, v.end)
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def spec_controls() -> tuple[bool, ...]:
+    """Which speculation controls this system lets prctl set (PR_SPEC_PRCTL): a boot-time
+    choice, the same for every process, so ckpt asks itself."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    out = []
+    for k in range(SPEC_KINDS):
+        r = libc.prctl(PR_GET_SPECULATION_CTRL, k, 0, 0, 0)
+        out.append(r >= 0 and bool(r & PR_SPEC_PRCTL))
+    return tuple(out)
+
+
+@functools.cache
+def _cpuid_faulting() -> bool:
+    """ARCH_SET_CPUID works only where the CPU can fault on cpuid."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "cpuid_fault" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+def refuse_frozen(members: list[Tracee]) -> None:
+    """refuse() and refuse_traced() for every process of a frozen tree, before the
+    first injection into any of them."""
+    for t in members:
+        refuse(t.pid)
+        refuse_traced(t)
