@@ -16,6 +16,7 @@ import termios
 from dataclasses import dataclass
 
 from .native import PAGE_SIZE, check, ffi, nonzero_runs, syscall
+from .openat2 import RESOLVE_NO_SYMLINKS, openat2
 
 NR_TEE, NR_KCMP, NR_OPEN_BY_HANDLE_AT = 276, 312, 304
 NR_INOTIFY_ADD_WATCH, NR_INOTIFY_RM_WATCH = 254, 255
@@ -260,9 +261,28 @@ def handle_to_path(sdev: int, htype: int, handle: bytes) -> str | None:
     return None if path.endswith(" (deleted)") or not path.startswith("/") else path
 
 
-def inotify_add(fd: int, path: str, mask: int) -> int:
-    p = ffi.new("char[]", os.fsencode(path))
-    r = syscall(NR_INOTIFY_ADD_WATCH, fd, int(ffi.cast("uintptr_t", p)), mask | IN_DONT_FOLLOW)
+def open_watch_target(path: str) -> tuple[int, os.stat_result]:
+    """An O_PATH fd on the inode a watch named `path` is on (resolved without following
+    any symlink: the path came from the kernel; a trailing symlink is the watched
+    inode itself), and its stat. The caller closes the fd."""
+    fd = openat2(path, O_PATH | os.O_NOFOLLOW, RESOLVE_NO_SYMLINKS)
+    try:
+        return fd, os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def inotify_add(fd: int, path: str, mask: int, *, via: int | None = None) -> int:
+    """inotify_add_watch of `path` (the final component not followed); via: an O_PATH
+    fd of ckpt's on the inode to watch instead, reached through /proc/self/fd (the
+    watch lands on that inode, whatever `path` names now)."""
+    if via is not None:
+        target, mask = f"/proc/self/fd/{via}", mask & ~IN_DONT_FOLLOW
+    else:
+        target, mask = path, mask | IN_DONT_FOLLOW
+    p = ffi.new("char[]", os.fsencode(target))
+    r = syscall(NR_INOTIFY_ADD_WATCH, fd, int(ffi.cast("uintptr_t", p)), mask)
     return check(r, "inotify_add_watch", target=path)
 
 

@@ -241,30 +241,26 @@ def socket_file(path: str) -> os.stat_result | None:
         return None
 
 
-def remove_stale_socket_file(path: str, live_inodes: set[tuple[int, int]]) -> None:
-    """Unlink `path` if it is a socket file no live socket is bound to.
+def stale_socket_file(path: str, live_inodes: set[tuple[int, int]]) -> bool:
+    """True if `path` is a socket file no live socket is bound to (the restore removes
+    it, as its owner: restore/sockets.py), False if nothing is there.
 
     Raises FileExistsError when it is something else, or a socket still in use
     (`live_inodes`: (inode, dev) of bound files of live sockets, from sock_diag).
     """
     st = socket_file(path)
     if st is None:
-        return
+        return False
     if not statmod.S_ISSOCK(st.st_mode):
         raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket")
     if (st.st_ino, st.st_dev) in live_inodes or (st.st_ino, _kdev(st.st_dev)) in live_inodes:
         raise FileExistsError(errno.EADDRINUSE, f"{path} is bound by a live socket")
-    os.unlink(path)
+    return True
 
 
 def _kdev(dev: int) -> int:
     """A userspace dev_t as the kernel's internal (major << 20 | minor) encoding."""
     return (os.major(dev) << 20) | os.minor(dev)
-
-
-def set_file_mode(path: str, mode: int, uid: int, gid: int) -> None:
-    os.chown(path, uid, gid, follow_symlinks=False)
-    os.chmod(path, mode)
 
 
 # -- a restorer's socket, from ckpt's side (a pidfd_getfd copy) -------------------------------

@@ -26,6 +26,7 @@ from ..kernel import fdobjs
 from ..kernel.pidfd import pidfd_getfd, pidfd_open
 from ..kernel.remote import Injector, RemoteError
 from ..model import Fd, ProcessImage
+from . import hostfs
 from .sockets import restore_socket_end, restore_sockets
 from .tty import restore_tty
 
@@ -204,16 +205,34 @@ def restore_fds(
 
 
 def _by_path(ctx: _Ctx, fd: Fd) -> None:
-    """Regular files and character devices: reopen by path, then the offset."""
+    """Regular files and character devices: reopen by path (no symlink followed), the
+    file checked on the fd that was opened (restore/hostfs.py), then the offset."""
     inj = ctx.inj
     flags = fd.flags & ~(O_CREAT | O_EXCL | O_TRUNC | O_CLOEXEC)
+    what = f"file of fd {fd.fd}"
     try:
-        tmp = inj.call("openat", _u(AT_FDCWD), inj.cstr(fd.path), flags, 0)
+        if fd.kind == "chr":
+            tmp = hostfs.open_checked(inj, fd.path, flags, what, fmt=statmod.S_IFCHR, rdev=fd.rdev)
+        else:
+            # a log only needs to be the same file; so does a tmpfs file the image holds
+            # as a shared memory object (the restore has written its content back)
+            strict = (flags & O_ACCMODE) != O_WRONLY and not _shm_file(ctx.proc, fd.file)
+            tmp = hostfs.open_checked(
+                inj, fd.path, flags, what, ref=fd.file, strict=strict, fmt=statmod.S_IFREG
+            )
     except RemoteError as exc:
         raise RestoreError(f"cannot reopen fd {fd.fd} ({fd.path}): {exc.strerror}") from exc
     _place(inj, tmp, fd.fd, fd.cloexec)
     if fd.kind == "file":
         inj.call("lseek", fd.fd, fd.pos, 0)
+
+
+def _shm_file(proc: ProcessImage, ref) -> bool:
+    """Is the file `ref` mapped as a shared memory object (its content in the image)?"""
+    return ref is not None and any(
+        v.shm >= 0 and v.file is not None and (v.file.dev, v.file.ino) == (ref.dev, ref.ino)
+        for v in proc.vmas
+    )
 
 
 def _memfd(ctx: _Ctx, fd: Fd) -> None:
@@ -267,20 +286,20 @@ def _pipe(ctx: _Ctx, fd: Fd) -> None:
 
 
 def _fifo(ctx: _Ctx, fd: Fd) -> None:
-    """Open the FIFO O_RDWR first (never blocks, keeps the buffer alive), put the data
-    in, open each description with its own mode, then drop the helper."""
+    """Open the FIFO O_RDWR first (never blocks, keeps the buffer alive; no symlink
+    followed, checked on the fd to be a FIFO, the same inode), put the data in, open
+    each description with its own mode through that fd, then drop the helper."""
     inj = ctx.inj
     recs = ctx.by_obj[fd.obj_id]
     first = recs[0]
-    try:
-        st = os.stat(first.path)
-    except OSError as exc:
-        raise FileChanged(f"FIFO {first.path} of fd {first.fd} is gone ({exc.strerror})") from exc
-    if not statmod.S_ISFIFO(st.st_mode):
-        raise FileChanged(f"{first.path} (fd {first.fd}) is no longer a FIFO")
-    path = inj.cstr(first.path)
-    helper = ctx.spare_fd(inj.call("openat", _u(AT_FDCWD), path, O_RDWR | O_NONBLOCK, 0))
+    what = f"FIFO of fd {first.fd}"
+    tmp = hostfs.open_checked(
+        inj, first.path, O_RDWR | O_NONBLOCK, what, fmt=statmod.S_IFIFO, ino=first.obj_id or None
+    )
+    helper = ctx.spare_fd(tmp)
     _fill_pipe(ctx, first, helper, helper)
+    inj.reset_data()
+    path = inj.cstr(f"/proc/self/fd/{helper}")  # this FIFO, whatever its name is now
     for rec in recs:
         flags = rec.flags & ~(O_CREAT | O_EXCL | O_TRUNC | O_CLOEXEC)
         _place(inj, inj.call("openat", _u(AT_FDCWD), path, flags, 0), rec.fd, rec.cloexec)
@@ -368,28 +387,38 @@ def _inotify(ctx: _Ctx, fd: Fd) -> None:
     copy = ctx.copy(fd.fd)
     try:
         for w in sorted(fd.watches, key=lambda w: w.wd):
+            # the watched inode through an O_PATH fd checked on itself: the watch goes on
+            # exactly that inode, whatever its name leads to by the time it is added
             try:
-                st = os.stat(w.path, follow_symlinks=False)
+                handle, st = fdobjs.open_watch_target(w.path)
             except OSError as exc:
-                raise FileChanged(f"{w.path} (inotify fd {fd.fd}) is gone: {exc.strerror}") from exc
-            if (st.st_dev, st.st_ino) != (w.dev, w.ino):
-                raise FileChanged(f"{w.path} (inotify fd {fd.fd}) was replaced since the dump")
-            for _ in range(MAX_WD_TRIES):
-                got = fdobjs.inotify_add(copy, w.path, w.mask)
-                if got == w.wd:
-                    break
-                fdobjs.inotify_rm(copy, got)
-                if got > w.wd:
-                    raise RestoreError(
-                        f"inotify fd {fd.fd}: watch {w.wd} on {w.path} came back as {got}"
-                    )
-            else:
-                raise RestoreError(f"inotify fd {fd.fd}: cannot get watch number {w.wd}")
+                raise FileChanged(
+                    f"{w.path} (inotify fd {fd.fd}) is gone or behind a symbolic link now: "
+                    f"{exc.strerror}"
+                ) from exc
+            try:
+                if (st.st_dev, st.st_ino) != (w.dev, w.ino):
+                    raise FileChanged(f"{w.path} (inotify fd {fd.fd}) was replaced since the dump")
+                _add_watch(fd, copy, w, handle, st)
+            finally:
+                os.close(handle)
         fdobjs.drain(copy)
     except OSError as exc:
         raise RestoreError(f"cannot restore inotify fd {fd.fd}: {exc}") from exc
     finally:
         os.close(copy)
+
+
+def _add_watch(fd: Fd, copy: int, w, handle: int, st: os.stat_result) -> None:
+    via = None if statmod.S_ISLNK(st.st_mode) else handle
+    for _ in range(MAX_WD_TRIES):
+        got = fdobjs.inotify_add(copy, w.path, w.mask, via=via)
+        if got == w.wd:
+            return
+        fdobjs.inotify_rm(copy, got)
+        if got > w.wd:
+            raise RestoreError(f"inotify fd {fd.fd}: watch {w.wd} on {w.path} came back as {got}")
+    raise RestoreError(f"inotify fd {fd.fd}: cannot get watch number {w.wd}")
 
 
 def _peer(ctx: _Ctx, fd: Fd) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
+from stat import S_IFREG
 
 from ..errors import PidInUse, RestoreError
 from ..kernel import procfs, sysvshm
@@ -27,6 +28,7 @@ from ..kernel.spawn import pause_syscall_addr
 from ..model import ProcessImage, Thread
 from . import attrs
 from .fds import create_memfds, memfd_fd_for, restore_fds
+from .hostfs import chdir_resolved, open_checked
 from .shm import Owner, SharedObjects
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
@@ -266,7 +268,7 @@ class Rebuilder:
                     if v.kind == "file"
                     else f"/proc/self/fd/{memfd_fd_for(self.proc, v.start)}"
                 )
-                self._map_path(v, prot0, flags, path, mode)
+                self._map_path(v, prot0, flags, path, mode, v.file if v.kind == "file" else None)
                 continue
             else:
                 got = self.inj.call(
@@ -275,9 +277,19 @@ class Rebuilder:
             if got != v.start:
                 raise RestoreError(f"mapping {v.start:#x} landed at {got:#x}")
 
-    def _map_path(self, v, prot: int, flags: int, path: str, mode: int) -> None:
+    def _map_path(
+        self, v, prot: int, flags: int, path: str, mode: int, ref=None, strict: bool = True
+    ) -> None:
+        """ref: the file the image maps there, opened without following symlinks and
+        checked on the fd itself (restore/hostfs.py) before anything is mapped."""
         self.inj.reset_data()
-        fd = self.inj.call("openat", _u(AT_FDCWD), self.inj.cstr(path), mode | O_CLOEXEC, 0)
+        if ref is not None:
+            what = f"mapped file (at {v.start:#x})"
+            fd = open_checked(
+                self.inj, path, mode | O_CLOEXEC, what, ref=ref, strict=strict, fmt=S_IFREG
+            )
+        else:
+            fd = self.inj.call("openat", _u(AT_FDCWD), self.inj.cstr(path), mode | O_CLOEXEC, 0)
         try:
             self._mmap_at(v, prot, flags, fd, v.offset)
         finally:
@@ -293,7 +305,8 @@ class Rebuilder:
             fresh = self._map_sysv(v, prot)
         elif v.kind == "file":  # a tmpfs file: the same file, its content from the image
             fresh = owner is None and self._make_tmpfs_file(v, obj)
-            self._map_path(v, prot, flags, v.file.path, O_RDWR if "mw" in v.vmflags else O_RDONLY)
+            mode = O_RDWR if "mw" in v.vmflags else O_RDONLY
+            self._map_path(v, prot, flags, v.file.path, mode, v.file, strict=False)
         elif owner is not None:
             self._map_via(owner.pid, owner.start, owner.end, v, prot, flags)
         elif v.offset == 0 and v.size == obj.size:
@@ -439,7 +452,12 @@ class Rebuilder:
         # when the image maps the restorer's own executable, it already is the exe.
         exe_fd = -1
         if not _same_file(f"/proc/{self.pid}/exe", exe_path):
-            exe_fd = inj.call("openat", _u(AT_FDCWD), inj.cstr(exe_path), O_RDONLY | O_CLOEXEC, 0)
+            flags = O_RDONLY | O_CLOEXEC
+            exe_fd = (
+                open_checked(inj, exe_path, flags, "executable", ref=mm.exe, fmt=S_IFREG)
+                if mm.exe is not None
+                else inj.call("openat", _u(AT_FDCWD), inj.cstr(exe_path), flags, 0)
+            )
         try:
             st = struct.pack(
                 "<11QQIi",
@@ -466,7 +484,7 @@ class Rebuilder:
         elif p.pgid == p.pid:
             inj.call("setpgid", 0, 0)
         inj.call("prctl", PR_SET_NAME, inj.cstr(p.comm[:15]), 0, 0, 0)
-        inj.call("chdir", inj.cstr(p.cwd))
+        chdir_resolved(inj, p.cwd)  # no symlink followed (restore/hostfs.py)
         inj.call("umask", p.umask)
         inj.call("personality", p.personality)
         inj.call("prctl", PR_SET_DUMPABLE, p.dumpable, 0, 0, 0)

@@ -38,13 +38,16 @@ import struct
 from ..errors import RestoreError
 from ..kernel import sockets as ks
 from ..kernel import tcp_repair
+from ..kernel.fsident import as_fs_user
 from ..kernel.remote import RemoteError
 from ..model import Fd, Socket
+from . import hostfs
 
 SOCK_NONBLOCK, SOCK_CLOEXEC = 0o4000, 0o2000000
 O_NONBLOCK = 0o4000
 F_DUPFD, F_SETFL = 0, 4
 PARKED = -2  # key (inode, PARKED) in the tree's `parked` registry (pipes use (inode, mode))
+SOCK_INODE_MODE = 0o777  # a socket's own inode (fstat of the fd), as socket() makes it
 
 
 def _u(v: int) -> int:
@@ -126,47 +129,92 @@ class _Sockets:
     def chdir_for(self, name: bytes) -> None:
         """Relative unix paths were relative to the process's cwd (set again later)."""
         if name[:1] not in (b"/", b"\0") and not self.cwd_set:
-            self.inj.call("chdir", self.inj.cstr(self.proc.cwd))
+            hostfs.chdir_resolved(self.inj, self.proc.cwd)
             self.cwd_set = True
 
     def path_of(self, name: bytes) -> str:
         p = os.fsdecode(name)
         return p if p.startswith("/") else os.path.join(self.proc.cwd, p)
 
+    def file_owner(self, s: Socket) -> tuple[int, int, list[int] | None]:
+        """Who creates and removes the socket's file: its owner as dumped, else the
+        process (a deleted name, an image from before name_file)."""
+        uid, gid, groups = hostfs.process_fs_identity(self.proc)
+        if s.name_file and not s.name_deleted:
+            _, fuid, fgid = s.name_file
+            return fuid, fgid, (groups if (fuid, fgid) == (uid, gid) else [fgid])
+        return uid, gid, groups
+
     def bind_unix(self, f: Fd) -> None:
+        """bind, and for a path name: the file made by the restorer as its owner, born
+        with its mode (fchmod of the socket and umask 0 before bind: nothing is done by
+        name afterwards); a stale file removed and a deleted name unlinked as the owner
+        too, so a name swapped for a symlink never makes root act on its target."""
         s = f.socket
         name = s.local
-        if name[:1] != b"\0":
+        on_disk = name[:1] != b"\0"
+        stale = False
+        if on_disk:
             if self._live is None:
                 self._live = ks.live_bound_files()
             try:
-                ks.remove_stale_socket_file(self.path_of(name), self._live)
+                stale = ks.stale_socket_file(self.path_of(name), self._live)
             except FileExistsError as exc:
                 raise RestoreError(
                     f"cannot bind unix socket fd {f.fd} to {_name(name)}: {exc.strerror}"
                 ) from exc
         self.chdir_for(name)
-        self.inj.reset_data()
+        inj = self.inj
+        inj.reset_data()
         addr, ln = self.sockaddr(socket.AF_UNIX, name)
+        if not on_disk:
+            self._bind(f, addr, ln)
+            return
+        mode = s.name_file[0] if s.name_file and not s.name_deleted else None
+        old_mask = None
+        if mode is not None:
+            old_mask = inj.call("umask", 0)
+            inj.call_nr(hostfs.NR_FCHMOD, f.fd, mode, name="fchmod")
+        uid, gid, groups = self.file_owner(s)
+        try:
+            with hostfs.fs_identity(inj, uid, gid, groups):
+                try:
+                    if stale:
+                        hostfs.unlink_as_owner(inj, name)
+                    self._bind(f, addr, ln, f" as uid {uid}")
+                    if s.name_deleted:
+                        hostfs.unlink_as_owner(inj, name)
+                except RemoteError as exc:
+                    raise RestoreError(
+                        f"cannot re-create the file of unix socket fd {f.fd} ({_name(name)}) "
+                        f"as uid {uid}: {exc.strerror}"
+                    ) from exc
+        finally:
+            if old_mask is not None:
+                inj.call("umask", old_mask)
+                inj.call_nr(hostfs.NR_FCHMOD, f.fd, SOCK_INODE_MODE, name="fchmod")
+
+    def _bind(self, f: Fd, addr: int, ln: int, who: str = "") -> None:
         try:
             self.inj.call("bind", f.fd, addr, ln)
         except RemoteError as exc:
             raise RestoreError(
-                f"cannot bind unix socket fd {f.fd} to {_name(name)}: {exc.strerror}"
+                f"cannot bind unix socket fd {f.fd} to {_name(f.socket.local)}{who}: {exc.strerror}"
             ) from exc
-        if name[:1] != b"\0":
-            path = self.path_of(name)
-            if s.name_deleted:
-                os.unlink(path)
-            elif s.name_file:
-                ks.set_file_mode(path, *s.name_file)
 
     def connect_unix(self, f: Fd, name: bytes) -> None:
+        """connect, by a path as the process itself (its fsuid, fsgid and groups): a
+        name swapped for a link to a socket the process could not reach fails."""
         self.chdir_for(name)
-        self.inj.reset_data()
+        inj = self.inj
+        inj.reset_data()
         addr, ln = self.sockaddr(socket.AF_UNIX, name)
+        ident = hostfs.process_fs_identity(self.proc) if name[:1] != b"\0" else None
         try:
-            self.inj.call("connect", f.fd, addr, ln)
+            with contextlib.ExitStack() as stack:
+                if ident is not None:
+                    stack.enter_context(hostfs.fs_identity(inj, *ident))
+                inj.call("connect", f.fd, addr, ln)
         except RemoteError as exc:
             raise RestoreError(
                 f"cannot reconnect unix socket fd {f.fd} to {_name(name)}: {exc.strerror}"
@@ -393,14 +441,31 @@ class _Sockets:
                     f"{_name(m.source)} that is not its peer"
                 )
             elif src is not None:
-                self.send_queue(rec, self.copy(src), self.dest(s.local))
+                with self.as_process(s.local):
+                    self.send_queue(rec, self.copy(src), self.dest(s.local))
             else:  # sender unnamed or outside the process: from an unnamed socket
-                with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as tmp:
+                with (
+                    socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as tmp,
+                    self.as_process(s.local),
+                ):
                     self.send_queue(rec, tmp, self.dest(s.local))
 
     def dest(self, name: bytes) -> bytes:
-        """A unix name as ckpt (another cwd) must address it."""
-        return name if name[:1] == b"\0" else os.fsencode(self.path_of(name))
+        """A unix name as ckpt (another cwd) must address it: a relative one through the
+        restorer's cwd (the process's: a user who cannot reach it by its absolute path
+        reaches it from there), an absolute one as it is."""
+        if name[:1] in (b"\0", b"/"):
+            return name
+        via = os.fsencode(f"/proc/{self.inj.tracee.pid}/cwd/") + name
+        return via if self.cwd_set and len(via) < 108 else os.fsencode(self.path_of(name))
+
+    def as_process(self, name: bytes):
+        """ckpt's own sends to a unix path, as the restored process's filesystem user
+        (this thread only: kernel/fsident.py): the name is resolved and checked as that
+        user, so a name swapped for a link to another socket reaches only what it could."""
+        if name[:1] == b"\0":
+            return contextlib.nullcontext()
+        return as_fs_user(*hostfs.process_fs_identity(self.proc))
 
     def finish(self) -> None:
         inj = self.inj
