@@ -13,9 +13,10 @@ postmaster directly (pg.py: 127.0.0.1 on a free port, its unix socket and log in
 that directory), fills it with `pgbench -i -s 4`, and then:
 
 - dump (`--iterative`, or a plain stop-the-world dump, both `--tcp-established`)
-  while `pgbench -c 4` runs over TCP; restore with `--detach` at the same PIDs;
-  pgbench's connections must carry on: it finishes without an error or an
-  aborted client;
+  while `pgbench -c 4` runs over TCP, with a psql connection open and quiet from
+  before the dump until after the restore; restore with `--detach` at the same
+  PIDs; pgbench's connections must carry on (it finishes without an error or an
+  aborted client) and the quiet psql is still served by the same backend;
 - snapshots: three `ckpt snapshot --tcp-established` while pgbench runs (the
   server runs on: pgbench must not notice), then a fourth of the idle server
   once pgbench is done and a CHECKPOINT is written; the server is killed and
@@ -42,8 +43,9 @@ Afterwards the restored server must be the same database, whole:
   indexes, in every database) reports nothing and exits 0;
 - a new connection reads and writes, another pgbench run succeeds, the server
   log holds no ERROR, FATAL or PANIC line from the restore on;
-- it shuts down cleanly (SIGINT, exit 0), and a server started again from its
-  data directory holds the same balances.
+- it shuts down cleanly (SIGINT, exit 0; the quiet psql still connected), and a
+  server started again at once from its data directory, on the same port, holds
+  the same balances.
 
 Every process is killed and reaped even when a test fails: the postmaster is our
 child and every postgres process has its working directory (the data directory)
@@ -142,6 +144,41 @@ def start_server(e2e, c: pg.Cluster, netns: str | None = None) -> Workload:
     return w
 
 
+class Session:
+    """psql kept open on one TCP connection, quiet from before the dump until after
+    the restore: it must still be the same backend then (it is our child, killed by
+    the clean-up)."""
+
+    def __init__(self, e2e, c: pg.Cluster):
+        self.out = e2e.path("psql").with_suffix(".log")
+        with open(self.out, "ab") as f:
+            popen = subprocess.Popen(
+                c.client_argv("psql", "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"),
+                env=c.client_env(), cwd=c.root, stdin=subprocess.PIPE, stdout=f,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        self.w = Workload("psql", popen, self.out, c.root)
+        e2e.workloads.append(self.w)
+
+    def ask(self, tag: str) -> tuple[int, int]:
+        """(its backend's PID, the accounts it counts), through this connection."""
+        stdin = self.w.popen.stdin
+        assert stdin is not None
+        stdin.write(f"SELECT '{tag}', pg_backend_pid(), count(*) FROM pgbench_accounts;\n".encode())
+        stdin.flush()
+
+        def answer():
+            assert self.w.popen.poll() is None, f"psql exited:\n{self.out.read_text()}"
+            for line in self.out.read_text(errors="replace").splitlines():
+                if line.startswith(f"{tag}|"):
+                    return line
+            return None
+
+        line = wait_until(answer, DEADLINE, f"psql to answer {tag!r}")
+        _, backend, n = line.split("|")
+        return int(backend), int(n)
+
+
 class Load:
     """pgbench in the background, its output in a file; killed by the clean-up."""
 
@@ -164,13 +201,13 @@ class Load:
     def progress(self) -> int:
         return sum(1 for ln in self.text().splitlines() if ln.startswith("progress:"))
 
-    def running(self, postmaster: int) -> None:
-        """Wait until its 4 clients are connected, nothing else is, no child of the
-        postmaster is a zombie, and it has reported progress twice."""
+    def running(self, postmaster: int, others: int = 0) -> None:
+        """Wait until its 4 clients and `others` are connected, nothing else is, no
+        child of the postmaster is a zombie, and it has reported progress twice."""
 
         def ready() -> bool:
             assert self.w.popen.poll() is None, f"pgbench exited early:\n{self.text()}"
-            return self.progress() >= 2 and self.c.quiet(postmaster, 4)
+            return self.progress() >= 2 and self.c.quiet(postmaster, 4 + others)
 
         wait_until(ready, DEADLINE, "pgbench's 4 clients to run (and nothing else)")
 
@@ -263,7 +300,11 @@ def check_database(
 
 def shutdown_and_restart(e2e, c: pg.Cluster, pid: int, balances, status_of) -> None:
     """Fast shutdown (SIGINT) of the restored server: exit 0; a server started again
-    from the data directory it left holds the same balances and answers."""
+    from the data directory it left holds the same balances and answers. (In the
+    dump tests a restored connection, the quiet psql's, is still open: the shutdown
+    closes it from the server's side, which leaves that socket in FIN-WAIT-2 or
+    TIME-WAIT on the server's port, as a restart with clients connected does; the
+    new postmaster's listener binds next to it like the first one did.)"""
     since = c.log_size()
     os.kill(pid, signal.SIGINT)
     status = status_of()
@@ -290,8 +331,11 @@ def test_postgres_dump_restore_under_pgbench(pg_e2e, mode):
     server = start_server(e2e, c)
     pm = server.pid
     c.pgbench_init(SCALE)
+    idle = Session(e2e, c)
+    idle_backend, n = idle.ask("before")
+    assert n == ACCOUNTS
     load = Load(e2e, c, LOAD_SECONDS)
-    load.running(pm)
+    load.running(pm, others=1)
     c.note_ipc(pg.tree(pm))
 
     image = e2e.path("img")
@@ -299,7 +343,7 @@ def test_postgres_dump_restore_under_pgbench(pg_e2e, mode):
     extra = ["--iterative"] if mode == "iterative" else []
     t = time.monotonic()
     res, refused = ckpt_retrying(
-        e2e, c, pm, 4, "dump", str(pm), "-D", str(image), *extra, "--tcp-established",
+        e2e, c, pm, 5, "dump", str(pm), "-D", str(image), *extra, "--tcp-established",
         "--stats-json", str(stats),
     )  # fmt: skip
     dump_s = time.monotonic() - t
@@ -320,6 +364,7 @@ def test_postgres_dump_restore_under_pgbench(pg_e2e, mode):
 
     during = load.finish(LOAD_SECONDS + 2 * DEADLINE)
     assert_pgbench_ok(during, f"across the {mode} dump and restore")
+    assert idle.ask("after") == (idle_backend, ACCOUNTS), "the quiet connection is another one"
     balances, tps_after = check_database(c, log_from)
 
     st = json.loads(stats.read_text())
