@@ -326,6 +326,8 @@ def dir_size(path: Path) -> int:
 
 @pytest.mark.parametrize("mode", ["iterative", "plain"])
 def test_postgres_dump_restore_under_pgbench(pg_e2e, mode):
+    """Dump the server and its processes under pgbench (ckpt kills them), restore at
+    the same PIDs; pgbench, the quiet psql and the database carry on whole."""
     e2e = pg_e2e
     c = new_cluster(e2e)
     server = start_server(e2e, c)
@@ -383,6 +385,9 @@ def test_postgres_dump_restore_under_pgbench(pg_e2e, mode):
 
 
 def test_postgres_snapshots_under_pgbench(pg_e2e):
+    """Three snapshots under pgbench, one of the idle server; the server is killed.
+    The one taken under load is refused (its data files moved on after it), the
+    idle one is restored and is the database pgbench left."""
     e2e = pg_e2e
     c = new_cluster(e2e)
     server = start_server(e2e, c)
@@ -463,6 +468,10 @@ def test_postgres_snapshots_under_pgbench(pg_e2e):
 
 @pytest.mark.skipif(not HAVE_NS, reason="needs iproute2 (`ip`) and unshare")
 def test_postgres_migrates_to_another_namespace(pg_e2e, hosts, token):  # noqa: F811
+    """The server runs in the source namespace (ckpt's socket queries see only its
+    own network namespace), pgbench there first; it migrates idle (a TCP client
+    cannot follow it into the other namespace), then pgbench runs against it in
+    the destination namespace, where every check is made."""
     e2e = pg_e2e
     c = new_cluster(e2e)
     server = start_server(e2e, c, netns=hosts.src)
