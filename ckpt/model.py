@@ -341,6 +341,9 @@ class ProcessImage:
     # the tree's shared memory objects (on the root only); Vma.shm indexes this list
     shm: list[ShmObject] = field(default_factory=list)
     attrs: ProcAttrs | None = None  # oom_score_adj, membarrier, … (capture/attrs.py)
+    # credentials per thread, capabilities, seccomp, root, cgroups (capture/security.py);
+    # None: an image from before it (restored with uids, gids, groups as before)
+    security: SecurityContext | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)
@@ -374,8 +377,9 @@ def state_version(state: dict[str, Any]) -> tuple[int, int]:
             for p in procs
         )
     )
-    if any(_needs_v4(p) for p in procs):
-        return (4, 0)  # a 3.x reader would drop these process attributes and say nothing
+    if any(_needs_v4(p) or not (p.get("security") or {}).get("plain", True) for p in procs):
+        # a 3.x reader would drop these process attributes or this sandbox and say nothing
+        return (4, 0)
     if state.get("shm"):
         # a 2.0 reader would map the objects' VMAs as empty memory and say nothing
         return (3, 0)
@@ -508,6 +512,57 @@ def _convert(tp: Any, value: Any) -> Any:
     if kind == "opt":
         return _convert(arg, value)
     return value
+
+
+# -- security context (ckpt/capture/security.py, ckpt/restore/security.py) -----------------
+
+
+@dataclass
+class SeccompFilter:
+    """One seccomp filter program, as PTRACE_SECCOMP_GET_FILTER gives it."""
+
+    prog: bytes  # struct sock_filter[] (8 bytes per instruction)
+    flags: int = 0  # SECCOMP_FILTER_FLAG_LOG (the only flag the kernel reports)
+
+
+@dataclass
+class Creds:
+    """One thread's credentials and sandbox (they belong to each thread)."""
+
+    uids: list[int]  # real, effective, saved, filesystem
+    gids: list[int]
+    groups: list[int]
+    caps: list[int]  # inheritable, permitted, effective, bounding, ambient (bit masks)
+    securebits: int = 0
+    no_new_privs: bool = False
+    seccomp_mode: int = 0  # 0 none, 1 strict, 2 filter
+    # its filters, oldest first, as indexes into SecurityContext.filters: threads that
+    # share a filter object (inherited at clone, or synced with TSYNC) name the same one
+    seccomp: list[int] = field(default_factory=list)
+
+
+@dataclass
+class CgroupRef:
+    hierarchy: int  # /proc/PID/cgroup's hierarchy ID on the dumping host (0: v2)
+    controllers: str  # "" for v2; "cpu,cpuacct", "name=systemd", … (v1)
+    path: str  # relative to the cgroup namespace's root
+
+
+@dataclass
+class SecurityContext:
+    threads: list[Creds]  # one per thread, in ProcessImage.threads order
+    filters: list[SeccompFilter] = field(default_factory=list)
+    # filters ckpt shared with the process (ckpt ran under seccomp: it could not read
+    # them); the restorer inherits them from ckpt
+    inherited_filters: int = 0
+    root: str = "/"  # the root directory (chroot), as the dumping ckpt saw its path
+    loginuid: int | None = None  # None: no audit support
+    lsm: str = ""  # /proc/PID/attr/current; "" when no LSM labels processes
+    cgroups: list[CgroupRef] = field(default_factory=list)
+    # nothing here a reader that ignores it (format <= 3) would not restore anyway: the
+    # leader's uids, gids and groups for every thread, no seccomp, no chroot, the
+    # dumping ckpt's cgroups and loginuid, the capabilities setresuid leaves
+    plain: bool = True
 
 
 # -- sockets (ckpt/capture/sockets.py, ckpt/restore/sockets.py) ------------------------------

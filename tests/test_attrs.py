@@ -9,6 +9,7 @@ thread; what ckpt cannot restore is refused before the dump touches the process.
 from __future__ import annotations
 
 import os
+import struct
 import time
 
 import pytest
@@ -151,3 +152,57 @@ def test_state_major_4_when_a_3x_reader_would_lose_attributes():
         t = {"attrs": {**thread["attrs"], **change}}
         assert state_version({**plain, "threads": [t]}) == (4, 0), change
     assert state_version({**plain, "tree": [plain]})[0] == 2
+
+
+def own_frames(child: int, parent: int, addr: int, npages: int) -> int:
+    """Pages of [addr, +npages) the child holds a page frame of its own for (present, and
+    not the frame the parent maps at that address)."""
+    entries = []
+    for pid in (child, parent):
+        with open(f"/proc/{pid}/pagemap", "rb") as f:
+            f.seek(addr // 4096 * 8)
+            raw = f.read(npages * 8)
+        entries.append(struct.unpack(f"<{npages}Q", raw))
+    present, pfn = 1 << 63, (1 << 55) - 1
+    return sum(1 for x, y in zip(*entries) if x & present and (x & pfn != y & pfn or not x & pfn))
+
+
+@pytest.mark.parametrize("extra", [[], ["--iterative"]], ids=["plain", "iterative"])
+def test_copy_on_write_kept(e2e, extra):
+    """8 MiB a parent filled before it forked: the child rewrote 256 pages and dropped 8,
+    the parent rewrote 256 others (the child keeps their old frames). The child has 512
+    pages of its own, the rest is the parent's, before the dump and after the restore
+    (before: 2040 of its own, twice the memory), and each sees its own content."""
+    w = e2e.spawn("attrs", "cow")
+    w.wait_for("CHILD")
+    child, addr = int(w.ready["child"]), int(w.ready["cow"], 16)
+    before = own_frames(child, w.pid, addr, 2048)
+    assert before == 512, before
+    image = e2e.path("img")
+    e2e.dump_ok(w, image, *extra)
+    _reap(child)
+    bg = e2e.ckpt_bg("restore", "-D", str(image))
+    e2e.wait_restored(w.pid, w.ident, bg)
+    e2e.adopt(child)
+    wait_until(lambda: (proc_status(child) or {}).get("TracerPid") == "0", 30, "the child")
+    assert own_frames(child, w.pid, addr, 2048) == before
+    vc = e2e.verify(w, child)
+    assert vc.ok, vc.line
+    v = e2e.verify(w, w.pid)
+    assert v.ok, v.line
+    assert bg.wait().returncode == 0
+
+
+@pytest.mark.parametrize("extra", [[], ["--iterative"]], ids=["plain", "iterative"])
+def test_dump_leaves_copy_on_write_alone(e2e, extra):
+    """Reading the pages must not unshare them: process_vm_readv pins what it reads, and
+    a read-only pin of a shared anonymous page gives the target a copy of its own. A
+    process dumped with --leave-running (or snapshotted) keeps its memory shared."""
+    w = e2e.spawn("attrs", "cow")
+    w.wait_for("CHILD")
+    child, addr = int(w.ready["child"]), int(w.ready["cow"], 16)
+    before = own_frames(child, w.pid, addr, 2048)
+    res = e2e.dump(w.pid, e2e.path("img"), "--leave-running", *extra)
+    assert res.returncode == 0, str(res)
+    assert own_frames(child, w.pid, addr, 2048) == before
+    assert own_frames(w.pid, child, addr, 2048) == 256 + 8 + 256  # old 0-263, new 512-767

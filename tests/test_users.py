@@ -112,16 +112,29 @@ def test_hard_limit_above_ckpts_is_a_clear_error(e2e):
     assert bg.wait().returncode == 0
 
 
-def test_thread_with_own_seccomp_filter_refused(e2e):
-    """A thread whose seccomp filter fails prctl: refused (exit 5, naming the process)
-    before anything is injected; the process runs on unharmed."""
+def thread_seccomp(pid: int) -> dict[int, tuple[str, str]]:
+    return {
+        int(t): (st["Seccomp"], st["Seccomp_filters"])
+        for t in os.listdir(f"/proc/{pid}/task")
+        if (st := proc_status(int(t)))
+    }
+
+
+def test_thread_with_own_seccomp_filter(e2e):
+    """A thread whose seccomp filter fails prctl: ckpt's injected prctl passes it (the
+    filter is suspended while ckpt traces the thread), and the filter comes back on that
+    thread only."""
     w = spawn_nobody(e2e, "seccomp")
-    res = e2e.dump(w.pid, e2e.path("img"))
-    assert_error(res, 5, "seccomp", f"process {w.pid}")
-    wait_until(lambda: (proc_status(w.pid) or {}).get("TracerPid") == "0", 30, "detach")
-    v = e2e.verify(w, w.pid, signal.SIGUSR2)
+    before = thread_seccomp(w.pid)
+    assert sorted(before.values()) == [("0", "0"), ("2", "1")]
+    image = e2e.path("img")
+    e2e.dump_ok(w, image)
+    bg = e2e.ckpt_bg("restore", "-D", str(image))
+    e2e.wait_restored(w.pid, w.ident, bg)
+    assert thread_seccomp(w.pid) == before
+    v = e2e.verify(w, w.pid)
     assert v.ok, v.line
-    assert w.reap() == 0
+    assert bg.wait().returncode == 0
 
 
 def test_no_room_for_the_scratch_area_refused(e2e):

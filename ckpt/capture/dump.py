@@ -34,6 +34,9 @@ from ..track.full import FullTracker
 from . import attrs, state
 from .fds import capture_fds
 from .pages import PageCopier
+from .security import capture as capture_security
+from .security import check_tree_namespaces
+from .security import finish as finish_security
 from .shm import SHM_KINDS, SharedMemory, project_onto
 from .sockets import take_net_lock
 from .target import Target
@@ -113,6 +116,8 @@ def dump(
     """
     t0 = time.monotonic()
     st = check_target(pid)
+    if tree:  # the descendants' namespaces too, before anything is injected
+        check_tree_namespaces(pid)
     target = Target(pid, st.starttime)
     trk: Tracker = make_tracker(tracker, pid) if iterative else FullTracker(pid)
     writer = sink if sink is not None else ImageWriter(directory, level=level)
@@ -388,6 +393,7 @@ def _capture_final(
         its = state.itimers(inj)
         timers = state.posix_timers(inj, pid)
         pattrs = attrs.process_attrs(inj, pid)
+        sec = capture_security(inj, tracee, [o.regs for o in others], [o.sigmask for o in others])
         attrs.thread_injected(inj, tattrs[pid])
         others_misc = state.other_threads_misc(
             inj,
@@ -467,4 +473,5 @@ def _capture_final(
         thp_disable=misc["thp_disable"], starttime=st.starttime,
     )  # fmt: skip
     proc.attrs = pattrs
+    finish_security(proc, sec)
     return proc, final_pages, getattr(lstats, "bytes_stored", 0)

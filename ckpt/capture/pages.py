@@ -40,11 +40,16 @@ class PageCopier:
         self.pid = pid
         self.base = base  # added to page keys: a tree member's slot (capture/tree.py)
         self.mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        # pages shared copy-on-write are read so that they stay shared (kernel/memory.py)
+        self.pm_fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
 
     def close(self) -> None:
         if self.mem_fd >= 0:
             os.close(self.mem_fd)
             self.mem_fd = -1
+        if self.pm_fd >= 0:
+            os.close(self.pm_fd)
+            self.pm_fd = -1
 
     def copy(
         self,
@@ -65,7 +70,7 @@ class PageCopier:
         half = on_half
         for batch in batches(runs):
             try:
-                buf = read_runs(self.pid, self.mem_fd, batch)
+                buf = read_runs(self.pid, self.mem_fd, batch, pm_fd=self.pm_fd)
                 good = batch
             except OSError:
                 if not tolerant:
@@ -82,7 +87,7 @@ class PageCopier:
         parts, good = [], []
         for run in batch:
             try:
-                parts.append(read_runs(self.pid, self.mem_fd, [run]))
+                parts.append(read_runs(self.pid, self.mem_fd, [run], pm_fd=self.pm_fd))
                 good.append(run)
             except OSError:
                 continue

@@ -29,6 +29,7 @@ from ..track.base import Tracker
 from ..track.full import FullTracker
 from ..track.uffd_wp import Handle, UffdWpTracker
 from . import attrs
+from .cow import link_cow
 from .dump import _arm, _capture_final, _fail_cleanup, capture_shared, image_pages
 from .shm import SharedMemory
 from .sockets import take_net_lock
@@ -139,6 +140,7 @@ def snapshot(
             final_pages += shm_pages
             stored += shm_stored
             link_shared([proc, *proc.tree])
+            link_cow([proc, *proc.tree])  # pages still shared since a fork
             freeze_ms = (time.monotonic() - t_freeze) * 1000
             frozen.detach()
             frozen = tracee = None

@@ -23,6 +23,7 @@ from ..kernel import procfs
 from ..kernel.process import kcmp_file
 from ..kernel.ptrace import Tracee, seize_group
 from ..model import Fd, ProcessImage
+from .security import check_namespaces
 from .sockets import link_tree_sockets
 
 O_ACCMODE = 3
@@ -81,6 +82,10 @@ def check_member(pid: int, root: int, *, frozen: bool = False) -> None:
     tracer = int(procfs.status(pid).get("TracerPid", "0"))
     if tracer and tracer != os.getpid():
         raise UnsupportedProcess(f"{what} is traced by process {tracer}", pid=root)
+    try:
+        check_namespaces(pid, root)
+    except NoSuchProcess:
+        return
 
 
 @dataclass

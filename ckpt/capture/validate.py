@@ -7,6 +7,7 @@ import os
 from ..errors import AccessDenied, NoSuchProcess, UnsupportedProcess
 from ..kernel import procfs
 from . import attrs
+from .security import check_namespaces
 
 
 def check_target(pid: int) -> procfs.Stat:
@@ -31,6 +32,7 @@ def check_target(pid: int) -> procfs.Stat:
     tracer = int(status.get("TracerPid", "0"))
     if tracer and tracer != os.getpid():
         raise AccessDenied(f"process {pid} is already traced by process {tracer}", pid=pid)
+    check_namespaces(pid)  # a process in namespaces of its own, before anything else
     if st.state == "T":
         raise UnsupportedProcess(
             f"process {pid} is stopped (job control); continue it first", pid=pid

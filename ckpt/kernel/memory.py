@@ -117,14 +117,22 @@ def _merge(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
-def read_runs(pid: int, mem_fd: int, runs: list[tuple[int, int]], buf: bytearray | None = None):
-    """Read runs back to back; returns a bytearray (or fills buf) of sum(npages) pages."""
+def read_runs(
+    pid: int,
+    mem_fd: int,
+    runs: list[tuple[int, int]],
+    buf: bytearray | None = None,
+    pm_fd: int = -1,
+):
+    """Read runs back to back; returns a bytearray (or fills buf) of sum(npages) pages.
+    pm_fd: the process's pagemap: pages that may be shared copy-on-write are read
+    through mem_fd, which leaves them shared (process_vm_readv would unshare them)."""
     total = sum(n for _, n in runs) * PAGE_SIZE
     if buf is None:
         buf = bytearray(total)
     arr = ffi.new("uint64_t[]", [x for r in runs for x in r])
     check(
-        lib.ck_read_runs(pid, mem_fd, arr, len(runs), ffi.from_buffer(buf)),
+        lib.ck_read_runs(pid, mem_fd, pm_fd, arr, len(runs), ffi.from_buffer(buf)),
         "process_vm_readv",
         target=pid,
     )

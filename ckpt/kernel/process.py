@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import struct
 
-from ..errors import NoSuchProcess
 from . import procfs
 from .native import check, ffi, lib
 
@@ -41,27 +39,6 @@ def rlimits(pid: int) -> dict[int, list[int]]:
     """{RLIMIT_*: [soft, hard]} from /proc/PID/limits: prlimit(pid, …) on a process of
     another user needs CAP_SYS_RESOURCE. Restore sets them from inside (rebuild.py)."""
     return procfs.limits(pid)
-
-
-def _seccomp(status: dict[str, str]) -> tuple[int, int]:
-    return int(status.get("Seccomp", "0")), int(status.get("Seccomp_filters", "0"))
-
-
-def foreign_seccomp(pid: int) -> tuple[int, int, int] | None:
-    """(tid, mode, filters) of a thread of pid under seccomp beyond ckpt's own (a filter
-    it installed itself, or strict mode), else None. Filters inherited from a common
-    ancestor (a container's) also apply to ckpt and come back with the restorer."""
-    mine = _seccomp(procfs.status(os.getpid()))  # (mode, filters) of ckpt itself
-    for tid in procfs.tasks(pid):
-        try:
-            mode, n = _seccomp(
-                procfs.parse_status(procfs.read_bytes(pid, "task", str(tid), "status"))
-            )
-        except NoSuchProcess:
-            continue  # a thread that just exited
-        if mode == 1 or (mode and n > mine[1]):
-            return tid, mode, n
-    return None
 
 
 def personality(pid: int) -> int:

@@ -23,11 +23,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..errors import DumpError, UnsupportedProcess
-from . import procfs
+from . import procfs, seccomp
 from .native import PAGE_SIZE, check, ffi, lib
-from .process import foreign_seccomp
 from .procfs import Mapping
-from .ptrace import REG_NAMES, Tracee
+from .ptrace import PTRACE_O_TRACESYSGOOD, REG_NAMES, Tracee
 
 # -- syscall numbers (x86_64) ------------------------------------------------------------
 NR = {
@@ -126,10 +125,11 @@ class Injector:
 
         self._regs = dict_to_regs(self.template)
 
-    def park(self, nr: int = NR["getpid"]) -> None:
-        """Point the tracee's registers at the injection site (harmless syscall)."""
+    def park(self, nr: int = NR["getpid"], rip: int | None = None) -> None:
+        """Point the tracee's registers at the injection site (harmless syscall), or at
+        `rip` (the sigreturn heal, which starts without a syscall)."""
         regs = dict(self.template)
-        regs.update(rip=self.insn, rax=nr, orig_rax=(1 << 64) - 1)
+        regs.update(rip=self.insn if rip is None else rip, rax=nr, orig_rax=(1 << 64) - 1)
         self.tracee.setregs(regs)
 
     def raw(self, nr: int, *args: int) -> int:
@@ -242,21 +242,92 @@ def find_bootstrap_site(pid: int, mappings: Iterable[Mapping]) -> int | None:
     return None
 
 
-def _refuse_seccomp(pid: int) -> None:
-    """A seccomp filter of the target's own filters injected syscalls too: refused or
-    failed calls (or a killed target), and no filter in the restored process. Refuse."""
-    found = foreign_seccomp(pid)
-    if found is None:
-        return
-    tid, mode, n = found
-    comm = procfs.stat(pid).comm.decode(errors="replace")
-    who = f"process {pid} ({comm})" + (f", thread {tid}," if tid != pid else "")
-    what = "runs in seccomp strict mode" if mode == 1 else f"has a seccomp filter ({n} installed)"
-    raise UnsupportedProcess(
-        f"{who} {what}: not supported (ckpt's injected syscalls would be filtered too, "
-        "and the filter would not be restored)",
-        pid=pid,
-    )
+# -- the sigreturn heal: threads under seccomp strict mode ---------------------------------
+#
+# Strict mode allows read, write, exit and rt_sigreturn only: the heal trampoline's
+# rt_sigprocmask would kill such a thread if ckpt died mid-injection (and a filter may
+# stop it too). Such a thread is put back by one rt_sigreturn instead, with a signal
+# frame that holds its resume registers, signal mask and FPU/xstate; the frame is
+# written below its stack pointer's red zone (memory the ABI lets signal delivery
+# overwrite at any time), inside its stack's VMA, and the bytes there are put back
+# when the session closes. Code (in place of HEAL_CODE, same slot size):
+#
+#     0: syscall                      ; the injected one
+#     2: movabs rsp, FRAME + 8        ; rt_sigreturn reads its frame at rsp - 8
+#    12: mov eax, 15
+#    17: syscall                      ; rt_sigreturn: registers, mask, xstate back
+#
+# A parked thread starts at offset 2. The frame's sigaltstack has invalid flags, so
+# rt_sigreturn leaves the thread's own alone (restore_altstack ignores the error).
+
+SIGRETURN_PARK = 2
+_SC_REGS = ("r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rdi", "rsi", "rbp",
+            "rbx", "rdx", "rax", "rcx", "rsp", "rip", "eflags")  # fmt: skip
+_UC_FLAGS = 0x1 | 0x2 | 0x4  # UC_FP_XSTATE | UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS
+_FP_XSTATE_MAGIC1, _FP_XSTATE_MAGIC2 = 0x46505853, 0x46505845
+_FRAME_HEAD = 448  # pretcode 8 + struct ucontext 304 + siginfo 128, 64-byte aligned
+_M64 = (1 << 64) - 1
+
+
+def sigreturn_code(frame: int) -> bytes:
+    code = b"\x0f\x05" + b"\x48\xbc" + struct.pack("<Q", frame + 8)
+    code += b"\xb8\x0f\x00\x00\x00" + b"\x0f\x05"
+    return code.ljust(HEAL_SIZE, b"\xcc")
+
+
+def sigreturn_frame(resume: dict[str, int], mask: int, xstate: bytes, addr: int) -> bytes:
+    """struct rt_sigframe (x86_64) to be placed at `addr` (64-byte aligned), then the
+    xstate (the kernel restores it with XRSTOR: PTRACE_GETREGSET's standard format,
+    its sw_reserved bytes saying so, and FP_XSTATE_MAGIC2 after it)."""
+    fpstate = addr + _FRAME_HEAD
+    sc = struct.pack("<18Q", *(resume[n] & _M64 for n in _SC_REGS))
+    sc += struct.pack("<4H", resume["cs"], 0, 0, resume["ss"])
+    sc += bytes(32) + struct.pack("<Q", fpstate) + bytes(64)
+    # uc_flags, uc_link, uc_stack {ss_sp, ss_flags 3 (invalid), ss_size}, mcontext, mask
+    uc = struct.pack("<QQQiiQ", _UC_FLAGS, 0, 0, 3, 0, 0) + sc + struct.pack("<Q", mask & _M64)
+    head = (bytes(8) + uc).ljust(_FRAME_HEAD, b"\0")
+    xs = bytearray(xstate)
+    if struct.unpack_from("<I", xs, 464)[0] == _FP_XSTATE_MAGIC1:
+        xfeatures = struct.unpack_from("<Q", xs, 472)[0]
+    else:
+        xfeatures = struct.unpack_from("<Q", xs, 512)[0]  # the header's xstate_bv
+    struct.pack_into("<IIQI", xs, 464, _FP_XSTATE_MAGIC1, len(xs) + 4, xfeatures, len(xs))
+    return head + bytes(xs) + struct.pack("<I", _FP_XSTATE_MAGIC2)
+
+
+class StackFrame:
+    """One thread's sigreturn frame, below its red zone while a session lasts."""
+
+    def __init__(self, inj: Injector, tracee: Tracee, resume: dict[str, int], mask: int,
+                 sp: int, mappings: list[Mapping]):  # fmt: skip
+        xstate = tracee.get_xstate()
+        size = _FRAME_HEAD + len(xstate) + 4
+        addr = (sp - 128 - size) & ~63
+        vma = next((m for m in mappings if m.start <= addr and sp <= m.end), None)
+        if vma is None or vma.perms[:2] != "rw" or vma.shared:
+            raise UnsupportedProcess(
+                f"thread {tracee.pid} runs under seccomp (strict mode, or a filter that stops "
+                f"ckpt's usual way back) and has no room for ckpt's {size}-byte signal frame "
+                "below its stack pointer",
+                pid=tracee.pid,
+            )
+        self.addr = addr
+        self.orig = inj.read(addr, size)
+        inj.write(addr, sigreturn_frame(resume, mask, xstate, addr))
+        self.code = sigreturn_code(addr)
+
+    def restore(self, inj: Injector) -> None:
+        inj.write(self.addr, self.orig)
+
+
+def heal_frame(inj: Injector, tracee: Tracee, resume: dict[str, int], mask: int, sp: int,
+               mappings: list[Mapping] | None = None) -> StackFrame | None:  # fmt: skip
+    """The sigreturn frame a thread under seccomp needs (seccomp.heal_kind), else None."""
+    if seccomp.heal_kind(tracee.pid) != "sigreturn":
+        return None
+    if mappings is None:
+        mappings = procfs.maps(tracee.pid)
+    return StackFrame(inj, tracee, resume, mask, sp, mappings)
 
 
 class DumpInjection:
@@ -280,13 +351,16 @@ class DumpInjection:
         self.site: int | None = None
         self.site_orig: bytes | None = None
         self.scratch: Scratch | None = None
+        self.frame: StackFrame | None = None
         self._entered = False
 
     def __enter__(self) -> Injector:
         from .. import faults
 
         try:
-            _refuse_seccomp(self.tracee.pid)
+            # the target's seccomp filters (or strict mode) let ckpt's syscalls through
+            # (suspended while traced), or it is refused before anything is injected
+            seccomp.prepare_dump(self.tracee, PTRACE_O_TRACESYSGOOD)
         except BaseException:
             self._cleanup_fd()
             raise
@@ -297,12 +371,19 @@ class DumpInjection:
                 f"page tail of {HEAL_SIZE} bytes)",
                 pid=self.tracee.pid,
             )
-        blob = heal_blob(self.resume, self.mask)
+        try:
+            self.frame = heal_frame(
+                self.inj, self.tracee, self.resume, self.mask, self.regs["rsp"], self.mappings
+            )
+        except BaseException:
+            self._cleanup_fd()
+            raise
+        blob = heal_blob(self.resume, self.mask) if self.frame is None else self.frame.code
         self.site_orig = self.inj.read(site, HEAL_SIZE)
         self.site = site
         self.inj.write(site, blob)
         self.inj.use(site)
-        self.inj.park()
+        self.inj.park(rip=site + SIGRETURN_PARK if self.frame else None)
         self._entered = True
         self.tracee.set_sigmask(INJECT_MASK)
         faults.point("inject-setup")
@@ -344,6 +425,8 @@ class DumpInjection:
                 self.tracee.set_sigmask(self.mask)
                 self.tracee.setregs(self.regs)
                 self.inj.write(self.site, self.site_orig)
+                if self.frame is not None:
+                    self.frame.restore(self.inj)
         finally:
             self._entered = False
             self._cleanup_fd()
@@ -373,12 +456,16 @@ class ThreadInjection:
         self.inj = Injector(tracee, resume_regs(regs), main.mem_fd)
         self.inj.scratch = main.scratch
         self.blob_addr = blob_addr
+        self.frame: StackFrame | None = None
         self._entered = False
 
     def __enter__(self) -> Injector:
-        self.inj.write(self.blob_addr, heal_blob(self.inj.template, self.mask))
+        t = self.inj.template
+        self.frame = heal_frame(self.inj, self.tracee, t, self.mask, self.regs["rsp"])
+        blob = heal_blob(t, self.mask) if self.frame is None else self.frame.code
+        self.inj.write(self.blob_addr, blob)
         self.inj.use(self.blob_addr)
-        self.inj.park()
+        self.inj.park(rip=self.blob_addr + SIGRETURN_PARK if self.frame else None)
         self._entered = True
         self.tracee.set_sigmask(INJECT_MASK)
         return self.inj
@@ -389,6 +476,8 @@ class ThreadInjection:
             self.tracee.stop_in_signal_path()
             self.tracee.set_sigmask(self.mask)
             self.tracee.setregs(self.regs)
+            if self.frame is not None:
+                self.frame.restore(self.inj)
 
 
 HEAL_STRIDE = 256  # one heal blob per thread in a heal area

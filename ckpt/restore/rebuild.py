@@ -29,6 +29,8 @@ from ..model import ProcessImage, Thread
 from . import attrs
 from .fds import create_memfds, memfd_fd_for, restore_fds
 from .hostfs import chdir_resolved, open_checked
+from .security import enter_cgroups, restore_files_context
+from .security import restore_creds as restore_security_creds
 from .shm import Owner, SharedObjects
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
@@ -93,6 +95,7 @@ class Rebuilder:
         self.terminal = None
         #: the root of a shell job: stays in ckpt's session, in a process group of its own
         self.shell_job = False
+        enter_cgroups(self)  # before its memory and children (restore/security.py)
 
     def close(self) -> None:
         if self.mem_fd >= 0:
@@ -129,6 +132,7 @@ class Rebuilder:
         self.set_mm()
         self.restore_fds()
         self.restore_process_misc()
+        restore_files_context(self)  # loginuid, chroot: after every path is used
 
     def state_rest(self) -> None:
         self.create_threads()
@@ -624,8 +628,11 @@ class Rebuilder:
                 raise RestoreError(msg) from exc
 
     def restore_creds(self) -> None:
-        for inj in [self.inj, *(ti for _, _, ti in self.threads)]:
-            _set_creds(inj, self.proc)
+        if self.proc.security is not None:  # per thread, capabilities, seccomp last
+            restore_security_creds(self)
+        else:  # an image from before security contexts
+            for inj in [self.inj, *(ti for _, _, ti in self.threads)]:
+                _set_creds(inj, self.proc)
         # a change of uid or gid made the mm non-dumpable (fs.suid_dumpable): as it was
         self.inj.call("prctl", PR_SET_DUMPABLE, self.proc.dumpable, 0, 0, 0)
 

@@ -15,6 +15,7 @@ from ..kernel.memory import write_at
 from ..kernel.spawn import spawn_restorer
 from ..model import ProcessImage, slot_base
 from ..present import intersect
+from . import cow
 from .attrs import check_detach
 from .tree import build_tree, check_tree, members
 from .tty import Terminal, check_image
@@ -93,7 +94,8 @@ def restore(
 def _write_pages(reader: ImageReader, slot: int, proc: ProcessImage, mem_fd: int) -> None:
     """One process's pages; a tree member's are keyed slot << 48 | vaddr."""
     base = slot_base(proc.space if proc.space >= 0 else slot)
-    plan = reader.plan([(r[0] + base, r[1]) for v in proc.vmas for r in v.present])
+    # pages shared copy-on-write with the parent are there already (restore/cow.py)
+    plan = reader.plan([(a + base, n) for v in proc.vmas for a, n in cow.to_write(v)])
     for key, data in reader.iter_data(plan):
         write_at(mem_fd, key - base, data)
     # Present pages whose newest copy is all zero: fresh anonymous memory already

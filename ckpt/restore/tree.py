@@ -30,6 +30,7 @@ from ..model import ProcessImage
 from . import attrs
 from .checks import check_files, wait_pid_free
 from .rebuild import Rebuilder
+from .security import check as check_security
 from .shm import SharedObjects, check_not_in_use, check_objects
 from .tty import Terminal, job_modes
 
@@ -48,6 +49,7 @@ def check_tree(root: ProcessImage, new_pid: bool) -> None:
     check_not_in_use(root)
     for p in procs:
         check_files(p)
+        check_security(p)  # capabilities ckpt lacks, a cgroup or root gone (exit 11)
         if not new_pid:  # every PID and TID must be free before anything is built
             for t in [p.pid, *(t.tid for t in p.threads[1:])]:
                 wait_pid_free(t)

@@ -20,7 +20,7 @@ long ck_pagemap_filter(int pm_fd, const uint64_t *runs, size_t nruns, int includ
                        uint64_t zero_pfn, uint64_t require, uint64_t *out, size_t max_runs,
                        size_t *consumed);
 long ck_zero_pfn(void);
-long ck_read_runs(int pid, int mem_fd, const uint64_t *runs, size_t nruns, char *buf);
+long ck_read_runs(int pid, int mem_fd, int pm_fd, const uint64_t *runs, size_t nruns, char *buf);
 long ck_write_runs(int mem_fd, const uint64_t *runs, size_t nruns, const char *buf);
 long ck_nonzero_runs(const char *buf, size_t npages, uint64_t *out, size_t max_runs);
 int ck_all_zero(const char *buf, size_t len);
@@ -130,50 +130,106 @@ long ck_zero_pfn(void)
     return r;
 }
 
-/* Read (addr, npages) runs back to back into buf. process_vm_readv first (fast,
-   up to 1024 remote iovecs a call); what it cannot read (PROT_NONE pages) comes
-   from /proc/PID/mem, which reads through page protections. */
-long ck_read_runs(int pid, int mem_fd, const uint64_t *runs, size_t nruns, char *buf)
+/* A page process_vm_readv must not read: an anonymous page that may be shared
+   copy-on-write with another process (present but not mapped exactly once, or in
+   swap). process_vm_readv pins the pages it reads, and a read-only pin of a
+   possibly shared anonymous page unshares it (the target gets a copy of its own,
+   Linux 5.19+): dumping a forked tree would undo its copy-on-write sharing, and a
+   snapshot or --leave-running would leave the live processes with twice the memory.
+   /proc/PID/mem reads without pinning. */
+#define PM_EXCLUSIVE (1ULL << 56)
+static int maybe_shared(uint64_t e)
 {
-    struct iovec local, remote[1024];
-    size_t i = 0, total = 0;
-    while (i < nruns) {
-        size_t k = 0, bytes = 0;
-        for (; k < 1024 && i + k < nruns; k++) {
-            remote[k].iov_base = (void *)(uintptr_t)runs[2 * (i + k)];
-            remote[k].iov_len = runs[2 * (i + k) + 1] * CK_PAGE;
-            bytes += remote[k].iov_len;
-        }
-        local.iov_base = buf + total;
-        local.iov_len = bytes;
-        ssize_t got = process_vm_readv(pid, &local, 1, remote, k, 0);
-        if (got < 0) {
-            if (errno == ESRCH) return -ESRCH;
-            got = 0;
-        }
-        if ((size_t)got < bytes) {
-            /* finish the batch through /proc/PID/mem, run by run */
-            size_t off = 0;
-            for (size_t j = 0; j < k; j++) {
-                size_t len = remote[j].iov_len;
-                if (off + len > (size_t)got) {
-                    size_t skip = (size_t)got > off ? (size_t)got - off : 0;
-                    size_t done = skip;
-                    while (done < len) {
-                        ssize_t r = pread(mem_fd, buf + total + off + done, len - done,
-                                          (off_t)((uintptr_t)remote[j].iov_base + done));
-                        if (r < 0 && errno == EINTR) continue;
-                        if (r <= 0) return r < 0 ? -errno : -EIO;
-                        done += (size_t)r;
-                    }
-                }
-                off += len;
-            }
-        }
-        total += bytes;
-        i += k;
+    if (e & PM_FILE) return 0;
+    if (e & PM_PRESENT) return !(e & PM_EXCLUSIVE);
+    return (e & PM_SWAP) != 0;
+}
+
+static int mem_read(int mem_fd, char *dst, uint64_t addr, size_t len)
+{
+    size_t done = 0;
+    while (done < len) {
+        ssize_t r = pread(mem_fd, dst + done, len - done, (off_t)(addr + done));
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) return r < 0 ? -errno : -EIO;
+        done += (size_t)r;
     }
-    return (long)total;
+    return 0;
+}
+
+/* process_vm_readv of k iovecs; what it cannot read (PROT_NONE pages) comes from
+   /proc/PID/mem, which reads through page protections. */
+static int vm_flush(int pid, int mem_fd, struct iovec *loc, struct iovec *rem, size_t k)
+{
+    if (!k) return 0;
+    ssize_t got = process_vm_readv(pid, loc, k, rem, k, 0);
+    if (got < 0) {
+        if (errno == ESRCH) return -ESRCH;
+        got = 0;
+    }
+    size_t off = 0;
+    for (size_t j = 0; j < k; j++) {
+        size_t len = rem[j].iov_len;
+        if (off + len > (size_t)got) {
+            size_t skip = (size_t)got > off ? (size_t)got - off : 0;
+            int r = mem_read(mem_fd, (char *)loc[j].iov_base + skip,
+                             (uint64_t)(uintptr_t)rem[j].iov_base + skip, len - skip);
+            if (r) return r;
+        }
+        off += len;
+    }
+    return 0;
+}
+
+/* Read (addr, npages) runs back to back into buf: process_vm_readv (fast, up to
+   1024 iovecs a call), except the pages pagemap (pm_fd >= 0) says may be shared
+   copy-on-write, which come from /proc/PID/mem (see maybe_shared). */
+long ck_read_runs(int pid, int mem_fd, int pm_fd, const uint64_t *runs, size_t nruns, char *buf)
+{
+    enum { CHUNK = 2048 };
+    static __thread uint64_t ent[CHUNK];
+    struct iovec loc[1024], rem[1024];
+    size_t k = 0, total = 0;
+    for (size_t i = 0; i < nruns; i++) {
+        uint64_t addr = runs[2 * i], left = runs[2 * i + 1];
+        while (left) {
+            size_t n = left > CHUNK ? CHUNK : (size_t)left;
+            int have = 0;
+            if (pm_fd >= 0) {
+                ssize_t r = pread(pm_fd, ent, n * 8, (off_t)(addr / CK_PAGE * 8));
+                have = r == (ssize_t)(n * 8);
+            }
+            for (size_t p = 0; p < n;) {
+                int slow = have && maybe_shared(ent[p]);
+                size_t q = p + 1;
+                while (q < n && (have && maybe_shared(ent[q])) == slow) q++;
+                char *dst = buf + total + p * CK_PAGE;
+                uint64_t a = addr + p * CK_PAGE;
+                size_t len = (q - p) * CK_PAGE;
+                if (slow) {
+                    int r = mem_read(mem_fd, dst, a, len);
+                    if (r) return r;
+                } else {
+                    if (k == 1024) {
+                        int r = vm_flush(pid, mem_fd, loc, rem, k);
+                        if (r) return r;
+                        k = 0;
+                    }
+                    loc[k].iov_base = dst;
+                    loc[k].iov_len = len;
+                    rem[k].iov_base = (void *)(uintptr_t)a;
+                    rem[k].iov_len = len;
+                    k++;
+                }
+                p = q;
+            }
+            total += n * CK_PAGE;
+            addr += n * CK_PAGE;
+            left -= n;
+        }
+    }
+    int r = vm_flush(pid, mem_fd, loc, rem, k);
+    return r ? r : (long)total;
 }
 
 /* Write runs from buf through /proc/PID/mem (ignores page protections). */

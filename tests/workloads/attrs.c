@@ -1,6 +1,6 @@
 /* attrs: process and thread attributes (issue 15 parts 3 and 5), checked by the process.
  *
- * usage: attrs FEATURES      comma-separated, or "all" (every one but sud and tree)
+ * usage: attrs FEATURES      comma-separated, or "all" (every one but sud, tree and cow)
  * READY pid= tids=MAIN,W1,W2 cpuid=0|1 thp=N child=PID(tree)
  *   then waits for SIGUSR2 and prints VERIFY OK pid= / VERIFY FAIL pid= reason=...
  *   (a tree's child prints its own VERIFY line when it gets SIGUSR2)
@@ -34,6 +34,10 @@
  *   tree       a child made by clone() with exit signal SIGURG, with a parent-death
  *              signal (SIGWINCH): its exit signal and pdeathsig come back, and its
  *              parent is the restored parent
+ *   cow        (with tree) 8 MiB filled before the clone; then the child rewrites pages
+ *              0-255 and drops 256-263 (MADV_DONTNEED), the parent rewrites 512-767;
+ *              each sees its own content (the rest is still shared copy-on-write:
+ *              the test counts the shared page frames). READY cow=ADDR
  */
 #include "wl.h"
 
@@ -79,7 +83,7 @@ static char feats[512];
 static int has(const char *f)
 {
     if (strcmp(feats, "all") == 0)
-        return strcmp(f, "sud") && strcmp(f, "tree");
+        return strcmp(f, "sud") && strcmp(f, "tree") && strcmp(f, "cow");
     size_t n = strlen(f);
     for (const char *p = feats; (p = strstr(p, f)); p += n)
         if ((p == feats || p[-1] == ',') && (p[n] == ',' || p[n] == 0))
@@ -488,10 +492,55 @@ static void check_sud(void)
     CHECK(sud_sigsys == 1, "syscall user dispatch is off (%d SIGSYS)", (int)sud_sigsys);
 }
 
+#define COW_PAGES 2048
+static unsigned char *cow_area;
+
+static unsigned char cow_want(int page, int child)
+{
+    if (child && page < 256)
+        return 0xc0;
+    if (child && page >= 256 && page < 264)
+        return 0;
+    if (!child && page >= 512 && page < 768)
+        return 0xa0;
+    return (unsigned char)(page % 255 + 1); /* never 0: a zero page is not restored */
+}
+
+static void cow_set(int child)
+{
+    for (int i = 0; i < COW_PAGES; i++) {
+        unsigned char *pg = cow_area + (size_t)i * WL_PAGE;
+        if (child && i >= 256 && i < 264)
+            continue;
+        if ((child && i < 256) || (!child && i >= 512 && i < 768))
+            memset(pg, cow_want(i, child), WL_PAGE);
+    }
+    if (child)
+        SETUP_CHECK(madvise(cow_area + 256 * WL_PAGE, 8 * WL_PAGE, MADV_DONTNEED) == 0,
+                    "MADV_DONTNEED");
+}
+
+static void cow_check(int child)
+{
+    int bad = 0, first = -1;
+    for (int i = 0; i < COW_PAGES; i++) {
+        unsigned char *pg = cow_area + (size_t)i * WL_PAGE, want = cow_want(i, child);
+        if (pg[0] != want || pg[WL_PAGE - 1] != want || pg[WL_PAGE / 2] != want) {
+            if (first < 0)
+                first = i;
+            bad++;
+        }
+    }
+    CHECK(bad == 0, "%d copy-on-write pages have the wrong content (first: page %d)", bad,
+          first);
+}
+
 static void tree_child(void)
 {
     SETUP_CHECK(prctl(PR_SET_PDEATHSIG, SIGWINCH) == 0, "child PR_SET_PDEATHSIG");
     pid_t parent = getppid();
+    if (cow_area)
+        cow_set(1);
     sigset_t old;
     sigprocmask(SIG_BLOCK, NULL, &old);
     sigdelset(&old, SIGUSR2); /* blocked by main() before the clone */
@@ -502,6 +551,8 @@ static void tree_child(void)
     prctl(PR_GET_PDEATHSIG, &sig);
     CHECK(sig == SIGWINCH, "child pdeathsig %d, want %d", sig, SIGWINCH);
     CHECK(getppid() == parent, "child's parent %d, want %d", (int)getppid(), (int)parent);
+    if (cow_area)
+        cow_check(1);
     finish("child=1");
 }
 
@@ -529,11 +580,20 @@ int main(int argc, char **argv)
     ncpus = (int)sysconf(_SC_NPROCESSORS_ONLN);
     sigset_t old;
     catch_usr2_blocked(on_usr2, &old); /* threads inherit SIGUSR2 blocked */
-    if (has("tree")) {
+    if (has("cow")) {
+        cow_area = mmap(NULL, COW_PAGES * WL_PAGE, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        SETUP_CHECK(cow_area != MAP_FAILED, "mmap cow");
+        for (int i = 0; i < COW_PAGES; i++)
+            memset(cow_area + (size_t)i * WL_PAGE, (unsigned char)(i % 255 + 1), WL_PAGE);
+    }
+    if (has("tree") || has("cow")) {
         child_pid = (pid_t)syscall(SYS_clone, SIGURG, 0, 0, 0, 0);
         SETUP_CHECK(child_pid >= 0, "clone");
         if (child_pid == 0)
             tree_child();
+        if (cow_area)
+            cow_set(0);
     }
     tids[0] = (pid_t)syscall(SYS_gettid);
     pthread_t th[2];
@@ -596,8 +656,9 @@ int main(int argc, char **argv)
     if (has("sud"))
         SETUP_CHECK(prctl(PR_SET_SYSCALL_USER_DISPATCH, SUD_ON, 0, 0, &sud_selector) == 0,
                     "PR_SET_SYSCALL_USER_DISPATCH");
-    say("READY pid=%d tids=%d,%d,%d cpuid=%d thp=%d names=%d child=%d", (int)getpid(),
-        (int)tids[0], (int)tids[1], (int)tids[2], cpuid_ok, thp_want, names_ok, (int)child_pid);
+    say("READY pid=%d tids=%d,%d,%d cpuid=%d thp=%d names=%d child=%d cow=%#lx", (int)getpid(),
+        (int)tids[0], (int)tids[1], (int)tids[2], cpuid_ok, thp_want, names_ok, (int)child_pid,
+        (unsigned long)(uintptr_t)cow_area);
 
     while (!got_usr2)
         sigsuspend(&old);
@@ -644,7 +705,9 @@ int main(int argc, char **argv)
         check_droppable();
     if (has("sud"))
         check_sud();
-    if (has("tree"))
+    if (cow_area)
+        cow_check(0);
+    if (has("tree") || has("cow"))
         CHECK(stat_field(child_pid, 38) == SIGURG, "child's exit signal %ld, want %d",
               stat_field(child_pid, 38), SIGURG);
     finish("");
