@@ -72,6 +72,10 @@ class Vma:
     shm: int = -1
     # guard regions (MADV_GUARD_INSTALL) inside it, as [vaddr, npages] runs
     guards: list[list[int]] = field(default_factory=list)
+    # copy-on-write since a fork: [vaddr, npages] runs of its present pages that are the
+    # parent's (tree slot cow_from, its VMA of the same range) too (capture/cow.py)
+    cow_from: int = -1
+    cow: list[list[int]] = field(default_factory=list)
 
     @property
     def size(self) -> int:

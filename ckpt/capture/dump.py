@@ -32,6 +32,7 @@ from ..track import make_tracker
 from ..track.base import Tracker
 from ..track.full import FullTracker
 from . import attrs, state
+from .cow import link_cow
 from .fds import capture_fds
 from .pages import PageCopier
 from .security import capture as capture_security
@@ -182,6 +183,7 @@ def dump(
         final_pages += shm_pages
         bytes_stored += shm_bytes
         link_shared([proc, *proc.tree])
+        link_cow([proc, *proc.tree])  # pages still shared since a fork
         lock, unlocked = take_net_lock()
         # kept until the restore only when this host's copy is killed and restored here
         if lock is not None and not leave_running and sink is None:

@@ -26,7 +26,7 @@ from ..kernel.ptrace import (
 from ..kernel.remote import HEAL_CODE, INJECT_MASK, SCRATCH_PAGES, Injector, RemoteError, Scratch
 from ..kernel.spawn import pause_syscall_addr
 from ..model import ProcessImage, Thread
-from . import attrs
+from . import attrs, cow
 from .fds import create_memfds, memfd_fd_for, restore_fds
 from .hostfs import chdir_resolved, open_checked
 from .security import enter_cgroups, restore_files_context
@@ -145,8 +145,9 @@ class Rebuilder:
         attrs.after_creds(self)
 
     def fork_child(self, want: int | None, exit_signal: int = SIGCHLD) -> Tracee:
-        """A copy of this (still empty) restorer as its child, with PID `want` when given,
-        that sends `exit_signal` to its parent when it exits.
+        """A copy of this restorer as its child, with PID `want` when given, that sends
+        `exit_signal` to its parent when it exits. The child inherits the address space
+        as it is (restore/tree.py: the parent's, built; its scratch area included).
 
         The child is auto-attached (PTRACE_O_TRACEFORK, or TRACECLONE for an exit signal
         other than SIGCHLD) and stops before running an instruction; it becomes a tree
@@ -200,6 +201,7 @@ class Rebuilder:
         keep += [
             (m.start, m.end) for m in child_maps if m.name in ("[vvar]", "[vvar_vclock]", "[vdso]")
         ]
+        keep += cow.inherited(self.proc)  # copy-on-write from the parent (restore/cow.py)
         keep.sort()
         pos = 0
         for a, b in keep + [(TASK_SIZE, TASK_SIZE)]:
@@ -246,6 +248,9 @@ class Rebuilder:
         create_memfds(self.inj, self.proc, self.memfds)  # first: mappings share them
         for v in self.proc.vmas:
             if v.kind in VDSO_KINDS:
+                continue
+            if v.cow_from >= 0:  # inherited from the parent, copy-on-write
+                cow.keep(self, v)
                 continue
             prot0 = v.prot | (PROT_WRITE if "ac" in v.vmflags else 0)
             flags = MAP_FIXED_NOREPLACE | (MAP_SHARED if v.shared else MAP_PRIVATE)

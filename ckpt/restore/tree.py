@@ -1,12 +1,13 @@
 """Restore a process tree: fork the members from their restored parents, then
 rebuild them in phases so that what they share exists before it is taken.
 
-    fork      each member is forked (clone3, its PID) from its parent's restorer,
-              parents first; a session leader calls setsid before its children
-              are forked, so they inherit the session
-    memory    every member's address space; a shared memory object is made by the
-              first VMA that maps it and mapped by the others (restore/shm.py),
-              then filled once from the image
+    fork and  parents first: each member is forked (clone3, its PID) from its
+    memory    parent's restorer once the parent's address space is built (the private
+              pages they shared copy-on-write at the dump are inherited again:
+              restore/cow.py), then builds its own; a session leader calls setsid
+              before its children are forked, so they inherit the session; a shared
+              memory object is made by the first VMA that maps it and mapped by the
+              others (restore/shm.py), then filled once from the image
     files     fds (a shared open file description is taken from its first holder
               by pidfd_getfd) and process attributes; then process groups, a
               group's leader before its members
@@ -27,7 +28,7 @@ from collections.abc import Callable
 from ..errors import ImageCorrupt
 from ..kernel import sysvshm
 from ..model import ProcessImage
-from . import attrs
+from . import attrs, cow
 from .checks import check_files, wait_pid_free
 from .rebuild import Rebuilder
 from .security import check as check_security
@@ -73,26 +74,29 @@ def build_tree(
     try:
         rbs.append(Rebuilder(root_pid, root, new_pid))
         _early_session(rbs[0], terminal, root=True)
-        for p in procs[1:]:
-            parent = rbs[slot[p.ppid]]
-            tr = parent.fork_child(None if new_pid else p.pid, attrs.exit_signal(p))
-            rb = Rebuilder(tr.pid, p, new_pid, tracee=tr)
-            rbs.append(rb)
-            _early_session(rb, terminal)
-        pids = [rb.pid for rb in rbs]
         parked: dict[tuple[int, int], tuple[int, int]] = {}
         memfds: dict[int, tuple[int, int]] = {}
         shared = SharedObjects(root.shm)
-        for i, rb in enumerate(rbs):
-            rb.peers = {j: pids[j] for j in range(i)}
+        for i, p in enumerate(procs):
+            if i:
+                # forked once the parent's pages are in: what they shared copy-on-write
+                # at the dump is inherited again, not written twice (restore/cow.py)
+                parent = rbs[slot[p.ppid]]
+                cow.check(p, slot[p.ppid], parent.proc)
+                tr = parent.fork_child(None if new_pid else p.pid, attrs.exit_signal(p))
+                rbs.append(Rebuilder(tr.pid, p, new_pid, tracee=tr))
+                rbs[i].inj.use(parent.inj.scratch.addr)  # the parent's, inherited
+                _early_session(rbs[i], terminal)
+            rb = rbs[i]
+            rb.peers = {j: rbs[j].pid for j in range(i)}
             rb.peer_images = {j: procs[j] for j in range(i)}
-            rb.parked = parked if len(rbs) > 1 else None
-            rb.memfds = memfds if len(rbs) > 1 else None
+            rb.parked = parked if len(procs) > 1 else None
+            rb.memfds = memfds if len(procs) > 1 else None
             rb.shared = shared
-        for i, rb in enumerate(rbs):
             rb.prepare_memory()
             rb.map_vmas()
             write_pages(i, rb.proc, rb.mem_fd)
+        pids = [rb.pid for rb in rbs]
         if shared.objects:
             if fill_shared is None:
                 raise ImageCorrupt("the image has shared memory objects but no way to fill them")
