@@ -10,11 +10,19 @@ connection and accepts new ones, then prints VERIFY OK or VERIFY FAIL.
 from __future__ import annotations
 
 import fcntl
+import re
 import socket
 import struct
 import subprocess
 
-from helpers import DEADLINE, assert_error, dump_restore_verify, proc_alive, wait_until
+from helpers import (
+    DEADLINE,
+    assert_error,
+    dump_restore_verify,
+    proc_alive,
+    proc_status,
+    wait_until,
+)
 
 SIOCOUTQ = 0x5411
 
@@ -73,6 +81,22 @@ def test_tcp_loopback_and_listener_restored(e2e):
         assert v.ok, v.line
         assert recv_exactly(c, 5) == b"world"
     assert bg.wait().returncode == 0
+
+
+def test_tcp_options_kept_on_the_live_process(e2e):
+    """Reading a connection in TCP_REPAIR mode clears its SO_REUSEADDR when repair is
+    switched off: a --leave-running dump must give it back (else a server restarted
+    while such connections linger cannot bind its port)."""
+    w = e2e.spawn("sockets", "tcp")
+    port = int(w.ready["port"])
+    res = e2e.dump(w.pid, e2e.path("img"), "--leave-running")
+    assert res.returncode == 0, str(res)
+    wait_until(lambda: (proc_status(w.pid) or {}).get("TracerPid") == "0", 30, "untraced")
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as c:
+        c.sendall(b"hello")
+        v = e2e.verify(w, w.pid)
+        assert v.ok, v.line
+        assert recv_exactly(c, 5) == b"world"
 
 
 def test_tcp_external_peer_needs_flag(e2e):
@@ -141,7 +165,8 @@ def test_tcp_external_peer_sending_between_dump_and_restore(e2e):
         c.sendall(pat(0, 0, before))
         wait_until(lambda: all_acked(c), DEADLINE, "the workload's kernel to ack our bytes")
         res = e2e.dump_ok(w, image, "--tcp-established")
-        assert "nftables table inet ckpt_lock_" in res.stderr, res.stderr
+        lock = re.search(r"nftables table inet (ckpt_lock_\w+)", res.stderr)
+        assert lock, res.stderr
         c.sendall(pat(0, before, window))  # nobody owns the connection now
         bg = e2e.ckpt_bg("restore", "-D", str(image))
         e2e.wait_restored(w.pid, w.ident, bg)
@@ -154,7 +179,8 @@ def test_tcp_external_peer_sending_between_dump_and_restore(e2e):
         assert recv_exactly(c, 3) == b"bye"
         assert bg.wait().returncode == 0
         tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True)
-        assert "ckpt_lock_" not in tables.stdout, "the restore must remove the lock"
+        # only this dump's table: other tests' may come and go meanwhile
+        assert lock.group(1) not in tables.stdout, "the restore must remove the lock"
     finally:
         c.close()
         _drop_lock_of(image)

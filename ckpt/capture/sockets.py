@@ -374,11 +374,11 @@ def _tcp(
 
 
 def _read_tcp(ts: TargetSocket, info) -> TcpConn:
-    tcp_repair.repair_on(ts)
+    reuse = tcp_repair.repair_on(ts)
     try:
         r = tcp_repair.read_state(ts, info)
     finally:
-        tcp_repair.repair_off(ts)
+        tcp_repair.repair_off(ts, reuse)
     return TcpConn(
         snd_seq=r.snd_seq, rcv_seq=r.rcv_seq, outq=r.outq, unsent=r.unsent, inq=r.inq,
         mss=r.mss, options=r.options, snd_wscale=r.snd_wscale, rcv_wscale=r.rcv_wscale,

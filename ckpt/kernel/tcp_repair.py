@@ -15,6 +15,7 @@ import atexit
 import contextlib
 import os
 import select
+import socket
 import struct
 from dataclasses import dataclass
 
@@ -75,14 +76,25 @@ def _set(ts: TargetSocket, opt: int, value: int) -> None:
     ts.sock.setsockopt(SOL_TCP, opt, struct.pack("=i", value))
 
 
-def repair_on(ts: TargetSocket) -> None:
+SO_REUSEADDR = 2
+
+
+def repair_on(ts: TargetSocket) -> int:
+    """Enter repair mode; returns the socket's SO_REUSEADDR, which repair mode
+    overwrites (the kernel sets sk_reuse to SK_FORCE_REUSE, and to SK_NO_REUSE when
+    repair is switched off): give it to repair_off()."""
+    reuse = ts.int_opt(socket.SOL_SOCKET, SO_REUSEADDR)
     _set(ts, TCP_REPAIR, TCP_REPAIR_ON)
+    return reuse
 
 
-def repair_off(ts: TargetSocket) -> None:
-    """Leave repair mode without the window probe a plain TCP_REPAIR_OFF sends."""
+def repair_off(ts: TargetSocket, reuse: int) -> None:
+    """Leave repair mode without the window probe a plain TCP_REPAIR_OFF sends, and
+    put SO_REUSEADDR back as it was (a restart of a server whose connections ckpt read
+    would otherwise fail to bind: "Address already in use")."""
     _set(ts, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
     _set(ts, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
+    ts.set_int_opt(socket.SOL_SOCKET, SO_REUSEADDR, reuse)
 
 
 def read_state(ts: TargetSocket, info: TcpInfo) -> RepairState:
@@ -227,13 +239,15 @@ def rebuild(sock, local: tuple, remote: tuple, conn, before_bind) -> None:
     seti(TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
 
 
-def resume(sock, conn) -> None:
+def resume(sock, conn, reuse: int) -> None:
     """Leave repair mode (once both ends of a loopback pair are rebuilt: the window
-    probe this sends would be answered with a reset by a missing peer), then queue
-    the part of the send queue that had never been sent, as an ordinary send."""
+    probe this sends would be answered with a reset by a missing peer), put back the
+    SO_REUSEADDR that leaving repair mode clears, then queue the part of the send
+    queue that had never been sent, as an ordinary send."""
     from .sockets import grow_sndbuf
 
     sock.setsockopt(SOL_TCP, TCP_REPAIR, int_blob(TCP_REPAIR_OFF))
+    sock.setsockopt(socket.SOL_SOCKET, SO_REUSEADDR, int_blob(reuse))
     if conn.unsent:
         grow_sndbuf(sock, len(conn.outq))
         _queue(sock, conn.outq[len(conn.outq) - conn.unsent :])

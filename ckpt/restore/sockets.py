@@ -229,7 +229,8 @@ class _Sockets:
             self.pending()
             established = self.tcp_established()
             for f in established:
-                tcp_repair.resume(self.copy(f), f.socket.tcp)
+                reuse = int(f.socket.options.get("SO_REUSEADDR", 0) or 0)
+                tcp_repair.resume(self.copy(f), f.socket.tcp, reuse)
             self.unix_data()
             self.finish()
         except OSError as exc:
@@ -363,7 +364,11 @@ class _Sockets:
             try:
                 tcp_repair.rebuild(
                     c, tuple(s.local), tuple(s.remote), s.tcp,
-                    lambda sock, s=s: ks.set_options(sock, s.options, only=ks.BEFORE_BIND),
+                    # not SO_REUSEADDR: repair mode's forced reuse lets the connection take
+                    # its listener's port; tcp_repair.resume() sets it after repair mode
+                    lambda sock, s=s: ks.set_options(
+                        sock, s.options, only=ks.BEFORE_BIND, skip=("SO_REUSEADDR",)
+                    ),
                 )  # fmt: skip
             except OSError as exc:
                 raise RestoreError(

@@ -389,6 +389,8 @@ static void tcp_setup(void)
     tb = accept(tl, NULL, NULL);
     SETUP_CHECK(tb >= 0, "accept tcp");
     SETUP_CHECK(setsockopt(ta, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) == 0, "nodelay");
+    /* tb has it from the listener; TCP_REPAIR clears it when switched off (ckpt puts it back) */
+    SETUP_CHECK(setsockopt(ta, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) == 0, "reuseaddr");
     put_stream("tcp a->b", ta, tb, 8 << 20, 100); /* until the send queue is full */
     put_stream("tcp b->a", tb, ta, 10000, 0);
     tl6 = tcp_listen(AF_INET6, &port6);
@@ -412,6 +414,12 @@ static void tcp_verify(void)
     socklen_t ol = sizeof(one);
     CHECK(getsockopt(ta, IPPROTO_TCP, TCP_NODELAY, &one, &ol) == 0 && one, "TCP_NODELAY lost");
     CHECK(getsockopt(tl, SOL_SOCKET, SO_REUSEADDR, &one, &ol) == 0 && one, "SO_REUSEADDR lost");
+    one = 0;
+    CHECK(getsockopt(ta, SOL_SOCKET, SO_REUSEADDR, &one, &ol) == 0 && one,
+          "SO_REUSEADDR of a connection lost");
+    one = 0;
+    CHECK(getsockopt(tb, SOL_SOCKET, SO_REUSEADDR, &one, &ol) == 0 && one,
+          "SO_REUSEADDR of an accepted connection lost");
     CHECK(getsockopt(tl6, IPPROTO_IPV6, IPV6_V6ONLY, &one, &ol) == 0 && one, "V6ONLY lost");
     /* the test's connection (made before it sent SIGUSR2) and one of our own */
     int mine = tcp_connect(AF_INET, tport);
