@@ -258,6 +258,8 @@ class ThreadAttrs:
     # PR_GET_SPECULATION_CTRL of [store bypass, indirect branch, L1D flush] when the
     # system lets prctl control them (PR_SPEC_PRCTL), else None
     spec: list[int] | None = None
+    # get_mempolicy: [mode | mode flags, nodemask]; None: no NUMA support
+    mempolicy: list[int] | None = None
 
 
 @dataclass
@@ -418,6 +420,8 @@ def _needs_v4(p: dict[str, Any]) -> bool:
         if any(a.get(k, ok[0]) not in ok for k, ok in _PLAIN_THREAD.items()):
             return True
         if a.get("affinity") not in (None, cpus) or any(s & 0x1C for s in a.get("spec") or ()):
+            return True
+        if (a.get("mempolicy") or [0])[0]:  # not MPOL_DEFAULT
             return True
         s = a.get("sched") or {}
         plain = {"policy": 0, "flags": 0, "nice": 0, "priority": 0, "runtime": 0, "deadline": 0,

@@ -16,7 +16,7 @@ import pytest
 from helpers import assert_error, dump_restore_verify, proc_status, wait_until
 
 FEATURES = [
-    "sched", "affinity", "ioprio", "slack", "pdeath", "tsc", "mce", "cpuid", "oom",
+    "sched", "affinity", "ioprio", "slack", "pdeath", "tsc", "mce", "cpuid", "mempolicy", "oom",
     "coredump", "membarrier", "guard", "timers", "names", "ksm", "thp", "seal", "droppable",
 ]  # fmt: skip
 

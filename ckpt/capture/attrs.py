@@ -25,6 +25,7 @@ from ..model import ProcAttrs, SchedAttr, ThreadAttrs, Vma
 PR_GET_PDEATHSIG, PR_GET_TIMERSLACK, PR_GET_TSC, PR_MCE_KILL_GET = 2, 30, 25, 34
 PR_GET_SPECULATION_CTRL, PR_SPEC_PRCTL, PR_GET_MEMORY_MERGE = 52, 1, 68
 ARCH_GET_CPUID, NR_MEMBARRIER, MEMBARRIER_CMD_GET_REGISTRATIONS = 0x1011, 324, 1 << 9
+NR_GET_MEMPOLICY, NODEMASK_BITS = 239, 1024
 SPEC_KINDS = 3  # PR_SPEC_STORE_BYPASS, PR_SPEC_INDIRECT_BRANCH, PR_SPEC_L1D_FLUSH
 CAP_SYS_NICE, CAP_SYS_RESOURCE = 23, 24
 ALL_ONES = (1 << 64) - 1
@@ -153,6 +154,14 @@ def thread_injected(inj: Injector, a: ThreadAttrs) -> None:
     a.mce_kill = inj.call("prctl", PR_MCE_KILL_GET, 0, 0, 0, 0)
     if _cpuid_faulting():
         a.cpuid = inj.call("arch_prctl", ARCH_GET_CPUID, 0)
+    try:  # the thread's memory policy (set_mempolicy); ENOSYS without CONFIG_NUMA
+        nodes = inj.alloc(NODEMASK_BITS // 8)
+        inj.call_nr(NR_GET_MEMPOLICY, buf, nodes, NODEMASK_BITS, 0, 0, name="get_mempolicy")
+        mode = struct.unpack("<i", inj.read(buf, 4))[0]
+        mask = int.from_bytes(inj.read(nodes, NODEMASK_BITS // 8), "little")
+        a.mempolicy = [mode, mask if mode else 0]
+    except RemoteError:
+        a.mempolicy = None
     ctl = spec_controls()
     if any(ctl):
         a.spec = [

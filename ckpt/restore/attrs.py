@@ -35,6 +35,7 @@ PR_SET_SPECULATION_CTRL, PR_SET_IO_FLUSHER, PR_SET_MEMORY_MERGE = 53, 57, 67
 PR_SET_VMA, PR_SET_VMA_ANON_NAME = 0x53564D41, 0
 PR_GET_TIMERSLACK, PR_GET_TSC, PR_MCE_KILL_GET = 30, 25, 34
 ARCH_SET_CPUID, NR_MEMBARRIER, NR_MSEAL, SIGCHLD = 0x1012, 324, 462, 17
+NR_SET_MEMPOLICY, NODEMASK_BITS = 238, 1024
 # MEMBARRIER_CMD_REGISTER_*: the bits MEMBARRIER_CMD_GET_REGISTRATIONS returns
 MEMBARRIER_REGISTER = (1 << 2, 1 << 4, 1 << 6, 1 << 8)
 PR_SPEC_DISABLED = 0x4 | 0x8 | 0x10  # PR_SPEC_DISABLE, FORCE_DISABLE, DISABLE_NOEXEC
@@ -136,6 +137,10 @@ def _thread_injected(inj: Injector, a: ThreadAttrs) -> None:
             inj.call("prctl", PR_SET_SPECULATION_CTRL, k, state & PR_SPEC_DISABLED, 0, 0)
     if a.io_flusher:
         inj.call("prctl", PR_SET_IO_FLUSHER, 1, 0, 0, 0)
+    if a.mempolicy and a.mempolicy[0]:  # not MPOL_DEFAULT (what a restorer has)
+        mode, mask = a.mempolicy
+        nodes = inj.put(mask.to_bytes(NODEMASK_BITS // 8, "little"))
+        inj.call_nr(NR_SET_MEMPOLICY, mode, nodes, NODEMASK_BITS, name="set_mempolicy")
 
 
 def after_creds(rb: Rebuilder) -> None:

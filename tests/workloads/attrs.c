@@ -16,6 +16,8 @@
  *   tsc        w2 PR_TSC_SIGSEGV
  *   mce        main PR_MCE_KILL_EARLY, w1 PR_MCE_KILL_LATE
  *   cpuid      w2 ARCH_SET_CPUID 0 (cpuid faults) where the CPU can
+ *   mempolicy  main MPOL_BIND {0}, w1 MPOL_PREFERRED {0}, w2 MPOL_INTERLEAVE with
+ *              MPOL_F_STATIC_NODES {0} (get_mempolicy in each)
  *   oom        oom_score_adj 321
  *   coredump   coredump_filter 0x23
  *   membarrier PRIVATE_EXPEDITED, GLOBAL_EXPEDITED (+SYNC_CORE, RSEQ if offered):
@@ -68,6 +70,12 @@
 #define ARCH_GET_CPUID 0x1011
 #define ARCH_SET_CPUID 0x1012
 #define IOPRIO(cls, data) (((cls) << 13) | (data))
+#define MPOL_PREFERRED 1
+#define MPOL_BIND 2
+#define MPOL_INTERLEAVE 3
+#define MPOL_F_STATIC_NODES (1 << 15)
+static const int mpol_want[3] = {MPOL_BIND, MPOL_PREFERRED,
+                                 MPOL_INTERLEAVE | MPOL_F_STATIC_NODES};
 #define SCHED_FLAG_RESET_ON_FORK 0x01
 
 struct sched_attr_ {
@@ -193,6 +201,11 @@ static void setup_self(int who)
                     "PR_MCE_KILL");
     if (has("tsc") && who == 2)
         SETUP_CHECK(prctl(PR_SET_TSC, PR_TSC_SIGSEGV, 0, 0, 0) == 0, "PR_SET_TSC");
+    if (has("mempolicy")) {
+        unsigned long node0 = 1;
+        SETUP_CHECK(syscall(SYS_set_mempolicy, mpol_want[who], &node0, 64) == 0,
+                    "set_mempolicy");
+    }
     if (has("cpuid") && who == 2)
         cpuid_ok = syscall(SYS_arch_prctl, ARCH_SET_CPUID, 0) == 0;
 }
@@ -217,6 +230,13 @@ static void check_self(int who)
         int v = -1;
         prctl(PR_GET_TSC, &v);
         WANT("w2 PR_GET_TSC", v, PR_TSC_SIGSEGV);
+    }
+    if (has("mempolicy")) {
+        int mode = -1;
+        unsigned long nodes[16] = {0};
+        syscall(SYS_get_mempolicy, &mode, nodes, 1024, 0, 0);
+        WANT("memory policy", mode, mpol_want[who]);
+        WANT("memory policy nodes", nodes[0], 1);
     }
     if (has("cpuid") && who == 2 && cpuid_ok)
         WANT("w2 ARCH_GET_CPUID", syscall(SYS_arch_prctl, ARCH_GET_CPUID, 0), 0);
