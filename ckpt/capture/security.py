@@ -32,22 +32,18 @@ def _who(pid: int, root: int | None = None) -> str:
 
 
 def check_namespaces(pid: int, root: int | None = None) -> None:
-    """Refuse (exit 5) a process whose namespaces are neither ckpt's own nor those of
-    this machine's init: a restored process lives in the restoring ckpt's, so it would
-    silently come back in other ones. Runs before anything touches the process.
+    """Refuse (exit 5) a process whose namespaces are neither ckpt's own nor the
+    machine's initial ones: a restored process lives in the restoring ckpt's, so it
+    would silently come back in other ones. Runs before anything touches the process.
 
-    Init's are accepted too because `ckpt migrate` runs in the source host's network
-    namespace while the process it moves is in init's (a migrated process is meant to
-    come back in the destination's namespaces)."""
+    The initial ones are accepted too because `ckpt migrate` runs in the source host's
+    network and mount namespaces (`ip netns exec`) while the process it moves is in the
+    host's (a migrated process is meant to come back in the destination's)."""
     theirs = creds.namespaces(pid)
     mine = creds.namespaces("self")
-    try:
-        init = creds.namespaces(1)
-    except NoSuchProcess:  # pragma: no cover - there is always a PID 1
-        init = {}
     for kind in creds.NAMESPACES:
         t = theirs.get(kind)
-        if t is None or t == mine.get(kind) or t == init.get(kind):
+        if t is None or t == mine.get(kind) or creds.is_initial(kind, t):
             continue
         raise UnsupportedProcess(
             f"{_who(pid, root)} runs in its own {kind} namespace ({t}; ckpt runs in "

@@ -92,6 +92,20 @@ NAMESPACES = (
 )  # fmt: skip
 
 
+#: the machine's initial namespaces have fixed inode numbers (include/linux/proc_ns.h;
+#: net and mnt since 6.x): "net:[4026531833]" is the host's network namespace
+INIT_NS_INO = {
+    "ipc": 0xEFFFFFFF, "uts": 0xEFFFFFFE, "user": 0xEFFFFFFD, "pid": 0xEFFFFFFC,
+    "pid_for_children": 0xEFFFFFFC, "cgroup": 0xEFFFFFFB, "time": 0xEFFFFFFA,
+    "time_for_children": 0xEFFFFFFA, "net": 0xEFFFFFF9, "mnt": 0xEFFFFFF8,
+}  # fmt: skip
+
+
+def is_initial(kind: str, link: str) -> bool:
+    """Is `link` ("uts:[4026531838]") the machine's initial namespace of that kind?"""
+    return link == f"{kind.split('_')[0]}:[{INIT_NS_INO.get(kind, -1)}]"
+
+
 def namespaces(pid: int | str) -> dict[str, str]:
     """{kind: "uts:[4026531838]"} for the kinds this kernel has."""
     out = {}
