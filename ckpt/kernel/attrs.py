@@ -131,3 +131,24 @@ def guard_supported() -> bool:
     from .features import probe
 
     return probe().pagemap_scan_guard
+
+
+def own_thread_state() -> dict[str, int | list[int] | None]:
+    """ckpt's own per-thread state that a restorer and its threads inherit (timer slack,
+    TSC mode, machine-check policy, cpuid faulting, memory policy): what restore compares
+    with instead of asking every restored thread."""
+    out: dict[str, int | list[int] | None] = {}
+    out["timerslack"] = lib.ck_syscall(157, 30, 0, 0, 0, 0, 0)  # PR_GET_TIMERSLACK
+    val = ffi.new("int[2]")
+    addr = int(ffi.cast("uintptr_t", val))
+    out["tsc"] = val[0] if lib.ck_syscall(157, 25, addr, 0, 0, 0, 0) == 0 else None
+    out["mce_kill"] = lib.ck_syscall(157, 34, 0, 0, 0, 0, 0)  # PR_MCE_KILL_GET
+    out["cpuid"] = lib.ck_syscall(158, 0x1011, 0, 0, 0, 0, 0)  # ARCH_GET_CPUID
+    nodes = ffi.new("uint64_t[16]")
+    r = lib.ck_syscall(239, addr, int(ffi.cast("uintptr_t", nodes)), 1024, 0, 0, 0)
+    if r == 0:
+        mask = int.from_bytes(ffi.buffer(nodes)[:], "little")
+        out["mempolicy"] = [val[0], mask if val[0] else 0]
+    else:
+        out["mempolicy"] = None
+    return out

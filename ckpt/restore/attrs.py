@@ -16,6 +16,7 @@ Anything the restorer already has as it should (inherited from ckpt) is left alo
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 from typing import TYPE_CHECKING
@@ -33,7 +34,6 @@ PR_SET_PDEATHSIG, PR_SET_TIMERSLACK, PR_SET_TSC, PR_MCE_KILL, PR_MCE_KILL_SET = 
 PR_MCE_KILL_CLEAR, PR_MCE_KILL_DEFAULT = 0, 2
 PR_SET_SPECULATION_CTRL, PR_SET_IO_FLUSHER, PR_SET_MEMORY_MERGE = 53, 57, 67
 PR_SET_VMA, PR_SET_VMA_ANON_NAME = 0x53564D41, 0
-PR_GET_TIMERSLACK, PR_GET_TSC, PR_MCE_KILL_GET = 30, 25, 34
 ARCH_SET_CPUID, NR_MEMBARRIER, NR_MSEAL, SIGCHLD = 0x1012, 324, 462, 17
 NR_SET_MEMPOLICY, NODEMASK_BITS = 238, 1024
 # MEMBARRIER_CMD_REGISTER_*: the bits MEMBARRIER_CMD_GET_REGISTRATIONS returns
@@ -115,32 +115,36 @@ def before_creds(rb: Rebuilder) -> None:
 
 def _thread_injected(inj: Injector, a: ThreadAttrs) -> None:
     """Per-thread prctl / arch_prctl state, set by the thread itself; only what differs
-    from what the thread has now (it inherited ckpt's)."""
+    from what the thread has now: what ckpt has (every restorer and thread inherited it
+    from ckpt's thread, before anything here)."""
+    have = _own()
     inj.reset_data()
-    buf = inj.alloc(8)
-    slack = inj.call("prctl", PR_GET_TIMERSLACK, 0, 0, 0, 0)
-    if a.timerslack is not None and a.timerslack != slack:
+    if a.timerslack is not None and a.timerslack != have["timerslack"]:
         inj.call("prctl", PR_SET_TIMERSLACK, a.timerslack, 0, 0, 0)
-    if a.tsc is not None:
-        inj.call("prctl", PR_GET_TSC, buf, 0, 0, 0)
-        if int.from_bytes(inj.read(buf, 4), "little") != a.tsc:
-            inj.call("prctl", PR_SET_TSC, a.tsc, 0, 0, 0)
-    if a.mce_kill is not None and a.mce_kill != inj.call("prctl", PR_MCE_KILL_GET, 0, 0, 0, 0):
+    if a.tsc is not None and a.tsc != have["tsc"]:
+        inj.call("prctl", PR_SET_TSC, a.tsc, 0, 0, 0)
+    if a.mce_kill is not None and a.mce_kill != have["mce_kill"]:
         if a.mce_kill == PR_MCE_KILL_DEFAULT:
             inj.call("prctl", PR_MCE_KILL, PR_MCE_KILL_CLEAR, 0, 0, 0)
         else:
             inj.call("prctl", PR_MCE_KILL, PR_MCE_KILL_SET, a.mce_kill, 0, 0)
-    if a.cpuid == 0:  # cpuid faulting: an ordinary restorer has it off
-        inj.call("arch_prctl", ARCH_SET_CPUID, 0)
+    if a.cpuid is not None and a.cpuid != have["cpuid"]:
+        inj.call("arch_prctl", ARCH_SET_CPUID, a.cpuid)
     for k, state in enumerate(a.spec or ()):
         if state & PR_SPEC_DISABLED:  # disabled by prctl (or forced, or until exec): again
             inj.call("prctl", PR_SET_SPECULATION_CTRL, k, state & PR_SPEC_DISABLED, 0, 0)
     if a.io_flusher:
         inj.call("prctl", PR_SET_IO_FLUSHER, 1, 0, 0, 0)
-    if a.mempolicy and a.mempolicy[0]:  # not MPOL_DEFAULT (what a restorer has)
+    if a.mempolicy is not None and a.mempolicy != have["mempolicy"]:
         mode, mask = a.mempolicy
-        nodes = inj.put(mask.to_bytes(NODEMASK_BITS // 8, "little"))
-        inj.call_nr(NR_SET_MEMPOLICY, mode, nodes, NODEMASK_BITS, name="set_mempolicy")
+        nodes = inj.put(mask.to_bytes(NODEMASK_BITS // 8, "little")) if mode else 0
+        inj.call_nr(NR_SET_MEMPOLICY, mode, nodes, NODEMASK_BITS if mode else 0,
+                    name="set_mempolicy")  # fmt: skip
+
+
+@functools.cache
+def _own() -> dict:
+    return K.own_thread_state()
 
 
 def after_creds(rb: Rebuilder) -> None:
