@@ -317,7 +317,7 @@ def _arm(tracee: Tracee, trk: Tracker) -> None:
     _check_arch(tracee.pid, regs)
     mask = tracee.get_sigmask()
     maps = procfs.maps(tracee.pid)
-    attrs.refuse_traced(tracee)
+    attrs.refuse_frozen([tracee])  # a descendant is armed before the final freeze
     with DumpInjection(tracee, maps, regs, mask) as inj:
         state.close_leftover_uffds(inj, tracee.pid)
         trk.arm(inj)
