@@ -400,6 +400,45 @@ def print_crypto_summary(rows: list[Row]) -> None:
             )
 
 
+def frame_layer_speed(seconds: float = 2.0) -> str:
+    """The channel alone, both crypto modes: 1 MiB frames of random bytes from this
+    process to a forked child over a unix socketpair (no compression, no migration:
+    the two ends are two processes, as on two hosts), in MiB/s of payload."""
+    import socket
+
+    from ckpt.transport import protocol
+    from ckpt.transport.channel import Channel
+
+    out = []
+    for name, cipher in (("aead", protocol.CIPHER_AEAD), ("cleartext", protocol.CIPHER_CLEAR)):
+        a, b = socket.socketpair()
+        keys = os.urandom(32), os.urandom(32)
+        pid = os.fork()
+        if pid == 0:  # the receiving end
+            try:
+                a.close()
+                rx = Channel(b, "tx", io_timeout=30)
+                rx.protect(cipher, keys[1], keys[0])
+                while rx.recv().type == protocol.PAGES:
+                    pass
+            finally:
+                os._exit(0)
+        b.close()
+        tx = Channel(a, "rx", io_timeout=30)
+        tx.protect(cipher, keys[0], keys[1])
+        payload = os.urandom(1 << 20)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            tx.send(protocol.PAGES, payload)
+            n += 1
+        tx.send(protocol.DONE, b"")
+        os.waitpid(pid, 0)
+        dt = time.perf_counter() - t0
+        tx.close()
+        out.append(f"{name} {n / dt:.0f} MiB/s")
+    return "frame layer alone (1 MiB frames, two processes, socketpair): " + ", ".join(out)
+
+
 def aead_speed() -> str:
     """This machine's AES-256-GCM rate on one core, for 1 MiB frames (the stream's unit)."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -478,6 +517,7 @@ def main() -> None:
                 print(f"offline: writes {rate:g} MiB/s ...", file=sys.stderr)
                 rows.append(run_offline(h, exe, args, rate, tmp, n))
     print(aead_speed())
+    print(frame_layer_speed())
     print_table(rows, args.mib)
     print_crypto_summary(rows)
 

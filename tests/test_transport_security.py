@@ -324,6 +324,28 @@ def test_slow_drip_peer_is_cut_at_the_handshake_deadline(e2e, token):  # noqa: F
         rcv.kill()
 
 
+def test_failure_limiter_bucket():
+    from ckpt.transport.gate import FailureLimiter
+
+    now = [0.0]
+    lim = FailureLimiter(burst=3, every=2.0, clock=lambda: now[0])
+    for _ in range(3):
+        assert lim.wait("a") == 0
+        lim.failed("a")
+    assert lim.wait("a") == pytest.approx(2.0) and lim.wait("b") == 0, "per address"
+    now[0] = 1.0
+    assert lim.wait("a") == pytest.approx(1.0)
+    now[0] = 2.0
+    assert lim.wait("a") == 0  # one more try
+    lim.failed("a")
+    assert lim.wait("a") == pytest.approx(2.0)
+    now[0] = 100.0
+    assert lim.wait("a") == 0  # refilled, but never beyond the burst
+    for _ in range(3):
+        lim.failed("a")
+    assert lim.wait("a") > 0
+
+
 def _attempt(rcv: LoopReceiver, tok: bytes) -> str:
     """One handshake from here; '' if it succeeded, else the error."""
     ch = Channel(rcv.connect(), "receiver", io_timeout=10)
