@@ -36,7 +36,7 @@ from .cow import link_cow
 from .fds import capture_fds
 from .pages import PageCopier
 from .security import capture as capture_security
-from .security import check_tree_namespaces
+from .security import check_tree_namespaces, securebits
 from .security import finish as finish_security
 from .shm import SHM_KINDS, SharedMemory, project_onto
 from .sockets import take_net_lock
@@ -395,15 +395,21 @@ def _capture_final(
         its = state.itimers(inj)
         timers = state.posix_timers(inj, pid)
         pattrs = attrs.process_attrs(inj, pid)
-        sec = capture_security(inj, tracee, [o.regs for o in others], [o.sigmask for o in others])
         attrs.thread_injected(inj, tattrs[pid])
+        bits = {pid: securebits(inj)}  # per thread, no /proc view
+
+        def per_thread(tid: int, tinj) -> None:
+            attrs.thread_injected(tinj, tattrs[tid])
+            bits[tid] = securebits(tinj)
+
         others_misc = state.other_threads_misc(
             inj,
             tracee.others,
             [o.regs for o in others],
             [o.sigmask for o in others],
-            also=lambda tid, tinj: attrs.thread_injected(tinj, tattrs[tid]),
+            also=per_thread,
         )
+    sec = capture_security(tracee, bits)  # still frozen: filters by ptrace
     fds = capture_fds(pid, skip_fds, tcp_established=tcp_established, tree=tree - {pid},
                       shell_job=shell_job)  # fmt: skip
 

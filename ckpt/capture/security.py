@@ -15,7 +15,7 @@ import os
 from ..errors import NoSuchProcess, UnsupportedProcess
 from ..kernel import cgroups, creds, native, procfs, seccomp
 from ..kernel.ptrace import Tracee
-from ..kernel.remote import HEAL_STRIDE, Injector, ThreadInjection, heal_area_size
+from ..kernel.remote import Injector
 from ..model import CgroupRef, Creds, ProcessImage, SeccompFilter, SecurityContext
 
 PR_GET_SECUREBITS = 27
@@ -63,15 +63,13 @@ def check_tree_namespaces(pid: int) -> None:
             continue
 
 
-def capture(
-    inj: Injector, tracee: Tracee, regs: list[dict[str, int]], masks: list[int]
-) -> SecurityContext:
-    """Everything but the namespaces, for a frozen process whose leader is in an
-    injection session (`inj`); regs/masks: the other threads' (for their sessions)."""
+def capture(tracee: Tracee, bits_of: dict[int, int]) -> SecurityContext:
+    """Everything but the namespaces, for a frozen process; bits_of: each thread's
+    securebits, read by `securebits()` in its injection session (capture/dump.py)."""
     pid = tracee.pid
     threads = tracee.threads
     tcreds = [creds.thread_creds(pid, t.pid) for t in threads]
-    bits = [_securebits(inj), *_securebits_others(inj, tracee.others, regs, masks)]
+    bits = [bits_of[t.pid] for t in threads]
     own_mode, own_filters = seccomp.own_mode()
     sec = SecurityContext(threads=[])
     index: dict[tuple[int, bytes, int], int] = {}
@@ -151,27 +149,9 @@ def _plain(sec: SecurityContext) -> bool:
     return True
 
 
-def _securebits(inj: Injector) -> int:
+def securebits(inj: Injector) -> int:
+    """The calling thread's securebits (they belong to its credentials; no /proc view)."""
     return inj.call("prctl", PR_GET_SECUREBITS, 0, 0, 0, 0)
-
-
-def _securebits_others(
-    inj: Injector, threads: list[Tracee], regs: list[dict[str, int]], masks: list[int]
-) -> list[int]:
-    """Each other thread's securebits, each in its own heal-safe session (securebits
-    belong to a thread's credentials and have no /proc view)."""
-    if not threads:
-        return []
-    size = heal_area_size(len(threads))
-    area = inj.call("mmap", 0, size, 7, 0x22, (1 << 64) - 1, 0)  # RWX, PRIVATE|ANON
-    out = []
-    try:
-        for i, t in enumerate(threads):
-            with ThreadInjection(t, regs[i], masks[i], inj, area + i * HEAL_STRIDE) as tinj:
-                out.append(_securebits(tinj))
-    finally:
-        inj.call("munmap", area, size)
-    return out
 
 
 def _root(pid: int) -> str:

@@ -118,6 +118,8 @@ class Injector:
         self._status = ffi.new("int *")
         self.scratch: Scratch | None = None
         self._bump = 0
+        #: threads of the process to heal by rt_sigreturn (seccomp.prepare_dump)
+        self.sigreturn: frozenset[int] = frozenset()
 
     def use(self, insn: int) -> None:
         self.insn = insn
@@ -323,7 +325,7 @@ class StackFrame:
 def heal_frame(inj: Injector, tracee: Tracee, resume: dict[str, int], mask: int, sp: int,
                mappings: list[Mapping] | None = None) -> StackFrame | None:  # fmt: skip
     """The sigreturn frame a thread under seccomp needs (seccomp.heal_kind), else None."""
-    if seccomp.heal_kind(tracee.pid) != "sigreturn":
+    if tracee.pid not in inj.sigreturn:
         return None
     if mappings is None:
         mappings = procfs.maps(tracee.pid)
@@ -360,7 +362,7 @@ class DumpInjection:
         try:
             # the target's seccomp filters (or strict mode) let ckpt's syscalls through
             # (suspended while traced), or it is refused before anything is injected
-            seccomp.prepare_dump(self.tracee, PTRACE_O_TRACESYSGOOD)
+            self.inj.sigreturn = seccomp.prepare_dump(self.tracee, PTRACE_O_TRACESYSGOOD)
         except BaseException:
             self._cleanup_fd()
             raise
@@ -455,6 +457,7 @@ class ThreadInjection:
         self.mask = mask
         self.inj = Injector(tracee, resume_regs(regs), main.mem_fd)
         self.inj.scratch = main.scratch
+        self.inj.sigreturn = main.sigreturn
         self.blob_addr = blob_addr
         self.frame: StackFrame | None = None
         self._entered = False

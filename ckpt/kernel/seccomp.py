@@ -269,9 +269,10 @@ def heal_kind(tid: int) -> str | None:
     return "sigreturn" if allows(progs, NR_RT_SIGRETURN) else None
 
 
-def prepare_dump(tracee, options: int) -> None:
+def prepare_dump(tracee, options: int) -> frozenset[int]:
     """Before ckpt injects anything into a frozen process: make its threads' seccomp
     state (filters, strict mode) let the injected syscalls through, or refuse it.
+    Returns the threads to heal by rt_sigreturn (heal_kind).
 
     options: the ptrace options the threads were seized with. Refused (exit 5, one
     line naming the process and thread): filters that would also stop every way back
@@ -282,9 +283,10 @@ def prepare_dump(tracee, options: int) -> None:
     pid = tracee.pid
     found = {t: m for t, m in modes(pid).items() if m[0]}
     if not found:
-        return
+        return frozenset()
     comm = procfs.stat(pid).comm.decode(errors="replace")
     mine = own_mode()
+    sigreturn = set()
     for tid, (mode, n) in sorted(found.items()):
         who = f"process {pid} ({comm})" + (f", thread {tid}" if tid != pid else "")
         if mine[0]:
@@ -296,7 +298,10 @@ def prepare_dump(tracee, options: int) -> None:
                     pid=pid,
                 )
             continue  # only ckpt's own (inherited) filters: the restorer has them too
-        if heal_kind(tid) is None:
+        kind = heal_kind(tid)
+        if kind == "sigreturn":
+            sigreturn.add(tid)
+        if kind is None:
             progs = [p for p, _ in filters(tid)]
             why = heal_blocked(progs)
             ret = action_name(verdict(progs, NR_RT_SIGRETURN))
@@ -306,7 +311,8 @@ def prepare_dump(tracee, options: int) -> None:
                 pid=pid,
             )
     if mine[0]:
-        return
+        return frozenset()
     for t in tracee.threads:
         if t.attached and t.pid in found:
             suspend(t.pid, options)
+    return frozenset(sigreturn)
