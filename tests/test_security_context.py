@@ -21,6 +21,7 @@ import secrets
 import signal
 import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -160,6 +161,54 @@ def test_capability_ckpt_lacks_is_a_clear_error(e2e):
     assert_error(Result(cmd, p.returncode, p.stdout, p.stderr), 11, "CAP_SYS_TIME", "inheritable")
     assert_no_process(w.pid)
     restore_and_compare(e2e, w, image, before)
+
+
+def test_ckpt_under_seccomp_refuses_filters_it_cannot_read(e2e):
+    """ckpt itself under one seccomp filter (as in a container) can neither read nor
+    suspend another process's filters: a thread with more filters than ckpt's (t2 has
+    two) is refused (exit 5, saying why) before anything is injected; it runs on."""
+    w = e2e.spawn("hardened", "nobody")
+    before = security_view(w.pid)
+    cmd = [*UNDER_FILTER, *CKPT, "dump", str(w.pid), "-D", str(e2e.path("img"))]
+    env = e2e.env(CKPT_FAULT="inject-setup")
+    p = subprocess.run(cmd, cwd=e2e.base, env=env, capture_output=True, text=True)
+    res = Result(cmd, p.returncode, p.stdout, p.stderr)
+    t2 = w.ready["t2"]
+    assert_error(res, 5, f"process {w.pid}", f"thread {t2}", "ckpt itself runs under seccomp")
+    wait_until(lambda: untraced_and_running(w.pid), 30, "the target to run untraced")
+    assert security_view(w.pid) == before
+    v = e2e.verify(w, w.pid)
+    assert v.ok, v.line
+    assert w.reap() == 0
+
+
+#: runs a command under an allow-all seccomp filter (what a container's would be)
+UNDER_FILTER = [
+    sys.executable, "-c",
+    "import ctypes, os, struct, sys\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "ins = ctypes.create_string_buffer(struct.pack('<HBBI', 6, 0, 0, 0x7FFF0000))\n"
+    "prog = ctypes.create_string_buffer(struct.pack('<HxxxxxxQ', 1, ctypes.addressof(ins)))\n"
+    "assert libc.syscall(317, 1, 0, prog) == 0, ctypes.get_errno()\n"
+    "os.execvp(sys.argv[1], sys.argv[1:])\n",
+]  # fmt: skip
+
+
+def test_lsm_label_other_than_ckpts_refused(tmp_path, monkeypatch):
+    """No LSM labels processes here: with a fake /proc, a process whose label is not
+    ckpt's is refused at the dump (ckpt cannot set labels) and its own passes."""
+    from ckpt.capture import security
+    from ckpt.errors import UnsupportedProcess
+    from ckpt.kernel import procfs
+
+    for who, label in (("self", b"unconfined\n"), ("7", b"sandbox (enforce)\n"), ("8", b"")):
+        (tmp_path / who / "attr").mkdir(parents=True)
+        (tmp_path / who / "attr" / "current").write_bytes(label)
+    (tmp_path / "8" / "attr" / "current").write_bytes(b"unconfined\n")
+    monkeypatch.setattr(procfs, "PROC_ROOT", str(tmp_path))
+    with pytest.raises(UnsupportedProcess, match="LSM label 'sandbox \\(enforce\\)'"):
+        security._lsm(7)
+    assert security._lsm(8) == "unconfined"
 
 
 # ---------------------------------------------------------------- cgroups
