@@ -115,11 +115,11 @@ def test_tree_parent_and_child_filters(e2e):
     round_trip(e2e, "tree")
 
 
-@pytest.mark.parametrize("mode", ["strict", "strictmain"])
+@pytest.mark.parametrize("mode", ["strict", "strictmain", "nosigmask"])
 def test_strict_mode_round_trip(e2e, mode):
-    """A thread in seccomp strict mode (another one, or the main thread) is dumped
-    through it (ckpt's syscalls are suspended) and comes back in strict mode, serving
-    its pipe."""
+    """A thread in seccomp strict mode (another one, or the main thread), or one whose
+    filter fails rt_sigprocmask, is dumped through it (ckpt's syscalls are suspended)
+    and comes back so, serving its pipe."""
     round_trip(e2e, mode)
 
 
@@ -319,13 +319,14 @@ FAULT_POINTS = ["seized", "inject-setup", "inject", "inject-thread", "read-pages
 
 
 @pytest.mark.parametrize("point", FAULT_POINTS)
-@pytest.mark.parametrize("mode", ["nobody", "strict", "strictmain"])
+@pytest.mark.parametrize("mode", ["nobody", "strict", "strictmain", "nosigmask"])
 def test_dump_killed_at_fault_point(e2e, mode, point):
     """ckpt SIGKILLed at each point while it dumps a filtered process (its threads go
-    back through the heal trampoline, which the filter allows) or one with a thread in
-    strict mode, the main thread or another (that one goes back by rt_sigreturn): the
-    target runs on untraced, with the same signal state and security context, and
-    verifies itself."""
+    back through the heal trampoline, which the filter allows), one with a thread in
+    strict mode (the main thread or another) or with a thread whose filter fails the
+    trampoline's rt_sigprocmask (those go back by rt_sigreturn): the target runs on
+    untraced, with the same signal state (each thread checks its own mask) and security
+    context, and verifies itself."""
     w = e2e.spawn("hardened", mode)
     sig_before = signal_state(w.pid)
     before = security_view(w.pid)

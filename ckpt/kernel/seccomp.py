@@ -236,18 +236,20 @@ def returns_user_notif(prog: bytes) -> bool:
 # ---------------------------------------------------------------- the dump's gate
 
 #: syscalls a thread runs on its own if ckpt dies mid-injection: the parked one
-#: (getpid) and the heal trampoline's rt_sigprocmask(SIG_SETMASK, &mask, NULL, 8)
-HEAL_CALLS = ((39, ()), (14, (2, 0x1000, 0, 8)))
+#: (getpid: its result is thrown away, so failing is fine) and the heal trampoline's
+#: rt_sigprocmask(SIG_SETMASK, &mask, NULL, 8), which must run
+PARK_CALL, HEAL_CALL = (39, ()), (14, (2, 0x1000, 0, 8))
 NR_RT_SIGRETURN = 15
 
 
 def heal_blocked(progs: list[bytes]) -> str | None:
     """Why a filter chain would stop the heal trampoline of a thread whose ckpt died,
     or None when it lets it through."""
-    for nr, args in HEAL_CALLS:
-        if not allows(progs, nr, args):
-            name = {39: "getpid", 14: "rt_sigprocmask"}[nr]
-            return f"its seccomp filter {action_name(verdict(progs, nr, args))} for {name}"
+    park = verdict(progs, *PARK_CALL)
+    if park & RET_ACTION_FULL not in (RET_ALLOW, RET_LOG, RET_ERRNO, RET_TRACE):
+        return f"its seccomp filter {action_name(park)} for getpid"
+    if not allows(progs, *HEAL_CALL):
+        return f"its seccomp filter {action_name(verdict(progs, *HEAL_CALL))} for rt_sigprocmask"
     return None
 
 

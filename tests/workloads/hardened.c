@@ -18,8 +18,11 @@
  *           (with no_new_privs: it has no CAP_SYS_ADMIN left)
  *   strictmain  the main thread in strict mode serving a pipe; a second thread (root
  *           with groups 10,20,30, a filter, capabilities dropped) verifies
- *   noway   root, plus a thread whose filter fails getpid and kills on rt_sigreturn:
+ *   noway   root, plus a thread whose filter kills on getpid and on rt_sigreturn:
  *           neither of ckpt's ways back for a thread would pass it (refused)
+ *   nosigmask  root, plus a thread whose filter fails rt_sigprocmask (EPERM): ckpt
+ *           puts that one back by rt_sigreturn should it die; asked, the thread
+ *           checks its signal mask is the one it had
  * Every mode first sets its loginuid to 4242 (the test's own is unset).
  *
  * READY pid= child= t1= t2= t3= s=
@@ -257,20 +260,40 @@ static void *thread_main(void *arg)
     t->tid = (pid_t)syscall(SYS_gettid);
     if (strcmp(mode, "nobody") == 0)
         harden_self(t->idx);
-    else if (strcmp(mode, "noway") == 0) {
+    else if (strcmp(mode, "noway") == 0 || strcmp(mode, "nosigmask") == 0) {
+        int noway = strcmp(mode, "noway") == 0;
+        unsigned deny = noway ? SECCOMP_RET_KILL_THREAD : SECCOMP_RET_ERRNO | EPERM;
         struct sock_filter f[] = {
             BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
-            BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_getpid, 0, 1),
-            BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
-            BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_rt_sigreturn, 0, 1),
+            BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, noway ? SYS_getpid : SYS_rt_sigprocmask, 0, 1),
+            BPF_STMT(BPF_RET | BPF_K, deny),
+            BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, noway ? SYS_rt_sigreturn : 0xFFFF, 0, 1),
             BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_THREAD),
             BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
         };
+        char path[64], *st, mask0[32] = "", mask[32] = "";
+        snprintf(path, sizeof(path), "/proc/self/task/%d/status", (int)t->tid);
+        if (read_file(path, &st) >= 0 && strstr(st, "SigBlk:"))
+            snprintf(mask0, sizeof(mask0), "%.16s", strstr(st, "SigBlk:") + 8);
         struct sock_fprog prog = {sizeof(f) / sizeof(f[0]), f};
         if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 ||
             syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) != 0)
             setup_err = __LINE__;
         syscall(SYS_write, reply[1], "r", 1);
+        for (;;) { /* nosigmask: 'f' if still filtered and its mask is the one it had */
+            char c;
+            if (read(t->cmd[0], &c, 1) == 1) {
+                sigset_t set;
+                long r = syscall(SYS_rt_sigprocmask, SIG_BLOCK, NULL, &set, 8);
+                int filtered = r == -1 && errno == EPERM;
+                mask[0] = 0;
+                if (read_file(path, &st) >= 0 && strstr(st, "SigBlk:"))
+                    snprintf(mask, sizeof(mask), "%.16s", strstr(st, "SigBlk:") + 8);
+                char a = !filtered ? 'x' : strcmp(mask, mask0) != 0 ? 'm' : 'f';
+                if (write(reply[1], &a, 1) != 1)
+                    setup_err = __LINE__;
+            }
+        }
     } else if (t->idx == 3) { /* strict: serve the pipe with read/write only */
         if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_STRICT, 0, 0, 0) != 0)
             setup_err = __LINE__;
@@ -485,13 +508,13 @@ int main(int argc, char **argv)
     } else {
         SETUP_CHECK(strcmp(mode, "root") == 0 || strcmp(mode, "chroot") == 0 ||
                         strcmp(mode, "strict") == 0 || strcmp(mode, "tree") == 0 ||
-                        strcmp(mode, "noway") == 0,
+                        strcmp(mode, "noway") == 0 || strcmp(mode, "nosigmask") == 0,
                     "mode");
         setup_root(strcmp(mode, "strict") == 0);
-        if (strcmp(mode, "noway") == 0) {
+        if (strcmp(mode, "noway") == 0 || strcmp(mode, "nosigmask") == 0) {
             start_threads(1, 3);
             char c;
-            SETUP_CHECK(read(reply[0], &c, 1) == 1 && setup_err == 0, "noway thread");
+            SETUP_CHECK(read(reply[0], &c, 1) == 1 && setup_err == 0, "filtered thread");
         }
         if (strcmp(mode, "chroot") == 0) {
             fd = open("marker", O_CREAT | O_WRONLY, 0644);
@@ -535,6 +558,11 @@ int main(int argc, char **argv)
         pthread_join(thr[1].th, NULL);
         int r = allow_all_tsync();
         CHECK(r == 0, "tsync=%d/%d", r, errno);
+    }
+    if (strcmp(mode, "nosigmask") == 0) {
+        char r = 0;
+        if (write(thr[3].cmd[1], "c", 1) != 1 || read(reply[0], &r, 1) != 1 || r != 'f')
+            fail("nosigmask_thread=%c", r ? r : '0');
     }
     if (strcmp(mode, "strict") == 0) {
         ask(&thr[3], 'c'); /* it answers with read/write only */
