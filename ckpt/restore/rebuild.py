@@ -313,9 +313,20 @@ class Rebuilder:
         if v.kind == "sysv":
             fresh = self._map_sysv(v, prot)
         elif v.kind == "file":  # a tmpfs file: the same file, its content from the image
-            fresh = owner is None and self._make_tmpfs_file(v, obj)
             mode = O_RDWR if "mw" in v.vmflags else O_RDONLY
-            self._map_path(v, prot, flags, v.file.path, mode, v.file, strict=False)
+            if owner is not None:  # mapped already (perhaps made again): that very file
+                self._map_via(owner.pid, owner.start, owner.end, v, prot, flags, mode)
+                fresh = owner.fresh
+            else:
+                fd = self._make_tmpfs_file(v, obj)
+                fresh = fd >= 0
+                if fresh:  # made again just now: map the file made, not a name
+                    try:
+                        self._mmap_at(v, prot, flags, fd, v.offset)
+                    finally:
+                        self.inj.call("close", fd)
+                else:
+                    self._map_path(v, prot, flags, v.file.path, mode, v.file, strict=False)
         elif owner is not None:
             self._map_via(owner.pid, owner.start, owner.end, v, prot, flags)
         elif v.offset == 0 and v.size == obj.size:
@@ -333,7 +344,7 @@ class Rebuilder:
         if owner is None:
             self.shared.owners[v.shm] = Owner(self.pid, v.start, v.end, fresh)
 
-    def _make_tmpfs_file(self, v, obj) -> bool:
+    def _make_tmpfs_file(self, v, obj) -> int:
         """A tmpfs file (e.g. /dev/shm/x) that is gone, as on another host: made again at
         its path, with its owner and mode, by the restorer as that owner (fsuid/fsgid:
         the kernel checks the directory as the owner would be checked, and no symlink
@@ -359,17 +370,20 @@ class Rebuilder:
             inj.call("umask", old_mask)
         try:
             inj.call_nr(NR_FTRUNCATE, fd, obj.size, name="ftruncate")
-        finally:
+        except BaseException:
             inj.call("close", fd)
-        return True
+            raise
+        return fd
 
-    def _map_via(self, pid: int, start: int, end: int, v, prot: int, flags: int) -> None:
+    def _map_via(
+        self, pid: int, start: int, end: int, v, prot: int, flags: int, mode: int = O_RDWR
+    ) -> None:
         """Map the object that process `pid` maps at [start, end), at v's place."""
         inj = self.inj
         inj.reset_data()
         path = f"/proc/{pid}/map_files/{start:x}-{end:x}"
         try:
-            fd = inj.call("openat", _u(AT_FDCWD), inj.cstr(path), O_RDWR | O_CLOEXEC, 0)
+            fd = inj.call("openat", _u(AT_FDCWD), inj.cstr(path), mode | O_CLOEXEC, 0)
         except RemoteError as exc:
             raise RestoreError(f"cannot open {path} to share memory: {exc.strerror}") from exc
         try:
