@@ -31,7 +31,7 @@ from helpers import (
     wait_until,
 )
 
-GROUPS = ["pipes", "events", "epoll", "inotify", "memfd", "shm"]
+GROUPS = ["pipes", "events", "epoll", "inotify", "memfd", "shm", "dirs"]
 
 
 @pytest.fixture

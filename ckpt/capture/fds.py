@@ -83,6 +83,14 @@ def _capture(
             out.append(Fd(fd=fd, kind="file", path=target, flags=flags, cloexec=cloexec,
                           pos=info.pos, file=file_ref(target, st)))  # fmt: skip
             continue
+        if statmod.S_ISDIR(st.st_mode):  # openat-style code and harnesses keep these
+            if target.endswith(" (deleted)") or not target.startswith("/"):
+                raise UnsupportedProcess(
+                    f"fd {fd} refers to a deleted or unreachable directory ({target})", pid=pid
+                )
+            out.append(Fd(fd=fd, kind="dir", path=target, flags=flags, cloexec=cloexec,
+                          pos=info.pos, file=file_ref(target, st)))  # fmt: skip
+            continue
         if target == "anon_inode:[userfaultfd]" and _is_ckpt_tracking(info.extra):
             continue  # a snapshot store's tracking fd (ckpt's own, see track/uffd_wp.py)
         if (

@@ -32,7 +32,7 @@ from .tty import restore_tty
 
 O_CREAT, O_EXCL, O_TRUNC, O_CLOEXEC = 0o100, 0o200, 0o1000, 0o2000000
 O_ACCMODE, O_RDONLY, O_WRONLY, O_RDWR = 3, 0, 1, 2
-O_NONBLOCK, O_DIRECT = 0o4000, 0o40000
+O_NONBLOCK, O_DIRECT, O_PATH = 0o4000, 0o40000, 0o10000000
 AT_FDCWD = -100
 F_DUPFD, F_SETFD, F_SETFL, FD_CLOEXEC = 0, 2, 4, 1
 F_SETPIPE_SZ, F_ADD_SEALS = 1031, 1033
@@ -213,6 +213,11 @@ def _by_path(ctx: _Ctx, fd: Fd) -> None:
     try:
         if fd.kind == "chr":
             tmp = hostfs.open_checked(inj, fd.path, flags, what, fmt=statmod.S_IFCHR, rdev=fd.rdev)
+        elif fd.kind == "dir":  # the same directory (its entries may have changed since)
+            what = f"directory of fd {fd.fd}"
+            tmp = hostfs.open_checked(
+                inj, fd.path, flags, what, ref=fd.file, strict=False, fmt=statmod.S_IFDIR
+            )
         else:
             # a log only needs to be the same file; so does a tmpfs file the image holds
             # as a shared memory object (the restore has written its content back)
@@ -223,8 +228,8 @@ def _by_path(ctx: _Ctx, fd: Fd) -> None:
     except RemoteError as exc:
         raise RestoreError(f"cannot reopen fd {fd.fd} ({fd.path}): {exc.strerror}") from exc
     _place(inj, tmp, fd.fd, fd.cloexec)
-    if fd.kind == "file":
-        inj.call("lseek", fd.fd, fd.pos, 0)
+    if fd.kind in ("file", "dir") and not fd.flags & O_PATH:  # O_PATH: no offset to set
+        inj.call("lseek", fd.fd, fd.pos, 0)  # a directory's: where readdir goes on
 
 
 def _shm_file(proc: ProcessImage, ref) -> bool:
@@ -463,6 +468,7 @@ KINDS = {
     "pipe_end": _pipe_end,
     "peer": _peer,
     "file": _by_path,
+    "dir": _by_path,
     "chr": _by_path,
     "memfd": _memfd,
     "pipe": _pipe,

@@ -1,7 +1,7 @@
 /* fdkinds: fds that are kernel objects — pipes, FIFOs, eventfd, timerfd, signalfd,
  * epoll, inotify, memfd (fds and mappings), a /dev/shm file.
  *
- * usage: fdkinds GROUPS   (comma list of pipes,events,epoll,inotify,memfd,shm, or all;
+ * usage: fdkinds GROUPS   (comma list of pipes,events,epoll,inotify,memfd,shm,dirs, or all;
  *                          run in a scratch directory: FIFO and watched files go there)
  *        fdkinds MODE     (one of the refused setups: sharedpipe, pidfd, bigmemfd,
  *                          inotifyqueued — READY reports fd= of the refused fd)
@@ -23,6 +23,9 @@
  * memfd: name, size, content (sparse), offset per description, seals, a mapping
  *   that shares the object with the fd, a private COW mapping, a memfd only a
  *   mapping holds. shm: a /dev/shm file as fd + MAP_SHARED mapping.
+ * dirs: a directory fd read part way (readdir goes on with exactly the entries
+ *   that were left), an O_PATH directory fd used with openat/fstatat, an O_PATH fd
+ *   on a regular file.
  */
 #include "wl.h"
 
@@ -518,6 +521,82 @@ static unsigned char *shm_map;
 static char shm_path[64];
 static uint64_t shm_hash;
 
+/* ---- dirs --------------------------------------------------------------------------- */
+
+#include <dirent.h>
+
+static int dir_fd, dir_path_fd, file_path_fd;
+static ino_t dir_ino, file_ino;
+static char dir_left[4096]; /* names readdir still has to give, '/'-separated */
+
+static void names_from(int fd, char *out, size_t cap)
+{
+    char buf[8192];
+    out[0] = 0;
+    for (;;) {
+        long n = syscall(SYS_getdents64, fd, buf, sizeof(buf));
+        if (n <= 0)
+            break;
+        for (long off = 0; off < n;) {
+            struct dirent64 *d = (struct dirent64 *)(buf + off);
+            if (strlen(out) + strlen(d->d_name) + 2 < cap) {
+                strcat(out, d->d_name);
+                strcat(out, "/");
+            }
+            off += d->d_reclen;
+        }
+    }
+}
+
+static void setup_dirs(void)
+{
+    SETUP_CHECK(mkdir("d", 0755) == 0, "mkdir d");
+    for (int i = 0; i < 12; i++) {
+        char name[32];
+        snprintf(name, sizeof(name), "d/entry-%02d", i);
+        int f = open(name, O_CREAT | O_WRONLY, 0644);
+        SETUP_CHECK(f >= 0, "create entry");
+        close(f);
+    }
+    dir_fd = open("d", O_RDONLY | O_DIRECTORY);
+    SETUP_CHECK(dir_fd >= 0, "open dir");
+    char small[80]; /* room for a couple of entries only: readdir stops part way */
+    SETUP_CHECK(syscall(SYS_getdents64, dir_fd, small, sizeof(small)) > 0, "getdents");
+    off_t pos = lseek(dir_fd, 0, SEEK_CUR);
+    int again = open("d", O_RDONLY | O_DIRECTORY);
+    SETUP_CHECK(again >= 0 && lseek(again, pos, SEEK_SET) == pos, "seek dir");
+    names_from(again, dir_left, sizeof(dir_left));
+    close(again);
+    SETUP_CHECK(strstr(dir_left, "entry-"), "entries left to read");
+    dir_path_fd = open("d", O_PATH | O_DIRECTORY);
+    file_path_fd = open("d/entry-03", O_PATH);
+    SETUP_CHECK(dir_path_fd >= 0 && file_path_fd >= 0, "O_PATH");
+    struct stat st;
+    fstat(dir_fd, &st);
+    dir_ino = st.st_ino;
+    fstat(file_path_fd, &st);
+    file_ino = st.st_ino;
+}
+
+static void verify_dirs(void)
+{
+    struct stat st;
+    CHECK(fstat(dir_fd, &st) == 0 && S_ISDIR(st.st_mode) && st.st_ino == dir_ino,
+          "dir fd is not the directory");
+    char left[4096];
+    names_from(dir_fd, left, sizeof(left));
+    CHECK(strcmp(left, dir_left) == 0, "readdir went on with [%s], not [%s]", left, dir_left);
+    CHECK(fcntl(dir_path_fd, F_GETFL) & O_PATH, "O_PATH dir fd lost O_PATH");
+    CHECK(fstatat(dir_path_fd, "entry-05", &st, 0) == 0, "fstatat through the O_PATH dir fd");
+    int f = openat(dir_path_fd, "entry-07", O_RDONLY);
+    CHECK(f >= 0, "openat through the O_PATH dir fd");
+    if (f >= 0)
+        close(f);
+    CHECK((fcntl(file_path_fd, F_GETFL) & O_PATH) && fstat(file_path_fd, &st) == 0 &&
+              st.st_ino == file_ino,
+          "O_PATH file fd");
+}
+
 static void setup_shm(void)
 {
     snprintf(shm_path, sizeof(shm_path), "/dev/shm/ckpt-fdkinds-%d", (int)getpid());
@@ -636,6 +715,8 @@ int main(int argc, char **argv)
             setup_memfd();
         if (has("shm"))
             setup_shm();
+        if (has("dirs"))
+            setup_dirs();
     }
     say("READY pid=%d groups=%s fd=%d child=%d", (int)getpid(), groups, refused_fd, child);
     while (!got_usr2)
@@ -657,6 +738,8 @@ int main(int argc, char **argv)
             verify_shm();
             unlink(shm_path);
         }
+        if (has("dirs"))
+            verify_dirs();
     }
     finish("");
 }
