@@ -27,12 +27,20 @@ def dump(pid: int, directory: str, **options) -> DumpResult:
 
 
 def restore(
-    directory: str, *, new_pid: bool = False, shell_job: bool = False, detach: bool = False
+    directory: str,
+    *,
+    new_pid: bool = False,
+    shell_job: bool = False,
+    detach: bool = False,
+    inherit_fds: dict[int, int] | None = None,
 ) -> Restored:
     """shell_job: a job of the terminal ckpt runs on (restore/tty.py); then wait with
     wait_exit_status(r.pid, r.terminal), which hands the terminal back. detach: the
-    caller will not wait for the process (refused for a parent-death signal)."""
-    return _restore(directory, new_pid=new_pid, shell_job=shell_job, detach=detach)
+    caller will not wait for the process (refused for a parent-death signal).
+    inherit_fds: an fd 0-2 of the image that led outside the dump → the fd of this
+    process it gets (default: this process's own fd of that number)."""
+    return _restore(directory, new_pid=new_pid, shell_job=shell_job, detach=detach,
+                    inherit_fds=inherit_fds)  # fmt: skip
 
 
 def snapshot(pid: int, store: str, **options):
@@ -54,7 +62,7 @@ def snapshot_dir(store: str, at: str | None) -> tuple[str, str]:
 
 def restore_snapshot(
     store: str, at: str | None, *, new_pid: bool = False, wait: float = 10.0,
-    shell_job: bool = False, detach: bool = False,
+    shell_job: bool = False, detach: bool = False, inherit_fds: dict[int, int] | None = None,
 ):  # fmt: skip
     """Restore snapshot `at` of a store; a shared store lock keeps gc from swapping it meanwhile."""
     from .store import Store
@@ -62,7 +70,8 @@ def restore_snapshot(
     st = Store.open(store)
     with st.lock(wait, shared=True, op="restore"):
         info = st.resolve(at)
-        r = _restore(st.path_of(info), new_pid=new_pid, shell_job=shell_job, detach=detach)
+        r = _restore(st.path_of(info), new_pid=new_pid, shell_job=shell_job, detach=detach,
+                     inherit_fds=inherit_fds)  # fmt: skip
         return r, info.id
 
 

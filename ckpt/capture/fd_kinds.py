@@ -167,6 +167,16 @@ def _no_queued_events(scan: FdScan, fd: int) -> None:
 # ---------------------------------------------------------------- cross-fd checks
 
 
+STDIO = (0, 1, 2)
+
+
+def external(rec: Fd, what: str) -> None:
+    """An fd 0-2 leading outside the dump: nothing of it is kept but what it was; the
+    restore connects it to an fd of the restoring ckpt (its own by default)."""
+    rec.kind, rec.data, rec.pipe_size = "external", b"", 0
+    rec.path = f"{rec.path}: {what}"
+
+
 def finish(scan: FdScan, out: list[Fd], maps: list[procfs.Mapping]) -> None:
     """Checks and state that need all fds: pipes, epoll registrations, memfds."""
     by_fd = {f.fd: f for f in out}
@@ -188,12 +198,18 @@ def _pipes(scan: FdScan, recs: list[Fd]) -> None:
         link = os.readlink(f"/proc/{scan.pid}/fd/{first.fd}")
         mates = scan.tree if kind == "pipe" else frozenset()
         others = fdobjs.holders(st.st_dev, st.st_ino, link, {scan.pid, os.getpid(), *mates})
+        if others and kind == "pipe" and all(r.fd in STDIO for r in recs_of):
+            # stdin/stdout/stderr to a process outside the dump (`cmd | tee log`, a
+            # supervisor's log pipe): reconnected at restore (restore/fds.py _external)
+            for r in recs_of:
+                external(r, f"a pipe also open in process {others[0]}")
+            continue
         if others:
             what = "pipe" if kind == "pipe" else f"FIFO ({first.path})"
             raise scan.refuse(
                 first.fd,
-                f"is a {what} also open in process {others[0]} (pipes between processes "
-                "are not supported yet)",
+                f"is a {what} also open in process {others[0]} (only fds 0-2 may lead to a "
+                "process outside the dump, as pipes: they are reconnected at restore)",
             )
         modes = [r.flags & O_ACCMODE for r in recs_of]
         if kind == "pipe" and (len(recs_of) > 2 or len(set(modes)) != len(modes)):

@@ -10,7 +10,7 @@ from ..kernel import procfs
 from ..kernel.process import same_open_file
 from ..model import Fd
 from . import fd_kinds, tty
-from .sockets import capture_socket
+from .sockets import OutsidePeer, capture_socket
 from .vmas import file_ref
 
 O_CLOEXEC = 0o2000000
@@ -105,9 +105,16 @@ def _capture(
             out.append(tty.capture(scan, rec, st, modes, shell_job=shell_job))
             continue
         if statmod.S_ISSOCK(st.st_mode):  # sockets: capture/sockets.py
-            out.append(capture_socket(pid, fd, st, flags=flags, cloexec=cloexec,
-                                      fdinfo=info.extra, tcp_established=tcp_established,
-                                      tree=scan.tree))  # fmt: skip
+            try:
+                out.append(capture_socket(pid, fd, st, flags=flags, cloexec=cloexec,
+                                          fdinfo=info.extra, tcp_established=tcp_established,
+                                          tree=scan.tree))  # fmt: skip
+            except OutsidePeer:
+                if fd not in fd_kinds.STDIO:
+                    raise
+                rec = Fd(fd=fd, kind="socket", path=target, flags=flags, cloexec=cloexec, pos=0)
+                fd_kinds.external(rec, "a unix socket connected outside the dump")
+                out.append(rec)
             continue
         raise UnsupportedProcess(f"fd {fd} is {_describe(target, st)}: not supported yet", pid=pid)
     return out

@@ -77,6 +77,11 @@ class _ProcessSockets:
         return bool(self.tree) if self.tree is not None else bool(self.mates())
 
 
+class OutsidePeer(UnsupportedProcess):
+    """A unix socket connected to one outside the dump: as fd 0-2 (journald's stdout
+    stream, a collector) it is an external endpoint (capture/fds.py), else refused."""
+
+
 # established TCP duplicates of every captured process, by inode (for link_tree_sockets)
 _held_tcp: dict[int, TargetSocket] = {}
 
@@ -276,9 +281,10 @@ def _unix_peer(pid, ctx, ts, s: Socket, d: sockdiag.UnixDiag, what: str) -> None
     if d.peer:
         if ts.type == socket.SOCK_DGRAM and remote:
             return  # connected to a named socket elsewhere (e.g. /dev/log): reconnect by name
-        raise UnsupportedProcess(
+        raise OutsidePeer(
             f"{what} connected to a socket {ctx.outside} (socket:[{d.peer}], "
-            f"{_name(remote)}): not supported",
+            f"{_name(remote)}): not supported (only fds 0-2 may lead outside the dump: "
+            "they are reconnected at restore)",
             pid=pid,
         )
     # stream/seqpacket, no peer socket: waiting in a listener's queue, or the peer closed

@@ -117,9 +117,12 @@ class _Ctx:
         peers: dict[int, int] | None = None,
         parked: dict[tuple[int, int], tuple[int, int]] | None = None,
         terminal=None,
+        externals: dict[int, int] | None = None,
     ):
         self.inj = inj
         self.terminal = terminal  # restore --shell-job: where terminal fds go (restore/tty.py)
+        # fds 0-2 that led outside the dump → the fd of this ckpt they get (default: the same)
+        self.externals = externals or {}
         self.proc = proc
         self.peers = peers or {}  # tree slot → PID of that restored process
         # tree restore: pipe ends kept for later members, (obj_id, mode) → (pid, fd)
@@ -165,11 +168,13 @@ def restore_fds(
     peers: dict[int, int] | None = None,
     parked: dict[tuple[int, int], tuple[int, int]] | None = None,
     terminal=None,
+    externals: dict[int, int] | None = None,
 ) -> None:
     """peers: for a process tree, the PIDs of the processes restored before this one;
     parked: the tree's pipe ends kept for a later member (the caller closes them
-    all once every member has its fds); terminal: restore/tty.Terminal (--shell-job)."""
-    ctx = _Ctx(inj, proc, peers, parked, terminal)
+    all once every member has its fds); terminal: restore/tty.Terminal (--shell-job);
+    externals: fd that led outside the dump → the fd of this ckpt it becomes."""
+    ctx = _Ctx(inj, proc, peers, parked, terminal, externals)
     top, n = _top(proc), len(ctx.holders)
     if top > 0:
         inj.call("close_range", 0, top - 1, 0)
@@ -454,6 +459,23 @@ def _take_fd(inj: Injector, owner: int, ofd: int, at: int, *, cloexec: bool) -> 
     inj.call("close", tmp)
 
 
+def _external(ctx: _Ctx, fd: Fd) -> None:
+    """An fd 0-2 that led to a process outside the dump (a log pipe, journald's stream
+    socket): the restored process gets an fd of the restoring ckpt instead — its own
+    fd of that number unless `restore --inherit-fd` names another — so the shell
+    redirect or systemd unit that runs the restore decides where the output goes."""
+    mine = ctx.externals.get(fd.fd, fd.fd)
+    try:
+        os.fstat(mine)
+    except OSError:
+        raise RestoreError(
+            f"fd {fd.fd} of process {ctx.proc.pid} led outside the dump ({fd.path}), and this "
+            f"ckpt has no fd {mine} to give it: run the restore with fd {mine} open, or "
+            f"give --inherit-fd {fd.fd}=FD|PATH"
+        ) from None
+    _take_fd(ctx.inj, os.getpid(), mine, fd.fd, cloexec=fd.cloexec)
+
+
 def _pipe_end(ctx: _Ctx, fd: Fd) -> None:
     """This process's end of a pipe an earlier tree member created (and parked)."""
     got = (ctx.parked or {}).get((fd.obj_id, fd.flags & O_ACCMODE))
@@ -467,6 +489,7 @@ def _pipe_end(ctx: _Ctx, fd: Fd) -> None:
 KINDS = {
     "pipe_end": _pipe_end,
     "peer": _peer,
+    "external": _external,
     "file": _by_path,
     "dir": _by_path,
     "chr": _by_path,

@@ -93,6 +93,8 @@ class Rebuilder:
         self.session_done = False
         #: restore --shell-job: the terminal this process's terminal fds go to (restore/tty.py)
         self.terminal = None
+        #: fds 0-2 that led outside the dump → the fd of this ckpt they get (restore/fds.py)
+        self.externals: dict[int, int] = {}
         #: the root of a shell job: stays in ckpt's session, in a process group of its own
         self.shell_job = False
         enter_cgroups(self)  # before its memory and children (restore/security.py)
@@ -348,9 +350,10 @@ class Rebuilder:
         """A tmpfs file (e.g. /dev/shm/x) that is gone, as on another host: made again at
         its path, with its owner and mode, by the restorer as that owner (fsuid/fsgid:
         the kernel checks the directory as the owner would be checked, and no symlink
-        is followed at the last step). True if made (it then reads zero: filled later)."""
+        is followed at the last step). The restorer's fd on the file made (it reads zero:
+        filled later), or -1 when the file is there."""
         if os.path.lexists(v.file.path):
-            return False
+            return -1
         if len(obj.owner) != 3:
             raise RestoreError(f"{v.file.path} is gone and the image lacks its owner")
         mode, uid, gid = obj.owner
@@ -494,7 +497,8 @@ class Rebuilder:
                 inj.call("close", exe_fd)
 
     def restore_fds(self) -> None:
-        restore_fds(self.inj, self.proc, self.peers, self.parked, self.terminal)
+        restore_fds(self.inj, self.proc, self.peers, self.parked, self.terminal,
+                    self.externals)  # fmt: skip
 
     def restore_process_misc(self) -> None:
         p, inj = self.proc, self.inj

@@ -6,7 +6,7 @@ import contextlib
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import ImageCorrupt, RestoreError
 from ..image import ImageReader
@@ -30,6 +30,8 @@ class Restored:
     pages: int
     #: restore --shell-job: ckpt's terminal, now the job's (take_back() / wait_job(), close())
     terminal: Terminal | None = None
+    #: fds that led outside the dump, now this process's: (pid, fd, what it was, our fd)
+    externals: list[tuple[int, int, str, int]] = field(default_factory=list)
 
 
 def load(directory: str) -> tuple[ImageReader, ProcessImage]:
@@ -42,11 +44,19 @@ def load(directory: str) -> tuple[ImageReader, ProcessImage]:
 
 
 def restore(
-    directory: str, *, new_pid: bool = False, shell_job: bool = False, detach: bool = False
+    directory: str,
+    *,
+    new_pid: bool = False,
+    shell_job: bool = False,
+    detach: bool = False,
+    inherit_fds: dict[int, int] | None = None,
 ) -> Restored:
     """Rebuild the process (and its tree); it runs on as a child of this process.
     shell_job: as a job of ckpt's terminal, in the foreground (restore/tty.py).
-    detach: the caller will not stay the process's parent (restore/attrs.py)."""
+    detach: the caller will not stay the process's parent (restore/attrs.py).
+    inherit_fds: fds 0-2 that led outside the dump (a log pipe, journald's socket) →
+    the fd of this process they get; by default each gets this process's own fd of
+    the same number (restore/fds.py _external)."""
     t0 = time.monotonic()
     reader, proc = load(directory)
     procs = members(proc)
@@ -67,7 +77,7 @@ def restore(
     try:
         rbs = build_tree(
             child, proc, new_pid, lambda slot, p, mem_fd: _write_pages(reader, slot, p, mem_fd),
-            terminal, lambda shared: shared.fill(reader),
+            terminal, lambda shared: shared.fill(reader), inherit_fds,
         )  # fmt: skip
     except BaseException as exc:
         with contextlib.suppress(ProcessLookupError):
@@ -88,7 +98,14 @@ def restore(
         netlock.unlock(proc.net_lock)
     pages = sum(n for p in procs for v in p.vmas for _, n in v.present)
     pages += sum(n for o in proc.shm for _, n in o.present)
-    return Restored(pid=child, seconds=time.monotonic() - t0, pages=pages, terminal=terminal)
+    externals = [
+        (p.pid, f.fd, f.path, (inherit_fds or {}).get(f.fd, f.fd))
+        for p in procs
+        for f in p.fds
+        if f.kind == "external"
+    ]
+    return Restored(pid=child, seconds=time.monotonic() - t0, pages=pages, terminal=terminal,
+                    externals=externals)  # fmt: skip
 
 
 def _write_pages(reader: ImageReader, slot: int, proc: ProcessImage, mem_fd: int) -> None:

@@ -63,11 +63,13 @@ def build_tree(
     write_pages: Callable[[int, ProcessImage, int], None],
     terminal: Terminal | None = None,
     fill_shared: Callable[[SharedObjects], None] | None = None,
+    externals: dict[int, int] | None = None,
 ) -> list[Rebuilder]:
     """Turn the parked restorer `root_pid` and its forks into the tree; returns the
     Rebuilders (closed by the caller). write_pages(slot, image, mem_fd); then
     fill_shared(objects) once every member has mapped the shared memory objects.
-    terminal: restore --shell-job (restore/tty.py): the tree is a job of ckpt's terminal."""
+    terminal: restore --shell-job (restore/tty.py): the tree is a job of ckpt's terminal.
+    externals: fds 0-2 that led outside the dump → the fd of this ckpt they get."""
     procs = members(root)
     slot = {p.pid: i for i, p in enumerate(procs)}
     rbs: list[Rebuilder] = []
@@ -89,6 +91,7 @@ def build_tree(
                 _early_session(rbs[i], terminal)
             rb = rbs[i]
             rb.peers = {j: rbs[j].pid for j in range(i)}
+            rb.externals = externals or {}  # fds 0-2 that led outside (restore/fds.py)
             rb.peer_images = {j: procs[j] for j in range(i)}
             rb.parked = parked if len(procs) > 1 else None
             rb.memfds = memfds if len(procs) > 1 else None
