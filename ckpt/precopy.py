@@ -312,18 +312,25 @@ class Precopy:
         return self.stats.base_freeze_ms + pages_next * PAGE / rate * 1000
 
     def should_stop(self, k: int, t_start: float) -> str:
-        r = self.stats.rounds
-        if k >= 1 and r[-1].est_freeze_ms <= self.policy.target_downtime_ms:
-            return "converged"
-        if k >= 3 and all(
-            r[i].pages_written > SHRINK_FACTOR * r[i - 1].pages_written for i in (k - 1, k)
-        ):
-            return "not-shrinking"
-        if k + 1 >= self.policy.max_rounds:
-            return "max-rounds"
-        if time.monotonic() - t_start >= self.policy.max_time:
-            return "max-time"
-        return ""
+        return stop_reason(self.stats.rounds, self.policy, k, time.monotonic() - t_start)
+
+
+def stop_reason(rounds: list[RoundStats], policy: Policy, k: int, elapsed: float) -> str:
+    """Why pre-copy stops after round k ("" to go on): the stop rule, as a pure
+    function of the rounds so far, the policy and the seconds spent (docs/ARCHITECTURE.md
+    "Stop rule"); migration's controller asks the same question before the loop does."""
+    r = rounds
+    if k >= 1 and r[-1].est_freeze_ms <= policy.target_downtime_ms:
+        return "converged"
+    if k >= 3 and all(
+        r[i].pages_written > SHRINK_FACTOR * r[i - 1].pages_written for i in (k - 1, k)
+    ):
+        return "not-shrinking"
+    if k + 1 >= policy.max_rounds:
+        return "max-rounds"
+    if elapsed >= policy.max_time:
+        return "max-time"
+    return ""
 
 
 def _round_hook(k: int, pid: int) -> None:

@@ -21,11 +21,11 @@ punish the process for a slowdown it already got.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from types import SimpleNamespace
 
-from ..precopy import Policy, Precopy, RoundStats
+from ..precopy import Policy, RoundStats, stop_reason
 from .sink import FreezeClock, NetSink
 from .throttle import Throttle
 
@@ -56,18 +56,12 @@ class RoundRecord:
 
 
 def predict_stop(rounds: list[RoundStats], policy: Policy, k: int, t_start: float) -> str:
-    """Will the pre-copy loop stop after round k? Asks Precopy.should_stop itself.
+    """Will the pre-copy loop stop after round k? The loop's own rule (precopy.stop_reason).
 
-    should_stop only reads `stats.rounds` and `policy`, so a stand-in object gives
-    the very same answer (no copy of the rule to drift). t_start is taken before
-    dump() starts its clock, so a time-budget stop is predicted no later than it
-    happens (at worst one round early, which only lifts the throttle early).
-    """
-    shim = SimpleNamespace(stats=SimpleNamespace(rounds=rounds), policy=policy)
-    try:
-        return Precopy.should_stop(shim, k, t_start)  # type: ignore[arg-type]
-    except Exception:  # the rule changed shape: assume "last", which only forgoes throttling
-        return "unknown"
+    t_start is taken before dump() starts its clock, so a time-budget stop is predicted
+    no later than it happens (at worst one round early, which only lifts the throttle
+    early)."""
+    return stop_reason(rounds, policy, k, time.monotonic() - t_start)
 
 
 def next_level(level: float, shrink: float, observed: bool) -> float:
