@@ -102,3 +102,16 @@ class NoTerminal(CkptError):
     """`ckpt restore --shell-job` without a controlling terminal on stdin/stdout/stderr."""
 
     exit_code = 16
+
+
+class ImageUntrusted(CkptError):
+    """An image (or the place one is written) that another user could have written or
+    could change: owned by someone else, or writable by group or others."""
+
+    exit_code = 17
+
+
+class NoSpace(CkptError):
+    """The file system an image is written to is full (or the user's quota is)."""
+
+    exit_code = 18

@@ -481,12 +481,14 @@ def _hints(cls: type) -> tuple[tuple[str, Any], ...]:
 
 
 def from_dict(cls: type[T], data: Any) -> T:
-    """Rebuild a dataclass tree from plain data (as msgpack returns it)."""
-    kwargs = {}
-    for name, tp in _hints(cls):
-        if name in data:
-            kwargs[name] = _convert(tp, data[name])
-    return cls(**kwargs)
+    """Rebuild a dataclass tree from plain data (as msgpack returns it), every field
+    checked against the schema (ckpt/schema.py): a wrong type, a value out of range or
+    a missing field raises schema.SchemaError (a ValueError) naming it."""
+    from . import schema
+
+    if cls is ProcessImage:
+        return schema.build_state(data)
+    return schema.build(cls, data)
 
 
 @functools.cache

@@ -14,7 +14,7 @@ import pathlib
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
-AREAS = ["common", "ptrace", "memory", "spawn", "uffd"]
+AREAS = ["common", "ptrace", "memory", "spawn", "uffd", "msgscan"]
 
 
 def _version() -> str:

@@ -16,6 +16,7 @@ from typing import Any
 import msgpack
 
 from ..errors import ImageCorrupt
+from ..kernel.msgcost import decode_cost
 from . import fsio
 from .header import KNOWN_KINDS, MAX_HEADER_LEN, Header, pack_header, parse_header
 
@@ -48,8 +49,28 @@ def write_blob(
     return BlobInfo(len(payload), crc)
 
 
+# Memory a decode may take: what msgpack makes of a state ckpt writes is about 10 times
+# its size (a page run [address, pages] is 11 bytes and ~110 of Python objects), while
+# empty maps and lists take 60-100 times theirs; checked before decoding (C, one pass).
+DECODE_FACTOR = 16
+DECODE_BASE = 32 << 20
+DECODE_CAP = 1 << 30
+
+
+def decode_budget(n: int) -> int:
+    return min(DECODE_CAP, DECODE_BASE + DECODE_FACTOR * n)
+
+
 def decode(payload: bytes, path: str) -> Any:
-    """msgpack → Python; every decoder failure is ImageCorrupt naming the file."""
+    """msgpack → Python; every decoder failure is ImageCorrupt naming the file, and so
+    is a payload whose objects would take more memory than decode_budget() allows."""
+    cost = decode_cost(payload)
+    if cost is not None and cost > decode_budget(len(payload)):
+        raise ImageCorrupt(
+            f"{path}: the payload would take {cost >> 20} MiB of memory to decode "
+            f"({len(payload)} bytes; at most {decode_budget(len(payload)) >> 20} MiB allowed): "
+            "not something ckpt writes"
+        )
     try:
         return msgpack.unpackb(payload, raw=False, strict_map_key=False, use_list=True)
     except Exception as exc:  # msgpack raises many types (ValueError, TypeError, its own…)

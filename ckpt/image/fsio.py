@@ -10,22 +10,36 @@ from __future__ import annotations
 import errno
 import os
 
-from ..errors import AccessDenied, ImageCorrupt, ImageNotFound
+from ..errors import AccessDenied, ImageCorrupt, ImageNotFound, ImageUntrusted
+from . import trust
 
 FILE_MODE = 0o600  # images hold process memory (keys, passwords): owner only
 DIR_MODE = 0o700
 
 
 def open_read(path: str, what: str) -> int:
-    """Open `path` read-only; a missing file is ImageNotFound, EACCES is AccessDenied."""
+    """Open `path` read-only; a missing file is ImageNotFound, EACCES is AccessDenied.
+
+    The file is checked on the fd (image/trust.py): a symbolic link, a file of another
+    user or one others may write is ImageUntrusted."""
     try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
         raise ImageNotFound(f"{path}: {what} is missing") from None
     except PermissionError as exc:
         raise AccessDenied(f"{path}: cannot read {what}: {exc.strerror}") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ImageUntrusted(
+                f"{path}: {what} is a symbolic link (ckpt never writes one into an image)"
+            ) from None
         raise ImageCorrupt(f"{path}: cannot open {what}: {exc.strerror}") from None
+    try:
+        trust.check_owned(os.fstat(fd), path, what)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def file_size(fd: int, path: str) -> int:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from ..errors import ImageCorrupt, ImageNotFound
 from ..kernel.native import PAGE_SIZE
+from . import trust
 from .blob import read_blob
 from .header import KIND_STATE, Header
 from .layer_reader import LayerReader
@@ -117,6 +118,7 @@ class ImageReader:
             if os.path.exists(self.path):
                 raise ImageNotFound(f"{self.path}: not an image directory")
             raise ImageNotFound(f"{self.path}: no such image")
+        trust.check_owned(os.stat(self.path), self.path, "the image directory")
         state_path = os.path.join(self.path, STATE_NAME)
         if not os.path.exists(state_path):
             raise ImageNotFound(

@@ -22,7 +22,7 @@ from .. import __version__
 from ..errors import DumpError, ImageExists, ImageNotFound
 from ..kernel.native import PAGE_SIZE
 from ..model import present_keys, state_version
-from . import fsio
+from . import fsio, trust
 from .blob import write_blob
 from .codec import DEFAULT_LEVEL, Compressor
 from .header import KIND_STATE, NO_LAYER
@@ -38,6 +38,7 @@ def _check_destination(path: str) -> None:
     parent = os.path.dirname(path) or "."
     if not os.path.isdir(parent):
         raise ImageNotFound(f"{parent}: directory does not exist (cannot create image {path})")
+    trust.check_place(parent, f"image {path}")
     try:
         st = os.lstat(path)
     except FileNotFoundError:

@@ -108,14 +108,25 @@ def pipe_peek(fd: int) -> bytes:
 
 def pipe_fill(fd: int, data: bytes) -> None:
     """Write `data` into a pipe through ckpt's copy of its write end (it fits: the
-    pipe was sized to hold it)."""
-    view = memoryview(data)
-    while view:
-        try:
-            n = os.write(fd, view)
-        except BlockingIOError as exc:
-            raise OSError(errno.EAGAIN, "pipe is full while refilling its buffered data") from exc
-        view = view[n:]
+    pipe was sized to hold it). Never blocks: the copy shares the open file
+    description, which is made non-blocking for the fill and put back after, so data
+    that does not fit is an error instead of a restore that waits forever."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+    try:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(fd, view)
+            except BlockingIOError as exc:
+                raise OSError(
+                    errno.EAGAIN,
+                    f"the pipe is full with {len(data) - len(view)} of its {len(data)} "
+                    "buffered bytes written back",
+                ) from exc
+            view = view[n:]
+    finally:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
 
 
 def holders(dev: int, ino: int, link: str, exclude: set[int]) -> list[int]:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..errors import ImageExists, ImageNotFound, ImageVersionError, UsageError
-from ..image import fsio
+from ..image import fsio, trust
 from . import gc as gc_mod
 from . import journal, layout, retention, timespec
 from . import verify as verify_mod
@@ -57,6 +57,7 @@ class Store:
                     raise ImageNotFound(f"{root}: no such snapshot store")
                 raise ImageNotFound(f"{root}: not a snapshot store (no {layout.STORE_JSON})")
             cls._create(root)
+        trust.check_owned(os.stat(root), root, "the snapshot store")
         store = cls(root)
         store._check_marker()
         for sub in (layout.SNAPSHOTS, layout.TRACKING, layout.TMP):
@@ -68,6 +69,7 @@ class Store:
         parent = os.path.dirname(root)
         if not os.path.isdir(parent):
             raise ImageNotFound(f"{parent}: directory does not exist (cannot create store {root})")
+        trust.check_place(parent, f"snapshot store {root}")
         try:
             os.mkdir(root, fsio.DIR_MODE)
         except FileExistsError:
