@@ -164,6 +164,15 @@ def show(directory: str) -> dict:
                 }
                 for p in proc.tree
             ],
+            "zombies": [
+                {
+                    "pid": z.pid,
+                    "ppid": z.ppid,
+                    "comm": z.comm.decode(errors="replace"),
+                    "status": z.status,
+                }
+                for z in proc.zombies
+            ],
             "net_lock": proc.net_lock,
         },
         "vmas": vmas,

@@ -306,6 +306,10 @@ def show(directory: str, as_json: bool) -> None:
             f"child    {d['pid']} {d['comm']!r} (parent {d['ppid']}): {d['threads']} threads, "
             f"{d['fds']} fds"
         )
+    for z in p.get("zombies", ()):
+        click.echo(
+            f"zombie   {z['pid']} {z['comm']!r} (parent {z['ppid']}): wait status {z['status']:#x}"
+        )
     if p["net_lock"]:
         click.echo(f"netlock  nftables table inet {p['net_lock']} (deleted by the restore)")
     click.echo("")

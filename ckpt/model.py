@@ -306,6 +306,37 @@ class MmFields:
     exe: FileRef | None
 
 
+# default action ignore or stop: CHLD CONT STOP TSTP TTIN TTOU URG WINCH kill nobody
+_NOT_FATAL = frozenset({17, 18, 19, 20, 21, 22, 23, 28})
+
+
+@dataclass
+class Zombie:
+    """A descendant that had exited and was not waited for yet (capture/tree.py): only its
+    PID, its place in the tree and what its parent's wait will read are left. Restored as
+    a child of its restored parent that exits the same way (restore/zombies.py)."""
+
+    pid: int
+    ppid: int
+    pgid: int
+    sid: int
+    comm: bytes
+    # the wait status (/proc/PID/stat field 52): code << 8 for exit(code), else the
+    # signal that killed it, | 0x80 if it dumped core
+    status: int
+    exit_signal: int = 17  # what its exit sent the parent (SIGCHLD unless cloned otherwise)
+    uids: list[int] = field(default_factory=list)  # real, effective, saved, fs
+    gids: list[int] = field(default_factory=list)
+
+    def status_ok(self) -> bool:
+        """A status a process can die with: exit(0..255), or a signal whose default
+        action terminates (ignore and stop signals never kill), with or without core."""
+        sig = self.status & 0x7F
+        if not sig:
+            return not self.status & ~0xFF00
+        return not self.status & ~0xFF and sig <= 64 and sig not in _NOT_FATAL
+
+
 @dataclass
 class ProcessImage:
     pid: int
@@ -350,6 +381,8 @@ class ProcessImage:
     # credentials per thread, capabilities, seccomp, root, cgroups (capture/security.py);
     # None: an image from before it (restored with uids, gids, groups as before)
     security: SecurityContext | None = None
+    # the tree's zombies (on the root only), each a child of a process of the tree
+    zombies: list[Zombie] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)
@@ -371,6 +404,9 @@ V1_FD_KINDS = frozenset({"file", "chr", "dup"})
 def state_version(state: dict[str, Any]) -> tuple[int, int]:
     """(major, minor) of the state file for this process state (as to_dict gives it)."""
     procs = [state, *state.get("tree", ())]
+    if state.get("zombies"):
+        # a 4.x reader would restore the tree without them: its parents' waits would fail
+        return (5, 0)
     v2 = (
         bool(state.get("tree"))
         or bool(state.get("net_lock"))

@@ -201,7 +201,11 @@ class Precopy:
         self.shm = shm
 
     def add_member(self, m: Member) -> None:
-        m.open()
+        try:
+            m.open()
+        except (FileNotFoundError, ProcessLookupError):  # exited and reaped since armed
+            m.close()
+            m.gone = True
         self.members.append(m)
 
     def member(self, pid: int, starttime: int) -> Member | None:

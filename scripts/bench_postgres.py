@@ -13,7 +13,9 @@ on to its end on the same connections; then pgbench runs --tps-seconds again
 ("tps after"). The balances invariant of pgbench's tables is checked at the end
 of each case (a mismatch fails the case, as does any pgbench error).
 
-Columns: dump = wall time of `ckpt dump` (Python start-up included); freeze =
+Columns: zomb = zombies in the image (children of the server that had exited and
+were not reaped yet: restored as zombies); dump = wall time of `ckpt dump` (Python
+start-up included); freeze =
 the time the processes were stopped (the final round for --iterative, the whole
 dump otherwise); rounds = pre-copy rounds (+1 final); image = the image directory
 on disk; restore = wall time of `ckpt restore --detach`; serve = from the
@@ -78,6 +80,7 @@ def run_case(case: str, args, tmp: str) -> dict:
     c = pg.Cluster(Path(home) / "pg", shared_buffers=args.shared_buffers)
     procs: list[subprocess.Popen] = []
     pids: list[int] = []
+    zombies: list[int] = []
     lock = None
     try:
         c.initdb()
@@ -117,7 +120,8 @@ def run_case(case: str, args, tmp: str) -> dict:
         )["process"]
         lock = show.get("net_lock")
         pids = [show["pid"], *(d["pid"] for d in show.get("descendants", []))]
-        pg.reap(pids)
+        zombies = [z["pid"] for z in show.get("zombies", [])]  # came to us (subreaper)
+        pg.reap(pids + zombies)
         with open(stats_path) as f:
             stats = json.load(f)
 
@@ -143,6 +147,7 @@ def run_case(case: str, args, tmp: str) -> dict:
         return {
             "case": case,
             "procs": len(pids),
+            "zombies": len(zombies),
             "dump": dump_s,
             "freeze": final.get("freeze_ms", stats.get("freeze_ms", float("nan"))),
             "rounds": len(stats.get("rounds", [])) + 1,
@@ -163,7 +168,7 @@ def run_case(case: str, args, tmp: str) -> dict:
                 if pg.title(pid).startswith(("postgres", c.tool("postgres"))):
                     os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(AssertionError):
-            pg.reap(pids, timeout=30)
+            pg.reap(pids + zombies, timeout=30)
         c.remove_ipc()
         if lock:
             subprocess.run(["nft", "delete", "table", "inet", lock], capture_output=True)
@@ -192,7 +197,7 @@ def main() -> None:
     libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: the restored server comes back to us
 
     hdr = (
-        f"{'case':<10} {'procs':>5} {'dump s':>7} {'freeze ms':>9} {'rounds':>6} "
+        f"{'case':<10} {'procs':>5} {'zomb':>4} {'dump s':>7} {'freeze ms':>9} {'rounds':>6} "
         f"{'image MiB':>9} {'restore s':>9} {'serve s':>7} {'tps before':>10} "
         f"{'across':>7} {'after':>7}"
     )
@@ -212,7 +217,7 @@ def main() -> None:
                     print(f"{case:<10} FAILED: {exc}", flush=True)
                     continue
                 print(
-                    f"{r['case']:<10} {r['procs']:>5} {r['dump']:>7.2f} {r['freeze']:>9.0f} "
+                    f"{r['case']:<10} {r['procs']:>5} {r['zombies']:>4} {r['dump']:>7.2f} {r['freeze']:>9.0f} "
                     f"{r['rounds']:>6} {r['image'] / 2**20:>9.1f} {r['restore']:>9.2f} "
                     f"{r['serve']:>7.2f} {r['before']:>10.0f} {r['across']:>7.0f} "
                     f"{r['after']:>7.0f}",

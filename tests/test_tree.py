@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
+import subprocess
+import tempfile
+import threading
 import time
+from pathlib import Path
 
 import pytest
 from helpers import (
@@ -18,10 +23,12 @@ from helpers import (
     assert_no_process,
     dir_digest,
     image_complete,
+    proc_state,
     proc_status,
     wait_until,
 )
 
+from ckpt.image import ImageReader
 from ckpt.kernel.spawn import spawn_restorer
 
 
@@ -120,15 +127,192 @@ def test_no_tree_refuses_shared_children_cleanly(e2e):
     assert v.ok, v.line
 
 
-def test_zombie_child_refused(e2e):
-    w = e2e.spawn("tree", "zombie")
+ZOMBIES = ("zexit", "zsig", "zlead", "za")  # tree.c's zombies at READY (zlate runs)
+
+
+def zombies_of(w) -> list[int]:
+    return [int(w.ready[k]) for k in ZOMBIES]
+
+
+def core_dump_possible() -> bool:
+    """ckpt restores a zombie that dumped core by dumping one (restore/zombies.py): only
+    with a core_pattern that is a plain file name and a hard RLIMIT_CORE above 1 MiB."""
+    try:
+        with open("/proc/sys/kernel/core_pattern") as f:
+            pattern = f.read().strip()
+    except OSError:
+        return False
+    hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
+    return (
+        bool(pattern)
+        and pattern[0] not in "|@"
+        and "/" not in pattern
+        and (hard == resource.RLIM_INFINITY or hard >= 1 << 20)
+    )
+
+
+def image_zombies(e2e, source: str) -> dict[int, tuple[int, int]]:
+    """{pid: (parent, wait status)} of the zombies an image holds (`ckpt show --json`)."""
+    res = e2e.ckpt("show", source, "--json")
+    assert res.returncode == 0, str(res)
+    zombies = json.loads(res.stdout)["process"]["zombies"]
+    return {z["pid"]: (z["ppid"], z["status"]) for z in zombies}
+
+
+def assert_zombies_back(w, want: dict[int, tuple[int, int]]) -> None:
+    """Each zombie is one again, at its PID, child of its parent; zlead leads its group
+    and a is in it."""
+    for pid, (ppid, _) in want.items():
+        st = proc_status(pid) or {}
+        assert st.get("State", "")[:1] == "Z", (pid, st.get("State"))
+        assert int(st["PPid"]) == ppid, (pid, st["PPid"], ppid)
+    zlead, a = int(w.ready["zlead"]), int(w.ready["a"])
+    assert os.getpgid(zlead) == zlead
+    assert os.getpgid(a) == zlead
+
+
+@pytest.mark.parametrize("core", [False, True], ids=["exit-and-signals", "core-dumped"])
+def test_zombies_restored(e2e, core):
+    """A tree holding zombies: the root's (exit 42, killed by SIGTERM, a process group
+    leader that a member's group still is) and a's (killed by SIGUSR1, or by SIGABRT
+    with a core dump). They come back as zombies at their PIDs; after the restore their
+    parents reap them and find the exact status (WIFEXITED/WEXITSTATUS, WIFSIGNALED/
+    WTERMSIG/WCOREDUMP: tree.c checks)."""
+    if core and not core_dump_possible():
+        pytest.skip("core_pattern is not a plain file name (or RLIMIT_CORE is too low)")
+    w = e2e.spawn("tree", "zombie", *(["core"] if core else []))
+    zs = zombies_of(w)
+    kids = [*members(w), int(w.ready["zlate"])]
     image = e2e.path("img")
-    res = e2e.dump(w.pid, image)
-    assert_error(res, 5, "zombie")
-    assert not image_complete(e2e, image)
-    wait_untraced([w.pid, *members(w)])
+    e2e.dump_ok(w, image)
+    with ImageReader(str(image)) as r:
+        assert r.version == (5, 0)  # a 4.x reader would drop the zombies: it must refuse
+    want = image_zombies(e2e, str(image))
+    zexit, zsig, zlead, za = zs
+    a = int(w.ready["a"])
+    assert want == {
+        zexit: (w.pid, 42 << 8),
+        zsig: (w.pid, signal.SIGTERM),
+        zlead: (w.pid, 7 << 8),
+        za: (a, signal.SIGABRT | 0x80 if core else signal.SIGUSR1),
+    }
+    bg = restore_tree(e2e, w, [*kids, *zs], "-D", str(image))
+    wait_untraced(kids, "run")
+    assert_zombies_back(w, want)
+    assert not list(Path(tempfile.gettempdir()).glob(f"ckpt-core-{za}-*")), "a core left"
     v = e2e.verify(w, w.pid, signal.SIGUSR2)
     assert v.ok, v.line
+    assert bg.wait(60).returncode == 0
+    for pid in zs:
+        assert_no_process(pid)  # reaped by their parents
+
+
+def test_zombie_between_precopy_rounds(e2e):
+    """--iterative: zlate, pre-copied in round 0 as a live member, is killed by SIGUSR1
+    before round 1: the final freeze finds a zombie, and it comes back as one."""
+    w = e2e.spawn("tree", "zombie")
+    zlate = int(w.ready["zlate"])
+    kids = members(w)
+
+    def kill_zlate(k: int, _pid: int) -> None:
+        if k == 0:  # zlate dies between rounds 0 and 1
+            os.kill(zlate, signal.SIGUSR1)
+            wait_until(lambda: proc_state(zlate) == "Z", 30, "zlate to be a zombie")
+
+    image = e2e.path("img")
+    stats = e2e.path("stats.json")
+    res = e2e.dump(w.pid, image, "--iterative", "--max-rounds", "3", "--stats-json", str(stats),
+                   env=e2e.env(**round_hook(e2e, kill_zlate)))  # fmt: skip
+    assert res.returncode == 0, str(res)
+    assert kill_zlate.ran, "the round hook did not run"
+    assert w.reap() == -signal.SIGKILL
+    assert len(json.loads(stats.read_text())["rounds"]) >= 1
+    want = image_zombies(e2e, str(image))
+    assert want[zlate] == (w.pid, signal.SIGUSR1), want
+    zs = [*zombies_of(w), zlate]
+    bg = restore_tree(e2e, w, [*kids, *zs], "-D", str(image))
+    wait_untraced(kids, "run")
+    assert_zombies_back(w, want)
+    v = e2e.verify(w, w.pid, signal.SIGUSR2)
+    assert v.ok, v.line
+    assert bg.wait(60).returncode == 0
+
+
+def round_hook(e2e, fn) -> dict[str, str]:
+    """Environment for a dump that runs fn(round, pid) here after each pre-copy round
+    and sets fn.ran: through helpers.RoundHook (ckpt reports rounds on a unix socket)
+    where it exists, else through CKPT_TEST_ROUND_CMD (a command that reports through a
+    FIFO and waits for the answer)."""
+
+    def ran(k: int, pid: int) -> None:
+        fn.ran = True
+        fn(k, pid)
+
+    fn.ran = False
+    import helpers
+
+    if hasattr(helpers, "RoundHook"):
+        return helpers.RoundHook(e2e, ran).env()
+    d = e2e.path("roundhook")
+    d.mkdir()
+    ask, answer = d / "ask", d / "answer"
+    os.mkfifo(ask)
+    os.mkfifo(answer)
+
+    def serve() -> None:
+        while True:
+            with open(ask) as f:
+                line = f.read().split()
+            if not line:
+                return
+            try:
+                ran(int(line[0]), int(line[1]))
+            finally:
+                with open(answer, "w") as f:
+                    f.write("k")
+
+    threading.Thread(target=serve, daemon=True).start()
+    return {"CKPT_TEST_ROUND_CMD": f'echo "$CKPT_ROUND $CKPT_PID" > {ask}; cat {answer}'}
+
+
+def test_zombie_snapshots(e2e):
+    """Snapshots of a tree with zombies; zlate, tracked as a live member by the first,
+    is a zombie at the second; the latest restores with every zombie."""
+    w = e2e.spawn("tree", "zombie")
+    zlate = int(w.ready["zlate"])
+    store = e2e.path("store")
+    res = e2e.ckpt("snapshot", str(w.pid), "--store", str(store))
+    assert res.returncode == 0, str(res)
+    wait_untraced([w.pid, *members(w), zlate])
+    os.kill(zlate, signal.SIGUSR1)
+    wait_until(lambda: proc_state(zlate) == "Z", 30, "zlate to become a zombie")
+    res = e2e.ckpt("snapshot", str(w.pid), "--store", str(store))
+    assert res.returncode == 0, str(res)
+    want = image_zombies(e2e, str(store))
+    assert want[zlate] == (w.pid, signal.SIGUSR1), want
+    wait_untraced([w.pid, *members(w)])
+    os.kill(w.pid, signal.SIGKILL)
+    for pid in members(w):
+        os.kill(pid, signal.SIGKILL)
+    assert w.reap() == -signal.SIGKILL
+    zs = [*zombies_of(w), zlate]
+    bg = restore_tree(e2e, w, [*members(w), *zs], "--store", str(store))
+    wait_untraced(members(w), "run")
+    assert_zombies_back(w, want)
+    v = e2e.verify(w, w.pid, signal.SIGUSR2)
+    assert v.ok, v.line
+    assert bg.wait(60).returncode == 0
+
+
+def test_zombie_root_refused(e2e):
+    """The dumped process itself a zombie: refused (only descendants are kept as zombies)."""
+    p = subprocess.Popen(["true"], cwd=e2e.base)
+    try:
+        wait_until(lambda: proc_state(p.pid) == "Z", 30, "the child to exit")
+        res = e2e.dump(p.pid, e2e.path("img"))
+        assert_error(res, 5, "zombie")
+    finally:
+        p.wait()
 
 
 def pipeline_round_trip(e2e, *extra):

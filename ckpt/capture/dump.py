@@ -179,6 +179,7 @@ def dump(
             proc.tree.append(sub)
             final_pages += sub_pages
             bytes_stored += sub_bytes
+        proc.zombies = frozen.zombies
         shm_pages, shm_bytes = capture_shared(proc, shm, writer)
         final_pages += shm_pages
         bytes_stored += shm_bytes
@@ -282,7 +283,8 @@ def _arm_members(pre: Precopy, tracker: str, root: int) -> None:
     """
     for space, pid in enumerate(descendants(root), 1):
         try:
-            check_member(pid, root)
+            if check_member(pid, root):
+                continue  # a zombie: nothing to track (recorded in the final freeze)
             st = procfs.stat(pid)
             member = Member(Target(pid, st.starttime), make_tracker(tracker, pid), space)
             tracee = member.target.freeze()

@@ -136,6 +136,7 @@ def snapshot(
                 proc.tree.append(sub)
                 final_pages += sub_pages
                 stored += sub_stored
+            proc.zombies = frozen.zombies
             shm_pages, shm_stored = capture_shared(proc, shm, writer)
             final_pages += shm_pages
             stored += shm_stored
@@ -230,7 +231,8 @@ def _track_members(store, root: int, parent, parent_state: dict | None, pre: Pre
     free = _free_space(parent_state, pre)
     for mpid in descendants(root):
         try:
-            check_member(mpid, root)
+            if check_member(mpid, root):
+                continue  # a zombie: nothing to track (recorded in the final freeze)
             mst = procfs.stat(mpid)
         except NoSuchProcess:
             continue

@@ -11,18 +11,22 @@ that has them, and the others point at it: an open file description (an fd
 inherited across fork: same offset and flags afterwards, found with kcmp), pipes,
 sockets and memfds. Shared memory objects are stored once per object by
 capture/shm.py.
+
+A zombie descendant (exited, not waited for by its parent yet) is not frozen but
+recorded (`zombie()`: PID, parent, group, session, wait status, ids); once its parent
+is frozen nobody can reap it, so the zombies of the frozen tree are final.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import DumpError, NoSuchProcess, UnsupportedProcess
 from ..kernel import procfs
 from ..kernel.process import kcmp_file
 from ..kernel.ptrace import Tracee, seize_group
-from ..model import Fd, ProcessImage
+from ..model import Fd, ProcessImage, Zombie
 from .security import check_namespaces
 from .sockets import link_tree_sockets
 
@@ -56,36 +60,78 @@ def descendants(pid: int) -> list[int]:
     return order
 
 
-def check_member(pid: int, root: int, *, frozen: bool = False) -> None:
-    """Descendant states ckpt cannot bring back: refuse them by name.
+def check_member(pid: int, root: int, *, frozen: bool = False) -> bool:
+    """Descendant states ckpt cannot bring back: refuse them by name. True for a zombie
+    (it has exited and its parent has not waited for it yet): see zombie().
 
     frozen: pid is already seized by us (its "t" state and tracer are ours)."""
     try:
         st = procfs.stat(pid)
     except NoSuchProcess:
-        return
+        return False
     what = f"process {pid} ({st.comm.decode(errors='replace')}), a descendant of {root},"
-    if st.state in ("Z", "X"):
+    if frozen:
+        if st.state in ("Z", "X"):  # killed while we held it
+            raise DumpError(f"{what} exited during the dump", pid=root)
+        return False
+    if st.state == "X":  # being released: gone in a moment
+        return False
+    dead = st.state == "Z"
+    if dead and _tasks(pid) not in ([], [pid]):
         raise UnsupportedProcess(
-            f"{what} is a zombie (exited, not yet waited for); trees with zombies are not "
-            "supported: let its parent reap it, or dump with --no-tree",
+            f"{what} has a main thread that has exited while other threads run: not supported",
             pid=root,
         )
-    if frozen:
-        return
     if st.state in ("T", "t"):
         raise UnsupportedProcess(
             f"{what} is stopped (job control or a debugger); continue it first, or dump "
             "with --no-tree",
             pid=root,
         )
-    tracer = int(procfs.status(pid).get("TracerPid", "0"))
-    if tracer and tracer != os.getpid():
-        raise UnsupportedProcess(f"{what} is traced by process {tracer}", pid=root)
     try:
+        tracer = int(procfs.status(pid).get("TracerPid", "0"))
+        if tracer and tracer != os.getpid():
+            raise UnsupportedProcess(f"{what} is traced by process {tracer}", pid=root)
         check_namespaces(pid, root)
     except NoSuchProcess:
-        return
+        return False
+    return dead
+
+
+def _tasks(pid: int) -> list[int]:
+    try:
+        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except FileNotFoundError:
+        return []
+
+
+def zombie(pid: int, root: int) -> Zombie | None:
+    """A zombie descendant as the image keeps it (None if it is gone): its links and the
+    status its parent's wait will read, /proc/PID/stat field 52 (the kernel's exit_code
+    of the leader, what wait reports for it)."""
+    try:
+        raw = procfs.read_bytes(pid, "stat")
+        st = procfs.parse_stat(raw)
+        status = procfs.status(pid)
+    except NoSuchProcess:
+        return None
+    if st.state != "Z":
+        if st.state == "X":  # being released: gone in a moment
+            return None
+        raise DumpError(f"process {pid} appeared in the tree while it was frozen", pid=root)
+    z = Zombie(
+        pid=pid, ppid=st.ppid, pgid=st.pgrp, sid=st.session, comm=st.comm,
+        status=int(raw[raw.rfind(b")") + 2 :].split()[49]), exit_signal=st.exit_signal,
+        uids=[int(x) for x in status.get("Uid", "").split()],
+        gids=[int(x) for x in status.get("Gid", "").split()],
+    )  # fmt: skip
+    if not z.status_ok():
+        raise UnsupportedProcess(
+            f"zombie {pid} ({st.comm.decode(errors='replace')}), a descendant of {root}, "
+            f"has an exit status ckpt does not understand ({z.status:#x})",
+            pid=root,
+        )
+    return z
 
 
 @dataclass
@@ -93,6 +139,8 @@ class FrozenTree:
     """Every process of the tree stopped; members[0] is the root."""
 
     members: list[Tracee]
+    #: descendants that had exited, not yet waited for by their (frozen) parents
+    zombies: list[Zombie] = field(default_factory=list)
 
     @property
     def pids(self) -> list[int]:
@@ -119,26 +167,38 @@ class FrozenTree:
 
 
 def freeze_tree(root: Tracee) -> FrozenTree:
-    """With the root already frozen (and its threads), freeze every descendant."""
+    """With the root already frozen (and its threads), freeze every descendant.
+
+    A zombie is not frozen (it runs nothing) but recorded: its parent, frozen, cannot
+    reap it any more, so once every live process is held the zombies found are final."""
     held: dict[int, Tracee] = {root.pid: root}
+    dead: set[int] = set()
     try:
         while True:
             found = descendants(root.pid)
-            new = [p for p in found if p not in held]
+            new = [p for p in found if p not in held and p not in dead]
             if not new:
                 break
             for p in new:
-                check_member(p, root.pid)
+                if check_member(p, root.pid):
+                    dead.add(p)
+                    continue
                 try:
                     held[p] = seize_group(p, procfs.tasks)
                 except (NoSuchProcess, DumpError):
-                    continue  # exited meanwhile: not part of the tree any more
+                    continue  # exited meanwhile: not part of the tree any more (or a zombie)
         order = [root.pid, *descendants(root.pid)]
         for p in set(held) - set(order):  # left the tree (exited, re-parented)
             held.pop(p).detach()
+        zombies = []
         for p in order[1:]:
-            check_member(p, root.pid, frozen=True)
-        return FrozenTree([held[p] for p in order])
+            if p in held:
+                check_member(p, root.pid, frozen=True)
+            elif (z := zombie(p, root.pid)) is not None:
+                if z.pid == z.ppid or z.ppid not in held:
+                    raise DumpError(f"zombie {p} of the tree has no frozen parent", pid=root.pid)
+                zombies.append(z)
+        return FrozenTree([held[p] for p in order if p in held], zombies)
     except BaseException:
         for p, t in held.items():
             if p != root.pid:

@@ -25,7 +25,9 @@ FORMAT_MINOR = 1  # 1.1: optional state keys for threads' names, trees, spaces
 # 4 = a state with process attributes a 3.x reader ignores (model.ProcAttrs,
 # ThreadAttrs, guard regions, sealed or droppable memory) that are not a plain
 # process's: it would restore the process without them, so it must refuse it.
-READ_MAJORS = (1, 2, 3, 4)
+# 5 = a state with zombies (model.Zombie): a 4.x reader would restore the tree without
+# them, and their parents' waits would find nothing.
+READ_MAJORS = (1, 2, 3, 4, 5)
 _READ_MAJORS_OF = {b"STAT": READ_MAJORS, b"INDX": (1,), b"PAGE": (1,)}
 
 MAGIC = b"CKPT"

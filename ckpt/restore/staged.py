@@ -277,6 +277,12 @@ class StagedRestore:
         assert rb is not None
         if proc.pid != self.source_pid:
             raise RestoreError(f"the final state is of PID {proc.pid}, not {self.source_pid}")
+        if proc.zombies:  # a child that came and went during the rounds, not reaped yet
+            pids = ", ".join(str(z.pid) for z in proc.zombies)
+            raise RestoreError(
+                f"the final state holds zombie children ({pids}): a staged restore builds "
+                "one process"
+            )
         t0 = time.monotonic()
         check_files(proc)
         if not self._same_layout(proc.vmas):

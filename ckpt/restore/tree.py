@@ -10,7 +10,8 @@ rebuild them in phases so that what they share exists before it is taken.
               others (restore/shm.py), then filled once from the image
     files     fds (a shared open file description is taken from its first holder
               by pidfd_getfd) and process attributes; then process groups, a
-              group's leader before its members
+              group's leader before its members; then the zombies exit (each forked
+              from its parent before the parent's memory, restore/zombies.py)
     rest      threads, signals, timers, rlimits, credentials (after: they drop
               ckpt's privileges), rseq
     leave     children first, the root last
@@ -28,7 +29,7 @@ from collections.abc import Callable
 from ..errors import ImageCorrupt
 from ..kernel import sysvshm
 from ..model import ProcessImage
-from . import attrs, cow
+from . import attrs, cow, zombies
 from .checks import check_files, wait_pid_free
 from .rebuild import Rebuilder
 from .security import check as check_security
@@ -48,12 +49,15 @@ def check_tree(root: ProcessImage, new_pid: bool) -> None:
             raise ImageCorrupt(f"tree member {p.pid}: its parent {p.ppid} is not before it")
     check_objects(root)
     check_not_in_use(root)
+    zombies.check(root, set(slot))
     for p in procs:
         check_files(p)
         check_security(p)  # capabilities ckpt lacks, a cgroup or root gone (exit 11)
         if not new_pid:  # every PID and TID must be free before anything is built
             for t in [p.pid, *(t.tid for t in p.threads[1:])]:
                 wait_pid_free(t)
+    for z in root.zombies if not new_pid else ():
+        wait_pid_free(z.pid)
 
 
 def build_tree(
@@ -73,6 +77,7 @@ def build_tree(
     procs = members(root)
     slot = {p.pid: i for i, p in enumerate(procs)}
     rbs: list[Rebuilder] = []
+    made: list[zombies.Made] = []  # the zombies, until they exit (restore/zombies.py)
     try:
         rbs.append(Rebuilder(root_pid, root, new_pid))
         _early_session(rbs[0], terminal, root=True)
@@ -90,6 +95,7 @@ def build_tree(
                 rbs[i].inj.use(parent.inj.scratch.addr)  # the parent's, inherited
                 _early_session(rbs[i], terminal)
             rb = rbs[i]
+            made += [zombies.fork(rb, z, new_pid) for z in root.zombies if z.ppid == p.pid]
             rb.peers = {j: rbs[j].pid for j in range(i)}
             rb.externals = externals or {}  # fds 0-2 that led outside (restore/fds.py)
             rb.peer_images = {j: procs[j] for j in range(i)}
@@ -99,7 +105,6 @@ def build_tree(
             rb.prepare_memory()
             rb.map_vmas()
             write_pages(i, rb.proc, rb.mem_fd)
-        pids = [rb.pid for rb in rbs]
         if shared.objects:
             if fill_shared is None:
                 raise ImageCorrupt("the image has shared memory objects but no way to fill them")
@@ -109,12 +114,14 @@ def build_tree(
         by_pid = {rb.pid: rb for rb in rbs}
         for pid, fd in parked.values():  # taken (duplicated) by now, or closed in the image
             by_pid[pid].inj.call("close", fd)
-        _process_groups(rbs, slot, pids)
+        _process_groups(rbs, made)
+        zombies.exit_all(made)  # before the parents' signals: their SIGCHLD is taken back
         for rb in rbs:
             rb.state_rest()
         for rb in reversed(rbs):
             rb.leave()
     except BaseException:
+        zombies.kill_all(made)
         kill_members(rbs)
         for rb in rbs:
             for shmid in rb.sysv_created:  # made for this restore: not left behind
@@ -145,25 +152,27 @@ def _early_session(rb: Rebuilder, terminal: Terminal | None, root: bool = False)
         rb.session_done = True
 
 
-def _process_groups(rbs: list[Rebuilder], slot: dict[int, int], pids: list[int]) -> None:
-    """Members of a group led by another member join it (leaders made theirs already).
+def _process_groups(rbs: list[Rebuilder], made: list[zombies.Made]) -> None:
+    """Members (and zombies) of a group led by another member or zombie join it (leaders
+    made theirs already; a zombie's group lives as long as the zombie).
 
     A shell job: the root leads a group of its own, members of a group led from
     outside the tree (the job's group when the root did not lead it) join the root's,
     and that group gets the terminal, with the job's modes, before anything runs."""
     job = rbs[0] if rbs[0].shell_job else None
-    for rb in rbs:
-        p = rb.proc
-        if p.pgid == p.pid or rb is job:
+    restored = {rb.proc.pid: rb.pid for rb in rbs} | {m.image.pid: m.pid for m in made}
+    who = [(rb.proc, rb.pid, rb.inj) for rb in rbs if rb is not job]
+    for p, pid, inj in [*who, *((m.image, m.pid, m.inj) for m in made)]:
+        if p.pgid == p.pid:
             continue
-        if p.pgid in slot:
-            want = pids[slot[p.pgid]]
+        if p.pgid in restored:
+            want = restored[p.pgid]
         elif job is not None and p.sid == job.proc.sid:
             want = job.pid
         else:
             continue
-        if os.getpgid(rb.pid) != want:
-            rb.inj.call("setpgid", 0, want)
+        if os.getpgid(pid) != want:
+            inj.call("setpgid", 0, want)
     if job is not None:
         job.terminal.hand_over(job.pid, job_modes(members(job.proc)))
 

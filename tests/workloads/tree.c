@@ -1,8 +1,22 @@
 /* tree: a process tree sharing memory and open files.
  *
- * usage: tree [zombie]      (zombie: the root also keeps an exited, unreaped child)
+ * usage: tree [zombie [core]]
  *   root ─┬─ a ── a1          a1 joins b's process group
  *         └─ b                b leads its own process group
+ * zombie: the tree also holds children that have exited and are not reaped yet:
+ *   root ─┬─ zexit            exit(42)
+ *         ├─ zsig             killed by SIGTERM
+ *         ├─ zlead            leads a process group, exit(7); a is in its group
+ *         ├─ zlate            alive, in pause(), until SIGUSR1 kills it (a test may
+ *         │                   send it between a dump's rounds, or snapshots)
+ *         └─ a ── za          killed by SIGUSR1 (core: by SIGABRT, dumping core)
+ * After the check their parents reap them and check the status (WIFEXITED and
+ * WEXITSTATUS, or WIFSIGNALED, WTERMSIG and WCOREDUMP) and zlead's group; the root
+ * sends zlate SIGUSR1 first (nothing happens if it is a zombie already).
+ * The root handles SIGCHLD but keeps it blocked, and takes the pending ones before
+ * READY: when told to check, SIGCHLD is pending only if zlate died since, with its
+ * siginfo (a restore must neither add nor lose one).
+ * READY ... zexit= zsig= zlead= zlate= za=
  * All four map one MAP_SHARED|MAP_ANONYMOUS area (created before the forks) and
  * share the inherited log and a data file opened before the forks (one open file
  * description: one offset). Each also has 2 MiB of private memory with its own
@@ -20,6 +34,7 @@
 #include "wl.h"
 
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 
 #define PRIV (2UL << 20)
@@ -32,8 +47,12 @@ struct shared {
     volatile int done[N];
     volatile int fail[N];
     volatile int b_wrote;
+    volatile pid_t want_pgid_a; /* root's group, or zlead's */
+    volatile pid_t za;
+    volatile int zlead_go;
     char why[N][128];
 };
+static int zombies, core;
 
 static struct shared *sh;
 /* shared too, but only b ever touches page 3 of it before the dump: its only copy
@@ -49,6 +68,11 @@ static void on_usr2(int sig)
 {
     (void)sig;
     got_usr2 = 1;
+}
+
+static void on_chld(int sig)
+{
+    (void)sig;
 }
 
 static void note(int me, const char *why)
@@ -133,6 +157,49 @@ static int reap(pid_t p, const char *name, int me)
     return WIFEXITED(st) && WEXITSTATUS(st) == 0;
 }
 
+/* a child that exits (sig 0: exit(code)) or dies of sig (core: with a core dump),
+   left unreaped: its exit is waited for with WNOWAIT */
+static pid_t make_zombie(int code, int sig, int dump)
+{
+    pid_t z = fork();
+    SETUP_CHECK(z >= 0, "fork zombie");
+    if (z == 0) {
+        if (!sig)
+            _exit(code);
+        if (dump) { /* a core of almost nothing, in our directory */
+            struct rlimit rl = {RLIM_INFINITY, RLIM_INFINITY};
+            setrlimit(RLIMIT_CORE, &rl);
+            int f = open("/proc/self/coredump_filter", O_WRONLY);
+            if (f >= 0) {
+                if (write(f, "0", 1) != 1)
+                    _exit(98);
+                close(f);
+            }
+        }
+        signal(sig, SIG_DFL);
+        sigset_t none;
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        raise(sig);
+        _exit(99);
+    }
+    siginfo_t si;
+    memset(&si, 0, sizeof(si));
+    SETUP_CHECK(waitid(P_PID, (id_t)z, &si, WEXITED | WNOWAIT) == 0, "waitid zombie");
+    return z;
+}
+
+/* reap a zombie made by make_zombie and check its status */
+static int reap_zombie(pid_t z, int code, int sig, int dump)
+{
+    int st;
+    if (waitpid(z, &st, 0) != z)
+        return 0;
+    if (!sig)
+        return WIFEXITED(st) && WEXITSTATUS(st) == code;
+    return WIFSIGNALED(st) && WTERMSIG(st) == sig && !!WCOREDUMP(st) == !!dump;
+}
+
 static unsigned char *private_area(int me)
 {
     unsigned char *p =
@@ -144,8 +211,10 @@ static unsigned char *private_area(int me)
 
 int main(int argc, char **argv)
 {
-    pid_t zombie = 0;
+    pid_t zexit = 0, zsig = 0, zlead = 0, zlate = 0;
     sigset_t old;
+    zombies = argc > 1 && strcmp(argv[1], "zombie") == 0;
+    core = zombies && argc > 2 && strcmp(argv[2], "core") == 0;
     catch_usr2_blocked(on_usr2, &old);
     sh = mmap(NULL, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     SETUP_CHECK(sh != MAP_FAILED, "mmap shared");
@@ -162,6 +231,7 @@ int main(int argc, char **argv)
     SETUP_CHECK(lseek(datafd, 0, SEEK_SET) == 0, "lseek");
     pid_t root = getpid(), sid = getsid(0);
     sh->pid[ROOT] = root;
+    sh->want_pgid_a = root;
 
     pid_t b = fork();
     SETUP_CHECK(b >= 0, "fork b");
@@ -175,9 +245,33 @@ int main(int argc, char **argv)
         _exit(sh->fail[B]);
     }
     setpgid(b, b); /* no race with the child's own call */
+    sigset_t chld, waitmask = old;
+    sigemptyset(&chld);
+    sigaddset(&chld, SIGCHLD);
+    struct timespec now0 = {0, 0};
+    if (zombies) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof(sa));
+        sa.sa_handler = on_chld;
+        SETUP_CHECK(sigaction(SIGCHLD, &sa, NULL) == 0, "sigaction SIGCHLD");
+        sigprocmask(SIG_BLOCK, &chld, NULL);
+        sigaddset(&waitmask, SIGCHLD);
+        zlead = fork();
+        SETUP_CHECK(zlead >= 0, "fork zlead");
+        if (zlead == 0) {
+            setpgid(0, 0);
+            while (!sh->zlead_go)
+                usleep(1000);
+            _exit(7);
+        }
+        setpgid(zlead, zlead);
+        sh->want_pgid_a = zlead;
+    }
     pid_t a = fork();
     SETUP_CHECK(a >= 0, "fork a");
     if (a == 0) {
+        if (zombies)
+            setpgid(0, sh->want_pgid_a);
         unsigned char *priv = private_area(A);
         sh->pid[A] = getpid();
         pid_t a1 = fork();
@@ -189,11 +283,18 @@ int main(int argc, char **argv)
             _exit(sh->fail[A1]);
         }
         setpgid(a1, b);
-        child_loop(A, priv, root, root, sid);
+        int zsig_a = core ? SIGABRT : SIGUSR1;
+        if (zombies)
+            sh->za = make_zombie(0, zsig_a, core);
+        child_loop(A, priv, root, sh->want_pgid_a, sid);
+        if (zombies && !reap_zombie(sh->za, 0, zsig_a, core))
+            note(A, "zombie_za_status");
         if (!reap(a1, "a1", A))
             note(A, "a1_failed");
         _exit(sh->fail[A]);
     }
+    if (zombies)
+        setpgid(a, zlead);
     unsigned char *priv = private_area(ROOT);
     double end = mono_now() + 30;
     while ((!sh->pid[A] || !sh->pid[A1] || !sh->pid[B]) && mono_now() < end)
@@ -204,27 +305,59 @@ int main(int argc, char **argv)
     /* wait until a1 is in b's group (setpgid by a1 or a) */
     while (getpgid(sh->pid[A1]) != b && mono_now() < end)
         usleep(1000);
-    if (argc > 1 && strcmp(argv[1], "zombie") == 0) {
-        zombie = fork();
-        if (zombie == 0)
-            _exit(0);
+    if (zombies) {
+        zlate = fork();
+        SETUP_CHECK(zlate >= 0, "fork zlate");
+        if (zlate == 0)
+            for (;;)
+                pause(); /* SIGUSR1: default action, not blocked */
+        zexit = make_zombie(42, 0, 0);
+        zsig = make_zombie(0, SIGTERM, 0);
+        while (getpgid(a) != zlead && mono_now() < end)
+            usleep(1000);
+        SETUP_CHECK(getpgid(a) == zlead, "a in zlead's group");
+        sh->zlead_go = 1;
         siginfo_t si;
         memset(&si, 0, sizeof(si));
-        waitid(P_PID, (id_t)zombie, &si, WEXITED | WNOWAIT); /* exited, left unreaped */
+        SETUP_CHECK(waitid(P_PID, (id_t)zlead, &si, WEXITED | WNOWAIT) == 0, "waitid zlead");
+        while (!sh->za && mono_now() < end)
+            usleep(1000);
+        SETUP_CHECK(sh->za, "za made");
+        while (sigtimedwait(&chld, NULL, &now0) == SIGCHLD)
+            ;
     }
-    say("READY pid=%d a=%d a1=%d b=%d zombie=%d", (int)root, (int)sh->pid[A], (int)sh->pid[A1],
-        (int)sh->pid[B], (int)zombie);
+    say("READY pid=%d a=%d a1=%d b=%d zexit=%d zsig=%d zlead=%d zlate=%d za=%d", (int)root,
+        (int)sh->pid[A], (int)sh->pid[A1], (int)sh->pid[B], (int)zexit, (int)zsig, (int)zlead,
+        (int)zlate, (int)sh->za);
 
     while (!got_usr2)
-        sigsuspend(&old);
-    if (zombie)
-        waitpid(zombie, NULL, 0);
+        sigsuspend(&waitmask);
+    if (zombies) {
+        siginfo_t si, wi;
+        memset(&si, 0, sizeof(si));
+        memset(&wi, 0, sizeof(wi));
+        int got = sigtimedwait(&chld, &si, &now0);
+        waitid(P_PID, (id_t)zlate, &wi, WEXITED | WNOWAIT | WNOHANG);
+        if (wi.si_pid == zlate)
+            CHECK(got == SIGCHLD && si.si_pid == zlate && si.si_code == CLD_KILLED &&
+                      si.si_status == SIGUSR1,
+                  "sigchld_of_zlate:got=%d,pid=%d", got, (int)si.si_pid);
+        else
+            CHECK(got < 0, "spurious_sigchld:pid=%d", (int)si.si_pid);
+        CHECK(getpgid(zlead) == zlead, "zombie_zlead_pgid");
+        CHECK(reap_zombie(zexit, 42, 0, 0), "zombie_zexit_status");
+        CHECK(reap_zombie(zsig, 0, SIGTERM, 0), "zombie_zsig_status");
+        CHECK(kill(zlate, SIGUSR1) == 0, "kill_zlate");
+        CHECK(reap_zombie(zlate, 0, SIGUSR1, 0), "zombie_zlate_status");
+    }
     sh->go = 1;
     check(ROOT, priv, getppid(), root, sid);
     if (!wait_all(sh->done, 60))
         fail("not_everybody_checked");
     CHECK(reap(a, "a", ROOT), "a_failed");
     CHECK(reap(b, "b", ROOT), "b_failed");
+    if (zombies) /* after a: its group stays zlead's while a lives */
+        CHECK(reap_zombie(zlead, 7, 0, 0), "zombie_zlead_status");
     for (int i = 0; i < N; i++)
         if (sh->fail[i])
             fail("member%d:%s", i, sh->why[i]);
