@@ -18,6 +18,7 @@ import subprocess
 from helpers import (
     DEADLINE,
     assert_error,
+    assert_no_process,
     dump_restore_verify,
     proc_alive,
     proc_status,
@@ -181,6 +182,54 @@ def test_tcp_external_peer_sending_between_dump_and_restore(e2e):
         tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True)
         # only this dump's table: other tests' may come and go meanwhile
         assert lock.group(1) not in tables.stdout, "the restore must remove the lock"
+    finally:
+        c.close()
+        _drop_lock_of(image)
+
+
+def _tcp_sockets_on_port(port: int) -> list[str]:
+    """States (hex, /proc/net/tcp) of the sockets whose local port is `port`."""
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    out.append(fields[3])
+    return out
+
+
+def test_tcp_failed_restore_leaves_no_connection_behind(e2e):
+    """A restore that fails once the TCP connection is rebuilt and out of repair mode
+    (CKPT_FAULT=restore-files) kills what it built without a FIN: nothing is left on the
+    server's port (a FIN dropped by the network lock would leave the socket in
+    FIN-WAIT-1 for minutes, and the retry fail: "Cannot assign requested address"). The
+    retried restore gets the connection back, with the bytes the peer sent meanwhile.
+    Nothing is sent before the dump: a close with unread data sends a RST, which
+    leaves nothing behind, and is not what this is about."""
+    w = e2e.spawn("sockets", "ext")
+    port = int(w.ready["port"])
+    c = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+    image = e2e.path("img")
+    try:
+        w.wait_for("ACCEPTED", w.pid)
+        before, window, after = 0, 20000, 15000
+        e2e.dump_ok(w, image, "--tcp-established")
+        res = e2e.ckpt("restore", "-D", str(image), env=e2e.env(CKPT_FAULT="restore-files"))
+        assert_error(res, 11, "CKPT_FAULT=restore-files")
+        assert_no_process(w.pid)
+        assert _tcp_sockets_on_port(port) == [], "the failed restore left a socket behind"
+        c.sendall(pat(0, before, window))  # nobody owns the connection now
+        bg = e2e.ckpt_bg("restore", "-D", str(image))
+        e2e.wait_restored(w.pid, w.ident, bg)
+        c.sendall(pat(0, before + window, after))
+        (w.cwd / "total").write_text(str(before + window + after))
+        v = e2e.verify(w, w.pid)
+        assert v.ok, v.line
+        assert v.fields["received"] == str(before + window + after)
+        assert recv_exactly(c, 30000) == pat(1, 0, 30000)
+        assert recv_exactly(c, 3) == b"bye"
+        assert bg.wait().returncode == 0
     finally:
         c.close()
         _drop_lock_of(image)

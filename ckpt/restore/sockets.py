@@ -54,6 +54,39 @@ def _u(v: int) -> int:
     return v & 0xFFFFFFFFFFFFFFFF
 
 
+class RebuiltConnections:
+    """Made before a restore that kills what it built if it fails: from then on until
+    close(), ckpt keeps a duplicate of every TCP connection the restore rebuilds.
+    silence(), before the kill: each goes back into repair mode, so that its last close
+    sends no FIN or RST (ckpt's duplicate, closed last, keeps it open through the kill).
+    Without it, the killed process's close sends a FIN that the network lock drops; the
+    socket lingers in FIN-WAIT-1 for minutes on the connection's address, and a retried
+    restore cannot bind it ("Address already in use"). close() drops the duplicates
+    either way (a restored process's close must close its connection)."""
+
+    def __init__(self) -> None:
+        global _collecting
+        self.held: list[socket.socket] = []
+        self.outer, _collecting = _collecting, self
+
+    def silence(self) -> None:
+        on = tcp_repair.int_blob(tcp_repair.TCP_REPAIR_ON)
+        for s in self.held:
+            with contextlib.suppress(OSError):
+                s.setsockopt(socket.SOL_TCP, tcp_repair.TCP_REPAIR, on)
+
+    def close(self) -> None:
+        global _collecting
+        if _collecting is self:
+            _collecting = self.outer
+        held, self.held = self.held, []
+        for s in held:
+            s.close()
+
+
+_collecting: RebuiltConnections | None = None
+
+
 def _name(n) -> str:
     if not n:
         return "unnamed"
@@ -375,6 +408,9 @@ class _Sockets:
                     f"cannot rebuild TCP connection fd {f.fd} ({_name(s.local)} -> "
                     f"{_name(s.remote)}): {exc.strerror or exc}"
                 ) from exc
+            finally:
+                if _collecting is not None:  # silenced if the restore fails
+                    _collecting.held.append(c.dup())
             out.append(f)
         return out
 

@@ -64,6 +64,7 @@ from .rebuild import (
     Rebuilder,
     free_range,
 )
+from .sockets import RebuiltConnections
 
 MADV_DONTNEED, MADV_REMOVE = 4, 9
 _U64 = (1 << 64) - 1
@@ -291,7 +292,14 @@ class StagedRestore:
         zapped = self.zap_stale(proc)
         t2 = time.monotonic()
         rb.proc = proc
-        rb.apply_state()
+        tcp = RebuiltConnections()  # failed: kill() closes its TCP connections silently
+        try:
+            rb.apply_state()
+        except BaseException:
+            tcp.silence()
+            raise
+        finally:
+            tcp.close()
         self.running = True  # detached: from now on the caller owns the process
         t3 = time.monotonic()
         self.timings.update(

@@ -26,6 +26,7 @@ import os
 import signal
 from collections.abc import Callable
 
+from .. import faults
 from ..errors import ImageCorrupt
 from ..kernel import sysvshm
 from ..model import ProcessImage
@@ -34,6 +35,7 @@ from .checks import check_files, wait_pid_free
 from .rebuild import Rebuilder
 from .security import check as check_security
 from .shm import SharedObjects, check_not_in_use, check_objects
+from .sockets import RebuiltConnections
 from .tty import Terminal, job_modes
 
 
@@ -78,6 +80,7 @@ def build_tree(
     slot = {p.pid: i for i, p in enumerate(procs)}
     rbs: list[Rebuilder] = []
     made: list[zombies.Made] = []  # the zombies, until they exit (restore/zombies.py)
+    tcp = RebuiltConnections()  # if the restore fails, its TCP connections go silently
     try:
         rbs.append(Rebuilder(root_pid, root, new_pid))
         _early_session(rbs[0], terminal, root=True)
@@ -114,6 +117,7 @@ def build_tree(
         by_pid = {rb.pid: rb for rb in rbs}
         for pid, fd in parked.values():  # taken (duplicated) by now, or closed in the image
             by_pid[pid].inj.call("close", fd)
+        faults.fail("restore-files")
         _process_groups(rbs, made)
         zombies.exit_all(made)  # before the parents' signals: their SIGCHLD is taken back
         for rb in rbs:
@@ -121,6 +125,7 @@ def build_tree(
         for rb in reversed(rbs):
             rb.leave()
     except BaseException:
+        tcp.silence()  # before the kill: no FIN or RST (restore/sockets.py)
         zombies.kill_all(made)
         kill_members(rbs)
         for rb in rbs:
@@ -129,6 +134,8 @@ def build_tree(
                     sysvshm.remove(shmid)
             rb.close()
         raise
+    finally:
+        tcp.close()
     _remove_doomed_segments(procs)
     return rbs
 
