@@ -13,7 +13,7 @@ reported again next round: a torn copy is always superseded (DESIGN.md).
 from __future__ import annotations
 
 import os
-import subprocess
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -36,6 +36,7 @@ DEFAULT_MAX_ROUNDS = 8
 DEFAULT_TARGET_DOWNTIME_MS = 50.0
 DEFAULT_MAX_TIME = 60.0
 SHRINK_FACTOR = 0.9  # a "meaningful drop" is at least 10% fewer written pages
+HOOK_TIMEOUT = 120.0  # the test round hook's answer (tests only)
 
 
 @dataclass
@@ -338,11 +339,17 @@ def stop_reason(rounds: list[RoundStats], policy: Policy, k: int, elapsed: float
 
 
 def _round_hook(k: int, pid: int) -> None:
-    """Test hook: run CKPT_TEST_ROUND_CMD between rounds (e.g. make the workload mutate)."""
-    cmd = os.environ.get("CKPT_TEST_ROUND_CMD")
-    if cmd:
-        subprocess.run(
-            ["sh", "-c", cmd],
-            env={**os.environ, "CKPT_ROUND": str(k), "CKPT_PID": str(pid)},
-            check=False,
-        )
+    """Test hook: tell the test at CKPT_TEST_ROUND_SOCKET (a unix socket) that round k
+    of pid is done, and wait for its one-byte answer; the test makes the workload
+    mutate between rounds meanwhile (tests/precopy_helpers.py Hook). Nothing is run."""
+    path = os.environ.get("CKPT_TEST_ROUND_SOCKET")
+    if not path:
+        return
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(HOOK_TIMEOUT)
+            s.connect(path)
+            s.sendall(f"{k} {pid}\n".encode())
+            s.recv(1)
+    except OSError:
+        return  # the test sees from its own log which rounds it was told about

@@ -14,7 +14,7 @@ page writes per second in its log every second). For each write rate:
 
 Then the writer's own throughput with and without tracking armed: an unthrottled
 writer (rate=max) runs untracked, then under `ckpt dump --iterative
---leave-running` whose round hook (CKPT_TEST_ROUND_CMD) marks the writer's log and
+--leave-running` whose round hook (CKPT_TEST_ROUND_SOCKET) marks the writer's log and
 sleeps, so ckpt is idle while tracking is armed; the RATE lines inside those
 windows are the tracked throughput (first second: pages take their first
 write-protect fault; later seconds: pages already written this round).
@@ -31,12 +31,13 @@ import argparse
 import contextlib
 import json
 import os
-import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -238,7 +239,7 @@ def rate_lines(lines: list[str], pid: int) -> list[float]:
 
 def env_without_hooks() -> dict:
     env = dict(os.environ)
-    for k in ("CKPT_TEST_ROUND_CMD", "CKPT_FAULT"):
+    for k in ("CKPT_TEST_ROUND_SOCKET", "CKPT_FAULT"):
         env.pop(k, None)
     return env
 
@@ -312,10 +313,33 @@ def run_rate(exe: Path, tmp: Path, mib: int, rate_mib: int, args) -> dict:
 
 # ---------------------------------------------------------------- part 2
 
-HOOK = (
-    'echo "HOOK BEGIN round=$CKPT_ROUND" >> {log}; sleep {secs}; '
-    'echo "HOOK END round=$CKPT_ROUND" >> {log}'
-)
+
+def round_hook(path: Path, log: Path, secs: float) -> socket.socket:
+    """Serve ckpt's round hook at `path` (ckpt/precopy.py _round_hook): after each
+    round, mark the writer's log, keep ckpt idle for `secs`, mark it again."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(4)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                k = conn.recv(64).split()[0].decode()
+                with open(log, "a") as f:
+                    f.write(f"HOOK BEGIN round={k}\n")
+                time.sleep(secs)
+                with open(log, "a") as f:
+                    f.write(f"HOOK END round={k}\n")
+                conn.sendall(b"k")
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv
+
+
 REPORT_S = 0.5  # the writer's RATE interval in part 2
 
 
@@ -327,12 +351,15 @@ def throughput(exe: Path, tmp: Path, mib: int, tracker: str, secs: float) -> dic
     """The unthrottled writer's pages/s: untracked, during the dump's copying
     rounds, and in the hook windows (ckpt idle, tracking armed): the first
     interval after the window opens, and the rest."""
+    hook = None
     w = Writer(exe, tmp, f"tput-{tracker}", f"mib={mib}", "rate=max", f"report={REPORT_S}")
     try:
         time.sleep(secs + 2 * REPORT_S)
         base = rate_lines(w.lines(), w.pid)[1:]  # the first line includes start-up
         env = env_without_hooks()
-        env["CKPT_TEST_ROUND_CMD"] = HOOK.format(log=shlex.quote(str(w.log)), secs=secs)
+        hook_path = tmp / f"tput-{tracker}.sock"
+        hook = round_hook(hook_path, w.log, secs)
+        env["CKPT_TEST_ROUND_SOCKET"] = str(hook_path)
         img, stats_path = tmp / f"tput-{tracker}-img", tmp / f"tput-{tracker}.json"
         start = len(w.lines())
         ckpt(
@@ -368,6 +395,8 @@ def throughput(exe: Path, tmp: Path, mib: int, tracker: str, secs: float) -> dic
             "later": mean(later),
         }
     finally:
+        if hook is not None:
+            hook.close()
         w.kill()
 
 

@@ -25,9 +25,11 @@ import hashlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -422,6 +424,7 @@ class E2E:
         self.workloads: list[Workload] = []
         self.background: list[Background] = []
         self.adopted: set[int] = set()
+        self.hooks: list[RoundHook] = []  # pre-copy round hooks, closed at cleanup
         self._n = 0
 
     # -- scratch space
@@ -433,6 +436,7 @@ class E2E:
     def env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
         env.pop("CKPT_FAULT", None)
+        env.pop("CKPT_TEST_ROUND_SOCKET", None)
         env.update(extra)
         return env
 
@@ -628,6 +632,8 @@ class E2E:
         return mine
 
     def cleanup(self) -> None:
+        for hook in self.hooks:
+            hook.close()
         popen_pids = {w.popen.pid for w in self.workloads} | {b.pid for b in self.background}
         victims = set(self._ours())
         seen = set(victims)
@@ -663,6 +669,50 @@ class E2E:
         for b in self.background:
             b._out.close()
             b._err.close()
+
+
+class RoundHook:
+    """ckpt's pre-copy round hook: ckpt reports each finished round on a unix socket
+    (CKPT_TEST_ROUND_SOCKET, ckpt/precopy.py _round_hook) and waits for the answer;
+    fn(round, pid) runs here meanwhile (make the workload mutate, kill it, hold the
+    snapshot...). Give ckpt env(); the E2E cleanup closes it."""
+
+    def __init__(self, e2e: E2E, fn):
+        self.fn = fn
+        d = e2e.path("roundhook")
+        d.mkdir()
+        self.path = str(d / "round.sock")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(self.path)
+        self.sock.listen(4)
+        threading.Thread(target=self._serve, daemon=True).start()
+        e2e.hooks.append(self)
+
+    def env(self) -> dict[str, str]:
+        return {"CKPT_TEST_ROUND_SOCKET": self.path}
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            with conn:
+                data = b""
+                while not data.endswith(b"\n"):
+                    got = conn.recv(64)
+                    if not got:
+                        break
+                    data += got
+                try:
+                    k, pid = (int(x) for x in data.split())
+                    self.fn(k, pid)
+                finally:
+                    with contextlib.suppress(OSError):
+                        conn.sendall(b"k")
 
 
 def wait_until(pred, timeout: float = DEADLINE, what: str = "condition"):

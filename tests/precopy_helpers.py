@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shlex
+import re
 import signal
 import subprocess
 import time
@@ -23,11 +23,13 @@ from helpers import (
     E2E,
     POLL,
     Result,
+    RoundHook,
     Verify,
     Workload,
     maps_for_compare,
     parse_line,
     proc_alive,
+    proc_state,
     proc_status,
     signal_state,
 )
@@ -84,50 +86,15 @@ def need_tracker(name: str) -> str:
 
 # ---------------------------------------------------------------- the round hook
 
-HOOK_SH = r"""#!/bin/sh
-# ckpt's CKPT_TEST_ROUND_CMD for tests/test_precopy.py; runs after each pre-copy round
-# with CKPT_ROUND and CKPT_PID set. Args: STATE_DIR LOG STEPS KILL_AT NAP
-#   STEPS=1: SIGUSR1 the writer and wait for its `STEP <n> DONE` (n = this call's number)
-#   KILL_AT=<round>: SIGKILL the target after that round instead
-#   NAP: sleep that long afterwards (seconds; lets the writer dirty pages)
-state=$1 log=$2 steps=$3 kill_at=$4 nap=$5
-echo "HOOK round=$CKPT_ROUND pid=$CKPT_PID" >> "$state/hook.log"
-if grep -q '^KILLED ' "$state/hook.log"; then
-    exit 0  # killed in an earlier round; ckpt may not have noticed yet
-fi
-if [ "$kill_at" = "$CKPT_ROUND" ]; then
-    kill -KILL "$CKPT_PID"
-    echo "KILLED round=$CKPT_ROUND pid=$CKPT_PID" >> "$state/hook.log"
-    exit 0
-fi
-if [ "$steps" = 1 ]; then
-    n=$(grep -c '^HOOK ' "$state/hook.log")
-    kill -USR1 "$CKPT_PID" || exit 1
-    i=0
-    until grep -Eq "^STEP $n DONE pid=$CKPT_PID( |\$)" "$log"; do
-        st=$(sed -n 's/.*) \(.\).*/\1/p' "/proc/$CKPT_PID/stat" 2>/dev/null)
-        if [ -z "$st" ] || [ "$st" = Z ]; then
-            echo "GONE step=$n" >> "$state/hook.log"
-            exit 1
-        fi
-        i=$((i + 1))
-        if [ $i -gt 6000 ]; then
-            echo "TIMEOUT step=$n" >> "$state/hook.log"
-            exit 1
-        fi
-        sleep 0.01
-    done
-    echo "STEPPED round=$CKPT_ROUND step=$n" >> "$state/hook.log"
-fi
-if [ "$nap" != 0 ]; then
-    sleep "$nap"
-fi
-exit 0
-"""
-
 
 class Hook:
-    """One test's round hook; its log says which rounds ran and what it did."""
+    """One test's round hook: ckpt reports each finished pre-copy round on a unix
+    socket (CKPT_TEST_ROUND_SOCKET, precopy._round_hook) and waits for the answer, so
+    the test can act between rounds. Its log says which rounds ran and what it did.
+
+    steps: SIGUSR1 the writer and wait for its `STEP <n> DONE` (n = this call's number);
+    kill_at: SIGKILL the target after that round instead; nap: wait that long afterwards
+    (seconds; lets the writer dirty pages)."""
 
     def __init__(
         self,
@@ -140,20 +107,47 @@ class Hook:
     ):
         self.dir = e2e.path("hook")
         self.dir.mkdir()
-        script = self.dir / "hook.sh"
-        script.write_text(HOOK_SH)
         self.log = self.dir / "hook.log"
         self.log.touch()
-        args = [
-            "sh",
-            str(script),
-            str(self.dir),
-            str(w.log),
-            "1" if steps else "0",
-            str(kill_at) if kill_at is not None else "none",
-            f"{nap:g}",
-        ]
-        self.cmd = " ".join(shlex.quote(a) for a in args)
+        self.wlog = Path(w.log)
+        self.steps, self.kill_at, self.nap = steps, kill_at, nap
+        self.server = RoundHook(e2e, self._round)
+
+    def env(self) -> dict[str, str]:
+        return self.server.env()
+
+    def _note(self, line: str) -> None:
+        with open(self.log, "a") as f:
+            f.write(line + "\n")
+
+    def _round(self, k: int, pid: int) -> None:
+        self._note(f"HOOK round={k} pid={pid}")
+        if any(ln.startswith("KILLED ") for ln in self.lines()):
+            return  # killed in an earlier round; ckpt may not have noticed yet
+        if self.kill_at == k:
+            os.kill(pid, signal.SIGKILL)
+            self._note(f"KILLED round={k} pid={pid}")
+            return
+        if self.steps:
+            n = sum(ln.startswith("HOOK ") for ln in self.lines())
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                self._note(f"GONE step={n}")
+                return
+            done = re.compile(rf"^STEP {n} DONE pid={pid}( |$)", re.M)
+            end = time.monotonic() + DEADLINE
+            while not done.search(self.wlog.read_text(errors="replace")):
+                if (proc_state(pid) or "Z") == "Z":
+                    self._note(f"GONE step={n}")
+                    return
+                if time.monotonic() > end:
+                    self._note(f"TIMEOUT step={n}")
+                    return
+                time.sleep(0.01)
+            self._note(f"STEPPED round={k} step={n}")
+        if self.nap:
+            time.sleep(self.nap)
 
     def lines(self) -> list[str]:
         return self.log.read_text().splitlines()
@@ -206,9 +200,9 @@ def dump_args(
 
 def dump_env(e2e: E2E, hook: Hook | None = None, fault: str | None = None) -> dict[str, str]:
     env = e2e.env()
-    env.pop("CKPT_TEST_ROUND_CMD", None)
+    env.pop("CKPT_TEST_ROUND_SOCKET", None)
     if hook is not None:
-        env["CKPT_TEST_ROUND_CMD"] = hook.cmd
+        env.update(hook.env())
     if fault is not None:
         env["CKPT_FAULT"] = fault
     return env

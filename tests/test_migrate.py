@@ -342,7 +342,7 @@ def test_staged_restore_follows_mutations_between_rounds(e2e, hosts, token):
     w = e2e.spawn("writer", "mib=4", "rate=300", "steps=1", "ballast=16", "report=0")
     hook = Hook(e2e, w, steps=True)
     rcv = Receiver(e2e, hosts, token)
-    env = e2e.env(CKPT_TEST_ROUND_CMD=hook.cmd)
+    env = e2e.env(**hook.env())
     try:
         res, stats = migrate(
             e2e, hosts, token, w.pid, "--max-rounds", str(MUTATION_STEPS + 1),

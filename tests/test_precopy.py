@@ -4,7 +4,7 @@ The target is tests/workloads/writer.c: it keeps rewriting pseudo-random pages
 while ckpt copies rounds, and after a restore proves that every byte of its
 memory is what its own state says it was at the instant of the freeze (each page
 is derived from a seed, its number and a version counter kept in the process's
-own memory). `CKPT_TEST_ROUND_CMD` runs a hook after each pre-copy round (see
+own memory). `CKPT_TEST_ROUND_SOCKET` reports each pre-copy round to a hook (see
 precopy_helpers.HOOK_SH): it makes the writer apply its next memory mutation
 between two rounds, naps so the writer dirties pages, or kills the target.
 

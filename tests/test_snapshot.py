@@ -35,9 +35,9 @@ import itertools
 import json
 import os
 import random
-import shlex
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -48,6 +48,7 @@ from helpers import (
     POLL,
     Ident,
     Result,
+    RoundHook,
     Workload,
     assert_error,
     copies,
@@ -575,14 +576,6 @@ def test_snapshot_killed_at_random_moments(e2e):
 
 # ---------------------------------------------------------------- 4. concurrency
 
-HOLD_SH = r"""#!/bin/sh
-# CKPT_TEST_ROUND_CMD: hold the snapshot (and its store lock) after a round until
-# the test creates $1/release (bounded: 120 s)
-touch "$1/holding"
-i=0
-while [ ! -e "$1/release" ] && [ $i -lt 6000 ]; do sleep 0.02; i=$((i + 1)); done
-"""
-
 
 def _holds_open(pid: int, path: Path) -> bool:
     try:
@@ -599,15 +592,17 @@ def test_concurrent_snapshot_is_busy_or_waits(e2e):
     pid = w.pid
     store = e2e.path("store")
     s1, _ = snap_ok(e2e, pid, store)
-    hold = e2e.path("hold")
-    hold.mkdir()
-    (hold / "hold.sh").write_text(HOLD_SH)
-    env = e2e.env(
-        CKPT_TEST_ROUND_CMD=f"sh {shlex.quote(str(hold / 'hold.sh'))} {shlex.quote(str(hold))}"
-    )
+    holding, release = threading.Event(), threading.Event()
+
+    def hold(_round: int, _pid: int) -> None:
+        """After a round: keep the snapshot (and its store lock) until released."""
+        holding.set()
+        release.wait(120)
+
+    env = e2e.env(**RoundHook(e2e, hold).env())
     a = e2e.ckpt_bg("snapshot", str(pid), "--store", str(store), env=env)
     try:
-        wait_until(lambda: (hold / "holding").exists() or a.poll() is not None, what="the hold")
+        wait_until(lambda: holding.is_set() or a.poll() is not None, what="the hold")
         assert a.poll() is None, f"the first snapshot ended before its hook ran\n{a.result()}"
         b = snapshot(e2e, pid, store)
         assert_error(b, 14, "busy")
@@ -618,7 +613,7 @@ def test_concurrent_snapshot_is_busy_or_waits(e2e):
         wait_until(lambda: _holds_open(c.pid, lock) or c.poll() is not None, what="--wait to block")
         assert c.poll() is None, f"--wait did not wait for the busy store\n{c.result()}"
     finally:
-        (hold / "release").touch()
+        release.set()
     ra = a.wait()
     assert ra.returncode == 0, str(ra)
     rc = c.wait()
