@@ -100,12 +100,31 @@ class FakeProc:
         return written
 
     def state(self) -> dict:
-        return {
-            "vmas": [{"start": BASE, "present": [[BASE + s * P, n] for s, n in runs(self.present)]}]
-        }
+        """A whole process state (verify checks it as restore does: ckpt/schema.py)."""
+        present = [[BASE + s * P, n] for s, n in runs(self.present)]
+        return fake_state(self.pid, BASE, BASE + self.npages * P, present)
 
     def content(self) -> dict[int, bytes]:
         return {p: self.mem[p] for p in self.present}
+
+
+def fake_state(pid: int, start: int, end: int, present: list[list[int]]) -> dict:
+    """A minimal but valid process state: one thread, one anonymous mapping."""
+    from ckpt.kernel.ptrace import REG_NAMES
+    from ckpt.model import MmFields, ProcessImage, Thread, Vma
+
+    vma = Vma(start=start, end=end, prot=3, shared=False, kind="anon", name="", present=present)
+    thread = Thread(
+        tid=pid, regs=dict.fromkeys(REG_NAMES, 0), xstate=b"", sigmask=0, pending=[],
+        sigaltstack=[0, 2, 0], rseq=None, robust_list=[0, 0], clear_child_tid=0,
+    )  # fmt: skip
+    mm = MmFields(*[0] * 11, auxv=b"", exe=None)
+    return ProcessImage(
+        pid=pid, ppid=1, pgid=pid, sid=pid, comm=b"fake", cmdline=b"fake", exe="/bin/fake",
+        cwd="/", umask=0o22, personality=0, uids=[0] * 4, gids=[0] * 4, groups=[], rlimits={},
+        mm=mm, vmas=[vma], fds=[], sigactions=[], shared_pending=[], itimers=[],
+        posix_timers=[], threads=[thread],
+    ).to_dict()  # fmt: skip
 
 
 def runs(pages) -> list[list[int]]:
@@ -537,9 +556,9 @@ FAULTS = [
 
 
 def assert_intact_after_crash(store: Store, expected, want: set[str], what: str) -> None:
-    have = {s.id for s in store.snapshots()}  # takes the lock: recovery runs first
     with store.lock():
-        pass
+        pass  # the next writer (the exclusive lock) finishes what the killed gc left
+    have = {s.id for s in store.snapshots()}
     assert want <= have, f"kept snapshots lost ({what}): {sorted(want - have)}"
     v = store.verify(deep=True)
     assert v.ok, f"verify after {what}: {v.first_error()}"

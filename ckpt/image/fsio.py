@@ -7,10 +7,12 @@ Doing it once keeps the other modules about the format, not about errno.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+from collections.abc import Iterator
 
-from ..errors import AccessDenied, ImageCorrupt, ImageNotFound, ImageUntrusted
+from ..errors import AccessDenied, ImageCorrupt, ImageNotFound, ImageUntrusted, NoSpace
 from . import trust
 
 FILE_MODE = 0o600  # images hold process memory (keys, passwords): owner only
@@ -77,6 +79,29 @@ def pread_exact(fd: int, n: int, offset: int, path: str, what: str) -> bytes:
         parts.append(b)
         got += len(b)
     return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def no_space(exc: OSError, where: str, what: str) -> NoSpace:
+    """The NoSpace error for ENOSPC/EDQUOT while writing `what` of `where`."""
+    reason = "quota exceeded" if exc.errno == errno.EDQUOT else "no space left on device"
+    return NoSpace(
+        f"{where}: {reason} while writing {what}; nothing was kept there (free some space "
+        "or choose another directory, then run it again)"
+    )
+
+
+@contextlib.contextmanager
+def space_checked(where: str, what: str) -> Iterator[None]:
+    """ENOSPC/EDQUOT inside become NoSpace (exit 18) naming `where` and `what`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in NO_SPACE:
+            raise no_space(exc, where, what) from None
+        raise
 
 
 def create_file(path: str) -> int:

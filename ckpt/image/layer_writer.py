@@ -95,8 +95,10 @@ class LayerWriter:
         chunk_bytes: int,
         max_inflight: int,
         on_close: Callable[[LayerEntry], None],
+        image: str = "",
     ):
         self.layer = layer
+        self._image = image or dirpath  # named by NoSpace errors
         self._dir = dirpath
         self._pool = pool
         self._compressor = compressor
@@ -106,9 +108,10 @@ class LayerWriter:
         self._ident = os.urandom(16)
         self._t0 = time.perf_counter()
         self._pages_path = os.path.join(dirpath, pages_name(layer))
-        self._fd: int | None = fsio.create_file(self._pages_path)
-        # Placeholder header; close() rewrites it with the final payload length.
-        fsio.write_all(self._fd, pack_header(KIND_PAGES, self._ident, layer, 0, 0))
+        with self._space_checked(pages_name(layer)):
+            self._fd: int | None = fsio.create_file(self._pages_path)
+            # Placeholder header; close() rewrites it with the final payload length.
+            fsio.write_all(self._fd, pack_header(KIND_PAGES, self._ident, layer, 0, 0))
         self._pos = 0  # payload bytes reserved so far (pool threads advance it)
         self._pos_lock = threading.Lock()
         self._pending: list = []  # segments of the chunk being filled
@@ -213,8 +216,13 @@ class LayerWriter:
         with self._pos_lock:
             off = self._pos
             self._pos += n
-        fsio.pwrite_all(self._fd, frame, HEADER_LEN + off)
+        with self._space_checked(pages_name(self.layer)):
+            fsio.pwrite_all(self._fd, frame, HEADER_LEN + off)
         return off, n, ulen, crc
+
+    def _space_checked(self, name: str):
+        """A full file system is NoSpace (exit 18) naming the image and the file."""
+        return fsio.space_checked(self._image, name)
 
     def add_zero(self, vaddr: int, npages: int) -> None:
         """Record pages known to be all zero without reading them (e.g. the zero-page PFN)."""
@@ -291,7 +299,8 @@ class LayerWriter:
         with self._pos_lock:
             off = self._pos
             self._pos += len(frame)
-        fsio.pwrite_all(self._fd, frame, HEADER_LEN + off)
+        with self._space_checked(pages_name(self.layer)):
+            fsio.pwrite_all(self._fd, frame, HEADER_LEN + off)
         return off, len(frame), len(data), crc
 
     def _drain_one(self) -> None:
@@ -320,7 +329,9 @@ class LayerWriter:
                 f"layer {self.layer}: page 0x{bad[0] * PAGE_SIZE:x} was added twice; "
                 "a layer must hold each page at most once"
             )
-        fsio.pwrite_all(self._fd, pack_header(KIND_PAGES, self._ident, self.layer, self._pos, 0), 0)
+        with self._space_checked(pages_name(self.layer)):
+            header = pack_header(KIND_PAGES, self._ident, self.layer, self._pos, 0)
+            fsio.pwrite_all(self._fd, header, 0)
         os.close(self._fd)
         self._fd = None
         data_pages = index.data_pages
@@ -335,13 +346,14 @@ class LayerWriter:
             seconds=0.0,
         )
         index.stats = {k: v for k, v in stats.as_dict().items() if k != "seconds"}
-        info: BlobInfo = write_blob(
-            os.path.join(self._dir, index_name(self.layer)),
-            KIND_INDEX,
-            self._ident,
-            self.layer,
-            index.to_obj(),
-        )
+        with self._space_checked(index_name(self.layer)):
+            info: BlobInfo = write_blob(
+                os.path.join(self._dir, index_name(self.layer)),
+                KIND_INDEX,
+                self._ident,
+                self.layer,
+                index.to_obj(),
+            )
         self._closed = True
         self.stats = LayerStats(**{**stats.as_dict(), "seconds": time.perf_counter() - self._t0})
         self._on_close(LayerEntry(self.layer, self._ident, info.length, info.crc, self._pos))

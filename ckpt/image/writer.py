@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -48,6 +50,62 @@ def _check_destination(path: str) -> None:
     raise ImageExists(f"{path}: already exists (choose a new path or remove it)")
 
 
+# DIR.tmp-<writer pid>-<8 hex>: an image being written (renamed to DIR when complete)
+_TMP_NAME = re.compile(r"(?P<base>.+)\.tmp-(?P<pid>[0-9]+)-[0-9a-f]{8}")
+_IMAGE_FILE = re.compile(r"state\.bin|layer-[0-9]{4}\.(index|pages)\.bin|snapshot\.json")
+
+
+def remove_leftovers(parent: str) -> list[str]:
+    """Remove the DIR.tmp-* directories that killed writers left in `parent`.
+
+    A writer holds an flock on its tmp directory from right after making it until it
+    is renamed or removed (the kernel drops it when the writer dies, SIGKILL too), so
+    one whose lock can be taken has no live writer of this ckpt. Removed only if also:
+    its writer's PID runs no ckpt (a ckpt without this lock may still be writing; a
+    PID reused by anything else is not the writer), it is a 0700 directory of ckpt's
+    user, and it holds nothing but image files.
+    """
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        m = _TMP_NAME.fullmatch(name)
+        if m is None:
+            continue
+        path = os.path.join(parent, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # its writer is alive
+            if _runs_ckpt(int(m["pid"])):
+                continue
+            if not all(_IMAGE_FILE.fullmatch(n) for n in os.listdir(fd)):
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _runs_ckpt(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"ckpt" in f.read()
+    except OSError:
+        return False
+
+
 class ImageWriter:
     """Writes one image directory; use as a context manager so failures clean up.
 
@@ -79,8 +137,14 @@ class ImageWriter:
         _check_destination(self.path)
         self.level = DEFAULT_LEVEL if level is None else level
         self.chunk_bytes = chunk_bytes
+        #: DIR.tmp-* directories of killed writers removed from the parent first
+        self.removed_leftovers = remove_leftovers(os.path.dirname(self.path))
         self.tmp_path = f"{self.path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        os.mkdir(self.tmp_path, fsio.DIR_MODE)
+        with fsio.space_checked(self.path, "its directory"):
+            os.mkdir(self.tmp_path, fsio.DIR_MODE)
+        # held until the directory is published or removed: a live writer's mark
+        self._lock_fd = os.open(self.tmp_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         self._done = False  # committed or aborted
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckpt-zstd")
         self._compressor = Compressor(self.level)
@@ -90,7 +154,8 @@ class ImageWriter:
         self._ident = os.urandom(16)
         if base is not None:
             try:
-                self._inherit(os.fspath(base))
+                with fsio.space_checked(self.path, "the layers it shares with its base"):
+                    self._inherit(os.fspath(base))
             except BaseException:
                 self.abort()
                 raise
@@ -123,6 +188,7 @@ class ImageWriter:
             self.chunk_bytes,
             self._max_inflight,
             self._entries.append,
+            image=self.path,
         )
         return self._open
 
@@ -143,7 +209,8 @@ class ImageWriter:
         if self._open is not None and self._open.stats is None:
             raise RuntimeError(f"layer {self._open.layer} is still open: close it before commit")
         try:
-            self._commit(state, meta or {})
+            with fsio.space_checked(self.path, "its state"):
+                self._commit(state, meta or {})
         except BaseException:
             self.abort()
             raise
@@ -199,8 +266,14 @@ class ImageWriter:
                 raise ImageExists(f"{self.path}: appeared while the image was written") from None
             raise
         self._done = True
+        self._unlock()
         if self.durable:
             fsio.fsync_path(os.path.dirname(self.path))
+
+    def _unlock(self) -> None:
+        fd, self._lock_fd = getattr(self, "_lock_fd", -1), -1
+        if fd >= 0:
+            os.close(fd)
 
     def abort(self) -> None:
         """Drop everything written so far (idempotent; a no-op after commit)."""
@@ -211,6 +284,7 @@ class ImageWriter:
             self._open.discard()
         self._pool.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(self.tmp_path, ignore_errors=True)
+        self._unlock()
 
     def _check_usable(self) -> None:
         if self._done:

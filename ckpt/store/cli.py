@@ -68,6 +68,8 @@ def snapshots(store: str, pid: int | None, wait_s: float, as_json: bool) -> None
     with st.lock(wait_s, shared=True, op="list"):
         every = st.snapshots()
         used = disk_usage(st.root)
+        if st.unfinished_gc:
+            _status(f"note: {st.unfinished_gc_note()}")
     snaps = [s for s in every if pid is None or s.pid == pid]
     if as_json:
         out = {"store": st.root, "bytes_on_disk": used, "snapshots": [s.to_json() for s in snaps]}

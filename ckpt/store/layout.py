@@ -64,25 +64,30 @@ def write_json_atomic(path: str, obj: Any) -> None:
     """tmp + fsync + rename + fsync(dir): readers see the old file or the new one, whole."""
     data = json.dumps(obj, indent=1, sort_keys=True, default=str).encode() + b"\n"
     tmp = f"{path}.tmp-{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, fsio.FILE_MODE)
-    try:
-        fsio.write_all(fd, data)
-        os.fsync(fd)
-    finally:
+    with fsio.space_checked(os.path.dirname(path), os.path.basename(path)):
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, fsio.FILE_MODE)
+        try:
+            fsio.write_all(fd, data)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
         os.close(fd)
-    os.rename(tmp, path)
-    fsio.fsync_path(os.path.dirname(path))
+        os.rename(tmp, path)
+        fsio.fsync_path(os.path.dirname(path))
 
 
 def write_json_new(path: str, obj: Any) -> None:
     """Write a JSON file in a directory that is not published yet (fsync, no rename)."""
     data = json.dumps(obj, indent=1, sort_keys=True, default=str).encode() + b"\n"
-    fd = fsio.create_file(path)
-    try:
-        fsio.write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with fsio.space_checked(os.path.dirname(path), os.path.basename(path)):
+        fd = fsio.create_file(path)
+        try:
+            fsio.write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def disk_usage(root: str) -> int:

@@ -132,17 +132,25 @@ class Store:
         try:
             if not shared:
                 self.recover()
-            elif os.path.exists(os.path.join(self.root, layout.JOURNAL)):
-                # a gc died mid-swap: finish it before reading (needs the exclusive lock)
-                self._lock.convert(False, wait, op or "recovery")
-                try:
-                    self.recover()
-                finally:
-                    self._lock.convert(True, wait, op)
+            # a reader never changes the store: a gc that died mid-swap is finished by
+            # the next writer (snapshot, gc, compact); until then `unfinished_gc` says so
             yield self
         finally:
             self._depth = 0
             self._lock.release()
+
+    @property
+    def unfinished_gc(self) -> bool:
+        """A gc was killed after deciding (journal.json): some snapshots it removes are
+        still listed, and one it was swapping may be missing until a writer finishes it."""
+        return os.path.exists(os.path.join(self.root, layout.JOURNAL))
+
+    def unfinished_gc_note(self) -> str:
+        return (
+            f"an interrupted gc left {layout.JOURNAL} in {self.root}: the list may still show "
+            "snapshots it removes, or miss one it was rewriting; the next snapshot, gc or "
+            f"compact finishes it (`ckpt compact {self.root} --dry-run` changes nothing else)"
+        )
 
     @property
     def locked(self) -> bool:
@@ -205,7 +213,7 @@ class Store:
         snaps = self.snapshots(pid)
         whose = f" of pid {pid}" if pid is not None else ""
         if not snaps:
-            raise ImageNotFound(f"store {self.root} has no snapshots{whose}")
+            raise ImageNotFound(f"store {self.root} has no snapshots{whose}{self._gc_hint()}")
         if at is None or at in ("", "latest"):
             return snaps[-1]
         if timespec.looks_like_time(at):
@@ -228,8 +236,11 @@ class Store:
             raise UsageError(f"snapshot id prefix {at!r} is ambiguous: {shown}")
         raise ImageNotFound(
             f"store {self.root} has no snapshot {at!r}{whose} (ids look like {snaps[-1].id}; "
-            "times like 2026-11-25T23:18 or -1h)"
+            f"times like 2026-11-25T23:18 or -1h){self._gc_hint()}"
         )
+
+    def _gc_hint(self) -> str:
+        return f"; {self.unfinished_gc_note()}" if self.unfinished_gc else ""
 
     def path_of(self, info: SnapshotInfo) -> str:
         """The snapshot's image directory (what ImageReader / restore take)."""

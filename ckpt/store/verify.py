@@ -20,6 +20,7 @@ from ..errors import CkptError
 from ..image import LayerReader
 from ..image.runs import resolve
 from ..kernel.native import PAGE_SIZE
+from ..model import ProcessImage
 from . import layout
 from .chain import bounded_map, union
 from .images import Envelope, LayerCache, missing_pages, read_envelope
@@ -92,6 +93,8 @@ def run(store: Store, deep: bool = False, threads: int = 2) -> VerifyReport:
     for name in sorted(os.listdir(snap_dir)):
         if layout.parse_id(name) is None:
             rep.problems.append(f"{os.path.join(snap_dir, name)}: not a snapshot (unexpected name)")
+    if store.unfinished_gc:
+        rep.notes.append(store.unfinished_gc_note())
     leftovers = os.listdir(os.path.join(store.root, layout.TMP))
     if leftovers:
         rep.notes.append(
@@ -120,6 +123,12 @@ def _check_one(info, chk, cache, damaged, rep, deep: bool, threads: int) -> None
         chain = cache.chain(env)
     except CkptError as exc:
         chk.errors.append(str(exc))
+        chk.restorable = False
+        return
+    try:  # the validation restore runs (ckpt/schema.py), before anything reads the state
+        ProcessImage.from_dict(env.state)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        chk.errors.append(f"process state is malformed ({exc})")
         chk.restorable = False
         return
     if not info.error and len(chain) != info.layers:
