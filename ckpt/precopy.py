@@ -155,7 +155,7 @@ class Member:
     gone: bool = False
 
     def open(self) -> None:
-        self.pm_fd = os.open(f"/proc/{self.target.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        self.pm_fd = procfs.open_file(self.target.pid, "pagemap", os.O_RDONLY)
         self.copier = PageCopier(self.target.pid, slot_base(self.space))
 
     def close(self) -> None:
@@ -185,7 +185,7 @@ class Precopy:
         self.policy = policy
         self.progress = progress
         self.stats = PrecopyStats(tracker=tracker.name)
-        self.pm_fd = os.open(f"/proc/{target.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        self.pm_fd = procfs.open_file(target.pid, "pagemap", os.O_RDONLY)
         self.zero_pfn = native.zero_pfn()
         self.copier = PageCopier(target.pid)
         self.bytes_stored = 0

@@ -218,7 +218,7 @@ def spec_controls() -> tuple[bool, ...]:
 def _cpuid_faulting() -> bool:
     """ARCH_SET_CPUID works only where the CPU can fault on cpuid."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(procfs.system("cpuinfo")) as f:
             for line in f:
                 if line.startswith("flags"):
                     return "cpuid_fault" in line.split()

@@ -423,11 +423,11 @@ def _capture_final(
         start_stack=st.start_stack, arg_start=st.arg_start, arg_end=st.arg_end,
         env_start=st.env_start, env_end=st.env_end,
         auxv=auxv_bytes(procfs.read_bytes(pid, "auxv")),
-        exe=file_ref(exe, os.stat(f"/proc/{pid}/exe")),
+        exe=file_ref(exe, os.stat(procfs.path(pid, "exe"))),
     )  # fmt: skip
 
     # the last pages: written since the previous round (everything, without pre-copy)
-    pm_fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    pm_fd = procfs.open_file(pid, "pagemap", os.O_RDONLY)
     copier = PageCopier(pid, base)
     try:
         zpfn = native.zero_pfn()

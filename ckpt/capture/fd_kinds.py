@@ -194,8 +194,8 @@ def _pipes(scan: FdScan, recs: list[Fd]) -> None:
     for recs_of in groups.values():
         first = recs_of[0]
         kind = first.kind
-        st = os.stat(f"/proc/{scan.pid}/fd/{first.fd}")
-        link = os.readlink(f"/proc/{scan.pid}/fd/{first.fd}")
+        st = os.stat(procfs.fd_path(scan.pid, first.fd))
+        link = os.readlink(procfs.fd_path(scan.pid, first.fd))
         mates = scan.tree if kind == "pipe" else frozenset()
         others = fdobjs.holders(st.st_dev, st.st_ino, link, {scan.pid, os.getpid(), *mates})
         if others and kind == "pipe" and all(r.fd in STDIO for r in recs_of):
@@ -222,7 +222,7 @@ def _pipes(scan: FdScan, recs: list[Fd]) -> None:
             copy = scan.getfd(readable.fd)
         elif kind == "fifo":  # only writers here: peek through a reader of our own
             copy = os.open(
-                f"/proc/{scan.pid}/fd/{first.fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+                procfs.fd_path(scan.pid, first.fd), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
             )
         if copy < 0:  # a pipe whose read end is closed: its data can never be read
             copy = scan.getfd(first.fd)
@@ -273,7 +273,7 @@ def _memfds(scan: FdScan, out: list[Fd], maps: list[procfs.Mapping]) -> None:
         if f.kind == "memfd" and f.obj_id not in first:
             first[f.obj_id] = f
             name = f.path[len(MEMFD_PREFIX) : -len(DELETED)]
-            f.memfd = _memfd_state(scan, f.fd, name, f"/proc/{scan.pid}/fd/{f.fd}")
+            f.memfd = _memfd_state(scan, f.fd, name, procfs.fd_path(scan.pid, f.fd))
     for m in maps:
         if not (m.deleted and m.name.startswith(MEMFD_PREFIX) and m.inode):
             continue
@@ -282,7 +282,7 @@ def _memfds(scan: FdScan, out: list[Fd], maps: list[procfs.Mapping]) -> None:
             name = m.name[len(MEMFD_PREFIX) :]
             rec = Fd(fd=-1, kind="memfd", path=m.name + DELETED, flags=O_RDWR, cloexec=True,
                      pos=0, obj_id=m.inode)  # fmt: skip
-            where = f"/proc/{scan.pid}/map_files/{m.start:x}-{m.end:x}"
+            where = procfs.map_file(scan.pid, m.start, m.end)
             rec.memfd = _memfd_state(scan, -1, name, where, m.start)
             first[m.inode] = rec
             out.append(rec)

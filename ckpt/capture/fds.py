@@ -55,7 +55,7 @@ def _capture(
             continue
         try:
             target = procfs.readlink(pid, "fd", str(fd))
-            st = os.stat(f"/proc/{pid}/fd/{fd}")
+            st = os.stat(procfs.fd_path(pid, fd))
             raw = procfs.read_bytes(pid, "fdinfo", str(fd))
             info = procfs.parse_fdinfo(raw)
         except FileNotFoundError as exc:  # closed while we looked (cannot happen when stopped)

@@ -119,7 +119,7 @@ def _socket_fds(pid: int) -> dict[int, int]:
         return out
     for fd in fds:
         try:
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            link = os.readlink(procfs.fd_path(pid, fd))
         except OSError:
             continue
         if link.startswith("socket:["):

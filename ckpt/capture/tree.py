@@ -37,12 +37,12 @@ def children(pid: int) -> list[int]:
     """Direct children of every thread of pid."""
     out: list[int] = []
     try:
-        tids = os.listdir(f"/proc/{pid}/task")
+        tids = os.listdir(procfs.path(pid, "task"))
     except FileNotFoundError:
         return out
     for tid in tids:
         try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
+            with open(procfs.path(pid, "task", tid, "children")) as f:
                 out += [int(x) for x in f.read().split()]
         except (FileNotFoundError, ProcessLookupError):
             continue
@@ -100,7 +100,7 @@ def check_member(pid: int, root: int, *, frozen: bool = False) -> bool:
 
 def _tasks(pid: int) -> list[int]:
     try:
-        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+        return sorted(int(t) for t in os.listdir(procfs.path(pid, "task")))
     except FileNotFoundError:
         return []
 
@@ -228,7 +228,7 @@ def _link_fds(procs: list[ProcessImage]) -> None:
             if fd.kind in ("dup", "memfd") or fd.fd < 0:  # memfds: _link_memfds
                 continue
             try:
-                st = os.stat(f"/proc/{p.pid}/fd/{fd.fd}")
+                st = os.stat(procfs.fd_path(p.pid, fd.fd))
             except OSError:
                 continue
             key = (st.st_dev, st.st_ino)

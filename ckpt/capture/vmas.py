@@ -7,7 +7,7 @@ import re
 import stat as statmod
 
 from ..errors import UnsupportedProcess
-from ..kernel import sysvshm
+from ..kernel import procfs, sysvshm
 from ..kernel.native import PAGE_SIZE as PAGE
 from ..kernel.procfs import Mapping
 from ..model import FileRef, SysvShm, Vma
@@ -62,7 +62,7 @@ def classify(pid: int, m: Mapping) -> Vma | None:
         )
     if name.startswith("/"):
         try:
-            st = os.stat(f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}")
+            st = os.stat(procfs.map_file(pid, m.start, m.end))
         except OSError as exc:
             raise UnsupportedProcess(
                 f"{where}: cannot stat mapped file: {exc.strerror}", pid=pid

@@ -22,8 +22,38 @@ class ProcParseError(ValueError):
     """A /proc file did not have the format we rely on."""
 
 
-def path(pid: int, *parts: str) -> str:
+# /proc as the processes ckpt injects into see it (paths handed to an injected openat):
+# never redirected, unlike PROC_ROOT, which is ckpt's own view (fake trees in tests)
+TARGET_PROC = "/proc"
+
+
+def path(pid: int | str, *parts: str) -> str:
     return os.path.join(PROC_ROOT, str(pid), *parts)
+
+
+def fd_path(pid: int, fd: int) -> str:
+    """/proc/PID/fd/N: the magic link to the open file itself."""
+    return path(pid, "fd", str(fd))
+
+
+def map_file(pid: int, start: int, end: int) -> str:
+    """/proc/PID/map_files/START-END: the file a mapping maps (opened as that file)."""
+    return path(pid, "map_files", f"{start:x}-{end:x}")
+
+
+def system(*parts: str) -> str:
+    """A file of /proc that is not a process's (cpuinfo, sys/kernel/...)."""
+    return os.path.join(PROC_ROOT, *parts)
+
+
+def open_file(pid: int, name: str, flags: int) -> int:
+    """An fd on /proc/PID/<name> (mem, pagemap, clear_refs…), close-on-exec."""
+    return os.open(path(pid, name), flags | os.O_CLOEXEC)
+
+
+def in_target(*parts: str | int) -> str:
+    """A /proc path for a process ckpt injects into, e.g. in_target("self", "fd", 5)."""
+    return "/".join([TARGET_PROC, *(str(p) for p in parts)])
 
 
 def read_bytes(pid: int, *parts: str) -> bytes:

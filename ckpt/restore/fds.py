@@ -22,7 +22,7 @@ import stat as statmod
 import struct
 
 from ..errors import FileChanged, RestoreError
-from ..kernel import fdobjs
+from ..kernel import fdobjs, procfs
 from ..kernel.pidfd import pidfd_getfd, pidfd_open
 from ..kernel.remote import Injector, RemoteError
 from ..model import Fd, ProcessImage
@@ -101,7 +101,7 @@ def create_memfds(
             tmp = inj.call("memfd_create", inj.cstr(m.name), MFD_ALLOW_SEALING)
             _place(inj, tmp, holder, True)
             content = fdobjs.FileContent(size=m.size, mode=m.mode, seals=0, extents=m.extents)
-            fdobjs.write_sparse(f"/proc/{inj.tracee.pid}/fd/{holder}", content)
+            fdobjs.write_sparse(procfs.fd_path(inj.tracee.pid, holder), content)
         except OSError as exc:
             raise RestoreError(f"cannot re-create memfd {m.name}: {exc.strerror}") from exc
 
@@ -249,7 +249,7 @@ def _memfd(ctx: _Ctx, fd: Fd) -> None:
     """A new open file description of the memfd made in create_memfds."""
     inj = ctx.inj
     flags = fd.flags & ~(O_CREAT | O_EXCL | O_TRUNC | O_CLOEXEC)
-    path = f"/proc/self/fd/{ctx.holders[fd.obj_id]}"
+    path = procfs.in_target("self", "fd", ctx.holders[fd.obj_id])
     tmp = inj.call("openat", _u(AT_FDCWD), inj.cstr(path), flags, 0)
     _place(inj, tmp, fd.fd, fd.cloexec)
     inj.call("lseek", fd.fd, fd.pos, 0)
@@ -309,7 +309,7 @@ def _fifo(ctx: _Ctx, fd: Fd) -> None:
     helper = ctx.spare_fd(tmp)
     _fill_pipe(ctx, first, helper, helper)
     inj.reset_data()
-    path = inj.cstr(f"/proc/self/fd/{helper}")  # this FIFO, whatever its name is now
+    path = inj.cstr(procfs.in_target("self", "fd", helper))  # this FIFO, whatever its name is now
     for rec in recs:
         flags = rec.flags & ~(O_CREAT | O_EXCL | O_TRUNC | O_CLOEXEC)
         _place(inj, inj.call("openat", _u(AT_FDCWD), path, flags, 0), rec.fd, rec.cloexec)

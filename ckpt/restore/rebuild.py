@@ -73,7 +73,7 @@ class Rebuilder:
             self.tracee = tracee
             self.tracee.set_options(PTRACE_O_TRACESYSGOOD | PTRACE_O_EXITKILL)
         template = self.tracee.getregs()
-        self.mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        self.mem_fd = procfs.open_file(pid, "mem", os.O_RDWR)
         self.inj = Injector(self.tracee, template, self.mem_fd)
         self.inj.use(pause_syscall_addr())
         self.tracee.set_sigmask(INJECT_MASK)
@@ -277,7 +277,7 @@ class Rebuilder:
                 path = (
                     v.file.path
                     if v.kind == "file"
-                    else f"/proc/self/fd/{memfd_fd_for(self.proc, v.start)}"
+                    else procfs.in_target("self", "fd", memfd_fd_for(self.proc, v.start))
                 )
                 self._map_path(v, prot0, flags, path, mode, v.file if v.kind == "file" else None)
                 continue
@@ -384,7 +384,7 @@ class Rebuilder:
         """Map the object that process `pid` maps at [start, end), at v's place."""
         inj = self.inj
         inj.reset_data()
-        path = f"/proc/{pid}/map_files/{start:x}-{end:x}"
+        path = procfs.in_target(pid, "map_files", f"{start:x}-{end:x}")
         try:
             fd = inj.call("openat", _u(AT_FDCWD), inj.cstr(path), mode | O_CLOEXEC, 0)
         except RemoteError as exc:
@@ -477,7 +477,7 @@ class Rebuilder:
         # The kernel refuses a new exe while the old one is still mapped (EBUSY);
         # when the image maps the restorer's own executable, it already is the exe.
         exe_fd = -1
-        if not _same_file(f"/proc/{self.pid}/exe", exe_path):
+        if not _same_file(procfs.path(self.pid, "exe"), exe_path):
             flags = O_RDONLY | O_CLOEXEC
             exe_fd = (
                 open_checked(inj, exe_path, flags, "executable", ref=mm.exe, fmt=S_IFREG)

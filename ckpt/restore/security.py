@@ -27,7 +27,7 @@ import struct
 from dataclasses import dataclass
 
 from ..errors import ImageCorrupt, RestoreError
-from ..kernel import cgroups, creds, seccomp
+from ..kernel import cgroups, creds, procfs, seccomp
 from ..kernel.ptrace import PTRACE_O_EXITKILL, PTRACE_O_TRACESYSGOOD
 from ..kernel.remote import Injector, RemoteError
 from ..model import Creds, ProcessImage, SecurityContext
@@ -174,7 +174,9 @@ def restore_files_context(rb) -> None:
         inj.reset_data()
         text = str(sec.loginuid).encode()
         try:
-            fd = inj.call("openat", _u(AT_FDCWD), inj.cstr("/proc/self/loginuid"), O_WRONLY, 0)
+            fd = inj.call(
+                "openat", _u(AT_FDCWD), inj.cstr(procfs.in_target("self", "loginuid")), O_WRONLY, 0
+            )
             try:
                 inj.call("write", fd, inj.put(text), len(text))
             finally:

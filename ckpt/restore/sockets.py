@@ -36,8 +36,8 @@ import socket
 import struct
 
 from ..errors import RestoreError
+from ..kernel import procfs, tcp_repair
 from ..kernel import sockets as ks
-from ..kernel import tcp_repair
 from ..kernel.fsident import as_fs_user
 from ..kernel.remote import RemoteError
 from ..model import Fd, Socket
@@ -497,7 +497,7 @@ class _Sockets:
         reaches it from there), an absolute one as it is."""
         if name[:1] in (b"\0", b"/"):
             return name
-        via = os.fsencode(f"/proc/{self.inj.tracee.pid}/cwd/") + name
+        via = os.fsencode(procfs.path(self.inj.tracee.pid, "cwd") + "/") + name
         return via if self.cwd_set and len(via) < 108 else os.fsencode(self.path_of(name))
 
     def as_process(self, name: bytes):

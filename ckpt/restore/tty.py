@@ -24,6 +24,7 @@ import signal
 import stat as statmod
 
 from ..errors import NoTerminal, RestoreError, UsageError
+from ..kernel import procfs
 from ..kernel import tty as ktty
 from ..kernel.remote import Injector
 from ..model import Fd, ProcessImage
@@ -70,7 +71,7 @@ class Terminal:
     @property
     def path(self) -> str:
         """Where a restored process opens the terminal: exactly the one ckpt holds."""
-        return f"/proc/{os.getpid()}/fd/{self.fd}"
+        return procfs.fd_path(os.getpid(), self.fd)
 
     def hand_over(self, pgid: int, modes: bytes | None) -> None:
         """The job's modes on the terminal, then its group in the foreground."""

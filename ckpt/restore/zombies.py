@@ -40,6 +40,7 @@ import tempfile
 from dataclasses import dataclass
 
 from ..errors import ImageCorrupt, RestoreError
+from ..kernel import procfs
 from ..kernel.ptrace import PTRACE_O_EXITKILL, PTRACE_O_TRACESYSGOOD, Tracee
 from ..kernel.remote import Injector, RemoteError
 from ..model import ProcessImage, Zombie
@@ -53,7 +54,7 @@ SIGCHLD = 17
 RLIMIT_CORE = 4
 RSEQ_FLAG_UNREGISTER = 1
 TASK_SIZE = 0x7FFFFFFFF000
-CORE_PATTERN = "/proc/sys/kernel/core_pattern"
+CORE_PATTERN = ("sys", "kernel", "core_pattern")  # under /proc: procfs.system(*CORE_PATTERN)
 MIN_CORE = 1 << 20  # a core of the scratch area alone is far smaller
 DEATH_TIMEOUT = 30.0  # seconds for a zombie to die once let go (it runs one instruction)
 
@@ -91,7 +92,7 @@ def _check_core(z: Zombie) -> None:
     why = ""
     pattern = _core_pattern()
     if pattern is None:
-        why = f"{CORE_PATTERN} is unreadable"
+        why = f"{procfs.system(*CORE_PATTERN)} is unreadable"
     elif not pattern or pattern[0] in "|@" or "/" in pattern:
         why = f"this host's core_pattern is {pattern!r}, not a plain file name"
     else:
@@ -108,7 +109,7 @@ def _check_core(z: Zombie) -> None:
 
 def _core_pattern() -> str | None:
     try:
-        with open(CORE_PATTERN) as f:
+        with open(procfs.system(*CORE_PATTERN)) as f:
             return f.read().strip()
     except OSError:
         return None
@@ -137,7 +138,7 @@ def fork(parent, z: Zombie, new_pid: bool) -> Made:
     mem_fd = -1
     try:
         tr.set_options(PTRACE_O_TRACESYSGOOD | PTRACE_O_EXITKILL)
-        mem_fd = os.open(f"/proc/{tr.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        mem_fd = procfs.open_file(tr.pid, "mem", os.O_RDWR)
         inj = Injector(tr, tr.getregs(), mem_fd)
         inj.scratch = parent.inj.scratch  # inherited at the same address
         inj.use(parent.inj.scratch.addr)

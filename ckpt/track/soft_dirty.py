@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from ..kernel import native
+from ..kernel import native, procfs
 from ..kernel.memory import SOFT_DIRTY, pagemap_runs
 from ..kernel.procfs import Mapping
 from ..kernel.remote import Injector
@@ -25,12 +25,12 @@ class SoftDirtyTracker(Tracker):
     def __init__(self, pid: int):
         super().__init__(pid)
         self.armed = False
-        self.pm_fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        self.pm_fd = procfs.open_file(pid, "pagemap", os.O_RDONLY)
         self.zero_pfn = native.zero_pfn()
         self.include_file: dict[int, bool] = {}
 
     def _clear(self) -> None:
-        with open(f"/proc/{self.pid}/clear_refs", "w") as f:
+        with open(procfs.path(self.pid, "clear_refs"), "w") as f:
             f.write("4")
 
     def arm(self, inj: Injector) -> None:

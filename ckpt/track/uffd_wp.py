@@ -13,6 +13,7 @@ import errno
 import os
 from dataclasses import dataclass
 
+from ..kernel import procfs
 from ..kernel.procfs import Mapping
 from ..kernel.remote import Injector
 from ..kernel.uffd import TRACKING_UFFD_FLAGS, ScanError, WpAsyncContext
@@ -78,7 +79,7 @@ class UffdWpTracker(Tracker):
 
     def reattach(self, h: Handle) -> str | None:
         """Take the target's tracking uffd again; None on success, else why not."""
-        link = f"/proc/{self.pid}/fd/{h.fd}"
+        link = procfs.fd_path(self.pid, h.fd)
         try:
             if os.readlink(link) != "anon_inode:[userfaultfd]" or os.stat(link).st_ino != h.ino:
                 return f"the process no longer holds ckpt's tracking fd {h.fd}"
