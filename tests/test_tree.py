@@ -13,12 +13,12 @@ import resource
 import signal
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import pytest
 from helpers import (
+    RoundHook,
     assert_error,
     assert_no_process,
     dir_digest,
@@ -214,7 +214,10 @@ def test_zombie_between_precopy_rounds(e2e):
     zlate = int(w.ready["zlate"])
     kids = members(w)
 
+    rounds = []
+
     def kill_zlate(k: int, _pid: int) -> None:
+        rounds.append(k)
         if k == 0:  # zlate dies between rounds 0 and 1
             os.kill(zlate, signal.SIGUSR1)
             wait_until(lambda: proc_state(zlate) == "Z", 30, "zlate to be a zombie")
@@ -222,9 +225,9 @@ def test_zombie_between_precopy_rounds(e2e):
     image = e2e.path("img")
     stats = e2e.path("stats.json")
     res = e2e.dump(w.pid, image, "--iterative", "--max-rounds", "3", "--stats-json", str(stats),
-                   env=e2e.env(**round_hook(e2e, kill_zlate)))  # fmt: skip
+                   env=e2e.env(**RoundHook(e2e, kill_zlate).env()))  # fmt: skip
     assert res.returncode == 0, str(res)
-    assert kill_zlate.ran, "the round hook did not run"
+    assert rounds[:1] == [0], f"the round hook ran after rounds {rounds}"
     assert w.reap() == -signal.SIGKILL
     assert len(json.loads(stats.read_text())["rounds"]) >= 1
     want = image_zombies(e2e, str(image))
@@ -236,43 +239,6 @@ def test_zombie_between_precopy_rounds(e2e):
     v = e2e.verify(w, w.pid, signal.SIGUSR2)
     assert v.ok, v.line
     assert bg.wait(60).returncode == 0
-
-
-def round_hook(e2e, fn) -> dict[str, str]:
-    """Environment for a dump that runs fn(round, pid) here after each pre-copy round
-    and sets fn.ran: through helpers.RoundHook (ckpt reports rounds on a unix socket)
-    where it exists, else through CKPT_TEST_ROUND_CMD (a command that reports through a
-    FIFO and waits for the answer)."""
-
-    def ran(k: int, pid: int) -> None:
-        fn.ran = True
-        fn(k, pid)
-
-    fn.ran = False
-    import helpers
-
-    if hasattr(helpers, "RoundHook"):
-        return helpers.RoundHook(e2e, ran).env()
-    d = e2e.path("roundhook")
-    d.mkdir()
-    ask, answer = d / "ask", d / "answer"
-    os.mkfifo(ask)
-    os.mkfifo(answer)
-
-    def serve() -> None:
-        while True:
-            with open(ask) as f:
-                line = f.read().split()
-            if not line:
-                return
-            try:
-                ran(int(line[0]), int(line[1]))
-            finally:
-                with open(answer, "w") as f:
-                    f.write("k")
-
-    threading.Thread(target=serve, daemon=True).start()
-    return {"CKPT_TEST_ROUND_CMD": f'echo "$CKPT_ROUND $CKPT_PID" > {ask}; cat {answer}'}
 
 
 def test_zombie_snapshots(e2e):
