@@ -228,9 +228,11 @@ def _prepare_core(m: Made) -> str:
     d = tempfile.mkdtemp(prefix=f"ckpt-core-{z.pid}-")
     uid = z.uids[3] if len(z.uids) == 4 else os.getuid()
     gid = z.gids[3] if len(z.gids) == 4 else os.getgid()
-    os.chown(d, uid, gid)
     inj.reset_data()
+    # entered while only root can change it: once it is the user's, the user could
+    # rename it away and put a symlink at its name (docs/SECURITY.md)
     inj.call("chdir", inj.cstr(d))
+    os.chown(d, uid, gid)
     old = inj.alloc(16)
     inj.call("prlimit64", 0, RLIMIT_CORE, 0, old)
     _, hard = struct.unpack("<QQ", inj.read(old, 16))
