@@ -46,8 +46,15 @@ def _u(v: int) -> int:
 # ---------------------------------------------------------------- opening
 
 
+# openat2 refuses flag bits it does not know (openat ignores them); fdinfo's flags may
+# carry kernel-internal ones (__FMODE_*): only these are passed on
+VALID_OPEN_FLAGS = 0o37777703
+O_PATH_FLAGS = O_PATH | O_DIRECTORY | 0o400000 | O_CLOEXEC  # | O_NOFOLLOW
+
+
 def open_resolved(inj: Injector, path: str, flags: int) -> int:
     """openat2(AT_FDCWD, path, flags, RESOLVE_NO_SYMLINKS) in the restorer: its fd."""
+    flags &= O_PATH_FLAGS if flags & O_PATH else VALID_OPEN_FLAGS
     p = inj.cstr(path)
     how = inj.put(open_how(flags, 0, RESOLVE_NO_SYMLINKS))
     return inj.call_nr(SYS_OPENAT2, _u(AT_FDCWD), p, how, OPEN_HOW_SIZE, name="openat2")
