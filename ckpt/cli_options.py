@@ -38,7 +38,10 @@ max_time_option = click.option(
     help=f"Seconds of pre-copy at most [default: {DEFAULT_MAX_TIME:g}].",
 )
 level_option = click.option(
-    "--level", type=click.IntRange(1, 19), default=None, help="zstd level (default: fast)."
+    "--level",
+    type=click.IntRange(0, 19),
+    default=None,
+    help="zstd level 1-19, or 0 to store pages uncompressed [default: 1].",
 )
 tcp_established_option = click.option(
     "--tcp-established",

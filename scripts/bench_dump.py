@@ -1,12 +1,23 @@
 #!/usr/bin/env python3
-"""Benchmark: full dump and restore of 256 MiB and 1 GiB processes.
+"""Benchmark: full dump and restore against the machine's own limit (issue 12).
 
-For each size it prints dump wall time, freeze time, image bytes (vs raw),
-restore time, and the raw process_vm_readv copy rate measured in the same run
-on the same process, so the numbers can be compared. The restored process
-verifies its own checksum; a FAIL aborts the benchmark.
+For each size, a fresh workload process (workloads/bench_mem.c: half random pages, a
+quarter text-like, a quarter sparse structures) is dumped and restored by:
 
-    python scripts/bench_dump.py [--sizes 256,1024] [--repeat 1]
+  ckpt        default settings (zstd level 1)
+  ckpt -l0    --level 0: compression off (raw zstd blocks)
+  bare        workloads/bare_copy.c: process_vm_readv of the same present pages and
+              write(2) of them, uncompressed, to a file on the same file system, then
+              fsync (ckpt fsyncs its image too); restore: fork a fresh process and
+              process_vm_writev the file's bytes into it
+
+The variants run in turn (A B C A B C …, --repeat times) so that they share the
+machine's mood; the table gives min and median of each, and the median ratio to
+bare. ckpt's times are api.dump / api.restore in this process (no interpreter
+start-up); the restored process checks its own memory (a FAIL aborts).
+
+    python scripts/bench_dump.py [--sizes 256,1024,4096] [--repeat 3] [--dir DIR]
+                                 [--variants ckpt,ckpt-l0,bare]
 """
 
 from __future__ import annotations
@@ -16,20 +27,24 @@ import faulthandler
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+VARIANTS = {"ckpt": 1, "ckpt-l0": 0, "bare": None}
 
 
-def build(tmp: str) -> str:
-    exe = os.path.join(tmp, "bench_mem")
-    subprocess.run(
-        ["gcc", "-O2", "-o", exe, os.path.join(HERE, "workloads", "bench_mem.c")], check=True
-    )
-    return exe
+def build(tmp: str) -> dict[str, str]:
+    out = {}
+    for name in ("bench_mem", "bare_copy"):
+        exe = os.path.join(tmp, name)
+        src = os.path.join(HERE, "workloads", f"{name}.c")
+        subprocess.run(["gcc", "-O2", "-o", exe, src], check=True)
+        out[name] = exe
+    return out
 
 
 def wait_line(path: str, prefix: str, timeout: float = 120) -> str:
@@ -43,58 +58,35 @@ def wait_line(path: str, prefix: str, timeout: float = 120) -> str:
     raise SystemExit(f"timed out waiting for {prefix!r} in {path}")
 
 
-def raw_read_rate(pid: int) -> float:
-    """MB/s of process_vm_readv over the process's anonymous pages (8 MiB batches)."""
-    from ckpt.kernel import native, procfs
-    from ckpt.kernel.memory import pagemap_runs, read_runs
-
-    pm = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
-    mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
-    try:
-        runs = []
-        for m in procfs.maps(pid):
-            if m.name == "" and m.perms.startswith("rw"):
-                runs += pagemap_runs(
-                    pm, m.start, m.end, include_file=False, zero_pfn=native.zero_pfn()
-                )
-        pieces = []
-        for a, n in runs:
-            while n:
-                k = min(n, 2048)
-                pieces.append((a, k))
-                a += k * 4096
-                n -= k
-        buf = bytearray(2048 * 4096)
-        t = time.perf_counter()
-        total = 0
-        for a, n in pieces:
-            read_runs(pid, mem, [(a, n)], buf if n == 2048 else None)
-            total += n * 4096
-        return total / (time.perf_counter() - t) / 1e6
-    finally:
-        os.close(pm)
-        os.close(mem)
-
-
-def run_one(exe: str, mib: int, tmp: str) -> dict:
-    log = os.path.join(tmp, f"w{mib}.log")
-    img = os.path.join(tmp, f"img{mib}")
-    shutil.rmtree(img, ignore_errors=True)
+def _start(exe: str, mib: int, log: str) -> subprocess.Popen:
     with open(log, "w") as lf:
         proc = subprocess.Popen(
             [exe, str(mib)], stdin=subprocess.DEVNULL, stdout=lf, stderr=lf, close_fds=True
         )
+    wait_line(log, "READY")
+    return proc
+
+
+def _size(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+
+
+def run_ckpt(exes: dict, mib: int, tmp: str, level: int) -> dict:
+    from ckpt import api
+
+    log = os.path.join(tmp, f"w{mib}.log")
+    img = os.path.join(tmp, f"img{mib}-{level}")
+    shutil.rmtree(img, ignore_errors=True)
+    proc = _start(exes["bench_mem"], mib, log)
     restored = None
     try:
-        wait_line(log, "READY")
-        rate = raw_read_rate(proc.pid)
-        from ckpt import api
-
         t = time.perf_counter()
-        r = api.dump(proc.pid, img)
+        r = api.dump(proc.pid, img, level=level)
         dump_s = time.perf_counter() - t
         proc.wait()
-        size = sum(os.path.getsize(os.path.join(img, f)) for f in os.listdir(img))
+        size = _size(img)
         t = time.perf_counter()
         res = api.restore(img)
         restore_s = time.perf_counter() - t
@@ -105,11 +97,7 @@ def run_one(exe: str, mib: int, tmp: str) -> dict:
         line = wait_line(log, "VERIFY")
         if status != 0 or "OK" not in line:
             raise SystemExit(f"restored process failed verification: {line}")
-        return {
-            "size": f"{mib} MiB", "dump_s": dump_s, "freeze_ms": r.freeze_ms,
-            "image_mib": size / 2**20, "ratio": size / (mib << 20), "restore_s": restore_s,
-            "readv_mbs": rate,
-        }  # fmt: skip
+        return {"dump": dump_s, "freeze": r.freeze_ms / 1000, "restore": restore_s, "bytes": size}
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -117,6 +105,35 @@ def run_one(exe: str, mib: int, tmp: str) -> dict:
         if restored:
             os.kill(restored, signal.SIGKILL)
             os.waitpid(restored, 0)
+        shutil.rmtree(img, ignore_errors=True)
+
+
+def run_bare(exes: dict, mib: int, tmp: str) -> dict:
+    log = os.path.join(tmp, f"w{mib}.log")
+    out = os.path.join(tmp, f"bare{mib}.bin")
+    proc = _start(exes["bench_mem"], mib, log)
+    try:
+        t = time.perf_counter()
+        subprocess.run([exes["bare_copy"], "dump", str(proc.pid), out], check=True,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+        dump_s = time.perf_counter() - t
+    finally:
+        proc.kill()
+        proc.wait()
+    try:
+        size = _size(out)
+        t = time.perf_counter()
+        subprocess.run([exes["bare_copy"], "restore", out], check=True, stdout=subprocess.DEVNULL)
+        restore_s = time.perf_counter() - t
+    finally:
+        os.unlink(out)
+    return {"dump": dump_s, "freeze": float("nan"), "restore": restore_s, "bytes": size}
+
+
+def _mm(xs: list[float]) -> str:
+    if not xs or xs[0] != xs[0]:
+        return f"{'-':>13}"
+    return f"{min(xs):6.3f}/{statistics.median(xs):6.3f}"
 
 
 def main() -> None:
@@ -124,27 +141,51 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--sizes", default="256,1024")
-    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--sizes", default="256,1024,4096", help="MiB, comma-separated")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--dir", default=None, help="where images go (default: a tmp dir)")
     args = ap.parse_args()
-    tmp = tempfile.mkdtemp(prefix="ckpt-bench-")
+    variants = args.variants.split(",")
+    tmp = tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.dir)
     try:
-        exe = build(tmp)
-        rows = []
+        exes = build(tmp)
+        results: dict[tuple[int, str], list[dict]] = {}
         for mib in [int(s) for s in args.sizes.split(",")]:
-            for _ in range(args.repeat):
-                rows.append(run_one(exe, mib, tmp))
-        hdr = f"{'size':>9} {'dump s':>7} {'freeze ms':>9} {'image MiB':>9} {'ratio':>6} {'restore s':>9} {'raw readv MB/s':>14}"
+            for rep in range(args.repeat):
+                order = variants if rep % 2 == 0 else variants[::-1]
+                for v in order:
+                    if v == "bare":
+                        r = run_bare(exes, mib, tmp)
+                    else:
+                        r = run_ckpt(exes, mib, tmp, VARIANTS[v])
+                    results.setdefault((mib, v), []).append(r)
+                    print(f"# {mib} MiB {v}: dump {r['dump']:.3f} s, restore {r['restore']:.3f} s",
+                          file=sys.stderr, flush=True)  # fmt: skip
+        load = os.getloadavg()[0]
+        print(f"{args.repeat} runs per cell, interleaved; min/median seconds; load avg {load:.1f}")
+        hdr = (
+            f"{'size':>9} {'variant':>8} {'dump s':>13} {'freeze s':>13} {'restore s':>13} "
+            f"{'image':>6} {'dump/bare':>9} {'rest/bare':>9}"
+        )
         print(hdr)
         print("-" * len(hdr))
-        for r in rows:
+        for (mib, v), rs in results.items():
+            bare = results.get((mib, "bare"))
+            d = [r["dump"] for r in rs]
+            rr = [r["restore"] for r in rs]
+            ratio_d = ratio_r = "-"
+            if bare:
+                ratio_d = f"{statistics.median(d) / statistics.median(x['dump'] for x in bare):.2f}"
+                ratio_r = (
+                    f"{statistics.median(rr) / statistics.median(x['restore'] for x in bare):.2f}"
+                )
             print(
-                f"{r['size']:>9} {r['dump_s']:>7.2f} {r['freeze_ms']:>9.0f} {r['image_mib']:>9.1f} "
-                f"{r['ratio']:>6.2f} {r['restore_s']:>9.2f} {r['readv_mbs']:>14.0f}"
+                f"{f'{mib} MiB':>9} {v:>8} {_mm(d)} {_mm([r['freeze'] for r in rs])} {_mm(rr)} "
+                f"{rs[0]['bytes'] / (mib << 20):6.2f} {ratio_d:>9} {ratio_r:>9}"
             )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,8 @@ def write_image(path, layers, state=None, meta=None, mode="run", **kw) -> list:
 
     mode "run": one add_run per run; "bytes"/"bytearray": one add_runs per layer
     with the runs back to back in one buffer (a bytearray is scribbled over after
-    the call, to prove the writer copied what it kept).
+    the call, to prove the writer copied what it kept); "read": add_read, whose
+    callback copies each batch into the writer's own buffer, as a dump reads.
     """
     stats = []
     with ImageWriter(path, **kw) as w:
@@ -67,6 +68,8 @@ def write_image(path, layers, state=None, meta=None, mode="run", **kw) -> list:
             if mode == "run":
                 for vaddr, data in runs:
                     lw.add_run(vaddr, data)
+            elif mode == "read":
+                lw.add_read(sorted((v, len(d) // PAGE) for v, d in runs), _reader(runs))
             else:
                 buf = b"".join(data for _, data in runs)
                 buf = bytearray(buf) if mode == "bytearray" else buf
@@ -76,6 +79,29 @@ def write_image(path, layers, state=None, meta=None, mode="run", **kw) -> list:
             stats.append(lw.close())
         w.commit(state if state is not None else {"pid": 1}, meta or {"note": "test"})
     return stats
+
+
+def _reader(runs, lose=()):
+    """add_read's callback over (vaddr, bytes) runs; the pages of runs in `lose`
+    ((vaddr, npages)) vanish (the writer may hand them over in pieces)."""
+    gone = {a + i * PAGE for a, n in lose for i in range(n)}
+    pages = {}
+    for vaddr, data in runs:
+        for i in range(len(data) // PAGE):
+            pages[vaddr + i * PAGE] = data[i * PAGE : (i + 1) * PAGE]
+
+    def read(batch, view):
+        good, off = [], 0
+        for a, n in batch:
+            if a in gone:
+                continue
+            for i in range(n):
+                view[off : off + PAGE] = pages[a + i * PAGE]
+                off += PAGE
+            good.append((a, n))
+        return good
+
+    return read
 
 
 def read_pages(path, present, threads=2) -> tuple[dict[int, bytes], set[int]]:
@@ -286,6 +312,60 @@ def test_add_runs_back_to_back_buffer(tmp_path, mode):
     }
     with ImageWriter(tmp_path / "j") as w, pytest.raises(ValueError, match="buffer has"):
         w.begin_layer().add_runs([(BASE, 2)], bytes(PAGE))
+
+
+def test_add_read_drops_zero_pages_and_vanished_runs(tmp_path):
+    """add_read: zero pages become zero runs (the data behind them moves down in the
+    writer's buffer), a run the reader could not read is not in the layer, and the
+    chunks are filled across read batches; mixing with add_run seals the buffer."""
+    runs = [
+        (BASE, bytes(PAGE) + page("a") + bytes(2 * PAGE) + page("b")),
+        (BASE + 10 * PAGE, page("gone") * 2),
+        (BASE + 20 * PAGE, page("c") * 3),
+    ]
+    with ImageWriter(tmp_path / "i", chunk_bytes=3 * PAGE) as w:
+        lw = w.begin_layer()
+        got = lw.add_read(
+            [(v, len(d) // PAGE) for v, d in runs], _reader(runs, [(BASE + 10 * PAGE, 2)])
+        )
+        lw.add_run(BASE + 30 * PAGE, page("d"))
+        stats = lw.close()
+        w.commit({}, {})
+    assert got == 8 and (stats.pages_in, stats.zero_pages, stats.data_pages) == (9, 3, 6)
+    data, zero = read_pages(
+        tmp_path / "i", [(BASE, 5), (BASE + 20 * PAGE, 3), (BASE + 30 * PAGE, 1)]
+    )
+    assert zero == {BASE // PAGE + p for p in (0, 2, 3)}
+    assert data == {
+        BASE // PAGE + 1: page("a"),
+        BASE // PAGE + 4: page("b"),
+        **{BASE // PAGE + 20 + i: page("c") for i in range(3)},
+        BASE // PAGE + 30: page("d"),
+    }
+    with ImageReader(tmp_path / "i") as r, pytest.raises(ImageCorrupt, match="no layer"):
+        r.plan([(BASE + 10 * PAGE, 1)])
+
+
+def test_level_0_stores_raw_zstd_frames(tmp_path):
+    """Level 0: chunks are zstd frames of raw blocks (any zstd decoder reads them, so the
+    format is unchanged), the index records the level, and the image reads back."""
+    import zstandard
+
+    from ckpt.image.layer_reader import LayerReader
+
+    blob = os.urandom(PAGE) + page("t") * 40  # compressible, stored as is anyway
+    (stats,) = write_image(tmp_path / "i", [[(BASE, blob)]], level=0, chunk_bytes=64 * PAGE)
+    assert stats.bytes_stored > len(blob)  # header and block headers, nothing saved
+    data, _ = read_pages(tmp_path / "i", [(BASE, 41)])
+    assert b"".join(data[BASE // PAGE + i] for i in range(41)) == blob
+    with ImageReader(tmp_path / "i") as r:
+        lr: LayerReader = r.layers[0]
+        off, clen, _, _ = lr.index.chunks[0]
+        assert lr.index.stats["level"] == 0
+        with open(lr.pages_path, "rb") as f:
+            f.seek(lr._data_offset + off)
+            frame = f.read(clen)
+    assert zstandard.ZstdDecompressor().decompress(frame) == blob
 
 
 def test_writer_rejects_overlap_in_one_layer(tmp_path):
@@ -714,14 +794,15 @@ def build_layers(spec) -> list[list[tuple[int, bytes]]]:
 @given(
     spec=st.lists(layer_runs, min_size=1, max_size=4),
     present=present_runs,
-    mode=st.sampled_from(["run", "bytes", "bytearray"]),
+    mode=st.sampled_from(["run", "bytes", "bytearray", "read"]),
+    level=st.sampled_from([1, 0]),
 )
-def test_image_matches_per_page_reference(tmp_path_factory, spec, present, mode):
+def test_image_matches_per_page_reference(tmp_path_factory, spec, present, mode, level):
     layers = build_layers(spec)
     present = [(BASE + p * PAGE, n) for p, n in present]
     ref = reference(layers, present)
     path = tmp_path_factory.mktemp("p") / "img"
-    write_image(path, layers, chunk_bytes=3 * PAGE, mode=mode)
+    write_image(path, layers, chunk_bytes=3 * PAGE, mode=mode, level=level)
     if any(v is None for v in ref.values()):
         with ImageReader(path) as r, pytest.raises(ImageCorrupt):
             r.plan(present)

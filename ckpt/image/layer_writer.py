@@ -11,6 +11,11 @@ Data path, per add_run():
      (memory stays at ~2 x max_inflight x chunk_bytes).
   4. Finished chunks are appended to pages.bin in chunk order (deterministic
      files, and the index's offsets are known as soon as a chunk lands).
+
+add_read() is the dump's path: the caller's reader fills the writer's own chunk
+buffers (recycled, so never page-faulted again), C drops the zero pages in place,
+and the pool compresses, checksums and writes each full buffer while the next one
+is read; nothing is copied in Python and nothing waits on the GIL.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from concurrent.futures import Executor, Future, wait
 from dataclasses import asdict, dataclass
 
 from ..kernel import native
+from ..kernel.memory import pack_nonzero
 from ..kernel.native import PAGE_SIZE
 from . import fsio
 from .blob import BlobInfo, write_blob
@@ -31,6 +37,39 @@ from .codec import Compressor
 from .header import HEADER_LEN, KIND_INDEX, KIND_PAGES, pack_header
 from .index import LayerIndex
 from .runs import first_overlap
+
+READ_PAGES = 2048  # at most 8 MiB per read callback
+
+
+class BufferPool:
+    """Chunk buffers that outlive a layer (an image writer's rounds share them), so the
+    pages they hold are faulted in once. A writer takes one per chunk; the pool thread
+    that wrote the chunk gives it back. How many exist is bounded by the writers'
+    in-flight window."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+        self._free: list[bytearray] = []  # append/pop are atomic: no lock
+
+    def get(self) -> bytearray:
+        return self._free.pop() if self._free else bytearray(self.nbytes)
+
+    def put(self, buf: bytearray) -> None:
+        self._free.append(buf)
+
+
+def pwritev_all(fd: int, pieces: list, offset: int) -> None:
+    """Write pieces back to back at offset (os.pwritev, IOV_MAX pieces a call)."""
+    views = [memoryview(p).cast("B") for p in pieces]
+    i = 0
+    while i < len(views):
+        n = os.pwritev(fd, views[i : i + 1024], offset)
+        offset += n
+        while i < len(views) and n >= views[i].nbytes:
+            n -= views[i].nbytes
+            i += 1
+        if n:
+            views[i] = views[i][n:]
 
 
 def pages_name(layer: int) -> str:
@@ -96,6 +135,7 @@ class LayerWriter:
         max_inflight: int,
         on_close: Callable[[LayerEntry], None],
         image: str = "",
+        buffers: BufferPool | None = None,
     ):
         self.layer = layer
         self._image = image or dirpath  # named by NoSpace errors
@@ -117,6 +157,9 @@ class LayerWriter:
         self._pending: list = []  # segments of the chunk being filled
         self._pending_len = 0
         self._borrowed = False  # some pending segment is a view of a caller's mutable buffer
+        self._buffers = buffers if buffers is not None else BufferPool(chunk_bytes)
+        self._buf: bytearray | None = None  # add_read's chunk being filled
+        self._fill = 0  # its bytes in use
         self._next_chunk = 0
         self._inflight: deque[Future] = deque()  # in chunk order
         self._chunks: list[tuple[int, int, int, int]] = []
@@ -152,6 +195,8 @@ class LayerWriter:
             raise ValueError(f"runs hold {total} pages but the buffer has {mv.nbytes} bytes")
         if not total:
             return
+        if self._buf is not None:
+            self._seal_buffer()
         self._pages_in += total
         owned = type(mv.obj) is bytes
         nonzero = native.nonzero_runs(mv, total)  # (first, count) in buffer pages
@@ -182,6 +227,74 @@ class LayerWriter:
             if self._borrowed:
                 self._materialize()
 
+    def add_read(
+        self, runs, read: Callable[[list[tuple[int, int]], memoryview], list[tuple[int, int]]]
+    ) -> int:
+        """Add the pages of runs ((vaddr, npages), sorted), which read(batch, view) puts
+        straight into the writer's chunk buffer: it fills view with the pages of batch
+        (a piece of runs, at most 8 MiB) back to back and returns the runs it read, in
+        order (a run that vanished is left out, and its pages are not in view). Zero
+        pages are then dropped in place (C). Returns the pages read.
+        """
+        self._check_open()
+        if self._pending:
+            self._seal()
+        room_max = self._chunk_bytes // PAGE_SIZE
+        done = 0
+        i, a, left = 0, 0, 0
+        runs = list(runs)
+        while True:
+            if self._buf is None:
+                while len(self._inflight) >= self._max_inflight:
+                    self._drain_one()
+                self._buf, self._fill = self._buffers.get(), 0
+            want = min(room_max - self._fill // PAGE_SIZE, READ_PAGES)
+            batch: list[tuple[int, int]] = []
+            got = 0
+            while got < want:
+                if not left:
+                    if i == len(runs):
+                        break
+                    a, left = runs[i]
+                    if a % PAGE_SIZE or a < 0 or left < 0:
+                        raise ValueError(f"run (0x{a:x}, {left}): not page aligned")
+                    i += 1
+                    continue
+                take = min(left, want - got)
+                batch.append((a, take))
+                got += take
+                a += take * PAGE_SIZE
+                left -= take
+            if not batch:
+                return done
+            view = memoryview(self._buf)[self._fill : self._fill + got * PAGE_SIZE]
+            good = read(batch, view)
+            recs, kept = pack_nonzero(view, good)
+            off = self._fill // PAGE_SIZE
+            for vaddr, npages, data in recs:
+                if data:
+                    self._record_run(vaddr, npages, off)
+                    off += npages
+                else:
+                    self._record_zero(vaddr, npages)
+                self._pages_in += npages
+                done += npages
+            self._fill += kept * PAGE_SIZE
+            if self._fill == self._chunk_bytes:
+                self._seal_buffer()
+
+    def _seal_buffer(self) -> None:
+        """Submit add_read's chunk buffer (a pool thread hands it back when written)."""
+        buf, fill = self._buf, self._fill
+        self._buf, self._fill = None, 0
+        if not fill:
+            self._buffers.put(buf)
+            return
+        while len(self._inflight) >= self._max_inflight:
+            self._drain_one()
+        self._inflight.append(self._pool.submit(self._compress_and_write, buf, fill))
+        self._next_chunk += 1
+
     def add_compressed(self, runs, frame, crc: int, ulen: int) -> None:
         """Store one chunk that is already compressed (a zstd frame of `ulen` bytes of
         the runs' pages, `crc` its crc32), as it came over the network: no second
@@ -192,6 +305,8 @@ class LayerWriter:
         self._check_open()
         if self._pending:
             self._seal()
+        if self._buf is not None:
+            self._seal_buffer()
         total = 0
         chunk = self._next_chunk
         for vaddr, npages in runs:
@@ -264,8 +379,10 @@ class LayerWriter:
         self._pending = [b"".join(self._pending)] if self._pending else []
         self._borrowed = False
 
-    def _record_run(self, vaddr: int, npages: int) -> None:
-        chunk, off = self._next_chunk, self._pending_len // PAGE_SIZE
+    def _record_run(self, vaddr: int, npages: int, off: int | None = None) -> None:
+        chunk = self._next_chunk
+        if off is None:
+            off = self._pending_len // PAGE_SIZE
         if self._runs:
             last = self._runs[-1]
             if (
@@ -289,19 +406,26 @@ class LayerWriter:
         self._inflight.append(self._pool.submit(self._compress_and_write, data))
         self._next_chunk += 1
 
-    def _compress_and_write(self, data) -> tuple[int, int, int, int]:
+    def _compress_and_write(self, data, fill: int = -1) -> tuple[int, int, int, int]:
         """Pool thread: compress, reserve the next stretch of the file, pwrite there.
 
         Chunks therefore land in completion order, not chunk order (the index has
-        every offset), and the producer thread never waits on the disk.
+        every offset), and the producer thread never waits on the disk. With `fill`,
+        data is a pool buffer holding that many bytes: it goes back to the pool once
+        written (level 0 writes the frame's blocks straight from it).
         """
-        frame, crc = self._compressor.compress(data)
+        ulen = len(data) if fill < 0 else fill
+        view = memoryview(data)[:ulen]
+        pieces, length, crc = self._compressor.frame(view)
         with self._pos_lock:
             off = self._pos
-            self._pos += len(frame)
+            self._pos += length
         with self._space_checked(pages_name(self.layer)):
-            fsio.pwrite_all(self._fd, frame, HEADER_LEN + off)
-        return off, len(frame), len(data), crc
+            pwritev_all(self._fd, pieces, HEADER_LEN + off)
+        del pieces, view
+        if fill >= 0:
+            self._buffers.put(data)
+        return off, length, ulen, crc
 
     def _drain_one(self) -> None:
         """Wait for the oldest chunk (bounds memory, surfaces pool errors) and record it."""
@@ -314,6 +438,8 @@ class LayerWriter:
         self._check_open()
         if self._pending:
             self._seal()
+        if self._buf is not None:
+            self._seal_buffer()
         while self._inflight:
             self._drain_one()
         index = LayerIndex(
@@ -346,6 +472,7 @@ class LayerWriter:
             seconds=0.0,
         )
         index.stats = {k: v for k, v in stats.as_dict().items() if k != "seconds"}
+        index.stats["level"] = self._compressor.level  # informational: any level reads alike
         with self._space_checked(index_name(self.layer)):
             info: BlobInfo = write_blob(
                 os.path.join(self._dir, index_name(self.layer)),
@@ -371,6 +498,7 @@ class LayerWriter:
         wait(self._inflight)
         self._inflight.clear()
         self._pending = []
+        self._buf = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -206,6 +206,25 @@ class ImageReader:
             for vaddr, n, off in cr.pieces:
                 yield vaddr, mv[off * PAGE_SIZE : (off + n) * PAGE_SIZE]
 
+    def write_data(
+        self,
+        plan: Plan,
+        write: Callable[[list[tuple[int, int, int]], bytes], None],
+        threads: int = 2,
+    ) -> None:
+        """Hand every chunk of the plan to write(pieces, data) in the pool thread that
+        read, checked and decompressed it, so that writing into the process overlaps
+        the other chunks' work (write must be thread-safe; it should release the GIL).
+        pieces: (vaddr, npages, page_offset_in_data). At most 2 x threads chunks are in
+        memory; the first error (ImageCorrupt naming the chunk, or write's) is raised.
+        """
+
+        def load_and_write(cr: ChunkRead) -> None:
+            write(cr.pieces, self.layers[cr.layer].read_chunk(cr.chunk))
+
+        for _ in _bounded_map(load_and_write, plan.reads, threads, 2 * max(1, threads)):
+            pass
+
     # -- inspection ------------------------------------------------------------
 
     def verify(self, deep: bool = False, threads: int = 2) -> dict:

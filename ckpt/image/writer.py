@@ -29,7 +29,7 @@ from .blob import write_blob
 from .codec import DEFAULT_LEVEL, Compressor
 from .header import KIND_STATE, NO_LAYER
 from .index import MAX_CHUNK_ULEN
-from .layer_writer import LayerEntry, LayerWriter, index_name, pages_name
+from .layer_writer import BufferPool, LayerEntry, LayerWriter, index_name, pages_name
 from .runs import normalize, resolve
 
 STATE_NAME = "state.bin"
@@ -149,6 +149,7 @@ class ImageWriter:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckpt-zstd")
         self._compressor = Compressor(self.level)
         self._max_inflight = 2 * threads
+        self._buffers = BufferPool(chunk_bytes)  # add_read's chunk buffers, kept across layers
         self._entries: list[LayerEntry] = []
         self._open: LayerWriter | None = None
         self._ident = os.urandom(16)
@@ -189,6 +190,7 @@ class ImageWriter:
             self._max_inflight,
             self._entries.append,
             image=self.path,
+            buffers=self._buffers,
         )
         return self._open
 

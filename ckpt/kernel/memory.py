@@ -139,6 +139,41 @@ def read_runs(
     return buf
 
 
+def pack_nonzero(buf, runs) -> tuple[list[tuple[int, int, int]], int]:
+    """Drop the all-zero pages of buf (runs' pages back to back) in place, in C.
+
+    The pages kept are moved down to lie back to back from buf's start. Returns
+    ((vaddr, npages, is_data) records in buffer order, pages kept)."""
+    flat = [x for r in runs for x in r]
+    if not flat:
+        return [], 0
+    cap = sum(flat[1::2]) + 1
+    out = ffi.new("uint64_t[]", 3 * cap)
+    kept = ffi.new("uint64_t *")
+    arr = ffi.new("uint64_t[]", flat)
+    n = check(
+        lib.ck_pack_nonzero(ffi.from_buffer(buf, require_writable=True), arr, len(flat) // 2,
+                            out, cap, kept),
+        "pack_nonzero",
+    )  # fmt: skip
+    vals = ffi.unpack(out, 3 * n)
+    return list(zip(vals[0::3], vals[1::3], vals[2::3])), kept[0]
+
+
+def write_pieces(pid: int, mem_fd: int, buf, pieces) -> None:
+    """Write (vaddr, npages, first_page_in_buf) pieces of buf into process pid
+    (process_vm_writev; /proc/PID/mem for pages it may not write). No GIL held."""
+    flat = [x for p in pieces for x in p]
+    if not flat:
+        return
+    arr = ffi.new("uint64_t[]", flat)
+    check(
+        lib.ck_write_pieces(pid, mem_fd, ffi.from_buffer(buf), arr, len(flat) // 3),
+        "process_vm_writev",
+        target=pid,
+    )
+
+
 def write_runs(mem_fd: int, runs: list[tuple[int, int]], data) -> None:
     """Write data (sum(npages) pages) to runs through /proc/PID/mem."""
     arr = ffi.new("uint64_t[]", [x for r in runs for x in r])

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 from ..errors import ImageCorrupt, RestoreError
 from ..image import ImageReader
-from ..kernel import netlock
-from ..kernel.memory import write_at
+from ..kernel import netlock, procfs
+from ..kernel.memory import write_at, write_pieces
 from ..kernel.spawn import spawn_restorer
 from ..model import ProcessImage, slot_base
 from ..present import intersect
@@ -108,13 +108,26 @@ def restore(
                     externals=externals)  # fmt: skip
 
 
+def _pid_of(mem_fd: int) -> int:
+    """The PID whose /proc/PID/mem mem_fd is, for process_vm_writev (0: unknown, and
+    write_pieces then writes through mem_fd alone)."""
+    try:
+        return int(os.readlink(procfs.fd_path(os.getpid(), mem_fd)).rsplit("/", 2)[-2])
+    except (OSError, ValueError):
+        return 0
+
+
 def _write_pages(reader: ImageReader, slot: int, proc: ProcessImage, mem_fd: int) -> None:
     """One process's pages; a tree member's are keyed slot << 48 | vaddr."""
     base = slot_base(proc.space if proc.space >= 0 else slot)
     # pages shared copy-on-write with the parent are there already (restore/cow.py)
     plan = reader.plan([(a + base, n) for v in proc.vmas for a, n in cow.to_write(v)])
-    for key, data in reader.iter_data(plan):
-        write_at(mem_fd, key - base, data)
+    pid = _pid_of(mem_fd)
+
+    def write(pieces, data) -> None:  # in the reader's pool threads, without the GIL
+        write_pieces(pid, mem_fd, data, [(a - base, n, off) for a, n, off in pieces])
+
+    reader.write_data(plan, write)
     # Present pages whose newest copy is all zero: fresh anonymous memory already
     # reads zero, but a file mapping would show the file's content there.
     file_spans = [(v.start, v.end) for v in proc.vmas if v.kind in ("file", "memfd")]

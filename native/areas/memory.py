@@ -23,6 +23,9 @@ long ck_zero_pfn(void);
 long ck_read_runs(int pid, int mem_fd, int pm_fd, const uint64_t *runs, size_t nruns, char *buf);
 long ck_write_runs(int mem_fd, const uint64_t *runs, size_t nruns, const char *buf);
 long ck_nonzero_runs(const char *buf, size_t npages, uint64_t *out, size_t max_runs);
+long ck_pack_nonzero(char *buf, const uint64_t *runs, size_t nruns, uint64_t *out,
+                     size_t max_out, uint64_t *data_pages);
+long ck_write_pieces(int pid, int mem_fd, const char *buf, const uint64_t *pieces, size_t n);
 int ck_all_zero(const char *buf, size_t len);
 long ck_diff_pages(const char *buf, size_t npages, uint64_t *table, uint64_t *out,
                    size_t max_runs);
@@ -279,6 +282,90 @@ long ck_nonzero_runs(const char *buf, size_t npages, uint64_t *out, size_t max_r
         out[2 * n] = s; out[2 * n + 1] = i - s; n++;
     }
     return (long)n;
+}
+
+/* The pages of buf (the runs' pages back to back) that are not all zero, moved down in
+   place so that they lie back to back from buf's start (nothing moves while no zero page
+   came before). Records (vaddr, npages, is_data) in buffer order, neighbours of the same
+   kind merged, go to out; *data_pages = pages kept. Returns the records, or -ENOSPC. */
+long ck_pack_nonzero(char *buf, const uint64_t *runs, size_t nruns, uint64_t *out,
+                     size_t max_out, uint64_t *data_pages)
+{
+    size_t n = 0, src = 0, dst = 0;
+    for (size_t i = 0; i < nruns; i++) {
+        uint64_t a = runs[2 * i], cnt = runs[2 * i + 1];
+        for (uint64_t p = 0; p < cnt;) {
+            int data = !page_is_zero(buf + (src + p) * CK_PAGE);
+            uint64_t q = p + 1;
+            while (q < cnt && !page_is_zero(buf + (src + q) * CK_PAGE) == data) q++;
+            uint64_t va = a + p * CK_PAGE, np = q - p;
+            if (n && out[3 * n - 1] == (uint64_t)data && out[3 * n - 3] + out[3 * n - 2] * CK_PAGE == va) {
+                out[3 * n - 2] += np;
+            } else {
+                if (n == max_out) return -ENOSPC;
+                out[3 * n] = va; out[3 * n + 1] = np; out[3 * n + 2] = (uint64_t)data; n++;
+            }
+            if (data) {
+                if (dst != src + p) memmove(buf + dst * CK_PAGE, buf + (src + p) * CK_PAGE, np * CK_PAGE);
+                dst += np;
+            }
+            p = q;
+        }
+        src += cnt;
+    }
+    *data_pages = dst;
+    return (long)n;
+}
+
+static int mem_write(int mem_fd, const char *src, uint64_t addr, size_t len)
+{
+    size_t done = 0;
+    while (done < len) {
+        ssize_t r = pwrite(mem_fd, src + done, len - done, (off_t)(addr + done));
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) return r < 0 ? -errno : -EIO;
+        done += (size_t)r;
+    }
+    return 0;
+}
+
+/* Write pieces (vaddr, npages, first page in buf) of buf into process pid with
+   process_vm_writev, up to 1024 iovecs a call (one copy, pages pinned in batches).
+   What it cannot write (a read-only or PROT_NONE page) goes through /proc/PID/mem,
+   which writes through page protections, and the next call resumes after it
+   (pid 0: everything through mem_fd). Returns the bytes written or -errno. */
+long ck_write_pieces(int pid, int mem_fd, const char *buf, const uint64_t *pieces, size_t n)
+{
+    struct iovec loc[1024], rem[1024];
+    size_t total = 0, i = 0;
+    while (i < n) {
+        size_t k = 0;
+        for (; k < 1024 && i + k < n; k++) {
+            const uint64_t *p = pieces + 3 * (i + k);
+            loc[k].iov_base = (void *)(buf + p[2] * CK_PAGE);
+            loc[k].iov_len = p[1] * CK_PAGE;
+            rem[k].iov_base = (void *)(uintptr_t)p[0];
+            rem[k].iov_len = p[1] * CK_PAGE;
+        }
+        ssize_t got = pid > 0 ? process_vm_writev(pid, loc, k, rem, k, 0) : 0;
+        if (got < 0) {
+            if (errno == ESRCH) return -ESRCH;
+            got = 0;
+        }
+        size_t off = 0, j = 0;
+        for (; j < k && off + loc[j].iov_len <= (size_t)got; j++) off += loc[j].iov_len;
+        total += off;
+        if (j < k) {  /* iovec j stopped short: the rest of it through /proc/PID/mem */
+            size_t skip = (size_t)got - off;
+            int r = mem_write(mem_fd, (const char *)loc[j].iov_base + skip,
+                              (uint64_t)(uintptr_t)rem[j].iov_base + skip, loc[j].iov_len - skip);
+            if (r) return r;
+            total += loc[j].iov_len;
+            j++;
+        }
+        i += j;
+    }
+    return (long)total;
 }
 
 /* 64-bit digest of one page: XXH64's stripe loop and avalanche (4 lanes). Never 0:
