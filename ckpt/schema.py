@@ -353,7 +353,8 @@ RANGES: dict[type, dict[str, Callable[[Any], None]]] = {
     },
     m.Vma: {
         "start": ADDR, "end": ADDR, "prot": rng(0, 15), "offset": rng(0, I64_MAX),
-        "name": path(limit=2 * PATH_MAX), "shared_with": each(0, TASK_SIZE, n=2),
+        "kind": maxlen(32), "name": path(limit=2 * PATH_MAX),
+        "shared_with": each(0, TASK_SIZE, n=2),
         "shm": rng(-1, 1 << 20),
     },
     m.ShmObject: {
@@ -408,6 +409,33 @@ RANGES: dict[type, dict[str, Callable[[Any], None]]] = {
         "shutdown": rng(0, 3), "name_file": each(0, U32, n=3), "sndbuf": rng(0, I32_MAX),
         "rcvbuf": rng(0, I32_MAX), "buf_lock": I32R, "peek_off": rng(-1, I32_MAX),
     },
+    # process attributes (capture/attrs.py, restore/attrs.py)
+    m.SchedAttr: {
+        "policy": rng(0, 7), "flags": U, "nice": rng(-20, 19), "priority": rng(0, 99),
+        "runtime": U, "deadline": U, "period": U, "util_min": rng(0, 1024),
+        "util_max": rng(0, 1024),
+    },
+    m.ThreadAttrs: {
+        "affinity": each(0, (1 << 16) - 1, max_n=1 << 16), "ioprio": I32R, "timerslack": U,
+        "pdeathsig": rng(0, 64), "tsc": I32R, "mce_kill": I32R, "cpuid": rng(0, 1),
+        "spec": each(I32_MIN, I32_MAX, max_n=16),
+    },
+    m.ProcAttrs: {
+        "oom_score_adj": rng(-1000, 1000), "coredump_filter": U32R,
+        "membarrier": rng(-1, I32_MAX), "exit_signal": rng(0, 64),
+    },
+    # security context (capture/security.py, restore/security.py)
+    m.Creds: {
+        "uids": each(0, U32, n=4), "gids": each(0, U32, n=4),
+        "groups": each(0, U32, max_n=65536), "caps": each(0, U64, n=5),
+        "securebits": U32R, "seccomp_mode": rng(0, 2), "seccomp": each(0, 1 << 16),
+    },
+    m.SeccompFilter: {"prog": maxlen(8 * 4096), "flags": U32R},
+    m.SecurityContext: {
+        "inherited_filters": rng(0, 1 << 16), "root": path(absolute=True), "loginuid": U32R,
+        "lsm": maxlen(PATH_MAX),
+    },
+    m.CgroupRef: {"hierarchy": rng(0, I32_MAX), "controllers": path(), "path": path()},
 }
 # fmt: on
 
@@ -561,7 +589,18 @@ def _check_root(root: m.ProcessImage) -> None:
                 )
 
 
+def _check_security(c: m.SecurityContext) -> None:
+    for i, f in enumerate(c.filters):
+        if len(f.prog) % 8 or not f.prog:
+            raise SchemaError(f"{len(f.prog)} bytes is not a BPF program", f".filters[{i}].prog")
+    for i, t in enumerate(c.threads):
+        for j, k in enumerate(t.seccomp):
+            if k >= len(c.filters):
+                raise SchemaError(f"filter {k} of {len(c.filters)}", f".threads[{i}].seccomp[{j}]")
+
+
 CHECKS: dict[type, Callable[[Any], None]] = {
+    m.SecurityContext: _check_security,
     m.Vma: _check_vma,
     m.ShmObject: _check_shm,
     m.MemfdState: _check_memfd,
