@@ -23,8 +23,8 @@ from .capture.pages import PageCopier
 from .capture.target import Target
 from .capture.vmas import classify, needs_pages
 from .errors import DumpError, NoSuchProcess
-from .kernel import native, procfs
-from .kernel.memory import pagemap_filter, pagemap_runs
+from .kernel import features, native, procfs
+from .kernel.memory import pagemap_filter, present_runs
 from .model import slot_base
 from .present import PresentMap
 from .track.base import Tracker
@@ -117,8 +117,9 @@ def collect(
         else:
             tracker.track(m)
         if runs is None:  # untracked, new, moved or re-created: copy whole
-            runs = pagemap_runs(pm_fd, m.start, m.end, include_file=include_file, zero_pfn=zero_pfn)
-            written += (m.end - m.start) // PAGE
+            runs = present_runs(pm_fd, m.start, m.end, include_file=include_file,
+                                zero_pfn=zero_pfn, use_scan=features.probe().pagemap_scan)  # fmt: skip
+            written += sum(n for _, n in runs)  # what it holds, not its (reserved) size
             if present is not None:
                 present.replace(m.start, m.end, runs)
         to_copy.extend(runs)

@@ -14,11 +14,16 @@ those leaves a uffd-wp marker, unreported; nor for soft-dirty, which does not
 report zapped pages either. Those are always re-read.
 
 Runs are (addr, npages) tuples kept sorted and merged; operations are linear
-merges over runs, never loops over pages.
+merges over runs, never loops over pages, and only over the spans that lie in the
+range being changed (found by bisection): a round calls update() once per VMA, and a
+sparse working set has thousands of spans, so rebuilding the whole map each time
+made the final freeze of a 40-thread process with a 0.5 GiB working set spend
+~200 ms here.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
 
 from .kernel.native import PAGE_SIZE
@@ -81,17 +86,34 @@ class PresentMap:
     def __init__(self, runs: Iterable[tuple[int, int]] = ()):
         self.spans = _normalize(_spans(runs))
 
+    def _window(self, start: int, end: int, touching: bool) -> tuple[int, int]:
+        """Index range of the spans overlapping [start, end) (or touching it)."""
+        spans = self.spans
+        if touching:
+            i = bisect_left(spans, start, key=lambda sp: sp[1])  # first end >= start
+            j = bisect_right(spans, end, key=lambda sp: sp[0])  # first start > end
+        else:
+            i = bisect_right(spans, start, key=lambda sp: sp[1])  # first end > start
+            j = bisect_left(spans, end, key=lambda sp: sp[0])  # first start >= end
+        return i, j
+
+    def _splice(self, start: int, end: int, remove, add) -> None:
+        """Within [start, end): spans minus `remove`, plus `add` (spans inside it)."""
+        i, j = self._window(start, end, touching=True)
+        self.spans[i:j] = _normalize(subtract(self.spans[i:j], remove) + add)
+
     def replace(self, start: int, end: int, runs: Iterable[tuple[int, int]]) -> None:
         """[start, end) was scanned: its present pages are exactly `runs`."""
-        kept = subtract(self.spans, [(start, end)])
-        self.spans = _normalize(kept + _spans(runs))
+        self._splice(start, end, [(start, end)], _spans(runs))
 
     def update(
         self, written: Iterable[tuple[int, int]], present_now: Iterable[tuple[int, int]]
     ) -> None:
         """Pages reported written changed presence as `present_now` (⊆ written) says."""
         w = _normalize(_spans(written))
-        self.spans = _normalize(subtract(self.spans, w) + _spans(present_now))
+        if w:
+            self._splice(w[0][0], w[-1][1], w, _spans(present_now))
 
     def within(self, start: int, end: int) -> list[tuple[int, int]]:
-        return _runs(intersect(self.spans, [(start, end)]))
+        i, j = self._window(start, end, touching=False)
+        return _runs(intersect(self.spans[i:j], [(start, end)]))

@@ -7,6 +7,7 @@ import os
 from .native import PAGE_SIZE, check, ffi, lib
 
 _RUNS_CAP = 65536
+_SCAN_VEC = 512  # regions per PAGEMAP_SCAN call (more can leave walk_end stale, kernel/uffd.py)
 
 
 SOFT_DIRTY = 1 << 55
@@ -79,32 +80,37 @@ def present_runs(
     """
     if not use_scan:
         return pagemap_runs(pagemap_fd, start, end, include_file=include_file, zero_pfn=zero_pfn)
-    from .uffd import Category, pagemap_scan
-
-    want = Category.PRESENT | Category.SWAPPED
-    ret = want | Category.FILE | Category.PFNZERO
+    # the raw call, with plain int masks: a sparse heap has thousands of regions,
+    # and an IntFlag per region cost more than the kernel's whole walk
+    present, swapped = lib.PAGE_IS_PRESENT, lib.PAGE_IS_SWAPPED
+    file, pfnzero = lib.PAGE_IS_FILE, lib.PAGE_IS_PFNZERO
+    skip = pfnzero | (0 if include_file else file)
+    vec = ffi.new("struct ck_page_region[]", _SCAN_VEC)
+    walk = ffi.new("uint64_t *")
     out: list[tuple[int, int]] = []
     pos = start
     while pos < end:
-        sc = pagemap_scan(pagemap_fd, pos, end, anyof=want, return_mask=ret, vec_len=512)
-        for r in sc.regions:
+        n = check(
+            lib.ck_pagemap_scan(pagemap_fd, pos, end, 0, 0, 0, present | swapped,
+                                present | swapped | file | pfnzero, vec, _SCAN_VEC, 0, walk),
+            "PAGEMAP_SCAN",
+        )  # fmt: skip
+        for i in range(n):
+            r = vec[i]
             c = r.categories
-            if c & Category.PFNZERO:
-                continue
-            if c & Category.PRESENT:
-                if c & Category.FILE and not include_file:
-                    continue
-                out.append((r.start, (r.end - r.start) // PAGE_SIZE))
-            else:
+            if c & present:
+                if not c & skip:
+                    out.append((r.start, (r.end - r.start) // PAGE_SIZE))
+            elif not c & pfnzero:  # swap entries, or uffd-wp markers: pagemap tells
                 out.extend(
                     pagemap_runs(
                         pagemap_fd, r.start, r.end, include_file=include_file, zero_pfn=zero_pfn
                     )
                 )
-        if sc.walk_end <= pos:
+        if walk[0] <= pos:
             break
-        pos = sc.walk_end
-    return _merge(sorted(out))
+        pos = walk[0]
+    return _merge(out)
 
 
 def _merge(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
