@@ -146,6 +146,11 @@ def dump(
             f"TCP peers outside the dump are held (nftables table inet {r.net_lock}) until "
             f"`ckpt restore` deletes it; without a restore: nft delete table inet {r.net_lock}"
         )
+    if r.zombie_parent:
+        status(
+            f"note: PID {r.pid} stays a zombie until its parent {r.zombie_parent} reaps it; "
+            "a restore at that PID waits for that (--new-pid does not)"
+        )
     if r.unlocked_tcp:
         status(
             f"warning: {r.unlocked_tcp} TCP connection(s) to outside peers without a network "

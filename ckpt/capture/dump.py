@@ -22,7 +22,7 @@ from ..errors import DumpError, NoSuchProcess, UnsupportedProcess
 from ..image import ImageWriter
 from ..kernel import features, native, procfs
 from ..kernel.memory import present_runs
-from ..kernel.process import auxv_bytes, get_robust_list, personality, rlimits
+from ..kernel.process import auxv_bytes, get_robust_list, personality, rlimits, zombie_parent
 from ..kernel.ptrace import Tracee, seize_group
 from ..kernel.remote import DumpInjection
 from ..model import MmFields, ProcessImage, Rseq, Thread, slot_base
@@ -46,6 +46,7 @@ from .validate import check_target
 from .vmas import classify, file_ref, needs_pages
 
 PAGE = native.PAGE_SIZE
+ZOMBIE_WAIT = 0.05  # s for the killed process's parent to reap it (on SIGCHLD: a few ms)
 
 
 @dataclass
@@ -66,6 +67,7 @@ class DumpResult:
     processes: int = 1  # the root and its descendants
     net_lock: str = ""  # nftables table holding outside TCP peers until the restore
     unlocked_tcp: int = 0  # outside TCP connections dumped without a lock (no nft)
+    zombie_parent: str = ""  # "PPID (comm)" keeping the killed process's PID as a zombie
 
     def stats(self) -> dict:
         return {
@@ -235,6 +237,8 @@ def dump(
         frozen.detach()
     else:
         frozen.kill_and_reap()
+    # a restore reuses the PID: say who holds it when its parent has not reaped it
+    held = "" if leave_running else zombie_parent(pid, st.starttime, ZOMBIE_WAIT)
     if not proc.net_lock:
         _release_lock(lock)
     result = DumpResult(
@@ -242,7 +246,7 @@ def dump(
         pages=pages, bytes_raw=pages * PAGE, bytes_stored=bytes_stored, vmas=len(proc.vmas),
         tracker=meta["tracker"], rounds=rounds, final_pages=final_pages,
         stop_reason=meta["stop_reason"], layers=len(rounds) + 1, processes=1 + len(proc.tree),
-        net_lock=proc.net_lock, unlocked_tcp=unlocked,
+        net_lock=proc.net_lock, unlocked_tcp=unlocked, zombie_parent=held,
     )  # fmt: skip
     if stats_json:
         with open(stats_json, "w") as f:

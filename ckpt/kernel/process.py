@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import time
 
 from . import procfs
 from .native import check, ffi, lib
@@ -67,3 +68,26 @@ def same_open_file(pid: int, fd1: int, fd2: int) -> bool:
 def kcmp_file(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
     """Is fd1 of pid1 the same open file description as fd2 of pid2 (inherited)?"""
     return lib.ck_syscall(NR_KCMP, pid1, pid2, KCMP_FILE, fd1, fd2, 0) == 0
+
+
+def zombie_parent(pid: int, starttime: int, wait: float = 0.0) -> str:
+    """After ckpt killed process `pid` (started at `starttime`): "" once its PID is free,
+    else the parent that keeps it a zombie until it reaps it, as "PPID (comm)". Waits up
+    to `wait` seconds for that parent (one that reaps on SIGCHLD takes a few ms). ckpt
+    itself, when it is the parent, has reaped it already (its ptrace wait did)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            st = procfs.stat(pid)
+        except Exception:  # gone, or no longer readable as a process: free
+            return ""
+        if st.starttime != starttime or st.state not in ("Z", "X"):
+            return ""  # reaped (and maybe reused): no zombie of ours holds it
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.005)
+    try:
+        comm = procfs.stat(st.ppid).comm.decode(errors="replace")
+    except Exception:
+        comm = "?"
+    return f"{st.ppid} ({comm})"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 from ..errors import FileChanged, PidInUse
@@ -49,17 +50,34 @@ def check_files(proc: ProcessImage) -> None:
 
 
 def wait_pid_free(pid: int, timeout: float = 5.0) -> None:
-    """A just-killed original may linger as a zombie until its parent reaps it."""
+    """A just-killed original may linger as a zombie until its parent reaps it: wait for
+    that (saying so, in one line on stderr), at most `timeout` seconds."""
     deadline = time.monotonic() + timeout
+    said = False
     while True:
         try:
             st = procfs.stat(pid)
         except Exception:
             return
-        if st.state not in ("Z", "X") or time.monotonic() > deadline:
-            raise PidInUse(
-                f"PID {pid} is in use by another process "
-                f"({st.comm.decode(errors='replace')}); restore with --new-pid",
-                pid=pid,
+        zombie = st.state in ("Z", "X")
+        if not zombie or time.monotonic() > deadline:
+            what = (
+                f"still a zombie: its parent {_parent(st.ppid)} has not reaped it in {timeout:g} s"
+                if zombie
+                else f"in use by another process ({st.comm.decode(errors='replace')})"
             )
-        time.sleep(0.01)
+            raise PidInUse(f"PID {pid} is {what}; restore with --new-pid", pid=pid)
+        if not said:
+            sys.stderr.write(
+                f"ckpt: waiting for PID {pid}: the dumped process is a zombie until its "
+                f"parent {_parent(st.ppid)} reaps it\n"
+            )
+            said = True
+        time.sleep(0.005)
+
+
+def _parent(ppid: int) -> str:
+    try:
+        return f"{ppid} ({procfs.stat(ppid).comm.decode(errors='replace')})"
+    except Exception:
+        return str(ppid)
