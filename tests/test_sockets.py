@@ -76,12 +76,18 @@ def test_tcp_loopback_and_listener_restored(e2e):
     e2e.dump_ok(w, image)
     bg = e2e.ckpt_bg("restore", "-D", str(image))
     e2e.wait_restored(w.pid, w.ident, bg)
+    talk_and_verify(e2e, w, port)
+    assert bg.wait().returncode == 0
+
+
+def talk_and_verify(e2e, w, port: int) -> None:
+    """A new connection to the workload's listener (it waits in the queue until the
+    workload checks itself on SIGUSR2, then gets an answer)."""
     with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as c:
-        c.sendall(b"hello")  # waits in the restored listener's queue until SIGUSR2
+        c.sendall(b"hello")
         v = e2e.verify(w, w.pid)
         assert v.ok, v.line
         assert recv_exactly(c, 5) == b"world"
-    assert bg.wait().returncode == 0
 
 
 def test_tcp_options_kept_on_the_live_process(e2e):
@@ -93,11 +99,7 @@ def test_tcp_options_kept_on_the_live_process(e2e):
     res = e2e.dump(w.pid, e2e.path("img"), "--leave-running")
     assert res.returncode == 0, str(res)
     wait_until(lambda: (proc_status(w.pid) or {}).get("TracerPid") == "0", 30, "untraced")
-    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as c:
-        c.sendall(b"hello")
-        v = e2e.verify(w, w.pid)
-        assert v.ok, v.line
-        assert recv_exactly(c, 5) == b"world"
+    talk_and_verify(e2e, w, port)
 
 
 def test_tcp_external_peer_needs_flag(e2e):

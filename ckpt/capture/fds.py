@@ -75,20 +75,15 @@ def _capture(
             rec = Fd(fd=fd, kind=kind, path=target, flags=flags, cloexec=cloexec, pos=info.pos)
             out.append(fd_kinds.capture(scan, rec, kind, st, raw))
             continue
-        if statmod.S_ISREG(st.st_mode):
+        if statmod.S_ISREG(st.st_mode) or statmod.S_ISDIR(st.st_mode):
+            # files, and directories (openat-style code and harnesses keep those open)
+            what = "file" if statmod.S_ISREG(st.st_mode) else "directory"
             if target.endswith(" (deleted)") or not target.startswith("/"):
                 raise UnsupportedProcess(
-                    f"fd {fd} refers to a deleted or unreachable file ({target})", pid=pid
+                    f"fd {fd} refers to a deleted or unreachable {what} ({target})", pid=pid
                 )
-            out.append(Fd(fd=fd, kind="file", path=target, flags=flags, cloexec=cloexec,
-                          pos=info.pos, file=file_ref(target, st)))  # fmt: skip
-            continue
-        if statmod.S_ISDIR(st.st_mode):  # openat-style code and harnesses keep these
-            if target.endswith(" (deleted)") or not target.startswith("/"):
-                raise UnsupportedProcess(
-                    f"fd {fd} refers to a deleted or unreachable directory ({target})", pid=pid
-                )
-            out.append(Fd(fd=fd, kind="dir", path=target, flags=flags, cloexec=cloexec,
+            kind = "file" if what == "file" else "dir"
+            out.append(Fd(fd=fd, kind=kind, path=target, flags=flags, cloexec=cloexec,
                           pos=info.pos, file=file_ref(target, st)))  # fmt: skip
             continue
         if target == "anon_inode:[userfaultfd]" and _is_ckpt_tracking(info.extra):
