@@ -155,6 +155,7 @@ def main() -> None:
             for rep in range(args.repeat):
                 order = variants if rep % 2 == 0 else variants[::-1]
                 for v in order:
+                    os.sync()  # the previous run's deletions and writeback, not this run's
                     if v == "bare":
                         r = run_bare(exes, mib, tmp)
                     else:

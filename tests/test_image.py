@@ -368,6 +368,28 @@ def test_level_0_stores_raw_zstd_frames(tmp_path):
     assert zstandard.ZstdDecompressor().decompress(frame) == blob
 
 
+def test_big_layers_go_o_direct_aligned(tmp_path):
+    """Past its first 8 MiB a durable layer's chunks start 4 KiB-aligned in the file
+    (O_DIRECT), zero-padded; the image reads the same, cached or not."""
+    from ckpt.image.layer_writer import DIRECT_AFTER
+
+    blob = os.urandom(16 << 20)
+    runs = [(BASE, blob)]
+    for mode in ("run", "read"):
+        path = tmp_path / mode
+        write_image(path, [runs], mode=mode)
+        with ImageReader(path) as r:
+            lr = r.layers[0]
+            offs = sorted(off for off, *_ in lr.index.chunks)
+            late = [o for o in offs if o >= DIRECT_AFTER]
+            assert late and all((lr._data_offset + o) % 4096 == 0 for o in late), offs
+            plan = r.plan([(BASE, len(blob) // PAGE)])
+            got = bytearray(len(blob))
+            for vaddr, mv in r.iter_data(plan):
+                got[vaddr - BASE : vaddr - BASE + len(mv)] = mv
+        assert got == blob
+
+
 def test_writer_rejects_overlap_in_one_layer(tmp_path):
     with ImageWriter(tmp_path / "i") as w:
         lw = w.begin_layer()

@@ -16,10 +16,19 @@ add_read() is the dump's path: the caller's reader fills the writer's own chunk
 buffers (recycled, so never page-faulted again), C drops the zero pages in place,
 and the pool compresses, checksums and writes each full buffer while the next one
 is read; nothing is copied in Python and nothing waits on the GIL.
+
+A durable image's chunks past its first 8 MiB are written with O_DIRECT (each at a
+4 KiB-aligned offset, zero-padded to 4 KiB: readers find chunks by offset, so the
+gaps cost them nothing): the bytes go from the writer's buffer to the disk, without
+first filling the page cache with gigabytes that commit()'s fsync must then write
+back anyway, and that evict everything else. Small layers stay plain (compact, and
+cached for a restore right after). Where O_DIRECT is refused (tmpfs), plain writes.
 """
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import threading
 import time
@@ -29,7 +38,7 @@ from concurrent.futures import Executor, Future, wait
 from dataclasses import asdict, dataclass
 
 from ..kernel import native
-from ..kernel.memory import pack_nonzero
+from ..kernel.memory import gather, pack_nonzero
 from ..kernel.native import PAGE_SIZE
 from . import fsio
 from .blob import BlobInfo, write_blob
@@ -39,6 +48,35 @@ from .index import LayerIndex
 from .runs import first_overlap
 
 READ_PAGES = 2048  # at most 8 MiB per read callback
+DIRECT_ALIGN = 4096  # O_DIRECT: offsets, lengths and buffers aligned to this
+DIRECT_AFTER = 8 << 20  # payload bytes written plainly before chunks go O_DIRECT
+_staging = threading.local()  # a pool thread's aligned buffer for O_DIRECT writes
+
+
+def _open_direct(path: str) -> int:
+    """A second, O_DIRECT fd on the pages file, or -1 where the file system refuses it."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        return -1
+
+
+def _write_direct(fd: int, pieces: list, length: int, padded: int, offset: int) -> None:
+    """pieces (length bytes) zero-padded to `padded`, at aligned `offset`, through the
+    calling thread's page-aligned staging buffer (one memcpy, in C)."""
+    buf = getattr(_staging, "buf", None)
+    if buf is None or len(buf) < padded:
+        if buf is not None:
+            buf.close()
+        buf = _staging.buf = mmap.mmap(-1, max(padded, 8 << 20))
+    gather(buf, pieces, padded)
+    mv = memoryview(buf)
+    try:
+        done = 0
+        while done < padded:
+            done += os.pwrite(fd, mv[done:padded], offset + done)
+    finally:
+        mv.release()
 
 
 class BufferPool:
@@ -136,6 +174,7 @@ class LayerWriter:
         on_close: Callable[[LayerEntry], None],
         image: str = "",
         buffers: BufferPool | None = None,
+        direct: bool = False,
     ):
         self.layer = layer
         self._image = image or dirpath  # named by NoSpace errors
@@ -152,6 +191,8 @@ class LayerWriter:
             self._fd: int | None = fsio.create_file(self._pages_path)
             # Placeholder header; close() rewrites it with the final payload length.
             fsio.write_all(self._fd, pack_header(KIND_PAGES, self._ident, layer, 0, 0))
+        # chunks past DIRECT_AFTER through O_DIRECT (a durable image)
+        self._dfd = _open_direct(self._pages_path) if direct else -1
         self._pos = 0  # payload bytes reserved so far (pool threads advance it)
         self._pos_lock = threading.Lock()
         self._pending: list = []  # segments of the chunk being filled
@@ -328,12 +369,31 @@ class LayerWriter:
 
     def _write_frame(self, frame, crc: int, ulen: int) -> tuple[int, int, int, int]:
         n = memoryview(frame).nbytes
+        return self._write_chunk([frame], n), n, ulen, crc
+
+    def _write_chunk(self, pieces: list, length: int) -> int:
+        """Pool thread: reserve the next stretch of the file, write the chunk's pieces
+        there (O_DIRECT when open: aligned and zero-padded), return its payload offset."""
+        padded = length
         with self._pos_lock:
+            direct = self._dfd >= 0 and self._pos >= DIRECT_AFTER
+            if direct:
+                padded = -(-length // DIRECT_ALIGN) * DIRECT_ALIGN
+                self._pos = -(-(HEADER_LEN + self._pos) // DIRECT_ALIGN) * DIRECT_ALIGN - HEADER_LEN
             off = self._pos
-            self._pos += n
+            self._pos += padded
         with self._space_checked(pages_name(self.layer)):
-            fsio.pwrite_all(self._fd, frame, HEADER_LEN + off)
-        return off, n, ulen, crc
+            if direct:
+                try:
+                    _write_direct(self._dfd, pieces, length, padded, HEADER_LEN + off)
+                    return off
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    # an alignment this device does not take: this chunk by plain writes
+                    pieces = [*pieces, bytes(padded - length)]
+            pwritev_all(self._fd, pieces, HEADER_LEN + off)
+        return off
 
     def _space_checked(self, name: str):
         """A full file system is NoSpace (exit 18) naming the image and the file."""
@@ -417,11 +477,7 @@ class LayerWriter:
         ulen = len(data) if fill < 0 else fill
         view = memoryview(data)[:ulen]
         pieces, length, crc = self._compressor.frame(view)
-        with self._pos_lock:
-            off = self._pos
-            self._pos += length
-        with self._space_checked(pages_name(self.layer)):
-            pwritev_all(self._fd, pieces, HEADER_LEN + off)
+        off = self._write_chunk(pieces, length)
         del pieces, view
         if fill >= 0:
             self._buffers.put(data)
@@ -442,6 +498,9 @@ class LayerWriter:
             self._seal_buffer()
         while self._inflight:
             self._drain_one()
+        if self._dfd >= 0:
+            os.close(self._dfd)
+            self._dfd = -1
         index = LayerIndex(
             self.layer,
             self._pos,
@@ -499,6 +558,9 @@ class LayerWriter:
         self._inflight.clear()
         self._pending = []
         self._buf = None
+        if self._dfd >= 0:
+            os.close(self._dfd)
+            self._dfd = -1
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

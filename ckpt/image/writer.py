@@ -191,6 +191,7 @@ class ImageWriter:
             self._entries.append,
             image=self.path,
             buffers=self._buffers,
+            direct=self.durable,
         )
         return self._open
 

@@ -166,6 +166,18 @@ def pack_nonzero(buf, runs) -> tuple[list[tuple[int, int, int]], int]:
     return list(zip(vals[0::3], vals[1::3], vals[2::3])), kept[0]
 
 
+def gather(dst, pieces, length: int) -> None:
+    """Copy pieces (buffers) back to back into dst and zero dst up to `length` (C, no GIL)."""
+    d = ffi.from_buffer(dst, require_writable=True)
+    off = 0
+    for p in pieces:
+        n = memoryview(p).nbytes
+        lib.ck_copy(d + off, ffi.from_buffer(p), n)
+        off += n
+    if length > off:
+        ffi.memmove(d + off, bytes(length - off), length - off)
+
+
 def write_pieces(pid: int, mem_fd: int, buf, pieces) -> None:
     """Write (vaddr, npages, first_page_in_buf) pieces of buf into process pid
     (process_vm_writev; /proc/PID/mem for pages it may not write). No GIL held."""

@@ -26,6 +26,7 @@ long ck_nonzero_runs(const char *buf, size_t npages, uint64_t *out, size_t max_r
 long ck_pack_nonzero(char *buf, const uint64_t *runs, size_t nruns, uint64_t *out,
                      size_t max_out, uint64_t *data_pages);
 long ck_write_pieces(int pid, int mem_fd, const char *buf, const uint64_t *pieces, size_t n);
+void ck_copy(char *dst, const char *src, size_t n);
 int ck_all_zero(const char *buf, size_t len);
 long ck_diff_pages(const char *buf, size_t npages, uint64_t *table, uint64_t *out,
                    size_t max_runs);
@@ -315,6 +316,12 @@ long ck_pack_nonzero(char *buf, const uint64_t *runs, size_t nruns, uint64_t *ou
     }
     *data_pages = dst;
     return (long)n;
+}
+
+/* memcpy, called through cffi so that big copies run without the GIL. */
+void ck_copy(char *dst, const char *src, size_t n)
+{
+    memcpy(dst, src, n);
 }
 
 static int mem_write(int mem_fd, const char *src, uint64_t addr, size_t len)
