@@ -11,7 +11,7 @@ import struct
 from collections.abc import Callable
 
 from .. import faults
-from ..kernel import procfs
+from ..kernel import inject_batch, procfs
 from ..kernel.ptrace import Tracee
 from ..kernel.remote import HEAL_STRIDE, Injector, ThreadInjection, heal_area_size
 from ..model import ITimer, PosixTimer, SigAction
@@ -21,6 +21,7 @@ SIGEV = {"signal": 0, "none": 1, "thread": 2}
 SIGEV_THREAD_ID = 4
 PR_GET_DUMPABLE, PR_GET_CHILD_SUBREAPER, PR_GET_NO_NEW_PRIVS = 3, 37, 39
 PR_GET_TID_ADDRESS, PR_GET_THP_DISABLE = 40, 42
+BATCH_MIN = 3  # threads besides the leader from which their injections are batched
 
 
 def sigactions(inj: Injector) -> list[SigAction]:
@@ -63,23 +64,49 @@ def other_threads_misc(
     also: Callable[[int, Injector], None] | None = None,
 ) -> list[tuple[list[int], int]]:
     """thread_misc() of each non-leader thread, each in its own heal-safe session;
-    also(tid, injector) runs in that session too."""
+    also(tid, injector) runs in that session too.
+
+    The first thread runs them recorded; when its calls only read state, the others
+    run the same calls all at once (kernel/inject_batch.py: ~10 injected syscalls per
+    thread cost ~0.6 ms each thread one after the other), and a thread whose replay
+    takes another path runs on its own after."""
     if not threads:
         return []
     size = heal_area_size(len(threads))
     area = inj.call("mmap", 0, size, 7, 0x22, (1 << 64) - 1, 0)  # RWX, PRIVATE|ANON
-    out = []
+    out: dict[int, tuple[list[int], int]] = {}
+
+    def work(tid: int, tinj) -> None:
+        out[tid] = thread_misc(tinj)
+        if also is not None:
+            also(tid, tinj)
+
+    def one(i: int, t: Tracee, wrap=None) -> None:
+        with ThreadInjection(t, regs[i], masks[i], inj, area + i * HEAL_STRIDE) as tinj:
+            if wrap is None and i == len(threads) // 2:
+                faults.point("inject-thread")  # mid-way, inside one thread's session
+            work(t.pid, tinj if wrap is None else wrap(tinj))
+
     try:
-        for i, t in enumerate(threads):
-            with ThreadInjection(t, regs[i], masks[i], inj, area + i * HEAL_STRIDE) as tinj:
-                if i == len(threads) // 2:
-                    faults.point("inject-thread")  # mid-way, inside one thread's session
-                out.append(thread_misc(tinj))
-                if also is not None:
-                    also(t.pid, tinj)
+        rest = list(range(len(threads)))
+        if len(threads) >= BATCH_MIN:
+            rec: list[inject_batch.Recorder] = []
+            one(0, threads[0], lambda tinj: rec.append(inject_batch.Recorder(tinj)) or rec[0])
+            rest = rest[1:]
+            batch = [i for i in rest if threads[i].pid not in inj.sigreturn]
+            if rec[0].ok and rec[0].calls and batch:
+                diverged = inject_batch.run_batch(
+                    rec[0], inj, [threads[i] for i in batch], [regs[i] for i in batch],
+                    [masks[i] for i in batch], [area + i * HEAL_STRIDE for i in batch], work,
+                    checkpoint=lambda: faults.point("inject-thread"),
+                )  # fmt: skip
+                again = {t.pid for t in diverged}
+                rest = [i for i in rest if i not in batch or threads[i].pid in again]
+        for i in rest:
+            one(i, threads[i])
     finally:
         inj.call("munmap", area, size)
-    return out
+    return [out[t.pid] for t in threads]
 
 
 def misc(inj: Injector) -> dict:

@@ -14,6 +14,8 @@ INCLUDES = """
 #include <sys/wait.h>
 #include <sys/uio.h>
 #include <cpuid.h>
+#include <sched.h>
+#include <stdlib.h>
 """
 
 TYPES = """
@@ -34,6 +36,9 @@ int ck_xstate_size(void);
 int ck_wait(int pid, int *status, int options);
 int ck_inject_syscall(int pid, const struct user_regs_struct *base, uint64_t insn, long nr,
                       const long *args, long *result, int *last_status);
+int ck_inject_many(int n, const int *tids, const struct user_regs_struct *base,
+                   const uint64_t *insn, int k, const long *nrs, const long *args,
+                   long *results, int *states, int *statuses);
 """
 
 CUSTOMIZATIONS = """
@@ -118,5 +123,95 @@ int ck_inject_syscall(int pid, const struct user_regs_struct *base, uint64_t ins
             continue;                   /* an injected clone3: the child is auto-attached */
         return -EFAULT;                                   /* a real signal: a fault */
     }
+}
+
+/* k syscalls in each of n stopped tracees, every thread at once: like k calls of
+   ck_inject_syscall per thread (thread i runs nrs[i*k+j] with args[(i*k+j)*6..] from
+   insn[i], base registers base[i], one syscall at a time, by PTRACE_SYSCALL stops),
+   but the stops of all threads are served as they come, so that the threads' round
+   trips overlap instead of adding up. results[i*k+j]; states[i]: 0 when its k calls
+   ran, else -errno of the ptrace machinery, -ECHILD (it died) or -EFAULT (it took a
+   signal: statuses[i]; it is left at that stop). Returns 0, or -errno of waitpid. */
+struct ck_many { int tid, call, phase, active; };
+
+static int ck_many_start(struct ck_many *t, int i, const struct user_regs_struct *base,
+                         const uint64_t *insn, int k, const long *nrs, const long *args)
+{
+    struct user_regs_struct r = base[i];
+    const long *a = args + ((size_t)i * k + t->call) * 6;
+    r.rip = insn[i];
+    r.rax = nrs[(size_t)i * k + t->call];
+    r.orig_rax = -1;
+    r.rdi = a[0]; r.rsi = a[1]; r.rdx = a[2];
+    r.r10 = a[3]; r.r8 = a[4]; r.r9 = a[5];
+    r.eflags &= ~(0x100UL | 0x400UL);          /* TF, DF */
+    if (ptrace(PTRACE_SETREGS, t->tid, 0, &r) < 0) return -errno;
+    if (ptrace(PTRACE_SYSCALL, t->tid, 0, 0) < 0) return -errno;
+    t->phase = 0;
+    return 0;
+}
+
+int ck_inject_many(int n, const int *tids, const struct user_regs_struct *base,
+                   const uint64_t *insn, int k, const long *nrs, const long *args,
+                   long *results, int *states, int *statuses)
+{
+    struct ck_many *t = calloc((size_t)n, sizeof(*t));
+    if (!t) return -ENOMEM;
+    int active = 0;
+    for (int i = 0; i < n; i++) {
+        t[i].tid = tids[i];
+        states[i] = 0;
+        if (k <= 0) continue;
+        int r = ck_many_start(&t[i], i, base, insn, k, nrs, args);
+        if (r) { states[i] = r; continue; }
+        t[i].active = 1;
+        active++;
+    }
+    int ret = 0;
+    /* Round robin, each thread's stop waited for in turn: while ckpt serves one, the
+       others run to their next stop, so by its turn a thread has usually stopped
+       already. (waitid(P_ALL) would scan every tracee of ckpt's for each stop.) */
+    for (int i = 0; active; i = (i + 1) % n) {
+        if (!t[i].active) continue;
+        int st = 0, w;
+        do { w = waitpid(t[i].tid, &st, __WALL); } while (w < 0 && errno == EINTR);
+        if (w < 0) { ret = -errno; break; }
+        struct ck_many *c = &t[i];
+        int r = 0;
+        if (WIFEXITED(st) || WIFSIGNALED(st)) {
+            statuses[i] = st;
+            r = -ECHILD;
+        } else if (WIFSTOPPED(st)) {
+            int sig = WSTOPSIG(st), ev = st >> 16;
+            if (sig == (SIGTRAP | 0x80)) {
+                if (c->phase == 0) {
+                    c->phase = 1;
+                    r = ptrace(PTRACE_SYSCALL, c->tid, 0, 0) < 0 ? -errno : 0;
+                } else {
+                    struct user_regs_struct g;
+                    if (ptrace(PTRACE_GETREGS, c->tid, 0, &g) < 0) {
+                        r = -errno;
+                    } else {
+                        results[(size_t)i * k + c->call] = (long)g.rax;
+                        if (++c->call == k) { c->active = 0; active--; continue; }
+                        r = ck_many_start(c, i, base, insn, k, nrs, args);
+                    }
+                }
+            } else if (ev == PTRACE_EVENT_STOP || ev == PTRACE_EVENT_CLONE ||
+                       ev == PTRACE_EVENT_FORK) {
+                r = ptrace(PTRACE_SYSCALL, c->tid, 0, 0) < 0 ? -errno : 0;
+            } else {
+                statuses[i] = st;
+                r = -EFAULT;                    /* a real signal: a fault */
+            }
+        }
+        if (r) {
+            states[i] = r;
+            c->active = 0;
+            active--;
+        }
+    }
+    free(t);
+    return ret;
 }
 """

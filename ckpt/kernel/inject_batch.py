@@ -1,0 +1,314 @@
+"""The same read-only injected calls in many threads at once (issue 12: 1024 threads).
+
+Reading each thread's injected-only state (sigaltstack, clear_child_tid, prctl and
+arch_prctl values, memory policy, securebits…) costs ~10 injected syscalls per thread,
+each two ptrace round trips between ckpt and the thread: ~0.6 ms per thread, one
+after the other. The calls are the same in every thread, so:
+
+1. the first thread runs them the usual way (remote.ThreadInjection), through a
+   Recorder that notes each syscall, its arguments and the scratch data area before
+   and after it;
+2. if they are all pure reads (an allowlist: nothing in the thread changes), every
+   other thread runs that program at once (C: ck_inject_many serves the stops of all
+   threads as they come), each call with its own copy of the data area;
+3. the caller's code runs again for each thread against a Replayer, which hands it
+   that thread's results and data in the same order; a thread whose code asks for
+   anything else (its results took it down another path) runs the usual way after.
+
+Heal safety is the usual one: each thread runs one injected syscall at a time from
+its own heal blob, with its registers parked there before its signal mask is
+widened, and goes back through the signal path; a ckpt killed at any point leaves
+each thread to finish its syscall and heal itself. Threads that heal by rt_sigreturn
+(seccomp, remote.heal_frame) are not batched.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+
+from .native import check, ffi, lib
+from .ptrace import PTRACE_CONT, PTRACE_EVENT_STOP, PTRACE_INTERRUPT, Tracee, dict_to_regs
+from .remote import (
+    INJECT_MASK,
+    NR,
+    Injector,
+    RemoteError,
+    heal_blob,
+)
+
+# Syscalls a batch may run: they only read the calling thread's state.
+_NR_GET_MEMPOLICY, _NR_GETTID, _NR_GETPID = 239, 186, 39
+_PRCTL_GETS = {2, 3, 7, 16, 23, 25, 27, 30, 34, 37, 39, 40, 42, 52, 68}
+_ARCH_GETS = {0x1003, 0x1004, 0x1011}  # ARCH_GET_FS, ARCH_GET_GS, ARCH_GET_CPUID
+
+
+def _read_only(nr: int, args: tuple[int, ...]) -> bool:
+    if nr == NR["prctl"]:
+        return args[0] in _PRCTL_GETS
+    if nr == NR["arch_prctl"]:
+        return args[0] in _ARCH_GETS
+    if nr == NR["sigaltstack"]:
+        return args[0] == 0
+    return nr in (_NR_GET_MEMPOLICY, _NR_GETTID, _NR_GETPID)
+
+
+class Diverged(Exception):
+    """A replayed thread's code asked for something its batch did not run."""
+
+
+class _DataArea:
+    """Injector's scratch-data calls (reset_data, put, alloc, cstr) over a shadow copy."""
+
+    def __init__(self, base: int, size: int):
+        self.base = base
+        self.size = size
+        self.bump = 0
+        self.shadow = bytearray()
+        self.allocs: dict[int, int] = {}  # start -> end of each put() since reset_data()
+
+    def reset_data(self) -> None:
+        self.bump = 0
+        self.allocs = {}
+
+    def _store(self, off: int, data: bytes) -> None:
+        end = off + len(data)
+        if end > len(self.shadow):
+            self.shadow.extend(bytes(end - len(self.shadow)))
+        self.shadow[off:end] = data
+
+    def put(self, data: bytes, align: int = 8) -> int:
+        off = (self.bump + align - 1) // align * align
+        if off + len(data) > self.size:
+            raise OSError(errno.ENOSPC, "scratch data area full")
+        self._store(off, data)
+        self.bump = off + len(data)
+        self.allocs[self.base + off] = self.base + off + len(data)
+        return self.base + off
+
+    def alloc(self, size: int, align: int = 8) -> int:
+        return self.put(b"\0" * size, align)
+
+    def cstr(self, s: str | bytes) -> int:
+        b = s.encode("utf-8", "surrogateescape") if isinstance(s, str) else s
+        return self.put(b + b"\0", 1)
+
+    def inside(self, addr: int, n: int) -> bool:
+        return self.base <= addr and addr + n <= self.base + len(self.shadow)
+
+    def call(self, name: str, *args: int) -> int:
+        return self.call_nr(NR[name], *args, name=name)
+
+    def call_nr(self, nr: int, *args: int, name: str) -> int:
+        r = self.raw(nr, *args)
+        if -4096 < r < 0:
+            raise RemoteError(-r, f"{name} in process {self.pid} failed: {os.strerror(-r)}")
+        return r
+
+
+class Recorder(_DataArea):
+    """Wraps the first thread's real Injector and notes what its calls need."""
+
+    def __init__(self, inj: Injector):
+        super().__init__(inj.scratch.data, inj.scratch.data_size)
+        self.inj = inj
+        self.tracee = inj.tracee
+        self.pid = inj.tracee.pid
+        self.calls: list[tuple[int, tuple[int, ...], bytes]] = []  # nr, args, data before
+        self.ok = True  # every call read-only and every write inside the data area
+
+    def put(self, data: bytes, align: int = 8) -> int:
+        addr = super().put(data, align)
+        self.inj.write(addr, data)
+        return addr
+
+    def write(self, addr: int, data: bytes) -> None:
+        if self.inside(addr, len(data)):
+            self._store(addr - self.base, data)
+        else:
+            self.ok = False
+        self.inj.write(addr, data)
+
+    def read(self, addr: int, size: int) -> bytes:
+        return self.inj.read(addr, size)
+
+    def raw(self, nr: int, *args: int) -> int:
+        args6 = tuple(args) + (0,) * (6 - len(args))
+        if not _read_only(nr, args6):
+            self.ok = False
+        before = bytes(self.shadow)
+        r = self.inj.raw(nr, *args)
+        self.calls.append((nr, args6, before))
+        if self.shadow:  # what the kernel wrote: the next call's "before"
+            self.shadow[:] = self.inj.read(self.base, len(self.shadow))
+        return r
+
+
+class Replayer(_DataArea):
+    """Serves one batched thread's results to the same code, in the same order.
+
+    The batched calls take no input from memory (the allowlist: they only fill
+    buffers), so what the data area held before a call does not matter; a read is
+    served only from a buffer the last call was handed (what its kernel filled for
+    this thread), anything else is Diverged."""
+
+    def __init__(self, rec: Recorder, tracee: Tracee, results: list[int], after: list[bytes]):
+        super().__init__(rec.base, rec.size)
+        self.rec = rec
+        self.tracee = tracee
+        self.pid = tracee.pid
+        self.results = results
+        self.after = after
+        self.i = 0
+        self.handed: set[int] = set()  # buffers (put() starts) the last call was given
+
+    def write(self, addr: int, data: bytes) -> None:
+        if not self.inside(addr, len(data)):
+            raise Diverged
+        self._store(addr - self.base, data)
+
+    def read(self, addr: int, size: int) -> bytes:
+        if not any(s <= addr and addr + size <= self.allocs[s] for s in self.handed):
+            raise Diverged
+        return bytes(self.shadow[addr - self.base : addr - self.base + size])
+
+    def raw(self, nr: int, *args: int) -> int:
+        args6 = tuple(args) + (0,) * (6 - len(args))
+        if self.i >= len(self.rec.calls):
+            raise Diverged
+        want_nr, want_args, before = self.rec.calls[self.i]
+        if (nr, args6) != (want_nr, want_args):
+            raise Diverged
+        r = self.results[self.i]
+        self.shadow[:] = self.after[self.i][: len(before)]  # its kernel's answer
+        self.handed = {a for a in args6 if a in self.allocs}
+        self.i += 1
+        return r
+
+    def finished(self) -> bool:
+        return self.i == len(self.rec.calls)
+
+
+def run_batch(
+    rec: Recorder,
+    main: Injector,
+    threads: list[Tracee],
+    regs: list[dict[str, int]],
+    masks: list[int],
+    blob_addrs: list[int],
+    work: Callable[[int, object], None],
+    checkpoint: Callable[[], None] = lambda: None,
+) -> list[Tracee]:
+    """Run rec's calls in every thread at once, then work(tid, replayer) for each.
+    Returns the threads whose replay diverged (the caller runs those the usual way).
+    checkpoint() runs while every thread sits inside its injection session."""
+    from .ptrace import resume_regs
+
+    n, k = len(threads), len(rec.calls)
+    extent = max(64, -(-len(rec.shadow) // 64) * 64)
+    size = -(-n * k * extent // 4096) * 4096
+    area = main.call("mmap", 0, size, 3, 0x22, (1 << 64) - 1, 0)  # RW, PRIVATE|ANON
+    entered: list[int] = []
+    try:
+        # each call of each thread gets its own copy of the data area, as it was before
+        init = bytearray(size)
+        nrs = ffi.new("long[]", n * k)
+        args = ffi.new("long[]", n * k * 6)
+        lo, hi = rec.base, rec.base + extent
+        for i in range(n):
+            for j, (nr, a6, before) in enumerate(rec.calls):
+                at = (i * k + j) * extent
+                init[at : at + len(before)] = before
+                nrs[i * k + j] = nr
+                for m, v in enumerate(a6):  # pointers into the data area: into this copy
+                    v = v - lo + area + at if lo <= v < hi else v
+                    args[(i * k + j) * 6 + m] = v - (1 << 64) if v >= 1 << 63 else v
+        main.write(area, bytes(init))
+        base = ffi.new("struct user_regs_struct[]", n)
+        insn = ffi.new("uint64_t[]", n)
+        tids = ffi.new("int[]", [t.pid for t in threads])
+        for i, t in enumerate(threads):
+            resume = resume_regs(regs[i])
+            main.write(blob_addrs[i], heal_blob(resume, masks[i]))
+            base[i] = dict_to_regs(resume)[0]
+            insn[i] = blob_addrs[i]
+            park = dict(resume, rip=blob_addrs[i], rax=NR["getpid"], orig_rax=(1 << 64) - 1)
+            t.setregs(park)  # at its heal blob before its mask is widened
+            entered.append(i)
+            t.set_sigmask(INJECT_MASK)
+        results = ffi.new("long[]", n * k)
+        states = ffi.new("int[]", n)
+        statuses = ffi.new("int[]", n)
+        check(
+            lib.ck_inject_many(n, tids, base, insn, k, nrs, args, results, states, statuses),
+            "waitpid",
+        )
+        for i, t in enumerate(threads):
+            if states[i] == -errno.ECHILD:
+                t.attached = False
+                raise RemoteError(errno.ESRCH, f"thread {t.pid} died during syscall injection")
+            if states[i] == -errno.EFAULT:
+                raise RemoteError(
+                    errno.EFAULT, f"injected syscall in {t.pid} stopped by status {statuses[i]:#x}"
+                )
+            check(states[i], "syscall injection", target=t.pid)
+        checkpoint()
+        after = main.read(area, n * k * extent)
+        _leave(threads, regs, masks, entered)
+        entered = []
+    finally:
+        if entered:
+            _leave(threads, regs, masks, entered)
+        main.call("munmap", area, size)
+    diverged = []
+    for i, t in enumerate(threads):
+        rep = Replayer(
+            rec,
+            t,
+            [results[i * k + j] for j in range(k)],
+            [after[(i * k + j) * extent : (i * k + j) * extent + extent] for j in range(k)],
+        )
+        try:
+            work(t.pid, rep)
+            if not rep.finished():
+                raise Diverged
+        except (Diverged, RemoteError):
+            diverged.append(t)
+    return diverged
+
+
+def _leave(threads: list[Tracee], regs, masks, which: list[int]) -> None:
+    """Each thread back to its own registers and mask, from a stop inside get_signal()
+    (remote.ThreadInjection.__exit__, for all of them at once). Every thread gets its
+    turn even when one fails; the first error is raised after."""
+    first: BaseException | None = None
+    parked = []
+    for i in which:
+        t = threads[i]
+        try:
+            check(lib.ck_ptrace(PTRACE_INTERRUPT, t.pid, 0, 0), "PTRACE_INTERRUPT", target=t.pid)
+            check(lib.ck_ptrace(PTRACE_CONT, t.pid, 0, 0), "PTRACE_CONT", target=t.pid)
+            parked.append(i)
+        except OSError as exc:
+            first = first or exc
+    for i in parked:
+        t = threads[i]
+        try:
+            while True:
+                st = t.wait()
+                if os.WIFEXITED(st) or os.WIFSIGNALED(st):
+                    t.attached = False
+                    raise RemoteError(errno.ESRCH, f"thread {t.pid} died while being parked")
+                if os.WIFSTOPPED(st) and (st >> 16) == PTRACE_EVENT_STOP:
+                    break
+                if os.WIFSTOPPED(st):
+                    raise RemoteError(
+                        errno.EFAULT, f"thread {t.pid} took signal {os.WSTOPSIG(st)} while parked"
+                    )
+            t.set_sigmask(masks[i])
+            t.setregs(regs[i])
+        except OSError as exc:
+            first = first or exc
+    if first is not None:
+        raise first
