@@ -36,6 +36,7 @@ from helpers import (
     wait_until,
 )
 
+from ckpt.image import ImageReader
 from ckpt.image.header import READ_MAJORS
 
 KINDS = {"state": b"STAT", "index": b"INDX", "pages": b"PAGE"}
@@ -253,10 +254,27 @@ def test_bit_flip(e2e, small_image, image_copy, kind, where):
     data = bytearray(path.read_bytes())
     # header: a byte past the frozen magic/kind/major/minor prefix (offsets 0..11)
     pos = {"middle": len(data) // 2, "last": len(data) - 1, "header": 16}[where]
+    if kind == "pages" and where != "header":
+        pos = chunk_byte(image_copy, path, pos)
     assert len(data) > 64, f"{path} is only {len(data)} bytes"
     data[pos] ^= 0x10
     path.write_bytes(bytes(data))
     restore_fails(e2e, small_image, image_copy, 6)
+
+
+def chunk_byte(image: Path, path: Path, near: int) -> int:
+    """The byte of chunk data nearest to `near` in a pages file: a large layer's chunks
+    are written with O_DIRECT at aligned offsets, and the zero padding between and
+    after them holds nothing a flip could corrupt."""
+    with ImageReader(image) as r:
+        lr = next(x for x in r.layers if Path(x.pages_path).name == path.name)
+        spans = [(lr._data_offset + off, lr._data_offset + off + clen)
+                 for off, clen, _, _ in lr.index.chunks]  # fmt: skip
+    a, b = min(
+        spans,
+        key=lambda s: 0 if s[0] <= near < s[1] else min(abs(near - s[0]), abs(near - s[1] + 1)),
+    )
+    return min(max(near, a), b - 1)
 
 
 @pytest.mark.parametrize("kind", KINDS)
