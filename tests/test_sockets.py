@@ -154,6 +154,22 @@ def test_unix_peer_outside_refused(e2e):
         peer.close()
 
 
+def restore_while_peer_sends(e2e, w, c, image, before: int, window: int, after: int) -> None:
+    """The outside peer sends while nobody owns the connection, the restore runs, it
+    sends more: every byte arrives once, in order, and the workload answers."""
+    c.sendall(pat(0, before, window))  # nobody owns the connection now
+    bg = e2e.ckpt_bg("restore", "-D", str(image))
+    e2e.wait_restored(w.pid, w.ident, bg)
+    c.sendall(pat(0, before + window, after))
+    (w.cwd / "total").write_text(str(before + window + after))
+    v = e2e.verify(w, w.pid)
+    assert v.ok, v.line
+    assert v.fields["received"] == str(before + window + after)
+    assert recv_exactly(c, 30000) == pat(1, 0, 30000)
+    assert recv_exactly(c, 3) == b"bye"
+    assert bg.wait().returncode == 0
+
+
 def test_tcp_external_peer_sending_between_dump_and_restore(e2e):
     """The network lock: the peer keeps sending after the dump, before the restore.
     Its segments are dropped (not reset, not swallowed by the dead socket), so TCP
@@ -170,17 +186,7 @@ def test_tcp_external_peer_sending_between_dump_and_restore(e2e):
         res = e2e.dump_ok(w, image, "--tcp-established")
         lock = re.search(r"nftables table inet (ckpt_lock_\w+)", res.stderr)
         assert lock, res.stderr
-        c.sendall(pat(0, before, window))  # nobody owns the connection now
-        bg = e2e.ckpt_bg("restore", "-D", str(image))
-        e2e.wait_restored(w.pid, w.ident, bg)
-        c.sendall(pat(0, before + window, after))
-        (w.cwd / "total").write_text(str(before + window + after))
-        v = e2e.verify(w, w.pid)
-        assert v.ok, v.line
-        assert v.fields["received"] == str(before + window + after)
-        assert recv_exactly(c, 30000) == pat(1, 0, 30000)
-        assert recv_exactly(c, 3) == b"bye"
-        assert bg.wait().returncode == 0
+        restore_while_peer_sends(e2e, w, c, image, before, window, after)
         tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True)
         # only this dump's table: other tests' may come and go meanwhile
         assert lock.group(1) not in tables.stdout, "the restore must remove the lock"
@@ -221,17 +227,7 @@ def test_tcp_failed_restore_leaves_no_connection_behind(e2e):
         assert_error(res, 11, "CKPT_FAULT=restore-files")
         assert_no_process(w.pid)
         assert _tcp_sockets_on_port(port) == [], "the failed restore left a socket behind"
-        c.sendall(pat(0, before, window))  # nobody owns the connection now
-        bg = e2e.ckpt_bg("restore", "-D", str(image))
-        e2e.wait_restored(w.pid, w.ident, bg)
-        c.sendall(pat(0, before + window, after))
-        (w.cwd / "total").write_text(str(before + window + after))
-        v = e2e.verify(w, w.pid)
-        assert v.ok, v.line
-        assert v.fields["received"] == str(before + window + after)
-        assert recv_exactly(c, 30000) == pat(1, 0, 30000)
-        assert recv_exactly(c, 3) == b"bye"
-        assert bg.wait().returncode == 0
+        restore_while_peer_sends(e2e, w, c, image, before, window, after)
     finally:
         c.close()
         _drop_lock_of(image)
