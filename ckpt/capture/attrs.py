@@ -16,18 +16,14 @@ import struct
 import subprocess
 
 from ..errors import NoSuchProcess, UnsupportedProcess
+from ..kernel import abi, procfs
 from ..kernel import attrs as K
-from ..kernel import procfs
 from ..kernel.ptrace import Tracee
 from ..kernel.remote import Injector, RemoteError
 from ..model import ProcAttrs, SchedAttr, ThreadAttrs, Vma
 
-PR_GET_PDEATHSIG, PR_GET_TIMERSLACK, PR_GET_TSC, PR_MCE_KILL_GET = 2, 30, 25, 34
-PR_GET_SPECULATION_CTRL, PR_SPEC_PRCTL, PR_GET_MEMORY_MERGE = 52, 1, 68
-ARCH_GET_CPUID, NR_MEMBARRIER, MEMBARRIER_CMD_GET_REGISTRATIONS = 0x1011, 324, 1 << 9
-NR_GET_MEMPOLICY, NODEMASK_BITS = 239, 1024
+NODEMASK_BITS = 1024
 SPEC_KINDS = 3  # PR_SPEC_STORE_BYPASS, PR_SPEC_INDIRECT_BRANCH, PR_SPEC_L1D_FLUSH
-CAP_SYS_NICE, CAP_SYS_RESOURCE = 23, 24
 ALL_ONES = (1 << 64) - 1
 NO_GUARDS = ("vdso", "vvar", "vvar_vclock")
 
@@ -57,13 +53,13 @@ def refuse(pid: int) -> None:
                 f"{who} has x86 thread features enabled ({feats}: a shadow stack): not supported",
                 pid=pid,
             )
-        if flags & K.IO_FLUSHER == K.IO_FLUSHER and not _own_cap(CAP_SYS_RESOURCE):
+        if flags & K.IO_FLUSHER == K.IO_FLUSHER and not _own_cap(abi.CAP_SYS_RESOURCE):
             raise UnsupportedProcess(
                 f"{who} is an I/O flusher (PR_SET_IO_FLUSHER): setting it again needs "
                 "CAP_SYS_RESOURCE, which ckpt lacks",
                 pid=pid,
             )
-        if not _own_cap(CAP_SYS_NICE):
+        if not _own_cap(abi.CAP_SYS_NICE):
             try:
                 s = K.sched_getattr(tid)
             except OSError:
@@ -100,7 +96,7 @@ def _refuse_oom(pid: int) -> None:
     restorer inherits ckpt's). The floor has no /proc view: a value below ckpt's own
     is tried in a child of ckpt."""
     value = int(K.read_knob(pid, "oom_score_adj"))
-    if value >= int(K.read_knob(os.getpid(), "oom_score_adj")) or _own_cap(CAP_SYS_RESOURCE):
+    if value >= int(K.read_knob(os.getpid(), "oom_score_adj")) or _own_cap(abi.CAP_SYS_RESOURCE):
         return
     probe = subprocess.run(
         ["/bin/sh", "-c", f"echo {value} > /proc/self/oom_score_adj"],
@@ -146,17 +142,17 @@ def thread_injected(inj: Injector, a: ThreadAttrs) -> None:
     """The calling thread's prctl / arch_prctl state (no view from outside), into `a`."""
     inj.reset_data()
     buf = inj.alloc(8)
-    inj.call("prctl", PR_GET_PDEATHSIG, buf, 0, 0, 0)
+    inj.call("prctl", abi.PR_GET_PDEATHSIG, buf, 0, 0, 0)
     a.pdeathsig = struct.unpack("<i", inj.read(buf, 4))[0]
-    a.timerslack = inj.call("prctl", PR_GET_TIMERSLACK, 0, 0, 0, 0)
-    inj.call("prctl", PR_GET_TSC, buf, 0, 0, 0)
+    a.timerslack = inj.call("prctl", abi.PR_GET_TIMERSLACK, 0, 0, 0, 0)
+    inj.call("prctl", abi.PR_GET_TSC, buf, 0, 0, 0)
     a.tsc = struct.unpack("<i", inj.read(buf, 4))[0]
-    a.mce_kill = inj.call("prctl", PR_MCE_KILL_GET, 0, 0, 0, 0)
+    a.mce_kill = inj.call("prctl", abi.PR_MCE_KILL_GET, 0, 0, 0, 0)
     if _cpuid_faulting():
-        a.cpuid = inj.call("arch_prctl", ARCH_GET_CPUID, 0)
+        a.cpuid = inj.call("arch_prctl", abi.ARCH_GET_CPUID, 0)
     try:  # the thread's memory policy (set_mempolicy); ENOSYS without CONFIG_NUMA
         nodes = inj.alloc(NODEMASK_BITS // 8)
-        inj.call_nr(NR_GET_MEMPOLICY, buf, nodes, NODEMASK_BITS, 0, 0, name="get_mempolicy")
+        inj.call_nr(abi.NR_GET_MEMPOLICY, buf, nodes, NODEMASK_BITS, 0, 0, name="get_mempolicy")
         mode = struct.unpack("<i", inj.read(buf, 4))[0]
         mask = int.from_bytes(inj.read(nodes, NODEMASK_BITS // 8), "little")
         a.mempolicy = [mode, mask if mode else 0]
@@ -165,7 +161,7 @@ def thread_injected(inj: Injector, a: ThreadAttrs) -> None:
     ctl = spec_controls()
     if any(ctl):
         a.spec = [
-            inj.call("prctl", PR_GET_SPECULATION_CTRL, k, 0, 0, 0) if ctl[k] else 0
+            inj.call("prctl", abi.PR_GET_SPECULATION_CTRL, k, 0, 0, 0) if ctl[k] else 0
             for k in range(SPEC_KINDS)
         ]
 
@@ -178,12 +174,12 @@ def process_attrs(inj: Injector, pid: int) -> ProcAttrs:
     )
     inj.reset_data()
     try:
-        a.membarrier = inj.call_nr(NR_MEMBARRIER, MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0,
+        a.membarrier = inj.call_nr(abi.NR_MEMBARRIER, abi.MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0,
                                    name="membarrier")  # fmt: skip
     except RemoteError:
         a.membarrier = -1  # before Linux 6.3: registrations cannot be read
     try:
-        a.ksm_merge_any = bool(inj.call("prctl", PR_GET_MEMORY_MERGE, 0, 0, 0, 0))
+        a.ksm_merge_any = bool(inj.call("prctl", abi.PR_GET_MEMORY_MERGE, 0, 0, 0, 0))
     except RemoteError:
         a.ksm_merge_any = False  # before Linux 6.4: no such thing
     return a
@@ -209,8 +205,8 @@ def spec_controls() -> tuple[bool, ...]:
     libc = ctypes.CDLL(None, use_errno=True)
     out = []
     for k in range(SPEC_KINDS):
-        r = libc.prctl(PR_GET_SPECULATION_CTRL, k, 0, 0, 0)
-        out.append(r >= 0 and bool(r & PR_SPEC_PRCTL))
+        r = libc.prctl(abi.PR_GET_SPECULATION_CTRL, k, 0, 0, 0)
+        out.append(r >= 0 and bool(r & abi.PR_SPEC_PRCTL))
     return tuple(out)
 
 

@@ -19,12 +19,10 @@ from __future__ import annotations
 import os
 from array import array
 
-from ..kernel import native, procfs
+from ..kernel import abi, native, procfs
 from ..kernel.native import PAGE_SIZE
 from ..model import ProcessImage, Vma
 
-PM_PRESENT = 1 << 63
-PFN_MASK = (1 << 55) - 1
 KINDS = ("anon", "heap", "stack")
 # VmFlags that say nothing about the mapping itself (tracking, KSM, THP hints)
 _IGNORED = {"sd", "uw", "um", "mg", "hg", "nh"}
@@ -79,7 +77,8 @@ def _shared(child_fd: int, parent_fd: int, v: Vma) -> list[list[int]]:
         theirs.frombytes(os.pread(parent_fd, npages * 8, off))
         for i in range(min(len(mine), len(theirs))):
             a, b = mine[i], theirs[i]
-            if a & PM_PRESENT and b & PM_PRESENT and a & PFN_MASK == b & PFN_MASK and a & PFN_MASK:
+            pfn = a & abi.PM_PFN_MASK
+            if a & b & abi.PM_PRESENT and pfn and pfn == b & abi.PM_PFN_MASK:
                 addr = start + i * PAGE_SIZE
                 if out and out[-1][0] + out[-1][1] * PAGE_SIZE == addr:
                     out[-1][1] += 1

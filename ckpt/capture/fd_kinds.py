@@ -13,7 +13,7 @@ import os
 import stat as statmod
 
 from ..errors import UnsupportedProcess
-from ..kernel import fdobjs, procfs
+from ..kernel import abi, fdobjs, procfs
 from ..kernel.pidfd import pidfd_getfd, pidfd_open
 from ..model import EpollEntry, Fd, InotifyWatch, MemfdState, TimerfdState
 
@@ -21,9 +21,6 @@ from ..model import EpollEntry, Fd, InotifyWatch, MemfdState, TimerfdState
 # content and pipe data together may take at most this much of it.
 MAX_FD_DATA = 64 << 20
 
-O_ACCMODE, O_RDONLY, O_WRONLY, O_RDWR = 3, 0, 1, 2
-O_DIRECT = 0o40000
-PAGE_SIZE = 4096
 
 ANON_KINDS = {
     "anon_inode:[eventfd]": "eventfd",
@@ -87,7 +84,7 @@ def capture(scan: FdScan, rec: Fd, kind: str, st: os.stat_result, raw: bytes) ->
             raise scan.refuse(fd, f"is a FIFO that was deleted or is unreachable ({rec.path})")
         return rec
     if kind == "memfd":
-        if st.st_blksize > PAGE_SIZE:
+        if st.st_blksize > abi.PAGE_SIZE:
             raise scan.refuse(fd, f"is a hugetlbfs memfd ({rec.path}): not supported yet")
         rec.obj_id = st.st_ino
         return rec
@@ -211,12 +208,12 @@ def _pipes(scan: FdScan, recs: list[Fd]) -> None:
                 f"is a {what} also open in process {others[0]} (only fds 0-2 may lead to a "
                 "process outside the dump, as pipes: they are reconnected at restore)",
             )
-        modes = [r.flags & O_ACCMODE for r in recs_of]
+        modes = [r.flags & abi.O_ACCMODE for r in recs_of]
         if kind == "pipe" and (len(recs_of) > 2 or len(set(modes)) != len(modes)):
             raise scan.refuse(
                 first.fd, "is a pipe reopened through /proc (more than two open descriptions)"
             )
-        readable = next((r for r in recs_of if r.flags & O_ACCMODE != O_WRONLY), None)
+        readable = next((r for r in recs_of if r.flags & abi.O_ACCMODE != abi.O_WRONLY), None)
         copy = -1
         if readable is not None:
             copy = scan.getfd(readable.fd)
@@ -236,7 +233,7 @@ def _pipes(scan: FdScan, recs: list[Fd]) -> None:
             first.data = fdobjs.pipe_peek(copy)
         finally:
             os.close(copy)
-        if first.data and any(r.flags & O_DIRECT for r in recs_of):
+        if first.data and any(r.flags & abi.O_DIRECT for r in recs_of):
             raise scan.refuse(first.fd, "is a packet-mode (O_DIRECT) pipe with buffered data")
         scan.charge(first.fd, kind, len(first.data))
 
@@ -280,7 +277,7 @@ def _memfds(scan: FdScan, out: list[Fd], maps: list[procfs.Mapping]) -> None:
         rec = first.get(m.inode)
         if rec is None:  # held only by mappings: a record without an fd number
             name = m.name[len(MEMFD_PREFIX) :]
-            rec = Fd(fd=-1, kind="memfd", path=m.name + DELETED, flags=O_RDWR, cloexec=True,
+            rec = Fd(fd=-1, kind="memfd", path=m.name + DELETED, flags=abi.O_RDWR, cloexec=True,
                      pos=0, obj_id=m.inode)  # fmt: skip
             where = procfs.map_file(scan.pid, m.start, m.end)
             rec.memfd = _memfd_state(scan, -1, name, where, m.start)

@@ -6,14 +6,13 @@ import os
 import stat as statmod
 
 from ..errors import DumpError, NoSuchProcess, UnsupportedProcess
-from ..kernel import procfs
+from ..kernel import abi, procfs
 from ..kernel.process import same_open_file
 from ..model import Fd
 from . import fd_kinds, tty
 from .sockets import OutsidePeer, capture_socket
 from .vmas import file_ref
 
-O_CLOEXEC = 0o2000000
 # character devices that reopen by path with no state: null, zero, full, random, urandom
 SIMPLE_CHR = {(1, 3), (1, 5), (1, 7), (1, 8), (1, 9)}
 
@@ -60,8 +59,8 @@ def _capture(
             info = procfs.parse_fdinfo(raw)
         except FileNotFoundError as exc:  # closed while we looked (cannot happen when stopped)
             raise NoSuchProcess(f"fd {fd} of {pid} vanished", pid=pid) from exc
-        flags = info.flags & ~O_CLOEXEC
-        cloexec = bool(info.flags & O_CLOEXEC)
+        flags = info.flags & ~abi.O_CLOEXEC
+        cloexec = bool(info.flags & abi.O_CLOEXEC)
         key = (st.st_dev, st.st_ino)
         dup_of = next((o for o in seen.get(key, []) if same_open_file(pid, o, fd)), -1)
         seen.setdefault(key, []).append(fd)

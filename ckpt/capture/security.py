@@ -13,13 +13,10 @@ from __future__ import annotations
 import os
 
 from ..errors import NoSuchProcess, UnsupportedProcess
-from ..kernel import cgroups, creds, native, procfs, seccomp
+from ..kernel import abi, cgroups, creds, native, procfs, seccomp
 from ..kernel.ptrace import Tracee
 from ..kernel.remote import Injector
 from ..model import CgroupRef, Creds, ProcessImage, SeccompFilter, SecurityContext
-
-PR_GET_SECUREBITS = 27
-AF_UNIX = 1
 
 
 def _who(pid: int, root: int | None = None) -> str:
@@ -65,7 +62,7 @@ def check_tree_namespaces(pid: int) -> None:
 
 def capture(tracee: Tracee, bits_of: dict[int, int]) -> SecurityContext:
     """Everything but the namespaces, for a frozen process; bits_of: each thread's
-    securebits, read by `securebits()` in its injection session (capture/dump.py)."""
+    securebits, read by `securebits()` in its injection session (capture/process.py)."""
     pid = tracee.pid
     threads = tracee.threads
     tcreds = [creds.thread_creds(pid, t.pid) for t in threads]
@@ -111,7 +108,7 @@ def finish(proc: ProcessImage, sec: SecurityContext) -> None:
     if sec.root != "/":
         for f in proc.fds:
             s = f.socket
-            names = (s.local, s.remote) if s is not None and s.family == AF_UNIX else ()
+            names = (s.local, s.remote) if s is not None and s.family == abi.AF_UNIX else ()
             if any(isinstance(n, bytes) and n and not n.startswith(b"\0") for n in names):
                 raise UnsupportedProcess(
                     f"{_who(proc.pid)} is chrooted to {sec.root} and fd {f.fd} is a unix "
@@ -132,7 +129,7 @@ def _plain(sec: SecurityContext) -> bool:
     ]:
         return False
     lead = sec.threads[0]
-    my_bits = native.syscall(157, PR_GET_SECUREBITS)
+    my_bits = native.syscall(157, abi.PR_GET_SECUREBITS)
     for c in sec.threads:
         if (c.seccomp_mode and not sec.inherited_filters) or c.no_new_privs != lead.no_new_privs:
             return False
@@ -151,7 +148,7 @@ def _plain(sec: SecurityContext) -> bool:
 
 def securebits(inj: Injector) -> int:
     """The calling thread's securebits (they belong to its credentials; no /proc view)."""
-    return inj.call("prctl", PR_GET_SECUREBITS, 0, 0, 0, 0)
+    return inj.call("prctl", abi.PR_GET_SECUREBITS, 0, 0, 0, 0)
 
 
 def _root(pid: int) -> str:

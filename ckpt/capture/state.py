@@ -11,16 +11,13 @@ import struct
 from collections.abc import Callable
 
 from .. import faults
-from ..kernel import inject_batch, procfs
+from ..kernel import abi, inject_batch, procfs
 from ..kernel.ptrace import Tracee
 from ..kernel.remote import HEAL_STRIDE, Injector, ThreadInjection, heal_area_size
 from ..model import ITimer, PosixTimer, SigAction
 
 # /proc/PID/timers names sigev_notify without SIGEV_THREAD_ID (4), shown as "/tid.N"
 SIGEV = {"signal": 0, "none": 1, "thread": 2}
-SIGEV_THREAD_ID = 4
-PR_GET_DUMPABLE, PR_GET_CHILD_SUBREAPER, PR_GET_NO_NEW_PRIVS = 3, 37, 39
-PR_GET_TID_ADDRESS, PR_GET_THP_DISABLE = 40, 42
 BATCH_MIN = 3  # threads besides the leader from which their injections are batched
 
 
@@ -51,7 +48,7 @@ def thread_misc(inj: Injector) -> tuple[list[int], int]:
     inj.call("sigaltstack", 0, ss)
     sp, flags, _pad, size = struct.unpack("<QiiQ", inj.read(ss, 24))
     tid_addr = inj.alloc(8)
-    inj.call("prctl", PR_GET_TID_ADDRESS, tid_addr, 0, 0, 0)
+    inj.call("prctl", abi.PR_GET_TID_ADDRESS, tid_addr, 0, 0, 0)
     ctid = struct.unpack("<Q", inj.read(tid_addr, 8))[0]
     return [sp, flags & ~1, size], ctid  # SS_ONSTACK is status, not a setting
 
@@ -115,11 +112,11 @@ def misc(inj: Injector) -> dict:
     out["brk"] = inj.call("brk", 0)
     out["sigaltstack"], out["clear_child_tid"] = thread_misc(inj)
     inj.reset_data()
-    out["dumpable"] = inj.call("prctl", PR_GET_DUMPABLE, 0, 0, 0, 0)
-    out["no_new_privs"] = bool(inj.call("prctl", PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0))
-    out["thp_disable"] = inj.call("prctl", PR_GET_THP_DISABLE, 0, 0, 0, 0)
+    out["dumpable"] = inj.call("prctl", abi.PR_GET_DUMPABLE, 0, 0, 0, 0)
+    out["no_new_privs"] = bool(inj.call("prctl", abi.PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0))
+    out["thp_disable"] = inj.call("prctl", abi.PR_GET_THP_DISABLE, 0, 0, 0, 0)
     sub = inj.alloc(4)
-    inj.call("prctl", PR_GET_CHILD_SUBREAPER, sub, 0, 0, 0)
+    inj.call("prctl", abi.PR_GET_CHILD_SUBREAPER, sub, 0, 0, 0)
     out["child_subreaper"] = struct.unpack("<i", inj.read(sub, 4))[0]
     return out
 
@@ -152,7 +149,7 @@ def posix_timers(inj: Injector, pid: int) -> list[PosixTimer]:
         isec, insec, vsec, vnsec = struct.unpack("<qqqq", inj.read(buf, 32))
         notify = SIGEV.get(t.notify, 0)
         if t.by_tid:  # to one thread (glibc's SIGEV_THREAD helper); gone: delivers nothing
-            notify = notify | SIGEV_THREAD_ID if t.notify_tid in threads else SIGEV["none"]
+            notify = notify | abi.SIGEV_THREAD_ID if t.notify_tid in threads else SIGEV["none"]
         out.append(
             PosixTimer(
                 id=t.id, clock_id=t.clock_id, signo=t.signo, sigev_value=t.sigev_value,

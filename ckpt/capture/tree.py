@@ -23,14 +23,12 @@ import os
 from dataclasses import dataclass, field
 
 from ..errors import DumpError, NoSuchProcess, UnsupportedProcess
-from ..kernel import procfs
+from ..kernel import abi, procfs
 from ..kernel.process import kcmp_file
 from ..kernel.ptrace import Tracee, seize_group
 from ..model import Fd, ProcessImage, Zombie
 from .security import check_namespaces
 from .sockets import link_tree_sockets
-
-O_ACCMODE = 3
 
 
 def children(pid: int) -> list[int]:
@@ -277,7 +275,7 @@ def _link_pipes(procs: list[ProcessImage]) -> None:
         slots = {slot for slot, _ in recs}
         if len(slots) < 2:
             continue
-        modes = [f.flags & O_ACCMODE for _, f in recs]
+        modes = [f.flags & abi.O_ACCMODE for _, f in recs]
         if len(modes) != len(set(modes)):
             slot, f = recs[-1]
             raise UnsupportedProcess(

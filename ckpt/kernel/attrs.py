@@ -8,12 +8,12 @@ import errno
 import os
 import struct
 
-from . import procfs
+from . import abi, procfs
 from . import uffd as U
 from .native import PAGE_SIZE, check, ffi, lib
 
 NR_IOPRIO_SET, NR_IOPRIO_GET, NR_SCHED_SETATTR, NR_SCHED_GETATTR = 251, 252, 314, 315
-NR_MADVISE = 28
+NR_MADVISE = abi.NR_MADVISE
 IOPRIO_WHO_PROCESS = 1
 SCHED_ATTR = struct.Struct("<IIQiIQQQII")  # size 56 (SCHED_ATTR_SIZE_VER1)
 SCHED_FLAG_RESET_ON_FORK, SCHED_FLAG_RECLAIM, SCHED_FLAG_DL_OVERRUN = 0x01, 0x02, 0x04

@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 
 from ..errors import NoSuchProcess
-from . import procfs
+from . import abi, procfs
 from .native import ffi, lib
 
 #: capability numbers → names (include/uapi/linux/capability.h), for messages
@@ -163,10 +163,11 @@ def lsm_label(pid: int | str) -> str:
 
 # ---------------------------------------------------------------- safe path resolution
 
-NR_OPENAT2, NR_FSTATFS = 437, 138
-O_PATH, O_DIRECTORY, O_NOFOLLOW, O_CLOEXEC = 0o10000000, 0o200000, 0o400000, 0o2000000
+NR_OPENAT2, NR_FSTATFS = abi.NR_OPENAT2, abi.NR_FSTATFS
+O_PATH, O_DIRECTORY = abi.O_PATH, abi.O_DIRECTORY
+O_NOFOLLOW, O_CLOEXEC = abi.O_NOFOLLOW, abi.O_CLOEXEC
 RESOLVE_NO_XDEV, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, RESOLVE_BENEATH = 1, 2, 4, 8
-AT_FDCWD = -100
+AT_FDCWD = abi.AT_FDCWD
 
 
 def open_how(flags: int, resolve: int) -> bytes:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from . import abi
 from . import uffd as U
 from .native import PAGE_SIZE, ffi, lib, syscall
 from .pidfd import PIDFD_THREAD, pidfd_getfd, pidfd_open
@@ -32,15 +33,15 @@ T = TypeVar("T")
 
 CAP_SYS_PTRACE = 19
 CAP_SYS_ADMIN = 21
-CAP_SYS_RESOURCE = 24
+CAP_SYS_RESOURCE = abi.CAP_SYS_RESOURCE
 CAP_CHECKPOINT_RESTORE = 40
 
-SYS_PRCTL = 157
-SYS_ARCH_PRCTL = 158
-PR_SET_MM = 35
+SYS_PRCTL = abi.NR_PRCTL
+SYS_ARCH_PRCTL = abi.NR_ARCH_PRCTL
+PR_SET_MM = abi.PR_SET_MM
 PR_SET_MM_MAP_SIZE = 15
 PRCTL_MM_MAP_SIZE = 104  # sizeof(struct prctl_mm_map)
-PR_TIMER_CREATE_RESTORE_IDS = 77
+PR_TIMER_CREATE_RESTORE_IDS = abi.PR_TIMER_CREATE_RESTORE_IDS
 PR_TIMER_CREATE_RESTORE_IDS_GET = 2
 ARCH_MAP_VDSO_64 = 0x2003
 

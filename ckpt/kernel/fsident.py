@@ -16,9 +16,10 @@ import contextlib
 import os
 from collections.abc import Iterator
 
+from . import abi
 from .native import check, ffi, syscall
 
-NR_SETGROUPS, NR_SETFSUID, NR_SETFSGID = 116, 122, 123
+NR_SETGROUPS, NR_SETFSUID, NR_SETFSGID = abi.NR_SETGROUPS, abi.NR_SETFSUID, abi.NR_SETFSGID
 MAX_GROUPS = 65536
 
 

@@ -28,6 +28,7 @@ import errno
 import os
 from collections.abc import Callable
 
+from . import abi
 from .native import check, ffi, lib
 from .ptrace import PTRACE_CONT, PTRACE_EVENT_STOP, PTRACE_INTERRUPT, Tracee, dict_to_regs
 from .remote import (
@@ -39,7 +40,7 @@ from .remote import (
 )
 
 # Syscalls a batch may run: they only read the calling thread's state.
-_NR_GET_MEMPOLICY, _NR_GETTID, _NR_GETPID = 239, 186, 39
+_NR_GET_MEMPOLICY, _NR_GETTID, _NR_GETPID = abi.NR_GET_MEMPOLICY, abi.NR_GETTID, abi.NR_GETPID
 _PRCTL_GETS = {2, 3, 7, 16, 23, 25, 27, 30, 34, 37, 39, 40, 42, 52, 68}
 _ARCH_GETS = {0x1003, 0x1004, 0x1011}  # ARCH_GET_FS, ARCH_GET_GS, ARCH_GET_CPUID
 

@@ -9,6 +9,7 @@ import errno
 import os
 
 from .. import __version__
+from . import abi
 
 try:
     from .._native import ffi, lib
@@ -24,7 +25,7 @@ if _built_for != __version__:  # pragma: no cover - stale build
         "rebuild with `pip install .`"
     )
 
-PAGE_SIZE = 4096
+PAGE_SIZE = abi.PAGE_SIZE
 
 
 def check(ret: int, call: str, *, target: object = None) -> int:

@@ -17,10 +17,11 @@ from __future__ import annotations
 import os
 import struct
 
+from . import abi
 from .native import check, ffi, syscall
 
-SYS_OPENAT2 = 437
-AT_FDCWD = -100
+SYS_OPENAT2 = abi.NR_OPENAT2
+AT_FDCWD = abi.AT_FDCWD
 
 RESOLVE_NO_XDEV = 0x01
 RESOLVE_NO_MAGICLINKS = 0x02
@@ -30,7 +31,7 @@ RESOLVE_IN_ROOT = 0x10
 RESOLVE_CACHED = 0x20
 
 OPEN_HOW_SIZE = 24
-O_PATH = 0o10000000
+O_PATH = abi.O_PATH
 
 
 def open_how(flags: int, mode: int = 0, resolve: int = 0) -> bytes:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 
+from . import abi
 from .native import check, syscall
 
 SYS_PIDFD_SEND_SIGNAL = 424
-SYS_PIDFD_OPEN = 434
-SYS_PIDFD_GETFD = 438
+SYS_PIDFD_OPEN = abi.NR_PIDFD_OPEN
+SYS_PIDFD_GETFD = abi.NR_PIDFD_GETFD
 
 PIDFD_NONBLOCK = os.O_NONBLOCK
 PIDFD_THREAD = 0x80  # = O_EXCL; Linux 6.9+, required to open a non-leader TID

@@ -5,10 +5,10 @@ from __future__ import annotations
 import struct
 import time
 
-from . import procfs
+from . import abi, procfs
 from .native import check, ffi, lib
 
-NR_GET_ROBUST_LIST = 274
+NR_GET_ROBUST_LIST = abi.NR_GET_ROBUST_LIST
 #: RLIMIT_* by number, for messages
 RLIMIT_NAMES = (
     "RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_DATA", "RLIMIT_STACK", "RLIMIT_CORE", "RLIMIT_RSS",
@@ -56,7 +56,7 @@ def auxv_bytes(data: bytes) -> bytes:
     return data
 
 
-NR_KCMP, KCMP_FILE = 312, 0
+NR_KCMP, KCMP_FILE = abi.NR_KCMP, 0
 
 
 def same_open_file(pid: int, fd1: int, fd2: int) -> bool:

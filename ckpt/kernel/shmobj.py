@@ -14,10 +14,11 @@ import os
 import stat as statmod
 from dataclasses import dataclass
 
+from . import abi
 from .native import PAGE_SIZE, check, ffi, syscall
 from .procfs import PROC_ROOT
 
-NR_FSTATFS, NR_FALLOCATE = 138, 285
+NR_FSTATFS, NR_FALLOCATE = abi.NR_FSTATFS, 285
 TMPFS_MAGIC = 0x01021994  # tmpfs and the internal shmem mount (anonymous shared memory)
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 

@@ -22,6 +22,7 @@ import signal
 from typing import TYPE_CHECKING
 
 from ..errors import RestoreError, UsageError
+from ..kernel import abi
 from ..kernel import attrs as K
 from ..kernel.native import PAGE_SIZE
 from ..kernel.remote import Injector, RemoteError
@@ -30,15 +31,7 @@ from ..model import ProcessImage, ThreadAttrs
 if TYPE_CHECKING:
     from .rebuild import Rebuilder
 
-PR_SET_PDEATHSIG, PR_SET_TIMERSLACK, PR_SET_TSC, PR_MCE_KILL, PR_MCE_KILL_SET = 1, 29, 26, 33, 1
-PR_MCE_KILL_CLEAR, PR_MCE_KILL_DEFAULT = 0, 2
-PR_SET_SPECULATION_CTRL, PR_SET_IO_FLUSHER, PR_SET_MEMORY_MERGE = 53, 57, 67
-PR_SET_VMA, PR_SET_VMA_ANON_NAME = 0x53564D41, 0
-ARCH_SET_CPUID, NR_MEMBARRIER, NR_MSEAL, SIGCHLD = 0x1012, 324, 462, 17
-NR_SET_MEMPOLICY, NODEMASK_BITS = 238, 1024
-# MEMBARRIER_CMD_REGISTER_*: the bits MEMBARRIER_CMD_GET_REGISTRATIONS returns
-MEMBARRIER_REGISTER = (1 << 2, 1 << 4, 1 << 6, 1 << 8)
-PR_SPEC_DISABLED = 0x4 | 0x8 | 0x10  # PR_SPEC_DISABLE, FORCE_DISABLE, DISABLE_NOEXEC
+NODEMASK_BITS = 1024
 
 
 def check_detach(root: ProcessImage) -> None:
@@ -65,7 +58,7 @@ def _signame(sig: int) -> str:
 
 def exit_signal(p: ProcessImage) -> int:
     """The signal a tree member sends its parent when it exits (clone's exit_signal)."""
-    return p.attrs.exit_signal if p.attrs is not None else SIGCHLD
+    return p.attrs.exit_signal if p.attrs is not None else abi.SIGCHLD
 
 
 def _threads(rb: Rebuilder):
@@ -89,13 +82,13 @@ def before_finish(rb: Rebuilder) -> None:
         if v.kind == "anon" and v.name.startswith("[anon:") and v.name.endswith("]"):
             inj.reset_data()
             name = inj.cstr(v.name[6:-1])
-            inj.call("prctl", PR_SET_VMA, PR_SET_VMA_ANON_NAME, v.start, v.size, name)
+            inj.call("prctl", abi.PR_SET_VMA, abi.PR_SET_VMA_ANON_NAME, v.start, v.size, name)
 
 
 def after_finish(rb: Rebuilder) -> None:
     for v in rb.proc.vmas:
         if "sl" in v.vmflags:
-            rb.inj.call_nr(NR_MSEAL, v.start, v.size, 0, name="mseal")
+            rb.inj.call_nr(abi.NR_MSEAL, v.start, v.size, 0, name="mseal")
 
 
 def before_creds(rb: Rebuilder) -> None:
@@ -103,11 +96,11 @@ def before_creds(rb: Rebuilder) -> None:
     if p is not None:
         inj = rb.inj
         if p.membarrier > 0:
-            for cmd in MEMBARRIER_REGISTER:
+            for cmd in abi.MEMBARRIER_REGISTER:
                 if p.membarrier & cmd:
-                    inj.call_nr(NR_MEMBARRIER, cmd, 0, 0, name="membarrier")
+                    inj.call_nr(abi.NR_MEMBARRIER, cmd, 0, 0, name="membarrier")
         if p.ksm_merge_any:
-            inj.call("prctl", PR_SET_MEMORY_MERGE, 1, 0, 0, 0)
+            inj.call("prctl", abi.PR_SET_MEMORY_MERGE, 1, 0, 0, 0)
     for t, _tid, tinj in _threads(rb):
         if t.attrs is not None:
             _thread_injected(tinj, t.attrs)
@@ -120,25 +113,25 @@ def _thread_injected(inj: Injector, a: ThreadAttrs) -> None:
     have = _own()
     inj.reset_data()
     if a.timerslack is not None and a.timerslack != have["timerslack"]:
-        inj.call("prctl", PR_SET_TIMERSLACK, a.timerslack, 0, 0, 0)
+        inj.call("prctl", abi.PR_SET_TIMERSLACK, a.timerslack, 0, 0, 0)
     if a.tsc is not None and a.tsc != have["tsc"]:
-        inj.call("prctl", PR_SET_TSC, a.tsc, 0, 0, 0)
+        inj.call("prctl", abi.PR_SET_TSC, a.tsc, 0, 0, 0)
     if a.mce_kill is not None and a.mce_kill != have["mce_kill"]:
-        if a.mce_kill == PR_MCE_KILL_DEFAULT:
-            inj.call("prctl", PR_MCE_KILL, PR_MCE_KILL_CLEAR, 0, 0, 0)
+        if a.mce_kill == abi.PR_MCE_KILL_DEFAULT:
+            inj.call("prctl", abi.PR_MCE_KILL, abi.PR_MCE_KILL_CLEAR, 0, 0, 0)
         else:
-            inj.call("prctl", PR_MCE_KILL, PR_MCE_KILL_SET, a.mce_kill, 0, 0)
+            inj.call("prctl", abi.PR_MCE_KILL, abi.PR_MCE_KILL_SET, a.mce_kill, 0, 0)
     if a.cpuid is not None and a.cpuid != have["cpuid"]:
-        inj.call("arch_prctl", ARCH_SET_CPUID, a.cpuid)
+        inj.call("arch_prctl", abi.ARCH_SET_CPUID, a.cpuid)
     for k, state in enumerate(a.spec or ()):
-        if state & PR_SPEC_DISABLED:  # disabled by prctl (or forced, or until exec): again
-            inj.call("prctl", PR_SET_SPECULATION_CTRL, k, state & PR_SPEC_DISABLED, 0, 0)
+        if state & abi.PR_SPEC_DISABLED:  # disabled by prctl (or forced, or until exec): again
+            inj.call("prctl", abi.PR_SET_SPECULATION_CTRL, k, state & abi.PR_SPEC_DISABLED, 0, 0)
     if a.io_flusher:
-        inj.call("prctl", PR_SET_IO_FLUSHER, 1, 0, 0, 0)
+        inj.call("prctl", abi.PR_SET_IO_FLUSHER, 1, 0, 0, 0)
     if a.mempolicy is not None and a.mempolicy != have["mempolicy"]:
         mode, mask = a.mempolicy
         nodes = inj.put(mask.to_bytes(NODEMASK_BITS // 8, "little")) if mode else 0
-        inj.call_nr(NR_SET_MEMPOLICY, mode, nodes, NODEMASK_BITS if mode else 0,
+        inj.call_nr(abi.NR_SET_MEMPOLICY, mode, nodes, NODEMASK_BITS if mode else 0,
                     name="set_mempolicy")  # fmt: skip
 
 
@@ -155,7 +148,7 @@ def after_creds(rb: Rebuilder) -> None:
         if a is None:
             continue
         if a.pdeathsig:
-            tinj.call("prctl", PR_SET_PDEATHSIG, a.pdeathsig, 0, 0, 0)
+            tinj.call("prctl", abi.PR_SET_PDEATHSIG, a.pdeathsig, 0, 0, 0)
         what = ""
         try:
             if a.affinity is not None and K.affinity(tid) != a.affinity:

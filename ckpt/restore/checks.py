@@ -7,10 +7,8 @@ import sys
 import time
 
 from ..errors import FileChanged, PidInUse
-from ..kernel import procfs
+from ..kernel import abi, procfs
 from ..model import FileRef, ProcessImage
-
-O_ACCMODE, O_WRONLY = 3, 1
 
 
 def check_file(ref: FileRef, what: str, *, strict: bool = True) -> None:
@@ -45,7 +43,7 @@ def check_files(proc: ProcessImage) -> None:
     for fd in proc.fds:
         if fd.file is not None:
             # a directory only needs to be the same one: its entries come and go
-            strict = (fd.flags & O_ACCMODE) != O_WRONLY and fd.kind != "dir"
+            strict = (fd.flags & abi.O_ACCMODE) != abi.O_WRONLY and fd.kind != "dir"
             check_file(fd.file, f"file of fd {fd.fd}", strict=strict)
 
 

@@ -22,7 +22,7 @@ import stat as statmod
 import struct
 
 from ..errors import FileChanged, RestoreError
-from ..kernel import fdobjs, procfs
+from ..kernel import abi, fdobjs, procfs
 from ..kernel.pidfd import pidfd_getfd, pidfd_open
 from ..kernel.remote import Injector, RemoteError
 from ..model import Fd, ProcessImage
@@ -30,16 +30,6 @@ from . import hostfs
 from .sockets import restore_socket_end, restore_sockets
 from .tty import restore_tty
 
-O_CREAT, O_EXCL, O_TRUNC, O_CLOEXEC = 0o100, 0o200, 0o1000, 0o2000000
-O_ACCMODE, O_RDONLY, O_WRONLY, O_RDWR = 3, 0, 1, 2
-O_NONBLOCK, O_DIRECT, O_PATH = 0o4000, 0o40000, 0o10000000
-AT_FDCWD = -100
-F_DUPFD, F_SETFD, F_SETFL, FD_CLOEXEC = 0, 2, 4, 1
-F_SETPIPE_SZ, F_ADD_SEALS = 1031, 1033
-EFD_SEMAPHORE = 1
-MFD_ALLOW_SEALING = 2
-EPOLL_CTL_ADD = 1
-TFD_IOC_SET_TICKS = 0x40085400
 MAX_WD_TRIES = 1 << 20
 
 
@@ -98,7 +88,7 @@ def create_memfds(
         if shared is not None:
             shared[f.obj_id] = (inj.tracee.pid, holder)
         try:
-            tmp = inj.call("memfd_create", inj.cstr(m.name), MFD_ALLOW_SEALING)
+            tmp = inj.call("memfd_create", inj.cstr(m.name), abi.MFD_ALLOW_SEALING)
             _place(inj, tmp, holder, True)
             content = fdobjs.FileContent(size=m.size, mode=m.mode, seals=0, extents=m.extents)
             fdobjs.write_sparse(procfs.fd_path(inj.tracee.pid, holder), content)
@@ -144,7 +134,7 @@ class _Ctx:
 
     def spare_fd(self, fd: int) -> int:
         """Move a fresh fd out of the way of the image's fd numbers."""
-        moved = self.inj.call("fcntl", fd, F_DUPFD, self.spare)
+        moved = self.inj.call("fcntl", fd, abi.F_DUPFD, self.spare)
         self.inj.call("close", fd)
         return moved
 
@@ -156,10 +146,10 @@ class _Ctx:
 
 def _place(inj: Injector, tmp: int, fd: int, cloexec: bool) -> None:
     if tmp != fd:
-        inj.call("dup3", tmp, fd, O_CLOEXEC if cloexec else 0)
+        inj.call("dup3", tmp, fd, abi.O_CLOEXEC if cloexec else 0)
         inj.call("close", tmp)
     elif cloexec:
-        inj.call("fcntl", fd, F_SETFD, FD_CLOEXEC)
+        inj.call("fcntl", fd, abi.F_SETFD, abi.FD_CLOEXEC)
 
 
 def restore_fds(
@@ -196,13 +186,13 @@ def restore_fds(
             ctx.done.add(fd.fd)
         for fd in proc.fds:
             if fd.kind == "dup":  # shares the open file description of an fd restored before
-                inj.call("dup3", fd.dup_of, fd.fd, O_CLOEXEC if fd.cloexec else 0)
+                inj.call("dup3", fd.dup_of, fd.fd, abi.O_CLOEXEC if fd.cloexec else 0)
         for fd in proc.fds:
             if fd.kind == "epoll":
                 _epoll_entries(ctx, fd)
         for fd in proc.fds:
             if fd.memfd is not None and fd.memfd.seals:
-                inj.call("fcntl", ctx.holders[fd.obj_id], F_ADD_SEALS, fd.memfd.seals)
+                inj.call("fcntl", ctx.holders[fd.obj_id], abi.F_ADD_SEALS, fd.memfd.seals)
         if n:
             inj.call("close_range", top, top + n - 1, 0)
     finally:
@@ -213,7 +203,7 @@ def _by_path(ctx: _Ctx, fd: Fd) -> None:
     """Regular files and character devices: reopen by path (no symlink followed), the
     file checked on the fd that was opened (restore/hostfs.py), then the offset."""
     inj = ctx.inj
-    flags = fd.flags & ~(O_CREAT | O_EXCL | O_TRUNC | O_CLOEXEC)
+    flags = fd.flags & ~(abi.O_CREAT | abi.O_EXCL | abi.O_TRUNC | abi.O_CLOEXEC)
     what = f"file of fd {fd.fd}"
     try:
         if fd.kind == "chr":
@@ -226,14 +216,14 @@ def _by_path(ctx: _Ctx, fd: Fd) -> None:
         else:
             # a log only needs to be the same file; so does a tmpfs file the image holds
             # as a shared memory object (the restore has written its content back)
-            strict = (flags & O_ACCMODE) != O_WRONLY and not _shm_file(ctx.proc, fd.file)
+            strict = (flags & abi.O_ACCMODE) != abi.O_WRONLY and not _shm_file(ctx.proc, fd.file)
             tmp = hostfs.open_checked(
                 inj, fd.path, flags, what, ref=fd.file, strict=strict, fmt=statmod.S_IFREG
             )
     except RemoteError as exc:
         raise RestoreError(f"cannot reopen fd {fd.fd} ({fd.path}): {exc.strerror}") from exc
     _place(inj, tmp, fd.fd, fd.cloexec)
-    if fd.kind in ("file", "dir") and not fd.flags & O_PATH:  # O_PATH: no offset to set
+    if fd.kind in ("file", "dir") and not fd.flags & abi.O_PATH:  # O_PATH: no offset to set
         inj.call("lseek", fd.fd, fd.pos, 0)  # a directory's: where readdir goes on
 
 
@@ -248,9 +238,9 @@ def _shm_file(proc: ProcessImage, ref) -> bool:
 def _memfd(ctx: _Ctx, fd: Fd) -> None:
     """A new open file description of the memfd made in create_memfds."""
     inj = ctx.inj
-    flags = fd.flags & ~(O_CREAT | O_EXCL | O_TRUNC | O_CLOEXEC)
+    flags = fd.flags & ~(abi.O_CREAT | abi.O_EXCL | abi.O_TRUNC | abi.O_CLOEXEC)
     path = procfs.in_target("self", "fd", ctx.holders[fd.obj_id])
-    tmp = inj.call("openat", _u(AT_FDCWD), inj.cstr(path), flags, 0)
+    tmp = inj.call("openat", _u(abi.AT_FDCWD), inj.cstr(path), flags, 0)
     _place(inj, tmp, fd.fd, fd.cloexec)
     inj.call("lseek", fd.fd, fd.pos, 0)
 
@@ -259,7 +249,7 @@ def _fill_pipe(ctx: _Ctx, first: Fd, size_fd: int, write_fd: int) -> None:
     """The pipe's capacity (set through size_fd) and its buffered bytes (written in
     through ckpt's copy of write_fd), both recorded on the object's first fd."""
     if first.pipe_size:
-        ctx.inj.call("fcntl", size_fd, F_SETPIPE_SZ, first.pipe_size)
+        ctx.inj.call("fcntl", size_fd, abi.F_SETPIPE_SZ, first.pipe_size)
     if first.data:
         copy = ctx.copy(write_fd)
         try:
@@ -274,14 +264,14 @@ def _pipe(ctx: _Ctx, fd: Fd) -> None:
     inj = ctx.inj
     recs = ctx.by_obj[fd.obj_id]
     first = recs[0]
-    packet = any(r.flags & O_DIRECT for r in recs)
+    packet = any(r.flags & abi.O_DIRECT for r in recs)
     buf = inj.alloc(8)
-    inj.call("pipe2", buf, O_DIRECT if packet else 0)
+    inj.call("pipe2", buf, abi.O_DIRECT if packet else 0)
     r_tmp, w_tmp = struct.unpack("<ii", inj.read(buf, 8))
     r_tmp, w_tmp = ctx.spare_fd(r_tmp), ctx.spare_fd(w_tmp)
     _fill_pipe(ctx, first, r_tmp, w_tmp)
-    ends = {r.flags & O_ACCMODE: r for r in recs}
-    for mode, tmp in ((O_RDONLY, r_tmp), (O_WRONLY, w_tmp)):
+    ends = {r.flags & abi.O_ACCMODE: r for r in recs}
+    for mode, tmp in ((abi.O_RDONLY, r_tmp), (abi.O_WRONLY, w_tmp)):
         rec = ends.get(mode)
         if rec is None and ctx.parked is not None:  # a later tree member may take it
             ctx.parked[(fd.obj_id, mode)] = (inj.tracee.pid, tmp)
@@ -290,8 +280,8 @@ def _pipe(ctx: _Ctx, fd: Fd) -> None:
             inj.call("close", tmp)
             continue
         _place(inj, tmp, rec.fd, rec.cloexec)
-        if rec.flags & O_NONBLOCK:
-            inj.call("fcntl", rec.fd, F_SETFL, O_NONBLOCK | (rec.flags & O_DIRECT))
+        if rec.flags & abi.O_NONBLOCK:
+            inj.call("fcntl", rec.fd, abi.F_SETFL, abi.O_NONBLOCK | (rec.flags & abi.O_DIRECT))
         ctx.done.add(rec.fd)
 
 
@@ -304,22 +294,27 @@ def _fifo(ctx: _Ctx, fd: Fd) -> None:
     first = recs[0]
     what = f"FIFO of fd {first.fd}"
     tmp = hostfs.open_checked(
-        inj, first.path, O_RDWR | O_NONBLOCK, what, fmt=statmod.S_IFIFO, ino=first.obj_id or None
+        inj,
+        first.path,
+        abi.O_RDWR | abi.O_NONBLOCK,
+        what,
+        fmt=statmod.S_IFIFO,
+        ino=first.obj_id or None,
     )
     helper = ctx.spare_fd(tmp)
     _fill_pipe(ctx, first, helper, helper)
     inj.reset_data()
     path = inj.cstr(procfs.in_target("self", "fd", helper))  # this FIFO, whatever its name is now
     for rec in recs:
-        flags = rec.flags & ~(O_CREAT | O_EXCL | O_TRUNC | O_CLOEXEC)
-        _place(inj, inj.call("openat", _u(AT_FDCWD), path, flags, 0), rec.fd, rec.cloexec)
+        flags = rec.flags & ~(abi.O_CREAT | abi.O_EXCL | abi.O_TRUNC | abi.O_CLOEXEC)
+        _place(inj, inj.call("openat", _u(abi.AT_FDCWD), path, flags, 0), rec.fd, rec.cloexec)
         ctx.done.add(rec.fd)
     inj.call("close", helper)
 
 
 def _eventfd(ctx: _Ctx, fd: Fd) -> None:
     inj = ctx.inj
-    flags = (EFD_SEMAPHORE if fd.semaphore else 0) | (fd.flags & O_NONBLOCK)
+    flags = (abi.EFD_SEMAPHORE if fd.semaphore else 0) | (fd.flags & abi.O_NONBLOCK)
     tmp = inj.call("eventfd2", 0, flags)
     if fd.count:
         inj.call("write", tmp, inj.put(struct.pack("<Q", fd.count)), 8)
@@ -329,7 +324,7 @@ def _eventfd(ctx: _Ctx, fd: Fd) -> None:
 def _signalfd(ctx: _Ctx, fd: Fd) -> None:
     inj = ctx.inj
     mask = inj.put(struct.pack("<Q", fd.sigmask))
-    tmp = inj.call("signalfd4", _u(-1), mask, 8, fd.flags & O_NONBLOCK)
+    tmp = inj.call("signalfd4", _u(-1), mask, 8, fd.flags & abi.O_NONBLOCK)
     _place(inj, tmp, fd.fd, fd.cloexec)
 
 
@@ -337,7 +332,7 @@ def _timerfd(ctx: _Ctx, fd: Fd) -> None:
     """Relative re-arm with the remaining time; unread expirations via TFD_IOC_SET_TICKS."""
     inj = ctx.inj
     t = fd.timer
-    tmp = inj.call("timerfd_create", t.clockid, fd.flags & O_NONBLOCK)
+    tmp = inj.call("timerfd_create", t.clockid, fd.flags & abi.O_NONBLOCK)
     # A periodic timer that expired and was not read shows 0 left (the kernel re-arms
     # it on read): its next expiry is one interval on.
     value = t.value_ns or t.interval_ns
@@ -346,15 +341,15 @@ def _timerfd(ctx: _Ctx, fd: Fd) -> None:
                           value // 10**9, value % 10**9)  # fmt: skip
         inj.call("timerfd_settime", tmp, 0, inj.put(its), 0)
     if t.ticks:
-        inj.call("ioctl", tmp, TFD_IOC_SET_TICKS, inj.put(struct.pack("<Q", t.ticks)))
+        inj.call("ioctl", tmp, abi.TFD_IOC_SET_TICKS, inj.put(struct.pack("<Q", t.ticks)))
     _place(inj, tmp, fd.fd, fd.cloexec)
 
 
 def _epoll(ctx: _Ctx, fd: Fd) -> None:
     tmp = ctx.inj.call("epoll_create1", 0)
     _place(ctx.inj, tmp, fd.fd, fd.cloexec)
-    if fd.flags & O_NONBLOCK:
-        ctx.inj.call("fcntl", fd.fd, F_SETFL, O_NONBLOCK)
+    if fd.flags & abi.O_NONBLOCK:
+        ctx.inj.call("fcntl", fd.fd, abi.F_SETFL, abi.O_NONBLOCK)
 
 
 def _epoll_entries(ctx: _Ctx, ep: Fd) -> None:
@@ -368,16 +363,16 @@ def _epoll_entries(ctx: _Ctx, ep: Fd) -> None:
         ev = inj.put(struct.pack("<IQ", e.events, e.data))  # struct epoll_event is packed
         try:
             if e.src_fd in (e.tfd, -1):
-                inj.call("epoll_ctl", ep.fd, EPOLL_CTL_ADD, e.tfd, ev)
+                inj.call("epoll_ctl", ep.fd, abi.EPOLL_CTL_ADD, e.tfd, ev)
             elif e.tfd not in table:
                 inj.call("dup3", e.src_fd, e.tfd, 0)
-                inj.call("epoll_ctl", ep.fd, EPOLL_CTL_ADD, e.tfd, ev)
+                inj.call("epoll_ctl", ep.fd, abi.EPOLL_CTL_ADD, e.tfd, ev)
                 inj.call("close", e.tfd)
             else:
-                saved = inj.call("fcntl", e.tfd, F_DUPFD, ctx.spare)
+                saved = inj.call("fcntl", e.tfd, abi.F_DUPFD, ctx.spare)
                 inj.call("dup3", e.src_fd, e.tfd, 0)
-                inj.call("epoll_ctl", ep.fd, EPOLL_CTL_ADD, e.tfd, ev)
-                inj.call("dup3", saved, e.tfd, O_CLOEXEC if table[e.tfd].cloexec else 0)
+                inj.call("epoll_ctl", ep.fd, abi.EPOLL_CTL_ADD, e.tfd, ev)
+                inj.call("dup3", saved, e.tfd, abi.O_CLOEXEC if table[e.tfd].cloexec else 0)
                 inj.call("close", saved)
         except RemoteError as exc:
             raise RestoreError(
@@ -390,7 +385,7 @@ def _inotify(ctx: _Ctx, fd: Fd) -> None:
     added and removed until it gets its old number (as CRIU does); the IN_IGNORED
     events that leaves behind are drained."""
     inj = ctx.inj
-    tmp = inj.call("inotify_init1", fd.flags & O_NONBLOCK)
+    tmp = inj.call("inotify_init1", fd.flags & abi.O_NONBLOCK)
     _place(inj, tmp, fd.fd, fd.cloexec)
     if not fd.watches:
         return
@@ -453,9 +448,9 @@ def _take_fd(inj: Injector, owner: int, ofd: int, at: int, *, cloexec: bool) -> 
         inj.call("close", pidfd)
     if tmp == at:  # pidfd_getfd sets close-on-exec
         if not cloexec:
-            inj.call("fcntl", at, F_SETFD, 0)
+            inj.call("fcntl", at, abi.F_SETFD, 0)
         return
-    inj.call("dup3", tmp, at, O_CLOEXEC if cloexec else 0)
+    inj.call("dup3", tmp, at, abi.O_CLOEXEC if cloexec else 0)
     inj.call("close", tmp)
 
 
@@ -478,12 +473,12 @@ def _external(ctx: _Ctx, fd: Fd) -> None:
 
 def _pipe_end(ctx: _Ctx, fd: Fd) -> None:
     """This process's end of a pipe an earlier tree member created (and parked)."""
-    got = (ctx.parked or {}).get((fd.obj_id, fd.flags & O_ACCMODE))
+    got = (ctx.parked or {}).get((fd.obj_id, fd.flags & abi.O_ACCMODE))
     if got is None:
         raise RestoreError(f"fd {fd.fd}: the other end's process did not leave this pipe end")
     _take(ctx, fd, *got)
-    if fd.flags & O_NONBLOCK:
-        ctx.inj.call("fcntl", fd.fd, F_SETFL, O_NONBLOCK | (fd.flags & O_DIRECT))
+    if fd.flags & abi.O_NONBLOCK:
+        ctx.inj.call("fcntl", fd.fd, abi.F_SETFL, abi.O_NONBLOCK | (fd.flags & abi.O_DIRECT))
 
 
 KINDS = {

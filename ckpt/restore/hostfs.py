@@ -27,15 +27,12 @@ import struct
 from collections.abc import Iterator
 
 from ..errors import FileChanged, RestoreError
+from ..kernel import abi
 from ..kernel.openat2 import OPEN_HOW_SIZE, RESOLVE_NO_SYMLINKS, SYS_OPENAT2, open_how
 from ..kernel.pidfd import pidfd_getfd, pidfd_open
 from ..kernel.remote import Injector, RemoteError
 from ..model import FileRef
 
-NR_FCHDIR, NR_FCHMOD, NR_UNLINK = 81, 91, 87
-NR_SETGROUPS, NR_SETFSUID, NR_SETFSGID = 116, 122, 123
-AT_FDCWD = -100
-O_DIRECTORY, O_CLOEXEC, O_PATH = 0o200000, 0o2000000, 0o10000000
 MAX_GROUPS = 1024  # more than the scratch area holds comfortably: none are set then
 
 
@@ -47,17 +44,17 @@ def _u(v: int) -> int:
 
 
 # openat2 refuses flag bits it does not know (openat ignores them); fdinfo's flags may
-# carry kernel-internal ones (__FMODE_*): only these are passed on
-VALID_OPEN_FLAGS = 0o37777703
-O_PATH_FLAGS = O_PATH | O_DIRECTORY | 0o400000 | O_CLOEXEC  # | O_NOFOLLOW
+# carry kernel-internal ones (__FMODE_*): only abi.VALID_OPEN_FLAGS are passed on, and
+# these with O_PATH
+O_PATH_FLAGS = abi.O_PATH | abi.O_DIRECTORY | abi.O_NOFOLLOW | abi.O_CLOEXEC
 
 
 def open_resolved(inj: Injector, path: str, flags: int) -> int:
     """openat2(AT_FDCWD, path, flags, RESOLVE_NO_SYMLINKS) in the restorer: its fd."""
-    flags &= O_PATH_FLAGS if flags & O_PATH else VALID_OPEN_FLAGS
+    flags &= O_PATH_FLAGS if flags & abi.O_PATH else abi.VALID_OPEN_FLAGS
     p = inj.cstr(path)
     how = inj.put(open_how(flags, 0, RESOLVE_NO_SYMLINKS))
-    return inj.call_nr(SYS_OPENAT2, _u(AT_FDCWD), p, how, OPEN_HOW_SIZE, name="openat2")
+    return inj.call_nr(SYS_OPENAT2, _u(abi.AT_FDCWD), p, how, OPEN_HOW_SIZE, name="openat2")
 
 
 def fstat_fd(inj: Injector, fd: int) -> os.stat_result:
@@ -134,7 +131,7 @@ def chdir_resolved(inj: Injector, path: str) -> None:
     """chdir(path) in the restorer, through an O_PATH fd opened without following
     symlinks (the cwd came from d_path)."""
     try:
-        fd = open_resolved(inj, path, O_PATH | O_DIRECTORY | O_CLOEXEC)
+        fd = open_resolved(inj, path, abi.O_PATH | abi.O_DIRECTORY | abi.O_CLOEXEC)
     except RemoteError as exc:
         if exc.errno == errno.ELOOP:
             raise FileChanged(
@@ -143,7 +140,7 @@ def chdir_resolved(inj: Injector, path: str) -> None:
             ) from exc
         raise RestoreError(f"cannot enter working directory {path}: {exc.strerror}") from exc
     try:
-        inj.call_nr(NR_FCHDIR, fd, name="fchdir")
+        inj.call_nr(abi.NR_FCHDIR, fd, name="fchdir")
     finally:
         inj.call("close", fd)
 
@@ -181,32 +178,32 @@ def fs_identity(inj: Injector, uid: int, gid: int, groups: list[int] | None) -> 
     if change_groups:
         _setgroups(inj, want)
     try:
-        inj.call_nr(NR_SETFSGID, gid & 0xFFFFFFFF, name="setfsgid")
-        inj.call_nr(NR_SETFSUID, uid & 0xFFFFFFFF, name="setfsuid")
+        inj.call_nr(abi.NR_SETFSGID, gid & 0xFFFFFFFF, name="setfsgid")
+        inj.call_nr(abi.NR_SETFSUID, uid & 0xFFFFFFFF, name="setfsuid")
         # setfsuid/setfsgid cannot fail visibly: -1 (invalid) reads the current value back
         got = (
-            inj.call_nr(NR_SETFSUID, 0xFFFFFFFF, name="setfsuid"),
-            inj.call_nr(NR_SETFSGID, 0xFFFFFFFF, name="setfsgid"),
+            inj.call_nr(abi.NR_SETFSUID, 0xFFFFFFFF, name="setfsuid"),
+            inj.call_nr(abi.NR_SETFSGID, 0xFFFFFFFF, name="setfsgid"),
         )
         if got != (uid, gid):
             raise RestoreError(f"cannot act as {uid}:{gid} in the restorer (fsuid:fsgid {got})")
         yield
     finally:
-        inj.call_nr(NR_SETFSUID, me_uid, name="setfsuid")
-        inj.call_nr(NR_SETFSGID, me_gid, name="setfsgid")
+        inj.call_nr(abi.NR_SETFSUID, me_uid, name="setfsuid")
+        inj.call_nr(abi.NR_SETFSGID, me_gid, name="setfsgid")
         if change_groups:
             _setgroups(inj, mine)
 
 
 def _setgroups(inj: Injector, groups: list[int]) -> None:
     raw = struct.pack(f"<{len(groups)}I", *groups)
-    inj.call_nr(NR_SETGROUPS, len(groups), inj.put(raw) if raw else 0, name="setgroups")
+    inj.call_nr(abi.NR_SETGROUPS, len(groups), inj.put(raw) if raw else 0, name="setgroups")
 
 
 def unlink_as_owner(inj: Injector, path: bytes) -> bool:
     """unlink(path) in the restorer (inside fs_identity); False if it did not exist."""
     try:
-        inj.call_nr(NR_UNLINK, inj.cstr(path), name="unlink")
+        inj.call_nr(abi.NR_UNLINK, inj.cstr(path), name="unlink")
     except RemoteError as exc:
         if exc.errno == errno.ENOENT:
             return False

@@ -12,7 +12,7 @@ import struct
 from stat import S_IFREG
 
 from ..errors import PidInUse, RestoreError
-from ..kernel import procfs, sysvshm
+from ..kernel import abi, procfs, sysvshm
 from ..kernel.native import PAGE_SIZE
 from ..kernel.process import RLIMIT_NAMES
 from ..kernel.ptrace import (
@@ -33,27 +33,17 @@ from .security import enter_cgroups, restore_files_context
 from .security import restore_creds as restore_security_creds
 from .shm import Owner, SharedObjects
 
-PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
-MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS = 0x01, 0x02, 0x20
-MAP_GROWSDOWN, MAP_NORESERVE, MAP_FIXED_NOREPLACE = 0x100, 0x4000, 0x100000
-MAP_DROPPABLE = 0x08
-MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
-O_RDONLY, O_RDWR, O_CREAT, O_EXCL, O_TRUNC, O_CLOEXEC = 0, 2, 0o100, 0o200, 0o1000, 0o2000000
-AT_FDCWD = -100
-TASK_SIZE = 0x7FFFFFFFF000
-MADV = {"hg": 14, "nh": 15, "dc": 10, "wf": 18, "dd": 16, "mg": 12, "sr": 2, "rr": 1}
+# VmFlags set by madvise → the advice that sets them again
+MADV = {
+    "hg": abi.MADV_HUGEPAGE, "nh": abi.MADV_NOHUGEPAGE, "dc": abi.MADV_DONTFORK,
+    "wf": abi.MADV_WIPEONFORK, "dd": abi.MADV_DONTDUMP, "mg": abi.MADV_MERGEABLE,
+    "sr": abi.MADV_SEQUENTIAL, "rr": abi.MADV_RANDOM,
+}  # fmt: skip
 VDSO_KINDS = ("vvar", "vvar_vclock", "vdso")
-PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NAME, PR_SET_MM, PR_SET_MM_MAP = 1, 4, 15, 35, 14
-PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS, PR_SET_THP_DISABLE = 36, 38, 41
-PR_TIMER_CREATE_RESTORE_IDS = 77
-NR_MLOCK2, MLOCK_ONFAULT = 325, 1
-CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
-CLONE_THREAD, CLONE_SYSVSEM, CLONE_CHILD_CLEARTID = 0x10000, 0x40000, 0x200000
-SIGCHLD = 17
-SHM_RDONLY, SHM_EXEC = 0o10000, 0o100000
-NR_FTRUNCATE, NR_SETFSUID, NR_SETFSGID = 77, 122, 123
-O_NOFOLLOW = 0o400000
-THREAD_FLAGS = CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM
+THREAD_FLAGS = (
+    abi.CLONE_VM | abi.CLONE_FS | abi.CLONE_FILES | abi.CLONE_SIGHAND | abi.CLONE_THREAD
+    | abi.CLONE_SYSVSEM
+)  # fmt: skip
 
 
 def _u(v: int) -> int:
@@ -146,7 +136,7 @@ class Rebuilder:
         self.register_rseq()
         attrs.after_creds(self)
 
-    def fork_child(self, want: int | None, exit_signal: int = SIGCHLD) -> Tracee:
+    def fork_child(self, want: int | None, exit_signal: int = abi.SIGCHLD) -> Tracee:
         """A copy of this restorer as its child, with PID `want` when given, that sends
         `exit_signal` to its parent when it exits. The child inherits the address space
         as it is (restore/tree.py: the parent's, built; its scratch area included).
@@ -186,8 +176,8 @@ class Rebuilder:
         busy = [(m.start, m.end) for m in child_maps] + [(v.start, v.end) for v in self.proc.vmas]
         size = SCRATCH_PAGES * PAGE_SIZE
         addr = free_range(busy, size)
-        self.inj.call("mmap", addr, size, PROT_READ | PROT_WRITE | PROT_EXEC,
-                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, _u(-1), 0)  # fmt: skip
+        self.inj.call("mmap", addr, size, abi.PROT_READ | abi.PROT_WRITE | abi.PROT_EXEC,
+                      abi.MAP_PRIVATE | abi.MAP_ANONYMOUS | abi.MAP_FIXED_NOREPLACE, _u(-1), 0)  # fmt: skip
         self.inj.write(addr, HEAL_CODE)
         self.inj.scratch = Scratch(addr)
         self.inj.use(addr)
@@ -206,7 +196,7 @@ class Rebuilder:
         keep += cow.inherited(self.proc)  # copy-on-write from the parent (restore/cow.py)
         keep.sort()
         pos = 0
-        for a, b in keep + [(TASK_SIZE, TASK_SIZE)]:
+        for a, b in keep + [(abi.TASK_SIZE, abi.TASK_SIZE)]:
             if a > pos:
                 self.inj.call("munmap", pos, a - pos)
             pos = max(pos, b)
@@ -238,12 +228,19 @@ class Rebuilder:
             tmp = free_range(busy + targets, span)
             for m in have.values():
                 new = tmp + (m.start - span_lo)
-                self.inj.call("mremap", m.start, m.size, m.size, MREMAP_MAYMOVE | MREMAP_FIXED, new)
+                self.inj.call(
+                    "mremap", m.start, m.size, m.size, abi.MREMAP_MAYMOVE | abi.MREMAP_FIXED, new
+                )
                 m.end, m.start = new + m.size, new
         for k, m in have.items():
             if m.start != want[k].start:
                 self.inj.call(
-                    "mremap", m.start, m.size, m.size, MREMAP_MAYMOVE | MREMAP_FIXED, want[k].start
+                    "mremap",
+                    m.start,
+                    m.size,
+                    m.size,
+                    abi.MREMAP_MAYMOVE | abi.MREMAP_FIXED,
+                    want[k].start,
                 )
 
     def map_vmas(self) -> None:
@@ -254,12 +251,12 @@ class Rebuilder:
             if v.cow_from >= 0:  # inherited from the parent, copy-on-write
                 cow.keep(self, v)
                 continue
-            prot0 = v.prot | (PROT_WRITE if "ac" in v.vmflags else 0)
-            flags = MAP_FIXED_NOREPLACE | (MAP_SHARED if v.shared else MAP_PRIVATE)
+            prot0 = v.prot | (abi.PROT_WRITE if "ac" in v.vmflags else 0)
+            flags = abi.MAP_FIXED_NOREPLACE | (abi.MAP_SHARED if v.shared else abi.MAP_PRIVATE)
             if "gd" in v.vmflags:
-                flags |= MAP_GROWSDOWN
+                flags |= abi.MAP_GROWSDOWN
             if "dp" in v.vmflags:  # MAP_DROPPABLE: a mapping type of its own
-                flags = flags & ~MAP_PRIVATE | MAP_DROPPABLE
+                flags = flags & ~abi.MAP_PRIVATE | abi.MAP_DROPPABLE
             if v.shm >= 0:
                 self._map_object(v, prot0, flags)
                 continue
@@ -270,9 +267,9 @@ class Rebuilder:
                 self._map_from_peer(v, prot0, flags)
                 continue
             if "nr" in v.vmflags:
-                flags |= MAP_NORESERVE
+                flags |= abi.MAP_NORESERVE
             if v.kind in ("file", "memfd"):
-                mode = O_RDWR if (v.shared and "mw" in v.vmflags) else O_RDONLY
+                mode = abi.O_RDWR if (v.shared and "mw" in v.vmflags) else abi.O_RDONLY
                 # a memfd: the object create_memfds made, shared with its fds
                 path = (
                     v.file.path
@@ -283,7 +280,7 @@ class Rebuilder:
                 continue
             else:
                 got = self.inj.call(
-                    "mmap", v.start, v.size, prot0, flags | MAP_ANONYMOUS, _u(-1), 0
+                    "mmap", v.start, v.size, prot0, flags | abi.MAP_ANONYMOUS, _u(-1), 0
                 )
             if got != v.start:
                 raise RestoreError(f"mapping {v.start:#x} landed at {got:#x}")
@@ -297,10 +294,12 @@ class Rebuilder:
         if ref is not None:
             what = f"mapped file (at {v.start:#x})"
             fd = open_checked(
-                self.inj, path, mode | O_CLOEXEC, what, ref=ref, strict=strict, fmt=S_IFREG
+                self.inj, path, mode | abi.O_CLOEXEC, what, ref=ref, strict=strict, fmt=S_IFREG
             )
         else:
-            fd = self.inj.call("openat", _u(AT_FDCWD), self.inj.cstr(path), mode | O_CLOEXEC, 0)
+            fd = self.inj.call(
+                "openat", _u(abi.AT_FDCWD), self.inj.cstr(path), mode | abi.O_CLOEXEC, 0
+            )
         try:
             self._mmap_at(v, prot, flags, fd, v.offset)
         finally:
@@ -315,7 +314,7 @@ class Rebuilder:
         if v.kind == "sysv":
             fresh = self._map_sysv(v, prot)
         elif v.kind == "file":  # a tmpfs file: the same file, its content from the image
-            mode = O_RDWR if "mw" in v.vmflags else O_RDONLY
+            mode = abi.O_RDWR if "mw" in v.vmflags else abi.O_RDONLY
             if owner is not None:  # mapped already (perhaps made again): that very file
                 self._map_via(owner.pid, owner.start, owner.end, v, prot, flags, mode)
                 fresh = owner.fresh
@@ -332,13 +331,13 @@ class Rebuilder:
         elif owner is not None:
             self._map_via(owner.pid, owner.start, owner.end, v, prot, flags)
         elif v.offset == 0 and v.size == obj.size:
-            self._mmap_at(v, prot, flags | MAP_ANONYMOUS, _u(-1), 0)
+            self._mmap_at(v, prot, flags | abi.MAP_ANONYMOUS, _u(-1), 0)
         else:  # the object is bigger than this VMA: make it whole elsewhere, map a part
             busy = self._busy + [(x.start, x.end) for x in self.proc.vmas]
             busy.append((self.inj.scratch.addr, self.inj.scratch.addr + self.inj.scratch.size))
             tmp = free_range(busy, obj.size)
-            self.inj.call("mmap", tmp, obj.size, PROT_READ | PROT_WRITE,
-                          MAP_SHARED | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, _u(-1), 0)  # fmt: skip
+            self.inj.call("mmap", tmp, obj.size, abi.PROT_READ | abi.PROT_WRITE,
+                          abi.MAP_SHARED | abi.MAP_ANONYMOUS | abi.MAP_FIXED_NOREPLACE, _u(-1), 0)  # fmt: skip
             try:
                 self._map_via(self.pid, tmp, tmp + obj.size, v, prot, flags)
             finally:
@@ -360,33 +359,33 @@ class Rebuilder:
         inj = self.inj
         inj.reset_data()
         old_mask = inj.call("umask", 0)
-        inj.call_nr(NR_SETFSGID, gid, name="setfsgid")
-        inj.call_nr(NR_SETFSUID, uid, name="setfsuid")
+        inj.call_nr(abi.NR_SETFSGID, gid, name="setfsgid")
+        inj.call_nr(abi.NR_SETFSUID, uid, name="setfsuid")
         try:
-            flags = O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC
-            fd = inj.call("openat", _u(AT_FDCWD), inj.cstr(v.file.path), flags, mode)
+            flags = abi.O_RDWR | abi.O_CREAT | abi.O_EXCL | abi.O_NOFOLLOW | abi.O_CLOEXEC
+            fd = inj.call("openat", _u(abi.AT_FDCWD), inj.cstr(v.file.path), flags, mode)
         except RemoteError as exc:
             raise RestoreError(f"cannot make {v.file.path} again: {exc.strerror}") from exc
         finally:
-            inj.call_nr(NR_SETFSUID, 0, name="setfsuid")
-            inj.call_nr(NR_SETFSGID, 0, name="setfsgid")
+            inj.call_nr(abi.NR_SETFSUID, 0, name="setfsuid")
+            inj.call_nr(abi.NR_SETFSGID, 0, name="setfsgid")
             inj.call("umask", old_mask)
         try:
-            inj.call_nr(NR_FTRUNCATE, fd, obj.size, name="ftruncate")
+            inj.call_nr(abi.NR_FTRUNCATE, fd, obj.size, name="ftruncate")
         except BaseException:
             inj.call("close", fd)
             raise
         return fd
 
     def _map_via(
-        self, pid: int, start: int, end: int, v, prot: int, flags: int, mode: int = O_RDWR
+        self, pid: int, start: int, end: int, v, prot: int, flags: int, mode: int = abi.O_RDWR
     ) -> None:
         """Map the object that process `pid` maps at [start, end), at v's place."""
         inj = self.inj
         inj.reset_data()
         path = procfs.in_target(pid, "map_files", f"{start:x}-{end:x}")
         try:
-            fd = inj.call("openat", _u(AT_FDCWD), inj.cstr(path), mode | O_CLOEXEC, 0)
+            fd = inj.call("openat", _u(abi.AT_FDCWD), inj.cstr(path), mode | abi.O_CLOEXEC, 0)
         except RemoteError as exc:
             raise RestoreError(f"cannot open {path} to share memory: {exc.strerror}") from exc
         try:
@@ -417,7 +416,9 @@ class Rebuilder:
                     f"cannot make SysV segment {seg.shmid} (key {seg.key:#x}) again: {exc}"
                 ) from exc
             self.sysv_created.append(seg.shmid)
-        flags = (0 if prot & PROT_WRITE else SHM_RDONLY) | (SHM_EXEC if prot & PROT_EXEC else 0)
+        flags = (0 if prot & abi.PROT_WRITE else abi.SHM_RDONLY) | (
+            abi.SHM_EXEC if prot & abi.PROT_EXEC else 0
+        )
         self._attach_sysv(v, seg, flags)
         return live is None
 
@@ -445,7 +446,7 @@ class Rebuilder:
         for v in self.proc.vmas:
             if v.kind in VDSO_KINDS:
                 continue
-            if "ac" in v.vmflags and not v.prot & PROT_WRITE:
+            if "ac" in v.vmflags and not v.prot & abi.PROT_WRITE:
                 self.inj.call("mprotect", v.start, v.size, v.prot)
             for flag, advice in MADV.items():
                 if flag in v.vmflags:
@@ -458,9 +459,9 @@ class Rebuilder:
         """mlock'd memory, locked again while the restorer still has ckpt's credentials
         and limits (CAP_IPC_LOCK): a process that locked it before it dropped root, or
         whose RLIMIT_MEMLOCK is lower now, keeps it locked as it was."""
-        flags = MLOCK_ONFAULT if "lf" in v.vmflags else 0
+        flags = abi.MLOCK_ONFAULT if "lf" in v.vmflags else 0
         try:
-            self.inj.call_nr(NR_MLOCK2, v.start, v.size, flags, name="mlock2")
+            self.inj.call_nr(abi.NR_MLOCK2, v.start, v.size, flags, name="mlock2")
         except RemoteError as exc:
             raise RestoreError(
                 f"cannot lock memory {v.start:#x}-{v.end:#x} ({v.size} bytes, mlock'd in "
@@ -478,11 +479,11 @@ class Rebuilder:
         # when the image maps the restorer's own executable, it already is the exe.
         exe_fd = -1
         if not _same_file(procfs.path(self.pid, "exe"), exe_path):
-            flags = O_RDONLY | O_CLOEXEC
+            flags = abi.O_RDONLY | abi.O_CLOEXEC
             exe_fd = (
                 open_checked(inj, exe_path, flags, "executable", ref=mm.exe, fmt=S_IFREG)
                 if mm.exe is not None
-                else inj.call("openat", _u(AT_FDCWD), inj.cstr(exe_path), flags, 0)
+                else inj.call("openat", _u(abi.AT_FDCWD), inj.cstr(exe_path), flags, 0)
             )
         try:
             st = struct.pack(
@@ -491,7 +492,7 @@ class Rebuilder:
                 mm.start_stack, mm.arg_start, mm.arg_end, mm.env_start, mm.env_end,
                 auxv, len(mm.auxv), exe_fd,
             )  # fmt: skip
-            inj.call("prctl", PR_SET_MM, PR_SET_MM_MAP, inj.put(st), len(st), 0)
+            inj.call("prctl", abi.PR_SET_MM, abi.PR_SET_MM_MAP, inj.put(st), len(st), 0)
         finally:
             if exe_fd >= 0:
                 inj.call("close", exe_fd)
@@ -510,15 +511,15 @@ class Rebuilder:
                 inj.call("setsid")
         elif p.pgid == p.pid:
             inj.call("setpgid", 0, 0)
-        inj.call("prctl", PR_SET_NAME, inj.cstr(p.comm[:15]), 0, 0, 0)
+        inj.call("prctl", abi.PR_SET_NAME, inj.cstr(p.comm[:15]), 0, 0, 0)
         chdir_resolved(inj, p.cwd)  # no symlink followed (restore/hostfs.py)
         inj.call("umask", p.umask)
         inj.call("personality", p.personality)
-        inj.call("prctl", PR_SET_DUMPABLE, p.dumpable, 0, 0, 0)
-        inj.call("prctl", PR_SET_CHILD_SUBREAPER, p.child_subreaper, 0, 0, 0)
+        inj.call("prctl", abi.PR_SET_DUMPABLE, p.dumpable, 0, 0, 0)
+        inj.call("prctl", abi.PR_SET_CHILD_SUBREAPER, p.child_subreaper, 0, 0, 0)
         # PR_GET_THP_DISABLE: 1 | flags (6.18: PR_THP_DISABLE_EXCEPT_ADVISED); set takes both
-        inj.call("prctl", PR_SET_THP_DISABLE, p.thp_disable & 1, p.thp_disable & ~1, 0, 0)
-        inj.call("prctl", PR_SET_PDEATHSIG, 0, 0, 0, 0)
+        inj.call("prctl", abi.PR_SET_THP_DISABLE, p.thp_disable & 1, p.thp_disable & ~1, 0, 0)
+        inj.call("prctl", abi.PR_SET_PDEATHSIG, 0, 0, 0, 0)
         _thread_misc(inj, p.threads[0])
 
     def create_threads(self) -> None:
@@ -542,7 +543,7 @@ class Rebuilder:
                 # clear_child_tid comes with the clone (CLONE_CHILD_CLEARTID): one
                 # injected set_tid_address less per thread
                 ctid = t.clear_child_tid
-                flags = THREAD_FLAGS | (CLONE_CHILD_CLEARTID if ctid else 0)
+                flags = THREAD_FLAGS | (abi.CLONE_CHILD_CLEARTID if ctid else 0)
                 args = struct.pack("<11Q", flags, 0, ctid, 0, 0, 0, 0, 0, set_tid,
                                    0 if self.new_pid else 1, 0)  # fmt: skip
                 try:
@@ -567,7 +568,7 @@ class Rebuilder:
                 self.tid_map[t.tid] = tid
                 tinj.reset_data()
                 if t.comm and t.comm[:15] != self.proc.comm[:15]:  # else inherited
-                    tinj.call("prctl", PR_SET_NAME, tinj.cstr(t.comm[:15]), 0, 0, 0)
+                    tinj.call("prctl", abi.PR_SET_NAME, tinj.cstr(t.comm[:15]), 0, 0, 0)
                 _thread_misc(tinj, t, tid_address=False)
         finally:
             self.tracee.set_options(base)
@@ -606,7 +607,7 @@ class Rebuilder:
         timers = sorted(self.proc.posix_timers, key=lambda t: t.id)
         if not timers:
             return
-        by_id = inj.raw(157, PR_TIMER_CREATE_RESTORE_IDS, 1, 0, 0, 0) == 0
+        by_id = inj.raw(157, abi.PR_TIMER_CREATE_RESTORE_IDS, 1, 0, 0, 0) == 0
         if not by_id and [t.id for t in timers] != list(range(len(timers))):
             raise RestoreError(
                 "POSIX timer ids cannot be restored on this kernel (needs Linux 6.15+)"
@@ -628,7 +629,7 @@ class Rebuilder:
                     inj.call("timer_settime", t.id, 0, inj.put(its), 0)
         finally:
             if by_id:
-                inj.raw(157, PR_TIMER_CREATE_RESTORE_IDS, 0, 0, 0, 0)
+                inj.raw(157, abi.PR_TIMER_CREATE_RESTORE_IDS, 0, 0, 0, 0)
 
     def restore_rlimits(self) -> None:
         """prlimit64(0, …) inside the process, before its credentials are set (setting
@@ -657,7 +658,7 @@ class Rebuilder:
             for inj in [self.inj, *(ti for _, _, ti in self.threads)]:
                 _set_creds(inj, self.proc)
         # a change of uid or gid made the mm non-dumpable (fs.suid_dumpable): as it was
-        self.inj.call("prctl", PR_SET_DUMPABLE, self.proc.dumpable, 0, 0, 0)
+        self.inj.call("prctl", abi.PR_SET_DUMPABLE, self.proc.dumpable, 0, 0, 0)
 
     def register_rseq(self) -> None:
         for t, inj in [(self.proc.threads[0], self.inj), *((t, ti) for t, _, ti in self.threads)]:
@@ -697,7 +698,7 @@ def _thread_misc(inj: Injector, t: Thread, *, tid_address: bool = True) -> None:
 def _set_creds(inj: Injector, p: ProcessImage) -> None:
     """Credentials and no_new_privs belong to each thread (glibc syncs them by signals)."""
     if p.no_new_privs:
-        inj.call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        inj.call("prctl", abi.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     if p.uids[:3] == [0, 0, 0] and p.gids[:3] == [0, 0, 0]:
         return
     inj.reset_data()
@@ -746,6 +747,6 @@ def free_range(busy: list[tuple[int, int]], size: int, lo: int = 1 << 32) -> int
         if a >= addr + size:
             break
         addr = max(addr, (b + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE)
-    if addr + size > TASK_SIZE:
+    if addr + size > abi.TASK_SIZE:
         raise RestoreError("no free address range for the restorer's scratch area")
     return addr

@@ -27,21 +27,12 @@ import struct
 from dataclasses import dataclass
 
 from ..errors import ImageCorrupt, RestoreError
-from ..kernel import cgroups, creds, procfs, seccomp
+from ..kernel import abi, cgroups, creds, procfs, seccomp
 from ..kernel.ptrace import PTRACE_O_EXITKILL, PTRACE_O_TRACESYSGOOD
 from ..kernel.remote import Injector, RemoteError
 from ..model import Creds, ProcessImage, SecurityContext
 
-PR_SET_KEEPCAPS, PR_CAPBSET_DROP, PR_GET_SECUREBITS, PR_SET_SECUREBITS = 8, 24, 27, 28
-PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT = 38, 47
-PR_CAP_AMBIENT_RAISE, PR_CAP_AMBIENT_CLEAR_ALL = 2, 4
-SECBIT_KEEP_CAPS = 1 << 4
-NR_SETFSUID, NR_SETFSGID, NR_CAPSET, NR_FCHDIR, NR_CHROOT = 122, 123, 126, 81, 161
-CAP_V3 = 0x20080522
-BPF_MAXINSNS = 4096
 INH, PRM, EFF, BND, AMB = range(5)
-AT_FDCWD = -100
-O_WRONLY = 0o1
 
 
 def _u(v: int) -> int:
@@ -59,7 +50,7 @@ def validate(proc: ProcessImage) -> None:
             f"process {proc.pid}: {len(sec.threads)} credentials for {len(proc.threads)} threads"
         )
     for f in sec.filters:
-        if not f.prog or len(f.prog) % 8 or len(f.prog) > 8 * BPF_MAXINSNS:
+        if not f.prog or len(f.prog) % 8 or len(f.prog) > 8 * abi.BPF_MAXINSNS:
             raise ImageCorrupt(f"process {proc.pid}: a seccomp filter of {len(f.prog)} bytes")
     for c in sec.threads:
         ids = [*c.uids, *c.gids, *c.groups]
@@ -175,7 +166,11 @@ def restore_files_context(rb) -> None:
         text = str(sec.loginuid).encode()
         try:
             fd = inj.call(
-                "openat", _u(AT_FDCWD), inj.cstr(procfs.in_target("self", "loginuid")), O_WRONLY, 0
+                "openat",
+                _u(abi.AT_FDCWD),
+                inj.cstr(procfs.in_target("self", "loginuid")),
+                abi.O_WRONLY,
+                0,
             )
             try:
                 inj.call("write", fd, inj.put(text), len(text))
@@ -193,17 +188,17 @@ def restore_files_context(rb) -> None:
             creds.open_how(flags, creds.RESOLVE_NO_SYMLINKS | creds.RESOLVE_NO_MAGICLINKS)
         )
         try:
-            cwd = inj.call("openat", _u(AT_FDCWD), inj.cstr("."), flags, 0)
+            cwd = inj.call("openat", _u(abi.AT_FDCWD), inj.cstr("."), flags, 0)
             try:
                 root = inj.call_nr(
-                    creds.NR_OPENAT2, _u(AT_FDCWD), inj.cstr(sec.root), how, 24, name="openat2"
+                    creds.NR_OPENAT2, _u(abi.AT_FDCWD), inj.cstr(sec.root), how, 24, name="openat2"
                 )
                 try:
-                    inj.call_nr(NR_FCHDIR, root, name="fchdir")
-                    inj.call_nr(NR_CHROOT, inj.cstr("."), name="chroot")
+                    inj.call_nr(abi.NR_FCHDIR, root, name="fchdir")
+                    inj.call_nr(abi.NR_CHROOT, inj.cstr("."), name="chroot")
                 finally:
                     inj.call("close", root)
-                inj.call_nr(NR_FCHDIR, cwd, name="fchdir")
+                inj.call_nr(abi.NR_FCHDIR, cwd, name="fchdir")
             finally:
                 inj.call("close", cwd)
         except RemoteError as exc:
@@ -236,7 +231,7 @@ def restore_creds(rb) -> None:
     ents = [(proc.threads[0].tid, rb.tracee, rb.inj)]
     ents += [(t.tid, tr, ti) for t, tr, ti in rb.threads]
     start = creds.thread_creds(rb.pid, rb.pid)
-    sb = rb.inj.call("prctl", PR_GET_SECUREBITS, 0, 0, 0, 0)
+    sb = rb.inj.call("prctl", abi.PR_GET_SECUREBITS, 0, 0, 0, 0)
     nows = [
         _Now(list(start.uids), list(start.gids), list(start.groups), list(start.caps), sb,
              start.no_new_privs)
@@ -280,12 +275,12 @@ def _bits(mask: int):
 
 def _capset(inj: Injector, eff: int, prm: int, inh: int) -> None:
     inj.reset_data()
-    hdr = inj.put(struct.pack("<Ii", CAP_V3, 0))
+    hdr = inj.put(struct.pack("<Ii", abi.CAP_V3, 0))
     lo, hi = 0xFFFFFFFF, 32
     data = struct.pack(
         "<6I", eff & lo, prm & lo, inh & lo, eff >> hi & lo, prm >> hi & lo, inh >> hi & lo
     )
-    inj.call_nr(NR_CAPSET, hdr, inj.put(data), name="capset")
+    inj.call_nr(abi.NR_CAPSET, hdr, inj.put(data), name="capset")
 
 
 def _setfs(inj: Injector, nr: int, want: int, what: str) -> None:
@@ -314,33 +309,33 @@ def _identity(inj: Injector, c: Creds, now: _Now, pid: int, tid: int) -> None:
         inj.call("setresgid", *c.gids[:3])
         now.gids = [*c.gids[:3], c.gids[1]]
     if c.gids[3] != now.gids[3]:
-        _setfs(inj, NR_SETFSGID, c.gids[3], "setfsgid")
+        _setfs(inj, abi.NR_SETFSGID, c.gids[3], "setfsgid")
         now.gids[3] = c.gids[3]
     if c.uids[:3] != now.uids[:3]:
         # keep the permitted set across leaving uid 0, then raise the effective one again
-        inj.call("prctl", PR_SET_KEEPCAPS, 1, 0, 0, 0)
-        now.securebits |= SECBIT_KEEP_CAPS
+        inj.call("prctl", abi.PR_SET_KEEPCAPS, 1, 0, 0, 0)
+        now.securebits |= abi.SECBIT_KEEP_CAPS
         inj.call("setresuid", *c.uids[:3])
         _refresh(now, pid, tid)
         _capset(inj, now.caps[PRM], now.caps[PRM], now.caps[INH])
         now.caps[EFF] = now.caps[PRM]
     if c.uids[3] != now.uids[3]:
-        _setfs(inj, NR_SETFSUID, c.uids[3], "setfsuid")
+        _setfs(inj, abi.NR_SETFSUID, c.uids[3], "setfsuid")
         _refresh(now, pid, tid)
     if c.caps[INH] != now.caps[INH]:  # before the bounding set shrinks
         _capset(inj, now.caps[EFF], now.caps[PRM], c.caps[INH])
         now.caps[INH] = c.caps[INH]
     if now.caps[AMB] & ~c.caps[AMB]:
-        inj.call("prctl", PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+        inj.call("prctl", abi.PR_CAP_AMBIENT, abi.PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
         now.caps[AMB] = 0
     for cap in _bits(c.caps[AMB] & ~now.caps[AMB]):
-        inj.call("prctl", PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0)
+        inj.call("prctl", abi.PR_CAP_AMBIENT, abi.PR_CAP_AMBIENT_RAISE, cap, 0, 0)
     now.caps[AMB] = c.caps[AMB]
     for cap in _bits(now.caps[BND] & ~c.caps[BND]):
-        inj.call("prctl", PR_CAPBSET_DROP, cap, 0, 0, 0)
+        inj.call("prctl", abi.PR_CAPBSET_DROP, cap, 0, 0, 0)
     now.caps[BND] = c.caps[BND]
     if c.securebits != now.securebits:
-        inj.call("prctl", PR_SET_SECUREBITS, c.securebits, 0, 0, 0)
+        inj.call("prctl", abi.PR_SET_SECUREBITS, c.securebits, 0, 0, 0)
         now.securebits = c.securebits
 
 
@@ -376,7 +371,7 @@ def _filters(inj: Injector, sec: SecurityContext, ids: list[int], tsync: bool = 
 def _final(inj: Injector, c: Creds, now: _Now) -> None:
     """no_new_privs, the final capability sets, strict mode: the last of the thread."""
     if c.no_new_privs and not now.no_new_privs:
-        inj.call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        inj.call("prctl", abi.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
         now.no_new_privs = True
     if [c.caps[EFF], c.caps[PRM], c.caps[INH]] != [now.caps[EFF], now.caps[PRM], now.caps[INH]]:
         _capset(inj, c.caps[EFF], c.caps[PRM], c.caps[INH])

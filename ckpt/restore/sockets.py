@@ -36,16 +36,13 @@ import socket
 import struct
 
 from ..errors import RestoreError
-from ..kernel import procfs, tcp_repair
+from ..kernel import abi, procfs, tcp_repair
 from ..kernel import sockets as ks
 from ..kernel.fsident import as_fs_user
 from ..kernel.remote import RemoteError
 from ..model import Fd, Socket
 from . import hostfs
 
-SOCK_NONBLOCK, SOCK_CLOEXEC = 0o4000, 0o2000000
-O_NONBLOCK = 0o4000
-F_DUPFD, F_SETFL = 0, 4
 PARKED = -2  # key (inode, PARKED) in the tree's `parked` registry (pipes use (inode, mode))
 SOCK_INODE_MODE = 0o777  # a socket's own inode (fstat of the fd), as socket() makes it
 
@@ -142,14 +139,20 @@ class _Sockets:
         self.made.add(f.socket.ino)
 
     def new(self, s: Socket) -> int:
-        t = s.type | SOCK_NONBLOCK | SOCK_CLOEXEC
+        t = s.type | abi.SOCK_NONBLOCK | abi.SOCK_CLOEXEC
         return self.ctx.spare_fd(self.inj.call("socket", s.family, t, s.protocol))
 
     def pair(self, a: Fd, b: Fd) -> None:
         inj = self.inj
         inj.reset_data()
         buf = inj.alloc(8)
-        inj.call("socketpair", socket.AF_UNIX, a.socket.type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, buf)
+        inj.call(
+            "socketpair",
+            socket.AF_UNIX,
+            a.socket.type | abi.SOCK_NONBLOCK | abi.SOCK_CLOEXEC,
+            0,
+            buf,
+        )
         ta, tb = struct.unpack("<ii", inj.read(buf, 8))
         ta, tb = self.ctx.spare_fd(ta), self.ctx.spare_fd(tb)
         self.place(ta, a)
@@ -354,14 +357,20 @@ class _Sockets:
             if p.socket.local:
                 self.bind_unix(p)
             self.connect_unix(p, listener.socket.local)
-            tmp = self.ctx.spare_fd(self.inj.call("accept4", listener.fd, 0, 0, SOCK_CLOEXEC))
+            tmp = self.ctx.spare_fd(self.inj.call("accept4", listener.fd, 0, 0, abi.SOCK_CLOEXEC))
             self.place(tmp, f)
 
     def pair_with_closed(self, f: Fd) -> None:
         inj = self.inj
         inj.reset_data()
         buf = inj.alloc(8)
-        inj.call("socketpair", socket.AF_UNIX, f.socket.type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, buf)
+        inj.call(
+            "socketpair",
+            socket.AF_UNIX,
+            f.socket.type | abi.SOCK_NONBLOCK | abi.SOCK_CLOEXEC,
+            0,
+            buf,
+        )
         ta, tb = struct.unpack("<ii", inj.read(buf, 8))
         ta, tb = self.ctx.spare_fd(ta), self.ctx.spare_fd(tb)
         self.place(ta, f)
@@ -531,7 +540,7 @@ class _Sockets:
                         )
                 if s.peek_off >= 0:
                     c.setsockopt(ks.SOL_SOCKET, ks.SO_PEEK_OFF, s.peek_off)
-            inj.call("fcntl", f.fd, F_SETFL, f.flags & ~3)  # O_NONBLOCK as it was
+            inj.call("fcntl", f.fd, abi.F_SETFL, f.flags & ~3)  # O_NONBLOCK as it was
 
 
 def restore_sockets(ctx, first: Fd) -> None:

@@ -46,6 +46,7 @@ import time
 from dataclasses import replace
 
 from ..errors import RestoreError
+from ..kernel import abi
 from ..kernel.memory import write_runs
 from ..kernel.native import PAGE_SIZE
 from ..kernel.remote import HEAL_CODE, SCRATCH_PAGES, Scratch
@@ -53,20 +54,9 @@ from ..kernel.spawn import spawn_restorer
 from ..model import ProcessImage, Vma
 from ..present import _normalize, intersect, subtract
 from .checks import check_file, check_files, wait_pid_free
-from .rebuild import (
-    MAP_ANONYMOUS,
-    MAP_FIXED_NOREPLACE,
-    MAP_PRIVATE,
-    PROT_EXEC,
-    PROT_READ,
-    PROT_WRITE,
-    VDSO_KINDS,
-    Rebuilder,
-    free_range,
-)
+from .rebuild import VDSO_KINDS, Rebuilder, free_range
 from .sockets import RebuiltConnections
 
-MADV_DONTNEED, MADV_REMOVE = 4, 9
 _U64 = (1 << 64) - 1
 
 
@@ -82,7 +72,7 @@ class _Layout:
 
 def prot0(v: Vma) -> int:
     """The protection an area is mapped with while being filled (Rebuilder.map_vmas)."""
-    return v.prot | (PROT_WRITE if "ac" in v.vmflags else 0)
+    return v.prot | (abi.PROT_WRITE if "ac" in v.vmflags else 0)
 
 
 def identity(v: Vma) -> tuple:
@@ -216,8 +206,8 @@ class StagedRestore:
         busy = [(v.start, v.end) for v in cur + tgt] + list(self._vdso.values())
         busy.append((old.addr, old.addr + old.size))
         addr = free_range(busy, size)
-        inj.call("mmap", addr, size, PROT_READ | PROT_WRITE | PROT_EXEC,
-                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, _U64, 0)  # fmt: skip
+        inj.call("mmap", addr, size, abi.PROT_READ | abi.PROT_WRITE | abi.PROT_EXEC,
+                 abi.MAP_PRIVATE | abi.MAP_ANONYMOUS | abi.MAP_FIXED_NOREPLACE, _U64, 0)  # fmt: skip
         inj.write(addr, HEAL_CODE)
         inj.scratch = Scratch(addr)
         inj.use(addr)
@@ -326,7 +316,7 @@ class StagedRestore:
         for v in sorted(proc.vmas, key=lambda v: v.start):
             if v.kind in VDSO_KINDS or (v.kind == "file" and v.shared):
                 continue
-            advice = MADV_REMOVE if v.kind == "shmem" else MADV_DONTNEED
+            advice = abi.MADV_REMOVE if v.kind == "shmem" else abi.MADV_DONTNEED
             out.extend((a, b, advice) for a, b in intersect(stale, [(v.start, v.end)]))
         return out
 

@@ -24,14 +24,10 @@ import signal
 import stat as statmod
 
 from ..errors import NoTerminal, RestoreError, UsageError
-from ..kernel import procfs
+from ..kernel import abi, procfs
 from ..kernel import tty as ktty
 from ..kernel.remote import Injector
 from ..model import Fd, ProcessImage
-
-O_CREAT, O_NOCTTY, O_EXCL, O_TRUNC, O_CLOEXEC = 0o100, 0o400, 0o200, 0o1000, 0o2000000
-F_SETFD, FD_CLOEXEC = 2, 1
-AT_FDCWD = -100
 
 
 class Terminal:
@@ -158,10 +154,10 @@ def restore_tty(ctx, fd: Fd) -> None:
         raise RestoreError(f"fd {fd.fd} is a terminal: restore with --shell-job")
     inj: Injector = ctx.inj
     path = "/dev/tty" if fd.rdev == ktty.DEV_TTY else term.path
-    flags = (fd.flags & ~(O_CREAT | O_EXCL | O_TRUNC | O_CLOEXEC)) | O_NOCTTY
-    tmp = inj.call("openat", AT_FDCWD & 0xFFFFFFFFFFFFFFFF, inj.cstr(path), flags, 0)
+    flags = (fd.flags & ~(abi.O_CREAT | abi.O_EXCL | abi.O_TRUNC | abi.O_CLOEXEC)) | abi.O_NOCTTY
+    tmp = inj.call("openat", abi.AT_FDCWD & 0xFFFFFFFFFFFFFFFF, inj.cstr(path), flags, 0)
     if tmp != fd.fd:
-        inj.call("dup3", tmp, fd.fd, O_CLOEXEC if fd.cloexec else 0)
+        inj.call("dup3", tmp, fd.fd, abi.O_CLOEXEC if fd.cloexec else 0)
         inj.call("close", tmp)
     elif fd.cloexec:
-        inj.call("fcntl", fd.fd, F_SETFD, FD_CLOEXEC)
+        inj.call("fcntl", fd.fd, abi.F_SETFD, abi.FD_CLOEXEC)

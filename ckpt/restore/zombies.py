@@ -40,20 +40,11 @@ import tempfile
 from dataclasses import dataclass
 
 from ..errors import ImageCorrupt, RestoreError
-from ..kernel import procfs
+from ..kernel import abi, procfs
 from ..kernel.ptrace import PTRACE_O_EXITKILL, PTRACE_O_TRACESYSGOOD, Tracee
 from ..kernel.remote import Injector, RemoteError
 from ..model import ProcessImage, Zombie
 
-NR_EXIT_GROUP, NR_WAITID, NR_RT_SIGTIMEDWAIT = 231, 247, 128
-NR_SETFSUID, NR_SETFSGID = 122, 123
-P_PID, WEXITED, WNOHANG, WNOWAIT, WALL = 1, 4, 1, 0x01000000, 0x40000000
-CLD_EXITED, CLD_KILLED, CLD_DUMPED = 1, 2, 3
-PR_SET_NAME, PR_SET_DUMPABLE = 15, 4
-SIGCHLD = 17
-RLIMIT_CORE = 4
-RSEQ_FLAG_UNREGISTER = 1
-TASK_SIZE = 0x7FFFFFFFF000
 CORE_PATTERN = ("sys", "kernel", "core_pattern")  # under /proc: procfs.system(*CORE_PATTERN)
 MIN_CORE = 1 << 20  # a core of the scratch area alone is far smaller
 DEATH_TIMEOUT = 30.0  # seconds for a zombie to die once let go (it runs one instruction)
@@ -67,8 +58,8 @@ def expected(status: int) -> tuple[int, int]:
     """(si_code, si_status) a waitid reports for this wait status."""
     sig = status & 0x7F
     if not sig:
-        return CLD_EXITED, (status >> 8) & 0xFF
-    return (CLD_DUMPED if status & 0x80 else CLD_KILLED), sig
+        return abi.CLD_EXITED, (status >> 8) & 0xFF
+    return (abi.CLD_DUMPED if status & 0x80 else abi.CLD_KILLED), sig
 
 
 def check(root: ProcessImage, member_pids: set[int]) -> None:
@@ -145,9 +136,9 @@ def fork(parent, z: Zombie, new_pid: bool) -> Made:
         made = Made(z, parent, tr, inj, mem_fd)
         cfg = tr.rseq_config()  # the restorer's, inherited: its memory may go (core)
         if cfg is not None:
-            inj.call("rseq", cfg.ptr, cfg.size, RSEQ_FLAG_UNREGISTER, cfg.signature)
+            inj.call("rseq", cfg.ptr, cfg.size, abi.RSEQ_FLAG_UNREGISTER, cfg.signature)
         inj.reset_data()
-        inj.call("prctl", PR_SET_NAME, inj.cstr(z.comm[:15]), 0, 0, 0)
+        inj.call("prctl", abi.PR_SET_NAME, inj.cstr(z.comm[:15]), 0, 0, 0)
         if z.sid == z.pid:
             inj.call("setsid")
         elif z.pgid == z.pid:
@@ -178,23 +169,23 @@ def _exit_one(m: Made) -> None:
         inj.reset_data()
         if sig:
             inj.call("rt_sigaction", sig, inj.put(bytes(32)), 0, 8)  # SIG_DFL
-        if code == CLD_DUMPED:
+        if code == abi.CLD_DUMPED:
             core_dir = _prepare_core(m)
         _set_ids(inj, z)
         if sig:  # dumpable again after setresuid cleared it, or never: then no core is
             # written whatever core_pattern and RLIMIT_CORE say, and the status has no bit
-            inj.call("prctl", PR_SET_DUMPABLE, 1 if code == CLD_DUMPED else 0, 0, 0, 0)
+            inj.call("prctl", abi.PR_SET_DUMPABLE, 1 if code == abi.CLD_DUMPED else 0, 0, 0, 0)
         # the parent: SIGCHLD not ignored (that would reap the zombie at once)
         parent = m.parent.inj
         parent.reset_data()
-        parent.call("rt_sigaction", SIGCHLD, parent.put(bytes(32)), 0, 8)
+        parent.call("rt_sigaction", abi.SIGCHLD, parent.put(bytes(32)), 0, 8)
         pidfd = os.pidfd_open(m.pid)
         if sig:
             tr.set_sigmask(0)
             os.kill(m.pid, sig)  # pending; taken (default action) once let go
         else:
             regs = dict(inj.template)
-            regs.update(rip=inj.insn, rax=NR_EXIT_GROUP, orig_rax=_u(-1), rdi=want)
+            regs.update(rip=inj.insn, rax=abi.NR_EXIT_GROUP, orig_rax=_u(-1), rdi=want)
             tr.setregs(regs)
         tr.detach()
         if not select.select([pidfd], [], [], DEATH_TIMEOUT)[0]:
@@ -213,11 +204,11 @@ def _set_ids(inj: Injector, z: Zombie) -> None:
     """Its uids and gids (real, effective, saved, fs), gids first (as root)."""
     if len(z.gids) == 4:
         inj.call("setresgid", z.gids[0], z.gids[1], z.gids[2])
-        inj.raw(NR_SETFSGID, z.gids[3])
+        inj.raw(abi.NR_SETFSGID, z.gids[3])
     if len(z.uids) == 4:
         inj.call("setresuid", z.uids[0], z.uids[1], z.uids[2])
         if z.uids[3] != z.uids[1]:  # setresuid set the fs uid to the effective one
-            inj.raw(NR_SETFSUID, z.uids[3])
+            inj.raw(abi.NR_SETFSUID, z.uids[3])
 
 
 def _prepare_core(m: Made) -> str:
@@ -234,12 +225,12 @@ def _prepare_core(m: Made) -> str:
     inj.call("chdir", inj.cstr(d))
     os.chown(d, uid, gid)
     old = inj.alloc(16)
-    inj.call("prlimit64", 0, RLIMIT_CORE, 0, old)
+    inj.call("prlimit64", 0, abi.RLIMIT_CORE, 0, old)
     _, hard = struct.unpack("<QQ", inj.read(old, 16))
-    inj.call("prlimit64", 0, RLIMIT_CORE, inj.put(struct.pack("<QQ", hard, hard)), 0)
+    inj.call("prlimit64", 0, abi.RLIMIT_CORE, inj.put(struct.pack("<QQ", hard, hard)), 0)
     s = inj.scratch
     inj.call("munmap", 0, s.addr)
-    inj.call("munmap", s.addr + s.size, TASK_SIZE - (s.addr + s.size))
+    inj.call("munmap", s.addr + s.size, abi.TASK_SIZE - (s.addr + s.size))
     return d
 
 
@@ -248,8 +239,8 @@ def _collect_status(m: Made, code: int, want: int) -> None:
     z, parent = m.image, m.parent.inj
     parent.reset_data()
     info = parent.alloc(128)
-    parent.call_nr(NR_WAITID, P_PID, m.pid, info, WEXITED | WNOHANG | WNOWAIT | WALL, 0,
-                   name="waitid")  # fmt: skip
+    options = abi.WEXITED | abi.WNOHANG | abi.WNOWAIT | abi.WALL
+    parent.call_nr(abi.NR_WAITID, abi.P_PID, m.pid, info, options, 0, name="waitid")
     _, _, si_code, _, si_pid, _, si_status = struct.unpack_from("<7i", parent.read(info, 28))
     if si_pid != m.pid or (si_code, si_status) != (code, want):
         raise RestoreError(
@@ -260,7 +251,7 @@ def _collect_status(m: Made, code: int, want: int) -> None:
         sigset = parent.put(struct.pack("<Q", 1 << (z.exit_signal - 1)))
         ts = parent.put(bytes(16))
         try:
-            parent.call_nr(NR_RT_SIGTIMEDWAIT, sigset, 0, ts, 8, name="rt_sigtimedwait")
+            parent.call_nr(abi.NR_RT_SIGTIMEDWAIT, sigset, 0, ts, 8, name="rt_sigtimedwait")
         except RemoteError as exc:
             if exc.errno != 11:  # EAGAIN: not queued (ignored by the parent)
                 raise

@@ -13,13 +13,11 @@ import errno
 import os
 from dataclasses import dataclass
 
-from ..kernel import procfs
+from ..kernel import abi, procfs
 from ..kernel.procfs import Mapping
 from ..kernel.remote import Injector
 from ..kernel.uffd import TRACKING_UFFD_FLAGS, ScanError, WpAsyncContext
 from .base import Tracker
-
-NR_USERFAULTFD = 323
 
 
 @dataclass
@@ -54,7 +52,7 @@ class UffdWpTracker(Tracker):
         # Handshake only after the target's own fd is closed: if ckpt dies in
         # between, what is left in the target is an uninitialised uffd that the
         # next ckpt run recognises and closes (capture.state.close_leftover_uffds).
-        fd = inj.call_nr(NR_USERFAULTFD, TRACKING_UFFD_FLAGS, name="userfaultfd")
+        fd = inj.call_nr(abi.NR_USERFAULTFD, TRACKING_UFFD_FLAGS, name="userfaultfd")
         try:
             ctx = WpAsyncContext.adopt(self.pid, fd, handshake=False)
         except BaseException:
