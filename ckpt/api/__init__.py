@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 
-from .capture.dump import DumpResult
-from .capture.dump import dump as _dump
-from .restore.run import Restored, load
-from .restore.run import restore as _restore
+from ..restore.run import Restored, load
+from ..restore.run import restore as _restore
+from .dump import DumpOptions, DumpResult, dump
+from .snapshot import SnapshotResult
 
 __all__ = [
+    "DumpOptions",
     "DumpResult",
     "Restored",
+    "SnapshotResult",
     "dump",
     "restore",
     "show",
@@ -19,11 +21,6 @@ __all__ = [
     "snapshot_dir",
     "wait_exit_status",
 ]
-
-
-def dump(pid: int, directory: str, **options) -> DumpResult:
-    """Checkpoint `pid` into `directory`; options as ckpt.capture.dump.dump()."""
-    return _dump(pid, directory, **options)
 
 
 def restore(
@@ -45,15 +42,15 @@ def restore(
 
 def snapshot(pid: int, store: str, **options):
     """One snapshot of `pid` into the store at `store` (created if missing)."""
-    from .capture.snapshot import snapshot as _snapshot
-    from .store import Store
+    from ..store import Store
+    from .snapshot import snapshot as _snapshot
 
     return _snapshot(pid, Store.open(store, create=True), **options)
 
 
 def snapshot_dir(store: str, at: str | None) -> tuple[str, str]:
     """(image directory, id) of the snapshot `at` (id, prefix, time; None = latest)."""
-    from .store import Store
+    from ..store import Store
 
     st = Store.open(store)
     info = st.resolve(at)
@@ -65,7 +62,7 @@ def restore_snapshot(
     shell_job: bool = False, detach: bool = False, inherit_fds: dict[int, int] | None = None,
 ):  # fmt: skip
     """Restore snapshot `at` of a store; a shared store lock keeps gc from swapping it meanwhile."""
-    from .store import Store
+    from ..store import Store
 
     st = Store.open(store)
     with st.lock(wait, shared=True, op="restore"):

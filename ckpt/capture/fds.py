@@ -10,7 +10,7 @@ from ..kernel import abi, procfs
 from ..kernel.process import same_open_file
 from ..model import Fd
 from . import fd_kinds, tty
-from .sockets import OutsidePeer, capture_socket
+from .sockets import OutsidePeer, SocketCapture, capture_socket
 from .vmas import file_ref
 
 # character devices that reopen by path with no state: null, zero, full, random, urandom
@@ -21,17 +21,19 @@ def capture_fds(
     pid: int,
     skip: frozenset[int] | set[int] = frozenset(),
     *,
+    sockets: SocketCapture,
     tcp_established: bool = False,
     tree: frozenset[int] = frozenset(),
     shell_job: bool = False,
 ) -> list[Fd]:
     """`skip`: ckpt's own fds in the target (persistent tracking).
+    `sockets`: the run's socket capture (network lock, held TCP duplicates).
     `tcp_established`: also dump TCP connections to peers outside the process.
     `tree`: the other processes dumped with this one; a pipe may connect them.
     `shell_job`: take fds on the job's controlling terminal (capture/tty.py)."""
     scan = fd_kinds.FdScan(pid, tree)
     try:
-        out = _capture(scan, pid, skip, tcp_established, shell_job)
+        out = _capture(scan, pid, skip, sockets, tcp_established, shell_job)
         fd_kinds.finish(scan, out, procfs.maps(pid))
     except OSError as exc:  # reading a pipe's data, a memfd, a pidfd_getfd copy…
         raise DumpError(f"reading the fds of process {pid} failed: {exc}") from exc
@@ -44,6 +46,7 @@ def _capture(
     scan: fd_kinds.FdScan,
     pid: int,
     skip: frozenset[int] | set[int],
+    sockets: SocketCapture,
     tcp_established: bool,
     shell_job: bool = False,
 ) -> list[Fd]:
@@ -100,8 +103,9 @@ def _capture(
             continue
         if statmod.S_ISSOCK(st.st_mode):  # sockets: capture/sockets.py
             try:
-                out.append(capture_socket(pid, fd, st, flags=flags, cloexec=cloexec,
-                                          fdinfo=info.extra, tcp_established=tcp_established,
+                out.append(capture_socket(pid, fd, st, run=sockets, flags=flags,
+                                          cloexec=cloexec, fdinfo=info.extra,
+                                          tcp_established=tcp_established,
                                           tree=scan.tree))  # fmt: skip
             except OutsidePeer:
                 if fd not in fd_kinds.STDIO:

@@ -25,7 +25,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from ..errors import CkptError, DumpError, UnsupportedProcess
+from ..errors import DumpError, UnsupportedProcess
 from ..kernel import netlock, procfs, sockdiag, tcp_repair
 from ..kernel.sockets import TargetSocket, socket_file
 from ..model import Fd, ProcessImage, Socket, SocketMsg, TcpConn
@@ -43,7 +43,7 @@ class _ProcessSockets:
     frozen: bool  # ptrace-stopped: queues may be peeked and TCP put in repair mode
     captured: dict[int, Socket] = field(default_factory=dict)
     held: dict[int, TargetSocket] = field(default_factory=dict)  # established TCP dups
-    tree: frozenset[int] | None = None  # the other processes dumped with this one
+    tree: frozenset[int] = frozenset()  # the other processes dumped with this one
     _all_unix: dict[int, sockdiag.UnixDiag] | None = None
     _mates: dict[int, int] | None = None
 
@@ -59,9 +59,8 @@ class _ProcessSockets:
     def mates(self) -> dict[int, int]:
         """socket inode → PID, for the sockets the other tree members hold."""
         if self._mates is None:
-            pids = self.tree if self.tree is not None else _frozen_by_us()
             self._mates = {}
-            for p in sorted(pids):
+            for p in sorted(self.tree):
                 for ino in _socket_fds(p):
                     self._mates.setdefault(ino, p)
             for ino in self.fds:
@@ -74,7 +73,7 @@ class _ProcessSockets:
 
     @property
     def mates_possible(self) -> bool:
-        return bool(self.tree) if self.tree is not None else bool(self.mates())
+        return bool(self.tree)
 
 
 class OutsidePeer(UnsupportedProcess):
@@ -82,32 +81,61 @@ class OutsidePeer(UnsupportedProcess):
     stream, a collector) it is an external endpoint (capture/fds.py), else refused."""
 
 
-# established TCP duplicates of every captured process, by inode (for link_tree_sockets)
-_held_tcp: dict[int, TargetSocket] = {}
+class SocketCapture:
+    """One dump run's socket state, owned by the orchestrator (api/freeze.py) and
+    passed to every capture of the run.
 
-# The network lock of this ckpt run: connections to outside peers (kernel/netlock.py)
-_lock: netlock.NetLock | None = None
-_unlocked = 0  # connections to outside peers dumped without a lock (no nft)
+    - the network lock: connections to outside peers (kernel/netlock.py), taken
+      over by the caller (kept for the restore, or removed);
+    - the established TCP duplicates of every captured process, by inode: tree
+      linking makes the two ends of a connection between members agree, and they
+      stay open until close() so killing the target sends no FIN or RST
+      (kernel/tcp_repair.py HeldSockets);
+    - the per-process view of socket inodes (valid while the process stays stopped).
+    """
 
+    def __init__(self) -> None:
+        self.lock: netlock.NetLock | None = None
+        self.unlocked = 0  # connections to outside peers dumped without a lock (no nft)
+        self.tcp: dict[int, TargetSocket] = {}
+        self.held = tcp_repair.HeldSockets()
+        self._views: dict[int, _ProcessSockets] = {}
 
-def take_net_lock() -> tuple[netlock.NetLock | None, int]:
-    """This capture's lock (None if no connection needed one) and the number of
-    outside connections dumped without a lock (no nft); the caller owns the lock
-    from now on: it keeps it for the restore or removes it."""
-    global _lock, _unlocked
-    got = (_lock if _lock is not None and _lock.created else None), _unlocked
-    _lock, _unlocked = None, 0
-    return got
+    def take_net_lock(self) -> tuple[netlock.NetLock | None, int]:
+        """This run's lock (None if no connection needed one) and the number of
+        outside connections dumped without a lock (no nft); the caller owns the lock
+        from now on: it keeps it for the restore or removes it."""
+        got = (self.lock if self.lock is not None and self.lock.created else None), self.unlocked
+        self.lock, self.unlocked = None, 0
+        return got
 
+    def lock_connection(self, local, remote) -> None:
+        if not netlock.available():
+            self.unlocked += 1
+            return
+        if self.lock is None:
+            self.lock = netlock.NetLock()
+        self.lock.add(tuple(local[:2]), tuple(remote[:2]))
 
-def _lock_connection(local, remote) -> None:
-    global _lock, _unlocked
-    if not netlock.available():
-        _unlocked += 1
-        return
-    if _lock is None:
-        _lock = netlock.NetLock()
-    _lock.add(tuple(local[:2]), tuple(remote[:2]))
+    def view(self, pid: int) -> _ProcessSockets:
+        key = (procfs.read_bytes(pid, "schedstat"), procfs.read_bytes(pid, "stat").split(b")")[0])
+        ctx = self._views.get(pid)
+        if ctx is not None and ctx.key == key:
+            return ctx
+        ctx = _ProcessSockets(key, _socket_fds(pid), procfs.status(pid).get("State", "")[:1] == "t")
+        self._views.clear()
+        self._views[pid] = ctx
+        return ctx
+
+    def close(self) -> None:
+        """Drop the run's socket state: a lock nobody took is removed, and the held
+        TCP duplicates are closed (silently where their process is gone)."""
+        lock, _ = self.take_net_lock()
+        if lock is not None:
+            lock.remove()
+        self.tcp.clear()
+        self._views.clear()
+        self.held.release()
 
 
 def _socket_fds(pid: int) -> dict[int, int]:
@@ -127,38 +155,6 @@ def _socket_fds(pid: int) -> dict[int, int]:
     return out
 
 
-def _frozen_by_us() -> frozenset[int]:
-    """The processes this ckpt holds in a ptrace stop: during a dump, exactly the
-    dumped tree (every member is frozen before the first one is captured)."""
-    me, out = os.getpid(), set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            st = procfs.status(int(entry))
-        except (OSError, CkptError):  # gone meanwhile
-            continue
-        if st.get("TracerPid") == str(me) and st.get("State", "")[:1] == "t":
-            out.add(int(entry))
-    return frozenset(out)
-
-
-_cache: dict[int, _ProcessSockets] = {}
-
-
-def _process(pid: int) -> _ProcessSockets:
-    key = (procfs.read_bytes(pid, "schedstat"), procfs.read_bytes(pid, "stat").split(b")")[0])
-    ctx = _cache.get(pid)
-    if ctx is not None and ctx.key == key:
-        return ctx
-    inodes = _socket_fds(pid)
-    frozen = procfs.status(pid).get("State", "")[:1] == "t"
-    ctx = _ProcessSockets(key, inodes, frozen)
-    _cache.clear()
-    _cache[pid] = ctx
-    return ctx
-
-
 def capture_socket(
     pid: int,
     fd: int,
@@ -166,17 +162,16 @@ def capture_socket(
     *,
     flags: int,
     cloexec: bool,
+    run: SocketCapture,
     fdinfo: dict[str, str] | None = None,
     tcp_established: bool = False,
-    tree: frozenset[int] | None = None,
+    tree: frozenset[int] = frozenset(),
 ) -> Fd:
     """The Fd (kind "socket") for socket fd `fd` of the frozen process `pid`.
 
-    tree: the other processes dumped with this one (their sockets are not
-    "outside"); None: every process this ckpt holds frozen (see _frozen_by_us)."""
-    ctx = _process(pid)
-    if tree is not None:
-        ctx.tree = frozenset(tree) - {pid}
+    tree: the other processes dumped with this one (their sockets are not "outside")."""
+    ctx = run.view(pid)
+    ctx.tree = frozenset(tree) - {pid}
     ino = st.st_ino
     try:
         ts = TargetSocket(pid, fd)
@@ -187,7 +182,7 @@ def capture_socket(
         if ts.family == socket.AF_UNIX:
             sock = _unix(pid, ctx, ts, ino, fdinfo or {})
         elif ts.family in (socket.AF_INET, socket.AF_INET6) and ts.type == socket.SOCK_STREAM:
-            sock = _tcp(pid, ctx, ts, ino, tcp_established)
+            sock = _tcp(pid, run, ctx, ts, ino, tcp_established)
             keep = sock.tcp is not None
         elif ts.family in (socket.AF_INET, socket.AF_INET6) and ts.type == socket.SOCK_DGRAM:
             sock = _udp(pid, ts, ino)
@@ -209,8 +204,8 @@ def capture_socket(
     ctx.captured[ino] = sock
     if keep:
         ctx.held[ino] = ts
-        _held_tcp[ino] = ts
-        tcp_repair.hold_until_exit(pid, ts)
+        run.tcp[ino] = ts
+        run.held.add(pid, ts)
     return Fd(fd=fd, kind="socket", path=f"socket:[{ino}]", flags=flags, cloexec=cloexec,
               pos=0, socket=sock)  # fmt: skip
 
@@ -329,7 +324,12 @@ def _addr(a) -> str:
 
 
 def _tcp(
-    pid: int, ctx: _ProcessSockets, ts: TargetSocket, ino: int, allow_external: bool
+    pid: int,
+    run: SocketCapture,
+    ctx: _ProcessSockets,
+    ts: TargetSocket,
+    ino: int,
+    allow_external: bool,
 ) -> Socket:
     fd = ts.fd
     fam = FAMILIES[ts.family]
@@ -371,7 +371,7 @@ def _tcp(
     if not ctx.frozen:
         return s  # a check while it runs (migration's preflight): no repair mode now
     if not s.peer_ino:  # an outside peer: nothing may arrive after the state is read
-        _lock_connection(s.local, s.remote)
+        run.lock_connection(s.local, s.remote)
     s.tcp = _read_tcp(ts, info)
     partner = ctx.captured.get(s.peer_ino) if s.peer_ino else None
     if partner is not None and partner.tcp is not None:
@@ -436,7 +436,7 @@ def _udp(pid: int, ts: TargetSocket, ino: int) -> Socket:
 # -- process trees ---------------------------------------------------------------------------
 
 
-def link_tree_sockets(procs: list[ProcessImage]) -> None:
+def link_tree_sockets(procs: list[ProcessImage], run: SocketCapture) -> None:
     """Groups of sockets that span processes of the tree go to their first process.
 
     A group is what must be rebuilt together: the two ends of a connection, a
@@ -453,9 +453,9 @@ def link_tree_sockets(procs: list[ProcessImage]) -> None:
     capture_socket does for the two ends inside one process.
     """
     try:
-        _link(procs)
+        _link(procs, run.tcp)
     finally:
-        _held_tcp.clear()
+        run.tcp.clear()
 
 
 def _unix_key(name: bytes, cwd: str) -> bytes:
@@ -465,7 +465,7 @@ def _unix_key(name: bytes, cwd: str) -> bytes:
     return os.fsencode(path if path.startswith("/") else os.path.join(cwd, path))
 
 
-def _link(procs: list[ProcessImage]) -> None:
+def _link(procs: list[ProcessImage], tcp: dict[int, TargetSocket]) -> None:
     where: dict[int, tuple[int, int]] = {}  # inode → (slot, index in that image's fds)
     named: dict[bytes, int] = {}  # unix name (absolute) → inode of the socket bound to it
     for slot, p in enumerate(procs):
@@ -516,7 +516,7 @@ def _link(procs: list[ProcessImage]) -> None:
         slots = {where[ino][0] for ino in inos}
         if len(slots) < 2:
             continue
-        _agree_tcp(procs, [rec(ino)[1] for ino in inos], where)
+        _agree_tcp(procs, [rec(ino)[1] for ino in inos], where, tcp)
         creator = min(slots)
         for ino in sorted(inos, key=lambda x: where[x]):
             slot, i = where[ino]
@@ -524,7 +524,7 @@ def _link(procs: list[ProcessImage]) -> None:
                 _hand_over(procs, creator, slot, i)
 
 
-def _agree_tcp(procs, recs: list[Fd], where) -> None:
+def _agree_tcp(procs, recs: list[Fd], where, tcp: dict[int, TargetSocket]) -> None:
     """The two ends of a loopback TCP connection held by two members: as _make_consistent."""
     by_ino = {f.socket.ino: f for f in recs}
     for f in recs:
@@ -534,7 +534,7 @@ def _agree_tcp(procs, recs: list[Fd], where) -> None:
             continue
         if where[s.ino][0] == where[p.socket.ino][0]:
             continue  # one process: capture_socket did it
-        ts, pts = _held_tcp.get(s.ino), _held_tcp.get(p.socket.ino)
+        ts, pts = tcp.get(s.ino), tcp.get(p.socket.ino)
         if ts is None or pts is None:
             raise DumpError(
                 f"TCP connection {_addr(s.local)} <-> {_addr(s.remote)}: a capture of one "

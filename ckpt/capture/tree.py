@@ -28,7 +28,7 @@ from ..kernel.process import kcmp_file
 from ..kernel.ptrace import Tracee, seize_group
 from ..model import Fd, ProcessImage, Zombie
 from .security import check_namespaces
-from .sockets import link_tree_sockets
+from .sockets import SocketCapture, link_tree_sockets
 
 
 def children(pid: int) -> list[int]:
@@ -207,7 +207,7 @@ def freeze_tree(root: Tracee) -> FrozenTree:
         raise
 
 
-def link_shared(procs: list[ProcessImage]) -> None:
+def link_shared(procs: list[ProcessImage], sockets: SocketCapture) -> None:
     """Point what later processes share with earlier ones at its first holder.
 
     Runs on the captured images while the tree is still frozen (kcmp and
@@ -216,7 +216,7 @@ def link_shared(procs: list[ProcessImage]) -> None:
     _link_fds(procs)
     _link_memfds(procs)
     _link_pipes(procs)
-    _link_sockets(procs)
+    _link_sockets(procs, sockets)
 
 
 def _link_fds(procs: list[ProcessImage]) -> None:
@@ -293,8 +293,8 @@ def _link_pipes(procs: list[ProcessImage]) -> None:
                 f.kind, f.peer_slot = "pipe_end", creator
 
 
-def _link_sockets(procs: list[ProcessImage]) -> None:
+def _link_sockets(procs: list[ProcessImage], sockets: SocketCapture) -> None:
     """Sockets connected across processes (socketpairs split by fork, a client and
     the listener it connected to, TCP on loopback): capture/sockets.py gives each
     such group to its first process; the others' records become "socket_end"."""
-    link_tree_sockets(procs)
+    link_tree_sockets(procs, sockets)

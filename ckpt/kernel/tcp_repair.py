@@ -11,7 +11,6 @@ starting sequence of an empty one; data sent then lands in that queue as-is.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import select
@@ -152,26 +151,25 @@ def int_blob(value: int) -> bytes:
 
 # -- the dumped connections' silent close ------------------------------------------------------
 #
-# ckpt keeps its duplicate of every dumped established socket until it exits.
+# ckpt keeps its duplicate of every dumped established socket until the dump is over
+# (capture/sockets.py SocketCapture, closed by the orchestrator after the kill).
 # Killing the target then does not close them (ckpt still holds a reference),
-# so no FIN or RST leaves. At exit, if the target is gone, each socket is put
+# so no FIN or RST leaves. On release, if the target is gone, each socket is put
 # in repair mode and closed: a socket in repair mode closes silently. If the
 # target is still running (--leave-running, snapshots, a failed dump), the
 # duplicates are just dropped and the target's connections go on.
 
 
-class _Held:
+class HeldSockets:
+    """One dump run's held duplicates, each with a pidfd of its process."""
+
     def __init__(self) -> None:
         self.items: list[tuple[int, TargetSocket]] = []  # (pidfd, socket)
-        self.registered = False
 
     def add(self, pid: int, ts: TargetSocket) -> None:
         from .pidfd import pidfd_open
 
         self.items.append((pidfd_open(pid), ts))
-        if not self.registered:
-            atexit.register(self.release)
-            self.registered = True
 
     def release(self) -> None:
         items, self.items = self.items, []
@@ -184,19 +182,6 @@ class _Held:
             finally:
                 ts.close()
                 os.close(pidfd)
-
-
-held = _Held()
-
-
-def hold_until_exit(pid: int, ts: TargetSocket) -> None:
-    """Keep ts open until ckpt exits, then close it silently if pid is gone (see above)."""
-    held.add(pid, ts)
-
-
-def release_held() -> None:
-    """Do the exit-time release now (for long-running callers of the API)."""
-    held.release()
 
 
 def rebuild(sock, local: tuple, remote: tuple, conn, before_bind) -> None:

@@ -157,10 +157,10 @@ def receive(
 ) -> None:  # fmt: skip
     """Receive a migrating process and run it here."""
     from ..api import wait_exit_status
+    from ..api.receive import ReceiveOptions
+    from ..api.receive import receive as do_receive
     from .auth import load_token
     from .net import parse_address
-    from .receiver import ReceiveOptions
-    from .receiver import receive as do_receive
     from .tls import TlsOptions
 
     opts = ReceiveOptions(
@@ -277,10 +277,10 @@ def migrate(
 ) -> None:  # fmt: skip
     """Move process PID to another host running `ckpt receive`; it keeps running here
     unless the destination reports it running there."""
+    from ..api.migrate import MigrateOptions, MigrationStats
+    from ..api.migrate import migrate as do_migrate
     from ..precopy import Policy
     from .auth import load_token
-    from .migrate import MigrateOptions, MigrationStats
-    from .migrate import migrate as do_migrate
     from .net import parse_address
     from .tls import TlsOptions
 

@@ -18,25 +18,26 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from ..capture.dump import dump
 from ..capture.fds import capture_fds
 from ..capture.shm import SHM_KINDS, shm_kind
+from ..capture.sockets import SocketCapture
 from ..capture.target import Target
 from ..capture.tree import descendants
 from ..capture.validate import check_target
 from ..capture.vmas import classify
 from ..errors import CkptError
 from ..kernel import procfs, shmobj
-from ..precopy import Policy
-from . import protocol, tls
-from .auth import client_handshake, describe_protection
-from .channel import Channel
-from .control import Controller
-from .errors import DestinationFailed
-from .net import Address, connect
-from .ratelimit import TokenBucket
-from .sink import FreezeClock, NetSink
-from .throttle import Throttle
+from ..precopy.policy import Policy
+from ..transport import protocol, tls
+from ..transport.auth import client_handshake, describe_protection
+from ..transport.channel import Channel
+from ..transport.errors import DestinationFailed
+from ..transport.net import Address, connect
+from ..transport.ratelimit import TokenBucket
+from ..transport.sink import FreezeClock, NetSink
+from ..transport.throttle import Throttle
+from .converge import Controller
+from .dump import DumpHooks, DumpOptions, run_dump
 
 MIB = float(1 << 20)
 
@@ -96,7 +97,11 @@ def _preflight(pid: int, *, tree: bool = True, tcp_established: bool = False) ->
     """Refuse now what the final capture would refuse (an unsupported fd or mapping):
     otherwise we would learn it only after the whole memory crossed the network."""
     mates = frozenset(descendants(pid)) if tree else frozenset()
-    capture_fds(pid, tcp_established=tcp_established, tree=mates)
+    sockets = SocketCapture()
+    try:
+        capture_fds(pid, sockets=sockets, tcp_established=tcp_established, tree=mates)
+    finally:
+        sockets.close()
     for m in procfs.smaps(pid):
         classify(pid, m)
 
@@ -198,11 +203,12 @@ def migrate(
     )  # fmt: skip
     ctl = Controller(opts.policy, sink, clock, throttle, t0, report)
     try:
-        res = dump(
-            opts.pid, peer, iterative=True, tracker=opts.tracker, policy=opts.policy,
-            on_round=ctl.on_round, sink=sink, after_commit=sink.wait_running, tree=opts.tree,
-            tcp_established=opts.tcp_established, staged=stage,
+        dopts = DumpOptions(
+            iterative=True, tracker=opts.tracker, policy=opts.policy, tree=opts.tree,
+            tcp_established=opts.tcp_established,
         )  # fmt: skip
+        hooks = DumpHooks(sink=sink, after_commit=sink.wait_running, staged=stage)
+        res = run_dump(opts.pid, peer, dopts, on_round=ctl.on_round, hooks=hooks)
     except BaseException as exc:
         throttle.close()
         ch.close(abrupt=True)

@@ -20,22 +20,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .. import __version__, faults
+from ..capture.shm import SharedMemory
+from ..capture.sockets import SocketCapture
+from ..capture.target import Target
+from ..capture.tree import check_member, descendants
+from ..capture.validate import check_target
 from ..errors import DumpError, NoSuchProcess
 from ..kernel import features, procfs
-from ..model import slot_base
-from ..precopy import Member, Policy, Precopy, RoundStats
+from ..precopy.arm import arm
+from ..precopy.policy import Policy, RoundStats
+from ..precopy.rounds import Member, Precopy
 from ..present import PresentMap
 from ..track.base import Tracker
 from ..track.full import FullTracker
 from ..track.uffd_wp import Handle, UffdWpTracker
-from . import attrs
-from .cow import link_cow
-from .dump import _arm, _capture_final, _fail_cleanup, capture_shared, image_pages
-from .shm import SharedMemory
-from .sockets import take_net_lock
-from .target import Target
-from .tree import FrozenTree, check_member, descendants, freeze_tree, link_shared
-from .validate import check_target
+from .freeze import capture_frozen, elapsed_ms, freeze_members, image_pages, thaw
 
 # A snapshot run pre-copies a little (the process keeps running) and then
 # freezes: the rounds are few because the written set since the last snapshot
@@ -86,11 +85,12 @@ def snapshot(
         frozen = None
         pre = None
         shm = None
+        sockets = SocketCapture()
         try:
             if isinstance(trk, UffdWpTracker) and trk.ctx is None:
                 tracee = target.freeze()
                 faults.point("seized")
-                _arm(tracee, trk)
+                arm(tracee, trk)
                 tracee.detach()
                 tracee = None
             if isinstance(trk, UffdWpTracker):
@@ -110,44 +110,17 @@ def snapshot(
             pre.run_rounds(t0)
             t_freeze = time.monotonic()
             tracee = target.freeze()
-            frozen = freeze_tree(tracee) if tree else FrozenTree([tracee])
-            attrs.refuse_frozen(frozen.members)
-            skip = {trk.target_fd} if isinstance(trk, UffdWpTracker) else set()
-            pids = frozenset(frozen.pids)
-            proc, final_pages, stored = _capture_final(
-                tracee, trk, writer, skip_fds=skip, prior_maps=pre.last_maps, present=pre.present,
-                tree=pids, tcp_established=tcp_established, shm=shm,
+            frozen = freeze_members(tracee, tree)
+            cap = capture_frozen(
+                frozen, trk, writer, pre, sockets=sockets, shm=shm,
+                free_space=_free_space(parent_state, pre), skip_fds=_own_fds,
+                tcp_established=tcp_established,
             )  # fmt: skip
-            free_space = _free_space(parent_state, pre)
-            for member in frozen.members[1:]:
-                m = pre.member(member.pid, procfs.stat(member.pid).starttime)
-                if m is not None:
-                    space = m.space
-                else:  # appeared since the rounds began: copied whole, a new key space
-                    space, free_space = free_space, free_space + 1
-                mtrk = m.tracker if m is not None else FullTracker(member.pid)
-                sub, sub_pages, sub_stored = _capture_final(
-                    member, mtrk, writer, base=slot_base(space), tree=pids,
-                    skip_fds={mtrk.target_fd} if isinstance(mtrk, UffdWpTracker) else set(),
-                    prior_maps=m.last_maps if m else None, present=m.present if m else None,
-                    tcp_established=tcp_established, shm=shm,
-                )  # fmt: skip
-                sub.space = space
-                proc.tree.append(sub)
-                final_pages += sub_pages
-                stored += sub_stored
-            proc.zombies = frozen.zombies
-            shm_pages, shm_stored = capture_shared(proc, shm, writer)
-            final_pages += shm_pages
-            stored += shm_stored
-            link_shared([proc, *proc.tree])
-            link_cow([proc, *proc.tree])  # pages still shared since a fork
-            freeze_ms = (time.monotonic() - t_freeze) * 1000
+            proc, final_pages, stored = cap.proc, cap.pages, cap.bytes_stored
+            freeze_ms = elapsed_ms(t_freeze)
             frozen.detach()
             frozen = tracee = None
-            lock, _ = take_net_lock()  # the process runs on: its peers may talk again
-            if lock is not None:
-                lock.remove()
+            sockets.close()  # the process runs on: its peers may talk again
             written = sum(r.pages_copied for r in pre.stats.rounds) + final_pages
             meta = {
                 "ckpt_version": __version__, "pid": pid, "comm": proc.comm.decode(errors="replace"),
@@ -168,18 +141,16 @@ def snapshot(
                     store.tracking_put(m.target.pid, _record(handle, info.id, "clean"))
                 m.tracker.disarm()
         except BaseException:
-            lock, _ = take_net_lock()
-            if lock is not None:
-                lock.remove()
-            if frozen is not None:
-                frozen.detach()
-            elif tracee is not None and tracee.attached:
-                tracee.detach()
+            sockets.close()
+            thaw(frozen, tracee)
             if isinstance(trk, UffdWpTracker):
                 # keep the tracking in the target (recorded as dirty → next run is full)
                 trk.disarm()
             else:
-                _fail_cleanup(trk, writer, None)
+                try:
+                    trk.cleanup_on_error()
+                except Exception:
+                    pass
             for m in pre.members if pre is not None else ():
                 m.tracker.disarm()  # persistent ones stay in the member, recorded dirty
             store.abort(writer)
@@ -194,6 +165,11 @@ def snapshot(
         freeze_ms=freeze_ms, seconds=time.monotonic() - t0, pages_written=written,
         bytes_stored=meta["bytes"], tracker=trk.name,
     )  # fmt: skip
+
+
+def _own_fds(trk: Tracker) -> set[int]:
+    """ckpt's fd in a process: the persistent tracker's uffd, left there between runs."""
+    return {trk.target_fd} if isinstance(trk, UffdWpTracker) else set()
 
 
 def _parent_state(store, parent) -> dict:
@@ -250,7 +226,7 @@ def _track_members(store, root: int, parent, parent_state: dict | None, pre: Pre
             if isinstance(mtrk, UffdWpTracker) and mtrk.ctx is None:
                 tracee = member.target.freeze()
                 try:
-                    _arm(tracee, mtrk)
+                    arm(tracee, mtrk)
                 finally:
                     if tracee.attached:
                         tracee.detach()

@@ -25,9 +25,9 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from ..precopy import Policy, RoundStats, stop_reason
-from .sink import FreezeClock, NetSink
-from .throttle import Throttle
+from ..precopy.policy import Policy, RoundStats, stop_reason
+from ..transport.sink import FreezeClock, NetSink
+from ..transport.throttle import Throttle
 
 TRIGGER = 0.5  # a round that does not halve the written set converges too slowly
 LEVELS = (0.0, 0.5, 0.75, 0.875, 0.95)  # fraction of CPU time taken away

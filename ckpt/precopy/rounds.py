@@ -16,125 +16,21 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
-from . import faults
-from .capture.pages import PageCopier
-from .capture.target import Target
-from .capture.vmas import classify, needs_pages
-from .errors import DumpError, NoSuchProcess
-from .kernel import features, native, procfs
-from .kernel.memory import pagemap_filter, present_runs
-from .model import slot_base
-from .present import PresentMap
-from .track.base import Tracker
+from .. import faults
+from ..capture.pages import PageCopier
+from ..capture.target import Target
+from ..errors import DumpError, NoSuchProcess
+from ..kernel import native, procfs
+from ..model import slot_base
+from ..present import PresentMap
+from ..track.base import Tracker
+from .collect import collect
+from .policy import Policy, PrecopyStats, RoundStats, stop_reason
 
 PAGE = native.PAGE_SIZE
-
-# Defaults, justified in docs/ARCHITECTURE.md ("Stop rule").
-DEFAULT_MAX_ROUNDS = 8
-DEFAULT_TARGET_DOWNTIME_MS = 50.0
-DEFAULT_MAX_TIME = 60.0
-SHRINK_FACTOR = 0.9  # a "meaningful drop" is at least 10% fewer written pages
 HOOK_TIMEOUT = 120.0  # the test round hook's answer (tests only)
-
-
-@dataclass
-class RoundStats:
-    round: int
-    pages_written: int
-    pages_copied: int
-    bytes_copied: int
-    seconds: float
-    dirty_rate_pages_s: float
-    est_freeze_ms: float
-
-
-@dataclass
-class Policy:
-    max_rounds: int = DEFAULT_MAX_ROUNDS
-    target_downtime_ms: float = DEFAULT_TARGET_DOWNTIME_MS
-    max_time: float = DEFAULT_MAX_TIME
-
-
-@dataclass
-class PrecopyStats:
-    tracker: str
-    rounds: list[RoundStats] = field(default_factory=list)
-    stop_reason: str = ""
-    copy_rate: float = 0.0  # bytes/s, measured
-    base_freeze_ms: float = 0.0  # a freeze with no pages to copy (measured when arming)
-
-    def to_dict(self) -> dict:
-        return {
-            "tracker": self.tracker,
-            "rounds": [asdict(r) for r in self.rounds],
-            "stop_reason": self.stop_reason,
-        }
-
-
-def collect(
-    pid: int,
-    tracker: Tracker,
-    pm_fd: int,
-    zero_pfn: int,
-    *,
-    whole: bool = False,
-    mappings: list | None = None,
-    present: PresentMap | None = None,
-) -> tuple[list[tuple[int, int]], int]:
-    """One round's page list: written pages of tracked VMAs, all pages of the rest.
-
-    whole: copy every page anyway (a full snapshot over tracking that was armed
-    before), still re-arming what is tracked so the next round starts clean.
-    Returns (runs holding data to copy, pages reported written). `present` is
-    kept up to date (see present.py) when the tracker reports zapped pages.
-    """
-    to_copy: list[tuple[int, int]] = []
-    written = 0
-    for m in mappings if mappings is not None else procfs.smaps(pid):
-        try:
-            v = classify(pid, m)
-        except Exception:
-            continue  # unsupported kinds are refused by the final capture
-        if v is None:
-            continue
-        save, include_file = needs_pages(v)
-        if not save:
-            continue
-        runs = None
-        if tracker.is_tracked(m):
-            runs = tracker.collect(m)
-            if whole:
-                runs = None
-            if runs is not None:
-                written += sum(n for _, n in runs)
-                reported = runs
-                if not tracker.returns_present:
-                    runs = pagemap_filter(pm_fd, runs, include_file=include_file, zero_pfn=zero_pfn)
-                if present is not None and tracker.exact_present and exact_kind(v):
-                    present.update(reported, runs)
-        else:
-            tracker.track(m)
-        if runs is None:  # untracked, new, moved or re-created: copy whole
-            runs = present_runs(pm_fd, m.start, m.end, include_file=include_file,
-                                zero_pfn=zero_pfn, use_scan=features.probe().pagemap_scan)  # fmt: skip
-            written += sum(n for _, n in runs)  # what it holds, not its (reserved) size
-            if present is not None:
-                present.replace(m.start, m.end, runs)
-        to_copy.extend(runs)
-    tracker.after_collect()
-    return to_copy, written
-
-
-def exact_kind(v) -> bool:
-    """VMAs whose zapped pages uffd-wp reports as written: private anonymous ones.
-
-    Zapping file-backed memory (private file mappings, shmem) leaves a uffd-wp
-    marker instead (the page can come back from the page cache), so those are
-    re-read at the freeze.
-    """
-    return v.kind in ("anon", "heap", "stack") and not v.shared
 
 
 @dataclass
@@ -319,24 +215,6 @@ class Precopy:
 
     def should_stop(self, k: int, t_start: float) -> str:
         return stop_reason(self.stats.rounds, self.policy, k, time.monotonic() - t_start)
-
-
-def stop_reason(rounds: list[RoundStats], policy: Policy, k: int, elapsed: float) -> str:
-    """Why pre-copy stops after round k ("" to go on): the stop rule, as a pure
-    function of the rounds so far, the policy and the seconds spent (docs/ARCHITECTURE.md
-    "Stop rule"); migration's controller asks the same question before the loop does."""
-    r = rounds
-    if k >= 1 and r[-1].est_freeze_ms <= policy.target_downtime_ms:
-        return "converged"
-    if k >= 3 and all(
-        r[i].pages_written > SHRINK_FACTOR * r[i - 1].pages_written for i in (k - 1, k)
-    ):
-        return "not-shrinking"
-    if k + 1 >= policy.max_rounds:
-        return "max-rounds"
-    if elapsed >= policy.max_time:
-        return "max-time"
-    return ""
 
 
 def _round_hook(k: int, pid: int) -> None:
