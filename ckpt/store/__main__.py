@@ -1,3 +1,5 @@
-from ckpt.store.cli import main
+"""`python -m ckpt.store snapshots|verify|gc|compact ...` (the commands live in ckpt/cli/store.py)."""
+
+from ckpt.cli.store import main
 
 main()

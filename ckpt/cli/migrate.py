@@ -1,9 +1,8 @@
-"""`ckpt receive` and `ckpt migrate`: argument handling and output only.
+"""`ckpt migrate` and `ckpt receive`: live migration between two hosts (docs/MIGRATION.md).
 
-Registered in ckpt/cli.py with `cli.add_command(receive)` / `cli.add_command(migrate)`.
 Data goes to stdout (the PID the process runs as on the destination), status and
-progress to stderr; failures are CkptError subclasses, printed by ckpt's main()
-as one `ckpt: error:` line with their exit code (ckpt/transport/errors.py: 20+).
+progress to stderr; failures are CkptError subclasses (ckpt/transport/errors.py: 20+).
+They also run alone as `python -m ckpt.transport ...` (`transport_group`).
 """
 
 from __future__ import annotations
@@ -12,31 +11,19 @@ import sys
 
 import click
 
-from ..cli_options import (
+from .app import app, human
+from .options import (
+    MIGRATE_MAX_ROUNDS,
+    MIGRATE_MAX_TIME,
     level_option,
     max_rounds_option,
     max_time_option,
+    precopy_policy,
     target_downtime_option,
     tcp_established_option,
     tracker_option,
     tree_option,
 )
-
-DEFAULT_MAX_ROUNDS = 20  # migrations may need rounds to let the throttle bite
-DEFAULT_MAX_TIME = 120.0
-
-
-def _status(msg: str) -> None:
-    click.echo(msg, err=True)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
 
 TOKEN_HELP = (
     "Shared secret: owned by us, mode 0600, at least 128 bits of entropy (make one with "
@@ -58,10 +45,10 @@ def _cleartext_option(f):
 
 
 def _cipher(insecure_cleartext: bool) -> str:
-    from .protocol import CIPHER_AEAD, CIPHER_CLEAR
+    from ..transport.protocol import CIPHER_AEAD, CIPHER_CLEAR
 
     if insecure_cleartext:
-        _status(CLEARTEXT_WARNING)
+        app.status(CLEARTEXT_WARNING)
         return CIPHER_CLEAR
     return CIPHER_AEAD
 
@@ -159,9 +146,9 @@ def receive(
     from ..api import wait_exit_status
     from ..api.receive import ReceiveOptions
     from ..api.receive import receive as do_receive
-    from .auth import load_token
-    from .net import parse_address
-    from .tls import TlsOptions
+    from ..transport.auth import load_token
+    from ..transport.net import parse_address
+    from ..transport.tls import TlsOptions
 
     opts = ReceiveOptions(
         listen=parse_address(listen_addr, listen=True), token=load_token(token_file),
@@ -172,10 +159,10 @@ def receive(
     )  # fmt: skip
 
     def on_running(pid: int) -> None:
-        click.echo(pid)
+        app.echo(pid)
         sys.stdout.flush()
 
-    r = do_receive(opts, _status, on_running)
+    r = do_receive(opts, app.status, on_running)
     if r.staged:
         p = r.parts
         here = (
@@ -185,9 +172,9 @@ def receive(
         )
     else:
         here = f"commit {r.commit_ms:.0f}, restore {r.restore_ms:.0f}"
-    _status(
+    app.status(
         f"received process {r.source_pid} from {r.peer}: {r.layers} layers, "
-        f"{_human(r.bytes_received)} on the wire in {r.seconds:.2f} s; running as PID {r.pid}; "
+        f"{human(r.bytes_received)} on the wire in {r.seconds:.2f} s; running as PID {r.pid}; "
         f"downtime {r.downtime_ms:.0f} ms (source freeze→marker {r.source_frozen_ms:.0f} ms "
         f"+ here {r.destination_ms:.0f} ms: {here})"
         + (f"; image kept in {r.image}" if r.image else "")
@@ -196,7 +183,7 @@ def receive(
     if detach:
         return
     sys.stdout.flush()
-    sys.exit(wait_exit_status(r.pid))
+    app.exit(wait_exit_status(r.pid))
 
 
 @click.command()
@@ -225,8 +212,8 @@ def receive(
     default=None,
     help="Write per-round statistics, downtime and outcome as JSON here.",
 )
-@max_rounds_option
-@max_time_option
+@max_rounds_option(MIGRATE_MAX_ROUNDS)
+@max_time_option(MIGRATE_MAX_TIME)
 @click.option(
     "--throttle",
     type=click.Choice(["auto", "cgroup", "signal", "off"]),
@@ -279,17 +266,14 @@ def migrate(
     unless the destination reports it running there."""
     from ..api.migrate import MigrateOptions, MigrationStats
     from ..api.migrate import migrate as do_migrate
-    from ..precopy import Policy
-    from .auth import load_token
-    from .net import parse_address
-    from .tls import TlsOptions
+    from ..transport.auth import load_token
+    from ..transport.net import parse_address
+    from ..transport.tls import TlsOptions
 
-    policy = Policy(
-        max_rounds=max_rounds or DEFAULT_MAX_ROUNDS,
-        max_time=DEFAULT_MAX_TIME if max_time is None else max_time,
-    )
-    if target_downtime_ms is not None:
-        policy.target_downtime_ms = target_downtime_ms
+    policy = precopy_policy(
+        max_rounds, target_downtime_ms, max_time,
+        default_rounds=MIGRATE_MAX_ROUNDS, default_time=MIGRATE_MAX_TIME,
+    )  # fmt: skip
     opts = MigrateOptions(
         pid=pid, to=parse_address(to), token=load_token(token_file), policy=policy,
         tracker=tracker, tls=TlsOptions(tls_cert, tls_key, tls_ca, tls_server_name, use_tls),
@@ -299,15 +283,15 @@ def migrate(
     )  # fmt: skip
     stats = MigrationStats()
     try:
-        do_migrate(opts, _status, stats)
+        do_migrate(opts, app.status, stats)
     finally:
         if stats_json:
             stats.write(stats_json)
     d = stats.downtime
-    _status(
+    app.status(
         f"migrated process {pid} to {stats.destination} (PID {stats.remote_pid} there) in "
         f"{stats.total_seconds:.2f} s: {len(stats.rounds)} pre-copy rounds ({stats.stop_reason}), "
-        f"{_human(stats.bytes_raw)} of pages, {_human(stats.bytes_wire)} on the wire; "
+        f"{human(stats.bytes_raw)} of pages, {human(stats.bytes_wire)} on the wire; "
         f"downtime {stats.downtime_ms:.0f} ms (source freeze→marker "
         f"{d['source_freeze_to_marker_ms']:.0f} ms + destination {d['destination_ms']:.0f} ms"
         + (
@@ -319,4 +303,18 @@ def migrate(
         + f"max throttle {stats.throttle['max_level'] * 100:.0f}%"
         + ("" if stats.handover_confirmed else "; the destination did not hear our confirmation")
     )
-    click.echo(stats.remote_pid)
+    app.echo(stats.remote_pid)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def transport_group() -> None:
+    """Live migration commands."""
+
+
+transport_group.add_command(receive)
+transport_group.add_command(migrate)
+
+
+def main() -> None:
+    """`python -m ckpt.transport`: fails like ckpt's main (one error line, the exit code)."""
+    app.run(transport_group)

@@ -1,9 +1,9 @@
-"""Click commands for snapshot stores: `snapshots`, `verify`, `gc`, `compact`.
+"""Snapshot stores: `ckpt snapshot` takes one, `snapshots`, `verify`, `gc` and
+`compact` list, check and trim them.
 
-Registered in ckpt/cli.py (`cli.add_command(...)`, or `register(cli)`); also
-runnable alone as `python -m ckpt.store ...` (same output and exit codes).
-Data goes to stdout, status to stderr; failures raise CkptError subclasses
-(one `ckpt: error:` line, the class's exit code: verify failing → 6, busy → 14).
+The store commands also run alone as `python -m ckpt.store ...` (`store_group`, same
+output and exit codes). Failures raise CkptError subclasses (verify failing → 6,
+busy → 14).
 """
 
 from __future__ import annotations
@@ -14,20 +14,8 @@ import time
 import click
 
 from ..errors import ImageCorrupt, UsageError
-
-
-def _human(n: float) -> str:
-    sign = "-" if n < 0 else ""
-    n = abs(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{sign}{int(n)} B" if unit == "B" else f"{sign}{n:.1f} {unit}"
-        n /= 1024
-    return ""  # pragma: no cover
-
-
-def _status(msg: str) -> None:
-    click.echo(msg, err=True)
+from .app import app, human
+from .options import json_option, tcp_established_option, tree_option
 
 
 def _local(t: float) -> str:
@@ -45,37 +33,71 @@ def _wait_option(default: float):
     )
 
 
-_json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 _store_arg = click.argument("store", type=click.Path())
 
 
 def _open(path: str):
-    from . import Store
+    from ..store import Store
 
     return Store.open(path)
+
+
+@click.command()
+@click.argument("pid", type=int)
+@click.option(
+    "--store", required=True, type=click.Path(), help="Snapshot store (created if missing)."
+)
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(0),
+    default=0.0,
+    help="Wait up to this many seconds for a busy store.",
+)
+@json_option
+@tree_option
+@tcp_established_option
+def snapshot(
+    pid: int, store: str, wait_s: float, as_json: bool, tree: bool, tcp_established: bool
+) -> None:
+    """Take one point-in-time snapshot of PID into store S (incremental after the first)."""
+    from .. import api
+
+    r = api.snapshot(
+        pid, store, wait=wait_s, on_status=app.status, tree=tree, tcp_established=tcp_established
+    )
+    if as_json:
+        app.echo(json.dumps(r.__dict__, indent=2))
+        return
+    app.echo(r.id)
+    app.status(
+        f"snapshot {r.id} of {r.pid}: {'full' if r.full else 'incremental'}, "
+        f"{r.pages_written} pages ({human(r.bytes_stored)} stored), freeze {r.freeze_ms:.1f} ms, "
+        f"total {r.seconds:.2f} s"
+    )
 
 
 @click.command()
 @_store_arg
 @click.option("--pid", type=int, default=None, help="Only snapshots of this process.")
 @_wait_option(10.0)
-@_json_option
+@json_option
 def snapshots(store: str, pid: int | None, wait_s: float, as_json: bool) -> None:
     """List the snapshots in STORE, oldest first."""
-    from .layout import disk_usage
+    from ..store.layout import disk_usage
 
     st = _open(store)
     with st.lock(wait_s, shared=True, op="list"):
         every = st.snapshots()
         used = disk_usage(st.root)
         if st.unfinished_gc:
-            _status(f"note: {st.unfinished_gc_note()}")
+            app.status(f"note: {st.unfinished_gc_note()}")
     snaps = [s for s in every if pid is None or s.pid == pid]
     if as_json:
         out = {"store": st.root, "bytes_on_disk": used, "snapshots": [s.to_json() for s in snaps]}
-        click.echo(json.dumps(out, indent=2))
+        app.echo(json.dumps(out, indent=2))
         return
-    click.echo(
+    app.echo(
         f"{'ID':<22} {'TIME':<19} {'PID':>7} {'KIND':<4} {'PAGES':>9} {'STORED':>10} "
         f"{'FREEZE':>8} {'LAYERS':>6}  PARENT"
     )
@@ -85,46 +107,46 @@ def snapshots(store: str, pid: int | None, wait_s: float, as_json: bool) -> None
         if s.parent and s.parent not in ids:
             parent += " (removed)"
         if s.error:
-            click.echo(f"{s.id:<22} {_local(s.time):<19} {'?':>7}  damaged: {s.error}")
+            app.echo(f"{s.id:<22} {_local(s.time):<19} {'?':>7}  damaged: {s.error}")
             continue
-        click.echo(
+        app.echo(
             f"{s.id:<22} {_local(s.time):<19} {s.pid if s.pid is not None else '-':>7} "
-            f"{'full' if s.full else 'incr':<4} {s.pages_written:>9} {_human(s.bytes):>10} "
+            f"{'full' if s.full else 'incr':<4} {s.pages_written:>9} {human(s.bytes):>10} "
             f"{s.freeze_ms:>6.1f}ms {s.layers:>6}  {parent}"
         )
-    _status(f"{len(snaps)} snapshot(s) in {st.root}, {_human(used)} on disk")
+    app.status(f"{len(snaps)} snapshot(s) in {st.root}, {human(used)} on disk")
 
 
 @click.command()
 @_store_arg
 @click.option("--deep", is_flag=True, help="Also read and checksum every chunk of every layer.")
 @_wait_option(10.0)
-@_json_option
+@json_option
 def verify(store: str, deep: bool, wait_s: float, as_json: bool) -> None:
     """Check that every snapshot in STORE is restorable (exit 6 if not)."""
     st = _open(store)
     with st.lock(wait_s, shared=True, op="verify"):
         rep = st.verify(deep=deep)
     if as_json:
-        click.echo(json.dumps(rep.to_json(), indent=2))
+        app.echo(json.dumps(rep.to_json(), indent=2))
     else:
         for c in rep.snapshots:
             if c.ok:
-                click.echo(f"{c.id}  ok  ({c.layers} layers)")
+                app.echo(f"{c.id}  ok  ({c.layers} layers)")
                 continue
             state = "DAMAGED, restorable" if c.restorable else "FAILED, not restorable"
-            click.echo(f"{c.id}  {state}")
+            app.echo(f"{c.id}  {state}")
             for e in c.errors:
-                click.echo(f"    {e}")
+                app.echo(f"    {e}")
         for p in rep.problems:
-            click.echo(f"store: {p}")
+            app.echo(f"store: {p}")
     for n in rep.notes:
-        _status(f"note: {n}")
+        app.status(f"note: {n}")
     what = f"{len(rep.snapshots)} snapshot(s)"
     if deep:
         what += f", {rep.layers_checked} layer files, {rep.chunks_checked} chunks"
     if rep.ok:
-        _status(f"verified {what} in {rep.seconds:.2f} s: all ok")
+        app.status(f"verified {what} in {rep.seconds:.2f} s: all ok")
         return
     bad = len(rep.failed)
     raise ImageCorrupt(
@@ -136,22 +158,22 @@ def verify(store: str, deep: bool, wait_s: float, as_json: bool) -> None:
 
 def _gc_output(rep, as_json: bool, verb: str) -> None:
     if as_json:
-        click.echo(json.dumps(rep.to_json(), indent=2))
+        app.echo(json.dumps(rep.to_json(), indent=2))
     else:
         would = "would " if rep.dry_run else ""
         for sid in rep.removed:
-            click.echo(f"{would}remove   {sid}")
+            app.echo(f"{would}remove   {sid}")
         for sid in rep.compacted:
-            click.echo(
+            app.echo(
                 f"{would}compact  {sid}  {rep.chain_before[sid]} → {rep.chain_after[sid]} layers"
             )
     tail = (
         " (dry run: nothing changed)"
         if rep.dry_run
-        else f"; wrote {_human(rep.bytes_written)}, disk {_human(rep.bytes_before)} → "
-        f"{_human(rep.bytes_after)}"
+        else f"; wrote {human(rep.bytes_written)}, disk {human(rep.bytes_before)} → "
+        f"{human(rep.bytes_after)}"
     )
-    _status(
+    app.status(
         f"{verb}: kept {len(rep.kept)}, removed {len(rep.removed)}, compacted "
         f"{len(rep.compacted)} (longest chain {rep.max_chain_before} → {rep.max_chain_after} "
         f"layers){tail} in {rep.seconds:.2f} s"
@@ -180,7 +202,7 @@ _dry_run_option = click.option("--dry-run", is_flag=True, help="Only say what wo
 @_max_chain_option
 @_wait_option(0.0)
 @_dry_run_option
-@_json_option
+@json_option
 def gc(
     store: str,
     keep_last: int | None,
@@ -212,7 +234,7 @@ def gc(
 @_max_chain_option
 @_wait_option(0.0)
 @_dry_run_option
-@_json_option
+@json_option
 def compact(store: str, max_chain: int, wait_s: float, dry_run: bool, as_json: bool) -> None:
     """Rewrite snapshots whose layer chains are long; remove nothing."""
     st = _open(store)
@@ -221,25 +243,18 @@ def compact(store: str, max_chain: int, wait_s: float, dry_run: bool, as_json: b
     _gc_output(rep, as_json, "compact")
 
 
-COMMANDS = (snapshots, verify, gc, compact)
-
-
-def register(group: click.Group) -> None:
-    """Add the store commands to a click group (ckpt/cli.py's `cli`)."""
-    for cmd in COMMANDS:
-        group.add_command(cmd)
+COMMANDS = (snapshot, snapshots, verify, gc, compact)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def store_cli() -> None:
+def store_group() -> None:
     """Snapshot store maintenance (the same commands as `ckpt snapshots|verify|gc|compact`)."""
 
 
-register(store_cli)
+for _cmd in (snapshots, verify, gc, compact):
+    store_group.add_command(_cmd)
 
 
 def main() -> None:
     """`python -m ckpt.store`: one error line and the error's exit code, like ckpt's main."""
-    from ..cli_run import run
-
-    run(store_cli)
+    app.run(store_group)

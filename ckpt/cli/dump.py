@@ -1,0 +1,119 @@
+"""`ckpt dump`: checkpoint a process (and its descendants) into an image directory."""
+
+from __future__ import annotations
+
+import click
+
+from .app import app, human
+from .options import (
+    level_option,
+    max_rounds_option,
+    max_time_option,
+    precopy_policy,
+    target_downtime_option,
+    tcp_established_option,
+    tracker_option,
+    tree_option,
+)
+
+
+def tree_note(r) -> str:
+    """ " and N descendants" of a DumpResult or SnapshotResult with more than one process."""
+    return f" and {r.processes - 1} descendants" if r.processes > 1 else ""
+
+
+def round_line(r) -> str:
+    """One finished pre-copy round (precopy.RoundStats) as a status line."""
+    return (
+        f"round {r.round:>2}: {r.pages_written:>9} pages written, {r.bytes_copied / 2**20:>8.1f} MiB copied "
+        f"in {r.seconds * 1000:>6.0f} ms, dirty {r.dirty_rate_pages_s:>9.0f} pages/s, "
+        f"est. freeze {r.est_freeze_ms:>6.1f} ms"
+    )
+
+
+@click.command()
+@click.argument("pid", type=int)
+@click.option(
+    "-D",
+    "--images-dir",
+    "directory",
+    required=True,
+    type=click.Path(),
+    help="Image directory to create.",
+)
+@click.option("--leave-running", is_flag=True, help="Let the process run on after the dump.")
+@click.option(
+    "--iterative",
+    is_flag=True,
+    help="Pre-copy memory while the process runs; freeze only for the last round.",
+)
+@tracker_option
+@max_rounds_option()
+@target_downtime_option
+@max_time_option()
+@click.option(
+    "--stats-json", type=click.Path(), default=None, help="Write per-round statistics as JSON here."
+)
+@level_option
+@tcp_established_option
+@tree_option
+@click.option(
+    "--shell-job",
+    is_flag=True,
+    help="The process is a job started from a shell: take its fds on its controlling "
+    "terminal (restore with `ckpt restore --shell-job` on any terminal).",
+)
+def dump(
+    pid: int,
+    directory: str,
+    leave_running: bool,
+    iterative: bool,
+    tracker: str,
+    max_rounds: int | None,
+    target_downtime_ms: float | None,
+    max_time: float | None,
+    stats_json: str | None,
+    level: int | None,
+    tcp_established: bool,
+    tree: bool,
+    shell_job: bool,
+) -> None:
+    """Checkpoint process PID into DIR (then kill it, unless --leave-running)."""
+    from .. import api
+
+    policy = precopy_policy(max_rounds, target_downtime_ms, max_time)
+
+    def on_round(r) -> None:
+        app.status(round_line(r))
+
+    r = api.dump(
+        pid, directory, leave_running=leave_running, level=level, iterative=iterative,
+        tracker=tracker, policy=policy, on_round=on_round, stats_json=stats_json,
+        tcp_established=tcp_established, tree=tree, shell_job=shell_job,
+    )  # fmt: skip
+    extra = (
+        f"; tracker {r.tracker}, {len(r.rounds)} pre-copy rounds ({r.stop_reason})"
+        if iterative
+        else ""
+    )
+    app.status(
+        f"dumped {r.pid}{tree_note(r)} to {r.image}: {r.vmas} VMAs, {human(r.bytes_raw)} of pages "
+        f"→ {human(r.bytes_stored)} stored, freeze {r.freeze_ms:.0f} ms"
+        f" ({r.final_pages} pages in the final round), total {r.seconds:.2f} s{extra}"
+        + ("; left running" if leave_running else "; process killed")
+    )
+    if r.net_lock:
+        app.status(
+            f"TCP peers outside the dump are held (nftables table inet {r.net_lock}) until "
+            f"`ckpt restore` deletes it; without a restore: nft delete table inet {r.net_lock}"
+        )
+    if r.zombie_parent:
+        app.status(
+            f"note: PID {r.pid} stays a zombie until its parent {r.zombie_parent} reaps it; "
+            "a restore at that PID waits for that (--new-pid does not)"
+        )
+    if r.unlocked_tcp:
+        app.status(
+            f"warning: {r.unlocked_tcp} TCP connection(s) to outside peers without a network "
+            "lock (no `nft`): whatever the peers send before the restore resets them"
+        )

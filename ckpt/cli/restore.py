@@ -1,0 +1,99 @@
+"""`ckpt restore`: rebuild a process from an image directory or a snapshot store."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from .app import app
+
+
+def inherit_fds(specs: tuple[str, ...]) -> dict[int, int]:
+    """restore --inherit-fd N=FD|PATH → {N: an fd of this process}. A PATH is opened here
+    for appending (created 0600 if missing; its last component not followed)."""
+    from ..errors import UsageError
+
+    out: dict[int, int] = {}
+    for spec in specs:
+        n, sep, target = spec.partition("=")
+        if not sep or not n.isdigit() or not target:
+            raise UsageError(f"--inherit-fd {spec!r}: expected N=FD or N=PATH")
+        if target.isdigit():
+            out[int(n)] = int(target)
+            continue
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            out[int(n)] = os.open(target, flags, 0o600)
+        except OSError as exc:
+            raise UsageError(
+                f"--inherit-fd {spec!r}: cannot open {target}: {exc.strerror}"
+            ) from None
+    return out
+
+
+@click.command()
+@click.option(
+    "-D", "--images-dir", "directory", type=click.Path(), default=None, help="Image directory."
+)
+@click.option(
+    "--store", type=click.Path(), default=None, help="Restore from a snapshot store instead."
+)
+@click.option(
+    "--at", default=None, help="Snapshot id, id prefix or time (with --store; default: latest)."
+)
+@click.option("--detach", is_flag=True, help="Print the PID and return while the process runs on.")
+@click.option(
+    "--new-pid", is_flag=True, help="Let the kernel pick a new PID instead of the dumped one."
+)
+@click.option(
+    "--shell-job",
+    is_flag=True,
+    help="Restore a job dumped with --shell-job on the terminal ckpt runs on, in the "
+    "foreground; ckpt takes the terminal back when it exits.",
+)
+@click.option(
+    "--inherit-fd",
+    "inherit",
+    multiple=True,
+    metavar="N=FD|PATH",
+    help="fd N of the image led outside the dump (a log pipe, journald's socket): give it "
+    "this ckpt's fd FD, or PATH opened for appending, instead of ckpt's own fd N.",
+)
+def restore(
+    directory: str | None,
+    store: str | None,
+    at: str | None,
+    detach: bool,
+    new_pid: bool,
+    shell_job: bool,
+    inherit: tuple[str, ...],
+) -> None:
+    """Restore a process (-D DIR or --store S); wait for it and exit with its status unless --detach."""
+    from .. import api
+    from ..errors import UsageError
+
+    if (directory is None) == (store is None):
+        raise UsageError("give exactly one of -D DIR or --store S")
+    if at is not None and store is None:
+        raise UsageError("--at needs --store")
+    fds = inherit_fds(inherit)
+    if store is not None:
+        r, sid = api.restore_snapshot(
+            store, at, new_pid=new_pid, shell_job=shell_job, detach=detach, inherit_fds=fds
+        )
+        app.status(f"restored snapshot {sid} of {store}")
+    else:
+        r = api.restore(
+            directory, new_pid=new_pid, shell_job=shell_job, detach=detach, inherit_fds=fds
+        )
+    for pid, fd, what, mine in r.externals:
+        app.status(f"fd {fd} of {pid} led outside the dump ({what}): now this ckpt's fd {mine}")
+    if detach:
+        app.echo(r.pid)
+        app.status(f"restored {r.pid} in {r.seconds:.2f} s")
+        return
+    app.status(f"restored {r.pid} in {r.seconds:.2f} s; waiting for it to exit")
+    sys.stdout.flush()
+    app.exit(api.wait_exit_status(r.pid, r.terminal))
