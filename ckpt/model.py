@@ -191,6 +191,19 @@ class Fd:
     tty: TtyState | None = None  # kind "tty"
 
 
+# Fd.kind values a state may hold: what restore/fds.py has a handler for (its KINDS), plus
+# "dup" (another fd's open file description). Here, not read from restore/, so that
+# checking a state needs nothing that loads the compiled extension (`ckpt verify`
+# anywhere); tests/test_image_plain.py checks that the two agree.
+FD_KINDS = frozenset(
+    {
+        "pipe_end", "peer", "external", "file", "dir", "chr", "memfd", "pipe", "fifo",
+        "eventfd", "signalfd", "timerfd", "epoll", "inotify", "socket", "socket_end", "tty",
+        "dup",
+    }
+)  # fmt: skip
+
+
 @dataclass
 class SigAction:
     signo: int
@@ -274,10 +287,19 @@ class ProcAttrs:
     exit_signal: int = 17  # sent to the parent at exit (clone's exit_signal; SIGCHLD)
 
 
+# Thread.regs keys: x86-64's struct user_regs_struct fields, in their order (kernel/ptrace.py
+# reads and writes them by these names; its heal trampoline pops r15 … rdi in this order).
+REG_NAMES = (
+    "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx", "rdx",
+    "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss", "fs_base", "gs_base", "ds",
+    "es", "fs", "gs",
+)  # fmt: skip
+
+
 @dataclass
 class Thread:
     tid: int
-    regs: dict[str, int]
+    regs: dict[str, int]  # REG_NAMES → value
     xstate: bytes
     sigmask: int
     pending: list[bytes]  # 128-byte siginfos of the thread's private queue

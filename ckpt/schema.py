@@ -17,7 +17,7 @@ before any side effect:
 
 A failure is SchemaError (a ValueError, so callers that already turn ValueError into
 their own error keep doing so) naming the field: `tree[0].fds[3].fd: -7 is out of
-range (-1 … 1048575)`. restore.run.load turns it into ImageCorrupt (exit 6).
+range (-1 … 1048575)`. api.restore.load turns it into ImageCorrupt (exit 6).
 """
 
 from __future__ import annotations
@@ -486,9 +486,7 @@ PIPE_DEFAULT = 16 * PAGE  # what a new pipe holds before F_SETPIPE_SZ
 
 
 def _check_fd(f: m.Fd) -> None:
-    from .restore.fds import KINDS  # what this ckpt can restore
-
-    if f.kind not in KINDS and f.kind != "dup":
+    if f.kind not in m.FD_KINDS:  # what this ckpt can restore
         raise SchemaError(f"{f.kind[:32]!r} is not an fd kind this ckpt restores", ".kind")
     if f.kind in ("pipe", "fifo", "pipe_end", "memfd", "socket_end") and not f.obj_id:
         raise SchemaError(f"a {f.kind} without the object it names", ".obj_id")
@@ -540,9 +538,7 @@ def _check_socket(s: m.Socket) -> None:
 
 
 def _check_thread(t: m.Thread) -> None:
-    from .kernel.ptrace import REG_NAMES
-
-    missing = [r for r in REG_NAMES if r not in t.regs]
+    missing = [r for r in m.REG_NAMES if r not in t.regs]
     if missing:
         raise SchemaError(f"lacks {', '.join(missing[:4])}", ".regs")
 

@@ -10,6 +10,8 @@ connection and accepts new ones, then prints VERIFY OK or VERIFY FAIL.
 from __future__ import annotations
 
 import fcntl
+import json
+import os
 import re
 import socket
 import struct
@@ -100,6 +102,29 @@ def test_tcp_options_kept_on_the_live_process(e2e):
     assert res.returncode == 0, str(res)
     wait_until(lambda: (proc_status(w.pid) or {}).get("TracerPid") == "0", 30, "untraced")
     talk_and_verify(e2e, w, port)
+
+
+def test_refused_before_any_round(e2e):
+    """An outside TCP peer without --tcp-established is refused at the start of an
+    iterative dump and of a snapshot, before any pre-copy round (the stats written on
+    failure show none), naming the process; the process runs on untraced."""
+    w = e2e.spawn("sockets", "ext")
+    port = int(w.ready["port"])
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE):
+        w.wait_for("ACCEPTED", w.pid)
+        stats = e2e.path("stats.json")
+        res = e2e.dump(w.pid, e2e.path("img"), "--iterative", "--stats-json", str(stats))
+        assert_error(res, 5, f"process {w.pid} (", "fd", f"127.0.0.1:{port}", "--tcp-established")
+        doc = json.loads(stats.read_text())
+        assert doc["outcome"] == "failed" and doc["exit_code"] == 5, doc
+        assert doc["rounds"] == [], "refused after pre-copy rounds"
+        res = e2e.ckpt("snapshot", str(w.pid), "--store", str(e2e.path("store")))
+        assert_error(res, 5, f"process {w.pid} (", "--tcp-established")
+        wait_until(lambda: (proc_status(w.pid) or {}).get("TracerPid") == "0", 30, "untraced")
+        assert "[userfaultfd]" not in "".join(
+            os.readlink(f"/proc/{w.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{w.pid}/fd")
+        ), "tracking was armed before the refusal"
+        assert proc_alive(w.pid)
 
 
 def test_tcp_external_peer_needs_flag(e2e):

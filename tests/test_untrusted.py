@@ -27,10 +27,10 @@ from helpers import CKPT, Result, assert_error, proc_alive
 from test_image import forge_index, rewrite_blob
 
 from ckpt import model
+from ckpt.api.restore import load
 from ckpt.errors import ImageCorrupt
 from ckpt.image import header as hdr
 from ckpt.image.writer import STATE_NAME
-from ckpt.restore.run import load
 
 NOBODY = 65534
 

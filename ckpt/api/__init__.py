@@ -1,191 +1,37 @@
-"""The Python API behind the CLI: dump(), restore(), show()."""
+"""ckpt's Python API: the orchestrators the CLI calls and renders (docs/API.md).
+
+    dump(pid, directory, DumpOptions)          → DumpResult       api/dump.py
+    snapshot(pid, store, SnapshotOptions)      → SnapshotResult   api/snapshot.py
+    restore(directory, RestoreOptions)         → Restored         api/restore.py
+    restore_snapshot(store, at, RestoreOptions) → (Restored, id)
+    show(directory)                            → dict             api/show.py
+    migrate(MigrateOptions, report, stats)     → MigrationStats   api/migrate.py
+    receive(ReceiveOptions, report, …)         → ReceiveResult    api/receive.py
+
+Options are dataclasses; each call also takes their fields as keywords
+(`dump(pid, d, iterative=True)`). Failures raise ckpt.errors.CkptError subclasses,
+each with the exit code the CLI uses.
+"""
 
 from __future__ import annotations
 
-import os
-
-from ..restore.run import Restored, load
-from ..restore.run import restore as _restore
 from .dump import DumpOptions, DumpResult, dump
-from .snapshot import SnapshotResult
+from .restore import Restored, RestoreOptions, restore, restore_snapshot, wait_exit_status
+from .show import show, snapshot_dir
+from .snapshot import SnapshotOptions, SnapshotResult, snapshot
 
 __all__ = [
     "DumpOptions",
     "DumpResult",
+    "RestoreOptions",
     "Restored",
+    "SnapshotOptions",
     "SnapshotResult",
     "dump",
     "restore",
+    "restore_snapshot",
     "show",
     "snapshot",
     "snapshot_dir",
     "wait_exit_status",
 ]
-
-
-def restore(
-    directory: str,
-    *,
-    new_pid: bool = False,
-    shell_job: bool = False,
-    detach: bool = False,
-    inherit_fds: dict[int, int] | None = None,
-) -> Restored:
-    """shell_job: a job of the terminal ckpt runs on (restore/tty.py); then wait with
-    wait_exit_status(r.pid, r.terminal), which hands the terminal back. detach: the
-    caller will not wait for the process (refused for a parent-death signal).
-    inherit_fds: an fd 0-2 of the image that led outside the dump → the fd of this
-    process it gets (default: this process's own fd of that number)."""
-    return _restore(directory, new_pid=new_pid, shell_job=shell_job, detach=detach,
-                    inherit_fds=inherit_fds)  # fmt: skip
-
-
-def snapshot(pid: int, store: str, **options):
-    """One snapshot of `pid` into the store at `store` (created if missing)."""
-    from ..store import Store
-    from .snapshot import snapshot as _snapshot
-
-    return _snapshot(pid, Store.open(store, create=True), **options)
-
-
-def snapshot_dir(store: str, at: str | None) -> tuple[str, str]:
-    """(image directory, id) of the snapshot `at` (id, prefix, time; None = latest)."""
-    from ..store import Store
-
-    st = Store.open(store)
-    info = st.resolve(at)
-    return st.path_of(info), info.id
-
-
-def restore_snapshot(
-    store: str, at: str | None, *, new_pid: bool = False, wait: float = 10.0,
-    shell_job: bool = False, detach: bool = False, inherit_fds: dict[int, int] | None = None,
-):  # fmt: skip
-    """Restore snapshot `at` of a store; a shared store lock keeps gc from swapping it meanwhile."""
-    from ..store import Store
-
-    st = Store.open(store)
-    with st.lock(wait, shared=True, op="restore"):
-        info = st.resolve(at)
-        r = _restore(st.path_of(info), new_pid=new_pid, shell_job=shell_job, detach=detach,
-                     inherit_fds=inherit_fds)  # fmt: skip
-        return r, info.id
-
-
-def _resolve_show_target(target: str) -> str:
-    """`ckpt show` takes an image DIR, a store S (latest) or S@ID."""
-    base, _, at = target.partition("@")
-    if os.path.isfile(os.path.join(base, "store.json")):
-        return snapshot_dir(base, at or None)[0]
-    return target
-
-
-def wait_exit_status(pid: int, terminal=None) -> int:
-    """Wait for a restored child; shell-style status (128+N when killed by signal N).
-    terminal: a shell job's (Restored.terminal): ckpt takes it back when the job ends."""
-    while True:
-        if terminal is not None:
-            status = terminal.wait_job(pid)
-            terminal.close()
-            terminal = None
-        else:
-            try:
-                _, status = os.waitpid(pid, 0)
-            except ChildProcessError:
-                return 0
-        if os.WIFEXITED(status):
-            return os.WEXITSTATUS(status)
-        if os.WIFSIGNALED(status):
-            return 128 + os.WTERMSIG(status)
-
-
-def show(directory: str) -> dict:
-    """What an image holds, as plain data (for `ckpt show`)."""
-    directory = _resolve_show_target(directory)
-    reader, proc = load(directory)
-    try:
-        summary = reader.summary()
-        meta = dict(reader.meta)
-    finally:
-        reader.close()
-    vmas = []
-    for v in proc.vmas:
-        pages = sum(n for _, n in v.present)
-        vmas.append({
-            "start": v.start, "end": v.end, "size": v.size,
-            "perms": ("r" if v.prot & 1 else "-") + ("w" if v.prot & 2 else "-")
-            + ("x" if v.prot & 4 else "-") + ("s" if v.shared else "p"),
-            "kind": v.kind, "name": v.name, "offset": v.offset, "pages": pages, "shm": v.shm,
-        })  # fmt: skip
-    fds = [
-        {
-            "fd": f.fd,
-            "kind": f.kind,
-            "path": f.path,
-            "flags": f.flags,
-            "cloexec": f.cloexec,
-            "pos": f.pos,
-        }
-        for f in proc.fds
-    ]
-    for rec, f in zip(fds, proc.fds):
-        if f.tty is not None:  # a shell job's terminal (capture/tty.py)
-            rec["tty"] = {"name": f.tty.name, "pgid": f.tty.pgid, "foreground": f.tty.foreground}
-    t = proc.threads[0]
-    return {
-        "image": os.path.abspath(directory),
-        "meta": meta,
-        "process": {
-            "pid": proc.pid,
-            "ppid": proc.ppid,
-            "pgid": proc.pgid,
-            "sid": proc.sid,
-            "comm": proc.comm.decode(errors="replace"),
-            "cmdline": [a.decode(errors="replace") for a in proc.cmdline.split(b"\0") if a],
-            "exe": proc.exe,
-            "cwd": proc.cwd,
-            "uids": proc.uids,
-            "gids": proc.gids,
-            "threads": len(proc.threads),
-            "sigmask": f"{t.sigmask:016x}",
-            "sigactions": len(proc.sigactions),
-            "posix_timers": len(proc.posix_timers),
-            "itimers": len(proc.itimers),
-            "descendants": [
-                {
-                    "pid": p.pid,
-                    "ppid": p.ppid,
-                    "comm": p.comm.decode(errors="replace"),
-                    "threads": len(p.threads),
-                    "fds": len(p.fds),
-                }
-                for p in proc.tree
-            ],
-            "zombies": [
-                {
-                    "pid": z.pid,
-                    "ppid": z.ppid,
-                    "comm": z.comm.decode(errors="replace"),
-                    "status": z.status,
-                }
-                for z in proc.zombies
-            ],
-            "net_lock": proc.net_lock,
-        },
-        "vmas": vmas,
-        "fds": fds,
-        "shm": [_shm_info(i, o, proc) for i, o in enumerate(proc.shm)],
-        "layers": summary,
-    }
-
-
-def _shm_info(index: int, obj, proc) -> dict:
-    """One shared memory object: what it is, its pages, and which processes map it."""
-    mapped_by = sorted({p.pid for p in (proc, *proc.tree) for v in p.vmas if v.shm == index})
-    info = {
-        "index": index, "kind": obj.kind, "size": obj.size,
-        "pages": sum(n for _, n in obj.present), "mapped_by": mapped_by,
-    }  # fmt: skip
-    if obj.sysv is not None:
-        info["sysv"] = {"shmid": obj.sysv.shmid, "key": obj.sysv.key}
-    return info

@@ -36,6 +36,7 @@ from ..track import make_tracker
 from ..track.base import Tracker
 from ..track.full import FullTracker
 from .freeze import capture_frozen, elapsed_ms, freeze_members, image_pages, thaw
+from .preflight import preflight
 
 ZOMBIE_WAIT = 0.05  # s for the killed process's parent to reap it (on SIGCHLD: a few ms)
 
@@ -170,6 +171,9 @@ class _DumpRun:
         st = check_target(pid)
         if opts.tree:  # the descendants' namespaces too, before anything is injected
             check_tree_namespaces(pid)
+        if opts.iterative:  # refuse now, not after the rounds (a plain dump freezes at once)
+            preflight(pid, tree=opts.tree, tcp_established=opts.tcp_established,
+                      shell_job=opts.shell_job)  # fmt: skip
         target = Target(pid, st.starttime)
         trk = make_tracker(opts.tracker, pid) if opts.iterative else FullTracker(pid)
         self.trk = trk

@@ -18,13 +18,10 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from ..capture.fds import capture_fds
 from ..capture.shm import SHM_KINDS, shm_kind
-from ..capture.sockets import SocketCapture
 from ..capture.target import Target
 from ..capture.tree import descendants
 from ..capture.validate import check_target
-from ..capture.vmas import classify
 from ..errors import CkptError
 from ..kernel import procfs, shmobj
 from ..precopy.policy import Policy
@@ -38,6 +35,7 @@ from ..transport.sink import FreezeClock, NetSink
 from ..transport.throttle import Throttle
 from .converge import Controller
 from .dump import DumpHooks, DumpOptions, run_dump
+from .preflight import preflight
 
 MIB = float(1 << 20)
 
@@ -93,19 +91,6 @@ class MigrationStats:
             json.dump(self.to_dict(), f, indent=2)
 
 
-def _preflight(pid: int, *, tree: bool = True, tcp_established: bool = False) -> None:
-    """Refuse now what the final capture would refuse (an unsupported fd or mapping):
-    otherwise we would learn it only after the whole memory crossed the network."""
-    mates = frozenset(descendants(pid)) if tree else frozenset()
-    sockets = SocketCapture()
-    try:
-        capture_fds(pid, sockets=sockets, tcp_established=tcp_established, tree=mates)
-    finally:
-        sockets.close()
-    for m in procfs.smaps(pid):
-        classify(pid, m)
-
-
 def _why_not_staged(opts: MigrateOptions) -> str:
     """Why the destination cannot build this process while the rounds arrive ("" if it
     can): the staged restore builds one process, makes memfds only with the fds, and
@@ -154,7 +139,7 @@ def migrate(
     stats.destination = str(opts.to)
     stats.max_bandwidth_mib_s = opts.max_bandwidth
     st = check_target(opts.pid)  # refuse a missing or unsupported target before connecting
-    _preflight(opts.pid, tree=opts.tree, tcp_established=opts.tcp_established)
+    preflight(opts.pid, tree=opts.tree, tcp_established=opts.tcp_established)
     target = Target(opts.pid, st.starttime)
 
     peer = str(opts.to)

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 
 from ..errors import CkptError, RestoreError
 from ..model import ProcessImage
-from ..restore.run import restore
 from ..transport import faults, protocol
 from ..transport.auth import HANDSHAKE_DEADLINE, describe_protection
 from ..transport.channel import Channel
@@ -48,6 +47,7 @@ from ..transport.gate import Gate
 from ..transport.net import Address, listen
 from ..transport.tls import TlsOptions, server_context
 from .assemble import Assembler, check_image_destination
+from .restore import restore
 
 HEARTBEAT = 1.0
 

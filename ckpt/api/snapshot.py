@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .. import __version__, faults
 from ..capture.shm import SharedMemory
@@ -35,6 +35,7 @@ from ..track.base import Tracker
 from ..track.full import FullTracker
 from ..track.uffd_wp import Handle, UffdWpTracker
 from .freeze import capture_frozen, elapsed_ms, freeze_members, image_pages, thaw
+from .preflight import preflight
 
 # A snapshot run pre-copies a little (the process keeps running) and then
 # freezes: the rounds are few because the written set since the last snapshot
@@ -55,25 +56,49 @@ class SnapshotResult:
     tracker: str
 
 
+@dataclass
+class SnapshotOptions:
+    """How to take a snapshot (the CLI's flags; docs/API.md)."""
+
+    wait: float = 0.0  # seconds to wait for the store's lock (another run, gc)
+    policy: Policy | None = None  # pre-copy rounds (None: SNAPSHOT_POLICY)
+    #: the process's descendants too, each tracked between runs like the root (its own
+    #: persistent uffd and tracking record): one that was in the previous snapshot,
+    #: with tracking intact, is incremental as well
+    tree: bool = True
+    tcp_established: bool = False  # also TCP connections to peers outside the tree
+    shell_job: bool = False  # take fds on the terminal the job was started from
+
+
 def snapshot(
     pid: int,
     store,
+    options: SnapshotOptions | None = None,
     *,
-    wait: float = 0.0,
-    policy: Policy | None = None,
     on_round: Callable[[RoundStats], None] | None = None,
     on_status: Callable[[str], None] | None = None,
-    tree: bool = True,
-    tcp_established: bool = False,
+    **fields,
 ) -> SnapshotResult:
-    """tree: the process's descendants too, each tracked between runs like the root
-    (its own persistent uffd and tracking record): a descendant that was in the
-    previous snapshot, with tracking intact, is incremental as well."""
+    """One snapshot of `pid` into `store` (a ckpt.store.Store, or the path of one,
+    created if missing). Options as a SnapshotOptions, or its fields as keywords.
+    on_status: one-line notes (why a snapshot is full); on_round: progress."""
+    opts = replace(options or SnapshotOptions(), **fields)
+    if isinstance(store, str):
+        from ..store import Store
+
+        store = Store.open(store, create=True)
+    return _take(pid, store, opts, on_round, on_status)
+
+
+def _take(pid: int, store, opts: SnapshotOptions, on_round, on_status) -> SnapshotResult:
+    wait, policy, tree = opts.wait, opts.policy, opts.tree
+    tcp_established, shell_job = opts.tcp_established, opts.shell_job
     t0 = time.monotonic()
     say = on_status or (lambda _msg: None)
     with store.lock(wait=wait):
         # inside the lock: another snapshot run may have the target frozen (traced)
         st = check_target(pid)
+        preflight(pid, tree=tree, tcp_established=tcp_established, shell_job=shell_job)
         target = Target(pid, st.starttime)
         rec = store.tracking_get(pid)
         parent = store.latest(pid)
@@ -114,7 +139,7 @@ def snapshot(
             cap = capture_frozen(
                 frozen, trk, writer, pre, sockets=sockets, shm=shm,
                 free_space=_free_space(parent_state, pre), skip_fds=_own_fds,
-                tcp_established=tcp_established,
+                tcp_established=tcp_established, shell_job=shell_job,
             )  # fmt: skip
             proc, final_pages, stored = cap.proc, cap.pages, cap.bytes_stored
             freeze_ms = elapsed_ms(t_freeze)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import stat as statmod
 
-from ..errors import DumpError, NoSuchProcess, UnsupportedProcess
+from ..errors import CkptError, DumpError, NoSuchProcess, UnsupportedProcess
 from ..kernel import abi, procfs
 from ..kernel.process import same_open_file
 from ..model import Fd
@@ -37,6 +37,8 @@ def capture_fds(
         fd_kinds.finish(scan, out, procfs.maps(pid))
     except OSError as exc:  # reading a pipe's data, a memfd, a pidfd_getfd copy…
         raise DumpError(f"reading the fds of process {pid} failed: {exc}") from exc
+    except UnsupportedProcess as exc:
+        raise _naming_process(exc, pid) from None
     finally:
         scan.close()
     return out
@@ -143,3 +145,18 @@ def _describe(target: str, st: os.stat_result) -> str:
     if target.startswith("anon_inode:"):
         return f"an {target[11:]} ({target})"
     return f"an unsupported file type ({target})"
+
+
+def _naming_process(exc: UnsupportedProcess, pid: int) -> UnsupportedProcess:
+    """Say which process holds the fd: "process 123 (comm): fd 5 …" (in a tree, it matters)."""
+    msg = str(exc)
+    if not msg.startswith("fd "):
+        return exc
+    try:
+        comm = procfs.read_bytes(pid, "comm").decode(errors="replace").strip()
+    except (OSError, CkptError):
+        comm = "?"
+    try:
+        return type(exc)(f"process {pid} ({comm}): {msg}", pid=exc.pid, step=exc.step)
+    except TypeError:  # a subclass with another constructor: keep it as it is
+        return exc

@@ -16,9 +16,9 @@ from typing import Any
 import msgpack
 
 from ..errors import ImageCorrupt
-from ..kernel.msgcost import decode_cost
 from . import fsio
 from .header import KNOWN_KINDS, MAX_HEADER_LEN, Header, pack_header, parse_header
+from .msgcost import decode_cost
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,9 @@ zstandard releases the GIL while it works, which is what lets two pool threads
 compress while the caller reads the next pages; but its contexts are not
 thread-safe, so each thread keeps its own (threading.local). A chunk is one
 zstd frame with its content size in the frame header; its checksum is zlib's
-crc32 of the compressed bytes, computed by ckpt's C layer with PCLMULQDQ (~16 GB/s
-here against zlib's ~7, without the GIL; see docs/FORMAT.md for why not zstd's own
-xxh64 content checksum).
+crc32 of the compressed bytes, computed by ckpt's C layer with PCLMULQDQ where it
+loads (~16 GB/s here against zlib's ~7, without the GIL; image/bufops.py), else by
+zlib; see docs/FORMAT.md for why not zstd's own xxh64 content checksum.
 
 Level 0 stores: the frame is made of raw blocks (RFC 8878 Raw_Block), built here
 without zstd and written from the caller's buffer without a copy (frame_pieces).
@@ -21,7 +21,7 @@ import threading
 import zstandard
 
 from ..errors import ImageCorrupt
-from ..kernel.memory import crc32
+from .bufops import crc32
 
 DEFAULT_LEVEL = 1  # measured against 3 in docs/FORMAT.md: ~1.7x faster on text, ~8% bigger
 _MAX_WINDOW = 1 << 27  # legit frames of ≤ 64 MiB never need more; caps a hostile frame's ask

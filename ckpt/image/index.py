@@ -13,7 +13,7 @@ from functools import cached_property
 from typing import Any
 
 from ..errors import ImageCorrupt
-from ..kernel.native import PAGE_SIZE
+from ..units import PAGE_SIZE
 from .runs import ZERO, LayerRecords, Record, first_overlap
 
 MAX_INDEX_BYTES = 256 << 20  # refuse bigger index files before reading them

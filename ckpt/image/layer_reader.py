@@ -21,7 +21,7 @@ import os
 import threading
 
 from ..errors import ImageCorrupt
-from ..kernel.native import PAGE_SIZE
+from ..units import PAGE_SIZE
 from . import fsio
 from .blob import read_blob
 from .codec import decompress

@@ -1,7 +1,7 @@
 """LayerWriter: packs page runs into chunks, compresses them in a pool, writes one layer.
 
 Data path, per add_run():
-  1. C finds the non-zero page runs of the buffer (native.nonzero_runs);
+  1. C finds the non-zero page runs of the buffer (bufops.nonzero_runs);
      all-zero runs become "zero" records and are never stored.
   2. Non-zero runs are appended to the current chunk (slices, no copy for bytes
      input); a run that does not fit is split at the chunk boundary, so every
@@ -37,11 +37,10 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future, wait
 from dataclasses import asdict, dataclass
 
-from ..kernel import native
-from ..kernel.memory import gather, pack_nonzero
-from ..kernel.native import PAGE_SIZE
+from ..units import PAGE_SIZE
 from . import fsio
 from .blob import BlobInfo, write_blob
+from .bufops import gather, nonzero_runs, pack_nonzero
 from .codec import Compressor
 from .header import HEADER_LEN, KIND_INDEX, KIND_PAGES, pack_header
 from .index import LayerIndex
@@ -220,7 +219,7 @@ class LayerWriter:
         """Add several runs whose pages lie back to back in buf.
 
         runs: (vaddr, npages) pairs, in buffer order, exactly covering buf; this is
-        what ckpt.kernel.memory.read_runs() fills, so one call per batch suffices.
+        what the dump's batched reads fill, so one call per batch suffices.
         Zero-page detection runs once (in C) over the whole buffer.
         """
         self._check_open()
@@ -240,7 +239,7 @@ class LayerWriter:
             self._seal_buffer()
         self._pages_in += total
         owned = type(mv.obj) is bytes
-        nonzero = native.nonzero_runs(mv, total)  # (first, count) in buffer pages
+        nonzero = nonzero_runs(mv, total)  # (first, count) in buffer pages
         nz_len = len(nonzero)
         j = 0
         base = 0  # buffer page where the current run starts

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from ..errors import ImageCorrupt, ImageNotFound
-from ..kernel.native import PAGE_SIZE
+from ..units import PAGE_SIZE
 from . import trust
 from .blob import read_blob
 from .header import KIND_STATE, Header

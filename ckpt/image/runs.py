@@ -12,7 +12,7 @@ from bisect import bisect_right
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from ..kernel.native import PAGE_SIZE
+from ..units import PAGE_SIZE
 
 ZERO = -1  # the `chunk` of a record that says "these pages are all zero"
 

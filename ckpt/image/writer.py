@@ -22,8 +22,8 @@ from typing import Any
 
 from .. import __version__
 from ..errors import DumpError, ImageExists, ImageNotFound
-from ..kernel.native import PAGE_SIZE
 from ..model import present_keys, state_version
+from ..units import PAGE_SIZE
 from . import fsio, trust
 from .blob import write_blob
 from .codec import DEFAULT_LEVEL, Compressor
@@ -59,7 +59,7 @@ def remove_leftovers(parent: str) -> list[str]:
     """Remove the DIR.tmp-* directories that killed writers left in `parent`.
 
     A writer holds an flock on its tmp directory from right after making it until it
-    is renamed or removed (the kernel drops it when the writer dies, SIGKILL too), so
+    is renamed or removed (Linux drops it when the writer dies, SIGKILL too), so
     one whose lock can be taken has no live writer of this ckpt. Removed only if also:
     its writer's PID runs no ckpt (a ckpt without this lock may still be writing; a
     PID reused by anything else is not the writer), it is a 0700 directory of ckpt's

@@ -10,8 +10,9 @@ that decides them.
 
 from __future__ import annotations
 
+from ..units import PAGE_SIZE as PAGE_SIZE  # the image format's page too (re-exported)
+
 # -- memory ----------------------------------------------------------------------------------
-PAGE_SIZE = 4096
 TASK_SIZE = 0x7FFFFFFFF000  # the top of user space (4-level paging)
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4

@@ -25,7 +25,11 @@ if _built_for != __version__:  # pragma: no cover - stale build
         "rebuild with `pip install .`"
     )
 
-PAGE_SIZE = abi.PAGE_SIZE
+PAGE_SIZE = abi.PAGE_SIZE  # ckpt/units.py: plain data code uses it without this module
+if os.sysconf("SC_PAGE_SIZE") != PAGE_SIZE:  # pragma: no cover - x86-64 has 4 KiB pages
+    raise ImportError(
+        f"this machine's pages are {os.sysconf('SC_PAGE_SIZE')} bytes; ckpt knows {PAGE_SIZE}"
+    )
 
 
 def check(ret: int, call: str, *, target: object = None) -> int:

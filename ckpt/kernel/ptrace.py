@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass
 
 from ..errors import AccessDenied, DumpError, NoSuchProcess
+from ..model import REG_NAMES  # the state's names of user_regs_struct's fields, in order
 from .native import check, ffi, lib
 
 PTRACE_CONT = 7
@@ -35,35 +36,6 @@ PTRACE_EVENT_STOP = 128
 
 NT_X86_XSTATE = 0x202
 
-REG_NAMES = [
-    "r15",
-    "r14",
-    "r13",
-    "r12",
-    "rbp",
-    "rbx",
-    "r11",
-    "r10",
-    "r9",
-    "r8",
-    "rax",
-    "rcx",
-    "rdx",
-    "rsi",
-    "rdi",
-    "orig_rax",
-    "rip",
-    "cs",
-    "eflags",
-    "rsp",
-    "ss",
-    "fs_base",
-    "gs_base",
-    "ds",
-    "es",
-    "fs",
-    "gs",
-]
 
 # Kernel-internal restart codes visible in rax at a ptrace stop (include/linux/errno.h).
 ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK = 512, 513, 514, 516

@@ -25,8 +25,8 @@ from typing import Any, TypeVar
 from ..image import ImageWriter, LayerReader, LayerStats, LayerWriter
 from ..image.layer_writer import LayerEntry, index_name, pages_name
 from ..image.runs import LayerRecords, merge, normalize, resolve
-from ..kernel.native import PAGE_SIZE
 from ..model import present_keys
+from ..units import PAGE_SIZE
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -23,7 +23,7 @@ from ..image.header import KIND_STATE
 from ..image.layer_writer import LayerEntry, index_name, pages_name
 from ..image.runs import merge
 from ..image.writer import STATE_NAME
-from ..kernel.native import PAGE_SIZE
+from ..units import PAGE_SIZE
 from .chain import Intervals, present_pages
 
 

@@ -1,6 +1,6 @@
 """The store lock: one flock on S/lock, exclusive for writers, shared for readers.
 
-Why flock: the kernel drops it when the holder dies (SIGKILL included), so a
+Why flock: Linux drops it when the holder dies (SIGKILL included), so a
 killed snapshot or gc never leaves a stale lock behind; the next holder then
 finds its leftovers (tmp/, journal.json) and cleans up. The exclusive holder
 writes "pid op" into the file so a blocked caller can say who holds the store.

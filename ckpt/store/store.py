@@ -2,7 +2,7 @@
 
 Each snapshot is a complete image directory; an incremental one hard-links its
 parent's layer files and adds one layer with the pages written since. So any
-snapshot restores on its own (ckpt.restore.run.restore(store.path_of(info))),
+snapshot restores on its own (ckpt.api.restore(store.path_of(info))),
 deleting one never loses a layer another uses, and gc only has to keep chains
 short. One flock serializes writers (snapshot, gc) and lets readers share.
 """

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 from ..errors import CkptError
 from ..image import LayerReader
 from ..image.runs import resolve
-from ..kernel.native import PAGE_SIZE
 from ..model import ProcessImage
+from ..units import PAGE_SIZE
 from . import layout
 from .chain import bounded_map, union
 from .images import Envelope, LayerCache, missing_pages, read_envelope

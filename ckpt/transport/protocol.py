@@ -29,8 +29,8 @@ import zstandard
 from ..errors import ImageCorrupt
 from ..image import MAX_STATE_BYTES
 from ..image.codec import decompress
-from ..kernel.native import PAGE_SIZE
 from ..model import SLOT_SHIFT, Vma, from_dict
+from ..units import PAGE_SIZE
 from .errors import ProtocolError
 
 PREAMBLE = b"CKPTMIG\x02"  # sent first by both sides: "I speak ckpt migration, version 2"

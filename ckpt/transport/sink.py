@@ -31,7 +31,7 @@ from ..capture.vmas import classify
 from ..errors import DumpError
 from ..image.codec import DEFAULT_LEVEL, Compressor
 from ..kernel import procfs
-from ..kernel.native import PAGE_SIZE
+from ..units import PAGE_SIZE
 from . import faults, protocol
 from .channel import Channel
 from .errors import DestinationFailed, ProtocolError, TransportError, TransportTimeout

@@ -6,7 +6,7 @@ import contextlib
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..errors import ImageCorrupt, RestoreError
 from ..image import ImageReader
@@ -15,10 +15,10 @@ from ..kernel.memory import write_at, write_pieces
 from ..kernel.spawn import spawn_restorer
 from ..model import ProcessImage, slot_base
 from ..present import intersect
-from . import cow
-from .attrs import check_detach
-from .tree import build_tree, check_tree, members
-from .tty import Terminal, check_image
+from ..restore import cow
+from ..restore.attrs import check_detach
+from ..restore.tree import build_tree, check_tree, members
+from ..restore.tty import Terminal, check_image
 
 _ZERO = bytes(1 << 20)
 
@@ -43,20 +43,62 @@ def load(directory: str) -> tuple[ImageReader, ProcessImage]:
     return reader, proc
 
 
-def restore(
-    directory: str,
-    *,
-    new_pid: bool = False,
-    shell_job: bool = False,
-    detach: bool = False,
-    inherit_fds: dict[int, int] | None = None,
-) -> Restored:
-    """Rebuild the process (and its tree); it runs on as a child of this process.
-    shell_job: as a job of ckpt's terminal, in the foreground (restore/tty.py).
-    detach: the caller will not stay the process's parent (restore/attrs.py).
-    inherit_fds: fds 0-2 that led outside the dump (a log pipe, journald's socket) →
-    the fd of this process they get; by default each gets this process's own fd of
-    the same number (restore/fds.py _external)."""
+@dataclass
+class RestoreOptions:
+    """How to restore (the CLI's flags; docs/API.md)."""
+
+    new_pid: bool = False  # under new PIDs instead of the dumped ones
+    #: as a job of the terminal ckpt runs on, in the foreground (restore/tty.py); then
+    #: wait with wait_exit_status(r.pid, r.terminal), which hands the terminal back
+    shell_job: bool = False
+    detach: bool = False  # the caller will not wait for the process (restore/attrs.py)
+    #: fds 0-2 that led outside the dump (a log pipe, journald's socket) → the fd of
+    #: this process they get; by default each gets this process's own fd of that number
+    inherit_fds: dict[int, int] | None = None
+
+
+def restore(directory: str, options: RestoreOptions | None = None, **fields) -> Restored:
+    """Rebuild the process (and its tree) from the image in `directory`; it runs on as
+    a child of this process. Options as a RestoreOptions, or its fields as keywords."""
+    return run_restore(directory, replace(options or RestoreOptions(), **fields))
+
+
+def restore_snapshot(
+    store: str, at: str | None, options: RestoreOptions | None = None, *, wait: float = 10.0,
+    **fields,
+) -> tuple[Restored, str]:  # fmt: skip
+    """Restore snapshot `at` (id, prefix, time; None: the latest) of the store at `store`;
+    a shared store lock keeps gc from swapping it meanwhile. Returns (restored, its id)."""
+    from ..store import Store
+
+    st = Store.open(store)
+    with st.lock(wait, shared=True, op="restore"):
+        info = st.resolve(at)
+        return restore(st.path_of(info), options, **fields), info.id
+
+
+def wait_exit_status(pid: int, terminal=None) -> int:
+    """Wait for a restored child; shell-style status (128+N when killed by signal N).
+    terminal: a shell job's (Restored.terminal): ckpt takes it back when the job ends."""
+    while True:
+        if terminal is not None:
+            status = terminal.wait_job(pid)
+            terminal.close()
+            terminal = None
+        else:
+            try:
+                _, status = os.waitpid(pid, 0)
+            except ChildProcessError:
+                return 0
+        if os.WIFEXITED(status):
+            return os.WEXITSTATUS(status)
+        if os.WIFSIGNALED(status):
+            return 128 + os.WTERMSIG(status)
+
+
+def run_restore(directory: str, opts: RestoreOptions) -> Restored:
+    new_pid, shell_job, detach = opts.new_pid, opts.shell_job, opts.detach
+    inherit_fds = opts.inherit_fds
     t0 = time.monotonic()
     reader, proc = load(directory)
     procs = members(proc)
