@@ -1,4 +1,5 @@
-"""Fault points of the migration, for tests (CKPT_FAULT=<name>, like ckpt/faults.py).
+"""Fault points of the migration, for tests (CKPT_FAULT=<name>; ckpt/faults.py's Point
+lists them with the others, and every function here refuses a name it does not list).
 
     receive-midstream   the receiver SIGKILLs itself when layer 1 begins (after layer 0 is stored)
     receive-restore     the receiver's restore fails (RestoreError) instead of running
@@ -18,34 +19,27 @@ import subprocess
 import time
 
 from ..errors import RestoreError
+from ..faults import ACT, FAIL, KILL, active
 
-POINTS = (
-    "receive-midstream", "receive-restore", "receive-slow-restore", "receive-stage",
-    "migrate-cut-final",
-)  # fmt: skip
 SLOW_RESTORE_S = 5.0
 
 
-def active(name: str) -> bool:
-    return os.environ.get("CKPT_FAULT") == name
-
-
 def kill_point(name: str) -> None:
-    if active(name):
+    if active(name, KILL):
         if os.getpid() == 1:  # a PID namespace's init cannot SIGKILL itself: just vanish
             os._exit(128 + signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
 def restore_point() -> None:
-    if active("receive-slow-restore"):
+    if active("receive-slow-restore", ACT):
         time.sleep(SLOW_RESTORE_S)
-    if active("receive-restore"):
+    if active("receive-restore", FAIL):
         raise RestoreError("restore failed: injected fault (CKPT_FAULT=receive-restore)")
 
 
 def stage_point(layer: int) -> None:
-    if active("receive-stage") and layer == 2:
+    if active("receive-stage", FAIL) and layer == 2:
         raise RestoreError("staged restore failed: injected fault (CKPT_FAULT=receive-stage)")
 
 
