@@ -419,6 +419,57 @@ def test_wrong_token_is_refused_and_source_untouched(e2e, hosts, token, tmp_path
 
 
 @needs_ns
+def test_migrate_and_receive_json(e2e, hosts, token, tmp_path):
+    """--json (docs/CLI.md): migrate prints its --stats-json document, receive its result
+    once the process runs there (which then verifies), each as the only thing on
+    stdout; a refused migration prints the stats with outcome "failed" and its error."""
+    w = e2e.spawn("writer", "mib=8", "rate=1000", "report=0")
+    rcv = Receiver(e2e, hosts, token, "--json")
+    try:
+        res, stats = migrate(e2e, hosts, token, w.pid, "--json")
+        assert res.returncode == 0, str(res)
+        doc = json.loads(res.stdout)
+        assert doc == stats, "--json prints the --stats-json document"
+        assert doc["outcome"] == "migrated" and doc["remote_pid"] == w.pid
+        assert doc["source_pid"] == w.pid and doc["rounds"] and doc["bytes_wire"] > 0
+        assert doc["error"] is None and doc["exit_code"] == 0
+        assert "migrated process" not in res.stderr, "--json replaces the summary line"
+        assert w.reap() == -signal.SIGKILL
+
+        end = time.monotonic() + DEADLINE
+        while True:
+            try:
+                got = json.loads(rcv.stdout())
+                break
+            except ValueError:
+                assert rcv.popen.poll() is None and time.monotonic() < end, rcv.result()
+                time.sleep(POLL)
+        assert got["pid"] == w.pid and got["source_pid"] == w.pid and got["detached"] is False
+        assert got["layers"] == len(doc["rounds"]) + 1 and got["bytes_received"] > 0
+        assert got["confirmed"] is True and got["image"] is None
+        assert got["downtime_ms"] == pytest.approx(got["source_frozen_ms"] + got["destination_ms"])
+        line = verify_at(w, rcv.global_pid(got["pid"]), got["pid"])
+        assert line.startswith("VERIFY OK"), line
+        done = rcv.wait()
+        assert done.returncode == 0, f"the receiver exits with the process's status\n{done}"
+        assert json.loads(done.stdout) == got and "received process" not in done.stderr
+    finally:
+        rcv.kill()
+
+    w = e2e.spawn("writer", "mib=8", "rate=1000", "report=0")
+    rcv = Receiver(e2e, hosts, token, "--accept-timeout", "10")
+    try:
+        res, stats = migrate(e2e, hosts, _token_file(tmp_path / "other"), w.pid, "--json")
+        assert_error(res, 20, "authentication")
+        doc = json.loads(res.stdout)
+        assert doc == stats and doc["outcome"] == "failed" and doc["exit_code"] == 20
+        assert doc["error"] == res.stderr.splitlines()[-1].removeprefix("ckpt: error: ")
+    finally:
+        rcv.kill()
+    assert_source_kept(w, "wrong token")
+
+
+@needs_ns
 def test_receiver_killed_midstream(e2e, hosts, token):
     w = e2e.spawn("writer", "mib=16", "rate=2000", "report=0")
     rcv = Receiver(e2e, hosts, token, env=e2e.env(CKPT_FAULT="receive-midstream"))

@@ -8,6 +8,7 @@ one place that turns an exception into that line, for `ckpt` itself and for the
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -28,7 +29,16 @@ def human(n: float) -> str:
 
 
 class App:
-    """One command's output. A process runs one command, so there is one App (`app`)."""
+    """One command's output. A process runs one command, so there is one App (`app`).
+
+    With --json (json_option sets `json`), stdout carries exactly one JSON document:
+    the command's result, or on failure `{"error": ..., "exit_code": N}` next to the
+    usual `ckpt: error:` line on stderr (docs/CLI.md).
+    """
+
+    def __init__(self) -> None:
+        self.json = False
+        self._emitted = False  # the one JSON document is out
 
     def status(self, msg: str) -> None:
         """A status line on stderr."""
@@ -38,9 +48,23 @@ class App:
         """Data on stdout."""
         click.echo(data)
 
+    def result(self, doc: dict) -> None:
+        """The command's one JSON document on stdout, flushed (a restore waits on after it)."""
+        click.echo(json.dumps(doc, indent=2, default=str))
+        sys.stdout.flush()
+        self._emitted = True
+
     def exit(self, code: int) -> None:
         """End the command with `code` (a restored process's exit status), stdout flushed."""
         sys.stdout.flush()
+        sys.exit(code)
+
+    def fail(self, line: str, message: str, code: int) -> None:
+        """End the command failed: `line` on stderr (and with --json, unless the result
+        is already out, the error object on stdout), exit `code`."""
+        click.echo(line, err=True)
+        if self.json and not self._emitted:
+            self.result({"error": message, "exit_code": code})
         sys.exit(code)
 
     def run(self, group: click.Group) -> None:
@@ -51,21 +75,20 @@ class App:
             sys.exit(e.exit_code)
         except click.ClickException as e:
             e.show()
+            if self.json and not self._emitted:
+                self.result({"error": e.format_message(), "exit_code": 2})
             sys.exit(2)
         except click.exceptions.Abort:
-            click.echo("ckpt: aborted", err=True)
-            sys.exit(130)
+            self.fail("ckpt: aborted", "aborted", 130)
         except CkptError as e:
-            click.echo(f"ckpt: error: {e}", err=True)
-            sys.exit(e.exit_code)
+            self.fail(f"ckpt: error: {e}", str(e), e.exit_code)
         except KeyboardInterrupt:
-            click.echo("ckpt: interrupted", err=True)
-            sys.exit(130)
+            self.fail("ckpt: interrupted", "interrupted", 130)
         except Exception as e:
             if os.environ.get("CKPT_DEBUG"):
                 raise
-            click.echo(f"ckpt: internal error: {type(e).__name__}: {e}", err=True)
-            sys.exit(1)
+            what = f"internal error: {type(e).__name__}: {e}"
+            self.fail(f"ckpt: {what}", what, 1)
 
 
 app = App()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from .app import app, human
 from .options import (
+    json_option,
     level_option,
     max_rounds_option,
     max_time_option,
@@ -20,6 +23,31 @@ from .options import (
 def tree_note(r) -> str:
     """ " and N descendants" of a DumpResult or SnapshotResult with more than one process."""
     return f" and {r.processes - 1} descendants" if r.processes > 1 else ""
+
+
+def dump_document(r, *, iterative: bool, leave_running: bool) -> dict:
+    """`ckpt dump --json`: a DumpResult (docs/CLI.md lists the keys)."""
+    return {
+        "pid": r.pid,
+        "image": os.path.abspath(r.image),
+        "processes": r.processes,
+        "killed": not leave_running,
+        "vmas": r.vmas,
+        "pages": r.pages,
+        "bytes_raw": r.bytes_raw,
+        "bytes_stored": r.bytes_stored,
+        "layers": r.layers,
+        "freeze_ms": r.freeze_ms,
+        "final_pages": r.final_pages,
+        "seconds": r.seconds,
+        "iterative": iterative,
+        "tracker": r.tracker,
+        "stop_reason": r.stop_reason,
+        "rounds": [dict(x) for x in r.rounds],
+        "net_lock": r.net_lock or None,
+        "unlocked_tcp": r.unlocked_tcp,
+        "zombie_parent": r.zombie_parent or None,
+    }
 
 
 def round_line(r) -> str:
@@ -63,6 +91,7 @@ def round_line(r) -> str:
     help="The process is a job started from a shell: take its fds on its controlling "
     "terminal (restore with `ckpt restore --shell-job` on any terminal).",
 )
+@json_option
 def dump(
     pid: int,
     directory: str,
@@ -77,6 +106,7 @@ def dump(
     tcp_established: bool,
     tree: bool,
     shell_job: bool,
+    as_json: bool,
 ) -> None:
     """Checkpoint process PID into DIR (then kill it, unless --leave-running)."""
     from .. import api
@@ -91,17 +121,10 @@ def dump(
         tracker=tracker, policy=policy, on_round=on_round, stats_json=stats_json,
         tcp_established=tcp_established, tree=tree, shell_job=shell_job,
     )  # fmt: skip
-    extra = (
-        f"; tracker {r.tracker}, {len(r.rounds)} pre-copy rounds ({r.stop_reason})"
-        if iterative
-        else ""
-    )
-    app.status(
-        f"dumped {r.pid}{tree_note(r)} to {r.image}: {r.vmas} VMAs, {human(r.bytes_raw)} of pages "
-        f"→ {human(r.bytes_stored)} stored, freeze {r.freeze_ms:.0f} ms"
-        f" ({r.final_pages} pages in the final round), total {r.seconds:.2f} s{extra}"
-        + ("; left running" if leave_running else "; process killed")
-    )
+    if as_json:
+        app.result(dump_document(r, iterative=iterative, leave_running=leave_running))
+    else:
+        _summary(r, iterative, leave_running)
     if r.net_lock:
         app.status(
             f"TCP peers outside the dump are held (nftables table inet {r.net_lock}) until "
@@ -117,3 +140,17 @@ def dump(
             f"warning: {r.unlocked_tcp} TCP connection(s) to outside peers without a network "
             "lock (no `nft`): whatever the peers send before the restore resets them"
         )
+
+
+def _summary(r, iterative: bool, leave_running: bool) -> None:
+    extra = (
+        f"; tracker {r.tracker}, {len(r.rounds)} pre-copy rounds ({r.stop_reason})"
+        if iterative
+        else ""
+    )
+    app.status(
+        f"dumped {r.pid}{tree_note(r)} to {r.image}: {r.vmas} VMAs, {human(r.bytes_raw)} of pages "
+        f"→ {human(r.bytes_stored)} stored, freeze {r.freeze_ms:.0f} ms"
+        f" ({r.final_pages} pages in the final round), total {r.seconds:.2f} s{extra}"
+        + ("; left running" if leave_running else "; process killed")
+    )

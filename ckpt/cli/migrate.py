@@ -15,6 +15,7 @@ from .app import app, human
 from .options import (
     MIGRATE_MAX_ROUNDS,
     MIGRATE_MAX_TIME,
+    json_option,
     level_option,
     max_rounds_option,
     max_time_option,
@@ -136,11 +137,12 @@ def _tls_options(f):
     "restore it after the final round (slower; for comparison).",
 )
 @_tls_options
+@json_option
 def receive(
     listen_addr: str, token_file: str, work_dir: str | None, keep_images: str | None,
     new_pid: bool, detach: bool, io_timeout: float, accept_timeout: float | None,
     handshake_timeout: float, insecure_cleartext: bool, level: int | None, no_stage: bool,
-    tls_cert: str | None, tls_key: str | None, tls_ca: str | None,
+    tls_cert: str | None, tls_key: str | None, tls_ca: str | None, as_json: bool,
 ) -> None:  # fmt: skip
     """Receive a migrating process and run it here."""
     from ..api import wait_exit_status
@@ -159,10 +161,44 @@ def receive(
     )  # fmt: skip
 
     def on_running(pid: int) -> None:
-        app.echo(pid)
-        sys.stdout.flush()
+        if not as_json:  # --json: the PID is in the document, once the handover is done
+            app.echo(pid)
+            sys.stdout.flush()
 
     r = do_receive(opts, app.status, on_running)
+    if as_json:
+        app.result(receive_document(r, detached=detach))
+    else:
+        _receive_summary(r)
+    if detach:
+        return
+    sys.stdout.flush()
+    app.exit(wait_exit_status(r.pid))
+
+
+def receive_document(r, *, detached: bool) -> dict:
+    """`ckpt receive --json`: a ReceiveResult (docs/CLI.md lists the keys)."""
+    return {
+        "pid": r.pid,
+        "source_pid": r.source_pid,
+        "peer": r.peer,
+        "layers": r.layers,
+        "bytes_received": r.bytes_received,
+        "seconds": r.seconds,
+        "downtime_ms": r.downtime_ms,
+        "source_frozen_ms": r.source_frozen_ms,
+        "destination_ms": r.destination_ms,
+        "commit_ms": r.commit_ms,
+        "restore_ms": r.restore_ms,
+        "staged": r.staged,
+        "parts": r.parts,
+        "image": r.image,
+        "confirmed": r.confirmed,
+        "detached": detached,
+    }
+
+
+def _receive_summary(r) -> None:
     if r.staged:
         p = r.parts
         here = (
@@ -180,10 +216,6 @@ def receive(
         + (f"; image kept in {r.image}" if r.image else "")
         + ("" if r.confirmed else "; the source did not confirm the handover")
     )
-    if detach:
-        return
-    sys.stdout.flush()
-    app.exit(wait_exit_status(r.pid))
 
 
 @click.command()
@@ -253,6 +285,7 @@ def receive(
 @_tls_options
 @tree_option
 @tcp_established_option
+@json_option
 def migrate(
     pid: int, to: str, token_file: str, target_downtime_ms: float | None,
     max_bandwidth: float | None, tracker: str, stats_json: str | None, max_rounds: int | None,
@@ -260,12 +293,13 @@ def migrate(
     restore_timeout: float, connect_timeout: float, insecure_cleartext: bool, use_tls: bool,
     tls_server_name: str | None,
     tls_cert: str | None, tls_key: str | None, tls_ca: str | None, tree: bool,
-    tcp_established: bool,
+    tcp_established: bool, as_json: bool,
 ) -> None:  # fmt: skip
     """Move process PID to another host running `ckpt receive`; it keeps running here
     unless the destination reports it running there."""
     from ..api.migrate import MigrateOptions, MigrationStats
     from ..api.migrate import migrate as do_migrate
+    from ..errors import CkptError
     from ..transport.auth import load_token
     from ..transport.net import parse_address
     from ..transport.tls import TlsOptions
@@ -284,9 +318,16 @@ def migrate(
     stats = MigrationStats()
     try:
         do_migrate(opts, app.status, stats)
+    except CkptError:
+        if as_json and stats.error is not None:
+            app.result(stats.to_dict())  # outcome "failed", with error and exit_code
+        raise
     finally:
         if stats_json:
             stats.write(stats_json)
+    if as_json:
+        app.result(stats.to_dict())
+        return
     d = stats.downtime
     app.status(
         f"migrated process {pid} to {stats.destination} (PID {stats.remote_pid} there) in "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import click
 
 from ..precopy import DEFAULT_MAX_ROUNDS, DEFAULT_MAX_TIME, DEFAULT_TARGET_DOWNTIME_MS, Policy
+from .app import app
 
 TRACKERS = ["auto", "uffd-wp", "soft-dirty", "full"]
 
@@ -91,4 +92,17 @@ tree_option = click.option(
     show_default=True,
     help="Take the process's descendants too (restored as its children, same PIDs).",
 )
-json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+
+
+def _set_json(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    app.json = app.json or value
+    return value
+
+
+json_option = click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    callback=_set_json,
+    help="Print one JSON document on stdout (docs/CLI.md); errors too.",
+)

@@ -8,6 +8,25 @@ import sys
 import click
 
 from .app import app
+from .options import json_option
+
+
+def restore_document(r, *, image: str | None, store: str | None, snapshot: str | None,
+                     detached: bool) -> dict:  # fmt: skip
+    """`ckpt restore --json`: a Restored, once the process runs (docs/CLI.md lists the keys)."""
+    return {
+        "pid": r.pid,
+        "seconds": r.seconds,
+        "pages": r.pages,
+        "image": os.path.abspath(image) if image is not None else None,
+        "store": os.path.abspath(store) if store is not None else None,
+        "snapshot": snapshot,
+        "detached": detached,
+        "externals": [
+            {"pid": pid, "fd": fd, "what": what, "fd_here": mine}
+            for pid, fd, what, mine in r.externals
+        ],
+    }
 
 
 def inherit_fds(specs: tuple[str, ...]) -> dict[int, int]:
@@ -61,6 +80,7 @@ def inherit_fds(specs: tuple[str, ...]) -> dict[int, int]:
     help="fd N of the image led outside the dump (a log pipe, journald's socket): give it "
     "this ckpt's fd FD, or PATH opened for appending, instead of ckpt's own fd N.",
 )
+@json_option
 def restore(
     directory: str | None,
     store: str | None,
@@ -69,6 +89,7 @@ def restore(
     new_pid: bool,
     shell_job: bool,
     inherit: tuple[str, ...],
+    as_json: bool,
 ) -> None:
     """Restore a process (-D DIR or --store S); wait for it and exit with its status unless --detach."""
     from .. import api
@@ -79,6 +100,7 @@ def restore(
     if at is not None and store is None:
         raise UsageError("--at needs --store")
     fds = inherit_fds(inherit)
+    sid = None
     if store is not None:
         r, sid = api.restore_snapshot(
             store, at, new_pid=new_pid, shell_job=shell_job, detach=detach, inherit_fds=fds
@@ -90,10 +112,15 @@ def restore(
         )
     for pid, fd, what, mine in r.externals:
         app.status(f"fd {fd} of {pid} led outside the dump ({what}): now this ckpt's fd {mine}")
-    if detach:
+    if as_json:
+        app.result(restore_document(r, image=directory, store=store, snapshot=sid, detached=detach))
+        if detach:
+            return
+    elif detach:
         app.echo(r.pid)
         app.status(f"restored {r.pid} in {r.seconds:.2f} s")
         return
-    app.status(f"restored {r.pid} in {r.seconds:.2f} s; waiting for it to exit")
+    else:
+        app.status(f"restored {r.pid} in {r.seconds:.2f} s; waiting for it to exit")
     sys.stdout.flush()
     app.exit(api.wait_exit_status(r.pid, r.terminal))

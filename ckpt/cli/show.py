@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from .app import app, human
@@ -18,7 +16,7 @@ def check(as_json: bool) -> None:
 
     f = features.probe()
     if as_json:
-        app.echo(json.dumps(features.to_json(f), indent=2))
+        app.result(features.to_json(f))
         return
     app.echo(features.render_text(f))
 
@@ -32,7 +30,7 @@ def show(directory: str, as_json: bool) -> None:
 
     info = api.show(directory)
     if as_json:
-        app.echo(json.dumps(info, indent=2, default=str))
+        app.result(info)
         return
     echo = app.echo
     p, m = info["process"], info["meta"]

@@ -8,7 +8,6 @@ busy → 14).
 
 from __future__ import annotations
 
-import json
 import time
 
 import click
@@ -42,6 +41,21 @@ def _open(path: str):
     return Store.open(path)
 
 
+def snapshot_document(r) -> dict:
+    """`ckpt snapshot --json`: a SnapshotResult (docs/CLI.md lists the keys)."""
+    return {
+        "id": r.id,
+        "pid": r.pid,
+        "full": r.full,
+        "reason": r.reason,
+        "freeze_ms": r.freeze_ms,
+        "seconds": r.seconds,
+        "pages_written": r.pages_written,
+        "bytes_stored": r.bytes_stored,
+        "tracker": r.tracker,
+    }
+
+
 @click.command()
 @click.argument("pid", type=int)
 @click.option(
@@ -67,7 +81,7 @@ def snapshot(
         pid, store, wait=wait_s, on_status=app.status, tree=tree, tcp_established=tcp_established
     )
     if as_json:
-        app.echo(json.dumps(r.__dict__, indent=2))
+        app.result(snapshot_document(r))
         return
     app.echo(r.id)
     app.status(
@@ -95,7 +109,7 @@ def snapshots(store: str, pid: int | None, wait_s: float, as_json: bool) -> None
     snaps = [s for s in every if pid is None or s.pid == pid]
     if as_json:
         out = {"store": st.root, "bytes_on_disk": used, "snapshots": [s.to_json() for s in snaps]}
-        app.echo(json.dumps(out, indent=2))
+        app.result(out)
         return
     app.echo(
         f"{'ID':<22} {'TIME':<19} {'PID':>7} {'KIND':<4} {'PAGES':>9} {'STORED':>10} "
@@ -128,7 +142,7 @@ def verify(store: str, deep: bool, wait_s: float, as_json: bool) -> None:
     with st.lock(wait_s, shared=True, op="verify"):
         rep = st.verify(deep=deep)
     if as_json:
-        app.echo(json.dumps(rep.to_json(), indent=2))
+        app.result(rep.to_json())
     else:
         for c in rep.snapshots:
             if c.ok:
@@ -158,7 +172,7 @@ def verify(store: str, deep: bool, wait_s: float, as_json: bool) -> None:
 
 def _gc_output(rep, as_json: bool, verb: str) -> None:
     if as_json:
-        app.echo(json.dumps(rep.to_json(), indent=2))
+        app.result(rep.to_json())
     else:
         would = "would " if rep.dry_run else ""
         for sid in rep.removed:

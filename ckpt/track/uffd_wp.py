@@ -13,7 +13,7 @@ import errno
 import os
 from dataclasses import dataclass
 
-from ..kernel import procfs, syscalls
+from ..kernel import abi, procfs
 from ..kernel.procfs import Mapping
 from ..kernel.remote import Injector
 from ..kernel.uffd import TRACKING_UFFD_FLAGS, ScanError, WpAsyncContext
@@ -52,22 +52,22 @@ class UffdWpTracker(Tracker):
         # Handshake only after the target's own fd is closed: if ckpt dies in
         # between, what is left in the target is an uninitialised uffd that the
         # next ckpt run recognises and closes (capture.state.close_leftover_uffds).
-        fd = syscalls.userfaultfd(inj, TRACKING_UFFD_FLAGS)
+        fd = inj.call_nr(abi.NR_USERFAULTFD, TRACKING_UFFD_FLAGS, name="userfaultfd")
         try:
             ctx = WpAsyncContext.adopt(self.pid, fd, handshake=False)
         except BaseException:
-            syscalls.close(inj, fd)
+            inj.call("close", fd)
             raise
         if self.persistent:
             self.target_fd = fd
         else:
-            syscalls.close(inj, fd)
+            inj.call("close", fd)
         try:
             ctx.handshake()
         except BaseException:
             ctx.close()
             if self.persistent:
-                syscalls.close(inj, fd)
+                inj.call("close", fd)
             raise
         self.ctx = ctx
 
