@@ -17,7 +17,7 @@ before any side effect:
 
 A failure is SchemaError (a ValueError, so callers that already turn ValueError into
 their own error keep doing so) naming the field: `tree[0].fds[3].fd: -7 is out of
-range (-1 … 1048575)`. api.restore.load turns it into ImageCorrupt (exit 6).
+range (-1 … 1048575)`. image.load.load turns it into ImageCorrupt (exit 6).
 """
 
 from __future__ import annotations

@@ -205,6 +205,11 @@ def test_a_dump_reads_verifies_and_rewrites_without_the_extension(e2e):
     assert out["rewritten"] == out["digest"], "an image written without the extension differs"
     assert out["verify_ok"] and out["verify_chunks"] > 0, out
     assert Store.open(store).verify(deep=True).ok
+    # the CLI too: `ckpt show --json` and `ckpt verify --deep` with kernel/ blocked
+    cli = "import sys; from ckpt.cli import main; sys.argv[0] = 'ckpt'; main()"
+    shown = json.loads(run_plain(cli, "show", str(image), "--json"))
+    assert shown["process"]["pid"] == w.pid and shown["vmas"], shown
+    assert "ok" in run_plain(cli, "verify", str(store), "--deep").lower()
 
 
 # ---------------------------------------------------------------- the same answers

@@ -27,9 +27,9 @@ from helpers import CKPT, Result, assert_error, proc_alive
 from test_image import forge_index, rewrite_blob
 
 from ckpt import model
-from ckpt.api.restore import load
 from ckpt.errors import ImageCorrupt
 from ckpt.image import header as hdr
+from ckpt.image.load import load
 from ckpt.image.writer import STATE_NAME
 
 NOBODY = 65534

@@ -14,6 +14,7 @@ error says so (docs/MIGRATION.md, failure matrix).
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,8 @@ from ..capture.shm import SHM_KINDS, shm_kind
 from ..capture.target import Target
 from ..capture.tree import descendants
 from ..capture.validate import check_target
-from ..errors import CkptError
+from ..capture.vmas import classify
+from ..errors import CkptError, DumpError, UnsupportedProcess
 from ..kernel import procfs, shmobj
 from ..precopy.policy import Policy
 from ..transport import protocol, tls
@@ -34,7 +36,7 @@ from ..transport.ratelimit import TokenBucket
 from ..transport.sink import FreezeClock, NetSink
 from ..transport.throttle import Throttle
 from .converge import Controller
-from .dump import DumpHooks, DumpOptions, run_dump
+from .dumping import DumpHooks, DumpOptions, run_dump
 from .preflight import preflight
 
 MIB = float(1 << 20)
@@ -89,6 +91,46 @@ class MigrationStats:
     def write(self, path: str) -> None:
         with open(path, "w") as f:
             json.dump(self.to_dict(), f, indent=2)
+
+
+class Layout:
+    """The target's VMAs as of now, for the sink to send before each round's pages.
+
+    Read right after the round collected its pages (or, in the final round, while
+    the target is frozen); VmFlags come from the previous read when /proc/PID/maps
+    is unchanged, so this costs one read of maps. A mapping the final capture would
+    refuse is left out here (the capture fails the migration anyway).
+    """
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self._maps: list | None = None
+
+    def __call__(self) -> list:
+        try:
+            maps = procfs.maps_with_flags(self.pid, self._maps)
+        except OSError as exc:
+            raise DumpError(
+                f"cannot read the memory layout of process {self.pid}: {exc}", pid=self.pid
+            ) from None
+        self._maps = maps
+        vmas = []
+        for m in maps:
+            try:
+                v = classify(self.pid, m)
+            except UnsupportedProcess:
+                continue
+            if v is not None:
+                vmas.append(v)
+        return vmas
+
+
+def traced_by_us(pid: int) -> bool:
+    """Is pid in our ptrace stop (the final round's freeze)?"""
+    try:
+        return procfs.status(pid).get("TracerPid") == str(os.getpid())
+    except (OSError, CkptError):
+        return False
 
 
 def _why_not_staged(opts: MigrateOptions) -> str:
@@ -184,7 +226,8 @@ def migrate(
         report(f"{why_image}: the destination restores it at the end")
     sink = NetSink(
         ch, opts.pid, clock, level=opts.level, restore_timeout=opts.restore_timeout,
-        progress=report, layouts=stage,
+        progress=report, layout=Layout(opts.pid) if stage else None,
+        target_frozen=lambda: traced_by_us(opts.pid),
     )  # fmt: skip
     ctl = Controller(opts.policy, sink, clock, throttle, t0, report)
     try:

@@ -47,7 +47,7 @@ from ..transport.gate import Gate
 from ..transport.net import Address, listen
 from ..transport.tls import TlsOptions, server_context
 from .assemble import Assembler, check_image_destination
-from .restore import restore
+from .restoring import restore
 
 HEARTBEAT = 1.0
 

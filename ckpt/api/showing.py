@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .restore import load
+from ..image.load import load
 
 
 def snapshot_dir(store: str, at: str | None) -> tuple[str, str]:

@@ -8,8 +8,9 @@ import signal
 import time
 from dataclasses import dataclass, field, replace
 
-from ..errors import ImageCorrupt, RestoreError
+from ..errors import RestoreError
 from ..image import ImageReader
+from ..image.load import load
 from ..kernel import netlock, procfs
 from ..kernel.memory import write_at, write_pieces
 from ..kernel.spawn import spawn_restorer
@@ -32,15 +33,6 @@ class Restored:
     terminal: Terminal | None = None
     #: fds that led outside the dump, now this process's: (pid, fd, what it was, our fd)
     externals: list[tuple[int, int, str, int]] = field(default_factory=list)
-
-
-def load(directory: str) -> tuple[ImageReader, ProcessImage]:
-    reader = ImageReader(directory)
-    try:
-        proc = ProcessImage.from_dict(reader.state)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ImageCorrupt(f"{directory}: process state is malformed ({exc})") from exc
-    return reader, proc
 
 
 @dataclass
