@@ -26,7 +26,7 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
 
-from .kernel.native import PAGE_SIZE
+from .units import PAGE_SIZE
 
 
 def _spans(runs: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -16,7 +16,7 @@ import struct
 import subprocess
 
 from ..errors import NoSuchProcess, UnsupportedProcess
-from ..kernel import abi, procfs
+from ..kernel import abi, procfs, syscalls
 from ..kernel import attrs as K
 from ..kernel.ptrace import Tracee
 from ..kernel.remote import Injector, RemoteError
@@ -142,17 +142,17 @@ def thread_injected(inj: Injector, a: ThreadAttrs) -> None:
     """The calling thread's prctl / arch_prctl state (no view from outside), into `a`."""
     inj.reset_data()
     buf = inj.alloc(8)
-    inj.call("prctl", abi.PR_GET_PDEATHSIG, buf, 0, 0, 0)
+    syscalls.prctl(inj, abi.PR_GET_PDEATHSIG, buf, 0, 0, 0)
     a.pdeathsig = struct.unpack("<i", inj.read(buf, 4))[0]
-    a.timerslack = inj.call("prctl", abi.PR_GET_TIMERSLACK, 0, 0, 0, 0)
-    inj.call("prctl", abi.PR_GET_TSC, buf, 0, 0, 0)
+    a.timerslack = syscalls.prctl(inj, abi.PR_GET_TIMERSLACK, 0, 0, 0, 0)
+    syscalls.prctl(inj, abi.PR_GET_TSC, buf, 0, 0, 0)
     a.tsc = struct.unpack("<i", inj.read(buf, 4))[0]
-    a.mce_kill = inj.call("prctl", abi.PR_MCE_KILL_GET, 0, 0, 0, 0)
+    a.mce_kill = syscalls.prctl(inj, abi.PR_MCE_KILL_GET, 0, 0, 0, 0)
     if _cpuid_faulting():
-        a.cpuid = inj.call("arch_prctl", abi.ARCH_GET_CPUID, 0)
+        a.cpuid = syscalls.arch_prctl(inj, abi.ARCH_GET_CPUID, 0)
     try:  # the thread's memory policy (set_mempolicy); ENOSYS without CONFIG_NUMA
         nodes = inj.alloc(NODEMASK_BITS // 8)
-        inj.call_nr(abi.NR_GET_MEMPOLICY, buf, nodes, NODEMASK_BITS, 0, 0, name="get_mempolicy")
+        syscalls.get_mempolicy(inj, buf, nodes, NODEMASK_BITS, 0, 0)
         mode = struct.unpack("<i", inj.read(buf, 4))[0]
         mask = int.from_bytes(inj.read(nodes, NODEMASK_BITS // 8), "little")
         a.mempolicy = [mode, mask if mode else 0]
@@ -161,7 +161,7 @@ def thread_injected(inj: Injector, a: ThreadAttrs) -> None:
     ctl = spec_controls()
     if any(ctl):
         a.spec = [
-            inj.call("prctl", abi.PR_GET_SPECULATION_CTRL, k, 0, 0, 0) if ctl[k] else 0
+            syscalls.prctl(inj, abi.PR_GET_SPECULATION_CTRL, k, 0, 0, 0) if ctl[k] else 0
             for k in range(SPEC_KINDS)
         ]
 
@@ -174,12 +174,11 @@ def process_attrs(inj: Injector, pid: int) -> ProcAttrs:
     )
     inj.reset_data()
     try:
-        a.membarrier = inj.call_nr(abi.NR_MEMBARRIER, abi.MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0,
-                                   name="membarrier")  # fmt: skip
+        a.membarrier = syscalls.membarrier(inj, abi.MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0)
     except RemoteError:
         a.membarrier = -1  # before Linux 6.3: registrations cannot be read
     try:
-        a.ksm_merge_any = bool(inj.call("prctl", abi.PR_GET_MEMORY_MERGE, 0, 0, 0, 0))
+        a.ksm_merge_any = bool(syscalls.prctl(inj, abi.PR_GET_MEMORY_MERGE, 0, 0, 0, 0))
     except RemoteError:
         a.ksm_merge_any = False  # before Linux 6.4: no such thing
     return a

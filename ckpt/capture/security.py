@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from ..errors import NoSuchProcess, UnsupportedProcess
-from ..kernel import abi, cgroups, creds, native, procfs, seccomp
+from ..kernel import abi, cgroups, creds, native, procfs, seccomp, syscalls
 from ..kernel.ptrace import Tracee
 from ..kernel.remote import Injector
 from ..model import CgroupRef, Creds, ProcessImage, SeccompFilter, SecurityContext
@@ -148,7 +148,7 @@ def _plain(sec: SecurityContext) -> bool:
 
 def securebits(inj: Injector) -> int:
     """The calling thread's securebits (they belong to its credentials; no /proc view)."""
-    return inj.call("prctl", abi.PR_GET_SECUREBITS, 0, 0, 0, 0)
+    return syscalls.prctl(inj, abi.PR_GET_SECUREBITS, 0, 0, 0, 0)
 
 
 def _root(pid: int) -> str:

@@ -11,7 +11,7 @@ import struct
 from collections.abc import Callable
 
 from .. import faults
-from ..kernel import abi, inject_batch, procfs
+from ..kernel import abi, inject_batch, procfs, syscalls
 from ..kernel.ptrace import Tracee
 from ..kernel.remote import HEAL_STRIDE, Injector, ThreadInjection, heal_area_size
 from ..model import ITimer, PosixTimer, SigAction
@@ -27,7 +27,7 @@ def sigactions(inj: Injector) -> list[SigAction]:
     for sig in range(1, 65):
         if sig in (9, 19):
             continue
-        inj.call("rt_sigaction", sig, 0, buf + 32 * (sig - 1), 8)
+        syscalls.rt_sigaction(inj, sig, 0, buf + 32 * (sig - 1), 8)
         if sig == 32:
             faults.point("inject")
     raw = inj.read(buf, 32 * 64)
@@ -45,10 +45,10 @@ def thread_misc(inj: Injector) -> tuple[list[int], int]:
     """The calling thread's (sigaltstack, clear_child_tid): per-thread, no /proc view."""
     inj.reset_data()
     ss = inj.alloc(24)
-    inj.call("sigaltstack", 0, ss)
+    syscalls.sigaltstack(inj, 0, ss)
     sp, flags, _pad, size = struct.unpack("<QiiQ", inj.read(ss, 24))
     tid_addr = inj.alloc(8)
-    inj.call("prctl", abi.PR_GET_TID_ADDRESS, tid_addr, 0, 0, 0)
+    syscalls.prctl(inj, abi.PR_GET_TID_ADDRESS, tid_addr, 0, 0, 0)
     ctid = struct.unpack("<Q", inj.read(tid_addr, 8))[0]
     return [sp, flags & ~1, size], ctid  # SS_ONSTACK is status, not a setting
 
@@ -70,7 +70,8 @@ def other_threads_misc(
     if not threads:
         return []
     size = heal_area_size(len(threads))
-    area = inj.call("mmap", 0, size, 7, 0x22, (1 << 64) - 1, 0)  # RWX, PRIVATE|ANON
+    rwx = abi.PROT_READ | abi.PROT_WRITE | abi.PROT_EXEC
+    area = syscalls.mmap(inj, 0, size, rwx, abi.MAP_PRIVATE | abi.MAP_ANONYMOUS, (1 << 64) - 1, 0)
     out: dict[int, tuple[list[int], int]] = {}
 
     def work(tid: int, tinj) -> None:
@@ -102,21 +103,21 @@ def other_threads_misc(
         for i in rest:
             one(i, threads[i])
     finally:
-        inj.call("munmap", area, size)
+        syscalls.munmap(inj, area, size)
     return [out[t.pid] for t in threads]
 
 
 def misc(inj: Injector) -> dict:
     inj.reset_data()
     out: dict = {}
-    out["brk"] = inj.call("brk", 0)
+    out["brk"] = syscalls.brk(inj, 0)
     out["sigaltstack"], out["clear_child_tid"] = thread_misc(inj)
     inj.reset_data()
-    out["dumpable"] = inj.call("prctl", abi.PR_GET_DUMPABLE, 0, 0, 0, 0)
-    out["no_new_privs"] = bool(inj.call("prctl", abi.PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0))
-    out["thp_disable"] = inj.call("prctl", abi.PR_GET_THP_DISABLE, 0, 0, 0, 0)
+    out["dumpable"] = syscalls.prctl(inj, abi.PR_GET_DUMPABLE, 0, 0, 0, 0)
+    out["no_new_privs"] = bool(syscalls.prctl(inj, abi.PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0))
+    out["thp_disable"] = syscalls.prctl(inj, abi.PR_GET_THP_DISABLE, 0, 0, 0, 0)
     sub = inj.alloc(4)
-    inj.call("prctl", abi.PR_GET_CHILD_SUBREAPER, sub, 0, 0, 0)
+    syscalls.prctl(inj, abi.PR_GET_CHILD_SUBREAPER, sub, 0, 0, 0)
     out["child_subreaper"] = struct.unpack("<i", inj.read(sub, 4))[0]
     return out
 
@@ -126,7 +127,7 @@ def itimers(inj: Injector) -> list[ITimer]:
     buf = inj.alloc(32 * 3)
     out = []
     for which in range(3):
-        inj.call("getitimer", which, buf + 32 * which)
+        syscalls.getitimer(inj, which, buf + 32 * which)
     raw = inj.read(buf, 96)
     for which in range(3):
         isec, iusec, vsec, vusec = struct.unpack_from("<qqqq", raw, 32 * which)
@@ -145,7 +146,7 @@ def posix_timers(inj: Injector, pid: int) -> list[PosixTimer]:
     buf = inj.alloc(32)
     threads = set(procfs.tasks(pid)) if any(t.by_tid for t in listed) else set()
     for t in listed:
-        inj.call("timer_gettime", t.id, buf)
+        syscalls.timer_gettime(inj, t.id, buf)
         isec, insec, vsec, vnsec = struct.unpack("<qqqq", inj.read(buf, 32))
         notify = SIGEV.get(t.notify, 0)
         if t.by_tid:  # to one thread (glibc's SIGEV_THREAD helper); gone: delivers nothing
@@ -172,6 +173,6 @@ def close_leftover_uffds(inj: Injector, pid: int) -> list[int]:
         except Exception:
             continue
         if info.extra.get("API", "").split(":")[1:2] == ["0"]:
-            inj.call("close", fd)
+            syscalls.close(inj, fd)
             closed.append(fd)
     return closed

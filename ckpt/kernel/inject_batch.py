@@ -28,31 +28,29 @@ import errno
 import os
 from collections.abc import Callable
 
-from . import abi
+from . import abi, syscalls
 from .native import check, ffi, lib
 from .ptrace import PTRACE_CONT, PTRACE_EVENT_STOP, PTRACE_INTERRUPT, Tracee, dict_to_regs
 from .remote import (
     INJECT_MASK,
-    NR,
     Injector,
     RemoteError,
     heal_blob,
 )
 
 # Syscalls a batch may run: they only read the calling thread's state.
-_NR_GET_MEMPOLICY, _NR_GETTID, _NR_GETPID = abi.NR_GET_MEMPOLICY, abi.NR_GETTID, abi.NR_GETPID
 _PRCTL_GETS = {2, 3, 7, 16, 23, 25, 27, 30, 34, 37, 39, 40, 42, 52, 68}
 _ARCH_GETS = {0x1003, 0x1004, 0x1011}  # ARCH_GET_FS, ARCH_GET_GS, ARCH_GET_CPUID
 
 
 def _read_only(nr: int, args: tuple[int, ...]) -> bool:
-    if nr == NR["prctl"]:
+    if nr == abi.NR_PRCTL:
         return args[0] in _PRCTL_GETS
-    if nr == NR["arch_prctl"]:
+    if nr == abi.NR_ARCH_PRCTL:
         return args[0] in _ARCH_GETS
-    if nr == NR["sigaltstack"]:
+    if nr == abi.NR_SIGALTSTACK:
         return args[0] == 0
-    return nr in (_NR_GET_MEMPOLICY, _NR_GETTID, _NR_GETPID)
+    return nr in (abi.NR_GET_MEMPOLICY, abi.NR_GETTID, abi.NR_GETPID)
 
 
 class Diverged(Exception):
@@ -97,9 +95,6 @@ class _DataArea:
 
     def inside(self, addr: int, n: int) -> bool:
         return self.base <= addr and addr + n <= self.base + len(self.shadow)
-
-    def call(self, name: str, *args: int) -> int:
-        return self.call_nr(NR[name], *args, name=name)
 
     def call_nr(self, nr: int, *args: int, name: str) -> int:
         r = self.raw(nr, *args)
@@ -209,7 +204,8 @@ def run_batch(
     n, k = len(threads), len(rec.calls)
     extent = max(64, -(-len(rec.shadow) // 64) * 64)
     size = -(-n * k * extent // 4096) * 4096
-    area = main.call("mmap", 0, size, 3, 0x22, (1 << 64) - 1, 0)  # RW, PRIVATE|ANON
+    rw, private = abi.PROT_READ | abi.PROT_WRITE, abi.MAP_PRIVATE | abi.MAP_ANONYMOUS
+    area = syscalls.mmap(main, 0, size, rw, private, (1 << 64) - 1, 0)
     entered: list[int] = []
     try:
         # each call of each thread gets its own copy of the data area, as it was before
@@ -234,7 +230,7 @@ def run_batch(
             main.write(blob_addrs[i], heal_blob(resume, masks[i]))
             base[i] = dict_to_regs(resume)[0]
             insn[i] = blob_addrs[i]
-            park = dict(resume, rip=blob_addrs[i], rax=NR["getpid"], orig_rax=(1 << 64) - 1)
+            park = dict(resume, rip=blob_addrs[i], rax=abi.NR_GETPID, orig_rax=(1 << 64) - 1)
             t.setregs(park)  # at its heal blob before its mask is widened
             entered.append(i)
             t.set_sigmask(INJECT_MASK)
@@ -261,7 +257,7 @@ def run_batch(
     finally:
         if entered:
             _leave(threads, regs, masks, entered)
-        main.call("munmap", area, size)
+        syscalls.munmap(main, area, size)
     diverged = []
     for i, t in enumerate(threads):
         rep = Replayer(

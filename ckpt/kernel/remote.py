@@ -23,25 +23,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..errors import DumpError, UnsupportedProcess
-from . import procfs, seccomp
+from . import abi, procfs, seccomp, syscalls
 from .native import PAGE_SIZE, check, ffi, lib
 from .procfs import Mapping
 from .ptrace import PTRACE_O_TRACESYSGOOD, REG_NAMES, Tracee
-
-# -- syscall numbers (x86_64) ------------------------------------------------------------
-NR = {
-    "read": 0, "write": 1, "close": 3, "lseek": 8, "mmap": 9, "mprotect": 10, "munmap": 11,
-    "brk": 12, "rt_sigaction": 13, "rt_sigprocmask": 14, "mremap": 25, "madvise": 28,
-    "dup3": 292, "getpid": 39, "getitimer": 36, "setitimer": 38, "fcntl": 72,
-    "chdir": 80, "umask": 95, "personality": 135, "sigaltstack": 131, "prctl": 157,
-    "arch_prctl": 158, "setsid": 112, "setpgid": 109, "setresuid": 117, "setresgid": 119,
-    "setgroups": 116, "set_tid_address": 218, "timer_create": 222, "timer_settime": 223,
-    "timer_gettime": 224, "set_robust_list": 273, "openat": 257, "rt_tgsigqueueinfo": 297,
-    "rt_sigqueueinfo": 129, "prlimit64": 302, "rseq": 334, "close_range": 436,
-    "ioctl": 16, "pipe2": 293, "eventfd2": 290, "timerfd_create": 283, "timerfd_settime": 286, "signalfd4": 289, "inotify_init1": 294, "epoll_create1": 291, "epoll_ctl": 233, "memfd_create": 319,
-    "clone3": 435, "gettid": 186, "pidfd_open": 434, "pidfd_getfd": 438, "shmat": 30,
-    "socket": 41, "connect": 42, "bind": 49, "listen": 50, "socketpair": 53, "accept4": 288, "shutdown": 48,
-}  # fmt: skip
 
 SCRATCH_PAGES = 4  # page 0: code + heal frame; pages 1..3: data
 HEAL_SIZE = 224
@@ -127,7 +112,7 @@ class Injector:
 
         self._regs = dict_to_regs(self.template)
 
-    def park(self, nr: int = NR["getpid"], rip: int | None = None) -> None:
+    def park(self, nr: int = abi.NR_GETPID, rip: int | None = None) -> None:
         """Point the tracee's registers at the injection site (harmless syscall), or at
         `rip` (the sigreturn heal, which starts without a syscall)."""
         regs = dict(self.template)
@@ -154,9 +139,6 @@ class Injector:
             )
         check(r, "syscall injection", target=self.tracee.pid)
         return self._result[0]
-
-    def call(self, name: str, *args: int) -> int:
-        return self.call_nr(NR[name], *args, name=name)
 
     def call_nr(self, nr: int, *args: int, name: str) -> int:
         r = self.raw(nr, *args)
@@ -391,7 +373,10 @@ class DumpInjection:
         faults.point("inject-setup")
         size = SCRATCH_PAGES * PAGE_SIZE
         try:
-            addr = self.inj.call("mmap", 0, size, 7, 0x22, (1 << 64) - 1, 0)  # RWX, PRIVATE|ANON
+            rwx = abi.PROT_READ | abi.PROT_WRITE | abi.PROT_EXEC
+            addr = syscalls.mmap(
+                self.inj, 0, size, rwx, abi.MAP_PRIVATE | abi.MAP_ANONYMOUS, (1 << 64) - 1, 0
+            )
         except RemoteError as exc:
             self.close()  # the site's bytes, registers and mask back
             pid = self.tracee.pid
@@ -418,7 +403,7 @@ class DumpInjection:
         try:
             if self.scratch is not None and self.tracee.attached:
                 self.inj.use(self.site)
-                self.inj.raw(NR["munmap"], self.scratch.addr, self.scratch.size)
+                self.inj.raw(abi.NR_MUNMAP, self.scratch.addr, self.scratch.size)
                 self.scratch = None
             if self.tracee.attached:
                 # Park inside get_signal() first: the original registers, set

@@ -19,7 +19,7 @@ import os
 import struct
 
 from ..errors import NoSuchProcess, UnsupportedProcess
-from . import procfs
+from . import abi, procfs
 from .native import check, ffi, lib
 
 PTRACE_SETOPTIONS = 0x4200
@@ -30,7 +30,7 @@ PTRACE_O_SUSPEND_SECCOMP = 0x200000
 SECCOMP_MODE_STRICT, SECCOMP_MODE_FILTER = 1, 2
 SECCOMP_SET_MODE_STRICT, SECCOMP_SET_MODE_FILTER = 0, 1
 SECCOMP_FILTER_FLAG_TSYNC, SECCOMP_FILTER_FLAG_LOG = 1, 2
-NR_SECCOMP = 317
+NR_SECCOMP = abi.NR_SECCOMP
 AUDIT_ARCH_X86_64 = 0xC000003E
 
 # actions (the top 16 bits of a filter's return value; KILL_PROCESS is the most severe)

@@ -22,7 +22,7 @@ import signal
 from typing import TYPE_CHECKING
 
 from ..errors import RestoreError, UsageError
-from ..kernel import abi
+from ..kernel import abi, syscalls
 from ..kernel import attrs as K
 from ..kernel.native import PAGE_SIZE
 from ..kernel.remote import Injector, RemoteError
@@ -73,7 +73,7 @@ def before_finish(rb: Rebuilder) -> None:
     for v in rb.proc.vmas:
         for start, npages in v.guards:
             try:
-                inj.call("madvise", start, npages * PAGE_SIZE, K.MADV_GUARD_INSTALL)
+                syscalls.madvise(inj, start, npages * PAGE_SIZE, K.MADV_GUARD_INSTALL)
             except RemoteError as exc:
                 raise RestoreError(
                     f"cannot install the guard region {start:#x} ({npages} pages) of process "
@@ -82,13 +82,13 @@ def before_finish(rb: Rebuilder) -> None:
         if v.kind == "anon" and v.name.startswith("[anon:") and v.name.endswith("]"):
             inj.reset_data()
             name = inj.cstr(v.name[6:-1])
-            inj.call("prctl", abi.PR_SET_VMA, abi.PR_SET_VMA_ANON_NAME, v.start, v.size, name)
+            syscalls.prctl(inj, abi.PR_SET_VMA, abi.PR_SET_VMA_ANON_NAME, v.start, v.size, name)
 
 
 def after_finish(rb: Rebuilder) -> None:
     for v in rb.proc.vmas:
         if "sl" in v.vmflags:
-            rb.inj.call_nr(abi.NR_MSEAL, v.start, v.size, 0, name="mseal")
+            syscalls.mseal(rb.inj, v.start, v.size, 0)
 
 
 def before_creds(rb: Rebuilder) -> None:
@@ -98,9 +98,9 @@ def before_creds(rb: Rebuilder) -> None:
         if p.membarrier > 0:
             for cmd in abi.MEMBARRIER_REGISTER:
                 if p.membarrier & cmd:
-                    inj.call_nr(abi.NR_MEMBARRIER, cmd, 0, 0, name="membarrier")
+                    syscalls.membarrier(inj, cmd, 0, 0)
         if p.ksm_merge_any:
-            inj.call("prctl", abi.PR_SET_MEMORY_MERGE, 1, 0, 0, 0)
+            syscalls.prctl(inj, abi.PR_SET_MEMORY_MERGE, 1, 0, 0, 0)
     for t, _tid, tinj in _threads(rb):
         if t.attrs is not None:
             _thread_injected(tinj, t.attrs)
@@ -113,26 +113,25 @@ def _thread_injected(inj: Injector, a: ThreadAttrs) -> None:
     have = _own()
     inj.reset_data()
     if a.timerslack is not None and a.timerslack != have["timerslack"]:
-        inj.call("prctl", abi.PR_SET_TIMERSLACK, a.timerslack, 0, 0, 0)
+        syscalls.prctl(inj, abi.PR_SET_TIMERSLACK, a.timerslack, 0, 0, 0)
     if a.tsc is not None and a.tsc != have["tsc"]:
-        inj.call("prctl", abi.PR_SET_TSC, a.tsc, 0, 0, 0)
+        syscalls.prctl(inj, abi.PR_SET_TSC, a.tsc, 0, 0, 0)
     if a.mce_kill is not None and a.mce_kill != have["mce_kill"]:
         if a.mce_kill == abi.PR_MCE_KILL_DEFAULT:
-            inj.call("prctl", abi.PR_MCE_KILL, abi.PR_MCE_KILL_CLEAR, 0, 0, 0)
+            syscalls.prctl(inj, abi.PR_MCE_KILL, abi.PR_MCE_KILL_CLEAR, 0, 0, 0)
         else:
-            inj.call("prctl", abi.PR_MCE_KILL, abi.PR_MCE_KILL_SET, a.mce_kill, 0, 0)
+            syscalls.prctl(inj, abi.PR_MCE_KILL, abi.PR_MCE_KILL_SET, a.mce_kill, 0, 0)
     if a.cpuid is not None and a.cpuid != have["cpuid"]:
-        inj.call("arch_prctl", abi.ARCH_SET_CPUID, a.cpuid)
+        syscalls.arch_prctl(inj, abi.ARCH_SET_CPUID, a.cpuid)
     for k, state in enumerate(a.spec or ()):
         if state & abi.PR_SPEC_DISABLED:  # disabled by prctl (or forced, or until exec): again
-            inj.call("prctl", abi.PR_SET_SPECULATION_CTRL, k, state & abi.PR_SPEC_DISABLED, 0, 0)
+            syscalls.prctl(inj, abi.PR_SET_SPECULATION_CTRL, k, state & abi.PR_SPEC_DISABLED, 0, 0)
     if a.io_flusher:
-        inj.call("prctl", abi.PR_SET_IO_FLUSHER, 1, 0, 0, 0)
+        syscalls.prctl(inj, abi.PR_SET_IO_FLUSHER, 1, 0, 0, 0)
     if a.mempolicy is not None and a.mempolicy != have["mempolicy"]:
         mode, mask = a.mempolicy
         nodes = inj.put(mask.to_bytes(NODEMASK_BITS // 8, "little")) if mode else 0
-        inj.call_nr(abi.NR_SET_MEMPOLICY, mode, nodes, NODEMASK_BITS if mode else 0,
-                    name="set_mempolicy")  # fmt: skip
+        syscalls.set_mempolicy(inj, mode, nodes, NODEMASK_BITS if mode else 0)
 
 
 @functools.cache
@@ -148,7 +147,7 @@ def after_creds(rb: Rebuilder) -> None:
         if a is None:
             continue
         if a.pdeathsig:
-            tinj.call("prctl", abi.PR_SET_PDEATHSIG, a.pdeathsig, 0, 0, 0)
+            syscalls.prctl(tinj, abi.PR_SET_PDEATHSIG, a.pdeathsig, 0, 0, 0)
         what = ""
         try:
             if a.affinity is not None and K.affinity(tid) != a.affinity:

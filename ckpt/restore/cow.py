@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..errors import ImageCorrupt
-from ..kernel import abi
+from ..kernel import abi, syscalls
 from ..model import ProcessImage, Vma
 from ..present import _runs, _spans, subtract
 
@@ -42,7 +42,7 @@ def inherited(proc: ProcessImage) -> list[tuple[int, int]]:
 def keep(rb: Rebuilder, v: Vma) -> None:
     """The inherited VMA instead of a new one: drop every page it does not share."""
     for a, b in subtract([(v.start, v.end)], _spans(v.cow)):
-        rb.inj.call("madvise", a, b - a, abi.MADV_DONTNEED)
+        syscalls.madvise(rb.inj, a, b - a, abi.MADV_DONTNEED)
 
 
 def to_write(v: Vma) -> list[tuple[int, int]]:

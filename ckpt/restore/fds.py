@@ -22,7 +22,7 @@ import stat as statmod
 import struct
 
 from ..errors import FileChanged, RestoreError
-from ..kernel import abi, fdobjs, procfs
+from ..kernel import abi, fdobjs, procfs, syscalls
 from ..kernel.pidfd import pidfd_getfd, pidfd_open
 from ..kernel.remote import Injector, RemoteError
 from ..model import Fd, ProcessImage
@@ -88,7 +88,7 @@ def create_memfds(
         if shared is not None:
             shared[f.obj_id] = (inj.tracee.pid, holder)
         try:
-            tmp = inj.call("memfd_create", inj.cstr(m.name), abi.MFD_ALLOW_SEALING)
+            tmp = syscalls.memfd_create(inj, inj.cstr(m.name), abi.MFD_ALLOW_SEALING)
             _place(inj, tmp, holder, True)
             content = fdobjs.FileContent(size=m.size, mode=m.mode, seals=0, extents=m.extents)
             fdobjs.write_sparse(procfs.fd_path(inj.tracee.pid, holder), content)
@@ -134,8 +134,8 @@ class _Ctx:
 
     def spare_fd(self, fd: int) -> int:
         """Move a fresh fd out of the way of the image's fd numbers."""
-        moved = self.inj.call("fcntl", fd, abi.F_DUPFD, self.spare)
-        self.inj.call("close", fd)
+        moved = syscalls.fcntl(self.inj, fd, abi.F_DUPFD, self.spare)
+        syscalls.close(self.inj, fd)
         return moved
 
     def close(self) -> None:
@@ -146,10 +146,10 @@ class _Ctx:
 
 def _place(inj: Injector, tmp: int, fd: int, cloexec: bool) -> None:
     if tmp != fd:
-        inj.call("dup3", tmp, fd, abi.O_CLOEXEC if cloexec else 0)
-        inj.call("close", tmp)
+        syscalls.dup3(inj, tmp, fd, abi.O_CLOEXEC if cloexec else 0)
+        syscalls.close(inj, tmp)
     elif cloexec:
-        inj.call("fcntl", fd, abi.F_SETFD, abi.FD_CLOEXEC)
+        syscalls.fcntl(inj, fd, abi.F_SETFD, abi.FD_CLOEXEC)
 
 
 def restore_fds(
@@ -167,8 +167,8 @@ def restore_fds(
     ctx = _Ctx(inj, proc, peers, parked, terminal, externals)
     top, n = _top(proc), len(ctx.holders)
     if top > 0:
-        inj.call("close_range", 0, top - 1, 0)
-    inj.call("close_range", top + n, 0xFFFFFFFF, 0)
+        syscalls.close_range(inj, 0, top - 1, 0)
+    syscalls.close_range(inj, top + n, 0xFFFFFFFF, 0)
     try:
         for fd in sorted(proc.fds, key=lambda f: f.fd):
             if fd.fd < 0 or fd.kind == "dup" or fd.fd in ctx.done:
@@ -186,15 +186,15 @@ def restore_fds(
             ctx.done.add(fd.fd)
         for fd in proc.fds:
             if fd.kind == "dup":  # shares the open file description of an fd restored before
-                inj.call("dup3", fd.dup_of, fd.fd, abi.O_CLOEXEC if fd.cloexec else 0)
+                syscalls.dup3(inj, fd.dup_of, fd.fd, abi.O_CLOEXEC if fd.cloexec else 0)
         for fd in proc.fds:
             if fd.kind == "epoll":
                 _epoll_entries(ctx, fd)
         for fd in proc.fds:
             if fd.memfd is not None and fd.memfd.seals:
-                inj.call("fcntl", ctx.holders[fd.obj_id], abi.F_ADD_SEALS, fd.memfd.seals)
+                syscalls.fcntl(inj, ctx.holders[fd.obj_id], abi.F_ADD_SEALS, fd.memfd.seals)
         if n:
-            inj.call("close_range", top, top + n - 1, 0)
+            syscalls.close_range(inj, top, top + n - 1, 0)
     finally:
         ctx.close()
 
@@ -224,7 +224,7 @@ def _by_path(ctx: _Ctx, fd: Fd) -> None:
         raise RestoreError(f"cannot reopen fd {fd.fd} ({fd.path}): {exc.strerror}") from exc
     _place(inj, tmp, fd.fd, fd.cloexec)
     if fd.kind in ("file", "dir") and not fd.flags & abi.O_PATH:  # O_PATH: no offset to set
-        inj.call("lseek", fd.fd, fd.pos, 0)  # a directory's: where readdir goes on
+        syscalls.lseek(inj, fd.fd, fd.pos, 0)  # a directory's: where readdir goes on
 
 
 def _shm_file(proc: ProcessImage, ref) -> bool:
@@ -240,16 +240,16 @@ def _memfd(ctx: _Ctx, fd: Fd) -> None:
     inj = ctx.inj
     flags = fd.flags & ~(abi.O_CREAT | abi.O_EXCL | abi.O_TRUNC | abi.O_CLOEXEC)
     path = procfs.in_target("self", "fd", ctx.holders[fd.obj_id])
-    tmp = inj.call("openat", _u(abi.AT_FDCWD), inj.cstr(path), flags, 0)
+    tmp = syscalls.openat(inj, _u(abi.AT_FDCWD), inj.cstr(path), flags, 0)
     _place(inj, tmp, fd.fd, fd.cloexec)
-    inj.call("lseek", fd.fd, fd.pos, 0)
+    syscalls.lseek(inj, fd.fd, fd.pos, 0)
 
 
 def _fill_pipe(ctx: _Ctx, first: Fd, size_fd: int, write_fd: int) -> None:
     """The pipe's capacity (set through size_fd) and its buffered bytes (written in
     through ckpt's copy of write_fd), both recorded on the object's first fd."""
     if first.pipe_size:
-        ctx.inj.call("fcntl", size_fd, abi.F_SETPIPE_SZ, first.pipe_size)
+        syscalls.fcntl(ctx.inj, size_fd, abi.F_SETPIPE_SZ, first.pipe_size)
     if first.data:
         copy = ctx.copy(write_fd)
         try:
@@ -266,7 +266,7 @@ def _pipe(ctx: _Ctx, fd: Fd) -> None:
     first = recs[0]
     packet = any(r.flags & abi.O_DIRECT for r in recs)
     buf = inj.alloc(8)
-    inj.call("pipe2", buf, abi.O_DIRECT if packet else 0)
+    syscalls.pipe2(inj, buf, abi.O_DIRECT if packet else 0)
     r_tmp, w_tmp = struct.unpack("<ii", inj.read(buf, 8))
     r_tmp, w_tmp = ctx.spare_fd(r_tmp), ctx.spare_fd(w_tmp)
     _fill_pipe(ctx, first, r_tmp, w_tmp)
@@ -277,11 +277,11 @@ def _pipe(ctx: _Ctx, fd: Fd) -> None:
             ctx.parked[(fd.obj_id, mode)] = (inj.tracee.pid, tmp)
             continue
         if rec is None:
-            inj.call("close", tmp)
+            syscalls.close(inj, tmp)
             continue
         _place(inj, tmp, rec.fd, rec.cloexec)
         if rec.flags & abi.O_NONBLOCK:
-            inj.call("fcntl", rec.fd, abi.F_SETFL, abi.O_NONBLOCK | (rec.flags & abi.O_DIRECT))
+            syscalls.fcntl(inj, rec.fd, abi.F_SETFL, abi.O_NONBLOCK | (rec.flags & abi.O_DIRECT))
         ctx.done.add(rec.fd)
 
 
@@ -307,24 +307,24 @@ def _fifo(ctx: _Ctx, fd: Fd) -> None:
     path = inj.cstr(procfs.in_target("self", "fd", helper))  # this FIFO, whatever its name is now
     for rec in recs:
         flags = rec.flags & ~(abi.O_CREAT | abi.O_EXCL | abi.O_TRUNC | abi.O_CLOEXEC)
-        _place(inj, inj.call("openat", _u(abi.AT_FDCWD), path, flags, 0), rec.fd, rec.cloexec)
+        _place(inj, syscalls.openat(inj, _u(abi.AT_FDCWD), path, flags, 0), rec.fd, rec.cloexec)
         ctx.done.add(rec.fd)
-    inj.call("close", helper)
+    syscalls.close(inj, helper)
 
 
 def _eventfd(ctx: _Ctx, fd: Fd) -> None:
     inj = ctx.inj
     flags = (abi.EFD_SEMAPHORE if fd.semaphore else 0) | (fd.flags & abi.O_NONBLOCK)
-    tmp = inj.call("eventfd2", 0, flags)
+    tmp = syscalls.eventfd2(inj, 0, flags)
     if fd.count:
-        inj.call("write", tmp, inj.put(struct.pack("<Q", fd.count)), 8)
+        syscalls.write(inj, tmp, inj.put(struct.pack("<Q", fd.count)), 8)
     _place(inj, tmp, fd.fd, fd.cloexec)
 
 
 def _signalfd(ctx: _Ctx, fd: Fd) -> None:
     inj = ctx.inj
     mask = inj.put(struct.pack("<Q", fd.sigmask))
-    tmp = inj.call("signalfd4", _u(-1), mask, 8, fd.flags & abi.O_NONBLOCK)
+    tmp = syscalls.signalfd4(inj, _u(-1), mask, 8, fd.flags & abi.O_NONBLOCK)
     _place(inj, tmp, fd.fd, fd.cloexec)
 
 
@@ -332,24 +332,24 @@ def _timerfd(ctx: _Ctx, fd: Fd) -> None:
     """Relative re-arm with the remaining time; unread expirations via TFD_IOC_SET_TICKS."""
     inj = ctx.inj
     t = fd.timer
-    tmp = inj.call("timerfd_create", t.clockid, fd.flags & abi.O_NONBLOCK)
+    tmp = syscalls.timerfd_create(inj, t.clockid, fd.flags & abi.O_NONBLOCK)
     # A periodic timer that expired and was not read shows 0 left (the kernel re-arms
     # it on read): its next expiry is one interval on.
     value = t.value_ns or t.interval_ns
     if value:
         its = struct.pack("<qqqq", t.interval_ns // 10**9, t.interval_ns % 10**9,
                           value // 10**9, value % 10**9)  # fmt: skip
-        inj.call("timerfd_settime", tmp, 0, inj.put(its), 0)
+        syscalls.timerfd_settime(inj, tmp, 0, inj.put(its), 0)
     if t.ticks:
-        inj.call("ioctl", tmp, abi.TFD_IOC_SET_TICKS, inj.put(struct.pack("<Q", t.ticks)))
+        syscalls.ioctl(inj, tmp, abi.TFD_IOC_SET_TICKS, inj.put(struct.pack("<Q", t.ticks)))
     _place(inj, tmp, fd.fd, fd.cloexec)
 
 
 def _epoll(ctx: _Ctx, fd: Fd) -> None:
-    tmp = ctx.inj.call("epoll_create1", 0)
+    tmp = syscalls.epoll_create1(ctx.inj, 0)
     _place(ctx.inj, tmp, fd.fd, fd.cloexec)
     if fd.flags & abi.O_NONBLOCK:
-        ctx.inj.call("fcntl", fd.fd, abi.F_SETFL, abi.O_NONBLOCK)
+        syscalls.fcntl(ctx.inj, fd.fd, abi.F_SETFL, abi.O_NONBLOCK)
 
 
 def _epoll_entries(ctx: _Ctx, ep: Fd) -> None:
@@ -363,17 +363,17 @@ def _epoll_entries(ctx: _Ctx, ep: Fd) -> None:
         ev = inj.put(struct.pack("<IQ", e.events, e.data))  # struct epoll_event is packed
         try:
             if e.src_fd in (e.tfd, -1):
-                inj.call("epoll_ctl", ep.fd, abi.EPOLL_CTL_ADD, e.tfd, ev)
+                syscalls.epoll_ctl(inj, ep.fd, abi.EPOLL_CTL_ADD, e.tfd, ev)
             elif e.tfd not in table:
-                inj.call("dup3", e.src_fd, e.tfd, 0)
-                inj.call("epoll_ctl", ep.fd, abi.EPOLL_CTL_ADD, e.tfd, ev)
-                inj.call("close", e.tfd)
+                syscalls.dup3(inj, e.src_fd, e.tfd, 0)
+                syscalls.epoll_ctl(inj, ep.fd, abi.EPOLL_CTL_ADD, e.tfd, ev)
+                syscalls.close(inj, e.tfd)
             else:
-                saved = inj.call("fcntl", e.tfd, abi.F_DUPFD, ctx.spare)
-                inj.call("dup3", e.src_fd, e.tfd, 0)
-                inj.call("epoll_ctl", ep.fd, abi.EPOLL_CTL_ADD, e.tfd, ev)
-                inj.call("dup3", saved, e.tfd, abi.O_CLOEXEC if table[e.tfd].cloexec else 0)
-                inj.call("close", saved)
+                saved = syscalls.fcntl(inj, e.tfd, abi.F_DUPFD, ctx.spare)
+                syscalls.dup3(inj, e.src_fd, e.tfd, 0)
+                syscalls.epoll_ctl(inj, ep.fd, abi.EPOLL_CTL_ADD, e.tfd, ev)
+                syscalls.dup3(inj, saved, e.tfd, abi.O_CLOEXEC if table[e.tfd].cloexec else 0)
+                syscalls.close(inj, saved)
         except RemoteError as exc:
             raise RestoreError(
                 f"cannot re-register fd {e.tfd} in epoll fd {ep.fd}: {exc.strerror}"
@@ -385,7 +385,7 @@ def _inotify(ctx: _Ctx, fd: Fd) -> None:
     added and removed until it gets its old number (as CRIU does); the IN_IGNORED
     events that leaves behind are drained."""
     inj = ctx.inj
-    tmp = inj.call("inotify_init1", fd.flags & abi.O_NONBLOCK)
+    tmp = syscalls.inotify_init1(inj, fd.flags & abi.O_NONBLOCK)
     _place(inj, tmp, fd.fd, fd.cloexec)
     if not fd.watches:
         return
@@ -441,17 +441,17 @@ def _take(ctx: _Ctx, fd: Fd, owner: int, ofd: int) -> None:
 
 def _take_fd(inj: Injector, owner: int, ofd: int, at: int, *, cloexec: bool) -> None:
     """Put process owner's fd `ofd` (its open file description) at fd `at` here."""
-    pidfd = inj.call("pidfd_open", owner, 0)
+    pidfd = syscalls.pidfd_open(inj, owner, 0)
     try:
-        tmp = inj.call("pidfd_getfd", pidfd, ofd, 0)
+        tmp = syscalls.pidfd_getfd(inj, pidfd, ofd, 0)
     finally:
-        inj.call("close", pidfd)
+        syscalls.close(inj, pidfd)
     if tmp == at:  # pidfd_getfd sets close-on-exec
         if not cloexec:
-            inj.call("fcntl", at, abi.F_SETFD, 0)
+            syscalls.fcntl(inj, at, abi.F_SETFD, 0)
         return
-    inj.call("dup3", tmp, at, abi.O_CLOEXEC if cloexec else 0)
-    inj.call("close", tmp)
+    syscalls.dup3(inj, tmp, at, abi.O_CLOEXEC if cloexec else 0)
+    syscalls.close(inj, tmp)
 
 
 def _external(ctx: _Ctx, fd: Fd) -> None:
@@ -478,7 +478,7 @@ def _pipe_end(ctx: _Ctx, fd: Fd) -> None:
         raise RestoreError(f"fd {fd.fd}: the other end's process did not leave this pipe end")
     _take(ctx, fd, *got)
     if fd.flags & abi.O_NONBLOCK:
-        ctx.inj.call("fcntl", fd.fd, abi.F_SETFL, abi.O_NONBLOCK | (fd.flags & abi.O_DIRECT))
+        syscalls.fcntl(ctx.inj, fd.fd, abi.F_SETFL, abi.O_NONBLOCK | (fd.flags & abi.O_DIRECT))
 
 
 KINDS = {

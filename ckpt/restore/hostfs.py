@@ -27,8 +27,8 @@ import struct
 from collections.abc import Iterator
 
 from ..errors import FileChanged, RestoreError
-from ..kernel import abi
-from ..kernel.openat2 import OPEN_HOW_SIZE, RESOLVE_NO_SYMLINKS, SYS_OPENAT2, open_how
+from ..kernel import abi, syscalls
+from ..kernel.openat2 import OPEN_HOW_SIZE, RESOLVE_NO_SYMLINKS, open_how
 from ..kernel.pidfd import pidfd_getfd, pidfd_open
 from ..kernel.remote import Injector, RemoteError
 from ..model import FileRef
@@ -54,7 +54,7 @@ def open_resolved(inj: Injector, path: str, flags: int) -> int:
     flags &= O_PATH_FLAGS if flags & abi.O_PATH else abi.VALID_OPEN_FLAGS
     p = inj.cstr(path)
     how = inj.put(open_how(flags, 0, RESOLVE_NO_SYMLINKS))
-    return inj.call_nr(SYS_OPENAT2, _u(abi.AT_FDCWD), p, how, OPEN_HOW_SIZE, name="openat2")
+    return syscalls.openat2(inj, _u(abi.AT_FDCWD), p, how, OPEN_HOW_SIZE)
 
 
 def fstat_fd(inj: Injector, fd: int) -> os.stat_result:
@@ -122,7 +122,7 @@ def open_checked(
         if ref is not None:
             compare(st, ref, what, strict=strict)
     except BaseException:
-        inj.call("close", fd)
+        syscalls.close(inj, fd)
         raise
     return fd
 
@@ -140,9 +140,9 @@ def chdir_resolved(inj: Injector, path: str) -> None:
             ) from exc
         raise RestoreError(f"cannot enter working directory {path}: {exc.strerror}") from exc
     try:
-        inj.call_nr(abi.NR_FCHDIR, fd, name="fchdir")
+        syscalls.fchdir(inj, fd)
     finally:
-        inj.call("close", fd)
+        syscalls.close(inj, fd)
 
 
 # ---------------------------------------------------------------- acting as a user
@@ -178,32 +178,32 @@ def fs_identity(inj: Injector, uid: int, gid: int, groups: list[int] | None) -> 
     if change_groups:
         _setgroups(inj, want)
     try:
-        inj.call_nr(abi.NR_SETFSGID, gid & 0xFFFFFFFF, name="setfsgid")
-        inj.call_nr(abi.NR_SETFSUID, uid & 0xFFFFFFFF, name="setfsuid")
+        syscalls.setfsgid(inj, gid & 0xFFFFFFFF)
+        syscalls.setfsuid(inj, uid & 0xFFFFFFFF)
         # setfsuid/setfsgid cannot fail visibly: -1 (invalid) reads the current value back
         got = (
-            inj.call_nr(abi.NR_SETFSUID, 0xFFFFFFFF, name="setfsuid"),
-            inj.call_nr(abi.NR_SETFSGID, 0xFFFFFFFF, name="setfsgid"),
+            syscalls.setfsuid(inj, 0xFFFFFFFF),
+            syscalls.setfsgid(inj, 0xFFFFFFFF),
         )
         if got != (uid, gid):
             raise RestoreError(f"cannot act as {uid}:{gid} in the restorer (fsuid:fsgid {got})")
         yield
     finally:
-        inj.call_nr(abi.NR_SETFSUID, me_uid, name="setfsuid")
-        inj.call_nr(abi.NR_SETFSGID, me_gid, name="setfsgid")
+        syscalls.setfsuid(inj, me_uid)
+        syscalls.setfsgid(inj, me_gid)
         if change_groups:
             _setgroups(inj, mine)
 
 
 def _setgroups(inj: Injector, groups: list[int]) -> None:
     raw = struct.pack(f"<{len(groups)}I", *groups)
-    inj.call_nr(abi.NR_SETGROUPS, len(groups), inj.put(raw) if raw else 0, name="setgroups")
+    syscalls.setgroups(inj, len(groups), inj.put(raw) if raw else 0)
 
 
 def unlink_as_owner(inj: Injector, path: bytes) -> bool:
     """unlink(path) in the restorer (inside fs_identity); False if it did not exist."""
     try:
-        inj.call_nr(abi.NR_UNLINK, inj.cstr(path), name="unlink")
+        syscalls.unlink(inj, inj.cstr(path))
     except RemoteError as exc:
         if exc.errno == errno.ENOENT:
             return False

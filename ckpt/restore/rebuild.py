@@ -12,7 +12,7 @@ import struct
 from stat import S_IFREG
 
 from ..errors import PidInUse, RestoreError
-from ..kernel import abi, procfs, sysvshm
+from ..kernel import abi, procfs, syscalls, sysvshm
 from ..kernel.native import PAGE_SIZE
 from ..kernel.process import RLIMIT_NAMES
 from ..kernel.ptrace import (
@@ -155,7 +155,7 @@ class Rebuilder:
         self.tracee.set_options(base | PTRACE_O_TRACEFORK | PTRACE_O_TRACECLONE)
         try:
             try:
-                pid = inj.call("clone3", inj.put(args), len(args))
+                pid = syscalls.clone3(inj, inj.put(args), len(args))
             except RemoteError as exc:
                 if want and exc.errno == errno.EEXIST:
                     raise PidInUse(
@@ -176,8 +176,9 @@ class Rebuilder:
         busy = [(m.start, m.end) for m in child_maps] + [(v.start, v.end) for v in self.proc.vmas]
         size = SCRATCH_PAGES * PAGE_SIZE
         addr = free_range(busy, size)
-        self.inj.call("mmap", addr, size, abi.PROT_READ | abi.PROT_WRITE | abi.PROT_EXEC,
-                      abi.MAP_PRIVATE | abi.MAP_ANONYMOUS | abi.MAP_FIXED_NOREPLACE, _u(-1), 0)  # fmt: skip
+        rwx = abi.PROT_READ | abi.PROT_WRITE | abi.PROT_EXEC
+        flags = abi.MAP_PRIVATE | abi.MAP_ANONYMOUS | abi.MAP_FIXED_NOREPLACE
+        syscalls.mmap(self.inj, addr, size, rwx, flags, _u(-1), 0)
         self.inj.write(addr, HEAL_CODE)
         self.inj.scratch = Scratch(addr)
         self.inj.use(addr)
@@ -186,7 +187,7 @@ class Rebuilder:
     def unregister_rseq(self) -> None:
         cfg = self.tracee.rseq_config()
         if cfg is not None:
-            self.inj.call("rseq", cfg.ptr, cfg.size, 1, cfg.signature)
+            syscalls.rseq(self.inj, cfg.ptr, cfg.size, abi.RSEQ_FLAG_UNREGISTER, cfg.signature)
 
     def unmap_all(self, child_maps) -> None:
         keep = [(self.inj.scratch.addr, self.inj.scratch.addr + self.inj.scratch.size)]
@@ -198,7 +199,7 @@ class Rebuilder:
         pos = 0
         for a, b in keep + [(abi.TASK_SIZE, abi.TASK_SIZE)]:
             if a > pos:
-                self.inj.call("munmap", pos, a - pos)
+                syscalls.munmap(self.inj, pos, a - pos)
             pos = max(pos, b)
 
     def place_vdso(self, child_maps) -> None:
@@ -228,14 +229,14 @@ class Rebuilder:
             tmp = free_range(busy + targets, span)
             for m in have.values():
                 new = tmp + (m.start - span_lo)
-                self.inj.call(
-                    "mremap", m.start, m.size, m.size, abi.MREMAP_MAYMOVE | abi.MREMAP_FIXED, new
+                syscalls.mremap(
+                    self.inj, m.start, m.size, m.size, abi.MREMAP_MAYMOVE | abi.MREMAP_FIXED, new
                 )
                 m.end, m.start = new + m.size, new
         for k, m in have.items():
             if m.start != want[k].start:
-                self.inj.call(
-                    "mremap",
+                syscalls.mremap(
+                    self.inj,
                     m.start,
                     m.size,
                     m.size,
@@ -279,8 +280,8 @@ class Rebuilder:
                 self._map_path(v, prot0, flags, path, mode, v.file if v.kind == "file" else None)
                 continue
             else:
-                got = self.inj.call(
-                    "mmap", v.start, v.size, prot0, flags | abi.MAP_ANONYMOUS, _u(-1), 0
+                got = syscalls.mmap(
+                    self.inj, v.start, v.size, prot0, flags | abi.MAP_ANONYMOUS, _u(-1), 0
                 )
             if got != v.start:
                 raise RestoreError(f"mapping {v.start:#x} landed at {got:#x}")
@@ -297,13 +298,13 @@ class Rebuilder:
                 self.inj, path, mode | abi.O_CLOEXEC, what, ref=ref, strict=strict, fmt=S_IFREG
             )
         else:
-            fd = self.inj.call(
-                "openat", _u(abi.AT_FDCWD), self.inj.cstr(path), mode | abi.O_CLOEXEC, 0
+            fd = syscalls.openat(
+                self.inj, _u(abi.AT_FDCWD), self.inj.cstr(path), mode | abi.O_CLOEXEC, 0
             )
         try:
             self._mmap_at(v, prot, flags, fd, v.offset)
         finally:
-            self.inj.call("close", fd)
+            syscalls.close(self.inj, fd)
 
     def _map_object(self, v, prot: int, flags: int) -> None:
         """A VMA of a shared memory object: the first one makes the object, the others
@@ -325,7 +326,7 @@ class Rebuilder:
                     try:
                         self._mmap_at(v, prot, flags, fd, v.offset)
                     finally:
-                        self.inj.call("close", fd)
+                        syscalls.close(self.inj, fd)
                 else:
                     self._map_path(v, prot, flags, v.file.path, mode, v.file, strict=False)
         elif owner is not None:
@@ -336,12 +337,13 @@ class Rebuilder:
             busy = self._busy + [(x.start, x.end) for x in self.proc.vmas]
             busy.append((self.inj.scratch.addr, self.inj.scratch.addr + self.inj.scratch.size))
             tmp = free_range(busy, obj.size)
-            self.inj.call("mmap", tmp, obj.size, abi.PROT_READ | abi.PROT_WRITE,
-                          abi.MAP_SHARED | abi.MAP_ANONYMOUS | abi.MAP_FIXED_NOREPLACE, _u(-1), 0)  # fmt: skip
+            rw = abi.PROT_READ | abi.PROT_WRITE
+            shared = abi.MAP_SHARED | abi.MAP_ANONYMOUS | abi.MAP_FIXED_NOREPLACE
+            syscalls.mmap(self.inj, tmp, obj.size, rw, shared, _u(-1), 0)
             try:
                 self._map_via(self.pid, tmp, tmp + obj.size, v, prot, flags)
             finally:
-                self.inj.call("munmap", tmp, obj.size)
+                syscalls.munmap(self.inj, tmp, obj.size)
         if owner is None:
             self.shared.owners[v.shm] = Owner(self.pid, v.start, v.end, fresh)
 
@@ -358,22 +360,22 @@ class Rebuilder:
         mode, uid, gid = obj.owner
         inj = self.inj
         inj.reset_data()
-        old_mask = inj.call("umask", 0)
-        inj.call_nr(abi.NR_SETFSGID, gid, name="setfsgid")
-        inj.call_nr(abi.NR_SETFSUID, uid, name="setfsuid")
+        old_mask = syscalls.umask(inj, 0)
+        syscalls.setfsgid(inj, gid)
+        syscalls.setfsuid(inj, uid)
         try:
             flags = abi.O_RDWR | abi.O_CREAT | abi.O_EXCL | abi.O_NOFOLLOW | abi.O_CLOEXEC
-            fd = inj.call("openat", _u(abi.AT_FDCWD), inj.cstr(v.file.path), flags, mode)
+            fd = syscalls.openat(inj, _u(abi.AT_FDCWD), inj.cstr(v.file.path), flags, mode)
         except RemoteError as exc:
             raise RestoreError(f"cannot make {v.file.path} again: {exc.strerror}") from exc
         finally:
-            inj.call_nr(abi.NR_SETFSUID, 0, name="setfsuid")
-            inj.call_nr(abi.NR_SETFSGID, 0, name="setfsgid")
-            inj.call("umask", old_mask)
+            syscalls.setfsuid(inj, 0)
+            syscalls.setfsgid(inj, 0)
+            syscalls.umask(inj, old_mask)
         try:
-            inj.call_nr(abi.NR_FTRUNCATE, fd, obj.size, name="ftruncate")
+            syscalls.ftruncate(inj, fd, obj.size)
         except BaseException:
-            inj.call("close", fd)
+            syscalls.close(inj, fd)
             raise
         return fd
 
@@ -385,16 +387,16 @@ class Rebuilder:
         inj.reset_data()
         path = procfs.in_target(pid, "map_files", f"{start:x}-{end:x}")
         try:
-            fd = inj.call("openat", _u(abi.AT_FDCWD), inj.cstr(path), mode | abi.O_CLOEXEC, 0)
+            fd = syscalls.openat(inj, _u(abi.AT_FDCWD), inj.cstr(path), mode | abi.O_CLOEXEC, 0)
         except RemoteError as exc:
             raise RestoreError(f"cannot open {path} to share memory: {exc.strerror}") from exc
         try:
             self._mmap_at(v, prot, flags, fd, v.offset)
         finally:
-            inj.call("close", fd)
+            syscalls.close(inj, fd)
 
     def _mmap_at(self, v, prot: int, flags: int, fd: int, offset: int) -> None:
-        got = self.inj.call("mmap", v.start, v.size, prot, flags, fd, offset)
+        got = syscalls.mmap(self.inj, v.start, v.size, prot, flags, fd, offset)
         if got != v.start:
             raise RestoreError(f"mapping {v.start:#x} landed at {got:#x}")
 
@@ -424,7 +426,7 @@ class Rebuilder:
 
     def _attach_sysv(self, v, seg, flags: int) -> None:
         try:
-            got = self.inj.call("shmat", seg.shmid, v.start, flags)
+            got = syscalls.shmat(self.inj, seg.shmid, v.start, flags)
         except RemoteError as exc:
             raise RestoreError(f"cannot attach SysV segment {seg.shmid}: {exc.strerror}") from exc
         if got != v.start:
@@ -447,10 +449,11 @@ class Rebuilder:
             if v.kind in VDSO_KINDS:
                 continue
             if "ac" in v.vmflags and not v.prot & abi.PROT_WRITE:
-                self.inj.call("mprotect", v.start, v.size, v.prot)
+                syscalls.mprotect(self.inj, v.start, v.size, v.prot)
             for flag, advice in MADV.items():
                 if flag in v.vmflags:
-                    self.inj.raw(28, v.start, v.size, advice)  # best effort (e.g. THP off)
+                    # best effort (e.g. THP off): the raw result, no exception
+                    self.inj.raw(abi.NR_MADVISE, v.start, v.size, advice)
             if "lo" in v.vmflags:
                 self._mlock(v)
         attrs.after_finish(self)  # mseal: last
@@ -461,7 +464,7 @@ class Rebuilder:
         whose RLIMIT_MEMLOCK is lower now, keeps it locked as it was."""
         flags = abi.MLOCK_ONFAULT if "lf" in v.vmflags else 0
         try:
-            self.inj.call_nr(abi.NR_MLOCK2, v.start, v.size, flags, name="mlock2")
+            syscalls.mlock2(self.inj, v.start, v.size, flags)
         except RemoteError as exc:
             raise RestoreError(
                 f"cannot lock memory {v.start:#x}-{v.end:#x} ({v.size} bytes, mlock'd in "
@@ -483,7 +486,7 @@ class Rebuilder:
             exe_fd = (
                 open_checked(inj, exe_path, flags, "executable", ref=mm.exe, fmt=S_IFREG)
                 if mm.exe is not None
-                else inj.call("openat", _u(abi.AT_FDCWD), inj.cstr(exe_path), flags, 0)
+                else syscalls.openat(inj, _u(abi.AT_FDCWD), inj.cstr(exe_path), flags, 0)
             )
         try:
             st = struct.pack(
@@ -492,10 +495,10 @@ class Rebuilder:
                 mm.start_stack, mm.arg_start, mm.arg_end, mm.env_start, mm.env_end,
                 auxv, len(mm.auxv), exe_fd,
             )  # fmt: skip
-            inj.call("prctl", abi.PR_SET_MM, abi.PR_SET_MM_MAP, inj.put(st), len(st), 0)
+            syscalls.prctl(inj, abi.PR_SET_MM, abi.PR_SET_MM_MAP, inj.put(st), len(st), 0)
         finally:
             if exe_fd >= 0:
-                inj.call("close", exe_fd)
+                syscalls.close(inj, exe_fd)
 
     def restore_fds(self) -> None:
         restore_fds(self.inj, self.proc, self.peers, self.parked, self.terminal,
@@ -505,21 +508,21 @@ class Rebuilder:
         p, inj = self.proc, self.inj
         inj.reset_data()
         if self.shell_job:  # a job of ckpt's terminal: no setsid (ckpt's session)
-            inj.call("setpgid", 0, 0)
+            syscalls.setpgid(inj, 0, 0)
         elif p.sid == p.pid:
             if not self.session_done:
-                inj.call("setsid")
+                syscalls.setsid(inj)
         elif p.pgid == p.pid:
-            inj.call("setpgid", 0, 0)
-        inj.call("prctl", abi.PR_SET_NAME, inj.cstr(p.comm[:15]), 0, 0, 0)
+            syscalls.setpgid(inj, 0, 0)
+        syscalls.prctl(inj, abi.PR_SET_NAME, inj.cstr(p.comm[:15]), 0, 0, 0)
         chdir_resolved(inj, p.cwd)  # no symlink followed (restore/hostfs.py)
-        inj.call("umask", p.umask)
-        inj.call("personality", p.personality)
-        inj.call("prctl", abi.PR_SET_DUMPABLE, p.dumpable, 0, 0, 0)
-        inj.call("prctl", abi.PR_SET_CHILD_SUBREAPER, p.child_subreaper, 0, 0, 0)
+        syscalls.umask(inj, p.umask)
+        syscalls.personality(inj, p.personality)
+        syscalls.prctl(inj, abi.PR_SET_DUMPABLE, p.dumpable, 0, 0, 0)
+        syscalls.prctl(inj, abi.PR_SET_CHILD_SUBREAPER, p.child_subreaper, 0, 0, 0)
         # PR_GET_THP_DISABLE: 1 | flags (6.18: PR_THP_DISABLE_EXCEPT_ADVISED); set takes both
-        inj.call("prctl", abi.PR_SET_THP_DISABLE, p.thp_disable & 1, p.thp_disable & ~1, 0, 0)
-        inj.call("prctl", abi.PR_SET_PDEATHSIG, 0, 0, 0, 0)
+        syscalls.prctl(inj, abi.PR_SET_THP_DISABLE, p.thp_disable & 1, p.thp_disable & ~1, 0, 0)
+        syscalls.prctl(inj, abi.PR_SET_PDEATHSIG, 0, 0, 0, 0)
         _thread_misc(inj, p.threads[0])
 
     def create_threads(self) -> None:
@@ -547,7 +550,7 @@ class Rebuilder:
                 args = struct.pack("<11Q", flags, 0, ctid, 0, 0, 0, 0, 0, set_tid,
                                    0 if self.new_pid else 1, 0)  # fmt: skip
                 try:
-                    tid = inj.call("clone3", inj.put(args), len(args))
+                    tid = syscalls.clone3(inj, inj.put(args), len(args))
                 except RemoteError as exc:
                     if not self.new_pid and exc.errno == errno.EEXIST:
                         raise PidInUse(
@@ -568,7 +571,7 @@ class Rebuilder:
                 self.tid_map[t.tid] = tid
                 tinj.reset_data()
                 if t.comm and t.comm[:15] != self.proc.comm[:15]:  # else inherited
-                    tinj.call("prctl", abi.PR_SET_NAME, tinj.cstr(t.comm[:15]), 0, 0, 0)
+                    syscalls.prctl(tinj, abi.PR_SET_NAME, tinj.cstr(t.comm[:15]), 0, 0, 0)
                 _thread_misc(tinj, t, tid_address=False)
         finally:
             self.tracee.set_options(base)
@@ -584,17 +587,17 @@ class Rebuilder:
             a = acts.get(sig)
             raw = struct.pack("<QQQQ", a.handler, a.flags, a.restorer, a.mask) if a else b"\0" * 32
             inj.write(buf, raw)
-            inj.call("rt_sigaction", sig, buf, 0, 8)
+            syscalls.rt_sigaction(inj, sig, buf, 0, 8)
         pid = self.pid
         for t in self.proc.threads:
             tid = self.tid_map.get(t.tid, pid)
             for info in t.pending:
                 inj.write(buf := inj.alloc(128), info)
-                inj.call("rt_tgsigqueueinfo", pid, tid, struct.unpack_from("<i", info)[0], buf)
+                syscalls.rt_tgsigqueueinfo(inj, pid, tid, struct.unpack_from("<i", info)[0], buf)
                 inj.reset_data()
         for info in self.proc.shared_pending:
             inj.write(buf := inj.alloc(128), info)
-            inj.call("rt_sigqueueinfo", pid, struct.unpack_from("<i", info)[0], buf)
+            syscalls.rt_sigqueueinfo(inj, pid, struct.unpack_from("<i", info)[0], buf)
             inj.reset_data()
 
     def restore_timers(self) -> None:
@@ -603,11 +606,11 @@ class Rebuilder:
             inj.reset_data()
             val = struct.pack("<qqqq", it.interval_us // 10**6, it.interval_us % 10**6,
                               it.value_us // 10**6, it.value_us % 10**6)  # fmt: skip
-            inj.call("setitimer", it.which, inj.put(val), 0)
+            syscalls.setitimer(inj, it.which, inj.put(val), 0)
         timers = sorted(self.proc.posix_timers, key=lambda t: t.id)
         if not timers:
             return
-        by_id = inj.raw(157, abi.PR_TIMER_CREATE_RESTORE_IDS, 1, 0, 0, 0) == 0
+        by_id = inj.raw(abi.NR_PRCTL, abi.PR_TIMER_CREATE_RESTORE_IDS, 1, 0, 0, 0) == 0
         if not by_id and [t.id for t in timers] != list(range(len(timers))):
             raise RestoreError(
                 "POSIX timer ids cannot be restored on this kernel (needs Linux 6.15+)"
@@ -619,17 +622,17 @@ class Rebuilder:
                 sev = struct.pack("<qii", t.sigev_value, t.signo, t.notify) + struct.pack("<i", tid)
                 sev = sev.ljust(64, b"\0")
                 idp = inj.put(struct.pack("<i", t.id))
-                inj.call("timer_create", t.clock_id & 0xFFFFFFFF, inj.put(sev), idp)
+                syscalls.timer_create(inj, t.clock_id & 0xFFFFFFFF, inj.put(sev), idp)
                 got = struct.unpack("<i", inj.read(idp, 4))[0]
                 if got != t.id:
                     raise RestoreError(f"POSIX timer {t.id} came back as {got}")
                 if t.value_ns:
                     its = struct.pack("<qqqq", t.interval_ns // 10**9, t.interval_ns % 10**9,
                                       t.value_ns // 10**9, t.value_ns % 10**9)  # fmt: skip
-                    inj.call("timer_settime", t.id, 0, inj.put(its), 0)
+                    syscalls.timer_settime(inj, t.id, 0, inj.put(its), 0)
         finally:
             if by_id:
-                inj.raw(157, abi.PR_TIMER_CREATE_RESTORE_IDS, 0, 0, 0, 0)
+                inj.raw(abi.NR_PRCTL, abi.PR_TIMER_CREATE_RESTORE_IDS, 0, 0, 0, 0)
 
     def restore_rlimits(self) -> None:
         """prlimit64(0, …) inside the process, before its credentials are set (setting
@@ -646,7 +649,7 @@ class Rebuilder:
                 continue
             inj.write(buf, struct.pack("<QQ", _u(soft), _u(hard)))
             try:
-                inj.call("prlimit64", 0, r, buf, 0)
+                syscalls.prlimit64(inj, 0, r, buf, 0)
             except RemoteError as exc:
                 msg = _rlimit_refused(self.proc.pid, r, soft, hard, have.get(r), exc)
                 raise RestoreError(msg) from exc
@@ -658,17 +661,17 @@ class Rebuilder:
             for inj in [self.inj, *(ti for _, _, ti in self.threads)]:
                 _set_creds(inj, self.proc)
         # a change of uid or gid made the mm non-dumpable (fs.suid_dumpable): as it was
-        self.inj.call("prctl", abi.PR_SET_DUMPABLE, self.proc.dumpable, 0, 0, 0)
+        syscalls.prctl(self.inj, abi.PR_SET_DUMPABLE, self.proc.dumpable, 0, 0, 0)
 
     def register_rseq(self) -> None:
         for t, inj in [(self.proc.threads[0], self.inj), *((t, ti) for t, _, ti in self.threads)]:
             if t.rseq is not None:
-                inj.call("rseq", t.rseq.ptr, t.rseq.size, 0, t.rseq.signature)
+                syscalls.rseq(inj, t.rseq.ptr, t.rseq.size, 0, t.rseq.signature)
 
     def leave(self) -> None:
         """Scratch gone, then every thread gets its registers back and runs."""
         s = self.inj.scratch
-        self.inj.call("munmap", s.addr, s.size)
+        syscalls.munmap(self.inj, s.addr, s.size)
         for t, tr in [(self.proc.threads[0], self.tracee), *((t, tr) for t, tr, _ in self.threads)]:
             tr.stop_in_signal_path()
             tr.set_xstate(t.xstate)
@@ -687,25 +690,25 @@ def _thread_misc(inj: Injector, t: Thread, *, tid_address: bool = True) -> None:
     inj.reset_data()
     sp, flags, size = t.sigaltstack
     if not flags & 2:  # not SS_DISABLE
-        inj.call("sigaltstack", inj.put(struct.pack("<QiiQ", sp, flags, 0, size)), 0)
+        syscalls.sigaltstack(inj, inj.put(struct.pack("<QiiQ", sp, flags, 0, size)), 0)
     head, ln = t.robust_list
     if head:
-        inj.call("set_robust_list", head, ln)
+        syscalls.set_robust_list(inj, head, ln)
     if tid_address:
-        inj.call("set_tid_address", t.clear_child_tid)
+        syscalls.set_tid_address(inj, t.clear_child_tid)
 
 
 def _set_creds(inj: Injector, p: ProcessImage) -> None:
     """Credentials and no_new_privs belong to each thread (glibc syncs them by signals)."""
     if p.no_new_privs:
-        inj.call("prctl", abi.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        syscalls.prctl(inj, abi.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     if p.uids[:3] == [0, 0, 0] and p.gids[:3] == [0, 0, 0]:
         return
     inj.reset_data()
     groups = struct.pack(f"<{len(p.groups)}I", *p.groups)
-    inj.call("setgroups", len(p.groups), inj.put(groups) if groups else 0)
-    inj.call("setresgid", *p.gids[:3])
-    inj.call("setresuid", *p.uids[:3])
+    syscalls.setgroups(inj, len(p.groups), inj.put(groups) if groups else 0)
+    syscalls.setresgid(inj, *p.gids[:3])
+    syscalls.setresuid(inj, *p.uids[:3])
 
 
 def _rlimit_refused(pid: int, r: int, soft: int, hard: int, have, exc: RemoteError) -> str:

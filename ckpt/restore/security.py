@@ -24,10 +24,11 @@ from __future__ import annotations
 import errno
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import ImageCorrupt, RestoreError
-from ..kernel import abi, cgroups, creds, procfs, seccomp
+from ..kernel import abi, cgroups, creds, procfs, seccomp, syscalls
 from ..kernel.ptrace import PTRACE_O_EXITKILL, PTRACE_O_TRACESYSGOOD
 from ..kernel.remote import Injector, RemoteError
 from ..model import Creds, ProcessImage, SecurityContext
@@ -165,17 +166,17 @@ def restore_files_context(rb) -> None:
         inj.reset_data()
         text = str(sec.loginuid).encode()
         try:
-            fd = inj.call(
-                "openat",
+            fd = syscalls.openat(
+                inj,
                 _u(abi.AT_FDCWD),
                 inj.cstr(procfs.in_target("self", "loginuid")),
                 abi.O_WRONLY,
                 0,
             )
             try:
-                inj.call("write", fd, inj.put(text), len(text))
+                syscalls.write(inj, fd, inj.put(text), len(text))
             finally:
-                inj.call("close", fd)
+                syscalls.close(inj, fd)
         except RemoteError as exc:
             raise RestoreError(
                 f"cannot set the loginuid of process {pid} to {sec.loginuid}: {exc.strerror} "
@@ -188,19 +189,17 @@ def restore_files_context(rb) -> None:
             creds.open_how(flags, creds.RESOLVE_NO_SYMLINKS | creds.RESOLVE_NO_MAGICLINKS)
         )
         try:
-            cwd = inj.call("openat", _u(abi.AT_FDCWD), inj.cstr("."), flags, 0)
+            cwd = syscalls.openat(inj, _u(abi.AT_FDCWD), inj.cstr("."), flags, 0)
             try:
-                root = inj.call_nr(
-                    creds.NR_OPENAT2, _u(abi.AT_FDCWD), inj.cstr(sec.root), how, 24, name="openat2"
-                )
+                root = syscalls.openat2(inj, _u(abi.AT_FDCWD), inj.cstr(sec.root), how, 24)
                 try:
-                    inj.call_nr(abi.NR_FCHDIR, root, name="fchdir")
-                    inj.call_nr(abi.NR_CHROOT, inj.cstr("."), name="chroot")
+                    syscalls.fchdir(inj, root)
+                    syscalls.chroot(inj, inj.cstr("."))
                 finally:
-                    inj.call("close", root)
-                inj.call_nr(abi.NR_FCHDIR, cwd, name="fchdir")
+                    syscalls.close(inj, root)
+                syscalls.fchdir(inj, cwd)
             finally:
-                inj.call("close", cwd)
+                syscalls.close(inj, cwd)
         except RemoteError as exc:
             raise RestoreError(
                 f"cannot chroot process {pid} to {sec.root}: {exc.strerror}"
@@ -231,7 +230,7 @@ def restore_creds(rb) -> None:
     ents = [(proc.threads[0].tid, rb.tracee, rb.inj)]
     ents += [(t.tid, tr, ti) for t, tr, ti in rb.threads]
     start = creds.thread_creds(rb.pid, rb.pid)
-    sb = rb.inj.call("prctl", abi.PR_GET_SECUREBITS, 0, 0, 0, 0)
+    sb = syscalls.prctl(rb.inj, abi.PR_GET_SECUREBITS, 0, 0, 0, 0)
     nows = [
         _Now(list(start.uids), list(start.gids), list(start.groups), list(start.caps), sb,
              start.no_new_privs)
@@ -280,13 +279,13 @@ def _capset(inj: Injector, eff: int, prm: int, inh: int) -> None:
     data = struct.pack(
         "<6I", eff & lo, prm & lo, inh & lo, eff >> hi & lo, prm >> hi & lo, inh >> hi & lo
     )
-    inj.call_nr(abi.NR_CAPSET, hdr, inj.put(data), name="capset")
+    syscalls.capset(inj, hdr, inj.put(data))
 
 
-def _setfs(inj: Injector, nr: int, want: int, what: str) -> None:
+def _setfs(inj: Injector, setfs: Callable[[Injector, int], int], want: int, what: str) -> None:
     """setfsuid/setfsgid never fail: they return the old value. Check the new one."""
-    inj.raw(nr, want)
-    got = inj.raw(nr, 0xFFFFFFFF)  # an invalid id changes nothing and returns the current
+    setfs(inj, want)
+    got = setfs(inj, 0xFFFFFFFF)  # an invalid id changes nothing and returns the current
     if got != want:
         raise RemoteError(errno.EPERM, f"{what}({want}) left it at {got}")
 
@@ -303,39 +302,39 @@ def _identity(inj: Injector, c: Creds, now: _Now, pid: int, tid: int) -> None:
     if c.groups != now.groups:
         inj.reset_data()
         raw = struct.pack(f"<{len(c.groups)}I", *c.groups)
-        inj.call("setgroups", len(c.groups), inj.put(raw) if raw else 0)
+        syscalls.setgroups(inj, len(c.groups), inj.put(raw) if raw else 0)
         now.groups = list(c.groups)
     if c.gids[:3] != now.gids[:3]:
-        inj.call("setresgid", *c.gids[:3])
+        syscalls.setresgid(inj, *c.gids[:3])
         now.gids = [*c.gids[:3], c.gids[1]]
     if c.gids[3] != now.gids[3]:
-        _setfs(inj, abi.NR_SETFSGID, c.gids[3], "setfsgid")
+        _setfs(inj, syscalls.setfsgid, c.gids[3], "setfsgid")
         now.gids[3] = c.gids[3]
     if c.uids[:3] != now.uids[:3]:
         # keep the permitted set across leaving uid 0, then raise the effective one again
-        inj.call("prctl", abi.PR_SET_KEEPCAPS, 1, 0, 0, 0)
+        syscalls.prctl(inj, abi.PR_SET_KEEPCAPS, 1, 0, 0, 0)
         now.securebits |= abi.SECBIT_KEEP_CAPS
-        inj.call("setresuid", *c.uids[:3])
+        syscalls.setresuid(inj, *c.uids[:3])
         _refresh(now, pid, tid)
         _capset(inj, now.caps[PRM], now.caps[PRM], now.caps[INH])
         now.caps[EFF] = now.caps[PRM]
     if c.uids[3] != now.uids[3]:
-        _setfs(inj, abi.NR_SETFSUID, c.uids[3], "setfsuid")
+        _setfs(inj, syscalls.setfsuid, c.uids[3], "setfsuid")
         _refresh(now, pid, tid)
     if c.caps[INH] != now.caps[INH]:  # before the bounding set shrinks
         _capset(inj, now.caps[EFF], now.caps[PRM], c.caps[INH])
         now.caps[INH] = c.caps[INH]
     if now.caps[AMB] & ~c.caps[AMB]:
-        inj.call("prctl", abi.PR_CAP_AMBIENT, abi.PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+        syscalls.prctl(inj, abi.PR_CAP_AMBIENT, abi.PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
         now.caps[AMB] = 0
     for cap in _bits(c.caps[AMB] & ~now.caps[AMB]):
-        inj.call("prctl", abi.PR_CAP_AMBIENT, abi.PR_CAP_AMBIENT_RAISE, cap, 0, 0)
+        syscalls.prctl(inj, abi.PR_CAP_AMBIENT, abi.PR_CAP_AMBIENT_RAISE, cap, 0, 0)
     now.caps[AMB] = c.caps[AMB]
     for cap in _bits(now.caps[BND] & ~c.caps[BND]):
-        inj.call("prctl", abi.PR_CAPBSET_DROP, cap, 0, 0, 0)
+        syscalls.prctl(inj, abi.PR_CAPBSET_DROP, cap, 0, 0, 0)
     now.caps[BND] = c.caps[BND]
     if c.securebits != now.securebits:
-        inj.call("prctl", abi.PR_SET_SECUREBITS, c.securebits, 0, 0, 0)
+        syscalls.prctl(inj, abi.PR_SET_SECUREBITS, c.securebits, 0, 0, 0)
         now.securebits = c.securebits
 
 
@@ -351,19 +350,18 @@ def _filters(inj: Injector, sec: SecurityContext, ids: list[int], tsync: bool = 
         tmp = 0
         if len(f.prog) + 64 > inj.scratch.data_size:  # a big program: its own mapping
             size = (len(f.prog) + 4095) // 4096 * 4096
-            tmp = inj.call("mmap", 0, size, 3, 0x22, _u(-1), 0)  # RW, PRIVATE|ANON
+            rw, private = abi.PROT_READ | abi.PROT_WRITE, abi.MAP_PRIVATE | abi.MAP_ANONYMOUS
+            tmp = syscalls.mmap(inj, 0, size, rw, private, _u(-1), 0)
             inj.write(tmp, f.prog)
             prog = tmp
         else:
             prog = inj.put(f.prog)
         try:
             fprog = inj.put(struct.pack("<HxxxxxxQ", n, prog))
-            r = inj.call_nr(
-                seccomp.NR_SECCOMP, seccomp.SECCOMP_SET_MODE_FILTER, flags, fprog, name="seccomp"
-            )
+            r = syscalls.seccomp(inj, seccomp.SECCOMP_SET_MODE_FILTER, flags, fprog)
         finally:
             if tmp:
-                inj.call("munmap", tmp, size)
+                syscalls.munmap(inj, tmp, size)
         if r != 0:  # TSYNC: the TID of a thread that could not be synced
             raise RemoteError(errno.EBUSY, f"seccomp TSYNC: thread {r} could not be synced")
 
@@ -371,9 +369,9 @@ def _filters(inj: Injector, sec: SecurityContext, ids: list[int], tsync: bool = 
 def _final(inj: Injector, c: Creds, now: _Now) -> None:
     """no_new_privs, the final capability sets, strict mode: the last of the thread."""
     if c.no_new_privs and not now.no_new_privs:
-        inj.call("prctl", abi.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        syscalls.prctl(inj, abi.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
         now.no_new_privs = True
     if [c.caps[EFF], c.caps[PRM], c.caps[INH]] != [now.caps[EFF], now.caps[PRM], now.caps[INH]]:
         _capset(inj, c.caps[EFF], c.caps[PRM], c.caps[INH])
     if c.seccomp_mode == seccomp.SECCOMP_MODE_STRICT:
-        inj.call_nr(seccomp.NR_SECCOMP, seccomp.SECCOMP_SET_MODE_STRICT, 0, 0, name="seccomp")
+        syscalls.seccomp(inj, seccomp.SECCOMP_SET_MODE_STRICT, 0, 0)

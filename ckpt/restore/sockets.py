@@ -36,7 +36,7 @@ import socket
 import struct
 
 from ..errors import RestoreError
-from ..kernel import abi, procfs, tcp_repair
+from ..kernel import abi, procfs, syscalls, tcp_repair
 from ..kernel import sockets as ks
 from ..kernel.fsident import as_fs_user
 from ..kernel.remote import RemoteError
@@ -140,14 +140,14 @@ class _Sockets:
 
     def new(self, s: Socket) -> int:
         t = s.type | abi.SOCK_NONBLOCK | abi.SOCK_CLOEXEC
-        return self.ctx.spare_fd(self.inj.call("socket", s.family, t, s.protocol))
+        return self.ctx.spare_fd(syscalls.socket(self.inj, s.family, t, s.protocol))
 
     def pair(self, a: Fd, b: Fd) -> None:
         inj = self.inj
         inj.reset_data()
         buf = inj.alloc(8)
-        inj.call(
-            "socketpair",
+        syscalls.socketpair(
+            inj,
             socket.AF_UNIX,
             a.socket.type | abi.SOCK_NONBLOCK | abi.SOCK_CLOEXEC,
             0,
@@ -209,8 +209,8 @@ class _Sockets:
         mode = s.name_file[0] if s.name_file and not s.name_deleted else None
         old_mask = None
         if mode is not None:
-            old_mask = inj.call("umask", 0)
-            inj.call_nr(hostfs.NR_FCHMOD, f.fd, mode, name="fchmod")
+            old_mask = syscalls.umask(inj, 0)
+            syscalls.fchmod(inj, f.fd, mode)
         uid, gid, groups = self.file_owner(s)
         try:
             with hostfs.fs_identity(inj, uid, gid, groups):
@@ -227,12 +227,12 @@ class _Sockets:
                     ) from exc
         finally:
             if old_mask is not None:
-                inj.call("umask", old_mask)
-                inj.call_nr(hostfs.NR_FCHMOD, f.fd, SOCK_INODE_MODE, name="fchmod")
+                syscalls.umask(inj, old_mask)
+                syscalls.fchmod(inj, f.fd, SOCK_INODE_MODE)
 
     def _bind(self, f: Fd, addr: int, ln: int, who: str = "") -> None:
         try:
-            self.inj.call("bind", f.fd, addr, ln)
+            syscalls.bind(self.inj, f.fd, addr, ln)
         except RemoteError as exc:
             raise RestoreError(
                 f"cannot bind unix socket fd {f.fd} to {_name(f.socket.local)}{who}: {exc.strerror}"
@@ -250,7 +250,7 @@ class _Sockets:
             with contextlib.ExitStack() as stack:
                 if ident is not None:
                     stack.enter_context(hostfs.fs_identity(inj, *ident))
-                inj.call("connect", f.fd, addr, ln)
+                syscalls.connect(inj, f.fd, addr, ln)
         except RemoteError as exc:
             raise RestoreError(
                 f"cannot reconnect unix socket fd {f.fd} to {_name(name)}: {exc.strerror}"
@@ -298,7 +298,7 @@ class _Sockets:
                 if s.local:
                     self.bind_unix(f)
                 if s.state == "listen":
-                    self.inj.call("listen", f.fd, s.backlog)
+                    syscalls.listen(self.inj, f.fd, s.backlog)
                 continue
             if s.state == "established":
                 continue
@@ -357,15 +357,15 @@ class _Sockets:
             if p.socket.local:
                 self.bind_unix(p)
             self.connect_unix(p, listener.socket.local)
-            tmp = self.ctx.spare_fd(self.inj.call("accept4", listener.fd, 0, 0, abi.SOCK_CLOEXEC))
+            tmp = self.ctx.spare_fd(syscalls.accept4(self.inj, listener.fd, 0, 0, abi.SOCK_CLOEXEC))
             self.place(tmp, f)
 
     def pair_with_closed(self, f: Fd) -> None:
         inj = self.inj
         inj.reset_data()
         buf = inj.alloc(8)
-        inj.call(
-            "socketpair",
+        syscalls.socketpair(
+            inj,
             socket.AF_UNIX,
             f.socket.type | abi.SOCK_NONBLOCK | abi.SOCK_CLOEXEC,
             0,
@@ -375,7 +375,7 @@ class _Sockets:
         ta, tb = self.ctx.spare_fd(ta), self.ctx.spare_fd(tb)
         self.place(ta, f)
         other = self.ctx.copy(tb)
-        inj.call("close", tb)
+        syscalls.close(inj, tb)
         with ks.adopt(other) as o:
             self.send_queue(f, o)
         # dropping ckpt's copy closes the last reference: f sees EOF after its data
@@ -540,7 +540,7 @@ class _Sockets:
                         )
                 if s.peek_off >= 0:
                     c.setsockopt(ks.SOL_SOCKET, ks.SO_PEEK_OFF, s.peek_off)
-            inj.call("fcntl", f.fd, abi.F_SETFL, f.flags & ~3)  # O_NONBLOCK as it was
+            syscalls.fcntl(inj, f.fd, abi.F_SETFL, f.flags & ~3)  # O_NONBLOCK as it was
 
 
 def restore_sockets(ctx, first: Fd) -> None:

@@ -46,7 +46,7 @@ import time
 from dataclasses import replace
 
 from ..errors import RestoreError
-from ..kernel import abi
+from ..kernel import abi, syscalls
 from ..kernel.memory import write_runs
 from ..kernel.native import PAGE_SIZE
 from ..kernel.remote import HEAL_CODE, SCRATCH_PAGES, Scratch
@@ -175,9 +175,9 @@ class StagedRestore:
             self._move_scratch(cur, tgt)
         inj = rb.inj
         for a, b in _merge_adjacent(unmap):
-            inj.call("munmap", a, b - a)
+            syscalls.munmap(inj, a, b - a)
         for a, b, p in mprot:
-            inj.call("mprotect", a, b - a, p)
+            syscalls.mprotect(inj, a, b - a, p)
         if fresh:
             saved = rb.proc
             rb.proc = _Layout(self.source_pid, fresh)  # type: ignore[assignment]
@@ -206,13 +206,14 @@ class StagedRestore:
         busy = [(v.start, v.end) for v in cur + tgt] + list(self._vdso.values())
         busy.append((old.addr, old.addr + old.size))
         addr = free_range(busy, size)
-        inj.call("mmap", addr, size, abi.PROT_READ | abi.PROT_WRITE | abi.PROT_EXEC,
-                 abi.MAP_PRIVATE | abi.MAP_ANONYMOUS | abi.MAP_FIXED_NOREPLACE, _U64, 0)  # fmt: skip
+        rwx = abi.PROT_READ | abi.PROT_WRITE | abi.PROT_EXEC
+        flags = abi.MAP_PRIVATE | abi.MAP_ANONYMOUS | abi.MAP_FIXED_NOREPLACE
+        syscalls.mmap(inj, addr, size, rwx, flags, _U64, 0)
         inj.write(addr, HEAL_CODE)
         inj.scratch = Scratch(addr)
         inj.use(addr)
         inj.reset_data()
-        inj.call("munmap", old.addr, old.size)
+        syscalls.munmap(inj, old.addr, old.size)
 
     # -- pages ----------------------------------------------------------------------------
 
@@ -323,7 +324,7 @@ class StagedRestore:
     def zap_stale(self, proc: ProcessImage) -> int:
         spans = self.stale_spans(proc)
         for a, b, advice in spans:
-            self.rb.inj.call("madvise", a, b - a, advice)
+            syscalls.madvise(self.rb.inj, a, b - a, advice)
         return len(spans)
 
     def kill(self) -> None:

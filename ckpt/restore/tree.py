@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 from .. import faults
 from ..errors import ImageCorrupt
-from ..kernel import sysvshm
+from ..kernel import syscalls, sysvshm
 from ..model import ProcessImage
 from . import attrs, cow, zombies
 from .checks import check_files, wait_pid_free
@@ -116,7 +116,7 @@ def build_tree(
             rb.state_files()
         by_pid = {rb.pid: rb for rb in rbs}
         for pid, fd in parked.values():  # taken (duplicated) by now, or closed in the image
-            by_pid[pid].inj.call("close", fd)
+            syscalls.close(by_pid[pid].inj, fd)
         faults.fail("restore-files")
         _process_groups(rbs, made)
         zombies.exit_all(made)  # before the parents' signals: their SIGCHLD is taken back
@@ -155,7 +155,7 @@ def _early_session(rb: Rebuilder, terminal: Terminal | None, root: bool = False)
     rb.terminal = terminal
     rb.shell_job = root and terminal is not None
     if rb.proc.sid == rb.proc.pid and not rb.shell_job:
-        rb.inj.call("setsid")
+        syscalls.setsid(rb.inj)
         rb.session_done = True
 
 
@@ -179,7 +179,7 @@ def _process_groups(rbs: list[Rebuilder], made: list[zombies.Made]) -> None:
         else:
             continue
         if os.getpgid(pid) != want:
-            inj.call("setpgid", 0, want)
+            syscalls.setpgid(inj, 0, want)
     if job is not None:
         job.terminal.hand_over(job.pid, job_modes(members(job.proc)))
 

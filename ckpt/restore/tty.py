@@ -24,7 +24,7 @@ import signal
 import stat as statmod
 
 from ..errors import NoTerminal, RestoreError, UsageError
-from ..kernel import abi, procfs
+from ..kernel import abi, procfs, syscalls
 from ..kernel import tty as ktty
 from ..kernel.remote import Injector
 from ..model import Fd, ProcessImage
@@ -155,9 +155,9 @@ def restore_tty(ctx, fd: Fd) -> None:
     inj: Injector = ctx.inj
     path = "/dev/tty" if fd.rdev == ktty.DEV_TTY else term.path
     flags = (fd.flags & ~(abi.O_CREAT | abi.O_EXCL | abi.O_TRUNC | abi.O_CLOEXEC)) | abi.O_NOCTTY
-    tmp = inj.call("openat", abi.AT_FDCWD & 0xFFFFFFFFFFFFFFFF, inj.cstr(path), flags, 0)
+    tmp = syscalls.openat(inj, abi.AT_FDCWD & 0xFFFFFFFFFFFFFFFF, inj.cstr(path), flags, 0)
     if tmp != fd.fd:
-        inj.call("dup3", tmp, fd.fd, abi.O_CLOEXEC if fd.cloexec else 0)
-        inj.call("close", tmp)
+        syscalls.dup3(inj, tmp, fd.fd, abi.O_CLOEXEC if fd.cloexec else 0)
+        syscalls.close(inj, tmp)
     elif fd.cloexec:
-        inj.call("fcntl", fd.fd, abi.F_SETFD, abi.FD_CLOEXEC)
+        syscalls.fcntl(inj, fd.fd, abi.F_SETFD, abi.FD_CLOEXEC)

@@ -40,7 +40,7 @@ import tempfile
 from dataclasses import dataclass
 
 from ..errors import ImageCorrupt, RestoreError
-from ..kernel import abi, procfs
+from ..kernel import abi, procfs, syscalls
 from ..kernel.ptrace import PTRACE_O_EXITKILL, PTRACE_O_TRACESYSGOOD, Tracee
 from ..kernel.remote import Injector, RemoteError
 from ..model import ProcessImage, Zombie
@@ -136,13 +136,13 @@ def fork(parent, z: Zombie, new_pid: bool) -> Made:
         made = Made(z, parent, tr, inj, mem_fd)
         cfg = tr.rseq_config()  # the restorer's, inherited: its memory may go (core)
         if cfg is not None:
-            inj.call("rseq", cfg.ptr, cfg.size, abi.RSEQ_FLAG_UNREGISTER, cfg.signature)
+            syscalls.rseq(inj, cfg.ptr, cfg.size, abi.RSEQ_FLAG_UNREGISTER, cfg.signature)
         inj.reset_data()
-        inj.call("prctl", abi.PR_SET_NAME, inj.cstr(z.comm[:15]), 0, 0, 0)
+        syscalls.prctl(inj, abi.PR_SET_NAME, inj.cstr(z.comm[:15]), 0, 0, 0)
         if z.sid == z.pid:
-            inj.call("setsid")
+            syscalls.setsid(inj)
         elif z.pgid == z.pid:
-            inj.call("setpgid", 0, 0)
+            syscalls.setpgid(inj, 0, 0)
     except BaseException:
         _kill(tr)
         if mem_fd >= 0:
@@ -168,17 +168,17 @@ def _exit_one(m: Made) -> None:
     try:
         inj.reset_data()
         if sig:
-            inj.call("rt_sigaction", sig, inj.put(bytes(32)), 0, 8)  # SIG_DFL
+            syscalls.rt_sigaction(inj, sig, inj.put(bytes(32)), 0, 8)  # SIG_DFL
         if code == abi.CLD_DUMPED:
             core_dir = _prepare_core(m)
         _set_ids(inj, z)
         if sig:  # dumpable again after setresuid cleared it, or never: then no core is
             # written whatever core_pattern and RLIMIT_CORE say, and the status has no bit
-            inj.call("prctl", abi.PR_SET_DUMPABLE, 1 if code == abi.CLD_DUMPED else 0, 0, 0, 0)
+            syscalls.prctl(inj, abi.PR_SET_DUMPABLE, 1 if code == abi.CLD_DUMPED else 0, 0, 0, 0)
         # the parent: SIGCHLD not ignored (that would reap the zombie at once)
         parent = m.parent.inj
         parent.reset_data()
-        parent.call("rt_sigaction", abi.SIGCHLD, parent.put(bytes(32)), 0, 8)
+        syscalls.rt_sigaction(parent, abi.SIGCHLD, parent.put(bytes(32)), 0, 8)
         pidfd = os.pidfd_open(m.pid)
         if sig:
             tr.set_sigmask(0)
@@ -203,12 +203,12 @@ def _exit_one(m: Made) -> None:
 def _set_ids(inj: Injector, z: Zombie) -> None:
     """Its uids and gids (real, effective, saved, fs), gids first (as root)."""
     if len(z.gids) == 4:
-        inj.call("setresgid", z.gids[0], z.gids[1], z.gids[2])
-        inj.raw(abi.NR_SETFSGID, z.gids[3])
+        syscalls.setresgid(inj, z.gids[0], z.gids[1], z.gids[2])
+        syscalls.setfsgid(inj, z.gids[3])
     if len(z.uids) == 4:
-        inj.call("setresuid", z.uids[0], z.uids[1], z.uids[2])
+        syscalls.setresuid(inj, z.uids[0], z.uids[1], z.uids[2])
         if z.uids[3] != z.uids[1]:  # setresuid set the fs uid to the effective one
-            inj.raw(abi.NR_SETFSUID, z.uids[3])
+            syscalls.setfsuid(inj, z.uids[3])
 
 
 def _prepare_core(m: Made) -> str:
@@ -222,15 +222,15 @@ def _prepare_core(m: Made) -> str:
     inj.reset_data()
     # entered while only root can change it: once it is the user's, the user could
     # rename it away and put a symlink at its name (docs/SECURITY.md)
-    inj.call("chdir", inj.cstr(d))
+    syscalls.chdir(inj, inj.cstr(d))
     os.chown(d, uid, gid)
     old = inj.alloc(16)
-    inj.call("prlimit64", 0, abi.RLIMIT_CORE, 0, old)
+    syscalls.prlimit64(inj, 0, abi.RLIMIT_CORE, 0, old)
     _, hard = struct.unpack("<QQ", inj.read(old, 16))
-    inj.call("prlimit64", 0, abi.RLIMIT_CORE, inj.put(struct.pack("<QQ", hard, hard)), 0)
+    syscalls.prlimit64(inj, 0, abi.RLIMIT_CORE, inj.put(struct.pack("<QQ", hard, hard)), 0)
     s = inj.scratch
-    inj.call("munmap", 0, s.addr)
-    inj.call("munmap", s.addr + s.size, abi.TASK_SIZE - (s.addr + s.size))
+    syscalls.munmap(inj, 0, s.addr)
+    syscalls.munmap(inj, s.addr + s.size, abi.TASK_SIZE - (s.addr + s.size))
     return d
 
 
@@ -240,7 +240,7 @@ def _collect_status(m: Made, code: int, want: int) -> None:
     parent.reset_data()
     info = parent.alloc(128)
     options = abi.WEXITED | abi.WNOHANG | abi.WNOWAIT | abi.WALL
-    parent.call_nr(abi.NR_WAITID, abi.P_PID, m.pid, info, options, 0, name="waitid")
+    syscalls.waitid(parent, abi.P_PID, m.pid, info, options, 0)
     _, _, si_code, _, si_pid, _, si_status = struct.unpack_from("<7i", parent.read(info, 28))
     if si_pid != m.pid or (si_code, si_status) != (code, want):
         raise RestoreError(
@@ -251,7 +251,7 @@ def _collect_status(m: Made, code: int, want: int) -> None:
         sigset = parent.put(struct.pack("<Q", 1 << (z.exit_signal - 1)))
         ts = parent.put(bytes(16))
         try:
-            parent.call_nr(abi.NR_RT_SIGTIMEDWAIT, sigset, 0, ts, 8, name="rt_sigtimedwait")
+            syscalls.rt_sigtimedwait(parent, sigset, 0, ts, 8)
         except RemoteError as exc:
             if exc.errno != 11:  # EAGAIN: not queued (ignored by the parent)
                 raise

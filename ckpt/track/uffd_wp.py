@@ -13,7 +13,7 @@ import errno
 import os
 from dataclasses import dataclass
 
-from ..kernel import abi, procfs
+from ..kernel import procfs, syscalls
 from ..kernel.procfs import Mapping
 from ..kernel.remote import Injector
 from ..kernel.uffd import TRACKING_UFFD_FLAGS, ScanError, WpAsyncContext
@@ -52,22 +52,22 @@ class UffdWpTracker(Tracker):
         # Handshake only after the target's own fd is closed: if ckpt dies in
         # between, what is left in the target is an uninitialised uffd that the
         # next ckpt run recognises and closes (capture.state.close_leftover_uffds).
-        fd = inj.call_nr(abi.NR_USERFAULTFD, TRACKING_UFFD_FLAGS, name="userfaultfd")
+        fd = syscalls.userfaultfd(inj, TRACKING_UFFD_FLAGS)
         try:
             ctx = WpAsyncContext.adopt(self.pid, fd, handshake=False)
         except BaseException:
-            inj.call("close", fd)
+            syscalls.close(inj, fd)
             raise
         if self.persistent:
             self.target_fd = fd
         else:
-            inj.call("close", fd)
+            syscalls.close(inj, fd)
         try:
             ctx.handshake()
         except BaseException:
             ctx.close()
             if self.persistent:
-                inj.call("close", fd)
+                syscalls.close(inj, fd)
             raise
         self.ctx = ctx
 

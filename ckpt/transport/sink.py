@@ -18,7 +18,6 @@ At commit the sender stops and the channel passes back to the caller
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import sys
 import time
@@ -27,10 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..capture.vmas import classify
-from ..errors import DumpError
 from ..image.codec import DEFAULT_LEVEL, Compressor
-from ..kernel import procfs
 from ..units import PAGE_SIZE
 from . import faults, protocol
 from .channel import Channel
@@ -195,12 +191,18 @@ class NetSink:
         threads: int = 2,
         restore_timeout: float = 300.0,
         progress: Callable[[str], None] | None = None,
-        layouts: bool = True,
+        layout: Callable[[], list] | None = None,
+        target_frozen: Callable[[], bool] = lambda: False,
     ):
-        """layouts: send each round's VMA list (the destination stages the process);
-        without, the destination assembles an image and restores it at the end."""
+        """layout: the target's VMAs (model Vmas) as of now, sent before each round's
+        pages so the destination stages the process; None: no layouts, the destination
+        assembles an image and restores it at the end. target_frozen: is the target in
+        our ptrace stop now (then the layer begun is the final one)? The orchestrator
+        (api/migrate.py) provides both: the wire does not read processes."""
         self.ch = ch
-        self.layouts = layouts
+        self.layouts = layout is not None
+        self._read_layout = layout
+        self._target_frozen = target_frozen
         self.pid = pid
         self.clock = clock
         self.restore_timeout = restore_timeout
@@ -215,7 +217,6 @@ class NetSink:
         self.abort_sent = False  # ABORT handed to the kernel (delivery is not confirmed)
         self._next = 0
         self._state = "streaming"  # → committed → (done | aborted)
-        self._maps: list | None = None  # last smaps-with-flags read, for _layout()
         self.state_sent_at: float | None = None  # monotonic: the STATE frame went out
 
     # -- ImageWriter's interface ------------------------------------------------------------
@@ -231,37 +232,12 @@ class NetSink:
             "sending the final round" if self.frozen_for_ms is not None
             else f"sending pre-copy round {layer}"
         )  # fmt: skip
-        extra = {"vmas": self._layout()} if self.layouts else {}
+        extra = {"vmas": protocol.encode_layout(self._read_layout())} if self.layouts else {}
         begin = protocol.encode(protocol.LAYER_BEGIN, layer=layer, pid=self.pid, **extra)
         if len(begin) > protocol.max_payload(protocol.LAYER_BEGIN):
             raise ProtocolError(f"the memory layout is too large to send ({len(begin)} bytes)")
         self.sender.put(Item(lambda: (protocol.LAYER_BEGIN, begin)))
         return NetLayer(self, layer)
-
-    def _layout(self) -> list[dict]:
-        """The VMAs as of this round (the destination maps them before the round's pages).
-
-        Read right after the round collected its pages (or, in the final round, while
-        the target is frozen); VmFlags come from the previous read when /proc/PID/maps
-        is unchanged, so this costs one read of maps. A mapping the final capture would
-        refuse is left out here (the capture fails the migration anyway).
-        """
-        try:
-            maps = procfs.maps_with_flags(self.pid, self._maps)
-        except OSError as exc:
-            raise DumpError(
-                f"cannot read the memory layout of process {self.pid}: {exc}", pid=self.pid
-            ) from None
-        self._maps = maps
-        vmas = []
-        for m in maps:
-            try:
-                v = classify(self.pid, m)
-            except Exception:
-                continue
-            if v is not None:
-                vmas.append(v)
-        return protocol.encode_layout(vmas)
 
     def commit(self, state: dict, meta: dict | None = None) -> str:
         """Send the process state (the image is complete); the channel returns to us."""
@@ -362,13 +338,6 @@ class NetSink:
         return ok
 
     # -- the final round's marker --------------------------------------------------------------
-
-    def _target_frozen(self) -> bool:
-        """The final layer is the one begun while we hold the target in a ptrace stop."""
-        try:
-            return procfs.status(self.pid).get("TracerPid") == str(os.getpid())
-        except Exception:
-            return False
 
     def _send_frozen(self) -> None:
         def build() -> tuple[int, Any]:
