@@ -7,6 +7,9 @@ arguments so they pickle (they cross thread and process boundaries).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class CkptError(Exception):
     """Base class. `step` names the operation step that failed, when known."""
@@ -115,3 +118,26 @@ class NoSpace(CkptError):
     """The file system an image is written to is full (or the user's quota is)."""
 
     exit_code = 18
+
+
+class KernelError(CkptError):
+    """A kernel operation on a process failed: raised by ckpt/kernel/ only.
+
+    The kernel layer does not know which operation it serves, so it never raises
+    DumpError or RestoreError: the operation's layer turns a KernelError into its own
+    error at its boundary (`as_error`), and the exit code says which operation failed.
+    One that reaches the CLI untranslated is a missing translation: exit 1."""
+
+
+class TraceeGone(KernelError):
+    """The traced process (or one of its threads) died or exited while ckpt worked on it."""
+
+
+@contextmanager
+def as_error(cls: type[CkptError]) -> Iterator[None]:
+    """Turn a KernelError raised inside into `cls` (DumpError in a dump, RestoreError in
+    a restore), keeping its message, pid and step; anything else passes unchanged."""
+    try:
+        yield
+    except KernelError as exc:
+        raise cls(exc.message, pid=exc.pid, step=exc.step) from exc

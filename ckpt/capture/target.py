@@ -8,7 +8,7 @@ reused; psutil's (pid, create time) rule).
 
 from __future__ import annotations
 
-from ..errors import AccessDenied, DumpError, NoSuchProcess
+from ..errors import AccessDenied, DumpError, NoSuchProcess, TraceeGone
 from ..kernel import procfs
 from ..kernel.ptrace import Tracee, seize_group
 
@@ -34,7 +34,7 @@ class Target:
         self.check()
         try:
             t = seize_group(self.pid, procfs.tasks)
-        except NoSuchProcess as exc:
+        except (NoSuchProcess, TraceeGone) as exc:
             raise DumpError(f"process {self.pid} exited during the dump", pid=self.pid) from exc
         try:
             self.check()

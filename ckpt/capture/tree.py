@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from ..errors import DumpError, NoSuchProcess, UnsupportedProcess
+from ..errors import DumpError, NoSuchProcess, TraceeGone, UnsupportedProcess
 from ..kernel import abi, procfs
 from ..kernel.process import kcmp_file
 from ..kernel.ptrace import Tracee, seize_group
@@ -183,7 +183,7 @@ def freeze_tree(root: Tracee) -> FrozenTree:
                     continue
                 try:
                     held[p] = seize_group(p, procfs.tasks)
-                except (NoSuchProcess, DumpError):
+                except (NoSuchProcess, TraceeGone):
                     continue  # exited meanwhile: not part of the tree any more (or a zombie)
         order = [root.pid, *descendants(root.pid)]
         for p in set(held) - set(order):  # left the tree (exited, re-parented)

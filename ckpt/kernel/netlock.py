@@ -20,7 +20,7 @@ import os
 import shutil
 import subprocess
 
-from ..errors import DumpError
+from ..errors import KernelError
 
 TABLE_PREFIX = "ckpt_lock_"
 
@@ -72,7 +72,7 @@ class NetLock:
         )
         r = _nft(script)
         if r.returncode != 0:
-            raise DumpError(f"cannot lock the network with nft: {r.stderr.strip()}")
+            raise KernelError(f"cannot lock the network with nft: {r.stderr.strip()}")
         self.created = True
         self.connections += 1
 

@@ -12,7 +12,7 @@ import signal
 import struct
 from dataclasses import dataclass
 
-from ..errors import AccessDenied, DumpError, NoSuchProcess
+from ..errors import AccessDenied, KernelError, NoSuchProcess, TraceeGone
 from ..model import REG_NAMES  # the state's names of user_regs_struct's fields, in order
 from .native import check, ffi, lib
 
@@ -172,7 +172,7 @@ class Tracee:
             st = self.wait()
             if os.WIFEXITED(st) or os.WIFSIGNALED(st):
                 self.attached = False
-                raise DumpError(f"process {self.pid} exited while being stopped", pid=self.pid)
+                raise TraceeGone(f"process {self.pid} exited while being stopped", pid=self.pid)
             if not os.WIFSTOPPED(st):
                 continue
             if (st >> 16) == PTRACE_EVENT_STOP:
@@ -200,12 +200,12 @@ class Tracee:
             st = self.wait()
             if os.WIFEXITED(st) or os.WIFSIGNALED(st):
                 self.attached = False
-                raise DumpError(f"process {self.pid} died while being parked", pid=self.pid)
+                raise TraceeGone(f"process {self.pid} died while being parked", pid=self.pid)
             if os.WIFSTOPPED(st) and (st >> 16) == PTRACE_EVENT_STOP:
                 return
             if os.WIFSTOPPED(st):
                 sig = os.WSTOPSIG(st)
-                raise DumpError(
+                raise KernelError(
                     f"process {self.pid} took signal {sig} while being parked", pid=self.pid
                 )
 
@@ -346,7 +346,7 @@ def seize_group(pid: int, tasks) -> Tracee:
                 held[tid] = t
                 try:
                     t.interrupt()
-                except DumpError:
+                except TraceeGone:
                     held.pop(tid)  # exited while being stopped
         live = set(tasks(pid))
         leader.others = [held[t] for t in sorted(held) if t != pid and t in live]

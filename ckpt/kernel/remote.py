@@ -22,7 +22,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..errors import DumpError, UnsupportedProcess
+from ..errors import TraceeGone, UnsupportedProcess
 from . import abi, procfs, seccomp, syscalls
 from .native import PAGE_SIZE, check, ffi, lib
 from .procfs import Mapping
@@ -129,7 +129,8 @@ class Injector:
         )
         if r == -errno.ECHILD:
             self.tracee.attached = False
-            raise DumpError(f"process {self.tracee.pid} died during syscall injection")
+            pid = self.tracee.pid
+            raise TraceeGone(f"process {pid} died during syscall injection", pid=pid)
         if r == -errno.EFAULT:
             st = self._status[0]
             raise RemoteError(

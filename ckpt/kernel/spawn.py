@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 
-from ..errors import PidInUse, RestoreError
+from ..errors import KernelError, PidInUse
 from .native import lib
 
 
@@ -14,15 +14,15 @@ def spawn_restorer(pid: int | None) -> int:
     if r == -errno.EEXIST:
         raise PidInUse(f"PID {pid} is in use by another process; restore with --new-pid", pid=pid)
     if r == -errno.EPERM:
-        raise RestoreError("clone3 with set_tid needs CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN")
+        raise KernelError("clone3 with set_tid needs CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN")
     if r in (-errno.ENOSYS, -errno.E2BIG):
-        raise RestoreError("this kernel lacks clone3 set_tid; restore with --new-pid")
+        raise KernelError("this kernel lacks clone3 set_tid; restore with --new-pid")
     if r == -errno.EINVAL and pid:
-        raise RestoreError(
+        raise KernelError(
             f"cannot create PID {pid} here (outside pid_max?); restore with --new-pid"
         )
     if r < 0:
-        raise RestoreError(f"clone3 failed: errno {-r}")
+        raise KernelError(f"clone3 failed: errno {-r}")
     return int(r)
 
 

@@ -45,7 +45,7 @@ import threading
 import time
 from dataclasses import replace
 
-from ..errors import RestoreError
+from ..errors import RestoreError, as_error
 from ..kernel import abi, syscalls
 from ..kernel.memory import write_runs
 from ..kernel.native import PAGE_SIZE
@@ -93,6 +93,8 @@ def _spans_of(runs) -> list[tuple[int, int]]:
 class StagedRestore:
     """The process being built ahead of the freeze; see the module docstring."""
 
+    # a kernel failure in building the process is the restore's (exit 11), not the kernel's
+    @as_error(RestoreError)
     def __init__(self, source_pid: int, layout: list[Vma], *, new_pid: bool = False):
         t0 = time.monotonic()
         self.source_pid = source_pid
@@ -135,6 +137,7 @@ class StagedRestore:
                 seen.add((v.file.dev, v.file.ino, v.file.path))
                 check_file(v.file, f"mapped file (at {v.start:#x})")
 
+    @as_error(RestoreError)
     def reshape(self, layout: list[Vma]) -> dict[str, int]:
         """Bring the child's mappings to `layout`, keeping the pages of areas that stay.
 
@@ -263,6 +266,7 @@ class StagedRestore:
 
     # -- the end --------------------------------------------------------------------------
 
+    @as_error(RestoreError)
     def finish(self, proc: ProcessImage) -> dict[str, float]:
         """Final layout, stale pages zapped, then the process state; the process runs."""
         rb = self.rb

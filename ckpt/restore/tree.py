@@ -27,7 +27,7 @@ import signal
 from collections.abc import Callable
 
 from .. import faults
-from ..errors import ImageCorrupt
+from ..errors import ImageCorrupt, RestoreError, as_error
 from ..kernel import syscalls, sysvshm
 from ..model import ProcessImage
 from . import attrs, cow, zombies
@@ -62,6 +62,7 @@ def check_tree(root: ProcessImage, new_pid: bool) -> None:
         wait_pid_free(z.pid)
 
 
+@as_error(RestoreError)  # a kernel failure inside is the restore's (exit 11)
 def build_tree(
     root_pid: int,
     root: ProcessImage,
