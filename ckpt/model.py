@@ -426,6 +426,9 @@ V1_FD_KINDS = frozenset({"file", "chr", "dup"})
 def state_version(state: dict[str, Any]) -> tuple[int, int]:
     """(major, minor) of the state file for this process state (as to_dict gives it)."""
     procs = [state, *state.get("tree", ())]
+    if any(fd_needs_v6(f) for p in procs for f in p.get("fds", ())):
+        # a 5.x reader would drop this fd state (or refuse less than it should) silently
+        return (6, 0)
     if state.get("zombies"):
         # a 4.x reader would restore the tree without them: its parents' waits would fail
         return (5, 0)
@@ -448,6 +451,13 @@ def state_version(state: dict[str, Any]) -> tuple[int, int]:
         # a 2.0 reader would map the objects' VMAs as empty memory and say nothing
         return (3, 0)
     return (2, 0) if v2 else (1, 1)  # image.FORMAT_MAJOR, FORMAT_MINOR for 1.x
+
+
+def fd_needs_v6(fd: dict[str, Any]) -> bool:
+    """Is this fd's record (as to_dict gives it) something a 5.x reader would restore
+    wrong without a word? Each fd feature added in major 6 adds its condition here
+    (docs/FORMAT.md "Major 6")."""
+    return False
 
 
 # What a process has without ever setting it (capture/attrs.py): the attributes a

@@ -27,7 +27,7 @@ FORMAT_MINOR = 1  # 1.1: optional state keys for threads' names, trees, spaces
 # process's: it would restore the process without them, so it must refuse it.
 # 5 = a state with zombies (model.Zombie): a 4.x reader would restore the tree without
 # them, and their parents' waits would find nothing.
-READ_MAJORS = (1, 2, 3, 4, 5)
+READ_MAJORS = (1, 2, 3, 4, 5, 6)
 _READ_MAJORS_OF = {b"STAT": READ_MAJORS, b"INDX": (1,), b"PAGE": (1,)}
 
 MAGIC = b"CKPT"
