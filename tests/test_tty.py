@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 import signal
 import struct
 import subprocess
@@ -295,6 +296,12 @@ def test_terminal_fd_refused_without_shell_job(e2e, ttys, workload_bins):
     res = e2e.dump(job, image)
     assert_error(res, 5, "fd 0", a.name, "--shell-job")
     assert not image_complete(e2e, image)
+    # migrate has no --shell-job: its refusal says how a shell job moves instead
+    token = e2e.path("token")
+    token.write_text(secrets.token_urlsafe(32) + "\n")
+    token.chmod(0o600)
+    res = e2e.ckpt("migrate", str(job), "--to", "127.0.0.1:9", "--token-file", str(token))
+    assert_error(res, 5, "fd 0", a.name, "a migration cannot take a terminal")
     wait_until(lambda: untraced_and_running(job), what="the job to run on untraced")
     a.type("ping tok7\n")  # still the terminal's foreground job, reading it
     _, pong = a.wait_line("PONG", shell)

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from ..capture.shm import SHM_KINDS, shm_kind
 from ..capture.target import Target
 from ..capture.tree import descendants
+from ..capture.tty import TerminalFd
 from ..capture.validate import check_target
 from ..capture.vmas import classify
 from ..errors import CkptError, DumpError, UnsupportedProcess
@@ -181,7 +182,15 @@ def migrate(
     stats.destination = str(opts.to)
     stats.max_bandwidth_mib_s = opts.max_bandwidth
     st = check_target(opts.pid)  # refuse a missing or unsupported target before connecting
-    preflight(opts.pid, tree=opts.tree, tcp_established=opts.tcp_established)
+    try:
+        preflight(opts.pid, tree=opts.tree, tcp_established=opts.tcp_established)
+    except TerminalFd as exc:
+        raise UnsupportedProcess(
+            f"{str(exc).split(': taken only with')[0]}: a migration cannot take a terminal "
+            "(a shell job moves with `ckpt dump --shell-job` here and `ckpt restore "
+            "--shell-job` on the other host)",
+            pid=exc.pid,
+        ) from None
     target = Target(opts.pid, st.starttime)
 
     peer = str(opts.to)

@@ -56,8 +56,10 @@ class FdScan:
             self._pidfd = pidfd_open(self.pid)
         return pidfd_getfd(self._pidfd, fd)
 
-    def refuse(self, fd: int, what: str) -> UnsupportedProcess:
-        return UnsupportedProcess(f"fd {fd} {what}", pid=self.pid)
+    def refuse(
+        self, fd: int, what: str, cls: type[UnsupportedProcess] = UnsupportedProcess
+    ) -> UnsupportedProcess:
+        return cls(f"fd {fd} {what}", pid=self.pid)
 
     def charge(self, fd: int, kind: str, nbytes: int) -> None:
         self.budget -= nbytes

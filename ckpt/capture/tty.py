@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import stat as statmod
 
+from ..errors import UnsupportedProcess
 from ..kernel import tty as ktty
 from ..model import Fd, TtyState
 from .fd_kinds import FdScan
@@ -31,6 +32,11 @@ def termios_of(scan: FdScan, fd: int, st: os.stat_result) -> bytes | None:
         return ktty.tcgets(copy)
     finally:
         os.close(copy)
+
+
+class TerminalFd(UnsupportedProcess):
+    """A terminal fd that --shell-job would take: the operation's own refusal says how
+    (migrate has no --shell-job)."""
 
 
 def capture(scan: FdScan, rec: Fd, st: os.stat_result, modes: bytes, *, shell_job: bool) -> Fd:
@@ -54,8 +60,9 @@ def capture(scan: FdScan, rec: Fd, st: os.stat_result, modes: bytes, *, shell_jo
     if not shell_job:
         raise scan.refuse(
             fd,
-            f"is the terminal {name}: dump with --shell-job to restore it as a job of the "
-            "terminal `ckpt restore --shell-job` runs on",
+            f"is the terminal {name}: taken only with --shell-job (restored as a job of the "
+            "terminal `ckpt restore --shell-job` runs on)",
+            TerminalFd,
         )
     if not job.tty or (rdev != job.tty and rdev != ktty.DEV_TTY):
         raise scan.refuse(
