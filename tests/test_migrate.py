@@ -682,7 +682,7 @@ def _helper_alive(pid: int) -> bool:
                 cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"ckpt.transport.throttle_helper" in cmd and str(pid).encode() in cmd:
+            if b"ckpt.kernel.throttle_helper" in cmd and str(pid).encode() in cmd:
                 return True
     return False
 
@@ -691,7 +691,7 @@ def test_cgroup_throttle_writes_quota_and_undoes_it(e2e, tmp_path):
     """The cgroup v2 backend's file protocol, on a fake cgroup tree (this machine's cpu
     controller may be bound to cgroup v1): child made, process moved in, cpu.max set,
     and everything undone in reverse."""
-    from ckpt.transport.throttle_helper import CgroupBackend
+    from ckpt.kernel.throttle_helper import CgroupBackend
 
     w = e2e.spawn("writer", "mib=1", "rate=0", "report=0")
     start = int(Path(f"/proc/{w.pid}/stat").read_text().rsplit(")", 1)[1].split()[19])

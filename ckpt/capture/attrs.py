@@ -99,7 +99,7 @@ def _refuse_oom(pid: int) -> None:
     if value >= int(K.read_knob(os.getpid(), "oom_score_adj")) or _own_cap(abi.CAP_SYS_RESOURCE):
         return
     probe = subprocess.run(
-        ["/bin/sh", "-c", f"echo {value} > /proc/self/oom_score_adj"],
+        ["/bin/sh", "-c", f"echo {value} > {procfs.in_target('self', 'oom_score_adj')}"],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         check=False,
     )  # fmt: skip

@@ -17,6 +17,7 @@ import re
 import secrets
 import shutil
 import stat
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -55,7 +56,7 @@ _TMP_NAME = re.compile(r"(?P<base>.+)\.tmp-(?P<pid>[0-9]+)-[0-9a-f]{8}")
 _IMAGE_FILE = re.compile(r"state\.bin|layer-[0-9]{4}\.(index|pages)\.bin|snapshot\.json")
 
 
-def remove_leftovers(parent: str) -> list[str]:
+def remove_leftovers(parent: str, runs_ckpt: Callable[[int], bool] | None = None) -> list[str]:
     """Remove the DIR.tmp-* directories that killed writers left in `parent`.
 
     A writer holds an flock on its tmp directory from right after making it until it
@@ -63,7 +64,8 @@ def remove_leftovers(parent: str) -> list[str]:
     one whose lock can be taken has no live writer of this ckpt. Removed only if also:
     its writer's PID runs no ckpt (a ckpt without this lock may still be writing; a
     PID reused by anything else is not the writer), it is a 0700 directory of ckpt's
-    user, and it holds nothing but image files.
+    user, and it holds nothing but image files. `runs_ckpt(pid)` says whether a PID runs
+    ckpt (kernel.procfs.runs_ckpt: image/ reads no /proc); without it any live PID might.
     """
     removed = []
     try:
@@ -87,7 +89,7 @@ def remove_leftovers(parent: str) -> list[str]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 continue  # its writer is alive
-            if _runs_ckpt(int(m["pid"])):
+            if (runs_ckpt or _alive)(int(m["pid"])):
                 continue
             if not all(_IMAGE_FILE.fullmatch(n) for n in os.listdir(fd)):
                 continue
@@ -98,12 +100,15 @@ def remove_leftovers(parent: str) -> list[str]:
     return removed
 
 
-def _runs_ckpt(pid: int) -> bool:
+def _alive(pid: int) -> bool:
+    """Whether PID exists (then it may be a ckpt still writing)."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"ckpt" in f.read()
-    except OSError:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
+    except OSError:
+        return True  # EPERM: another user's
+    return pid > 0
 
 
 class ImageWriter:
@@ -123,6 +128,7 @@ class ImageWriter:
         *,
         base: str | os.PathLike | None = None,
         durable: bool = True,
+        runs_ckpt: Callable[[int], bool] | None = None,
     ):
         if chunk_bytes % PAGE_SIZE or not PAGE_SIZE <= chunk_bytes <= MAX_CHUNK_ULEN:
             raise ValueError(
@@ -138,7 +144,7 @@ class ImageWriter:
         self.level = DEFAULT_LEVEL if level is None else level
         self.chunk_bytes = chunk_bytes
         #: DIR.tmp-* directories of killed writers removed from the parent first
-        self.removed_leftovers = remove_leftovers(os.path.dirname(self.path))
+        self.removed_leftovers = remove_leftovers(os.path.dirname(self.path), runs_ckpt)
         self.tmp_path = f"{self.path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
         with fsio.space_checked(self.path, "its directory"):
             os.mkdir(self.tmp_path, fsio.DIR_MODE)

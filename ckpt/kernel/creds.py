@@ -42,7 +42,7 @@ def cap_names(mask: int) -> str:
 
 def last_cap() -> int:
     try:
-        with open("/proc/sys/kernel/cap_last_cap", "rb") as f:
+        with open(procfs.system("sys", "kernel", "cap_last_cap"), "rb") as f:
             return int(f.read())
     except OSError:  # pragma: no cover - every kernel since 3.2 has it
         return len(CAP_NAMES) - 1
@@ -111,9 +111,9 @@ def namespaces(pid: int | str) -> dict[str, str]:
     out = {}
     for kind in NAMESPACES:
         try:
-            out[kind] = os.readlink(f"{procfs.PROC_ROOT}/{pid}/ns/{kind}")
+            out[kind] = os.readlink(procfs.path(pid, "ns", kind))
         except FileNotFoundError:
-            if not os.path.exists(f"{procfs.PROC_ROOT}/{pid}/ns"):
+            if not os.path.exists(procfs.path(pid, "ns")):
                 raise NoSuchProcess(f"no such process: {pid}", pid=pid) from None
         except PermissionError:
             continue
@@ -140,7 +140,7 @@ LOGINUID_UNSET = 0xFFFFFFFF
 def loginuid(pid: int | str) -> int | None:
     """/proc/PID/loginuid (LOGINUID_UNSET when never set); None without audit support."""
     try:
-        with open(f"{procfs.PROC_ROOT}/{pid}/loginuid", "rb") as f:
+        with open(procfs.path(pid, "loginuid"), "rb") as f:
             return int(f.read().strip())
     except FileNotFoundError:
         if isinstance(pid, int) and not os.path.exists(procfs.path(pid)):
@@ -152,7 +152,7 @@ def lsm_label(pid: int | str) -> str:
     """The process's LSM label (/proc/PID/attr/current), "" when no LSM labels
     processes here (the file then fails with EINVAL or does not exist)."""
     try:
-        with open(f"{procfs.PROC_ROOT}/{pid}/attr/current", "rb") as f:
+        with open(procfs.path(pid, "attr", "current"), "rb") as f:
             raw = f.read()
     except OSError as exc:
         if exc.errno in (errno.EINVAL, errno.ENOENT, errno.EOPNOTSUPP, errno.ENOPROTOOPT):

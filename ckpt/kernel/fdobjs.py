@@ -15,7 +15,7 @@ import struct
 import termios
 from dataclasses import dataclass
 
-from . import abi
+from . import abi, procfs
 from .native import PAGE_SIZE, check, ffi, nonzero_runs, syscall
 from .openat2 import RESOLVE_NO_SYMLINKS, openat2
 
@@ -134,10 +134,10 @@ def holders(dev: int, ino: int, link: str, exclude: set[int]) -> list[int]:
     """PIDs (other than `exclude`) with an fd on the object whose /proc fd link reads `link`
     and whose (st_dev, st_ino) is (dev, ino)."""
     out = []
-    for entry in os.listdir("/proc"):
+    for entry in os.listdir(procfs.PROC_ROOT):
         if not entry.isdigit() or int(entry) in exclude:
             continue
-        base = f"/proc/{entry}/fd"
+        base = procfs.path(entry, "fd")
         try:
             names = os.listdir(base)
         except OSError:
@@ -244,7 +244,7 @@ def epoll_target_is(pid: int, fd: int, efd: int, tfd: int, toff: int) -> bool:
 def _mount_dir_for(sdev: int) -> str | None:
     """A mount point of the filesystem with kernel dev_t `sdev` (major << 20 | minor)."""
     want = f"{sdev >> 20}:{sdev & 0xFFFFF}"
-    with open("/proc/self/mountinfo") as f:
+    with open(procfs.path("self", "mountinfo")) as f:
         for line in f:
             parts = line.split()
             if len(parts) > 4 and parts[2] == want:
@@ -265,7 +265,7 @@ def handle_to_path(sdev: int, htype: int, handle: bytes) -> str | None:
         if fd < 0:
             return None
         try:
-            path = os.readlink(f"/proc/self/fd/{fd}")
+            path = os.readlink(procfs.path("self", "fd", str(fd)))
         finally:
             os.close(fd)
     finally:
@@ -290,7 +290,7 @@ def inotify_add(fd: int, path: str, mask: int, *, via: int | None = None) -> int
     fd of ckpt's on the inode to watch instead, reached through /proc/self/fd (the
     watch lands on that inode, whatever `path` names now)."""
     if via is not None:
-        target, mask = f"/proc/self/fd/{via}", mask & ~IN_DONT_FOLLOW
+        target, mask = procfs.path("self", "fd", str(via)), mask & ~IN_DONT_FOLLOW
     else:
         target, mask = path, mask | IN_DONT_FOLLOW
     p = ffi.new("char[]", os.fsencode(target))

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from . import abi
+from . import abi, procfs
 from . import uffd as U
 from .native import PAGE_SIZE, ffi, lib, syscall
 from .pidfd import PIDFD_THREAD, pidfd_getfd, pidfd_open
@@ -212,7 +212,7 @@ def _uffd_api(p: _Prober, fd: int | None) -> tuple[int, int]:
 def _pagemap_scan(p: _Prober) -> tuple[bool, int]:
     """PAGEMAP_SCAN with no masks on an empty range: 0 = supported; then each
     category bit alone, as CRIU probes for PAGE_IS_GUARD."""
-    fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    fd = procfs.open_file("self", "pagemap", os.O_RDONLY)
     try:
         ok = p.run("pagemap_scan", lambda: _scan_accepts(fd, 0), False)
         accepted = 0
@@ -402,7 +402,7 @@ def _pr_timer_restore_ids() -> bool:
 
 def _vdso_layout() -> tuple[VdsoVma, ...]:
     found = []
-    with open("/proc/self/maps", "rb") as f:
+    with open(procfs.path("self", "maps"), "rb") as f:
         for line in f:
             fields = line.split()
             if len(fields) == 6 and fields[5].decode() in VDSO_NAMES:
@@ -425,20 +425,20 @@ def _arch_map_vdso(vdso: tuple[VdsoVma, ...]) -> bool:
 
 
 def _map_files() -> bool:
-    names = os.listdir("/proc/self/map_files")
+    names = os.listdir(procfs.path("self", "map_files"))
     if not names:
         raise _No("/proc/self/map_files is empty")
-    os.readlink(f"/proc/self/map_files/{names[0]}")
+    os.readlink(procfs.path("self", "map_files", names[0]))
     return True
 
 
 def _proc_timers() -> bool:
-    with open("/proc/self/timers", "rb"):
+    with open(procfs.path("self", "timers"), "rb"):
         return True
 
 
 def _status_field(name: bytes) -> bytes:
-    with open("/proc/self/status", "rb") as f:
+    with open(procfs.path("self", "status"), "rb") as f:
         for line in f:
             key, _, value = line.partition(b":")
             if key == name:
@@ -499,7 +499,7 @@ def _probe_uncached() -> Features:
         thp=p.run("thp", _thp_mode, "unavailable"),
         unprivileged_userfaultfd=p.run(
             "unprivileged_userfaultfd",
-            lambda: _read_int("/proc/sys/vm/unprivileged_userfaultfd"),
+            lambda: _read_int(procfs.system("sys", "vm", "unprivileged_userfaultfd")),
             None,
         ),
         tcp_repair=p.run("tcp_repair", _tcp_repair, False),

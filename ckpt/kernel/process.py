@@ -43,8 +43,7 @@ def rlimits(pid: int) -> dict[int, list[int]]:
 
 
 def personality(pid: int) -> int:
-    with open(f"/proc/{pid}/personality", "rb") as f:
-        return int(f.read().strip(), 16)
+    return int(procfs.read_bytes(pid, "personality").strip(), 16)
 
 
 def auxv_bytes(data: bytes) -> bytes:

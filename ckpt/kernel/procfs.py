@@ -52,7 +52,8 @@ def open_file(pid: int, name: str, flags: int) -> int:
 
 
 def in_target(*parts: str | int) -> str:
-    """A /proc path for a process ckpt injects into, e.g. in_target("self", "fd", 5)."""
+    """A /proc path as another process sees it (one ckpt injects into, or a child it
+    runs), e.g. in_target("self", "fd", 5): never redirected."""
     return "/".join([TARGET_PROC, *(str(p) for p in parts)])
 
 
@@ -72,6 +73,15 @@ def read_bytes(pid: int, *parts: str) -> bytes:
         if exc.errno == errno.ESRCH:
             raise NoSuchProcess(f"process {pid} exited", pid=pid) from exc
         raise
+
+
+def runs_ckpt(pid: int) -> bool:
+    """Whether PID's command line names ckpt (False once it is gone): the image
+    writer's test for a leftover's writer (image/writer.remove_leftovers)."""
+    try:
+        return b"ckpt" in read_bytes(pid, "cmdline")
+    except (OSError, NoSuchProcess, AccessDenied):
+        return False
 
 
 def readlink(pid: int, *parts: str) -> str:

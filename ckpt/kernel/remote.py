@@ -183,7 +183,7 @@ class Injector:
 
 
 def open_mem(pid: int) -> int:
-    return os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+    return procfs.open_file(pid, "mem", os.O_RDWR)
 
 
 # -- finding a site for the bootstrap trampoline ---------------------------------------------
@@ -217,9 +217,7 @@ def find_bootstrap_site(pid: int, mappings: Iterable[Mapping]) -> int | None:
     for m in mappings:
         if m.perms[2] != "x" or not m.is_file or m.deleted or m.shared:
             continue
-        for p_offset, p_filesz in _exec_segment_ends(
-            f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}"
-        ):
+        for p_offset, p_filesz in _exec_segment_ends(procfs.map_file(pid, m.start, m.end)):
             seg_end = m.start + (p_offset + p_filesz - m.offset)
             page_end = (seg_end + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
             if m.start < seg_end and page_end <= m.end and page_end - seg_end >= HEAL_SIZE + 16:

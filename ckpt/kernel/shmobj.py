@@ -14,9 +14,8 @@ import os
 import stat as statmod
 from dataclasses import dataclass
 
-from . import abi
+from . import abi, procfs
 from .native import PAGE_SIZE, check, ffi, syscall
-from .procfs import PROC_ROOT
 
 NR_FSTATFS, NR_FALLOCATE = abi.NR_FSTATFS, 285
 TMPFS_MAGIC = 0x01021994  # tmpfs and the internal shmem mount (anonymous shared memory)
@@ -45,7 +44,7 @@ def open_mapped(
     mapping replaced meanwhile is never mistaken for the object (None: a mapping of
     ckpt's own restorer, which nobody else changes).
     """
-    path = f"{PROC_ROOT}/{pid}/map_files/{start:x}-{end:x}"
+    path = procfs.map_file(pid, start, end)
     flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC  # a magic link: followed
     fd = os.open(path, flags)
     try:
@@ -78,7 +77,7 @@ def punch(fd: int, offset: int, length: int) -> None:
 def mapped_size(pid: int, start: int, end: int) -> int:
     """The size of the object a mapping maps (-1 if it cannot be looked at)."""
     try:
-        return os.stat(f"{PROC_ROOT}/{pid}/map_files/{start:x}-{end:x}").st_size
+        return os.stat(procfs.map_file(pid, start, end)).st_size
     except OSError:
         return -1
 
@@ -130,11 +129,11 @@ def mappers(dev: int, ino: int) -> list[tuple[int, int, int]]:
     maps it now (every /proc/PID/maps)."""
     want = f" {os.major(dev):02x}:{os.minor(dev):02x} {ino} ".encode()
     found = []
-    for name in os.listdir(PROC_ROOT):
+    for name in os.listdir(procfs.PROC_ROOT):
         if not name.isdigit():
             continue
         try:
-            with open(f"{PROC_ROOT}/{name}/maps", "rb") as f:
+            with open(procfs.path(name, "maps"), "rb") as f:
                 data = f.read()
         except OSError:
             continue

@@ -14,12 +14,13 @@ import errno
 import os
 from dataclasses import dataclass
 
+from . import procfs
 from .native import check, syscall
 
 NR_SHMGET, NR_SHMCTL = 29, 31
 IPC_CREAT, IPC_EXCL, IPC_RMID, IPC_SET, IPC_STAT = 0o1000, 0o2000, 0, 1, 2
 SHM_DEST = 0o1000
-SHM_NEXT_ID = "/proc/sys/kernel/shm_next_id"
+SHM_NEXT_ID = ("sys", "kernel", "shm_next_id")  # under /proc: procfs.system(*SHM_NEXT_ID)
 # struct shmid64_ds (x86_64): ipc64_perm { key, uid, gid, cuid, cgid, mode(u16) ... }
 _UID_OFF, _GID_OFF, _MODE_OFF, _DS_SIZE = 4, 8, 20, 128
 
@@ -39,7 +40,7 @@ def segments() -> dict[int, Segment]:
     """Every segment of this IPC namespace, by id."""
     out: dict[int, Segment] = {}
     try:
-        with open("/proc/sysvipc/shm") as f:
+        with open(procfs.system("sysvipc", "shm")) as f:
             lines = f.read().splitlines()[1:]
     except FileNotFoundError:
         return out
@@ -57,7 +58,7 @@ def segments() -> dict[int, Segment]:
 
 def recreate(shmid: int, key: int, size: int, mode: int, uid: int, gid: int) -> None:
     """Make the segment again under id `shmid` (EEXIST if the key or id is taken)."""
-    with open(SHM_NEXT_ID, "w") as f:
+    with open(procfs.system(*SHM_NEXT_ID), "w") as f:
         f.write(str(shmid))
     r = syscall(NR_SHMGET, key, size, IPC_CREAT | IPC_EXCL | (mode & 0o777))
     if r < 0:
@@ -90,4 +91,4 @@ def remove(shmid: int) -> None:
 
 
 def next_id_settable() -> bool:
-    return os.access(SHM_NEXT_ID, os.W_OK)
+    return os.access(procfs.system(*SHM_NEXT_ID), os.W_OK)

@@ -29,6 +29,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from . import procfs
 from .native import PAGE_SIZE, check, ffi, lib
 from .pidfd import pidfd_getfd, pidfd_open, pidfd_send_signal
 
@@ -448,7 +449,7 @@ class WpAsyncContext:
         try:
             uffd = pidfd_getfd(pidfd, target_fd)
             fds.append(uffd)
-            pm = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            pm = procfs.open_file(pid, "pagemap", os.O_RDONLY)
             fds.append(pm)
             pidfd_send_signal(pidfd, 0)
             ctx = cls(uffd, pm, pid=pid, pidfd=pidfd)
@@ -468,7 +469,7 @@ class WpAsyncContext:
         except OSError:
             uffd = uffd_dev_create()
         try:
-            pm = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            pm = procfs.open_file("self", "pagemap", os.O_RDONLY)
         except BaseException:
             os.close(uffd)
             raise

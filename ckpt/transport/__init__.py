@@ -10,13 +10,12 @@
     sender.py     the thread that owns the socket while rounds stream (source)
     sink.py       NetSink: ImageWriter's interface over the channel (source)
     control.py    per-round progress, throttle decisions, freeze stamp (source)
-    throttle.py   client of throttle_helper.py (cgroup cpu.max or SIGSTOP duty cycle)
+    throttle.py   client of kernel/throttle_helper.py (cgroup cpu.max or SIGSTOP duty cycle)
     migrate.py    the source side, in order
     receiver.py   the destination side, in order
     cli.py        `ckpt migrate` and `ckpt receive`
     errors.py     exit codes 20+
     faults.py     fault points for tests
 
-Kept import-light: throttle_helper runs as `python -m ckpt.transport.throttle_helper`.
 docs/MIGRATION.md describes the protocol, the downtime definition and the failure matrix.
 """

@@ -1,4 +1,4 @@
-"""Throttle: ckpt's side of the throttle helper process (throttle_helper.py).
+"""Throttle: ckpt's side of the throttle helper process (kernel/throttle_helper.py).
 
 The helper is started on the first non-zero level (most migrations never need
 it). Every command waits for the helper's answer, so when lift() returns the
@@ -91,7 +91,7 @@ class Throttle:
 
     def _start(self) -> bool:
         argv = [
-            sys.executable, "-m", "ckpt.transport.throttle_helper",
+            sys.executable, "-m", "ckpt.kernel.throttle_helper",
             str(self.pid), str(self.starttime), self.mode, f"{self.period:g}",
         ]  # fmt: skip
         try:

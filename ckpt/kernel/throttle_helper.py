@@ -1,6 +1,6 @@
 """The throttle helper process: slows a process down until told to stop, and always undoes it.
 
-    python -m ckpt.transport.throttle_helper PID STARTTIME MODE PERIOD
+    python -m ckpt.kernel.throttle_helper PID STARTTIME MODE PERIOD
 
 It reads commands on stdin (`level 0.75`, `lift`) and answers one line each on
 stdout (`ok level=0.750`); the first line it prints is `ready backend=...` or
@@ -15,7 +15,8 @@ Backends:
   signal  SIGSTOP/SIGCONT duty cycle: stopped `level` of every period. Visible to
           the process only as time passing (and to a SIGCONT handler, if it has one)
 
-It imports nothing from ckpt, so it starts quickly.
+It is host-process work (signals, cgroups, /proc), so it lives in kernel/; it imports
+only kernel/procfs (no compiled extension), so it starts quickly.
 """
 
 from __future__ import annotations
@@ -28,24 +29,25 @@ import signal
 import sys
 import time
 
+from ..errors import AccessDenied, NoSuchProcess
+from . import procfs
 
-def _stat_fields(pid: int) -> list[str] | None:
+
+def _stat(pid: int) -> procfs.Stat | None:
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except OSError:
+        return procfs.stat(pid)
+    except (OSError, NoSuchProcess, AccessDenied):
         return None
-    return raw[raw.rfind(b")") + 2 :].decode().split()
 
 
 def starttime_of(pid: int) -> int | None:
-    f = _stat_fields(pid)
-    return int(f[19]) if f else None
+    st = _stat(pid)
+    return st.starttime if st else None
 
 
 def state_of(pid: int) -> str | None:
-    f = _stat_fields(pid)
-    return f[0] if f else None
+    st = _stat(pid)
+    return st.state if st else None
 
 
 class SignalBackend:
@@ -89,7 +91,7 @@ class SignalBackend:
 def cgroup2_mount() -> str | None:
     """Where cgroup v2 is mounted (any of its mounts), or None."""
     try:
-        with open("/proc/self/mountinfo") as f:
+        with open(procfs.path("self", "mountinfo")) as f:
             for line in f:
                 left, _, right = line.partition(" - ")
                 if right.split()[:1] == ["cgroup2"]:
@@ -122,7 +124,7 @@ class CgroupBackend:
         if mount is None:
             raise OSError(errno.ENOENT, "cgroup v2 is not mounted")
         rel = None
-        with open(f"/proc/{pid}/cgroup") as f:
+        with open(procfs.path(pid, "cgroup")) as f:
             for line in f:
                 if line.startswith("0::"):
                     rel = line[3:].strip()
