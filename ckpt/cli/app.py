@@ -8,13 +8,19 @@ one place that turns an exception into that line, for `ckpt` itself and for the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import click
 
 from ..errors import CkptError
+
+if TYPE_CHECKING:
+    from .progress import Progress
 
 
 def human(n: float) -> str:
@@ -38,11 +44,46 @@ class App:
 
     def __init__(self) -> None:
         self.json = False
+        self.quiet = False  # --quiet: no status lines but warnings and notes, no progress
         self._emitted = False  # the one JSON document is out
+        self._progress: Progress | None = None
 
     def status(self, msg: str) -> None:
-        """A status line on stderr."""
-        click.echo(msg, err=True)
+        """A status line on stderr (with --quiet, only warnings and notes)."""
+        if self.quiet and not msg.startswith(("warning:", "note:")):
+            return
+        self._stderr(msg)
+
+    def warn(self, msg: str) -> None:
+        """A line on stderr that --quiet keeps (what the user must act on)."""
+        self._stderr(msg)
+
+    def _stderr(self, msg: str) -> None:
+        p = self._progress
+        if p is None:
+            click.echo(msg, err=True)
+            return
+        with p.lock:  # above the progress line, which is redrawn below it
+            p.erase_locked()
+            click.echo(msg, err=True)
+            p.draw_locked()
+
+    @contextlib.contextmanager
+    def progress(self, title: str) -> Iterator[Progress | None]:
+        """A live progress line while the block runs, if stderr is a terminal and neither
+        --json nor --quiet was given (else None: nothing is drawn)."""
+        from .progress import Progress, wanted
+
+        if self.json or self.quiet or self._progress is not None or not wanted(sys.stderr):
+            yield None
+            return
+        p = Progress(title, sys.stderr)
+        with p:
+            self._progress = p
+            try:
+                yield p
+            finally:
+                self._progress = None
 
     def echo(self, data: object) -> None:
         """Data on stdout."""
@@ -62,7 +103,7 @@ class App:
     def fail(self, line: str, message: str, code: int) -> None:
         """End the command failed: `line` on stderr (and with --json, unless the result
         is already out, the error object on stdout), exit `code`."""
-        click.echo(line, err=True)
+        self._stderr(line)
         if self.json and not self._emitted:
             self.result({"error": message, "exit_code": code})
         sys.exit(code)

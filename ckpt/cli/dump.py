@@ -13,6 +13,7 @@ from .options import (
     max_rounds_option,
     max_time_option,
     precopy_policy,
+    quiet_option,
     target_downtime_option,
     tcp_established_option,
     tracker_option,
@@ -92,6 +93,7 @@ def round_line(r) -> str:
     "terminal (restore with `ckpt restore --shell-job` on any terminal).",
 )
 @json_option
+@quiet_option
 def dump(
     pid: int,
     directory: str,
@@ -113,20 +115,24 @@ def dump(
 
     policy = precopy_policy(max_rounds, target_downtime_ms, max_time)
 
-    def on_round(r) -> None:
-        app.status(round_line(r))
+    with app.progress(f"dump {pid}") as progress:
 
-    r = api.dump(
-        pid, directory, leave_running=leave_running, level=level, iterative=iterative,
-        tracker=tracker, policy=policy, on_round=on_round, stats_json=stats_json,
-        tcp_established=tcp_established, tree=tree, shell_job=shell_job,
-    )  # fmt: skip
+        def on_round(r) -> None:
+            app.status(round_line(r))
+            if progress is not None:
+                progress.on_round(r)
+
+        r = api.dump(
+            pid, directory, leave_running=leave_running, level=level, iterative=iterative,
+            tracker=tracker, policy=policy, on_round=on_round, stats_json=stats_json,
+            tcp_established=tcp_established, tree=tree, shell_job=shell_job,
+        )  # fmt: skip
     if as_json:
         app.result(dump_document(r, iterative=iterative, leave_running=leave_running))
     else:
         _summary(r, iterative, leave_running)
     if r.net_lock:
-        app.status(
+        app.warn(
             f"TCP peers outside the dump are held (nftables table inet {r.net_lock}) until "
             f"`ckpt restore` deletes it; without a restore: nft delete table inet {r.net_lock}"
         )

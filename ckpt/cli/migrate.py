@@ -20,6 +20,7 @@ from .options import (
     max_rounds_option,
     max_time_option,
     precopy_policy,
+    quiet_option,
     target_downtime_option,
     tcp_established_option,
     tracker_option,
@@ -138,6 +139,7 @@ def _tls_options(f):
 )
 @_tls_options
 @json_option
+@quiet_option
 def receive(
     listen_addr: str, token_file: str, work_dir: str | None, keep_images: str | None,
     new_pid: bool, detach: bool, io_timeout: float, accept_timeout: float | None,
@@ -286,6 +288,7 @@ def _receive_summary(r) -> None:
 @tree_option
 @tcp_established_option
 @json_option
+@quiet_option
 def migrate(
     pid: int, to: str, token_file: str, target_downtime_ms: float | None,
     max_bandwidth: float | None, tracker: str, stats_json: str | None, max_rounds: int | None,
@@ -317,7 +320,14 @@ def migrate(
     )  # fmt: skip
     stats = MigrationStats()
     try:
-        do_migrate(opts, app.status, stats)
+        with app.progress(f"migrate {pid} to {to}") as progress:
+
+            def report(msg: str) -> None:
+                app.status(msg)
+                if progress is not None:
+                    progress.migrate_line(msg)
+
+            do_migrate(opts, report, stats)
     except CkptError:
         if as_json and stats.error is not None:
             app.result(stats.to_dict())  # outcome "failed", with error and exit_code

@@ -106,3 +106,18 @@ json_option = click.option(
     callback=_set_json,
     help="Print one JSON document on stdout (docs/CLI.md); errors too.",
 )
+
+
+def _set_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    app.quiet = app.quiet or value
+    return value
+
+
+quiet_option = click.option(
+    "-q",
+    "--quiet",
+    is_flag=True,
+    expose_value=False,
+    callback=_set_quiet,
+    help="No status lines and no progress on stderr; warnings, notes and errors still print.",
+)

@@ -8,7 +8,7 @@ import sys
 import click
 
 from .app import app
-from .options import json_option
+from .options import json_option, quiet_option
 
 
 def restore_document(r, *, image: str | None, store: str | None, snapshot: str | None,
@@ -81,6 +81,7 @@ def inherit_fds(specs: tuple[str, ...]) -> dict[int, int]:
     "this ckpt's fd FD, or PATH opened for appending, instead of ckpt's own fd N.",
 )
 @json_option
+@quiet_option
 def restore(
     directory: str | None,
     store: str | None,

@@ -14,7 +14,7 @@ import click
 
 from ..errors import ImageCorrupt, UsageError
 from .app import app, human
-from .options import json_option, tcp_established_option, tree_option
+from .options import json_option, quiet_option, tcp_established_option, tree_option
 
 
 def _local(t: float) -> str:
@@ -69,6 +69,7 @@ def snapshot_document(r) -> dict:
     help="Wait up to this many seconds for a busy store.",
 )
 @json_option
+@quiet_option
 @tree_option
 @tcp_established_option
 def snapshot(
@@ -96,6 +97,7 @@ def snapshot(
 @click.option("--pid", type=int, default=None, help="Only snapshots of this process.")
 @_wait_option(10.0)
 @json_option
+@quiet_option
 def snapshots(store: str, pid: int | None, wait_s: float, as_json: bool) -> None:
     """List the snapshots in STORE, oldest first."""
     from ..store.layout import disk_usage
@@ -136,6 +138,7 @@ def snapshots(store: str, pid: int | None, wait_s: float, as_json: bool) -> None
 @click.option("--deep", is_flag=True, help="Also read and checksum every chunk of every layer.")
 @_wait_option(10.0)
 @json_option
+@quiet_option
 def verify(store: str, deep: bool, wait_s: float, as_json: bool) -> None:
     """Check that every snapshot in STORE is restorable (exit 6 if not)."""
     st = _open(store)
@@ -217,6 +220,7 @@ _dry_run_option = click.option("--dry-run", is_flag=True, help="Only say what wo
 @_wait_option(0.0)
 @_dry_run_option
 @json_option
+@quiet_option
 def gc(
     store: str,
     keep_last: int | None,
@@ -249,6 +253,7 @@ def gc(
 @_wait_option(0.0)
 @_dry_run_option
 @json_option
+@quiet_option
 def compact(store: str, max_chain: int, wait_s: float, dry_run: bool, as_json: bool) -> None:
     """Rewrite snapshots whose layer chains are long; remove nothing."""
     st = _open(store)
