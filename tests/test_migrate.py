@@ -50,7 +50,7 @@ needs_ns = pytest.mark.skipif(
 
 
 def _mig_cmd() -> list[str]:
-    """`python -m ckpt` once ckpt/cli.py registers the commands, else the package's own."""
+    """`python -m ckpt` once ckpt/cli/ registers the commands, else the package's own."""
     try:
         from ckpt.cli import cli
 

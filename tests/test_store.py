@@ -8,7 +8,7 @@ layer through the same Store.begin/commit API the snapshot command uses, and
 restore does, for comparison with what was written. One test at the end drives the
 real `ckpt snapshot` / `ckpt restore --store` against a live workload.
 
-The store CLI is run as `python -m ckpt snapshots|verify|gc|compact ...` once ckpt/cli.py
+The store CLI is run as `python -m ckpt snapshots|verify|gc|compact ...` once ckpt/cli/
 registers those commands, and through `python -m ckpt.store ...` (the same click
 commands) until then.
 """
@@ -49,7 +49,7 @@ BASE = 0x7F0000000000
 
 
 def _store_cli() -> list[str]:
-    """`python -m ckpt` once ckpt/cli.py registers the store commands, else the same
+    """`python -m ckpt` once ckpt/cli/ registers the store commands, else the same
     click commands through `python -m ckpt.store`."""
     from ckpt.cli import cli
 

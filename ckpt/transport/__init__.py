@@ -13,9 +13,9 @@
     throttle.py   client of kernel/throttle_helper.py (cgroup cpu.max or SIGSTOP duty cycle)
     migrate.py    the source side, in order
     receiver.py   the destination side, in order
-    cli.py        `ckpt migrate` and `ckpt receive`
     errors.py     exit codes 20+
     faults.py     fault points for tests
 
-docs/MIGRATION.md describes the protocol, the downtime definition and the failure matrix.
+`ckpt migrate` and `ckpt receive` are in ckpt/cli/migrate.py; docs/MIGRATION.md
+describes the protocol, the downtime definition and the failure matrix.
 """
