@@ -238,7 +238,7 @@ def _unix(pid: int, ctx: _ProcessSockets, ts: TargetSocket, ino: int, fdinfo) ->
     if d.state == sockdiag.TCP_LISTEN:
         s.state, s.backlog = "listen", d.wqueue
         for client in d.icons:
-            if not ctx.ours(client):
+            if not ctx.ours(client) and ctx.frozen:  # running: the dump drains it first
                 raise UnsupportedProcess(
                     f"{what} listening on {_name(s.local)} with a connection from "
                     f"{ctx.outside} (socket:[{client}]) waiting to be accepted: not supported",
@@ -341,7 +341,7 @@ def _tcp(
         return s
     if info.state == sockdiag.TCP_LISTEN:
         s.state, s.backlog = "listen", info.sacked
-        if info.unacked:
+        if info.unacked and ctx.frozen:  # running (preflight): the dump drains it first
             raise UnsupportedProcess(
                 f"fd {fd} is a listening TCP/{fam} socket on {_addr(s.local)} with "
                 f"{info.unacked} connection(s) waiting to be accepted: not supported "
