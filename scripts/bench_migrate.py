@@ -46,14 +46,7 @@ MIB = float(1 << 20)
 
 
 def mig_cmd() -> list[str]:
-    try:
-        from ckpt.cli import cli
-
-        if "migrate" in cli.commands:
-            return [PY, "-m", "ckpt"]
-    except Exception:
-        pass
-    return [PY, "-m", "ckpt.transport"]
+    return [PY, "-m", "ckpt"]
 
 
 # ---------------------------------------------------------------- hosts

@@ -14,7 +14,7 @@ import threading
 
 from helpers import CKPT, DEADLINE, untraced_and_running, wait_until
 
-from ckpt.api.converge import Controller, RoundRecord
+from ckpt.api.converge import RoundRecord
 from ckpt.cli.progress import ERASE, Progress
 
 MIB = 1 << 20
@@ -132,9 +132,9 @@ def test_errors_erase_the_progress_line(e2e):
     assert cursor == "" and lines and lines[-1].startswith("ckpt: error:"), (lines, cursor)
 
 
-def test_migration_round_lines_feed_the_progress_line():
-    """The migration's round lines (api/converge.py) are what the progress line of
-    `ckpt migrate` reads: a change of their format must show here."""
+def test_migration_rounds_feed_the_progress_line():
+    """The migration's round records (api/converge.py) drive the progress line of
+    `ckpt migrate` (Controller hands each to migrate()'s on_round)."""
     rec = RoundRecord(
         round=2, pages_written=1234, pages_copied=1234, bytes_raw=48 * MIB,
         bytes_wire=12 * MIB, seconds=0.25, wire_mib_s=48.4, dirty_rate_pages_s=100.0,
@@ -142,9 +142,8 @@ def test_migration_round_lines_feed_the_progress_line():
     )  # fmt: skip
     stream = io.StringIO()
     with Progress("migrate 42 to host:1", stream, width=200) as p:
-        p.migrate_line("connected to host:1 (x, kernel y, ckpt z); authenticated")
-        p.migrate_line(Controller._line(rec))
-        p.migrate_line(Controller._line(rec))
+        p.migrate_round(rec)
+        p.migrate_round(rec)
     drawn = [seg for seg in stream.getvalue().split(ERASE) if seg]
     assert re.fullmatch(r"migrate 42 to host:1 · \d+\.\d s", drawn[0]), drawn
     want = (

@@ -49,19 +49,7 @@ needs_ns = pytest.mark.skipif(
 )
 
 
-def _mig_cmd() -> list[str]:
-    """`python -m ckpt` once ckpt/cli/ registers the commands, else the package's own."""
-    try:
-        from ckpt.cli import cli
-
-        if "migrate" in cli.commands and "receive" in cli.commands:
-            return CKPT
-    except Exception:
-        pass
-    return [sys.executable, "-m", "ckpt.transport"]
-
-
-MIG = _mig_cmd()
+MIG = CKPT
 
 
 # ---------------------------------------------------------------- the two hosts

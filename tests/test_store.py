@@ -48,17 +48,7 @@ P = 4096
 BASE = 0x7F0000000000
 
 
-def _store_cli() -> list[str]:
-    """`python -m ckpt` once ckpt/cli/ registers the store commands, else the same
-    click commands through `python -m ckpt.store`."""
-    from ckpt.cli import cli
-
-    if all(name in cli.commands for name in ("snapshots", "verify", "gc", "compact")):
-        return [sys.executable, "-m", "ckpt"]
-    return [sys.executable, "-m", "ckpt.store"]
-
-
-STORE_CLI = _store_cli()
+STORE_CLI = [sys.executable, "-m", "ckpt"]
 T0 = 1_790_000_000.0  # 2026-09-21, fixed so hour/day buckets are reproducible
 
 

@@ -85,6 +85,7 @@ class Controller:
         throttle: Throttle | None,
         t_start: float,
         report: Callable[[str], None],
+        on_record: Callable[[RoundRecord], None] | None = None,
     ):
         self.policy = policy
         self.sink = sink
@@ -92,6 +93,7 @@ class Controller:
         self.throttle = throttle
         self.t_start = t_start
         self.report = report
+        self.on_record = on_record  # progress display (cli/progress.py)
         self.rounds: list[RoundStats] = []
         self.records: list[RoundRecord] = []
         self.level = 0.0
@@ -128,6 +130,8 @@ class Controller:
         )  # fmt: skip
         self.records.append(rec)
         self.report(self._line(rec))
+        if self.on_record is not None:
+            self.on_record(rec)
 
     def _apply(self, level: float) -> None:
         if self.throttle is None:

@@ -36,7 +36,7 @@ from ..transport.net import Address, connect
 from ..transport.ratelimit import TokenBucket
 from ..transport.sink import FreezeClock, NetSink
 from ..transport.throttle import Throttle
-from .converge import Controller
+from .converge import Controller, RoundRecord
 from .dumping import DumpHooks, DumpOptions, run_dump
 from .preflight import preflight
 
@@ -173,10 +173,14 @@ def _signal_throttle_ok(tracker: str) -> bool:
 
 
 def migrate(
-    opts: MigrateOptions, report: Callable[[str], None], stats: MigrationStats
+    opts: MigrateOptions,
+    report: Callable[[str], None],
+    stats: MigrationStats,
+    on_round: Callable[[RoundRecord], None] | None = None,
 ) -> MigrationStats:
     """Move process opts.pid to opts.to; fills and returns `stats`. Raises CkptError on
-    failure, after which the process still runs here (the message says so)."""
+    failure, after which the process still runs here (the message says so).
+    report: one-line notes; on_round: each pre-copy round as the migration saw it."""
     t0 = time.monotonic()
     stats.source_pid = opts.pid
     stats.destination = str(opts.to)
@@ -238,7 +242,7 @@ def migrate(
         progress=report, layout=Layout(opts.pid) if stage else None,
         target_frozen=lambda: traced_by_us(opts.pid),
     )  # fmt: skip
-    ctl = Controller(opts.policy, sink, clock, throttle, t0, report)
+    ctl = Controller(opts.policy, sink, clock, throttle, t0, report, on_round)
     try:
         dopts = DumpOptions(
             iterative=True, tracker=opts.tracker, policy=opts.policy, tree=opts.tree,

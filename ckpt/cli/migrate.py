@@ -321,13 +321,8 @@ def migrate(
     stats = MigrationStats()
     try:
         with app.progress(f"migrate {pid} to {to}") as progress:
-
-            def report(msg: str) -> None:
-                app.status(msg)
-                if progress is not None:
-                    progress.migrate_line(msg)
-
-            do_migrate(opts, report, stats)
+            on_round = progress.migrate_round if progress is not None else None
+            do_migrate(opts, app.status, stats, on_round)
     except CkptError:
         if as_json and stats.error is not None:
             app.result(stats.to_dict())  # outcome "failed", with error and exit_code

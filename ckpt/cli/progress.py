@@ -10,7 +10,6 @@ stays on the screen is exactly what a pipe gets. Nothing of it reaches a file or
 from __future__ import annotations
 
 import os
-import re
 import sys
 import threading
 import time
@@ -67,16 +66,16 @@ class Progress:
             f"{human(self.copied)} copied, est. freeze {r.est_freeze_ms:.1f} ms"
         )
 
-    def migrate_line(self, line: str) -> None:
-        """A status line of a migration: its round lines (api/converge.py) feed the display."""
-        m = MIGRATE_ROUND.match(line)
-        if m is None:
-            return
-        self.copied += float(m["sent"]) * MIB
-        self.wire += float(m["wire"]) * MIB
+    def migrate_round(self, rec) -> None:
+        """A finished pre-copy round of a migration (api/converge.py RoundRecord)."""
+        self.copied += rec.bytes_raw
+        self.wire += rec.bytes_wire
+        thr = f"throttle {rec.throttle * 100:3.0f}%"
+        if rec.throttle_next != rec.throttle:
+            thr += f" → {rec.throttle_next * 100:.0f}%"
         self.set(
-            f"round {m['round']}: {m['pages']} pages, {human(self.copied)} sent, "
-            f"{human(self.wire)} on the wire ({float(m['rate']):.1f} MiB/s), {m['throttle']}"
+            f"round {rec.round}: {rec.pages_written} pages, {human(self.copied)} sent, "
+            f"{human(self.wire)} on the wire ({rec.wire_mib_s:.1f} MiB/s), {thr}"
         )
 
     def set(self, detail: str) -> None:
@@ -128,8 +127,3 @@ class Progress:
 
 # api/converge.py Controller._line: "round  3:     1234 pages written,     48.0 MiB sent
 # (12.1 MiB on the wire) in   250 ms,   48.4 MiB/s, throttle  20% → 40%, est. freeze ..."
-MIGRATE_ROUND = re.compile(
-    r"round\s+(?P<round>\d+):\s+(?P<pages>\d+) pages written,\s+(?P<sent>[\d.]+) MiB sent "
-    r"\((?P<wire>[\d.]+) MiB on the wire\) in\s+\d+ ms,\s+(?P<rate>[\d.]+) MiB/s, "
-    r"(?P<throttle>throttle\s+[^,]*)"
-)

@@ -65,7 +65,7 @@ def remove_leftovers(parent: str, runs_ckpt: Callable[[int], bool] | None = None
     its writer's PID runs no ckpt (a ckpt without this lock may still be writing; a
     PID reused by anything else is not the writer), it is a 0700 directory of ckpt's
     user, and it holds nothing but image files. `runs_ckpt(pid)` says whether a PID runs
-    ckpt (kernel.procfs.runs_ckpt: image/ reads no /proc); without it any live PID might.
+    ckpt (the caller passes procfs.runs_ckpt: image/ reads no /proc); without it any live PID might.
     """
     removed = []
     try:

@@ -1,4 +1,7 @@
-"""Live migration: stream pre-copy rounds to another host and hand the process over.
+"""The migration wire: framing, authentication, the channel, the sender and the sink.
+The orchestration (what is sent when, the handover) is api/migrate.py (source) and
+api/receive.py + api/assemble.py (destination); the convergence controller is
+api/converge.py.
 
     protocol.py   message types, caps, payload encodings
     channel.py    framed, encrypted (AES-256-GCM per frame) or HMAC-tagged, paced socket I/O
@@ -9,10 +12,7 @@
     ratelimit.py  token bucket (--max-bandwidth)
     sender.py     the thread that owns the socket while rounds stream (source)
     sink.py       NetSink: ImageWriter's interface over the channel (source)
-    control.py    per-round progress, throttle decisions, freeze stamp (source)
     throttle.py   client of kernel/throttle_helper.py (cgroup cpu.max or SIGSTOP duty cycle)
-    migrate.py    the source side, in order
-    receiver.py   the destination side, in order
     errors.py     exit codes 20+
     faults.py     fault points for tests
 
