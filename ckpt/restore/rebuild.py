@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
+from dataclasses import dataclass, field
 from stat import S_IFREG
 
 from ..errors import PidInUse, RestoreError
@@ -32,6 +33,7 @@ from .hostfs import chdir_resolved, open_checked
 from .security import enter_cgroups, restore_files_context
 from .security import restore_creds as restore_security_creds
 from .shm import Owner, SharedObjects
+from .tty import Terminal
 
 # VmFlags set by madvise → the advice that sets them again
 MADV = {
@@ -50,12 +52,48 @@ def _u(v: int) -> int:
     return v & 0xFFFFFFFFFFFFFFFF
 
 
+@dataclass
+class RestoreContext:
+    """What one process's rebuild shares with the rest of its restore: the tree's
+    registries and the run's options. restore/tree.py makes one per member; a lone
+    process (the staged restore) takes the defaults. Handed to the Rebuilder at
+    construction, never set on it afterwards."""
+
+    #: tree restore: slot → PID of the processes restored before (fds, shared memory)
+    peers: dict[int, int] = field(default_factory=dict)
+    #: slot → image of the processes restored before (their mappings: copy-on-write)
+    peer_images: dict[int, ProcessImage] = field(default_factory=dict)
+    #: tree restore: pipe ends and sockets kept for a later member (restore/fds.py)
+    parked: dict[tuple[int, int], tuple[int, int]] | None = None
+    #: tree restore: the memfds made so far (restore/fds.py create_memfds)
+    memfds: dict[int, tuple[int, int]] | None = None
+    #: the tree's shared memory objects, and who made each so far (restore/shm.py);
+    #: None: the process's own
+    shared: SharedObjects | None = None
+    #: fds 0-2 that led outside the dump → the fd of this ckpt they get (restore/fds.py)
+    externals: dict[int, int] = field(default_factory=dict)
+    #: restore --shell-job: the terminal this process's terminal fds go to (restore/tty.py)
+    terminal: Terminal | None = None
+    #: the root of a shell job: stays in ckpt's session, in a process group of its own
+    shell_job: bool = False
+
+
 class Rebuilder:
-    def __init__(self, pid: int, proc: ProcessImage, new_pid: bool, tracee: Tracee | None = None):
-        """tracee: the restorer already attached and stopped (a forked tree member)."""
+    def __init__(
+        self,
+        pid: int,
+        proc: ProcessImage,
+        new_pid: bool,
+        ctx: RestoreContext | None = None,
+        tracee: Tracee | None = None,
+    ):
+        """ctx: what it shares with the rest of the restore (the defaults: nothing);
+        tracee: the restorer already attached and stopped (a forked tree member)."""
         self.pid = pid
         self.proc = proc
         self.new_pid = new_pid
+        self.ctx = ctx if ctx is not None else RestoreContext()
+        self.shared = self.ctx.shared if self.ctx.shared is not None else SharedObjects(proc.shm)
         if tracee is None:
             self.tracee = Tracee.seize(pid, exitkill=True)
             self.tracee.interrupt()
@@ -70,24 +108,28 @@ class Rebuilder:
         # the other threads, once created: (image thread, tracee, injector)
         self.threads: list[tuple[Thread, Tracee, Injector]] = []
         self.tid_map: dict[int, int] = {proc.pid: pid}
-        #: tree restore: slot → PID of the processes restored before (fds, shared memory)
-        self.peers: dict[int, int] = {}
-        self.peer_images: dict[int, ProcessImage] = {}
-        self.parked: dict[tuple[int, int], tuple[int, int]] | None = None  # see restore/fds.py
-        self.memfds: dict[int, tuple[int, int]] | None = None  # tree: memfds made so far
-        #: the tree's shared memory objects, and who made each so far (restore/shm.py)
-        self.shared = SharedObjects(proc.shm)
         #: SysV segments this restore made (removed again if the restore fails)
         self.sysv_created: list[int] = []
         #: setsid already done (a session leader of a tree does it before forking)
         self.session_done = False
-        #: restore --shell-job: the terminal this process's terminal fds go to (restore/tty.py)
-        self.terminal = None
-        #: fds 0-2 that led outside the dump → the fd of this ckpt they get (restore/fds.py)
-        self.externals: dict[int, int] = {}
-        #: the root of a shell job: stays in ckpt's session, in a process group of its own
-        self.shell_job = False
-        enter_cgroups(self)  # before its memory and children (restore/security.py)
+        #: moved into its image's cgroups (a staged restore learns them only at the end)
+        self.cgroups_entered = False
+        self.enter_cgroups()  # before its memory and children (restore/security.py)
+
+    def enter_cgroups(self) -> None:
+        if not self.cgroups_entered:
+            self.cgroups_entered = enter_cgroups(self.pid, self.proc)
+
+    def set_image(self, proc: ProcessImage) -> None:
+        """The staged restore builds from a VMA layout, then from the final image."""
+        self.proc = proc
+
+    def early_session(self) -> None:
+        """A session leader makes its session before its children are forked; the root of
+        a shell job never does: it stays in ckpt's session (restore_process_misc)."""
+        if self.proc.sid == self.proc.pid and not self.ctx.shell_job:
+            syscalls.setsid(self.inj)
+            self.session_done = True
 
     def close(self) -> None:
         if self.mem_fd >= 0:
@@ -245,7 +287,7 @@ class Rebuilder:
                 )
 
     def map_vmas(self) -> None:
-        create_memfds(self.inj, self.proc, self.memfds)  # first: mappings share them
+        create_memfds(self.inj, self.proc, self.ctx.memfds)  # first: mappings share them
         for v in self.proc.vmas:
             if v.kind in VDSO_KINDS:
                 continue
@@ -436,8 +478,8 @@ class Rebuilder:
         """MAP_SHARED anonymous memory of a format 2.0 tree image: map the object the
         owner restored."""
         slot, start = v.shared_with
-        owner = self.peers.get(slot)
-        img = self.peer_images.get(slot)
+        owner = self.ctx.peers.get(slot)
+        img = self.ctx.peer_images.get(slot)
         ov = next((o for o in img.vmas if o.start == start), None) if img else None
         if owner is None or ov is None:
             raise RestoreError(f"shared mapping {v.start:#x}: its owner (slot {slot}) is missing")
@@ -501,13 +543,13 @@ class Rebuilder:
                 syscalls.close(inj, exe_fd)
 
     def restore_fds(self) -> None:
-        restore_fds(self.inj, self.proc, self.peers, self.parked, self.terminal,
-                    self.externals)  # fmt: skip
+        c = self.ctx
+        restore_fds(self.inj, self.proc, c.peers, c.parked, c.terminal, c.externals)
 
     def restore_process_misc(self) -> None:
         p, inj = self.proc, self.inj
         inj.reset_data()
-        if self.shell_job:  # a job of ckpt's terminal: no setsid (ckpt's session)
+        if self.ctx.shell_job:  # a job of ckpt's terminal: no setsid (ckpt's session)
             syscalls.setpgid(inj, 0, 0)
         elif p.sid == p.pid:
             if not self.session_done:

@@ -134,21 +134,22 @@ def _moves(sec: SecurityContext, current: list[cgroups.Membership]) -> list[cgro
     return out
 
 
-def enter_cgroups(rb) -> None:
-    """Move a new restorer (before its memory and children) into its cgroups."""
-    sec = getattr(rb.proc, "security", None)
-    if sec is None or getattr(rb, "cgroups_entered", False):
-        return
+def enter_cgroups(pid: int, proc: ProcessImage) -> bool:
+    """Move a new restorer `pid` (before its memory and children) into the cgroups of
+    `proc`; False when the image does not say them yet (a staged restore's layout)."""
+    sec = getattr(proc, "security", None)
+    if sec is None:
+        return False
     mnts = cgroups.mounts()
-    for m in _moves(sec, cgroups.of(rb.pid)):
+    for m in _moves(sec, cgroups.of(pid)):
         try:
-            cgroups.move(rb.pid, m, mnts)
+            cgroups.move(pid, m, mnts)
         except OSError as exc:
             why = exc.strerror if isinstance(exc, cgroups.CgroupGone) else f"{m.what}: {exc}"
             raise RestoreError(
-                f"cannot put process {rb.proc.pid} back into its cgroup: {why}"
+                f"cannot put process {proc.pid} back into its cgroup: {why}"
             ) from exc
-    rb.cgroups_entered = True
+    return True
 
 
 # ---------------------------------------------------------------- loginuid, root
@@ -159,7 +160,7 @@ def restore_files_context(rb) -> None:
     sec = rb.proc.security
     if sec is None:
         return
-    enter_cgroups(rb)  # a staged restore learns the cgroups only now
+    rb.enter_cgroups()  # a staged restore learns the cgroups only now
     inj: Injector = rb.inj
     pid = rb.proc.pid
     if sec.loginuid is not None and creds.loginuid(rb.pid) not in (None, sec.loginuid):

@@ -14,7 +14,7 @@ memory, so after the freeze only the final round and the process state are left:
     finish(proc)                after the final round: the final layout, then every page
                                 written since round 0 that the final present map does not
                                 list is zapped (MADV_DONTNEED, MADV_REMOVE for shmem), then
-                                Rebuilder.apply_state() with rb.proc = proc
+                                Rebuilder.apply_state() after rb.set_image(proc)
     kill()                      any failure: SIGKILL and reap the child
 
 Why the result equals an image restore (docs/FORMAT.md, "how a restore resolves
@@ -183,11 +183,11 @@ class StagedRestore:
             syscalls.mprotect(inj, a, b - a, p)
         if fresh:
             saved = rb.proc
-            rb.proc = _Layout(self.source_pid, fresh)  # type: ignore[assignment]
+            rb.set_image(_Layout(self.source_pid, fresh))  # type: ignore[arg-type]
             try:
                 rb.map_vmas()
             finally:
-                rb.proc = saved
+                rb.set_image(saved)
         dropped = _normalize(list(unmap) + [(v.start, v.end) for v in fresh])
         with self._lock:
             if dropped and self._written:
@@ -286,7 +286,7 @@ class StagedRestore:
         t1 = time.monotonic()
         zapped = self.zap_stale(proc)
         t2 = time.monotonic()
-        rb.proc = proc
+        rb.set_image(proc)
         tcp = RebuiltConnections()  # failed: kill() closes its TCP connections silently
         try:
             rb.apply_state()

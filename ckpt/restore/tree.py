@@ -32,7 +32,7 @@ from ..kernel import syscalls, sysvshm
 from ..model import ProcessImage
 from . import attrs, cow, zombies
 from .checks import check_files, wait_pid_free
-from .rebuild import Rebuilder
+from .rebuild import Rebuilder, RestoreContext
 from .security import check as check_security
 from .shm import SharedObjects, check_not_in_use, check_objects
 from .sockets import RebuiltConnections
@@ -82,12 +82,27 @@ def build_tree(
     rbs: list[Rebuilder] = []
     made: list[zombies.Made] = []  # the zombies, until they exit (restore/zombies.py)
     tcp = RebuiltConnections()  # if the restore fails, its TCP connections go silently
+    parked: dict[tuple[int, int], tuple[int, int]] = {}
+    memfds: dict[int, tuple[int, int]] = {}
+    shared = SharedObjects(root.shm)
+    tree = len(procs) > 1
+
+    def context(i: int) -> RestoreContext:
+        """Member i's share of the tree: the members restored before it, the registries."""
+        return RestoreContext(
+            peers={j: rbs[j].pid for j in range(i)},
+            peer_images={j: procs[j] for j in range(i)},
+            parked=parked if tree else None,
+            memfds=memfds if tree else None,
+            shared=shared,
+            externals=externals or {},  # fds 0-2 that led outside (restore/fds.py)
+            terminal=terminal,
+            shell_job=i == 0 and terminal is not None,
+        )
+
     try:
-        rbs.append(Rebuilder(root_pid, root, new_pid))
-        _early_session(rbs[0], terminal, root=True)
-        parked: dict[tuple[int, int], tuple[int, int]] = {}
-        memfds: dict[int, tuple[int, int]] = {}
-        shared = SharedObjects(root.shm)
+        rbs.append(Rebuilder(root_pid, root, new_pid, context(0)))
+        rbs[0].early_session()
         for i, p in enumerate(procs):
             if i:
                 # forked once the parent's pages are in: what they shared copy-on-write
@@ -95,17 +110,11 @@ def build_tree(
                 parent = rbs[slot[p.ppid]]
                 cow.check(p, slot[p.ppid], parent.proc)
                 tr = parent.fork_child(None if new_pid else p.pid, attrs.exit_signal(p))
-                rbs.append(Rebuilder(tr.pid, p, new_pid, tracee=tr))
+                rbs.append(Rebuilder(tr.pid, p, new_pid, context(i), tracee=tr))
                 rbs[i].inj.use(parent.inj.scratch.addr)  # the parent's, inherited
-                _early_session(rbs[i], terminal)
+                rbs[i].early_session()
             rb = rbs[i]
             made += [zombies.fork(rb, z, new_pid) for z in root.zombies if z.ppid == p.pid]
-            rb.peers = {j: rbs[j].pid for j in range(i)}
-            rb.externals = externals or {}  # fds 0-2 that led outside (restore/fds.py)
-            rb.peer_images = {j: procs[j] for j in range(i)}
-            rb.parked = parked if len(procs) > 1 else None
-            rb.memfds = memfds if len(procs) > 1 else None
-            rb.shared = shared
             rb.prepare_memory()
             rb.map_vmas()
             write_pages(i, rb.proc, rb.mem_fd)
@@ -150,16 +159,6 @@ def _remove_doomed_segments(procs: list[ProcessImage]) -> None:
                 sysvshm.remove(v.sysv.shmid)
 
 
-def _early_session(rb: Rebuilder, terminal: Terminal | None, root: bool = False) -> None:
-    """A session leader makes its session before its children are forked. The root of a
-    shell job never does: it stays in ckpt's session (restore_process_misc)."""
-    rb.terminal = terminal
-    rb.shell_job = root and terminal is not None
-    if rb.proc.sid == rb.proc.pid and not rb.shell_job:
-        syscalls.setsid(rb.inj)
-        rb.session_done = True
-
-
 def _process_groups(rbs: list[Rebuilder], made: list[zombies.Made]) -> None:
     """Members (and zombies) of a group led by another member or zombie join it (leaders
     made theirs already; a zombie's group lives as long as the zombie).
@@ -167,7 +166,7 @@ def _process_groups(rbs: list[Rebuilder], made: list[zombies.Made]) -> None:
     A shell job: the root leads a group of its own, members of a group led from
     outside the tree (the job's group when the root did not lead it) join the root's,
     and that group gets the terminal, with the job's modes, before anything runs."""
-    job = rbs[0] if rbs[0].shell_job else None
+    job = rbs[0] if rbs[0].ctx.shell_job else None
     restored = {rb.proc.pid: rb.pid for rb in rbs} | {m.image.pid: m.pid for m in made}
     who = [(rb.proc, rb.pid, rb.inj) for rb in rbs if rb is not job]
     for p, pid, inj in [*who, *((m.image, m.pid, m.inj) for m in made)]:
@@ -182,7 +181,7 @@ def _process_groups(rbs: list[Rebuilder], made: list[zombies.Made]) -> None:
         if os.getpgid(pid) != want:
             syscalls.setpgid(inj, 0, want)
     if job is not None:
-        job.terminal.hand_over(job.pid, job_modes(members(job.proc)))
+        job.ctx.terminal.hand_over(job.pid, job_modes(members(job.proc)))
 
 
 def kill_members(rbs: list[Rebuilder]) -> None:
