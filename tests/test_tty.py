@@ -302,6 +302,13 @@ def test_terminal_fd_refused_without_shell_job(e2e, ttys, workload_bins):
     token.chmod(0o600)
     res = e2e.ckpt("migrate", str(job), "--to", "127.0.0.1:9", "--token-file", str(token))
     assert_error(res, 5, "fd 0", a.name, "a migration cannot take a terminal")
+    store = e2e.path("store")
+    res = e2e.ckpt("snapshot", str(job), "--store", str(store))
+    assert_error(res, 5, "fd 0", a.name, "--shell-job")
+    res = e2e.ckpt("snapshot", str(job), "--store", str(store), "--shell-job")
+    assert res.returncode == 0, str(res)  # snapshot has the flag; the job runs on
+    info = json.loads(e2e.ckpt("show", str(store), "--json").stdout)
+    assert {f["fd"] for f in info["fds"] if f["kind"] == "tty"} == {0, 3, 4}, info["fds"]
     wait_until(lambda: untraced_and_running(job), what="the job to run on untraced")
     a.type("ping tok7\n")  # still the terminal's foreground job, reading it
     _, pong = a.wait_line("PONG", shell)

@@ -14,6 +14,7 @@ from .options import (
     max_time_option,
     precopy_policy,
     quiet_option,
+    shell_job_option,
     target_downtime_option,
     tcp_established_option,
     tracker_option,
@@ -86,12 +87,7 @@ def round_line(r) -> str:
 @level_option
 @tcp_established_option
 @tree_option
-@click.option(
-    "--shell-job",
-    is_flag=True,
-    help="The process is a job started from a shell: take its fds on its controlling "
-    "terminal (restore with `ckpt restore --shell-job` on any terminal).",
-)
+@shell_job_option
 @json_option
 @quiet_option
 def dump(

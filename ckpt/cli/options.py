@@ -121,3 +121,11 @@ quiet_option = click.option(
     callback=_set_quiet,
     help="No status lines and no progress on stderr; warnings, notes and errors still print.",
 )
+
+
+shell_job_option = click.option(
+    "--shell-job",
+    is_flag=True,
+    help="The process is a job started from a shell: take its fds on its controlling "
+    "terminal (restore with `ckpt restore --shell-job` on any terminal).",
+)

@@ -14,7 +14,13 @@ import click
 
 from ..errors import ImageCorrupt, UsageError
 from .app import app, human
-from .options import json_option, quiet_option, tcp_established_option, tree_option
+from .options import (
+    json_option,
+    quiet_option,
+    shell_job_option,
+    tcp_established_option,
+    tree_option,
+)
 
 
 def _local(t: float) -> str:
@@ -72,15 +78,18 @@ def snapshot_document(r) -> dict:
 @quiet_option
 @tree_option
 @tcp_established_option
+@shell_job_option
 def snapshot(
-    pid: int, store: str, wait_s: float, as_json: bool, tree: bool, tcp_established: bool
-) -> None:
+    pid: int, store: str, wait_s: float, as_json: bool, tree: bool, tcp_established: bool,
+    shell_job: bool,
+) -> None:  # fmt: skip
     """Take one point-in-time snapshot of PID into store S (incremental after the first)."""
     from .. import api
 
     r = api.snapshot(
-        pid, store, wait=wait_s, on_status=app.status, tree=tree, tcp_established=tcp_established
-    )
+        pid, store, wait=wait_s, on_status=app.status, tree=tree,
+        tcp_established=tcp_established, shell_job=shell_job,
+    )  # fmt: skip
     if as_json:
         app.result(snapshot_document(r))
         return
