@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from ..errors import CkptError, ImageExists, ImageNotFound, RestoreError
 from ..image import ImageWriter, fsio
 from ..image.layer_writer import LayerWriter, index_name, pages_name
+from ..kernel import procfs
 from ..kernel.native import PAGE_SIZE
 from ..model import SLOT_SHIFT
 from ..restore.staged import StagedRestore
@@ -161,7 +162,9 @@ class Assembler:
                 with _staging("starting the process"):
                     self.staged = StagedRestore(pid, layout, new_pid=self.new_pid)
             if self.keep or self.staged is None:
-                self.writer = ImageWriter(self.path, level=self.level, durable=self.keep)
+                self.writer = ImageWriter(
+                    self.path, level=self.level, durable=self.keep, runs_ckpt=procfs.runs_ckpt
+                )
         elif self.staged is not None:
             if vmas is None:
                 raise ProtocolError(f"layer {self.expect} carries no layout")

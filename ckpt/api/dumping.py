@@ -23,7 +23,7 @@ from ..capture.sockets import SocketCapture
 from ..capture.target import Target
 from ..capture.tree import FrozenTree
 from ..capture.validate import check_target
-from ..errors import CkptError
+from ..errors import CkptError, DumpError, as_error
 from ..image import ImageWriter
 from ..kernel import procfs
 from ..kernel.native import PAGE_SIZE
@@ -130,7 +130,8 @@ def run_dump(
     t0 = time.monotonic()
     run = _DumpRun(pid, directory, opts, hooks or DumpHooks(), on_round, t0)
     try:
-        result = run.execute()
+        with as_error(DumpError):  # kernel/'s KernelError is this dump's failure (exit 12)
+            result = run.execute()
     except CkptError as exc:
         if opts.stats_json:
             _write_json(opts.stats_json, run.failure_stats(exc))
@@ -178,7 +179,11 @@ class _DumpRun:
         trk = make_tracker(opts.tracker, pid) if opts.iterative else FullTracker(pid)
         self.trk = trk
         sink = hooks.sink
-        writer = sink if sink is not None else ImageWriter(self.directory, level=opts.level)
+        writer = (
+            sink
+            if sink is not None
+            else ImageWriter(self.directory, level=opts.level, runs_ckpt=procfs.runs_ckpt)
+        )
         tracee: Tracee | None = None
         frozen: FrozenTree | None = None
         lock, unlocked = None, 0

@@ -8,7 +8,7 @@ import signal
 import time
 from dataclasses import dataclass, field, replace
 
-from ..errors import RestoreError
+from ..errors import RestoreError, as_error
 from ..image import ImageReader
 from ..image.load import load
 from ..kernel import netlock, procfs
@@ -52,7 +52,8 @@ class RestoreOptions:
 def restore(directory: str, options: RestoreOptions | None = None, **fields) -> Restored:
     """Rebuild the process (and its tree) from the image in `directory`; it runs on as
     a child of this process. Options as a RestoreOptions, or its fields as keywords."""
-    return run_restore(directory, replace(options or RestoreOptions(), **fields))
+    with as_error(RestoreError):  # kernel/'s KernelError is this restore's failure (exit 11)
+        return run_restore(directory, replace(options or RestoreOptions(), **fields))
 
 
 def restore_snapshot(

@@ -25,7 +25,7 @@ from ..capture.sockets import SocketCapture
 from ..capture.target import Target
 from ..capture.tree import check_member, descendants
 from ..capture.validate import check_target
-from ..errors import DumpError, NoSuchProcess
+from ..errors import DumpError, NoSuchProcess, as_error
 from ..kernel import features, procfs
 from ..precopy.arm import arm
 from ..precopy.policy import Policy, RoundStats
@@ -87,7 +87,8 @@ def snapshot(
         from ..store import Store
 
         store = Store.open(store, create=True)
-    return _take(pid, store, opts, on_round, on_status)
+    with as_error(DumpError):  # kernel/'s KernelError is this snapshot's failure (exit 12)
+        return _take(pid, store, opts, on_round, on_status)
 
 
 def _take(pid: int, store, opts: SnapshotOptions, on_round, on_status) -> SnapshotResult:
