@@ -149,6 +149,29 @@ def settled_signal_state(pid: int, expected: dict[str, str], timeout: float = 10
 
 
 def current_syscall(pid: int) -> int | None:
+NR_RT_SIGSUSPEND = 130
+
+
+def resting_signal_state(pid: int, nr: int = NR_RT_SIGSUSPEND, timeout: float = 20) -> dict:
+    """signal_state(pid) read while pid waits in syscall `nr` (its idle wait).
+
+    A workload prints READY just before it enters sigsuspend, and until it is in
+    the call /proc shows its own mask (SIGUSR2 blocked), not the call's temporary
+    one. A state read in that window never comes back once the workload waits:
+    a test comparing against it fails although nothing changed (on a loaded
+    machine the workload can be preempted right after its READY write).
+    """
+    end = time.monotonic() + timeout
+    while True:
+        if current_syscall(pid) == nr:
+            st = signal_state(pid)
+            if current_syscall(pid) == nr:  # still (or again) in the wait: st is its state
+                return st
+        if time.monotonic() > end:
+            raise AssertionError(f"process {pid} did not wait in syscall {nr} within {timeout}s")
+        time.sleep(POLL)
+
+
     """Number of the syscall PID is blocked in (from /proc/PID/syscall), or None."""
     raw = read_bytes(f"/proc/{pid}/syscall")
     if not raw:

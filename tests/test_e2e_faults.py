@@ -18,6 +18,7 @@ import pytest
 from helpers import (
     dump_restore_verify,
     image_complete,
+    resting_signal_state,
     signal_state,
     untraced_and_running,
     wait_until,
@@ -46,7 +47,7 @@ def assert_target_intact(e2e, w, sig_before, what):
 @pytest.mark.parametrize("point", FAULT_POINTS)
 def test_dump_killed_at_fault_point(e2e, point):
     w = e2e.spawn("memory", "32")
-    sig_before = signal_state(w.pid)
+    sig_before = resting_signal_state(w.pid)
     image = e2e.path("img")
     res = e2e.dump(w.pid, image, env=e2e.env(CKPT_FAULT=point))
     assert res.returncode == -signal.SIGKILL, f"ckpt did not stop at fault point {point!r}\n{res}"
@@ -63,7 +64,7 @@ def test_dump_after_killed_dump(e2e):
     """Leftovers of a dump killed just before its commit do not block the next dump
     to the same directory, and that dump restores correctly."""
     w = e2e.spawn("memory", "16")
-    sig_before = signal_state(w.pid)
+    sig_before = resting_signal_state(w.pid)
     image = e2e.path("img")
     res = e2e.dump(w.pid, image, env=e2e.env(CKPT_FAULT="commit"))
     assert res.returncode == -signal.SIGKILL, str(res)
@@ -81,7 +82,7 @@ def test_dump_killed_at_random_moments(e2e):
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     w = e2e.spawn("memory", "256", timeout=120)
-    sig_before = signal_state(w.pid)
+    sig_before = resting_signal_state(w.pid)
 
     start = time.monotonic()
     res = e2e.dump(w.pid, e2e.path("img"), "--leave-running")
