@@ -691,10 +691,21 @@ class E2E:
                 time.sleep(POLL)
         for b in self.background:
             b._out.close()
+            _drop_net_locks(b)
             b._err.close()
 
 
 class RoundHook:
+def _drop_net_locks(b: Background) -> None:
+    """Delete the network lock tables a dump of this test kept for a restore that did
+    not come (a dump of a process with a TCP listener keeps one: its SYN holds)."""
+    with contextlib.suppress(OSError, ValueError):
+        b._err.seek(0)
+        text = b._err.read().decode(errors="replace")
+        for name in set(re.findall(r"nftables table inet (ckpt_lock_\w+)", text)):
+            subprocess.run(["nft", "delete", "table", "inet", name], capture_output=True)
+
+
     """ckpt's pre-copy round hook: ckpt reports each finished round on a unix socket
     (CKPT_TEST_ROUND_SOCKET, ckpt/precopy.py _round_hook) and waits for the answer;
     fn(round, pid) runs here meanwhile (make the workload mutate, kill it, hold the

@@ -29,7 +29,7 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 DUMP_KEYS = {
     "pid", "image", "processes", "killed", "vmas", "pages", "bytes_raw", "bytes_stored",
     "layers", "freeze_ms", "final_pages", "seconds", "iterative", "tracker", "stop_reason",
-    "rounds", "net_lock", "unlocked_tcp", "zombie_parent",
+    "rounds", "net_lock", "unlocked_tcp", "held_listeners", "unheld_listeners", "zombie_parent",
 }  # fmt: skip
 ROUND_KEYS = {
     "round", "pages_written", "pages_copied", "bytes_copied", "seconds",

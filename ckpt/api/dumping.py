@@ -35,7 +35,7 @@ from ..precopy.rounds import Precopy
 from ..track import make_tracker
 from ..track.base import Tracker
 from ..track.full import FullTracker
-from .freeze import capture_frozen, elapsed_ms, freeze_members, image_pages, thaw
+from .freeze import capture_frozen, elapsed_ms, freeze_quiet, image_pages, thaw
 from .preflight import preflight
 
 ZOMBIE_WAIT = 0.05  # s for the killed process's parent to reap it (on SIGCHLD: a few ms)
@@ -72,8 +72,11 @@ class DumpResult:
     stop_reason: str = ""
     layers: int = 1
     processes: int = 1  # the root and its descendants
-    net_lock: str = ""  # nftables table holding outside TCP peers until the restore
+    net_lock: str = ""  # nftables table holding outside TCP peers, new connections: to the restore
     unlocked_tcp: int = 0  # outside TCP connections dumped without a lock (no nft)
+    locked_tcp: int = 0  # outside TCP connections net_lock holds
+    held_listeners: int = 0  # listening addresses whose new connections net_lock holds
+    unheld_listeners: int = 0  # TCP listening addresses whose SYNs could not be held (no nft)
     zombie_parent: str = ""  # "PPID (comm)" keeping the killed process's PID as a zombie
 
     def stats(self) -> dict:
@@ -192,13 +195,12 @@ class _DumpRun:
         try:
             if opts.iterative:
                 self.pre = self._precopy(target, trk, writer, shm)
-            t_freeze = time.monotonic()
-            if opts.iterative:
-                tracee = target.freeze()
-            else:
-                tracee = seize_group(pid, procfs.tasks)
-                faults.point("seized")
-            frozen = freeze_members(tracee, opts.tree)
+            # frozen once no listener of the tree has a connection waiting to be
+            # accepted; new TCP connections are held by the run's lock meanwhile
+            frozen, t_freeze, queues = freeze_quiet(
+                pid, lambda: self._freeze_root(target), opts.tree, sockets
+            )
+            tracee = frozen.members[0]
             pre = self.pre
             free_space = 1 + max((m.space for m in pre.members), default=0) if pre else 1
             cap = capture_frozen(
@@ -259,8 +261,22 @@ class _DumpRun:
             bytes_stored=bytes_stored, vmas=len(proc.vmas), tracker=meta["tracker"],
             rounds=rounds, final_pages=cap.pages, stop_reason=meta["stop_reason"],
             layers=len(rounds) + 1, processes=1 + len(proc.tree), net_lock=proc.net_lock,
-            unlocked_tcp=unlocked, zombie_parent=held,
+            unlocked_tcp=unlocked, zombie_parent=held, unheld_listeners=len(queues.unheld),
+            locked_tcp=lock.connections if proc.net_lock and lock is not None else 0,
+            held_listeners=len(lock.listeners) if proc.net_lock and lock is not None else 0,
         )  # fmt: skip
+
+    def _freeze_root(self, target: Target) -> Tracee:
+        """Every thread of the root stopped (a plain dump seizes it for the first time)."""
+        if self.opts.iterative:
+            return target.freeze()
+        tracee = seize_group(self.pid, procfs.tasks)
+        try:
+            faults.point("seized")
+        except BaseException:
+            thaw(None, tracee)
+            raise
+        return tracee
 
     def _precopy(self, target: Target, trk: Tracker, writer, shm: SharedMemory) -> Precopy:
         """Arm tracking (a brief freeze), then the rounds while the target runs."""

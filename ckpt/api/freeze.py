@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..capture import attrs
+from ..capture.backlog import AcceptQueues
 from ..capture.cow import link_cow
 from ..capture.shm import SharedMemory, project_onto
 from ..capture.sockets import SocketCapture
@@ -44,6 +45,30 @@ def freeze_members(root: Tracee, tree: bool) -> FrozenTree:
     """The root is frozen already; with `tree`, freeze its descendants too. The caller
     holds the result at once, so a failure from here on can thaw every member."""
     return freeze_tree(root) if tree else FrozenTree([root])
+
+
+def freeze_quiet(
+    pid: int, freeze_root: Callable[[], Tracee], tree: bool, sockets: SocketCapture
+) -> tuple[FrozenTree, float, AcceptQueues]:
+    """Freeze the root (freeze_root) and, with `tree`, its descendants, at a moment no
+    listening socket of the tree has a connection waiting to be accepted: new TCP
+    connections are held by rules in the run's network lock (`sockets.lock`), the
+    queues drained while the target runs, and a freeze that still finds one is undone
+    and tried again (capture/backlog.py). Returns the frozen tree, the monotonic time
+    its freeze started, and the queues (which listeners could not be held). A failure
+    leaves nothing frozen; the lock's rules are the caller's, as for connections."""
+
+    def freeze() -> FrozenTree:
+        tracee = freeze_root()
+        try:
+            return freeze_members(tracee, tree)
+        except BaseException:
+            thaw(None, tracee)
+            raise
+
+    queues = AcceptQueues(pid, tree, sockets)
+    frozen, t = queues.freeze(freeze, lambda f: f.pids, thaw)
+    return frozen, t, queues
 
 
 def capture_frozen(

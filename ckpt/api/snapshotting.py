@@ -34,7 +34,7 @@ from ..present import PresentMap
 from ..track.base import Tracker
 from ..track.full import FullTracker
 from ..track.uffd_wp import Handle, UffdWpTracker
-from .freeze import capture_frozen, elapsed_ms, freeze_members, image_pages, thaw
+from .freeze import capture_frozen, elapsed_ms, freeze_quiet, image_pages, thaw
 from .preflight import preflight
 
 # A snapshot run pre-copies a little (the process keeps running) and then
@@ -134,9 +134,13 @@ def _take(pid: int, store, opts: SnapshotOptions, on_round, on_status) -> Snapsh
             if tree:
                 _track_members(store, pid, parent, parent_state, pre, say)
             pre.run_rounds(t0)
-            t_freeze = time.monotonic()
-            tracee = target.freeze()
-            frozen = freeze_members(tracee, tree)
+            # frozen once no listener has a connection waiting to be accepted (new TCP
+            # connections held meanwhile; the rules go with sockets.close() below)
+            frozen, t_freeze, queues = freeze_quiet(pid, target.freeze, tree, sockets)
+            tracee = frozen.members[0]
+            if queues.unheld:
+                say(f"no nft: new connections to {len(queues.unheld)} listening "
+                    "address(es) could not be held during the freeze")  # fmt: skip
             cap = capture_frozen(
                 frozen, trk, writer, pre, sockets=sockets, shm=shm,
                 free_space=_free_space(parent_state, pre), skip_fds=_own_fds,

@@ -48,6 +48,8 @@ def dump_document(r, *, iterative: bool, leave_running: bool) -> dict:
         "rounds": [dict(x) for x in r.rounds],
         "net_lock": r.net_lock or None,
         "unlocked_tcp": r.unlocked_tcp,
+        "held_listeners": r.held_listeners,
+        "unheld_listeners": r.unheld_listeners,
         "zombie_parent": r.zombie_parent or None,
     }
 
@@ -128,9 +130,12 @@ def dump(
     else:
         _summary(r, iterative, leave_running)
     if r.net_lock:
+        held = ["TCP peers outside the dump"] if r.locked_tcp else []
+        if r.held_listeners:
+            held.append(f"new connections to its {r.held_listeners} listening address(es)")
         app.warn(
-            f"TCP peers outside the dump are held (nftables table inet {r.net_lock}) until "
-            f"`ckpt restore` deletes it; without a restore: nft delete table inet {r.net_lock}"
+            f"{' and '.join(held) or 'TCP peers'} are held (nftables table inet {r.net_lock}) "
+            f"until `ckpt restore` deletes it; without a restore: nft delete table inet {r.net_lock}"
         )
     if r.zombie_parent:
         app.status(
@@ -141,6 +146,11 @@ def dump(
         app.status(
             f"warning: {r.unlocked_tcp} TCP connection(s) to outside peers without a network "
             "lock (no `nft`): whatever the peers send before the restore resets them"
+        )
+    if r.unheld_listeners and not leave_running:
+        app.status(
+            f"note: new connections to {r.unheld_listeners} listening address(es) could not "
+            "be held (no `nft`): a client connecting before the restore is refused"
         )
 
 

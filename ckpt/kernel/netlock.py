@@ -9,6 +9,12 @@ connection) the peer's segments are lost without an answer, so TCP resends them
 to the restored socket once the restore removes the table. CRIU does the same
 with iptables.
 
+The same table holds new connections to the dumped listening sockets (issue
+14): a SYN without ACK to a listener's address and port is dropped, so a
+client connecting while the process is frozen or gone retransmits its SYN (after
+1 s, 3 s, 7 s…) and reaches the restored listener, where it would otherwise wait
+in an accept queue that cannot be dumped, or be refused.
+
 The table outlives the dump on purpose (the image records its name); `ckpt
 restore` deletes it. Without `nft` there is no lock, and the dump says so.
 """
@@ -51,11 +57,42 @@ class NetLock:
         self.name = name or f"{TABLE_PREFIX}{os.getpid()}_{os.urandom(4).hex()}"
         self.created = False
         self.connections = 0
+        self.listeners: set[tuple[str, int]] = set()  # (address, port) whose SYNs are held
 
     def add(self, local: tuple, remote: tuple) -> None:
         lfam, laddr = _match(local[0])
         rfam, raddr = _match(remote[0])
         lport, rport = int(local[1]), int(remote[1])
+        self._run(
+            f"add rule inet {self.name} input {rfam} saddr {raddr} {lfam} daddr {laddr} "
+            f"tcp sport {rport} tcp dport {lport} drop\n"
+            f"add rule inet {self.name} output {lfam} saddr {laddr} {rfam} daddr {raddr} "
+            f"tcp sport {lport} tcp dport {rport} drop\n"
+        )
+        self.connections += 1
+
+    def hold_syn(self, local: tuple) -> None:
+        """Drop new connection attempts (SYN without ACK) to a listening socket's
+        address and port; segments of existing connections still pass. A listener on
+        the unspecified address takes every address of the host (0.0.0.0: IPv4 only;
+        "::" both families, whatever IPV6_V6ONLY says: a few more SYNs held than
+        needed, never fewer)."""
+        key = (str(local[0]), int(local[1]))
+        if key in self.listeners:
+            return
+        fam, addr = _match(key[0])
+        if ipaddress.ip_address(addr).is_unspecified:
+            match = "meta nfproto ipv4 " if fam == "ip" else ""
+        else:
+            match = f"{fam} daddr {addr} "
+        self._run(
+            f"add rule inet {self.name} input {match}tcp dport {key[1]} "
+            "tcp flags & (syn | ack) == syn drop\n"
+        )
+        self.listeners.add(key)
+
+    def _run(self, rules: str) -> None:
+        """Add rules, creating the table (in the same transaction) the first time."""
         script = ""
         if not self.created:
             script += (
@@ -64,22 +101,24 @@ class NetLock:
                 "  chain output { type filter hook output priority -300; policy accept; }\n"
                 "}\n"
             )
-        script += (
-            f"add rule inet {self.name} input {rfam} saddr {raddr} {lfam} daddr {laddr} "
-            f"tcp sport {rport} tcp dport {lport} drop\n"
-            f"add rule inet {self.name} output {lfam} saddr {laddr} {rfam} daddr {raddr} "
-            f"tcp sport {lport} tcp dport {rport} drop\n"
-        )
-        r = _nft(script)
+        r = _nft(script + rules)
         if r.returncode != 0:
             raise KernelError(f"cannot lock the network with nft: {r.stderr.strip()}")
         self.created = True
-        self.connections += 1
 
     def remove(self) -> None:
         if self.created:
             unlock(self.name)
             self.created = False
+
+    def let_marked_in(self, mark: int) -> None:
+        """Accept, ahead of every drop, the packets ckpt itself sends with this SO_MARK:
+        the restore of a closing connection sends its peer's FIN again in the peer's
+        name (kernel/tcp_repair.py inject) while this table still holds the
+        connection. Once per table, after the first add()."""
+        r = _nft(f"insert rule inet {self.name} input meta mark {mark:#x} accept\n")
+        if r.returncode != 0:
+            raise KernelError(f"cannot lock the network with nft: {r.stderr.strip()}")
 
 
 def unlock(name: str) -> bool:

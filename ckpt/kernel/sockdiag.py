@@ -133,9 +133,10 @@ def unix_socket(ino: int, show: int = SHOW_ALL) -> UnixDiag | None:
     return _parse_unix(msgs[0]) if msgs else None
 
 
-def unix_sockets(show: int = SHOW_ALL) -> dict[int, UnixDiag]:
-    """Every unix socket of this network namespace, by inode."""
-    req = struct.pack("=BBHIII2I", socket.AF_UNIX, 0, 0, 0xFFFFFFFF, 0, show, 0, 0)
+def unix_sockets(show: int = SHOW_ALL, states: int = 0xFFFFFFFF) -> dict[int, UnixDiag]:
+    """Every unix socket of this network namespace (whose state bit is in `states`), by
+    inode."""
+    req = struct.pack("=BBHIII2I", socket.AF_UNIX, 0, 0, states, 0, show, 0, 0)
     return {d.ino: d for d in map(_parse_unix, _request(req, NLM_F_REQUEST | NLM_F_DUMP))}
 
 
@@ -171,3 +172,42 @@ def tcp_socket_inode(family: int, local: tuple, remote: tuple) -> int | None:
     # inet_diag_msg: family state timer retrans, sockid (48), expires rqueue wqueue uid inode
     (ino,) = struct.unpack_from("=I", msgs[0], 4 + 48 + 16)
     return ino
+
+
+TCP_SYN_RECV = 3
+
+
+@dataclass
+class InetDiag:
+    """One TCP socket (or handshake in progress) from an INET_DIAG dump."""
+
+    family: int
+    state: int  # TCP_LISTEN, TCP_SYN_RECV (a request socket: handshake not finished)…
+    local: tuple[str, int]
+    remote: tuple[str, int]
+    rqueue: int  # listener: connections waiting to be accepted; else bytes unread
+    wqueue: int  # listener: backlog
+    ino: int  # 0 for a request socket or one no process holds
+
+
+def _addr_of(family: int, raw: bytes) -> str:
+    return socket.inet_ntop(family, raw[: 4 if family == socket.AF_INET else 16])
+
+
+def tcp_sockets(family: int, states: int) -> list[InetDiag]:
+    """Every TCP socket of this network namespace in `family` whose state bit (1 << state)
+    is in `states`. TCPF_SYN_RECV also gives the request sockets of handshakes not
+    finished yet (the kernel's NEW_SYN_RECV, reported as SYN_RECV)."""
+    req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, states) + bytes(48)
+    out = []
+    for body in _request(req, NLM_F_REQUEST | NLM_F_DUMP):
+        fam, state = body[0], body[1]
+        sport, dport = struct.unpack_from("!HH", body, 4)
+        src, dst = body[8:24], body[24:40]
+        rq, wq, _uid, ino = struct.unpack_from("=IIII", body, 4 + 48 + 4)
+        out.append(
+            InetDiag(
+                fam, state, (_addr_of(fam, src), sport), (_addr_of(fam, dst), dport), rq, wq, ino
+            )
+        )
+    return out
