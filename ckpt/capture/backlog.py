@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from ..errors import CkptError, UnsupportedProcess
+from ..errors import AccessDenied, CkptError, NoSuchProcess, UnsupportedProcess
 from ..kernel import netlock, procfs, sockdiag
 from .sockets import FAMILIES, SocketCapture, _addr, _name, _socket_fds
 from .tree import descendants
@@ -124,7 +124,11 @@ class AcceptQueues:
         """Find the listening sockets of `pids`; hold the SYNs of new TCP ones."""
         where: dict[int, tuple[int, int]] = {}
         for pid in pids:
-            for ino, fd in _socket_fds(pid).items():
+            try:
+                fds = _socket_fds(pid)
+            except (NoSuchProcess, AccessDenied):
+                continue  # a member that exited meanwhile (a zombie shows no fds)
+            for ino, fd in fds.items():
                 where.setdefault(ino, (pid, fd))
         self.ours = set(where)
         for fam in self._families(where):
