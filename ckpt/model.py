@@ -457,7 +457,9 @@ def fd_needs_v6(fd: dict[str, Any]) -> bool:
     """Is this fd's record (as to_dict gives it) something a 5.x reader would restore
     wrong without a word? Each fd feature added in major 6 adds its condition here
     (docs/FORMAT.md "Major 6")."""
-    return False
+    if tcp_closing(fd):  # a 5.x reader would rebuild the connection established, no FIN
+        return True
+    return bool(fd.get("locks"))  # file locks: a 5.x reader would restore the fd without them
 
 
 # What a process has without ever setting it (capture/attrs.py): the attributes a
@@ -656,7 +658,9 @@ class SocketMsg:
 
 @dataclass
 class TcpConn:
-    """An established TCP connection, as TCP_REPAIR reads it (kernel/tcp_repair.py)."""
+    """A TCP connection, as TCP_REPAIR reads it (kernel/tcp_repair.py): established,
+    or closing (state); the sequences and queues leave the FINs out, the restore
+    plays them again from the state."""
 
     snd_seq: int
     rcv_seq: int
@@ -687,6 +691,18 @@ class Socket:
     state: str
     local: Any = None
     remote: Any = None
+    # tcpi_state: 1 ESTABLISHED, or a closing state (4 FIN_WAIT1, 5 FIN_WAIT2,
+    # 8 CLOSE_WAIT, 9 LAST_ACK, 11 CLOSING; TCP_STATES); not ESTABLISHED = format 6
+    state: int = 1
+
+
+TCP_STATES = frozenset({1, 4, 5, 8, 9, 11})
+
+
+def tcp_closing(fd: dict[str, Any]) -> bool:
+    """A socket fd record (as to_dict gives it) whose TCP connection is not ESTABLISHED."""
+    tcp = (fd.get("socket") or {}).get("tcp") or {}
+    return tcp.get("state", 1) != 1
     peer_ino: int = 0  # the other end, when it is a socket of the dumped process
     listener_ino: int = 0  # "pending"/accepted: the listening socket it came through
     backlog: int = 0

@@ -327,6 +327,11 @@ def _net_lock(v: str) -> None:
         raise SchemaError(f"{v!r} is not a nftables table name ckpt makes")
 
 
+def _tcp_state(v: int) -> None:
+    if v not in m.TCP_STATES:
+        raise SchemaError(f"{v} is not a TCP state ckpt rebuilds ({sorted(m.TCP_STATES)})")
+
+
 def _sigaltstack(v: list) -> None:
     """[ss_sp, ss_flags, ss_size] (packed "<QiiQ")."""
     if len(v) != 3 or not (0 <= v[0] <= U64 and I32_MIN <= v[1] <= I32_MAX and 0 <= v[2] <= U64):
@@ -401,7 +406,7 @@ RANGES: dict[type, dict[str, Callable[[Any], None]]] = {
     m.TcpConn: {
         "snd_seq": U32R, "rcv_seq": U32R, "mss": rng(0, 65535), "options": I32R,
         "snd_wscale": rng(0, 14), "rcv_wscale": rng(0, 14), "timestamp": U32R,
-        "window": each(0, U32, n=5),
+        "window": each(0, U32, n=5), "state": _tcp_state,
     },
     m.Socket: {
         "ino": U, "family": rng(0, 255), "type": rng(0, 15), "protocol": rng(0, 255),

@@ -97,6 +97,7 @@ class SocketCapture:
     def __init__(self) -> None:
         self.lock: netlock.NetLock | None = None
         self.unlocked = 0  # connections to outside peers dumped without a lock (no nft)
+        self._marked_in: set[str] = set()  # lock tables that let ckpt's injected FINs in
         self.tcp: dict[int, TargetSocket] = {}
         self.held = tcp_repair.HeldSockets()
         self._views: dict[int, _ProcessSockets] = {}
@@ -109,13 +110,18 @@ class SocketCapture:
         self.lock, self.unlocked = None, 0
         return got
 
-    def lock_connection(self, local, remote) -> None:
+    def lock_connection(self, local, remote, injected: bool = False) -> None:
+        """injected: the restore sends segments to this connection in the peer's name
+        (a closing connection's FIN: kernel/tcp_repair.py inject); the lock lets them in."""
         if not netlock.available():
             self.unlocked += 1
             return
         if self.lock is None:
             self.lock = netlock.NetLock()
         self.lock.add(tuple(local[:2]), tuple(remote[:2]))
+        if injected and self.lock.name not in self._marked_in:
+            self.lock.let_marked_in(tcp_repair.INJECT_MARK)
+            self._marked_in.add(self.lock.name)
 
     def view(self, pid: int) -> _ProcessSockets:
         key = (procfs.read_bytes(pid, "schedstat"), procfs.read_bytes(pid, "stat").split(b")")[0])
@@ -350,20 +356,24 @@ def _tcp(
             )
         return s
     s.remote = ts.peername()
-    if info.state != sockdiag.TCP_ESTABLISHED:
+    if info.state not in tcp_repair.STATES:
         state = sockdiag.TCP_STATES.get(info.state, str(info.state))
         raise UnsupportedProcess(
             f"fd {fd} is a TCP/{fam} socket in state {state} ({_addr(s.local)} -> "
-            f"{_addr(s.remote)}): only listening, bound and established TCP sockets are supported",
+            f"{_addr(s.remote)}): only listening, bound, established and closing (FIN_WAIT1, "
+            "FIN_WAIT2, CLOSE_WAIT, CLOSING, LAST_ACK) TCP sockets are supported",
             pid=pid,
         )
-    s.state = "established"
+    s.state = "established"  # a closing connection too: TcpConn.state says which
     peer = sockdiag.tcp_socket_inode(ts.family, tuple(s.remote[:2]), tuple(s.local[:2]))
     if peer and ctx.ours(peer):
         s.peer_ino = peer
     elif not allow_external:
+        what = "an established" if info.state == sockdiag.TCP_ESTABLISHED else (
+            f"a closing ({sockdiag.TCP_STATES[info.state]})"
+        )  # fmt: skip
         raise UnsupportedProcess(
-            f"fd {fd} is an established TCP/{fam} connection {_addr(s.local)} -> "
+            f"fd {fd} is {what} TCP/{fam} connection {_addr(s.local)} -> "
             f"{_addr(s.remote)} whose peer is {ctx.outside}: dump with "
             "--tcp-established to checkpoint it (the peer must not send until the restore)",
             pid=pid,
@@ -371,7 +381,8 @@ def _tcp(
     if not ctx.frozen:
         return s  # a check while it runs (migration's preflight): no repair mode now
     if not s.peer_ino:  # an outside peer: nothing may arrive after the state is read
-        run.lock_connection(s.local, s.remote)
+        injected = info.state in tcp_repair.PEER_FIN or info.state == tcp_repair.TCP_FIN_WAIT2
+        run.lock_connection(s.local, s.remote, injected)
     s.tcp = _read_tcp(ts, info)
     partner = ctx.captured.get(s.peer_ino) if s.peer_ino else None
     if partner is not None and partner.tcp is not None:
@@ -388,7 +399,7 @@ def _read_tcp(ts: TargetSocket, info) -> TcpConn:
     return TcpConn(
         snd_seq=r.snd_seq, rcv_seq=r.rcv_seq, outq=r.outq, unsent=r.unsent, inq=r.inq,
         mss=r.mss, options=r.options, snd_wscale=r.snd_wscale, rcv_wscale=r.rcv_wscale,
-        timestamp=r.timestamp, window=r.window,
+        timestamp=r.timestamp, window=r.window, state=r.state,
     )  # fmt: skip
 
 
@@ -398,8 +409,13 @@ def _before(a: int, b: int) -> bool:
 
 
 def _consistent(a: TcpConn, b: TcpConn) -> bool:
+    """Nothing acknowledged that the other end does not hold (the sequences leave the
+    FINs out), and no FIN received that the other end had not sent."""
+
     def one_way(snd: TcpConn, rcv: TcpConn) -> bool:
         una = (snd.snd_seq - len(snd.outq)) & 0xFFFFFFFF
+        if rcv.state in tcp_repair.PEER_FIN:  # the FIN comes after all the data
+            return snd.state in tcp_repair.OWN_FIN and rcv.rcv_seq == snd.snd_seq
         return _before(una, rcv.rcv_seq) and _before(rcv.rcv_seq, snd.snd_seq)
 
     return one_way(a, b) and one_way(b, a)

@@ -1,21 +1,38 @@
-"""TCP_REPAIR: read an established connection's sequence numbers, queues and
-negotiated options (from ckpt's duplicate of the target's socket), the option
-blobs a restorer sets to rebuild it, and the silent close of the dumped ones.
+"""TCP_REPAIR: read a connection's sequence numbers, queues and negotiated options
+(from ckpt's duplicate of the target's socket), the option blobs a restorer sets
+to rebuild it, the replay of the FINs of a closing connection, and the silent
+close of the dumped ones.
 
 Sequence numbers (as in the kernel):  send side  snd_una ≤ snd_nxt ≤ write_seq,
 SIOCOUTQ = write_seq - snd_una, SIOCOUTQNSD = write_seq - snd_nxt;
 receive side copied_seq ≤ rcv_nxt, SIOCINQ = rcv_nxt - copied_seq. In repair
 mode TCP_QUEUE_SEQ reads write_seq / rcv_nxt of the selected queue and sets the
 starting sequence of an empty one; data sent then lands in that queue as-is.
+
+Closing states. A FIN takes one sequence number after the data: our own FIN is
+counted in write_seq (and in SIOCOUTQ until the peer acks it, in SIOCOUTQNSD
+until it is sent) once the application shut down its write side (FIN_WAIT1,
+FIN_WAIT2, CLOSING, LAST_ACK); the peer's FIN in rcv_nxt once it arrived
+(CLOSE_WAIT, CLOSING, LAST_ACK; SIOCINQ leaves it out). TCP_REPAIR can only make
+an ESTABLISHED connection, so ckpt keeps the sequences without the FINs (the
+connection as it was before the first FIN, with the state it reached) and plays
+the FINs again once the connection is rebuilt (replay_fins), as CRIU's soccr
+does: our FIN by shutdown(SHUT_WR), the peer's FIN, when the peer is not
+rebuilt with us, by a segment ckpt sends to our socket in the peer's name
+(inject), acknowledged like the original. TIME_WAIT has no socket an fd holds
+(the kernel moves the connection to a timewait socket and the fd's socket is
+CLOSE).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import select
 import socket
 import struct
+import time
 from dataclasses import dataclass
 
 from .sockets import MSG_DONTWAIT, MSG_PEEK, SIOCINQ, SIOCOUTQ, SIOCOUTQNSD, SOL_TCP, TargetSocket
@@ -27,6 +44,14 @@ TCP_REPAIR_ON, TCP_REPAIR_OFF, TCP_REPAIR_OFF_NO_WP = 1, 0, -1
 TCP_NO_QUEUE, TCP_RECV_QUEUE, TCP_SEND_QUEUE = 0, 1, 2
 TCPOPT_MSS, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
 TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4
+TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_CLOSE = 1, 4, 5, 7
+TCP_CLOSE_WAIT, TCP_LAST_ACK, TCP_CLOSING = 8, 9, 11
+# our FIN is in the send sequence: the application shut down its write side
+OWN_FIN = frozenset({TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_CLOSING, TCP_LAST_ACK})
+# the peer's FIN is in the receive sequence: read() returns EOF after the data
+PEER_FIN = frozenset({TCP_CLOSE_WAIT, TCP_CLOSING, TCP_LAST_ACK})
+# the connection states ckpt rebuilds
+STATES = frozenset({TCP_ESTABLISHED}) | OWN_FIN | PEER_FIN
 
 
 @dataclass
@@ -48,10 +73,11 @@ def tcp_info(ts: TargetSocket) -> TcpInfo:
 
 @dataclass
 class RepairState:
-    """Everything TCP_REPAIR needs to rebuild one established connection."""
+    """Everything TCP_REPAIR needs to rebuild one connection; the sequences leave the
+    FINs out (see the module's docstring), `state` says which ones to replay."""
 
-    snd_seq: int  # write_seq (end of the send queue)
-    rcv_seq: int  # rcv_nxt (end of the receive queue)
+    snd_seq: int  # write_seq (end of the send queue's data)
+    rcv_seq: int  # rcv_nxt (end of the receive queue's data)
     outq: bytes  # send queue: sent-but-unacked data, then unsent data
     unsent: int  # bytes at the end of outq never sent
     inq: bytes  # receive queue (not read by the application yet)
@@ -61,6 +87,7 @@ class RepairState:
     rcv_wscale: int
     timestamp: int
     window: list[int]  # snd_wl1 snd_wnd max_window rcv_wnd rcv_wup
+    state: int = TCP_ESTABLISHED  # TCP_INFO's tcpi_state
 
     @property
     def snd_una(self) -> int:
@@ -97,24 +124,33 @@ def repair_off(ts: TargetSocket, reuse: int) -> None:
 
 
 def read_state(ts: TargetSocket, info: TcpInfo) -> RepairState:
-    """Read a connection in repair mode (the caller turned it on)."""
-    outq_len = ts.ioctl_int(SIOCOUTQ)
-    unsent = ts.ioctl_int(SIOCOUTQNSD)
-    inq_len = ts.ioctl_int(SIOCINQ)
+    """Read a connection in repair mode (the caller turned it on), FINs left out."""
+    own_fin = int(info.state in OWN_FIN)
+    peer_fin = int(info.state in PEER_FIN)
+    # a FIN not acked yet counts in SIOCOUTQ, one not sent yet in SIOCOUTQNSD: no data
+    outq_len = max(ts.ioctl_int(SIOCOUTQ) - own_fin, 0)
+    unsent = max(ts.ioctl_int(SIOCOUTQNSD) - own_fin, 0)
+    inq_len = ts.ioctl_int(SIOCINQ)  # the kernel leaves the peer's FIN out already
     mss = ts.int_opt(SOL_TCP, TCP_MAXSEG)
     stamp = ts.int_opt(SOL_TCP, TCP_TIMESTAMP) & 0xFFFFFFFF
     window = list(struct.unpack("=5I", ts.raw_opt(SOL_TCP, TCP_REPAIR_WINDOW, 20)))
     _set(ts, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
-    rcv_seq = ts.int_opt(SOL_TCP, TCP_QUEUE_SEQ) & 0xFFFFFFFF
+    rcv_seq = (ts.int_opt(SOL_TCP, TCP_QUEUE_SEQ) - peer_fin) & 0xFFFFFFFF
     inq = _peek_exact(ts, inq_len, "receive")
     _set(ts, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
-    snd_seq = ts.int_opt(SOL_TCP, TCP_QUEUE_SEQ) & 0xFFFFFFFF
+    snd_seq = (ts.int_opt(SOL_TCP, TCP_QUEUE_SEQ) - own_fin) & 0xFFFFFFFF
     outq = _peek_exact(ts, outq_len, "send")
     _set(ts, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+    # the window we advertised starts at rcv_wup, which may count the peer's FIN: the
+    # kernel takes no rcv_wup beyond rcv_nxt, so move it back and keep the right edge
+    ahead = (window[4] - rcv_seq) & 0xFFFFFFFF
+    if 0 < ahead < 1 << 31:
+        window[4] = rcv_seq
+        window[3] = (window[3] + ahead) & 0xFFFFFFFF
     return RepairState(
         snd_seq=snd_seq, rcv_seq=rcv_seq, outq=outq, unsent=unsent, inq=inq, mss=mss,
         options=info.options, snd_wscale=info.snd_wscale, rcv_wscale=info.rcv_wscale,
-        timestamp=stamp, window=window,
+        timestamp=stamp, window=window, state=info.state,
     )  # fmt: skip
 
 
@@ -184,12 +220,16 @@ class HeldSockets:
                 os.close(pidfd)
 
 
-def rebuild(sock, local: tuple, remote: tuple, conn, before_bind) -> None:
+def rebuild(sock, local: tuple, remote: tuple, conn, before_bind, outside: bool = False) -> None:
     """Turn a fresh TCP socket (ckpt's copy of the restorer's) into the dumped
-    established connection `conn` (a model TcpConn); it stays in repair mode
-    until resume().
+    connection `conn` (a model TcpConn), as it was before its FINs; it stays in
+    repair mode until resume(), and replay_fins() gives it its FINs.
 
     before_bind(sock): options that must be set before bind (SO_REUSEADDR…).
+    outside: the other end is not rebuilt with this one (--tcp-established). In
+    FIN_WAIT2 our FIN is then queued here as already sent, so that nothing leaves
+    (the network lock would drop it, and the kernel would count it unsent): the
+    peer's acknowledgement comes from replay_fins.
     """
     from .sockets import grow_sndbuf
 
@@ -220,7 +260,10 @@ def rebuild(sock, local: tuple, remote: tuple, conn, before_bind) -> None:
         grow_sndbuf(sock, len(conn.outq))
         seti(TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
         _queue(sock, conn.outq[:sent])
-    sock.setsockopt(SOL_TCP, TCP_REPAIR_WINDOW, window_blob(st))
+    sock.setsockopt(SOL_TCP, TCP_REPAIR_WINDOW, window_blob(st))  # established only
+    if outside and conn.state == TCP_FIN_WAIT2:
+        seti(TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+        sock.shutdown(socket.SHUT_WR)
     seti(TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
 
 
@@ -236,6 +279,153 @@ def resume(sock, conn, reuse: int) -> None:
     if conn.unsent:
         grow_sndbuf(sock, len(conn.outq))
         _queue(sock, conn.outq[len(conn.outq) - conn.unsent :])
+
+
+# -- closing connections: the FINs played again ------------------------------------------------
+
+FIN_TIMEOUT = 5.0  # seconds for a replayed FIN to reach a socket on this host
+INJECT_MARK = 0x636B7074  # SO_MARK of the segments ckpt sends in a peer's name ("ckpt")
+
+
+@dataclass
+class Closing:
+    """One rebuilt connection out of repair mode (resume() done), for replay_fins."""
+
+    sock: socket.socket  # ckpt's copy of the restorer's socket
+    conn: object  # the model's TcpConn
+    local: tuple
+    remote: tuple
+    partner: Closing | None = None  # the other end, when this restore rebuilt it too
+
+
+def replay_fins(items: list[Closing]) -> None:
+    """Give each rebuilt connection back the FINs its sequences left out.
+
+    Both ends rebuilt here (a loopback connection inside the dump): each end's FIN
+    is sent again by shutdown(SHUT_WR), as the application sent it, and the other end
+    receives and acknowledges it over loopback as it did the first time. The FINs
+    that came first go first (a LAST_ACK end sent its FIN after it received the
+    other's), and a CLOSING end's before its peer's (it sent its FIN before the
+    other's arrived). Whenever the other end had received the FIN at the dump, ckpt
+    waits until it has it again, so the restored process reads EOF where it did.
+
+    The other end outside (--tcp-established): our FIN by shutdown(SHUT_WR) (a peer
+    that had it takes the copy as a duplicate and acknowledges it again); the peer's
+    FIN, and its acknowledgement of ours in FIN_WAIT2, by segments sent in its name
+    (inject), which the real peer never sees."""
+    inside = [c for c in items if c.partner is not None]
+    first = [c for c in inside if c.conn.state == TCP_CLOSING]
+    first += [c for c in inside if c.conn.state in (TCP_FIN_WAIT1, TCP_FIN_WAIT2)]
+    second = [c for c in inside if c.conn.state == TCP_LAST_ACK]
+    for phase in (first, second):
+        for c in phase:
+            c.sock.shutdown(socket.SHUT_WR)
+        for c in phase:
+            p = c.partner
+            if p is not None and p.conn.state in PEER_FIN:
+                _wait(lambda p=p: peer_fin_in(p.sock), "the FIN of the other end", p)
+    for c in items:
+        if c.partner is None and c.conn.state != TCP_ESTABLISHED:
+            _replay_outside(c)
+
+
+def _replay_outside(c: Closing) -> None:
+    conn, state = c.conn, c.conn.state
+    snd_una = (conn.snd_seq - len(conn.outq)) & 0xFFFFFFFF
+    if state in (TCP_CLOSE_WAIT, TCP_LAST_ACK):  # the peer's FIN came first
+        inject(c.local, c.remote, conn.rcv_seq, snd_una, FIN | ACK, _peer_window(conn))
+        _wait(lambda: peer_fin_in(c.sock), "the peer's FIN, sent again in its name,", c)
+    if state in OWN_FIN and state_of(c.sock) in (TCP_ESTABLISHED, TCP_CLOSE_WAIT):
+        c.sock.shutdown(socket.SHUT_WR)  # (in FIN_WAIT2 rebuild() queued it already)
+    if state == TCP_CLOSING:  # the peer's FIN, not acknowledging ours
+        inject(c.local, c.remote, conn.rcv_seq, snd_una, FIN | ACK, _peer_window(conn))
+        _wait(lambda: peer_fin_in(c.sock), "the peer's FIN, sent again in its name,", c)
+    elif state == TCP_FIN_WAIT2:  # the peer had acknowledged our FIN
+        ack = (conn.snd_seq + 1) & 0xFFFFFFFF
+        inject(c.local, c.remote, conn.rcv_seq, ack, ACK, _peer_window(conn))
+        _wait(lambda: state_of(c.sock) == TCP_FIN_WAIT2, "the acknowledgement of our FIN", c)
+
+
+def peer_fin_in(sock: socket.socket) -> bool:
+    """Has the peer's FIN arrived (RCV_SHUTDOWN: read() gives EOF after the data)?"""
+    p = select.poll()
+    p.register(sock, select.POLLRDHUP)
+    return bool(p.poll(0))
+
+
+def state_of(sock: socket.socket) -> int:
+    return sock.getsockopt(SOL_TCP, TCP_INFO, 8)[0]
+
+
+def _wait(done, what: str, c: Closing) -> None:
+    end = time.monotonic() + FIN_TIMEOUT
+    while not done():
+        if time.monotonic() > end:
+            raise OSError(
+                0, f"{what} did not reach {_where(c.local)} from {_where(c.remote)} in "
+                f"{FIN_TIMEOUT:g} s (state {state_of(c.sock)})",
+            )  # fmt: skip
+        time.sleep(0.001)
+
+
+def _where(a) -> str:
+    return f"[{a[0]}]:{a[1]}" if ":" in a[0] else f"{a[0]}:{a[1]}"
+
+
+def _peer_window(conn) -> int:
+    """The window field the peer last sent, as our side scaled it (snd_wnd)."""
+    shift = conn.snd_wscale if conn.options & TCPI_OPT_WSCALE else 0
+    return min(conn.window[1] >> shift, 0xFFFF)
+
+
+FIN, ACK = 0x01, 0x10
+
+
+def inject(local: tuple, remote: tuple, seq: int, ack: int, flags: int, window: int) -> None:
+    """Send one TCP segment without data from `remote` to our socket at `local`, through
+    a raw socket marked INJECT_MARK (the network lock lets marked segments through to
+    the restored socket: kernel/netlock.py). No timestamp option: the kernel checks
+    PAWS only on segments that carry one."""
+    src, dst = _ip(remote[0]), _ip(local[0])
+    tcp = struct.pack("!HHIIBBHHH", int(remote[1]), int(local[1]), seq, ack, 5 << 4, flags,
+                      window, 0, 0)  # fmt: skip
+    if dst.version == 4:
+        pseudo = src.packed + dst.packed + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(tcp))
+    else:
+        pseudo = src.packed + dst.packed + struct.pack("!I3xB", len(tcp), socket.IPPROTO_TCP)
+    tcp = tcp[:16] + struct.pack("!H", _checksum(pseudo + tcp)) + tcp[18:]
+    if dst.version == 4:
+        # IP_HDRINCL: the kernel fills in the checksum, the total length and the id
+        ip = struct.pack("!BBHHHBBH", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, socket.IPPROTO_TCP, 0)
+        family, dest = socket.AF_INET, (str(dst), 0)
+        packet = ip + src.packed + dst.packed + tcp
+    else:
+        ip = struct.pack("!IHBB", 6 << 28, len(tcp), socket.IPPROTO_TCP, 64)
+        scope = int(local[3]) if len(local) > 3 else 0
+        family, dest = socket.AF_INET6, (str(dst), 0, 0, scope)
+        packet = ip + src.packed + dst.packed + tcp
+    # IPPROTO_RAW: the header is ours (IP_HDRINCL, implied for IPv6 too)
+    with socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, INJECT_MARK)
+        raw.sendto(packet, dest)
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address as it travels: an IPv4-mapped IPv6 one (a dual-stack socket's IPv4
+    connection) as IPv4."""
+    addr = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
 
 
 def _queue(sock, data: bytes) -> None:

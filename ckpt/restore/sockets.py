@@ -267,6 +267,7 @@ class _Sockets:
             for f in established:
                 reuse = int(f.socket.options.get("SO_REUSEADDR", 0) or 0)
                 tcp_repair.resume(self.copy(f), f.socket.tcp, reuse)
+            self.tcp_closing(established)
             self.unix_data()
             self.finish()
         except OSError as exc:
@@ -411,6 +412,7 @@ class _Sockets:
                     lambda sock, s=s: ks.set_options(
                         sock, s.options, only=ks.BEFORE_BIND, skip=("SO_REUSEADDR",)
                     ),
+                    outside=not s.peer_ino,
                 )  # fmt: skip
             except OSError as exc:
                 raise RestoreError(
@@ -422,6 +424,35 @@ class _Sockets:
                     _collecting.held.append(c.dup())
             out.append(f)
         return out
+
+    def tcp_closing(self, established: list[Fd]) -> None:
+        """The FINs the closing connections' sequences leave out, played again now that
+        every connection is out of repair mode (kernel/tcp_repair.py replay_fins): both
+        ends of a loopback pair are rebuilt here, together."""
+        if all(f.socket.tcp.state == tcp_repair.TCP_ESTABLISHED for f in established):
+            return
+        items = {
+            f.socket.ino: tcp_repair.Closing(
+                self.copy(f), f.socket.tcp, tuple(f.socket.local), tuple(f.socket.remote)
+            )
+            for f in established
+        }
+        for f in established:
+            if not f.socket.peer_ino:
+                continue
+            items[f.socket.ino].partner = items.get(f.socket.peer_ino)
+            if items[f.socket.ino].partner is None:
+                raise RestoreError(
+                    f"TCP connection fd {f.fd} ({_name(f.socket.local)} -> "
+                    f"{_name(f.socket.remote)}): its other end, socket:[{f.socket.peer_ino}], "
+                    "is not in the image"
+                )
+        try:
+            tcp_repair.replay_fins(list(items.values()))
+        except OSError as exc:
+            raise RestoreError(
+                f"cannot close the TCP connections as they were: {exc.strerror or exc}"
+            ) from exc
 
     def send_queue(self, f: Fd, sender: socket.socket, dest: bytes | None = None) -> None:
         s = f.socket
