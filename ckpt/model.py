@@ -672,7 +672,19 @@ class TcpConn:
     snd_wscale: int
     rcv_wscale: int
     timestamp: int
-    window: list[int]
+    window: list[int]  # TCP_REPAIR_WINDOW: snd_wl1 snd_wnd max_window rcv_wnd rcv_wup
+    # tcpi_state: 1 ESTABLISHED, or a closing state (4 FIN_WAIT1, 5 FIN_WAIT2,
+    # 8 CLOSE_WAIT, 9 LAST_ACK, 11 CLOSING; TCP_STATES); not ESTABLISHED = format 6
+    state: int = 1
+
+
+TCP_STATES = frozenset({1, 4, 5, 8, 9, 11})
+
+
+def tcp_closing(fd: dict[str, Any]) -> bool:
+    """A socket fd record (as to_dict gives it) whose TCP connection is not ESTABLISHED."""
+    tcp = (fd.get("socket") or {}).get("tcp") or {}
+    return tcp.get("state", 1) != 1
 
 
 @dataclass
@@ -691,18 +703,6 @@ class Socket:
     state: str
     local: Any = None
     remote: Any = None
-    # tcpi_state: 1 ESTABLISHED, or a closing state (4 FIN_WAIT1, 5 FIN_WAIT2,
-    # 8 CLOSE_WAIT, 9 LAST_ACK, 11 CLOSING; TCP_STATES); not ESTABLISHED = format 6
-    state: int = 1
-
-
-TCP_STATES = frozenset({1, 4, 5, 8, 9, 11})
-
-
-def tcp_closing(fd: dict[str, Any]) -> bool:
-    """A socket fd record (as to_dict gives it) whose TCP connection is not ESTABLISHED."""
-    tcp = (fd.get("socket") or {}).get("tcp") or {}
-    return tcp.get("state", 1) != 1
     peer_ino: int = 0  # the other end, when it is a socket of the dumped process
     listener_ino: int = 0  # "pending"/accepted: the listening socket it came through
     backlog: int = 0
