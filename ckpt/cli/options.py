@@ -82,8 +82,8 @@ level_option = click.option(
 tcp_established_option = click.option(
     "--tcp-established",
     is_flag=True,
-    help="Also checkpoint established TCP connections to peers outside the process "
-    "(TCP_REPAIR; the peer must stay quiet until the restore). Connections between two "
+    help="Also checkpoint TCP connections (established or closing) to peers outside the "
+    "process (TCP_REPAIR; the peer must stay quiet until the restore). Connections between two "
     "sockets of the process are always checkpointed.",
 )
 tree_option = click.option(
