@@ -393,8 +393,8 @@ class ProcessImage:
     # A tree member's page keys are slot_base(space) | vaddr; -1: its slot (a member
     # pre-copied with the root keeps the space it had when first seen)
     space: int = -1
-    # nftables table dropping the dumped connections' packets until the restore
-    # deletes it (kernel/netlock.py); "" when there is none
+    # nftables table dropping the dumped connections' packets and new connections to
+    # the listeners until the restore deletes it (kernel/netlock.py); "" when none
     net_lock: str = ""
     starttime: int = 0  # /proc/PID/stat start time: (pid, starttime) names the process
     # the tree's shared memory objects (on the root only); Vma.shm indexes this list
