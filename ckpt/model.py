@@ -148,6 +148,23 @@ class InotifyWatch:
 
 
 @dataclass
+class FileLock:
+    """A lock held through an fd (capture/locks.py, restore/locks.py). Whose it is
+    follows from the record that carries it: a POSIX lock is the process's (on the
+    first fd of its open file description in that process); flock, OFD locks and
+    leases belong to the description (on its one real record in the tree, never on
+    a "dup" or "peer")."""
+
+    kind: str  # "flock", "posix", "ofd", "lease" (LOCK_KINDS)
+    write: bool  # exclusive (LOCK_EX, F_WRLCK) rather than shared (LOCK_SH, F_RDLCK)
+    start: int = 0  # posix/ofd: first byte locked
+    end: int = -1  # posix/ofd: last byte locked; -1: to the end of the file and beyond
+
+
+LOCK_KINDS = frozenset({"flock", "posix", "ofd", "lease"})
+
+
+@dataclass
 class TtyState:
     """A terminal fd of a shell job (ckpt dump --shell-job; capture/tty.py)."""
 
@@ -201,6 +218,7 @@ FD_KINDS = frozenset(
         "eventfd", "signalfd", "timerfd", "epoll", "inotify", "socket", "socket_end", "tty",
         "dup",
     }
+    locks: list[FileLock] = field(default_factory=list)  # held through this fd (FileLock)
 )  # fmt: skip
 
 

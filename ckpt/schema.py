@@ -383,6 +383,7 @@ RANGES: dict[type, dict[str, Callable[[Any], None]]] = {
     },
     m.SigAction: {"signo": rng(1, 64), "handler": U, "flags": U, "restorer": U, "mask": U},
     m.PosixTimer: {
+    m.FileLock: {"start": rng(0, I64_MAX), "end": rng(-1, I64_MAX)},
         "id": rng(0, I32_MAX), "clock_id": I32R, "signo": rng(0, 64),
         "sigev_value": rng(I64_MIN, I64_MAX), "notify": I32R, "notify_tid": PID0,
         "interval_ns": NS, "value_ns": NS,
@@ -516,6 +517,15 @@ def _check_socket(s: m.Socket) -> None:
     for field in ("local", "remote"):
         a = getattr(s, field)
         if a is None:
+def _check_lock(lk: m.FileLock) -> None:
+    if lk.kind not in m.LOCK_KINDS:
+        raise SchemaError(f"{lk.kind[:32]!r} is not a kind of file lock", ".kind")
+    if lk.kind in ("flock", "lease") and (lk.start, lk.end) != (0, -1):
+        raise SchemaError(f"a {lk.kind} with a byte range {lk.start}-{lk.end}", ".start")
+    if lk.end != -1 and lk.end < lk.start:
+        raise SchemaError(f"ends at byte {lk.end}, before its start {lk.start}", ".end")
+
+
             continue
         if s.family == 1:  # AF_UNIX: a name
             if type(a) is not bytes or len(a) > UNIX_PATH:
@@ -610,3 +620,4 @@ CHECKS: dict[type, Callable[[Any], None]] = {
     m.Thread: _check_thread,
     m.ProcessImage: _check_process,
 }
+    m.FileLock: _check_lock,

@@ -9,7 +9,7 @@ from ..errors import CkptError, DumpError, NoSuchProcess, UnsupportedProcess
 from ..kernel import abi, procfs
 from ..kernel.process import same_open_file
 from ..model import Fd
-from . import fd_kinds, tty
+from . import fd_kinds, locks, tty
 from .sockets import OutsidePeer, SocketCapture, capture_socket
 from .vmas import file_ref
 
@@ -32,9 +32,11 @@ def capture_fds(
     `tree`: the other processes dumped with this one; a pipe may connect them.
     `shell_job`: take fds on the job's controlling terminal (capture/tty.py)."""
     scan = fd_kinds.FdScan(pid, tree)
+    held: dict[int, bytes] = {}  # fd → its fdinfo, when it lists locks (capture/locks.py)
     try:
-        out = _capture(scan, pid, skip, sockets, tcp_established, shell_job)
+        out = _capture(scan, pid, skip, sockets, tcp_established, shell_job, held)
         fd_kinds.finish(scan, out, procfs.maps(pid))
+        locks.attach(out, held, pid)
     except OSError as exc:  # reading a pipe's data, a memfd, a pidfd_getfd copy…
         raise DumpError(f"reading the fds of process {pid} failed: {exc}") from exc
     except UnsupportedProcess as exc:
@@ -51,6 +53,7 @@ def _capture(
     sockets: SocketCapture,
     tcp_established: bool,
     shell_job: bool = False,
+    held: dict[int, bytes] | None = None,
 ) -> list[Fd]:
     out: list[Fd] = []
     seen: dict[tuple[int, int], list[int]] = {}
@@ -64,6 +67,8 @@ def _capture(
             info = procfs.parse_fdinfo(raw)
         except FileNotFoundError as exc:  # closed while we looked (cannot happen when stopped)
             raise NoSuchProcess(f"fd {fd} of {pid} vanished", pid=pid) from exc
+        if held is not None and locks.has_locks(raw):
+            held[fd] = raw
         flags = info.flags & ~abi.O_CLOEXEC
         cloexec = bool(info.flags & abi.O_CLOEXEC)
         key = (st.st_dev, st.st_ino)

@@ -27,6 +27,7 @@ from ..kernel import abi, procfs
 from ..kernel.process import kcmp_file
 from ..kernel.ptrace import Tracee, seize_group
 from ..model import Fd, ProcessImage, Zombie
+from .locks import keep_on_peer
 from .security import check_namespaces
 from .sockets import SocketCapture, link_tree_sockets
 
@@ -285,6 +286,7 @@ def _link_pipes(procs: list[ProcessImage]) -> None:
             )
         creator = min(slots)
         first = next(f for slot, f in recs if slot == creator)
+                locks=keep_on_peer(fd.locks),  # its own POSIX locks (capture/locks.py)
         for slot, f in recs:
             if f.data and not first.data:
                 first.data, f.data = f.data, b""

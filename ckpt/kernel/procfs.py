@@ -383,6 +383,61 @@ def parse_fdinfo(data: bytes) -> FdInfo:
         raise ProcParseError(f"fdinfo: {exc}") from exc
 
 
+@dataclass
+class FdLock:
+    """A `lock:` line of /proc/PID/fdinfo/N, in /proc/locks' format:
+    `lock:\\t1: POSIX  ADVISORY  WRITE 4242 fe:00:2150753 5 14`. The kernel lists the
+    locks taken through this fd's open file description: flock, OFD locks and leases
+    (owned by the description, so on every fd of it, in every process), and the
+    process's own POSIX locks taken through it (fs/locks.c show_fd_locks)."""
+
+    kind: str  # FLOCK, POSIX, OFDLCK, LEASE (DELEG: nfsd's, never on a process's fd)
+    state: str  # ADVISORY for locks; ACTIVE, BREAKING or BREAKER for a lease
+    type: str  # READ, WRITE (UNLCK: a lease being broken to nothing)
+    pid: int  # who took it; -1 for OFD locks (they belong to no process)
+    start: int  # first byte (0 for flock and leases)
+    end: int  # last byte; -1 for "EOF" (to the end of the file and beyond)
+
+
+def parse_fd_locks(data: bytes) -> list[FdLock]:
+    """Every `lock:` line of an fdinfo file (parse_fdinfo keeps only the first)."""
+    out = []
+    for line in data.decode("utf-8", "surrogateescape").splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key == "lock":
+            out.append(_lock_line(value)[0])
+    return out
+
+
+def locks_on(dev: int, ino: int) -> list[FdLock]:
+    """The locks /proc/locks lists on the file (dev, ino), waiters left out: who holds
+    what on it now (a restore that cannot take a lock back names them)."""
+    with open(system("locks"), "rb") as f:
+        data = f.read()
+    out = []
+    for line in data.decode("utf-8", "surrogateescape").splitlines():
+        if "->" in line:  # a waiter, blocked behind the lock listed before it
+            continue
+        lock, ldev, lino = _lock_line(line)
+        if (ldev, lino) == (dev, ino):
+            out.append(lock)
+    return out
+
+
+def _lock_line(value: str) -> tuple[FdLock, int, int]:
+    """`1: POSIX  ADVISORY  WRITE 4242 fe:00:2150753 5 14` → (lock, dev, inode)."""
+    parts = value.split()
+    try:
+        if len(parts) != 8 or not parts[0].endswith(":"):
+            raise ValueError(f"{len(parts)} fields")
+        kind, state, type_, pid, dev_ino, start, end = parts[1:]
+        major, minor, ino = dev_ino.split(":")
+        lock = FdLock(kind, state, type_, int(pid), int(start), -1 if end == "EOF" else int(end))
+        return lock, os.makedev(int(major, 16), int(minor, 16)), int(ino)
+    except ValueError as exc:
+        raise ProcParseError(f"lock line {value.strip()!r}: {exc}") from exc
+
+
 # ---------------------------------------------------------------- timers
 
 

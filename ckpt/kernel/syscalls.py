@@ -61,6 +61,10 @@ def fcntl(inj: Injection, fd: int, cmd: int, arg: int = 0) -> int:
     return inj.call_nr(abi.NR_FCNTL, fd, cmd, arg, name="fcntl")
 
 
+def flock(inj: Injection, fd: int, operation: int) -> int:
+    return inj.call_nr(abi.NR_FLOCK, fd, operation, name="flock")
+
+
 def ioctl(inj: Injection, fd: int, request: int, arg: int) -> int:
     return inj.call_nr(abi.NR_IOCTL, fd, request, arg, name="ioctl")
 

@@ -30,6 +30,7 @@ from ..model import ProcessImage, Thread
 from . import attrs, cow
 from .fds import create_memfds, memfd_fd_for, restore_fds
 from .hostfs import chdir_resolved, open_checked
+from .locks import restore_locks
 from .security import enter_cgroups, restore_files_context
 from .security import restore_creds as restore_security_creds
 from .shm import Owner, SharedObjects
@@ -169,6 +170,9 @@ class Rebuilder:
         restore_files_context(self)  # loginuid, chroot: after every path is used
 
     def state_rest(self) -> None:
+        # the fds' file locks, once no temporary fd is left to close (a close of any fd of
+        # a file drops the process's POSIX locks on it): restore/locks.py
+        restore_locks(self.inj, self.proc)
         self.create_threads()
         self.restore_signals()
         self.restore_timers()
