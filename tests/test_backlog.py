@@ -78,8 +78,8 @@ def untraced(pid: int) -> None:
 
 
 def test_dumps_under_connection_load(e2e):
-    """CYCLES dumps and restores of a lazy server while CLIENTS clients connect in a
-    loop: every dump succeeds, no client sees a refusal or a reset, and connections
+    """CYCLES dumps (plain and --iterative) and restores of a lazy server while CLIENTS
+    clients connect in a loop: every dump succeeds, no client sees a refusal or a reset, and connections
     begun while the server was gone are answered by the restored one (their SYN was
     held and resent)."""
     w = e2e.spawn("backlog", "tcp", "5")
@@ -90,7 +90,8 @@ def test_dumps_under_connection_load(e2e):
         gaps = []
         for cycle in range(CYCLES):
             image = e2e.path("img")
-            bg = e2e.ckpt_bg("dump", str(pid), "-D", str(image), "--tcp-established")
+            extra = ["--iterative"] if cycle % 2 else []  # the pre-copy freeze path too
+            bg = e2e.ckpt_bg("dump", str(pid), "-D", str(image), "--tcp-established", *extra)
             res = bg.wait()
             assert res.returncode == 0, f"dump {cycle + 1} of {CYCLES}: {res}"
             assert f"nftables table inet ckpt_lock_{bg.pid}_" in res.stderr, res.stderr
