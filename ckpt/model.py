@@ -200,6 +200,7 @@ class Fd:
     timer: TimerfdState | None = None
     epoll: list[EpollEntry] = field(default_factory=list)
     watches: list[InotifyWatch] = field(default_factory=list)
+    locks: list[FileLock] = field(default_factory=list)  # held through this fd (FileLock)
     memfd: MemfdState | None = None
     # kind "peer": the same open file description as fd `peer_fd` of the tree's
     # process `peer_slot` (restored there first, then taken with pidfd_getfd)
@@ -218,7 +219,6 @@ FD_KINDS = frozenset(
         "eventfd", "signalfd", "timerfd", "epoll", "inotify", "socket", "socket_end", "tty",
         "dup",
     }
-    locks: list[FileLock] = field(default_factory=list)  # held through this fd (FileLock)
 )  # fmt: skip
 
 

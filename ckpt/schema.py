@@ -381,9 +381,9 @@ RANGES: dict[type, dict[str, Callable[[Any], None]]] = {
         "rdev": U, "dup_of": FD, "obj_id": U, "pipe_size": rng(0, 1 << 31), "count": U,
         "sigmask": U, "peer_slot": rng(-1, 1 << 16), "peer_fd": FD,
     },
+    m.FileLock: {"start": rng(0, I64_MAX), "end": rng(-1, I64_MAX)},
     m.SigAction: {"signo": rng(1, 64), "handler": U, "flags": U, "restorer": U, "mask": U},
     m.PosixTimer: {
-    m.FileLock: {"start": rng(0, I64_MAX), "end": rng(-1, I64_MAX)},
         "id": rng(0, I32_MAX), "clock_id": I32R, "signo": rng(0, 64),
         "sigev_value": rng(I64_MIN, I64_MAX), "notify": I32R, "notify_tid": PID0,
         "interval_ns": NS, "value_ns": NS,
@@ -513,10 +513,6 @@ def _check_fd(f: m.Fd) -> None:
             raise SchemaError(msg, ".data")
 
 
-def _check_socket(s: m.Socket) -> None:
-    for field in ("local", "remote"):
-        a = getattr(s, field)
-        if a is None:
 def _check_lock(lk: m.FileLock) -> None:
     if lk.kind not in m.LOCK_KINDS:
         raise SchemaError(f"{lk.kind[:32]!r} is not a kind of file lock", ".kind")
@@ -526,6 +522,10 @@ def _check_lock(lk: m.FileLock) -> None:
         raise SchemaError(f"ends at byte {lk.end}, before its start {lk.start}", ".end")
 
 
+def _check_socket(s: m.Socket) -> None:
+    for field in ("local", "remote"):
+        a = getattr(s, field)
+        if a is None:
             continue
         if s.family == 1:  # AF_UNIX: a name
             if type(a) is not bytes or len(a) > UNIX_PATH:
@@ -616,8 +616,8 @@ CHECKS: dict[type, Callable[[Any], None]] = {
     m.ShmObject: _check_shm,
     m.MemfdState: _check_memfd,
     m.Fd: _check_fd,
+    m.FileLock: _check_lock,
     m.Socket: _check_socket,
     m.Thread: _check_thread,
     m.ProcessImage: _check_process,
 }
-    m.FileLock: _check_lock,

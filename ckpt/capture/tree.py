@@ -245,6 +245,7 @@ def _link_fds(procs: list[ProcessImage]) -> None:
             p.fds[i] = Fd(
                 fd=fd.fd, kind="peer", path=fd.path, flags=fd.flags, cloexec=fd.cloexec,
                 pos=fd.pos, peer_slot=owner[0], peer_fd=owner[1],
+                locks=keep_on_peer(fd.locks),  # its own POSIX locks (capture/locks.py)
             )  # fmt: skip
 
 
@@ -286,7 +287,6 @@ def _link_pipes(procs: list[ProcessImage]) -> None:
             )
         creator = min(slots)
         first = next(f for slot, f in recs if slot == creator)
-                locks=keep_on_peer(fd.locks),  # its own POSIX locks (capture/locks.py)
         for slot, f in recs:
             if f.data and not first.data:
                 first.data, f.data = f.data, b""

@@ -166,13 +166,13 @@ class Rebuilder:
         self.finish_vmas()
         self.set_mm()
         self.restore_fds()
+        # the fds' file locks, once no temporary fd is left to close (a close of any fd of
+        # a file drops the process's POSIX locks on it): restore/locks.py
+        restore_locks(self.inj, self.proc)
         self.restore_process_misc()
         restore_files_context(self)  # loginuid, chroot: after every path is used
 
     def state_rest(self) -> None:
-        # the fds' file locks, once no temporary fd is left to close (a close of any fd of
-        # a file drops the process's POSIX locks on it): restore/locks.py
-        restore_locks(self.inj, self.proc)
         self.create_threads()
         self.restore_signals()
         self.restore_timers()
