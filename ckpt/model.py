@@ -177,6 +177,17 @@ class TtyState:
 
 
 @dataclass
+class PidfdState:
+    """What a pidfd names (kind "pidfd"; capture/fd_kinds.py): its fdinfo's `Pid:` and
+    that process's start time. A process of the image (the tree, its zombies) gets a
+    pidfd of its restored self (the mapped PID with --new-pid); any other must still
+    run with the same start time at restore. PIDFD_THREAD is O_EXCL in Fd.flags."""
+
+    pid: int  # as ckpt saw it (a TID for a thread pidfd); -1: exited and reaped
+    start: int = 0  # its start time (clock ticks after boot, /proc/PID/stat field 22)
+
+
+@dataclass
 class Fd:
     fd: int  # -1: an object only mappings hold (a memfd whose fds were closed)
     kind: str  # "file", "chr", "pipe", "fifo", "eventfd", "timerfd", "signalfd",
@@ -214,10 +225,15 @@ class Fd:
 # checking a state needs nothing that loads the compiled extension (`ckpt verify`
 # anywhere); tests/test_image_plain.py checks that the two agree.
 FD_KINDS = frozenset(
+    pidfd: PidfdState | None = None  # kind "pidfd"
     {
         "pipe_end", "peer", "external", "file", "dir", "chr", "memfd", "pipe", "fifo",
+# Fd kinds of major 6 (docs/FORMAT.md): a 5.x reader would refuse them by kind, but the
+# major says why (a newer ckpt wrote it)
+V6_FD_KINDS = frozenset({"pidfd"})
+
         "eventfd", "signalfd", "timerfd", "epoll", "inotify", "socket", "socket_end", "tty",
-        "dup",
+        "dup", *V6_FD_KINDS,
     }
 )  # fmt: skip
 
@@ -503,6 +519,8 @@ def _needs_v4(p: dict[str, Any]) -> bool:
     if any(pa.get(k, ok[0]) not in ok for k, ok in _PLAIN_PROC.items()):
         return True
     cpus = list(range(os.cpu_count() or 1))
+    if fd.get("kind") in V6_FD_KINDS:  # pidfds…: a 5.x reader knows no such kind
+        return True
     for t in p.get("threads") or ():
         a = t.get("attrs") or {}
         if any(a.get(k, ok[0]) not in ok for k, ok in _PLAIN_THREAD.items()):

@@ -109,7 +109,6 @@ def test_all_kinds_snapshot(e2e, shm_cleanup):
     ("mode", "needles"),
     [
         ("sharedpipe", ["pipe", "also open in process"]),
-        ("pidfd", ["pidfd"]),
         ("bigmemfd", ["memfd", "64 MiB"]),
         ("inotifyqueued", ["inotify", "unread events"]),
     ],

@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 import stat as statmod
 
-from ..errors import UnsupportedProcess
+from ..errors import NoSuchProcess, UnsupportedProcess
 from ..kernel import abi, fdobjs, procfs
-from ..kernel.pidfd import pidfd_getfd, pidfd_open
-from ..model import EpollEntry, Fd, InotifyWatch, MemfdState, TimerfdState
+from ..kernel.pidfd import PIDFD_THREAD, pidfd_getfd, pidfd_open
+from ..model import EpollEntry, Fd, InotifyWatch, MemfdState, PidfdState, TimerfdState
 
 # The image state is one msgpack document (capped at 256 MiB when read): memfd
 # content and pipe data together may take at most this much of it.
@@ -28,6 +28,7 @@ ANON_KINDS = {
     "anon_inode:[signalfd]": "signalfd",
     "anon_inode:[eventpoll]": "epoll",
     "anon_inode:inotify": "inotify",
+    "anon_inode:[pidfd]": "pidfd",
 }
 MEMFD_PREFIX, DELETED = "/memfd:", " (deleted)"
 
@@ -85,6 +86,8 @@ def capture(scan: FdScan, rec: Fd, kind: str, st: os.stat_result, raw: bytes) ->
         if kind == "fifo" and (rec.path.endswith(DELETED) or not rec.path.startswith("/")):
             raise scan.refuse(fd, f"is a FIFO that was deleted or is unreachable ({rec.path})")
         return rec
+    if kind == "pidfd":
+        return _pidfd(scan, rec, raw)
     if kind == "memfd":
         if st.st_blksize > abi.PAGE_SIZE:
             raise scan.refuse(fd, f"is a hugetlbfs memfd ({rec.path}): not supported yet")
@@ -111,6 +114,33 @@ def capture(scan: FdScan, rec: Fd, kind: str, st: os.stat_result, raw: bytes) ->
             _no_queued_events(scan, fd)
     except (KeyError, ValueError) as exc:
         raise scan.refuse(fd, f"({kind}): cannot parse its fdinfo ({exc})") from exc
+    return rec
+
+
+def _pidfd(scan: FdScan, rec: Fd, raw: bytes) -> Fd:
+    """The process a pidfd names (fdinfo `Pid:`, -1 once it was reaped) and its start
+    time: restore/fds.py gives a process of the image its restored self and reopens any
+    other only if it still runs with that start time. A pidfd of a thread other than
+    the leader (PIDFD_THREAD) of a process of the dump is refused: threads are made
+    after the fds."""
+    try:
+        pid = int(procfs.parse_fdinfo(raw).extra["Pid"])
+    except (KeyError, ValueError, procfs.ProcParseError) as exc:
+        raise scan.refuse(rec.fd, f"(pidfd): cannot parse its fdinfo ({exc})") from exc
+    start = 0
+    if pid > 0:
+        try:
+            start = procfs.stat(pid).starttime
+            tgid = int(procfs.status(pid).get("Tgid", pid))
+        except NoSuchProcess:  # reaped while we looked: the pidfd names a dead process now
+            pid, tgid = -1, -1
+        if rec.flags & PIDFD_THREAD and tgid != pid and tgid in {scan.pid, *scan.tree}:
+            raise scan.refuse(
+                rec.fd,
+                f"is a pidfd of thread {pid} of process {tgid} of the dump (PIDFD_THREAD on "
+                "a thread other than the leader): not supported (threads are made after fds)",
+            )
+    rec.pidfd = PidfdState(pid=pid, start=start)
     return rec
 
 

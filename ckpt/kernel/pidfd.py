@@ -9,8 +9,11 @@ inside the target (a uffd context belongs to the mm of its creator).
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 
-from . import abi
+from ..errors import NoSuchProcess
+from . import abi, procfs
 from .native import check, syscall
 
 SYS_PIDFD_SEND_SIGNAL = 424
@@ -37,3 +40,36 @@ def pidfd_getfd(pidfd: int, fd: int) -> int:
 def pidfd_send_signal(pidfd: int, sig: int) -> None:
     """Signal the process behind pidfd; sig 0 only checks that it is still alive."""
     check(syscall(SYS_PIDFD_SEND_SIGNAL, pidfd, sig, 0, 0), "pidfd_send_signal")
+
+
+def pidfd_of_same(pid: int, start: int, flags: int = 0) -> int | None:
+    """A pidfd of pid if it is still the process that started at `start` (clock ticks,
+    /proc/PID/stat field 22), else None. The pidfd is taken first and the process
+    checked after, through it: a PID reused meanwhile fails the start time, one that
+    exits after the check is still the right (now dead) process."""
+    try:
+        fd = pidfd_open(pid, flags)
+    except OSError:
+        return None
+    try:
+        if procfs.stat(pid).starttime == start:
+            pidfd_send_signal(fd, 0)  # ESRCH: reaped between pidfd_open and the stat
+            return fd
+    except (OSError, NoSuchProcess):  # gone (reaped, ESRCH): not the same process
+        pass
+    os.close(fd)
+    return None
+
+
+def dead_pidfd(flags: int = 0) -> int:
+    """A pidfd of a process that has exited and been reaped (fdinfo `Pid: -1`), as a
+    pidfd kept after its process was waited for reads: a child that exits at once,
+    opened before it is reaped."""
+    exe = shutil.which("true") or sys.executable
+    argv = [exe] if exe != sys.executable else [exe, "-c", ""]
+    child = os.posix_spawn(exe, argv, {})
+    try:
+        fd = pidfd_open(child, flags)
+    finally:
+        os.waitpid(child, 0)
+    return fd

@@ -6,9 +6,10 @@ import os
 import sys
 import time
 
-from ..errors import FileChanged, PidInUse
+from ..errors import FileChanged, PidInUse, RestoreError
 from ..kernel import abi, procfs
-from ..model import FileRef, ProcessImage
+from ..kernel.pidfd import pidfd_of_same
+from ..model import Fd, FileRef, ProcessImage
 
 
 def check_file(ref: FileRef, what: str, *, strict: bool = True) -> None:
@@ -45,6 +46,27 @@ def check_files(proc: ProcessImage) -> None:
             # a directory only needs to be the same one: its entries come and go
             strict = (fd.flags & abi.O_ACCMODE) != abi.O_WRONLY and fd.kind != "dir"
             check_file(fd.file, f"file of fd {fd.fd}", strict=strict)
+
+
+def check_pidfds(proc: ProcessImage, image_pids: set[int]) -> None:
+    """A pidfd of a process outside the image (`image_pids`: its processes and zombies as
+    dumped) is reopened only on that same process: it must still run with the start time
+    it had (exit 11 before anything is built; restore/fds.py checks again on the pidfd)."""
+    for fd in proc.fds:
+        want = fd.pidfd
+        if fd.kind != "pidfd" or want is None or want.pid <= 0 or want.pid in image_pids:
+            continue
+        got = pidfd_of_same(want.pid, want.start)
+        if got is None:
+            raise RestoreError(outside_pidfd_gone(proc.pid, fd), pid=proc.pid)
+        os.close(got)
+
+
+def outside_pidfd_gone(pid: int, fd: Fd) -> str:
+    return (
+        f"process {pid}: fd {fd.fd} is a pidfd of process {fd.pidfd.pid}, which is not part "
+        "of the image and no longer runs (exited, or its PID now names another process)"
+    )
 
 
 def wait_pid_free(pid: int, timeout: float = 5.0) -> None:

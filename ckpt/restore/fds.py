@@ -23,10 +23,11 @@ import struct
 
 from ..errors import FileChanged, RestoreError
 from ..kernel import abi, fdobjs, procfs, syscalls
-from ..kernel.pidfd import pidfd_getfd, pidfd_open
+from ..kernel.pidfd import PIDFD_THREAD, dead_pidfd, pidfd_getfd, pidfd_of_same, pidfd_open
 from ..kernel.remote import Injector, RemoteError
 from ..model import Fd, ProcessImage
 from . import hostfs
+from .checks import outside_pidfd_gone
 from .sockets import restore_socket_end, restore_sockets
 from .tty import restore_tty
 
@@ -121,8 +122,11 @@ class _Ctx:
         self.spare = _top(proc) + len(self.holders) + 1  # temporaries live from here up
         self.by_obj: dict[int, list[Fd]] = {}
         for f in proc.fds:
+        pids: dict[int, int] | None = None,
             if f.obj_id and f.fd >= 0:
                 self.by_obj.setdefault(f.obj_id, []).append(f)
+        # the image's processes (tree, zombies): PID at the dump → PID restored (pidfds)
+        self.pids = pids if pids else {proc.pid: inj.tracee.pid}
         self.done: set[int] = set()
         self._pidfd = -1
 
@@ -163,8 +167,10 @@ def restore_fds(
     """peers: for a process tree, the PIDs of the processes restored before this one;
     parked: the tree's pipe ends kept for a later member (the caller closes them
     all once every member has its fds); terminal: restore/tty.Terminal (--shell-job);
-    externals: fd that led outside the dump → the fd of this ckpt it becomes."""
-    ctx = _Ctx(inj, proc, peers, parked, terminal, externals)
+    externals: fd that led outside the dump → the fd of this ckpt it becomes;
+    pids: every process of the image (tree members, zombies) → its restored PID, all
+    forked by now (pidfds name them)."""
+    ctx = _Ctx(inj, proc, peers, parked, terminal, externals, pids)
     top, n = _top(proc), len(ctx.holders)
     if top > 0:
         syscalls.close_range(inj, 0, top - 1, 0)
@@ -173,6 +179,7 @@ def restore_fds(
         for fd in sorted(proc.fds, key=lambda f: f.fd):
             if fd.fd < 0 or fd.kind == "dup" or fd.fd in ctx.done:
                 continue
+    pids: dict[int, int] | None = None,
             inj.reset_data()
             make = KINDS.get(fd.kind)
             if make is None:
@@ -500,3 +507,29 @@ KINDS = {
     "socket_end": restore_socket_end,  # a tree member's socket, rebuilt by an earlier one
     "tty": restore_tty,  # restore/tty.py: the terminal ckpt runs on (--shell-job)
 }
+def _pidfd(ctx: _Ctx, fd: Fd) -> None:
+    """A pidfd of a process of the image is opened on its restored self (pidfd_open in
+    the restorer, the mapped PID with --new-pid); one of a process outside it only if
+    that process still runs with the same start time (ckpt opens it and passes it in);
+    one of a process already reaped becomes a pidfd of another reaped process (they
+    behave alike: Pid -1, readable, ESRCH). PIDFD_NONBLOCK and PIDFD_THREAD as they were."""
+    inj, want = ctx.inj, fd.pidfd
+    flags = fd.flags & (abi.O_NONBLOCK | PIDFD_THREAD)
+    restored = ctx.pids.get(want.pid) if want.pid > 0 else None
+    if restored is not None:
+        tmp = syscalls.pidfd_open(inj, restored, flags)
+        if tmp == fd.fd:  # pidfd_open sets close-on-exec
+            syscalls.fcntl(inj, fd.fd, abi.F_SETFD, abi.FD_CLOEXEC if fd.cloexec else 0)
+        else:
+            _place(inj, tmp, fd.fd, fd.cloexec)
+        return
+    mine = dead_pidfd(flags) if want.pid < 0 else pidfd_of_same(want.pid, want.start, flags)
+    if mine is None:
+        raise RestoreError(outside_pidfd_gone(ctx.proc.pid, fd))
+    try:
+        _take_fd(inj, os.getpid(), mine, fd.fd, cloexec=fd.cloexec)
+    finally:
+        os.close(mine)
+
+
+    "pidfd": _pidfd,

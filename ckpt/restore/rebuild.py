@@ -77,6 +77,9 @@ class RestoreContext:
     terminal: Terminal | None = None
     #: the root of a shell job: stays in ckpt's session, in a process group of its own
     shell_job: bool = False
+    #: tree restore: PID at the dump → restored PID of every member and zombie, all
+    #: forked before the fds phase (pidfds name them); empty: just this process
+    pids: dict[int, int] = field(default_factory=dict)
 
 
 class Rebuilder:
@@ -548,7 +551,8 @@ class Rebuilder:
 
     def restore_fds(self) -> None:
         c = self.ctx
-        restore_fds(self.inj, self.proc, c.peers, c.parked, c.terminal, c.externals)
+        restore_fds(self.inj, self.proc, c.peers, c.parked, c.terminal, c.externals,
+                    c.pids or {self.proc.pid: self.pid})  # fmt: skip
 
     def restore_process_misc(self) -> None:
         p, inj = self.proc, self.inj

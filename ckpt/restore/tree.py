@@ -31,7 +31,7 @@ from ..errors import ImageCorrupt, RestoreError, as_error
 from ..kernel import syscalls, sysvshm
 from ..model import ProcessImage
 from . import attrs, cow, zombies
-from .checks import check_files, wait_pid_free
+from .checks import check_files, check_pidfds, wait_pid_free
 from .rebuild import Rebuilder, RestoreContext
 from .security import check as check_security
 from .shm import SharedObjects, check_not_in_use, check_objects
@@ -52,8 +52,10 @@ def check_tree(root: ProcessImage, new_pid: bool) -> None:
     check_objects(root)
     check_not_in_use(root)
     zombies.check(root, set(slot))
+    image_pids = set(slot) | {z.pid for z in root.zombies}
     for p in procs:
         check_files(p)
+        check_pidfds(p, image_pids)  # a pidfd of a process outside the image: still there
         check_security(p)  # capabilities ckpt lacks, a cgroup or root gone (exit 11)
         if not new_pid:  # every PID and TID must be free before anything is built
             for t in [p.pid, *(t.tid for t in p.threads[1:])]:
@@ -84,6 +86,7 @@ def build_tree(
     tcp = RebuiltConnections()  # if the restore fails, its TCP connections go silently
     parked: dict[tuple[int, int], tuple[int, int]] = {}
     memfds: dict[int, tuple[int, int]] = {}
+    pids: dict[int, int] = {}  # PID at the dump → restored, members and zombies (pidfds)
     shared = SharedObjects(root.shm)
     tree = len(procs) > 1
 
@@ -98,10 +101,12 @@ def build_tree(
             externals=externals or {},  # fds 0-2 that led outside (restore/fds.py)
             terminal=terminal,
             shell_job=i == 0 and terminal is not None,
+            pids=pids,
         )
 
     try:
         rbs.append(Rebuilder(root_pid, root, new_pid, context(0)))
+        pids[root.pid] = root_pid
         rbs[0].early_session()
         for i, p in enumerate(procs):
             if i:
@@ -111,10 +116,12 @@ def build_tree(
                 cow.check(p, slot[p.ppid], parent.proc)
                 tr = parent.fork_child(None if new_pid else p.pid, attrs.exit_signal(p))
                 rbs.append(Rebuilder(tr.pid, p, new_pid, context(i), tracee=tr))
+                pids[p.pid] = tr.pid
                 rbs[i].inj.use(parent.inj.scratch.addr)  # the parent's, inherited
                 rbs[i].early_session()
             rb = rbs[i]
             made += [zombies.fork(rb, z, new_pid) for z in root.zombies if z.ppid == p.pid]
+            pids.update((m.image.pid, m.pid) for m in made)
             rb.prepare_memory()
             rb.map_vmas()
             write_pages(i, rb.proc, rb.mem_fd)
