@@ -148,7 +148,6 @@ def settled_signal_state(pid: int, expected: dict[str, str], timeout: float = 10
     return now
 
 
-def current_syscall(pid: int) -> int | None:
 NR_RT_SIGSUSPEND = 130
 
 
@@ -172,6 +171,7 @@ def resting_signal_state(pid: int, nr: int = NR_RT_SIGSUSPEND, timeout: float = 
         time.sleep(POLL)
 
 
+def current_syscall(pid: int) -> int | None:
     """Number of the syscall PID is blocked in (from /proc/PID/syscall), or None."""
     raw = read_bytes(f"/proc/{pid}/syscall")
     if not raw:
@@ -690,12 +690,11 @@ class E2E:
                     break
                 time.sleep(POLL)
         for b in self.background:
-            b._out.close()
             _drop_net_locks(b)
+            b._out.close()
             b._err.close()
 
 
-class RoundHook:
 def _drop_net_locks(b: Background) -> None:
     """Delete the network lock tables a dump of this test kept for a restore that did
     not come (a dump of a process with a TCP listener keeps one: its SYN holds)."""
@@ -706,6 +705,7 @@ def _drop_net_locks(b: Background) -> None:
             subprocess.run(["nft", "delete", "table", "inet", name], capture_output=True)
 
 
+class RoundHook:
     """ckpt's pre-copy round hook: ckpt reports each finished round on a unix socket
     (CKPT_TEST_ROUND_SOCKET, ckpt/precopy.py _round_hook) and waits for the answer;
     fn(round, pid) runs here meanwhile (make the workload mutate, kill it, hold the
