@@ -23,6 +23,7 @@ import ctypes
 import difflib
 import hashlib
 import os
+import re
 import shutil
 import signal
 import socket
