@@ -218,20 +218,20 @@ class Fd:
     peer_slot: int = -1
     peer_fd: int = -1
     tty: TtyState | None = None  # kind "tty"
+    pidfd: PidfdState | None = None  # kind "pidfd"
 
+
+# Fd kinds of major 6 (docs/FORMAT.md): a 5.x reader would refuse them by kind, but the
+# major says why (a newer ckpt wrote it)
+V6_FD_KINDS = frozenset({"pidfd"})
 
 # Fd.kind values a state may hold: what restore/fds.py has a handler for (its KINDS), plus
 # "dup" (another fd's open file description). Here, not read from restore/, so that
 # checking a state needs nothing that loads the compiled extension (`ckpt verify`
 # anywhere); tests/test_image_plain.py checks that the two agree.
 FD_KINDS = frozenset(
-    pidfd: PidfdState | None = None  # kind "pidfd"
     {
         "pipe_end", "peer", "external", "file", "dir", "chr", "memfd", "pipe", "fifo",
-# Fd kinds of major 6 (docs/FORMAT.md): a 5.x reader would refuse them by kind, but the
-# major says why (a newer ckpt wrote it)
-V6_FD_KINDS = frozenset({"pidfd"})
-
         "eventfd", "signalfd", "timerfd", "epoll", "inotify", "socket", "socket_end", "tty",
         "dup", *V6_FD_KINDS,
     }
@@ -519,8 +519,6 @@ def _needs_v4(p: dict[str, Any]) -> bool:
     if any(pa.get(k, ok[0]) not in ok for k, ok in _PLAIN_PROC.items()):
         return True
     cpus = list(range(os.cpu_count() or 1))
-    if fd.get("kind") in V6_FD_KINDS:  # pidfds…: a 5.x reader knows no such kind
-        return True
     for t in p.get("threads") or ():
         a = t.get("attrs") or {}
         if any(a.get(k, ok[0]) not in ok for k, ok in _PLAIN_THREAD.items()):

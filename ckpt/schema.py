@@ -376,8 +376,8 @@ RANGES: dict[type, dict[str, Callable[[Any], None]]] = {
     m.EpollEntry: {"tfd": rng(0, FD_MAX - 1), "events": U32R, "data": U, "src_fd": FD},
     m.InotifyWatch: {"wd": rng(1, I32_MAX), "mask": U32R, "path": path(), "dev": U, "ino": U},
     m.TtyState: {"name": path(), "rdev": U, "pgid": PID0, "termios": maxlen(256)},
-    m.Fd: {
     m.PidfdState: {"pid": rng(-1, PID_MAX), "start": U},
+    m.Fd: {
         "fd": FD, "path": path(limit=2 * PATH_MAX), "flags": U32R, "pos": rng(0, I64_MAX),
         "rdev": U, "dup_of": FD, "obj_id": U, "pipe_size": rng(0, 1 << 31), "count": U,
         "sigmask": U, "peer_slot": rng(-1, 1 << 16), "peer_fd": FD,
@@ -501,9 +501,9 @@ def _check_fd(f: m.Fd) -> None:
         raise SchemaError("a timerfd without its timer", ".timer")
     if f.kind == "tty" and f.tty is None:
         raise SchemaError("a terminal fd without its terminal", ".tty")
-    if f.kind == "dup" and f.dup_of < 0:
     if f.kind == "pidfd" and (f.pidfd is None or f.pidfd.pid == 0):
         raise SchemaError("a pidfd without the process it names", ".pidfd")
+    if f.kind == "dup" and f.dup_of < 0:
         raise SchemaError("a dup of no fd", ".dup_of")
     if f.kind == "peer" and (f.peer_slot < 0 or f.peer_fd < 0):
         raise SchemaError("a shared fd that names no process or fd", ".peer_slot")

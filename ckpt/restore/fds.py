@@ -109,8 +109,11 @@ class _Ctx:
         parked: dict[tuple[int, int], tuple[int, int]] | None = None,
         terminal=None,
         externals: dict[int, int] | None = None,
+        pids: dict[int, int] | None = None,
     ):
         self.inj = inj
+        # the image's processes (tree, zombies): PID at the dump → PID restored (pidfds)
+        self.pids = pids if pids else {proc.pid: inj.tracee.pid}
         self.terminal = terminal  # restore --shell-job: where terminal fds go (restore/tty.py)
         # fds 0-2 that led outside the dump → the fd of this ckpt they get (default: the same)
         self.externals = externals or {}
@@ -163,6 +166,7 @@ def restore_fds(
     parked: dict[tuple[int, int], tuple[int, int]] | None = None,
     terminal=None,
     externals: dict[int, int] | None = None,
+    pids: dict[int, int] | None = None,
 ) -> None:
     """peers: for a process tree, the PIDs of the processes restored before this one;
     parked: the tree's pipe ends kept for a later member (the caller closes them
@@ -179,7 +183,6 @@ def restore_fds(
         for fd in sorted(proc.fds, key=lambda f: f.fd):
             if fd.fd < 0 or fd.kind == "dup" or fd.fd in ctx.done:
                 continue
-    pids: dict[int, int] | None = None,
             inj.reset_data()
             make = KINDS.get(fd.kind)
             if make is None:
@@ -478,6 +481,31 @@ def _external(ctx: _Ctx, fd: Fd) -> None:
     _take_fd(ctx.inj, os.getpid(), mine, fd.fd, cloexec=fd.cloexec)
 
 
+def _pidfd(ctx: _Ctx, fd: Fd) -> None:
+    """A pidfd of a process of the image is opened on its restored self (pidfd_open in
+    the restorer, the mapped PID with --new-pid); one of a process outside it only if
+    that process still runs with the same start time (ckpt opens it and passes it in);
+    one of a process already reaped becomes a pidfd of another reaped process (they
+    behave alike: Pid -1, readable, ESRCH). PIDFD_NONBLOCK and PIDFD_THREAD as they were."""
+    inj, want = ctx.inj, fd.pidfd
+    flags = fd.flags & (abi.O_NONBLOCK | PIDFD_THREAD)
+    restored = ctx.pids.get(want.pid) if want.pid > 0 else None
+    if restored is not None:
+        tmp = syscalls.pidfd_open(inj, restored, flags)
+        if tmp == fd.fd:  # pidfd_open sets close-on-exec
+            syscalls.fcntl(inj, fd.fd, abi.F_SETFD, abi.FD_CLOEXEC if fd.cloexec else 0)
+        else:
+            _place(inj, tmp, fd.fd, fd.cloexec)
+        return
+    mine = dead_pidfd(flags) if want.pid < 0 else pidfd_of_same(want.pid, want.start, flags)
+    if mine is None:
+        raise RestoreError(outside_pidfd_gone(ctx.proc.pid, fd))
+    try:
+        _take_fd(inj, os.getpid(), mine, fd.fd, cloexec=fd.cloexec)
+    finally:
+        os.close(mine)
+
+
 def _pipe_end(ctx: _Ctx, fd: Fd) -> None:
     """This process's end of a pipe an earlier tree member created (and parked)."""
     got = (ctx.parked or {}).get((fd.obj_id, fd.flags & abi.O_ACCMODE))
@@ -506,30 +534,5 @@ KINDS = {
     "socket": restore_sockets,  # restore/sockets.py: every socket at the first one
     "socket_end": restore_socket_end,  # a tree member's socket, rebuilt by an earlier one
     "tty": restore_tty,  # restore/tty.py: the terminal ckpt runs on (--shell-job)
-}
-def _pidfd(ctx: _Ctx, fd: Fd) -> None:
-    """A pidfd of a process of the image is opened on its restored self (pidfd_open in
-    the restorer, the mapped PID with --new-pid); one of a process outside it only if
-    that process still runs with the same start time (ckpt opens it and passes it in);
-    one of a process already reaped becomes a pidfd of another reaped process (they
-    behave alike: Pid -1, readable, ESRCH). PIDFD_NONBLOCK and PIDFD_THREAD as they were."""
-    inj, want = ctx.inj, fd.pidfd
-    flags = fd.flags & (abi.O_NONBLOCK | PIDFD_THREAD)
-    restored = ctx.pids.get(want.pid) if want.pid > 0 else None
-    if restored is not None:
-        tmp = syscalls.pidfd_open(inj, restored, flags)
-        if tmp == fd.fd:  # pidfd_open sets close-on-exec
-            syscalls.fcntl(inj, fd.fd, abi.F_SETFD, abi.FD_CLOEXEC if fd.cloexec else 0)
-        else:
-            _place(inj, tmp, fd.fd, fd.cloexec)
-        return
-    mine = dead_pidfd(flags) if want.pid < 0 else pidfd_of_same(want.pid, want.start, flags)
-    if mine is None:
-        raise RestoreError(outside_pidfd_gone(ctx.proc.pid, fd))
-    try:
-        _take_fd(inj, os.getpid(), mine, fd.fd, cloexec=fd.cloexec)
-    finally:
-        os.close(mine)
-
-
     "pidfd": _pidfd,
+}
