@@ -18,8 +18,9 @@ import pytest
 from helpers import DEADLINE, assert_error, proc_alive, proc_status, wait_until
 from test_tree import reap_orphans
 
+from ckpt.capture.sockets import _consistent
 from ckpt.image import ImageReader
-from ckpt.model import ProcessImage
+from ckpt.model import ProcessImage, TcpConn
 
 
 def load(image) -> ProcessImage:
@@ -99,6 +100,25 @@ def test_unix_listener_in_child_client_parent(e2e):
 def test_tcp_loopback_between_parent_and_child(e2e):
     """Both ends of a loopback TCP connection in two members: TCP_REPAIR, no flag."""
     pair_round_trip(e2e, "tcp")
+
+
+def test_tcp_capture_bound_is_snd_nxt():
+    """The two ends of a loopback connection read while the kernel still sent for the
+    frozen root (numbers of a capture that hung its restore): the root's read counts
+    its whole send queue as unsent, the child's has received 28672 bytes of it. The
+    dump must read again: restored so, neither end ever moves (capture/sockets.py)."""
+    una, queued = 138552473, 2358240
+
+    def conn(snd_seq: int, rcv_seq: int, outq: int, unsent: int) -> TcpConn:
+        return TcpConn(snd_seq=snd_seq, rcv_seq=rcv_seq, outq=bytes(outq), unsent=unsent,
+                       inq=b"", mss=65495, options=7, snd_wscale=10, rcv_wscale=10,
+                       timestamp=0, window=[0] * 5)  # fmt: skip
+
+    root = conn(una + queued, 2573000320, queued, queued)
+    child = conn(2575174272, una + 28672, 2173952, 2173952)
+    assert not _consistent(root, child)
+    root_later = conn(una + queued, 2573000320, queued, queued - 28672)  # read again
+    assert _consistent(root_later, child)
 
 
 def test_tcp_pair_iterative(e2e):

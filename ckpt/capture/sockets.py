@@ -409,22 +409,32 @@ def _before(a: int, b: int) -> bool:
 
 
 def _consistent(a: TcpConn, b: TcpConn) -> bool:
-    """Nothing acknowledged that the other end does not hold (the sequences leave the
-    FINs out), and no FIN received that the other end had not sent."""
+    """Nothing acknowledged that the other end does not hold, nothing received that
+    the other end had not sent (the sequences leave the FINs out), and no FIN
+    received that the other end had not sent.
+
+    The bound is the sender's snd_nxt, not the end of its queue: the kernel goes on
+    sending for a frozen process when a window update comes in (the answer to a
+    zero-window probe), even between two of ckpt's reads of one socket, so a read
+    that still counts data as unsent can meet a peer read that has received it.
+    Restored so, the sender sends from snd_una, below the receiver's rcv_nxt: the
+    receiver drops those segments as old and acknowledges its rcv_nxt, an ACK of
+    data the sender never sent, which the sender ignores; neither moves again."""
 
     def one_way(snd: TcpConn, rcv: TcpConn) -> bool:
         una = (snd.snd_seq - len(snd.outq)) & 0xFFFFFFFF
         if rcv.state in tcp_repair.PEER_FIN:  # the FIN comes after all the data
             return snd.state in tcp_repair.OWN_FIN and rcv.rcv_seq == snd.snd_seq
-        return _before(una, rcv.rcv_seq) and _before(rcv.rcv_seq, snd.snd_seq)
+        nxt = (snd.snd_seq - snd.unsent) & 0xFFFFFFFF
+        return _before(una, rcv.rcv_seq) and _before(rcv.rcv_seq, nxt)
 
     return one_way(a, b) and one_way(b, a)
 
 
 def _make_consistent(pid, ts: TargetSocket, s: Socket, pts: TargetSocket, partner: Socket) -> None:
     """Both ends of a loopback connection are ours: their two captures must agree
-    (nothing acknowledged by one end that the other does not hold). The processes
-    are frozen, so the kernel settles within a delayed-ACK time; re-read until then."""
+    (_consistent). The processes are frozen, so the kernel settles within a
+    delayed-ACK or persist-probe time; re-read until then."""
     for _ in range(CONSISTENT_TRIES):
         if _consistent(s.tcp, partner.tcp):
             return
