@@ -131,7 +131,7 @@ class AcceptQueues:
             for ino, fd in fds.items():
                 where.setdefault(ino, (pid, fd))
         self.ours = set(where)
-        for fam in self._families(where):
+        for fam in (socket.AF_INET, socket.AF_INET6) if where else ():
             for d in sockdiag.tcp_sockets(fam, 1 << sockdiag.TCP_LISTEN):
                 if d.ino in where and d.ino not in self.listeners:
                     pid, fd = where[d.ino]
@@ -142,10 +142,6 @@ class AcceptQueues:
                 if ino in where and ino not in self.listeners and d.type != socket.SOCK_DGRAM:
                     pid, fd = where[ino]
                     self.listeners[ino] = Listener(pid, fd, ino, socket.AF_UNIX, d.name)
-
-    @staticmethod
-    def _families(where: dict) -> tuple[int, ...]:
-        return (socket.AF_INET, socket.AF_INET6) if where else ()
 
     def _hold(self, local: tuple) -> None:
         if not netlock.available():
