@@ -132,7 +132,7 @@ def dump(
     if r.net_lock:
         held = ["TCP peers outside the dump"] if r.locked_tcp else []
         if r.held_listeners:
-            held.append(f"new connections to its {r.held_listeners} listening address(es)")
+            held.append(f"new connections to {r.held_listeners} listening address(es)")
         app.warn(
             f"{' and '.join(held) or 'TCP peers'} are held (nftables table inet {r.net_lock}) "
             f"until `ckpt restore` deletes it; without a restore: nft delete table inet {r.net_lock}"
