@@ -125,12 +125,29 @@ def _raise_for(err: OSError, pid: int, what: str) -> None:
 
     if err.errno == errno.ESRCH:
         raise NoSuchProcess(f"process {pid} exited during {what}", pid=pid) from err
+    if err.errno == errno.EPERM and _exiting(pid):
+        # ptrace_attach refuses a task already in do_exit (PF_EXITING) with EPERM
+        raise NoSuchProcess(f"process {pid} exited during {what}", pid=pid) from err
     if err.errno == errno.EPERM:
         raise AccessDenied(
             f"cannot ptrace process {pid} ({what}: operation not permitted; "
             "is it already traced or protected?)",
             pid=pid,
         ) from err
+
+
+PF_EXITING = 0x00000004  # include/linux/sched.h: the task is in do_exit()
+
+
+def _exiting(pid: int) -> bool:
+    """Is pid gone, a zombie, or on its way out (PF_EXITING in /proc/PID/stat's flags)?"""
+    from . import procfs
+
+    try:
+        st = procfs.stat(pid)
+    except (OSError, NoSuchProcess):
+        return True
+    return st.state in ("Z", "X") or bool(st.flags & PF_EXITING)
 
 
 class Tracee:
