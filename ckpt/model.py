@@ -199,6 +199,13 @@ class Fd:
     file: FileRef | None = None
     rdev: int = 0
     dup_of: int = -1  # another fd of the process sharing this open file description
+    # Who gets the description's SIGIO/SIGURG: [F_OWNER_* type (0 TID, 1 PID, 2 PGRP),
+    # PID/TID/PGID as the dump saw it] (F_GETOWN_EX); [] when nobody. sigio: F_GETSIG,
+    # the signal sent instead of SIGIO (0: SIGIO). O_ASYNC itself is in flags.
+    # (A "memfd" record with peer_slot >= 0 is the same description as fd peer_fd of
+    # that earlier tree member: inherited across fork; capture/tree.py.)
+    owner: list[int] = field(default_factory=list)
+    sigio: int = 0
     socket: Socket | None = None  # kind "socket" (ckpt/capture/sockets.py)
     # Identity of the kernel object behind the fd (pipe/FIFO/memfd inode): records
     # with the same obj_id share one object; its state is on the first of them.
@@ -439,6 +446,9 @@ class ProcessImage:
     security: SecurityContext | None = None
     # the tree's zombies (on the root only), each a child of a process of the tree
     zombies: list[Zombie] = field(default_factory=list)
+    # a tree member made by clone(CLONE_FILES): the slot of the earlier member whose fd
+    # table it shares (its parent, or a member sharing its parent's); -1: its own table
+    files_of: int = -1
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)
@@ -457,11 +467,23 @@ V1_VMA_KINDS = frozenset({"anon", "file", "shmem", "heap", "stack", "vdso", "vva
 V1_FD_KINDS = frozenset({"file", "chr", "dup"})
 
 
+O_ASYNC = 0o20000  # (kernel/abi.py's; model imports nothing of kernel/)
+
+
+def fd_owned(fd: dict[str, Any]) -> bool:
+    """Does this fd record (as to_dict gives it) carry SIGIO state: an owner, a signal
+    other than SIGIO, or O_ASYNC?"""
+    return bool(fd.get("owner") or fd.get("sigio") or fd.get("flags", 0) & O_ASYNC)
+
+
 def state_version(state: dict[str, Any]) -> tuple[int, int]:
     """(major, minor) of the state file for this process state (as to_dict gives it)."""
     procs = [state, *state.get("tree", ())]
     if any(fd_needs_v6(f) for p in procs for f in p.get("fds", ())):
         # a 5.x reader would drop this fd state (or refuse less than it should) silently
+        return (6, 0)
+    if any(p.get("files_of", -1) >= 0 for p in procs):
+        # a 5.x reader would give a clone(CLONE_FILES) member a table of its own
         return (6, 0)
     if state.get("zombies"):
         # a 4.x reader would restore the tree without them: its parents' waits would fail
@@ -491,7 +513,13 @@ def fd_needs_v6(fd: dict[str, Any]) -> bool:
     """Is this fd's record (as to_dict gives it) something a 5.x reader would restore
     wrong without a word? Each fd feature added in major 6 adds its condition here
     (docs/FORMAT.md "Major 6")."""
+    if fd_owned(fd):  # SIGIO owner, F_SETSIG, O_ASYNC: a 5.x reader would drop them
+        return True
+    if fd.get("kind") == "memfd" and fd.get("peer_slot", -1) >= 0:  # a 5.x reader: reopens
+        return True
     if tcp_closing(fd):  # a 5.x reader would rebuild the connection established, no FIN
+        return True
+    if fd.get("kind") in V6_FD_KINDS:  # pidfds…: a 5.x reader knows no such kind
         return True
     return bool(fd.get("locks"))  # file locks: a 5.x reader would restore the fd without them
 

@@ -347,6 +347,7 @@ RANGES: dict[type, dict[str, Callable[[Any], None]]] = {
         "groups": each(0, U32, max_n=65536), "shared_pending": sizes(SIGINFO),
         "dumpable": rng(0, 2), "child_subreaper": rng(0, 1), "thp_disable": U32R,
         "space": rng(-1, m.MAX_SPACE), "net_lock": _net_lock, "starttime": U,
+        "files_of": rng(-1, 1 << 16),
     },
     m.FileRef: {
         "path": path(absolute=True), "dev": U, "ino": U, "size": rng(0, I64_MAX),
@@ -601,6 +602,21 @@ def _check_root(root: m.ProcessImage) -> None:
                 raise SchemaError(
                     f"slot {f.peer_slot} of {len(members)}", f"{where}.fds[{i}].peer_slot"
                 )
+            _check_fd_state(f, slot, f"{where}.fds[{i}]")
+        if p.files_of >= slot:  # shares the table of an earlier member (clone CLONE_FILES)
+            raise SchemaError(f"slot {p.files_of}, not before {slot}", f"{where}.files_of")
+
+
+def _check_fd_state(f: m.Fd, slot: int, where: str) -> None:
+    """SIGIO state of an fd (F_GETOWN_EX, F_GETSIG), restored by fcntl as it is; a memfd
+    fd that is an earlier member's description names one."""
+    if f.kind == "memfd" and f.peer_slot >= 0 and (f.peer_slot >= slot or f.peer_fd < 0):
+        raise SchemaError(f"slot {f.peer_slot} fd {f.peer_fd}", f"{where}.peer_slot")
+    if f.owner and (len(f.owner) != 2 or f.owner[0] not in (0, 1, 2)
+                    or not 0 < f.owner[1] <= PID_MAX):  # fmt: skip
+        raise SchemaError(f"{f.owner!r:.40} is not [F_OWNER_* type, pid]", f"{where}.owner")
+    if not 0 <= f.sigio <= 64:
+        raise SchemaError(f"{f.sigio} is not a signal", f"{where}.sigio")
 
 
 def _check_security(c: m.SecurityContext) -> None:

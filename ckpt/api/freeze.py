@@ -21,7 +21,7 @@ from ..capture.backlog import AcceptQueues
 from ..capture.cow import link_cow
 from ..capture.shm import SharedMemory, project_onto
 from ..capture.sockets import SocketCapture
-from ..capture.tree import FrozenTree, freeze_tree, link_shared
+from ..capture.tree import FrozenTree, fd_tables, freeze_tree, link_shared
 from ..kernel import procfs
 from ..kernel.ptrace import Tracee
 from ..model import ProcessImage, slot_base
@@ -90,6 +90,7 @@ def capture_frozen(
     smaps, and the members they followed. skip_fds: ckpt's own fds in a process,
     by its tracker (a persistent tracker's uffd)."""
     attrs.refuse_frozen(frozen.members)
+    tables = fd_tables(frozen.pids)  # a table shared with an outsider: refused before fds
     pids = frozenset(frozen.pids)
     root = frozen.members[0]
     fr = final_round(
@@ -117,6 +118,8 @@ def capture_frozen(
         stored += sub.bytes_stored
     proc.zombies = frozen.zombies
     shm_pages, shm_stored = _capture_shared(proc, shm, writer)
+    for p, files_of in zip([proc, *proc.tree], tables, strict=True):
+        p.files_of = files_of  # clone(CLONE_FILES): restored forked into that table
     link_shared([proc, *proc.tree], sockets)
     link_cow([proc, *proc.tree])  # pages still shared since a fork
     return Captured(proc, pages + shm_pages, stored + shm_stored)

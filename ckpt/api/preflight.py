@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ..capture.fds import capture_fds
 from ..capture.sockets import SocketCapture
-from ..capture.tree import check_member, descendants
+from ..capture.tree import check_member, descendants, fd_tables
 from ..capture.vmas import classify
 from ..errors import NoSuchProcess
 from ..kernel import procfs
@@ -26,6 +26,10 @@ def preflight(
     descendant) now; return quietly when nothing would be refused."""
     members = [p for p in descendants(pid) if not check_member(p, pid)] if tree else []
     everyone = frozenset([pid, *members])
+    try:  # fd tables shared (clone(CLONE_FILES)) in a way the restore cannot fork again
+        fd_tables([pid, *members])  # (first: the fds such a process shares look outside)
+    except NoSuchProcess:
+        pass  # a member that exited meanwhile: the freeze looks again
     for p in [pid, *members]:
         sockets = SocketCapture()
         try:

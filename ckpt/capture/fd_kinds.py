@@ -207,13 +207,38 @@ def external(rec: Fd, what: str) -> None:
 
 
 def finish(scan: FdScan, out: list[Fd], maps: list[procfs.Mapping]) -> None:
-    """Checks and state that need all fds: pipes, epoll registrations, memfds."""
+    """Checks and state that need all fds: pipes, epoll registrations, memfds; then
+    the SIGIO owner and signal of every description."""
     by_fd = {f.fd: f for f in out}
     _pipes(scan, [f for f in out if f.kind in ("pipe", "fifo")])
     for f in out:
         if f.kind == "epoll":
             _epoll_sources(scan, f, by_fd)
     _memfds(scan, out, maps)
+    _owners(scan, out)
+
+
+def _owners(scan: FdScan, out: list[Fd]) -> None:
+    """Who gets each open file description's SIGIO/SIGURG (F_GETOWN_EX) and which signal
+    replaces SIGIO (F_GETSIG), read on ckpt's duplicate of the fd (the same description;
+    nothing of it changes). A dup shares its description's; an owner that is gone gets
+    nothing from the kernel, so it is not kept either."""
+    for f in out:
+        if f.fd < 0 or f.kind == "dup" or f.flags & abi.O_PATH:  # O_PATH: fcntl says EBADF
+            continue
+        copy = scan.getfd(f.fd)
+        try:
+            kind, pid, f.sigio = fdobjs.sigio_state(copy)
+        finally:
+            os.close(copy)
+        if pid > 0 and fdobjs.owner_exists(kind, pid):
+            f.owner = [kind, pid]
+        if f.kind == "external" and (f.owner or f.sigio or f.flags & abi.O_ASYNC):
+            raise scan.refuse(
+                f.fd,
+                f"leads outside the dump ({f.path}) and has a SIGIO owner or O_ASYNC: the "
+                "restore gives it an fd of its own ckpt, whose owner it must not change",
+            )
 
 
 def _pipes(scan: FdScan, recs: list[Fd]) -> None:

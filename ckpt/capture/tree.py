@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from ..errors import DumpError, NoSuchProcess, TraceeGone, UnsupportedProcess
 from ..kernel import abi, procfs
-from ..kernel.process import kcmp_file
+from ..kernel.process import kcmp_file, same_fd_table
 from ..kernel.ptrace import Tracee, seize_group
 from ..model import Fd, ProcessImage, Zombie
 from .locks import keep_on_peer
@@ -208,6 +208,44 @@ def freeze_tree(root: Tracee) -> FrozenTree:
         raise
 
 
+def fd_tables(pids: list[int]) -> list[int]:
+    """For each process of the dump (parents first), the index of the first one whose fd
+    table it shares (clone(CLONE_FILES), found with kcmp(KCMP_FILES)); -1: its own.
+
+    The restore forks such a process with CLONE_FILES from its parent, so the table
+    must be its parent's (or shared with it); one shared with a process outside the
+    dump — its parent when it is the root, a child that `--no-tree` leaves out —
+    would be restored as a table of its own, and is refused like the rest."""
+    out = [-1] * len(pids)
+    for i, pid in enumerate(pids):
+        out[i] = next((j for j in range(i) if same_fd_table(pids[j], pid)), -1)
+    slot = {pid: i for i, pid in enumerate(pids)}
+    for i, pid in enumerate(pids):
+        ppid = procfs.stat(pid).ppid
+        outside = [c for c in children(pid) if c not in slot]
+        if i == 0:
+            outside.insert(0, ppid)
+        other = next((q for q in outside if q > 0 and same_fd_table(pid, q)), None)
+        if other is not None:
+            raise UnsupportedProcess(
+                f"process {pid} shares its fd table with process {other}, which is not "
+                "dumped with it (clone with CLONE_FILES): its restored table would be "
+                "its own",
+                pid=pid,
+            )
+        if out[i] < 0 or i == 0:
+            continue
+        parent = slot.get(ppid, -1)
+        if parent < 0 or out[i] not in (parent, out[parent]):
+            raise UnsupportedProcess(
+                f"process {pid} shares its fd table with process {pids[out[i]]}, which is "
+                "not its parent (clone with CLONE_PARENT|CLONE_FILES, or re-parented): ckpt "
+                "restores a shared fd table only between a parent and its child",
+                pid=pid,
+            )
+    return out
+
+
 def link_shared(procs: list[ProcessImage], sockets: SocketCapture) -> None:
     """Point what later processes share with earlier ones at its first holder.
 
@@ -251,11 +289,24 @@ def _link_fds(procs: list[ProcessImage]) -> None:
 
 def _link_memfds(procs: list[ProcessImage]) -> None:
     """A memfd several members hold (fd or mapping) is made once, by the first, with
-    its content and seals; the others take that object (restore/fds.create_memfds)."""
+    its content and seals; the others take that object (restore/fds.create_memfds). An
+    fd that is the same open file description as an earlier member's (inherited across
+    fork: kcmp) names it (peer_slot, peer_fd) and takes it at restore, offset and all."""
     first: dict[int, int] = {}
+    held: dict[int, list[tuple[int, int]]] = {}  # memfd → (slot, fd) of the fds so far
     for slot, p in enumerate(procs):
         for f in p.fds:
-            if f.kind != "memfd" or f.memfd is None:
+            if f.kind != "memfd":
+                continue
+            if f.fd >= 0:
+                same = next(((s, ofd) for s, ofd in held.get(f.obj_id, ())
+                             if s != slot and kcmp_file(procs[s].pid, ofd, p.pid, f.fd)),
+                            None)  # fmt: skip
+                if same is not None:
+                    f.peer_slot, f.peer_fd = same
+                else:
+                    held.setdefault(f.obj_id, []).append((slot, f.fd))
+            if f.memfd is None:
                 continue
             if f.obj_id not in first:
                 first[f.obj_id] = slot

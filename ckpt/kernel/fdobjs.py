@@ -228,6 +228,32 @@ def add_seals(fd: int, seals: int) -> None:
     fcntl.fcntl(fd, F_ADD_SEALS, seals)
 
 
+# ---------------------------------------------------------------- SIGIO ownership
+
+
+def sigio_state(fd: int) -> tuple[int, int, int]:
+    """(F_OWNER_* type, owner PID/TID/PGID or 0, F_GETSIG) of the open file description
+    behind ckpt's fd: who gets its SIGIO/SIGURG and which signal is sent instead of SIGIO."""
+    kind, pid = struct.unpack("<ii", fcntl.fcntl(fd, abi.F_GETOWN_EX, bytes(8)))
+    return kind, pid, fcntl.fcntl(fd, abi.F_GETSIG)
+
+
+def owner_exists(kind: int, pid: int) -> bool:
+    """Is there still a thread (F_OWNER_TID), process (F_OWNER_PID) or process group
+    (F_OWNER_PGRP) with that number? A description keeps its owner's number after the
+    owner is gone, and the kernel then sends its signals to nobody."""
+    try:
+        if kind == abi.F_OWNER_PGRP:
+            os.killpg(pid, 0)
+        else:
+            os.stat(procfs.path(pid))  # a TID too: /proc/TID is reachable, though unlisted
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+    except PermissionError:  # killpg: the group exists, its members are not ours to signal
+        return True
+    return True
+
+
 # ---------------------------------------------------------------- epoll
 
 

@@ -69,6 +69,11 @@ def kcmp_file(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
     return lib.ck_syscall(NR_KCMP, pid1, pid2, KCMP_FILE, fd1, fd2, 0) == 0
 
 
+def same_fd_table(pid1: int, pid2: int) -> bool:
+    """Do two processes share one fd table (clone(CLONE_FILES))? kcmp(KCMP_FILES)."""
+    return lib.ck_syscall(NR_KCMP, pid1, pid2, abi.KCMP_FILES, 0, 0, 0) == 0
+
+
 def zombie_parent(pid: int, starttime: int, wait: float = 0.0) -> str:
     """After ckpt killed process `pid` (started at `starttime`): "" once its PID is free,
     else the parent that keeps it a zombie until it reaps it, as "PPID (comm)". Waits up

@@ -45,16 +45,19 @@ def _top(proc: ProcessImage) -> int:
     return max((f.fd for f in getattr(proc, "fds", ())), default=-1) + 1
 
 
-def memfd_holders(proc: ProcessImage) -> dict[int, int]:
-    """memfd object id → the restorer fd holding it until restore_fds is done."""
+def memfd_holders(proc: ProcessImage, base: int = -1) -> dict[int, int]:
+    """memfd object id → the restorer fd holding it until restore_fds is done. base:
+    the first holder number (-1: right above the image's fds); a member sharing an
+    earlier member's fd table has its own range above that one's (restore/tree.py)."""
     fds = getattr(proc, "fds", ())  # (a staged restore maps layouts that have no fds)
     objs = [f.obj_id for f in fds if f.kind == "memfd" and f.memfd is not None]
-    return {obj: _top(proc) + i for i, obj in enumerate(objs)}
+    first = _top(proc) if base < 0 else base
+    return {obj: first + i for i, obj in enumerate(objs)}
 
 
-def memfd_fd_for(proc: ProcessImage, start: int) -> int:
+def memfd_fd_for(proc: ProcessImage, start: int, base: int = -1) -> int:
     """The holder fd of the memfd that the VMA starting at `start` maps."""
-    holders = memfd_holders(proc)
+    holders = memfd_holders(proc, base)
     for f in getattr(proc, "fds", ()):
         if f.memfd is not None and start in f.memfd.maps:
             return holders[f.obj_id]
@@ -62,15 +65,19 @@ def memfd_fd_for(proc: ProcessImage, start: int) -> int:
 
 
 def create_memfds(
-    inj: Injector, proc: ProcessImage, shared: dict[int, tuple[int, int]] | None = None
+    inj: Injector,
+    proc: ProcessImage,
+    shared: dict[int, tuple[int, int]] | None = None,
+    base: int = -1,
 ) -> None:
     """Pre-pass (start of map_vmas): every memfd object, filled, at its holder fd.
 
     A holder number may hold a leftover fd of the restorer: dup3 replaces it
     (restore_fds closes every fd but the holders anyway). shared (a process tree):
     obj_id → (pid, holder fd) of the memfds made so far; a memfd an earlier member
-    made is taken from there (pidfd_getfd), so the members share it again."""
-    holders = memfd_holders(proc)
+    made is taken from there (pidfd_getfd), so the members share it again. base:
+    the first holder number (memfd_holders)."""
+    holders = memfd_holders(proc, base)
     for f in getattr(proc, "fds", ()):
         if f.kind != "memfd" or f.memfd is None:
             continue
@@ -89,12 +96,35 @@ def create_memfds(
         if shared is not None:
             shared[f.obj_id] = (inj.tracee.pid, holder)
         try:
-            tmp = syscalls.memfd_create(inj, inj.cstr(m.name), abi.MFD_ALLOW_SEALING)
+            tmp = _memfd_create(inj, m.name, m.mode)
             _place(inj, tmp, holder, True)
             content = fdobjs.FileContent(size=m.size, mode=m.mode, seals=0, extents=m.extents)
             fdobjs.write_sparse(procfs.fd_path(inj.tracee.pid, holder), content)
+            if m.seals & EARLY_SEALS:
+                syscalls.fcntl(inj, holder, abi.F_ADD_SEALS, m.seals & EARLY_SEALS)
         except OSError as exc:
             raise RestoreError(f"cannot re-create memfd {m.name}: {exc.strerror}") from exc
+
+
+# Seals put on as soon as the content is in, before anything maps the memfd: a shared
+# mapping of a write-sealed memfd is then made as the process made it, without
+# VM_MAYWRITE (and the seal could not be added once a mapping may write). The rest
+# (F_SEAL_SEAL, F_SEAL_FUTURE_WRITE, which a writable mapping made before it survives)
+# comes last, in restore_fds.
+EARLY_SEALS = abi.F_SEAL_SHRINK | abi.F_SEAL_GROW | abi.F_SEAL_WRITE | abi.F_SEAL_EXEC
+
+
+def _memfd_create(inj: Injector, name: str, mode: int) -> int:
+    """memfd_create, executable when its mode says so: with vm.memfd_noexec = 1 a memfd
+    made without MFD_EXEC is sealed non-executable (F_SEAL_EXEC, mode 0666), and its
+    old mode could not be set. A kernel before 6.3 knows no MFD_EXEC (EINVAL): every
+    memfd is executable there (any other failure comes again without it)."""
+    if mode & 0o111:
+        try:
+            return syscalls.memfd_create(inj, inj.cstr(name), abi.MFD_ALLOW_SEALING | abi.MFD_EXEC)
+        except RemoteError:
+            pass
+    return syscalls.memfd_create(inj, inj.cstr(name), abi.MFD_ALLOW_SEALING)
 
 
 # ---------------------------------------------------------------- all fds
@@ -122,14 +152,12 @@ class _Ctx:
         # tree restore: pipe ends kept for later members, (obj_id, mode) → (pid, fd)
         self.parked = parked
         self.holders = memfd_holders(proc)
+        self.made_here = _first_rw_memfds(proc)  # memfd → its fd with memfd_create's description
         self.spare = _top(proc) + len(self.holders) + 1  # temporaries live from here up
         self.by_obj: dict[int, list[Fd]] = {}
         for f in proc.fds:
-        pids: dict[int, int] | None = None,
             if f.obj_id and f.fd >= 0:
                 self.by_obj.setdefault(f.obj_id, []).append(f)
-        # the image's processes (tree, zombies): PID at the dump → PID restored (pidfds)
-        self.pids = pids if pids else {proc.pid: inj.tracee.pid}
         self.done: set[int] = set()
         self._pidfd = -1
 
@@ -209,6 +237,109 @@ def restore_fds(
         ctx.close()
 
 
+# ---------------------------------------------------------------- shared fd tables
+
+
+def table_holder_bases(procs: list[ProcessImage]) -> dict[int, int]:
+    """slot → first memfd holder number of each member that shares an earlier member's
+    fd table (clone(CLONE_FILES)): above the holders of the table's first member and
+    of the members sharing it before, so that no holder replaces another's."""
+    out: dict[int, int] = {}
+    free: dict[int, int] = {}  # the table's first member → its next free holder number
+    for i, p in enumerate(procs):
+        head = p.files_of
+        if head < 0:
+            continue
+        if head not in free:
+            free[head] = _top(procs[head]) + len(memfd_holders(procs[head]))
+        out[i] = free[head]
+        free[head] += len(memfd_holders(p, out[i]))
+    return out
+
+
+def close_table_holders(inj: Injector, proc: ProcessImage, base: int) -> None:
+    """A member sharing an earlier member's fd table restores no fds of its own (that
+    member's restore_fds makes them, in the one table). Once every member's memory is
+    built, it seals the memfds it made (only it mapped them) and closes its holders,
+    before that member's restore_fds closes everything that is not an fd of the image."""
+    holders = memfd_holders(proc, base)
+    for f in proc.fds:
+        if f.memfd is not None and f.memfd.seals:
+            syscalls.fcntl(inj, holders[f.obj_id], abi.F_ADD_SEALS, f.memfd.seals)
+    if holders:
+        syscalls.close_range(inj, base, base + len(holders) - 1, 0)
+
+
+# ---------------------------------------------------------------- SIGIO ownership
+
+
+def _owned(f: Fd) -> bool:
+    return (
+        f.fd >= 0
+        and f.kind not in ("dup", "peer")
+        and bool(f.owner or f.sigio or f.flags & abi.O_ASYNC)
+    )
+
+
+def check_owners(procs: list[ProcessImage], ids: set[int], new_pid: bool) -> None:
+    """Before anything is built: with --new-pid, every SIGIO owner must be a process,
+    thread or zombie of the image (mapped to its new PID) or the process's own group;
+    any other number would name whoever has it on this host now."""
+    if not new_pid:
+        return
+    for p in procs:
+        for f in p.fds:
+            if not (_owned(f) and f.owner) or _own_target(p, f, ids):
+                continue
+            what = ("thread", "process", "process group")[f.owner[0]]
+            raise RestoreError(
+                f"process {p.pid}: fd {f.fd} sends its SIGIO to {what} {f.owner[1]}, outside "
+                "the dumped tree: with --new-pid it cannot be mapped (restore without it)"
+            )
+
+
+def _own_target(p: ProcessImage, f: Fd, ids: set[int]) -> bool:
+    return f.owner[1] in ids or (f.owner[0] == abi.F_OWNER_PGRP and f.owner[1] == p.pgid)
+
+
+def restore_owners(inj: Injector, proc: ProcessImage, pids: dict[int, int], pgid: int) -> None:
+    """Who gets each description's SIGIO/SIGURG (F_SETOWN_EX), the signal (F_SETSIG) and
+    O_ASYNC, once every process and thread of the tree exists (an owner must, or the
+    kernel refuses it) and the process has its own credentials (the kernel keeps the
+    setter's uid and euid to check whether it may signal the owner).
+
+    pids: PID/TID at the dump → restored, for the tree's processes, threads and zombies;
+    an owner outside them keeps its number (check_owners refused that with --new-pid),
+    and the process's own group at the dump is the group it is in now (`pgid`)."""
+    for f in proc.fds:
+        if not _owned(f):
+            continue
+        inj.reset_data()
+        try:
+            if f.owner:
+                kind, who = f.owner
+                now = pids.get(who, who)
+                if kind == abi.F_OWNER_PGRP and who == proc.pgid and who not in pids:
+                    now = pgid
+                owner = inj.put(struct.pack("<ii", kind, now))
+                syscalls.fcntl(inj, f.fd, abi.F_SETOWN_EX, owner)
+            if f.sigio:
+                syscalls.fcntl(inj, f.fd, abi.F_SETSIG, f.sigio)
+            if f.flags & abi.O_ASYNC:
+                # open() and F_SETFL of a pipe end take the flag without registering the
+                # fd for SIGIO (->fasync): clear it, then set it, so that F_SETFL does
+                cur = syscalls.fcntl(inj, f.fd, abi.F_GETFL)
+                if cur & abi.O_ASYNC:
+                    syscalls.fcntl(inj, f.fd, abi.F_SETFL, cur & ~abi.O_ASYNC)
+                syscalls.fcntl(inj, f.fd, abi.F_SETFL, cur | abi.O_ASYNC)
+        except RemoteError as exc:
+            who = f" (owner {f.owner[1]})" if f.owner else ""
+            raise RestoreError(
+                f"process {proc.pid}: cannot restore the SIGIO owner or signal of fd {f.fd}"
+                f"{who}: {exc.strerror}"
+            ) from exc
+
+
 def _by_path(ctx: _Ctx, fd: Fd) -> None:
     """Regular files and character devices: reopen by path (no symlink followed), the
     file checked on the fd that was opened (restore/hostfs.py), then the offset."""
@@ -246,13 +377,48 @@ def _shm_file(proc: ProcessImage, ref) -> bool:
 
 
 def _memfd(ctx: _Ctx, fd: Fd) -> None:
-    """A new open file description of the memfd made in create_memfds."""
+    """The open file description of a memfd fd.
+
+    memfd_create's own description is not a writer of the inode (it is not opened, so
+    it takes no write access), where a reopen through /proc for writing is: while one
+    is open, execveat of the memfd fails with ETXTBSY. So the process's first read-write
+    fd of a memfd it made gets the description create_memfds made (the holder); a fd
+    inherited from an earlier tree member takes that member's description; any other
+    is a new description through the holder (a reopen, as it was in the process)."""
     inj = ctx.inj
-    flags = fd.flags & ~(abi.O_CREAT | abi.O_EXCL | abi.O_TRUNC | abi.O_CLOEXEC)
-    path = procfs.in_target("self", "fd", ctx.holders[fd.obj_id])
-    tmp = syscalls.openat(inj, _u(abi.AT_FDCWD), inj.cstr(path), flags, 0)
-    _place(inj, tmp, fd.fd, fd.cloexec)
-    syscalls.lseek(inj, fd.fd, fd.pos, 0)
+    if fd.peer_slot >= 0:  # the same description as an earlier tree member's fd
+        _peer(ctx, fd)
+        return
+    holder = ctx.holders[fd.obj_id]
+    if ctx.made_here.get(fd.obj_id) == fd.fd:
+        syscalls.dup3(inj, holder, fd.fd, abi.O_CLOEXEC if fd.cloexec else 0)
+        if fd.flags & SETFL_KEPT:
+            syscalls.fcntl(inj, fd.fd, abi.F_SETFL, fd.flags & SETFL_KEPT)
+    else:
+        flags = fd.flags & ~(abi.O_CREAT | abi.O_EXCL | abi.O_TRUNC | abi.O_CLOEXEC)
+        path = procfs.in_target("self", "fd", holder)
+        tmp = syscalls.openat(inj, _u(abi.AT_FDCWD), inj.cstr(path), flags, 0)
+        _place(inj, tmp, fd.fd, fd.cloexec)
+    if not fd.flags & abi.O_PATH:  # an O_PATH fd has no offset (lseek: EBADF)
+        syscalls.lseek(inj, fd.fd, fd.pos, 0)
+
+
+# flags F_SETFL sets that an fd may have had (O_ASYNC: restore_owners, with its owner)
+SETFL_KEPT = abi.O_APPEND | abi.O_NONBLOCK | abi.O_NOATIME
+
+
+def _first_rw_memfds(proc: ProcessImage) -> dict[int, int]:
+    """memfd object id → the fd that gets memfd_create's description: the lowest read-write
+    fd of each memfd this process made (not inherited from a tree member, not O_PATH)."""
+    made = {f.obj_id for f in proc.fds if f.memfd is not None and f.memfd.shared_from < 0}
+    out: dict[int, int] = {}
+    for f in sorted(proc.fds, key=lambda f: f.fd):
+        if (
+            f.kind == "memfd" and f.fd >= 0 and f.obj_id in made and f.obj_id not in out
+            and f.peer_slot < 0 and f.flags & (abi.O_ACCMODE | abi.O_PATH) == abi.O_RDWR
+        ):  # fmt: skip
+            out[f.obj_id] = f.fd
+    return out
 
 
 def _fill_pipe(ctx: _Ctx, first: Fd, size_fd: int, write_fd: int) -> None:

@@ -28,7 +28,13 @@ from ..kernel.remote import HEAL_CODE, INJECT_MASK, SCRATCH_PAGES, Injector, Rem
 from ..kernel.spawn import pause_syscall_addr
 from ..model import ProcessImage, Thread
 from . import attrs, cow
-from .fds import create_memfds, memfd_fd_for, restore_fds
+from .fds import (
+    close_table_holders,
+    create_memfds,
+    memfd_fd_for,
+    restore_fds,
+    restore_owners,
+)
 from .hostfs import chdir_resolved, open_checked
 from .locks import restore_locks
 from .security import enter_cgroups, restore_files_context
@@ -68,6 +74,9 @@ class RestoreContext:
     parked: dict[tuple[int, int], tuple[int, int]] | None = None
     #: tree restore: the memfds made so far (restore/fds.py create_memfds)
     memfds: dict[int, tuple[int, int]] | None = None
+    #: a member sharing an earlier member's fd table (clone(CLONE_FILES)): its first
+    #: memfd holder number (restore/fds.py table_holder_bases); -1: above its fds
+    holder_base: int = -1
     #: the tree's shared memory objects, and who made each so far (restore/shm.py);
     #: None: the process's own
     shared: SharedObjects | None = None
@@ -161,6 +170,7 @@ class Rebuilder:
         """Everything after the pages are in: protections, mm, fds, signals, creds; then go."""
         self.state_files()
         self.state_rest()
+        self.restore_fd_owners(self.tid_map)
         self.leave()
 
     def state_files(self) -> None:
@@ -168,7 +178,8 @@ class Rebuilder:
         first: a later member's shared fds come from an earlier one)."""
         self.finish_vmas()
         self.set_mm()
-        self.restore_fds()
+        if self.proc.files_of < 0:  # else (clone(CLONE_FILES)) its fds are an earlier
+            self.restore_fds()  # member's, made in their one table (close_table_holders)
         # the fds' file locks, once no temporary fd is left to close (a close of any fd of
         # a file drops the process's POSIX locks on it): restore/locks.py
         restore_locks(self.inj, self.proc)
@@ -185,10 +196,13 @@ class Rebuilder:
         self.register_rseq()
         attrs.after_creds(self)
 
-    def fork_child(self, want: int | None, exit_signal: int = abi.SIGCHLD) -> Tracee:
+    def fork_child(
+        self, want: int | None, exit_signal: int = abi.SIGCHLD, flags: int = 0
+    ) -> Tracee:
         """A copy of this restorer as its child, with PID `want` when given, that sends
         `exit_signal` to its parent when it exits. The child inherits the address space
         as it is (restore/tree.py: the parent's, built; its scratch area included).
+        flags: clone flags (CLONE_FILES: the child shares this restorer's fd table).
 
         The child is auto-attached (PTRACE_O_TRACEFORK, or TRACECLONE for an exit signal
         other than SIGCHLD) and stops before running an instruction; it becomes a tree
@@ -199,7 +213,8 @@ class Rebuilder:
         inj = self.inj
         inj.reset_data()
         set_tid = inj.put(struct.pack("<i", want)) if want else 0
-        args = struct.pack("<11Q", 0, 0, 0, 0, exit_signal, 0, 0, 0, set_tid, 1 if want else 0, 0)
+        args = struct.pack("<11Q", flags, 0, 0, 0, exit_signal, 0, 0, 0, set_tid,
+                           1 if want else 0, 0)  # fmt: skip
         base = PTRACE_O_TRACESYSGOOD | PTRACE_O_EXITKILL
         self.tracee.set_options(base | PTRACE_O_TRACEFORK | PTRACE_O_TRACECLONE)
         try:
@@ -294,7 +309,8 @@ class Rebuilder:
                 )
 
     def map_vmas(self) -> None:
-        create_memfds(self.inj, self.proc, self.ctx.memfds)  # first: mappings share them
+        base = self.ctx.holder_base
+        create_memfds(self.inj, self.proc, self.ctx.memfds, base)  # first: mappings share them
         for v in self.proc.vmas:
             if v.kind in VDSO_KINDS:
                 continue
@@ -320,11 +336,18 @@ class Rebuilder:
                 flags |= abi.MAP_NORESERVE
             if v.kind in ("file", "memfd"):
                 mode = abi.O_RDWR if (v.shared and "mw" in v.vmflags) else abi.O_RDONLY
+                if v.kind == "memfd" and "sh" in v.vmflags:
+                    # memfd_create's own file, as the process mapped it: a reopen for
+                    # writing would hold write access (execveat of it: ETXTBSY), one
+                    # read-only would not be VM_SHARED (a write-sealed memfd's is)
+                    holder = memfd_fd_for(self.proc, v.start, base)
+                    self._mmap_at(v, prot0, flags, holder, v.offset)
+                    continue
                 # a memfd: the object create_memfds made, shared with its fds
                 path = (
                     v.file.path
                     if v.kind == "file"
-                    else procfs.in_target("self", "fd", memfd_fd_for(self.proc, v.start))
+                    else procfs.in_target("self", "fd", memfd_fd_for(self.proc, v.start, base))
                 )
                 self._map_path(v, prot0, flags, path, mode, v.file if v.kind == "file" else None)
                 continue
@@ -717,6 +740,17 @@ class Rebuilder:
         for t, inj in [(self.proc.threads[0], self.inj), *((t, ti) for t, _, ti in self.threads)]:
             if t.rseq is not None:
                 syscalls.rseq(inj, t.rseq.ptr, t.rseq.size, 0, t.rseq.signature)
+
+    def close_table_holders(self) -> None:
+        """A member sharing an earlier member's fd table: its memfds sealed, its holders
+        closed, before that member restores the table's fds (restore/fds.py)."""
+        if self.proc.files_of >= 0:
+            close_table_holders(self.inj, self.proc, self.ctx.holder_base)
+
+    def restore_fd_owners(self, pids: dict[int, int]) -> None:
+        """SIGIO owners, F_SETSIG, O_ASYNC (restore/fds.py): after every process and thread
+        of the tree exists and the credentials are set. pids: at the dump → now."""
+        restore_owners(self.inj, self.proc, pids, os.getpgid(self.pid))
 
     def leave(self) -> None:
         """Scratch gone, then every thread gets its registers back and runs."""

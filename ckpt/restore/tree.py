@@ -28,10 +28,11 @@ from collections.abc import Callable
 
 from .. import faults
 from ..errors import ImageCorrupt, RestoreError, as_error
-from ..kernel import syscalls, sysvshm
+from ..kernel import abi, syscalls, sysvshm
 from ..model import ProcessImage
 from . import attrs, cow, zombies
 from .checks import check_files, check_pidfds, wait_pid_free
+from .fds import check_owners, table_holder_bases
 from .rebuild import Rebuilder, RestoreContext
 from .security import check as check_security
 from .shm import SharedObjects, check_not_in_use, check_objects
@@ -62,6 +63,20 @@ def check_tree(root: ProcessImage, new_pid: bool) -> None:
                 wait_pid_free(t)
     for z in root.zombies if not new_pid else ():
         wait_pid_free(z.pid)
+    _check_fd_state(procs, new_pid)
+
+
+def _check_fd_state(procs: list[ProcessImage], new_pid: bool) -> None:
+    """A member sharing a table (clone(CLONE_FILES)) is forked from its parent with
+    CLONE_FILES: the parent must hold that table. SIGIO owners (restore/fds.py)."""
+    for i, p in enumerate(procs):
+        parent = next((j for j in range(i) if procs[j].pid == p.ppid), -1)
+        if p.files_of >= 0 and p.files_of not in (parent, procs[parent].files_of):
+            raise ImageCorrupt(
+                f"tree member {p.pid} shares the fd table of slot {p.files_of}, not its parent's"
+            )
+    ids = {t.tid for p in procs for t in p.threads} | {p.pid for p in procs}
+    check_owners(procs, ids | {z.pid for z in procs[0].zombies}, new_pid)
 
 
 @as_error(RestoreError)  # a kernel failure inside is the restore's (exit 11)
@@ -81,6 +96,7 @@ def build_tree(
     externals: fds 0-2 that led outside the dump → the fd of this ckpt they get."""
     procs = members(root)
     slot = {p.pid: i for i, p in enumerate(procs)}
+    bases = table_holder_bases(procs)  # members sharing a table (clone(CLONE_FILES))
     rbs: list[Rebuilder] = []
     made: list[zombies.Made] = []  # the zombies, until they exit (restore/zombies.py)
     tcp = RebuiltConnections()  # if the restore fails, its TCP connections go silently
@@ -93,6 +109,7 @@ def build_tree(
     def context(i: int) -> RestoreContext:
         """Member i's share of the tree: the members restored before it, the registries."""
         return RestoreContext(
+            holder_base=bases.get(i, -1),  # a table shared with an earlier member's
             peers={j: rbs[j].pid for j in range(i)},
             peer_images={j: procs[j] for j in range(i)},
             parked=parked if tree else None,
@@ -114,7 +131,8 @@ def build_tree(
                 # at the dump is inherited again, not written twice (restore/cow.py)
                 parent = rbs[slot[p.ppid]]
                 cow.check(p, slot[p.ppid], parent.proc)
-                tr = parent.fork_child(None if new_pid else p.pid, attrs.exit_signal(p))
+                flags = abi.CLONE_FILES if p.files_of >= 0 else 0  # the parent's table
+                tr = parent.fork_child(None if new_pid else p.pid, attrs.exit_signal(p), flags)
                 rbs.append(Rebuilder(tr.pid, p, new_pid, context(i), tracee=tr))
                 pids[p.pid] = tr.pid
                 rbs[i].inj.use(parent.inj.scratch.addr)  # the parent's, inherited
@@ -129,6 +147,8 @@ def build_tree(
             if fill_shared is None:
                 raise ImageCorrupt("the image has shared memory objects but no way to fill them")
             fill_shared(shared)
+        for rb in rbs:  # before a shared table's fds are made: its other members' memfds
+            rb.close_table_holders()
         for rb in rbs:
             rb.state_files()
         by_pid = {rb.pid: rb for rb in rbs}
@@ -139,6 +159,10 @@ def build_tree(
         zombies.exit_all(made)  # before the parents' signals: their SIGCHLD is taken back
         for rb in rbs:
             rb.state_rest()
+        ids = {tid: now for rb in rbs for tid, now in rb.tid_map.items()}
+        ids.update((m.image.pid, m.pid) for m in made)
+        for rb in rbs:  # SIGIO owners: once every process and thread exists, creds set
+            rb.restore_fd_owners(ids)
         for rb in reversed(rbs):
             rb.leave()
     except BaseException:
