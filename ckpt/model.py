@@ -56,7 +56,8 @@ class Vma:
     end: int
     prot: int  # PROT_* bits
     shared: bool
-    kind: str  # "anon", "file", "shmem", "heap", "stack", "vdso", "vvar", "vvar_vclock"
+    kind: str  # "anon", "file", "shmem", "heap", "stack", "vdso", "vvar", "vvar_vclock",
+    #            "unlinked" (an unlinked file: `file` names it, an Fd record holds it)
     name: str
     offset: int = 0
     vmflags: list[str] = field(default_factory=list)
@@ -188,6 +189,20 @@ class PidfdState:
 
 
 @dataclass
+class UnlinkedFile:
+    """The content of a regular file that was unlinked while open or mapped (kind
+    "unlinked"): on one record of the image per file (the first that holds it); every
+    fd and VMA of it names it by its FileRef (dev, ino; path without " (deleted)").
+    restore/unlinked.py makes it again with O_TMPFILE in the same directory."""
+
+    size: int
+    mode: int  # permission bits (setuid, setgid and sticky too)
+    uid: int
+    gid: int
+    extents: list[list] = field(default_factory=list)  # [offset, bytes]; the rest is holes
+
+
+@dataclass
 class Fd:
     fd: int  # -1: an object only mappings hold (a memfd whose fds were closed)
     kind: str  # "file", "chr", "pipe", "fifo", "eventfd", "timerfd", "signalfd",
@@ -226,11 +241,12 @@ class Fd:
     peer_fd: int = -1
     tty: TtyState | None = None  # kind "tty"
     pidfd: PidfdState | None = None  # kind "pidfd"
+    unlinked: UnlinkedFile | None = None  # kind "unlinked": on the record holding the content
 
 
 # Fd kinds of major 6 (docs/FORMAT.md): a 5.x reader would refuse them by kind, but the
 # major says why (a newer ckpt wrote it)
-V6_FD_KINDS = frozenset({"pidfd"})
+V6_FD_KINDS = frozenset({"pidfd", "unlinked"})
 
 # Fd.kind values a state may hold: what restore/fds.py has a handler for (its KINDS), plus
 # "dup" (another fd's open file description). Here, not read from restore/, so that

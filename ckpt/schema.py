@@ -378,6 +378,7 @@ RANGES: dict[type, dict[str, Callable[[Any], None]]] = {
     m.InotifyWatch: {"wd": rng(1, I32_MAX), "mask": U32R, "path": path(), "dev": U, "ino": U},
     m.TtyState: {"name": path(), "rdev": U, "pgid": PID0, "termios": maxlen(256)},
     m.PidfdState: {"pid": rng(-1, PID_MAX), "start": U},
+    m.UnlinkedFile: {"size": rng(0, I64_MAX), "mode": rng(0, 0o7777), "uid": U32R, "gid": U32R},
     m.Fd: {
         "fd": FD, "path": path(limit=2 * PATH_MAX), "flags": U32R, "pos": rng(0, I64_MAX),
         "rdev": U, "dup_of": FD, "obj_id": U, "pipe_size": rng(0, 1 << 31), "count": U,
@@ -465,7 +466,7 @@ def _check_vma(v: m.Vma) -> None:
     if v.offset % PAGE:
         raise SchemaError(f"{v.offset:#x} is not page aligned", ".offset")
     _runs(v.present, v.start, v.end, "present")
-    if v.kind == "file" and v.file is None:
+    if v.kind in ("file", "unlinked") and v.file is None:
         raise SchemaError("a file mapping without its file", ".file")
     if v.kind == "sysv" and v.sysv is None:
         raise SchemaError("a SysV mapping without its segment", ".sysv")
@@ -504,11 +505,13 @@ def _check_fd(f: m.Fd) -> None:
         raise SchemaError("a terminal fd without its terminal", ".tty")
     if f.kind == "pidfd" and (f.pidfd is None or f.pidfd.pid == 0):
         raise SchemaError("a pidfd without the process it names", ".pidfd")
+    if f.kind == "unlinked" and (f.file is None or (f.fd < 0 and f.unlinked is None)):
+        raise SchemaError("an unlinked file without its identity or content", ".file")
     if f.kind == "dup" and f.dup_of < 0:
         raise SchemaError("a dup of no fd", ".dup_of")
     if f.kind == "peer" and (f.peer_slot < 0 or f.peer_fd < 0):
         raise SchemaError("a shared fd that names no process or fd", ".peer_slot")
-    if f.fd < 0 and f.kind not in ("memfd", "socket"):
+    if f.fd < 0 and f.kind not in ("memfd", "socket", "unlinked"):
         raise SchemaError(f"fd number -1 for a {f.kind}", ".fd")
     if f.data:  # buffered bytes of a pipe/FIFO must fit the pipe made again
         cap = f.pipe_size or PIPE_DEFAULT
@@ -634,6 +637,7 @@ CHECKS: dict[type, Callable[[Any], None]] = {
     m.Vma: _check_vma,
     m.ShmObject: _check_shm,
     m.MemfdState: _check_memfd,
+    m.UnlinkedFile: _check_memfd,  # the same rule: extents inside the size
     m.Fd: _check_fd,
     m.FileLock: _check_lock,
     m.Socket: _check_socket,

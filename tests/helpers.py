@@ -789,6 +789,12 @@ def maps_for_compare(pid: int) -> list[str]:
         rest = parts[5]
         if rest.startswith("/dev/zero (deleted)") or rest.startswith("/memfd:"):
             parts[4], parts[5] = "*", "<shared anonymous> " + rest[rest.rindex("[") :]
+        elif " (deleted) [" in rest and not rest.startswith("/SYSV"):
+            # an unlinked file is made again with O_TMPFILE (restore/unlinked.py): a new
+            # inode, named <dir>/#<inode> by the kernel; its directory stays
+            name = rest[: rest.index(" (deleted) [")]
+            parts[4] = "*"
+            parts[5] = f"{os.path.dirname(name)}/<unlinked> {rest[rest.rindex('[') :]}"
         out.append(" ".join(parts))
     return out
 

@@ -13,6 +13,7 @@ import os
 import signal
 import time
 
+import pytest
 from helpers import (
     assert_error,
     assert_no_process,
@@ -92,6 +93,68 @@ def test_pidfd_of_own_thread_refused(e2e):
     image = e2e.path("img")
     res = e2e.dump(w.pid, image)
     assert_error(res, 5, f"fd {w.ready['fd']} ", "pidfd of thread", f"process {w.pid}")
+    assert not image_complete(e2e, image)
+    wait_until(lambda: untraced_and_running(w.pid), 30, "the target to run untraced")
+    v = e2e.verify(w, w.pid)
+    assert v.ok, v.line
+    assert w.reap() == 0
+
+
+# --------------------------------------------------------------- unlinked files
+
+
+def test_unlinked_files_restored(e2e):
+    """Files unlinked while open or mapped come back as unnamed files of the same
+    directory with the same content, mode, owner, flags and offsets; every fd and
+    mapping of one file shares one inode again (shared and private mappings, a file
+    only a mapping holds, O_APPEND, O_PATH)."""
+    w = e2e.spawn("unlinked")
+    dump_restore_verify(e2e, w)
+
+
+def test_unlinked_files_in_a_tree(e2e):
+    """A child that inherited the fds and mappings and opened a description of its own
+    through /proc: after the restore they are all one inode with the parent's."""
+    w = e2e.spawn("unlinked", "tree")
+    dump_restore_verify(e2e, w, after_dump=lambda _image: reap_orphans([int(w.ready["child"])]))
+
+
+def test_unlinked_file_directory_gone_at_restore(e2e):
+    """The directory an unlinked file is made again in is gone at restore: exit 11
+    naming the process, the fd and the directory; nothing is left."""
+    w = e2e.spawn("unlinked", "sub")
+    image = e2e.path("img")
+    e2e.dump_ok(w, image)
+    os.rmdir(os.path.join(w.cwd, "sub"))
+    res = e2e.ckpt("restore", "-D", str(image))
+    assert_error(res, 11, f"fd {w.ready['fd']}", "sub/f.dat", "directory")
+    assert_no_process(w.pid)
+    os.mkdir(os.path.join(w.cwd, "sub"))  # back: the same image restores
+    dump_restored = e2e.ckpt_bg("restore", "-D", str(image))
+    e2e.wait_restored(w.pid, w.ident, dump_restored)
+    v = e2e.verify(w, w.pid)
+    assert v.ok, v.line
+    assert dump_restored.wait().returncode == 0
+    assert os.listdir(os.path.join(w.cwd, "sub")) == [], "the file got a name"
+
+
+@pytest.mark.parametrize(
+    ("mode", "needles"),
+    [
+        ("big", ["unlinked file", "64 MiB"]),
+        ("links", ["name was deleted", "other links"]),
+        ("nodir", ["unlinked file", "directory is gone"]),
+        ("aio", ["AIO ring"]),
+    ],
+)
+def test_unlinked_refused_and_left_running(e2e, mode, needles):
+    """What cannot be made exact is refused at the dump with one line naming the
+    process and the fd or mapping (exit 5); the target runs on."""
+    w = e2e.spawn("unlinked", mode)
+    image = e2e.path("img")
+    res = e2e.dump(w.pid, image)
+    fd = int(w.ready["fd"])
+    assert_error(res, 5, f"process {w.pid}", *([f"fd {fd} "] if fd >= 0 else []), *needles)
     assert not image_complete(e2e, image)
     wait_until(lambda: untraced_and_running(w.pid), 30, "the target to run untraced")
     v = e2e.verify(w, w.pid)

@@ -708,12 +708,14 @@ def test_cgroup_throttle_writes_quota_and_undoes_it(e2e, tmp_path):
 
 
 def test_unsupported_process_is_refused_before_connecting(e2e, token):
-    """An fd on a deleted file would make the final capture fail: refuse before a byte
-    is sent (port 1 on loopback has no receiver, so reaching the network would exit 25)."""
+    """An fd on a file whose name was deleted while another link remains would make the
+    final capture fail: refuse before a byte is sent (port 1 on loopback has no
+    receiver, so reaching the network would exit 25)."""
     cwd = e2e.path("unsupported")
     cwd.mkdir()
     gone = cwd / "deleted.log"
     with open(gone, "wb") as out:
+        os.link(gone, cwd / "kept.log")
         gone.unlink()
         p = subprocess.Popen(
             ["sleep", "60"], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.DEVNULL,

@@ -24,7 +24,7 @@ from ..capture.target import Target
 from ..capture.tree import descendants
 from ..capture.tty import TerminalFd
 from ..capture.validate import check_target
-from ..capture.vmas import classify
+from ..capture.vmas import classify, unlinked_mapping
 from ..errors import CkptError, DumpError, UnsupportedProcess
 from ..kernel import procfs, shmobj
 from ..precopy.policy import Policy
@@ -143,6 +143,8 @@ def _why_not_staged(opts: MigrateOptions) -> str:
     maps = procfs.maps(opts.pid)
     if any(m.deleted and m.name.startswith("/memfd:") for m in maps):
         return "the process maps a memfd"
+    if any(unlinked_mapping(opts.pid, m) is not None for m in maps):
+        return "the process maps an unlinked file"  # made with its fd record (restore/unlinked.py)
     if not _shared_memory_stageable(opts.pid, maps):
         return "the process maps part of a shared memory object, or one object twice"
     return ""

@@ -165,7 +165,7 @@ def _write_pages(reader: ImageReader, slot: int, proc: ProcessImage, mem_fd: int
     reader.write_data(plan, write)
     # Present pages whose newest copy is all zero: fresh anonymous memory already
     # reads zero, but a file mapping would show the file's content there.
-    file_spans = [(v.start, v.end) for v in proc.vmas if v.kind in ("file", "memfd")]
+    file_spans = [(v.start, v.end) for v in proc.vmas if v.kind in ("file", "memfd", "unlinked")]
     zero_spans = sorted((a - base, a - base + n * 4096) for a, n in plan.zero)
     for a, b in intersect(zero_spans, file_spans):
         for off in range(a, b, len(_ZERO)):

@@ -9,7 +9,7 @@ from ..errors import CkptError, DumpError, NoSuchProcess, UnsupportedProcess
 from ..kernel import abi, procfs
 from ..kernel.process import same_open_file
 from ..model import Fd
-from . import fd_kinds, locks, tty
+from . import fd_kinds, locks, tty, unlinked
 from .sockets import OutsidePeer, SocketCapture, capture_socket
 from .vmas import file_ref
 
@@ -35,7 +35,9 @@ def capture_fds(
     held: dict[int, bytes] = {}  # fd → its fdinfo, when it lists locks (capture/locks.py)
     try:
         out = _capture(scan, pid, skip, sockets, tcp_established, shell_job, held)
-        fd_kinds.finish(scan, out, procfs.maps(pid))
+        maps = procfs.maps(pid)
+        fd_kinds.finish(scan, out, maps)
+        unlinked.finish(scan, out, maps)  # unlinked files: content once, fds or mappings
         locks.attach(out, held, pid)
     except OSError as exc:  # reading a pipe's data, a memfd, a pidfd_getfd copy…
         raise DumpError(f"reading the fds of process {pid} failed: {exc}") from exc
@@ -84,9 +86,18 @@ def _capture(
             rec = Fd(fd=fd, kind=kind, path=target, flags=flags, cloexec=cloexec, pos=info.pos)
             out.append(fd_kinds.capture(scan, rec, kind, st, raw))
             continue
+        if unlinked.is_unlinked(target, st):  # no name left: its content goes in the image
+            out.append(unlinked.record(fd, target, flags, cloexec, info.pos, st))
+            continue
         if statmod.S_ISREG(st.st_mode) or statmod.S_ISDIR(st.st_mode):
             # files, and directories (openat-style code and harnesses keep those open)
             what = "file" if statmod.S_ISREG(st.st_mode) else "directory"
+            if target.endswith(" (deleted)") and st.st_nlink and what == "file":
+                raise UnsupportedProcess(
+                    f"fd {fd} is a file whose name was deleted while it has other links "
+                    f"({target}): not supported (its other names are unknown)",
+                    pid=pid,
+                )
             if target.endswith(" (deleted)") or not target.startswith("/"):
                 raise UnsupportedProcess(
                     f"fd {fd} refers to a deleted or unreachable {what} ({target})", pid=pid

@@ -30,6 +30,7 @@ from ..model import Fd, ProcessImage, Zombie
 from .locks import keep_on_peer
 from .security import check_namespaces
 from .sockets import SocketCapture, link_tree_sockets
+from .unlinked import link_tree as link_unlinked
 
 
 def children(pid: int) -> list[int]:
@@ -256,6 +257,7 @@ def link_shared(procs: list[ProcessImage], sockets: SocketCapture) -> None:
     _link_memfds(procs)
     _link_pipes(procs)
     _link_sockets(procs, sockets)
+    link_unlinked(procs)  # unlinked files: content once, on the first record (unlinked.py)
 
 
 def _link_fds(procs: list[ProcessImage]) -> None:

@@ -57,8 +57,19 @@ def classify(pid: int, m: Mapping) -> Vma | None:
     if m.deleted and SYSV_NAME.fullmatch(name):
         return Vma(kind="sysv", sysv=_sysv(pid, m, where), **base)
     if m.deleted:
+        st = unlinked_mapping(pid, m)
+        if st is not None:  # content saved with its Fd record (capture/unlinked.py)
+            return Vma(kind="unlinked", file=file_ref(name, st), **base)
+        if name == "/[aio]":
+            raise UnsupportedProcess(
+                f"process {pid}: {where} is an AIO ring (io_setup): not supported (its "
+                "requests in flight and completions cannot be rebuilt)",
+                pid=pid,
+            )
         raise UnsupportedProcess(
-            f"{where} maps a deleted file (an unlinked file: not supported yet)", pid=pid
+            f"process {pid}: {where} maps a deleted name of a file that has other links, "
+            "or a deleted special file: not supported",
+            pid=pid,
         )
     if name.startswith("/"):
         try:
@@ -73,6 +84,21 @@ def classify(pid: int, m: Mapping) -> Vma | None:
             raise UnsupportedProcess(f"{where}: the path now names a different file", pid=pid)
         return Vma(kind="file", file=file_ref(name, st), **base)
     raise UnsupportedProcess(f"{where}: unknown mapping kind", pid=pid)
+
+
+SPECIAL_DELETED = ("/memfd:", "/SYSV", "/dev/zero")  # objects of their own (fd_kinds, shm)
+
+
+def unlinked_mapping(pid: int, m: Mapping) -> os.stat_result | None:
+    """The file a deleted mapping maps, when it is a regular file without any name left
+    (capture/unlinked.py), else None."""
+    if not (m.deleted and m.inode and m.name.startswith("/")) or m.name.startswith(SPECIAL_DELETED):
+        return None
+    try:
+        st = os.stat(procfs.map_file(pid, m.start, m.end))
+    except OSError:
+        return None
+    return st if statmod.S_ISREG(st.st_mode) and st.st_nlink == 0 else None
 
 
 def _sysv(pid: int, m: Mapping, where: str) -> SysvShm:
@@ -103,8 +129,9 @@ def needs_pages(v: Vma) -> tuple[bool, bool]:
     """(save pages at all, include file/shmem pages) for a VMA kind."""
     if v.kind in ("vdso", "vvar", "vvar_vclock"):
         return (False, False)
-    if v.kind in ("file", "memfd") and v.shared:
-        return (False, False)  # the data lives in the file (a memfd's is saved with it)
+    if v.kind in ("file", "memfd", "unlinked") and v.shared:
+        # the data lives in the file (a memfd's or an unlinked file's is saved with it)
+        return (False, False)
     if v.kind in ("shmem", "sysv"):
         return (False, False)  # stored by object, not by mapping (capture/shm.py)
     return (True, False)

@@ -33,6 +33,7 @@ O_RDONLY, O_WRONLY, O_RDWR, O_ACCMODE = 0, 1, 2, 3
 O_CREAT, O_EXCL, O_NOCTTY, O_TRUNC, O_NONBLOCK = 0o100, 0o200, 0o400, 0o1000, 0o4000
 O_DIRECT, O_DIRECTORY, O_NOFOLLOW = 0o40000, 0o200000, 0o400000
 O_CLOEXEC, O_PATH = 0o2000000, 0o10000000
+O_TMPFILE = 0o20000000 | O_DIRECTORY  # an unnamed file in the directory opened
 # the flags openat2 accepts (it refuses bits it does not know, where openat ignores them)
 VALID_OPEN_FLAGS = 0o37777703
 AT_FDCWD = -100

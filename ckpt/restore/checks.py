@@ -35,14 +35,14 @@ def check_files(proc: ProcessImage) -> None:
     if proc.mm.exe is not None:
         check_file(proc.mm.exe, "executable")
     for v in proc.vmas:
-        if v.file is not None:
+        if v.file is not None and v.kind != "unlinked":  # no name: made again, not checked
             # a tmpfs file whose content the image holds (restore/shm.py) is written back,
             # or made again when it is gone (e.g. on another host)
             if v.shm >= 0 and not os.path.lexists(v.file.path):
                 continue
             check_file(v.file, f"mapped file (at {v.start:#x})", strict=v.shm < 0)
     for fd in proc.fds:
-        if fd.file is not None:
+        if fd.file is not None and fd.kind != "unlinked":
             # a directory only needs to be the same one: its entries come and go
             strict = (fd.flags & abi.O_ACCMODE) != abi.O_WRONLY and fd.kind != "dir"
             check_file(fd.file, f"file of fd {fd.fd}", strict=strict)

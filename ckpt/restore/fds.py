@@ -30,6 +30,7 @@ from . import hostfs
 from .checks import outside_pidfd_gone
 from .sockets import restore_socket_end, restore_sockets
 from .tty import restore_tty
+from .unlinked import UnlinkedFiles, restore_unlinked
 
 MAX_WD_TRIES = 1 << 20
 
@@ -195,14 +196,17 @@ def restore_fds(
     terminal=None,
     externals: dict[int, int] | None = None,
     pids: dict[int, int] | None = None,
+    unlinked: UnlinkedFiles | None = None,
 ) -> None:
     """peers: for a process tree, the PIDs of the processes restored before this one;
     parked: the tree's pipe ends kept for a later member (the caller closes them
     all once every member has its fds); terminal: restore/tty.Terminal (--shell-job);
     externals: fd that led outside the dump → the fd of this ckpt it becomes;
     pids: every process of the image (tree members, zombies) → its restored PID, all
-    forked by now (pidfds name them)."""
+    forked by now (pidfds name them); unlinked: the tree's unlinked files
+    (restore/unlinked.py)."""
     ctx = _Ctx(inj, proc, peers, parked, terminal, externals, pids)
+    ctx.unlinked = unlinked if unlinked is not None else UnlinkedFiles([proc])
     top, n = _top(proc), len(ctx.holders)
     if top > 0:
         syscalls.close_range(inj, 0, top - 1, 0)
@@ -701,4 +705,5 @@ KINDS = {
     "socket_end": restore_socket_end,  # a tree member's socket, rebuilt by an earlier one
     "tty": restore_tty,  # restore/tty.py: the terminal ckpt runs on (--shell-job)
     "pidfd": _pidfd,
+    "unlinked": restore_unlinked,  # restore/unlinked.py: made again with O_TMPFILE
 }

@@ -41,6 +41,7 @@ from .security import enter_cgroups, restore_files_context
 from .security import restore_creds as restore_security_creds
 from .shm import Owner, SharedObjects
 from .tty import Terminal
+from .unlinked import UnlinkedFiles
 
 # VmFlags set by madvise → the advice that sets them again
 MADV = {
@@ -89,6 +90,9 @@ class RestoreContext:
     #: tree restore: PID at the dump → restored PID of every member and zombie, all
     #: forked before the fds phase (pidfds name them); empty: just this process
     pids: dict[int, int] = field(default_factory=dict)
+    #: the tree's unlinked files, and where each was made (restore/unlinked.py); None:
+    #: the process's own
+    unlinked: UnlinkedFiles | None = None
 
 
 class Rebuilder:
@@ -107,6 +111,7 @@ class Rebuilder:
         self.new_pid = new_pid
         self.ctx = ctx if ctx is not None else RestoreContext()
         self.shared = self.ctx.shared if self.ctx.shared is not None else SharedObjects(proc.shm)
+        self.unlinked = self.ctx.unlinked or UnlinkedFiles([proc])  # restore/unlinked.py
         if tracee is None:
             self.tracee = Tracee.seize(pid, exitkill=True)
             self.tracee.interrupt()
@@ -323,6 +328,10 @@ class Rebuilder:
                 flags |= abi.MAP_GROWSDOWN
             if "dp" in v.vmflags:  # MAP_DROPPABLE: a mapping type of its own
                 flags = flags & ~abi.MAP_PRIVATE | abi.MAP_DROPPABLE
+            if v.kind == "unlinked":  # made again, or the one made already (restore/unlinked.py)
+                noreserve = abi.MAP_NORESERVE if "nr" in v.vmflags else 0
+                self._map_unlinked(v, prot0, flags | noreserve)
+                continue
             if v.shm >= 0:
                 self._map_object(v, prot0, flags)
                 continue
@@ -467,6 +476,18 @@ class Rebuilder:
         finally:
             syscalls.close(inj, fd)
 
+    def _map_unlinked(self, v, prot: int, flags: int) -> None:
+        """A mapping of an unlinked file: the file made again (restore/unlinked.py), opened
+        with the mode that gives the mapping its VM_MAYWRITE as it had."""
+        mode = abi.O_RDWR if (v.shared and "mw" in v.vmflags) else abi.O_RDONLY
+        what = f"process {self.proc.pid}: the mapping at {v.start:#x}"
+        fd = self.unlinked.open(self.inj, self.proc, v.file, mode, what)
+        try:
+            self._mmap_at(v, prot, flags, fd, v.offset)
+        finally:
+            syscalls.close(self.inj, fd)
+        self.unlinked.note(v.file, self.pid, "map_files", f"{v.start:x}-{v.end:x}")
+
     def _mmap_at(self, v, prot: int, flags: int, fd: int, offset: int) -> None:
         got = syscalls.mmap(self.inj, v.start, v.size, prot, flags, fd, offset)
         if got != v.start:
@@ -575,7 +596,7 @@ class Rebuilder:
     def restore_fds(self) -> None:
         c = self.ctx
         restore_fds(self.inj, self.proc, c.peers, c.parked, c.terminal, c.externals,
-                    c.pids or {self.proc.pid: self.pid})  # fmt: skip
+                    c.pids or {self.proc.pid: self.pid}, self.unlinked)  # fmt: skip
 
     def restore_process_misc(self) -> None:
         p, inj = self.proc, self.inj

@@ -38,6 +38,7 @@ from .security import check as check_security
 from .shm import SharedObjects, check_not_in_use, check_objects
 from .sockets import RebuiltConnections
 from .tty import Terminal, job_modes
+from .unlinked import UnlinkedFiles
 
 
 def members(root: ProcessImage) -> list[ProcessImage]:
@@ -103,6 +104,7 @@ def build_tree(
     parked: dict[tuple[int, int], tuple[int, int]] = {}
     memfds: dict[int, tuple[int, int]] = {}
     pids: dict[int, int] = {}  # PID at the dump → restored, members and zombies (pidfds)
+    unlinked = UnlinkedFiles(procs)  # made once for the tree (restore/unlinked.py)
     shared = SharedObjects(root.shm)
     tree = len(procs) > 1
 
@@ -119,6 +121,7 @@ def build_tree(
             terminal=terminal,
             shell_job=i == 0 and terminal is not None,
             pids=pids,
+            unlinked=unlinked,
         )
 
     try:
