@@ -246,7 +246,7 @@ class Fd:
 
 # Fd kinds of major 6 (docs/FORMAT.md): a 5.x reader would refuse them by kind, but the
 # major says why (a newer ckpt wrote it)
-V6_FD_KINDS = frozenset({"pidfd", "unlinked"})
+V6_FD_KINDS = frozenset({"pidfd", "unlinked", "proc"})
 
 # Fd.kind values a state may hold: what restore/fds.py has a handler for (its KINDS), plus
 # "dup" (another fd's open file description). Here, not read from restore/, so that

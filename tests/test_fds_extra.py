@@ -160,3 +160,47 @@ def test_unlinked_refused_and_left_running(e2e, mode, needles):
     v = e2e.verify(w, w.pid)
     assert v.ok, v.line
     assert w.reap() == 0
+
+
+# --------------------------------------------------------------- /proc files
+
+
+def test_proc_files_restored(e2e):
+    """/proc/self/status read part way, a child's /proc/PID/stat, /proc/self/fd read
+    part way (readdir goes on), the main thread's task/PID/comm, /proc/self/mem, an
+    O_PATH /proc/self: reopened for the restored processes, flags and offsets kept."""
+    w = e2e.spawn("procfiles")
+    dump_restore_verify(e2e, w, after_dump=lambda _image: reap_orphans([int(w.ready["child"])]))
+
+
+def test_proc_files_new_pid(e2e):
+    """With --new-pid beside the original, each /proc path names the restored copy."""
+    w = e2e.spawn("procfiles")
+    image = e2e.path("img")
+    res = e2e.dump(w.pid, image, "--leave-running")
+    assert res.returncode == 0, str(res)
+    wait_until(lambda: untraced_and_running(w.pid), 30, "the original to run untraced")
+    bg = e2e.ckpt_bg("restore", "-D", str(image), "--new-pid")
+    new = e2e.find_restored(w.ident, exclude=w.pid, bg=bg)
+    v = e2e.verify(w, new)
+    assert v.ok, v.line
+    assert bg.wait().returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("mode", "needles"),
+    [
+        ("outside", ["/proc/1/stat", "process 1", "not part of the dump"]),
+        ("thread", ["/proc file of thread", "threads are made after the fds"]),
+    ],
+)
+def test_proc_files_refused(e2e, mode, needles):
+    w = e2e.spawn("procfiles", mode)
+    image = e2e.path("img")
+    res = e2e.dump(w.pid, image)
+    assert_error(res, 5, f"process {w.pid}", f"fd {w.ready['fd']} ", *needles)
+    assert not image_complete(e2e, image)
+    wait_until(lambda: untraced_and_running(w.pid), 30, "the target to run untraced")
+    v = e2e.verify(w, w.pid)
+    assert v.ok, v.line
+    assert w.reap() == 0

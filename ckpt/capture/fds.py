@@ -86,6 +86,10 @@ def _capture(
             rec = Fd(fd=fd, kind=kind, path=target, flags=flags, cloexec=cloexec, pos=info.pos)
             out.append(fd_kinds.capture(scan, rec, kind, st, raw))
             continue
+        if (named := procfs.pid_path(target)) is not None and procfs.on_procfs(st):
+            # /proc/PID/…: opened again on the restored process
+            out.append(_proc_file(scan, fd, target, named, flags, cloexec, info.pos))
+            continue
         if unlinked.is_unlinked(target, st):  # no name left: its content goes in the image
             out.append(unlinked.record(fd, target, flags, cloexec, info.pos, st))
             continue
@@ -134,6 +138,30 @@ def _capture(
             continue
         raise UnsupportedProcess(f"fd {fd} is {_describe(target, st)}: not supported yet", pid=pid)
     return out
+
+
+def _proc_file(
+    scan: fd_kinds.FdScan, fd: int, target: str, named: tuple[int, str], flags: int,
+    cloexec: bool, pos: int,
+) -> Fd:  # fmt: skip
+    """A file or directory of /proc/PID (kind "proc"): the process must be one of the
+    dump (restore/fds.py opens the same path of its restored PID); a thread's files
+    only for the main thread (the others are made after the fds)."""
+    pid, rest = named
+    if pid not in {scan.pid, *scan.tree}:
+        raise scan.refuse(
+            fd,
+            f"is {target}, a /proc file of process {pid}, which is not part of the dump: not "
+            "supported (it is opened again only for a process restored with it)",
+        )
+    parts = rest.split("/")
+    if parts[0] == "task" and len(parts) > 1 and parts[1] != str(pid):
+        raise scan.refuse(
+            fd,
+            f"is {target}, a /proc file of thread {parts[1]} of process {pid}: not supported "
+            "(threads are made after the fds)",
+        )
+    return Fd(fd=fd, kind="proc", path=target, flags=flags, cloexec=cloexec, pos=pos)
 
 
 def _is_ckpt_tracking(extra: dict[str, str]) -> bool:

@@ -57,6 +57,20 @@ def in_target(*parts: str | int) -> str:
     return "/".join([TARGET_PROC, *(str(p) for p in parts)])
 
 
+def pid_path(target: str) -> tuple[int, str] | None:
+    """(PID, the rest) of a path under /proc/PID as a process names it (an fd's d_path:
+    "/proc/1234/status" → (1234, "status"), "/proc/1234" → (1234, "")); None otherwise."""
+    head, sep, rest = target.removeprefix(TARGET_PROC + "/").partition("/")
+    if not target.startswith(TARGET_PROC + "/") or not head.isdigit() or head[0] == "0":
+        return None
+    return int(head), rest if sep else ""
+
+
+def on_procfs(st: os.stat_result) -> bool:
+    """Is `st` (an fd's stat) a file of the proc filesystem ckpt reads?"""
+    return st.st_dev == os.stat(PROC_ROOT).st_dev
+
+
 def read_bytes(pid: int, *parts: str) -> bytes:
     """Read a /proc file, mapping ENOENT/ESRCH to NoSuchProcess and EACCES to AccessDenied."""
     p = path(pid, *parts)

@@ -21,7 +21,7 @@ import os
 import stat as statmod
 import struct
 
-from ..errors import FileChanged, RestoreError
+from ..errors import FileChanged, ImageCorrupt, RestoreError
 from ..kernel import abi, fdobjs, procfs, syscalls
 from ..kernel.pidfd import PIDFD_THREAD, dead_pidfd, pidfd_getfd, pidfd_of_same, pidfd_open
 from ..kernel.remote import Injector, RemoteError
@@ -676,6 +676,34 @@ def _pidfd(ctx: _Ctx, fd: Fd) -> None:
         os.close(mine)
 
 
+def _proc(ctx: _Ctx, fd: Fd) -> None:
+    """A file or directory of /proc/PID of a process of the image: the same path of its
+    restored PID (the mapped one with --new-pid), no symlink followed, its flags and
+    offset (a seq_file's lseek reads up to it again; a directory's is where readdir
+    goes on)."""
+    inj = ctx.inj
+    named = procfs.pid_path(fd.path)
+    restored = ctx.pids.get(named[0]) if named is not None else None
+    if restored is None:
+        raise ImageCorrupt(f"fd {fd.fd} ({fd.path}): not a /proc file of a process of the image")
+    pid, rest = named
+    parts = rest.split("/") if rest else []
+    if parts[:1] == ["task"] and len(parts) > 1 and parts[1] == str(pid):
+        parts[1] = str(restored)  # the main thread's own directory
+    path = procfs.in_target(restored, *parts)
+    flags = fd.flags & ~(abi.O_CREAT | abi.O_EXCL | abi.O_TRUNC | abi.O_CLOEXEC)
+    try:
+        tmp = hostfs.open_resolved(inj, path, flags)
+    except RemoteError as exc:
+        raise RestoreError(
+            f"process {ctx.proc.pid}: cannot open fd {fd.fd} ({fd.path}) again as {path}: "
+            f"{exc.strerror}"
+        ) from exc
+    _place(inj, tmp, fd.fd, fd.cloexec)
+    if fd.pos and not fd.flags & abi.O_PATH:
+        syscalls.lseek(inj, fd.fd, fd.pos, 0)
+
+
 def _pipe_end(ctx: _Ctx, fd: Fd) -> None:
     """This process's end of a pipe an earlier tree member created (and parked)."""
     got = (ctx.parked or {}).get((fd.obj_id, fd.flags & abi.O_ACCMODE))
@@ -706,4 +734,5 @@ KINDS = {
     "tty": restore_tty,  # restore/tty.py: the terminal ckpt runs on (--shell-job)
     "pidfd": _pidfd,
     "unlinked": restore_unlinked,  # restore/unlinked.py: made again with O_TMPFILE
+    "proc": _proc,
 }
