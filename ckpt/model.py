@@ -137,6 +137,8 @@ class EpollEntry:
     events: int
     data: int
     src_fd: int = -1  # an fd holding the registered file when tfd no longer does (else tfd)
+    # On a "peer" record (an epoll taken from an earlier tree member), Fd.epoll lists the
+    # registrations this member adds: only it holds their files (capture/tree.py).
 
 
 @dataclass
@@ -529,6 +531,8 @@ def fd_needs_v6(fd: dict[str, Any]) -> bool:
     """Is this fd's record (as to_dict gives it) something a 5.x reader would restore
     wrong without a word? Each fd feature added in major 6 adds its condition here
     (docs/FORMAT.md "Major 6")."""
+    if fd.get("kind") == "peer" and fd.get("epoll"):  # epoll registrations of a member
+        return True  # that takes the epoll: a 5.x reader would never add them
     if fd_owned(fd):  # SIGIO owner, F_SETSIG, O_ASYNC: a 5.x reader would drop them
         return True
     if fd.get("kind") == "memfd" and fd.get("peer_slot", -1) >= 0:  # a 5.x reader: reopens

@@ -312,13 +312,56 @@ def _epoll_sources(scan: FdScan, ep: Fd, by_fd: dict[int, Fd]) -> None:
             ),
             None,
         )
+        # An epoll inherited across fork is one description whose registrations name the
+        # fds of the process that added them: a child that closed one (redis' BGSAVE
+        # child closes the listeners) still sees it. Another process of the dump holding
+        # the file adds it again (capture/tree.py _link_epolls); nobody: refused.
+        if src is None and any(
+            epoll_source(p, scan.pid, ep.fd, e.tfd, toff) is not None for p in scan.tree
+        ):
+            src = EPOLL_ELSEWHERE
         if src is None:
             raise scan.refuse(
                 ep.fd,
-                f"(epoll): the file registered as fd {e.tfd} is no longer open in the process "
-                "(closed after registration, still held elsewhere)",
+                f"(epoll): the file registered as fd {e.tfd} is no longer open in the process"
+                f"{' or any other of the dump' if scan.tree else ''} (closed after "
+                "registration, still held elsewhere)",
             )
         e.src_fd = src
+
+
+# EpollEntry.src_fd while the tree is linked: the registered file is held by another
+# process of the dump, not by this one (capture/tree.py _link_epolls resolves it)
+EPOLL_ELSEWHERE = -2
+
+
+def epoll_slots(ep: Fd):
+    """Each registration of epoll record `ep` with its `toff` (its rank among the
+    registrations of the same fd number: what kcmp(KCMP_EPOLL_TFD) takes)."""
+    seen: dict[int, int] = {}
+    for e in ep.epoll:
+        toff = seen.get(e.tfd, 0)
+        seen[e.tfd] = toff + 1
+        yield e, toff
+
+
+def epoll_source(
+    pid: int, epid: int, efd: int, tfd: int, toff: int, fds: list[int] | None = None
+) -> int | None:
+    """An fd of process `pid` holding the file registered as (tfd, toff) in epoll `efd`
+    of process `epid`: tfd itself when it still does, else the lowest; None if no fd
+    of `pid` does. fds: pid's fd numbers (default: read from /proc)."""
+    if fds is None:
+        try:
+            fds = procfs.fds(pid)
+        except (OSError, NoSuchProcess):
+            return None
+    if tfd in fds and fdobjs.epoll_target_is(pid, tfd, efd, tfd, toff, epid):
+        return tfd
+    return next(
+        (fd for fd in fds if fd >= 0 and fdobjs.epoll_target_is(pid, fd, efd, tfd, toff, epid)),
+        None,
+    )
 
 
 def _memfds(scan: FdScan, out: list[Fd], maps: list[procfs.Mapping]) -> None:

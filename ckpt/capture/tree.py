@@ -19,6 +19,7 @@ is frozen nobody can reap it, so the zombies of the frozen tree are final.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ from ..kernel import abi, procfs
 from ..kernel.process import kcmp_file, same_fd_table
 from ..kernel.ptrace import Tracee, seize_group
 from ..model import Fd, ProcessImage, Zombie
+from . import fd_kinds
 from .locks import keep_on_peer
 from .security import check_namespaces
 from .sockets import SocketCapture, link_tree_sockets
@@ -254,6 +256,7 @@ def link_shared(procs: list[ProcessImage], sockets: SocketCapture) -> None:
     /proc/PID/maps need the live processes).
     """
     _link_fds(procs)
+    _link_epolls(procs)
     _link_memfds(procs)
     _link_pipes(procs)
     _link_sockets(procs, sockets)
@@ -287,6 +290,49 @@ def _link_fds(procs: list[ProcessImage]) -> None:
                 pos=fd.pos, peer_slot=owner[0], peer_fd=owner[1],
                 locks=keep_on_peer(fd.locks),  # its own POSIX locks (capture/locks.py)
             )  # fmt: skip
+
+
+def _link_epolls(procs: list[ProcessImage]) -> None:
+    """An epoll inherited across fork is one open file description, made by its first
+    holder and taken by the others ("peer", _link_fds) with every registration. A
+    registration names the (fd, file) pair of the process that added it, and only a
+    process holding that file can add it again, once: the epoll's maker when it holds
+    the file (at the registered number or another: restore/fds.py _epoll_entries), else
+    the first later holder of the epoll that does, from its "peer" record (Fd.epoll
+    there: added once that member has taken the epoll and made its own fds). Refused
+    when no holder of the epoll holds the file (its only holders do not hold the epoll).
+    """
+    makers = {(s, f.fd): f for s, p in enumerate(procs) for f in p.fds if f.kind == "epoll"}
+    takers: dict[tuple[int, int], list[tuple[int, Fd]]] = {}
+    for slot, p in enumerate(procs):
+        if p.files_of >= 0:  # restores no fds of its own (a shared table: its maker's)
+            continue
+        for f in p.fds:
+            if f.kind == "peer" and (f.peer_slot, f.peer_fd) in makers:
+                takers.setdefault((f.peer_slot, f.peer_fd), []).append((slot, f))
+    for (slot, efd), ep in makers.items():
+        if all(e.src_fd != fd_kinds.EPOLL_ELSEWHERE for e in ep.epoll):
+            continue
+        keep = []
+        for e, toff in fd_kinds.epoll_slots(ep):
+            if e.src_fd != fd_kinds.EPOLL_ELSEWHERE:
+                keep.append(e)
+                continue
+            for tslot, rec in takers.get((slot, efd), []):
+                mine = sorted(f.fd for f in procs[tslot].fds if f.fd >= 0)
+                src = fd_kinds.epoll_source(procs[tslot].pid, procs[slot].pid, efd, e.tfd,
+                                            toff, mine)  # fmt: skip
+                if src is not None:
+                    rec.epoll.append(dataclasses.replace(e, src_fd=src))
+                    break
+            else:
+                raise UnsupportedProcess(
+                    f"process {procs[slot].pid}: fd {efd} (epoll): the file registered as fd "
+                    f"{e.tfd} is held only by processes of the dump that do not hold this "
+                    "epoll (ckpt adds a registration again from a process holding both)",
+                    pid=procs[0].pid,
+                )
+        ep.epoll = keep
 
 
 def _link_memfds(procs: list[ProcessImage]) -> None:

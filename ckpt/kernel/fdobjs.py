@@ -257,11 +257,14 @@ def owner_exists(kind: int, pid: int) -> bool:
 # ---------------------------------------------------------------- epoll
 
 
-def epoll_target_is(pid: int, fd: int, efd: int, tfd: int, toff: int) -> bool:
-    """Is the file at `fd` of pid the one registered in epoll `efd` as (tfd, toff-th)?"""
+def epoll_target_is(pid: int, fd: int, efd: int, tfd: int, toff: int, epid: int = 0) -> bool:
+    """Is the file at `fd` of pid the one registered in epoll `efd` of process epid (0:
+    pid itself) as (tfd, toff-th)? An epoll inherited across fork is one description:
+    its registrations name the fds of whoever added them, which another process of a
+    tree may be the only one to hold."""
     slot = ffi.new("uint32_t[3]", [efd, tfd, toff])
     addr = int(ffi.cast("uintptr_t", slot))
-    return syscall(NR_KCMP, pid, pid, KCMP_EPOLL_TFD, fd, addr) == 0
+    return syscall(NR_KCMP, pid, epid or pid, KCMP_EPOLL_TFD, fd, addr) == 0
 
 
 # ---------------------------------------------------------------- inotify

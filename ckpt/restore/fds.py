@@ -230,7 +230,9 @@ def restore_fds(
             if fd.kind == "dup":  # shares the open file description of an fd restored before
                 syscalls.dup3(inj, fd.dup_of, fd.fd, abi.O_CLOEXEC if fd.cloexec else 0)
         for fd in proc.fds:
-            if fd.kind == "epoll":
+            # on a "peer" (an epoll taken from an earlier member): the registrations of
+            # files only this member holds (capture/tree.py _link_epolls)
+            if fd.kind in ("epoll", "peer") and fd.epoll:
                 _epoll_entries(ctx, fd)
         for fd in proc.fds:
             if fd.memfd is not None and fd.memfd.seals:
