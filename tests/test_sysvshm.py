@@ -12,7 +12,7 @@ import contextlib
 import signal
 
 import pytest
-from helpers import proc_status, wait_until
+from helpers import untraced_and_running, wait_until
 from test_tree import reap_orphans
 
 from ckpt.kernel import sysvshm
@@ -40,7 +40,10 @@ def test_sysv_segments_restored(e2e, keyed):
         bg = e2e.ckpt_bg("restore", "-D", str(image))
         e2e.wait_restored(w.pid, w.ident, bg)
         e2e.adopt(child)
-        wait_until(lambda: (proc_status(child) or {}).get("TracerPid") == "0", 30, "the child")
+        # alive, not only untraced: a zombie's TracerPid reads 0 too, and a tree that
+        # died (ckpt gone, PTRACE_O_EXITKILL) would show up below as nattch 0
+        assert bg.poll() is None, f"ckpt ended under the restored tree:\n{bg.result()}"
+        wait_until(lambda: untraced_and_running(child), 30, "the child to run untraced")
         segs = sysvshm.segments()
         assert ida in segs and idb in segs, segs
         assert segs[ida].key == int(w.ready["key"]) and segs[ida].nattch == 2, segs[ida]
