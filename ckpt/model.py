@@ -248,7 +248,7 @@ class Fd:
 
 # Fd kinds of major 6 (docs/FORMAT.md): a 5.x reader would refuse them by kind, but the
 # major says why (a newer ckpt wrote it)
-V6_FD_KINDS = frozenset({"pidfd", "unlinked", "proc"})
+V6_FD_KINDS = frozenset({"pidfd", "unlinked", "proc", "pipe_open"})
 
 # Fd.kind values a state may hold: what restore/fds.py has a handler for (its KINDS), plus
 # "dup" (another fd's open file description). Here, not read from restore/, so that
@@ -541,6 +541,8 @@ def fd_needs_v6(fd: dict[str, Any]) -> bool:
         return True
     if fd.get("kind") in V6_FD_KINDS:  # pidfds…: a 5.x reader knows no such kind
         return True
+    if fd.get("kind") == "pipe" and fd.get("flags", 0) & 3 == 2:  # O_RDWR: a 5.x reader
+        return True  # would leave that fd out (it places a read and a write end only)
     return bool(fd.get("locks"))  # file locks: a 5.x reader would restore the fd without them
 
 

@@ -497,7 +497,7 @@ PIPE_DEFAULT = 16 * PAGE  # what a new pipe holds before F_SETPIPE_SZ
 def _check_fd(f: m.Fd) -> None:
     if f.kind not in m.FD_KINDS:  # what this ckpt can restore
         raise SchemaError(f"{f.kind[:32]!r} is not an fd kind this ckpt restores", ".kind")
-    if f.kind in ("pipe", "fifo", "pipe_end", "memfd", "socket_end") and not f.obj_id:
+    if f.kind in ("pipe", "fifo", "pipe_end", "pipe_open", "memfd", "socket_end") and not f.obj_id:
         raise SchemaError(f"a {f.kind} without the object it names", ".obj_id")
     if f.kind == "timerfd" and f.timer is None:
         raise SchemaError("a timerfd without its timer", ".timer")
@@ -507,6 +507,8 @@ def _check_fd(f: m.Fd) -> None:
         raise SchemaError("a pidfd without the process it names", ".pidfd")
     if f.kind == "unlinked" and (f.file is None or (f.fd < 0 and f.unlinked is None)):
         raise SchemaError("an unlinked file without its identity or content", ".file")
+    if f.kind == "pipe_open" and f.peer_fd < 0:
+        raise SchemaError("a pipe opened again through /proc that names no fd", ".peer_fd")
     if f.kind == "dup" and f.dup_of < 0:
         raise SchemaError("a dup of no fd", ".dup_of")
     if f.kind == "peer" and (f.peer_slot < 0 or f.peer_fd < 0):

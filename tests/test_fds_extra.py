@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import time
 
 import pytest
@@ -204,3 +205,34 @@ def test_proc_files_refused(e2e, mode, needles):
     v = e2e.verify(w, w.pid)
     assert v.ok, v.line
     assert w.reap() == 0
+
+
+# --------------------------------------------------------------- pipes and FIFOs
+
+
+@pytest.mark.parametrize("mode", ["pipes", "fifos"])
+def test_pipe_descriptions_restored(e2e, mode):
+    """pipes: descriptions opened again through /proc/self/fd (a second reader and
+    writer, O_RDWR; one whose two ends were closed; one whose read end was closed), in
+    one process and across a tree. fifos: a FIFO opened by path in a parent and its
+    child, and a FIFO whose path was deleted (restored as a pipe: the name stays gone).
+    Each description keeps its own flags; all are one pipe again; bytes kept."""
+    w = e2e.spawn("reopen", mode)
+    dump_restore_verify(e2e, w, after_dump=lambda _image: reap_orphans([int(w.ready["child"])]))
+
+
+# --------------------------------------------------------------- unix socket names
+
+
+def test_unix_socket_deleted_names(e2e):
+    """Unix sockets bound to a path that was deleted (relative and absolute; one whose
+    directory is gone; one whose name another file took since): each is bound to the
+    same name again and the path does not come back; connections through the listener
+    (accepted, queued) and a dgram message to the deleted name are rebuilt; ckpt's
+    private directory is gone afterwards."""
+    tmp = tempfile.gettempdir()
+    before = {p for p in os.listdir(tmp) if p.startswith("ckpt-names-")}
+    w = e2e.spawn("unixnames")
+    dump_restore_verify(e2e, w)
+    after = {p for p in os.listdir(tmp) if p.startswith("ckpt-names-")}
+    assert after <= before, f"ckpt left its private directory: {sorted(after - before)}"

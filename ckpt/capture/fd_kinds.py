@@ -83,6 +83,11 @@ def capture(scan: FdScan, rec: Fd, kind: str, st: os.stat_result, raw: bytes) ->
     fd = rec.fd
     if kind in ("pipe", "fifo"):
         rec.obj_id = st.st_ino
+        if kind == "fifo" and rec.path.endswith(DELETED) and not st.st_nlink:
+            # no name left: nobody can open it but through /proc/PID/fd, like a pipe; it
+            # comes back as one (same bytes, capacity, descriptions and their flags)
+            rec.kind = "pipe"
+            return rec
         if kind == "fifo" and (rec.path.endswith(DELETED) or not rec.path.startswith("/")):
             raise scan.refuse(fd, f"is a FIFO that was deleted or is unreachable ({rec.path})")
         return rec
@@ -250,7 +255,7 @@ def _pipes(scan: FdScan, recs: list[Fd]) -> None:
         kind = first.kind
         st = os.stat(procfs.fd_path(scan.pid, first.fd))
         link = os.readlink(procfs.fd_path(scan.pid, first.fd))
-        mates = scan.tree if kind == "pipe" else frozenset()
+        mates = scan.tree  # a pipe or FIFO between processes of the dump: capture/tree.py
         others = fdobjs.holders(st.st_dev, st.st_ino, link, {scan.pid, os.getpid(), *mates})
         if others and kind == "pipe" and all(r.fd in STDIO for r in recs_of):
             # stdin/stdout/stderr to a process outside the dump (`cmd | tee log`, a
@@ -265,26 +270,16 @@ def _pipes(scan: FdScan, recs: list[Fd]) -> None:
                 f"is a {what} also open in process {others[0]} (only fds 0-2 may lead to a "
                 "process outside the dump, as pipes: they are reconnected at restore)",
             )
-        modes = [r.flags & abi.O_ACCMODE for r in recs_of]
-        if kind == "pipe" and (len(recs_of) > 2 or len(set(modes)) != len(modes)):
-            raise scan.refuse(
-                first.fd, "is a pipe reopened through /proc (more than two open descriptions)"
-            )
+        if kind == "pipe":
+            _reopened(recs_of)
         readable = next((r for r in recs_of if r.flags & abi.O_ACCMODE != abi.O_WRONLY), None)
-        copy = -1
         if readable is not None:
             copy = scan.getfd(readable.fd)
-        elif kind == "fifo":  # only writers here: peek through a reader of our own
+        else:  # only writers here: peek through a reader of our own (a pipe's data can
+            # still be read by whoever opens it again through /proc)
             copy = os.open(
                 procfs.fd_path(scan.pid, first.fd), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
             )
-        if copy < 0:  # a pipe whose read end is closed: its data can never be read
-            copy = scan.getfd(first.fd)
-            try:
-                first.pipe_size = fdobjs.pipe_size(copy)
-            finally:
-                os.close(copy)
-            continue
         try:
             first.pipe_size = fdobjs.pipe_size(copy)
             first.data = fdobjs.pipe_peek(copy)
@@ -293,6 +288,30 @@ def _pipes(scan: FdScan, recs: list[Fd]) -> None:
         if first.data and any(r.flags & abi.O_DIRECT for r in recs_of):
             raise scan.refuse(first.fd, "is a packet-mode (O_DIRECT) pipe with buffered data")
         scan.charge(first.fd, kind, len(first.data))
+
+
+def pipe2_end(r: Fd) -> bool:
+    """Could this pipe description be an end pipe2 made (read-only or write-only, not
+    opened: open() sets O_LARGEFILE, pipe2 does not)?"""
+    mode = r.flags & abi.O_ACCMODE
+    return mode in (abi.O_RDONLY, abi.O_WRONLY) and not r.flags & abi.O_LARGEFILE
+
+
+def _reopened(recs: list[Fd]) -> None:
+    """The open file descriptions of one pipe in this process (fd order): the first, and
+    the first read-only and write-only ones pipe2 made (open() sets O_LARGEFILE, pipe2
+    does not), stay "pipe" (pipe2's two ends at restore); any other (a pipe opened again
+    through /proc/PID/fd: a second reader or writer, O_RDWR; each description of a
+    deleted FIFO) is a "pipe_open", opened again through /proc at restore."""
+    claimed: set[int] = set()
+    for i, r in enumerate(recs):
+        mode = r.flags & abi.O_ACCMODE
+        end = pipe2_end(r) and mode not in claimed
+        if i == 0 or end:
+            if end:
+                claimed.add(mode)
+            continue
+        r.kind, r.peer_slot, r.peer_fd = "pipe_open", -1, recs[0].fd
 
 
 def _epoll_sources(scan: FdScan, ep: Fd, by_fd: dict[int, Fd]) -> None:

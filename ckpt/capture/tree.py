@@ -364,34 +364,44 @@ def _link_memfds(procs: list[ProcessImage]) -> None:
 
 
 def _link_pipes(procs: list[ProcessImage]) -> None:
-    """A pipe whose ends live in different processes (the usual fork + close pattern):
-    the first process holding an end creates the pipe (with its buffered data); each
-    end first held by a later process becomes a "pipe_end" taken from it."""
+    """A pipe or FIFO whose descriptions live in different processes (the usual fork +
+    close pattern; a FIFO each opened by path; a pipe opened again through /proc): the
+    first process holding it creates it (with its buffered data). In a later process,
+    the first read-only and the first write-only description of a pipe that the creator
+    does not hold itself become "pipe_end"s taken from it (its pipe2 ends); every other
+    description (of a FIFO: all) is a "pipe_open", opened again at restore through
+    /proc/<creator>/fd/<its first fd of it> (restore/fds.py)."""
     groups: dict[int, list[tuple[int, Fd]]] = {}
     for slot, p in enumerate(procs):
+        if p.files_of >= 0:  # restores no fds of its own (a shared table: its maker's)
+            continue
         for f in p.fds:
-            if f.kind == "pipe":
+            if f.kind in ("pipe", "pipe_open", "fifo"):
                 groups.setdefault(f.obj_id, []).append((slot, f))
     for recs in groups.values():
         slots = {slot for slot, _ in recs}
         if len(slots) < 2:
             continue
-        modes = [f.flags & abi.O_ACCMODE for _, f in recs]
-        if len(modes) != len(set(modes)):
-            slot, f = recs[-1]
-            raise UnsupportedProcess(
-                f"fd {f.fd} of process {procs[slot].pid} is a pipe end opened twice "
-                "(reopened through /proc): not supported",
-                pid=procs[0].pid,
-            )
         creator = min(slots)
         first = next(f for slot, f in recs if slot == creator)
+        taken = {
+            f.flags & abi.O_ACCMODE
+            for s, f in recs
+            if s == creator and f.kind == "pipe" and fd_kinds.pipe2_end(f)
+        }
         for slot, f in recs:
             if f.data and not first.data:
-                first.data, f.data = f.data, b""
+                first.data = f.data
             first.pipe_size = max(first.pipe_size, f.pipe_size)
-            if slot != creator:
+            if slot == creator:
+                continue
+            f.data = b""  # the pipe's, kept once: on the creator's first record
+            mode = f.flags & abi.O_ACCMODE
+            if f.kind == "pipe" and fd_kinds.pipe2_end(f) and mode not in taken:
+                taken.add(mode)
                 f.kind, f.peer_slot = "pipe_end", creator
+            else:
+                f.kind, f.peer_slot, f.peer_fd = "pipe_open", creator, first.fd
 
 
 def _link_sockets(procs: list[ProcessImage], sockets: SocketCapture) -> None:

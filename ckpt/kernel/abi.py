@@ -34,6 +34,7 @@ O_CREAT, O_EXCL, O_NOCTTY, O_TRUNC, O_NONBLOCK = 0o100, 0o200, 0o400, 0o1000, 0o
 O_DIRECT, O_DIRECTORY, O_NOFOLLOW = 0o40000, 0o200000, 0o400000
 O_CLOEXEC, O_PATH = 0o2000000, 0o10000000
 O_TMPFILE = 0o20000000 | O_DIRECTORY  # an unnamed file in the directory opened
+O_LARGEFILE = 0o100000  # set by open() for 64-bit processes, never by pipe2()
 # the flags openat2 accepts (it refuses bits it does not know, where openat ignores them)
 VALID_OPEN_FLAGS = 0o37777703
 AT_FDCWD = -100

@@ -452,7 +452,17 @@ def _pipe(ctx: _Ctx, fd: Fd) -> None:
     r_tmp, w_tmp = struct.unpack("<ii", inj.read(buf, 8))
     r_tmp, w_tmp = ctx.spare_fd(r_tmp), ctx.spare_fd(w_tmp)
     _fill_pipe(ctx, first, r_tmp, w_tmp)
-    ends = {r.flags & abi.O_ACCMODE: r for r in recs}
+    ends: dict[int, Fd] = {}
+    again: list[Fd] = []  # other descriptions: opened again through /proc (pipe_open, O_RDWR)
+    for r in recs:
+        mode = r.flags & abi.O_ACCMODE
+        pipe2 = mode in (abi.O_RDONLY, abi.O_WRONLY) and not r.flags & abi.O_LARGEFILE
+        if r.kind == "pipe" and pipe2 and mode not in ends:
+            ends[mode] = r
+        else:
+            again.append(r)
+    for r in again:  # while both ends are here (a pipe's open never waits for a partner)
+        _reopen_pipe(ctx, procfs.in_target("self", "fd", r_tmp), r)
     for mode, tmp in ((abi.O_RDONLY, r_tmp), (abi.O_WRONLY, w_tmp)):
         rec = ends.get(mode)
         if rec is None and ctx.parked is not None:  # a later tree member may take it
@@ -491,7 +501,40 @@ def _fifo(ctx: _Ctx, fd: Fd) -> None:
         flags = rec.flags & ~(abi.O_CREAT | abi.O_EXCL | abi.O_TRUNC | abi.O_CLOEXEC)
         _place(inj, syscalls.openat(inj, _u(abi.AT_FDCWD), path, flags, 0), rec.fd, rec.cloexec)
         ctx.done.add(rec.fd)
-    syscalls.close(inj, helper)
+    if ctx.parked is not None:  # later tree members open their descriptions through it:
+        ctx.parked[(fd.obj_id, PIPE_REF)] = (inj.tracee.pid, helper)  # it never blocks them
+    else:
+        syscalls.close(inj, helper)
+
+
+# parked[(obj_id, PIPE_REF)]: a FIFO's O_RDWR helper, kept by its first holder in a tree
+PIPE_REF = -3
+
+
+def _reopen_pipe(ctx: _Ctx, path: str, rec: Fd) -> None:
+    """Another open file description of a pipe or FIFO, through the /proc link `path` of
+    one (O_DIRECT, packet mode, is set after: open refuses it)."""
+    inj = ctx.inj
+    inj.reset_data()
+    flags = rec.flags & ~(abi.O_CREAT | abi.O_EXCL | abi.O_TRUNC | abi.O_CLOEXEC | abi.O_DIRECT)
+    _place(inj, syscalls.openat(inj, _u(abi.AT_FDCWD), inj.cstr(path), flags, 0), rec.fd,
+           rec.cloexec)  # fmt: skip
+    if rec.flags & abi.O_DIRECT:
+        syscalls.fcntl(inj, rec.fd, abi.F_SETFL, abi.O_DIRECT | (rec.flags & abi.O_NONBLOCK))
+    ctx.done.add(rec.fd)
+
+
+def _pipe_open(ctx: _Ctx, fd: Fd) -> None:
+    """A description of a pipe or FIFO an earlier tree member made: opened again through
+    that member's fd of it (a FIFO: through the O_RDWR helper it kept, so that no open
+    waits for a partner). One of this process's own pipe is made with it (_pipe)."""
+    ref = (ctx.parked or {}).get((fd.obj_id, PIPE_REF))
+    if ref is None:
+        owner = ctx.peers.get(fd.peer_slot)
+        if owner is None:
+            raise RestoreError(f"fd {fd.fd}: process slot {fd.peer_slot} of the tree is missing")
+        ref = (owner, fd.peer_fd)
+    _reopen_pipe(ctx, procfs.in_target(ref[0], "fd", ref[1]), fd)
 
 
 def _eventfd(ctx: _Ctx, fd: Fd) -> None:
@@ -737,4 +780,5 @@ KINDS = {
     "pidfd": _pidfd,
     "unlinked": restore_unlinked,  # restore/unlinked.py: made again with O_TMPFILE
     "proc": _proc,
+    "pipe_open": _pipe_open,
 }
