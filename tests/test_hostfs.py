@@ -153,7 +153,7 @@ def test_symlink_swap_never_wins(e2e, mode):
     try:
         r = 0
         # at least ROUNDS restores; more (up to 4x) until the racer has struck once
-        while r < ROUNDS or (r < 4 * ROUNDS and not _hits(hits)):
+        while r < ROUNDS or (mode != "dsock" and r < 4 * ROUNDS and not _hits(hits)):
             r += 1
             res = e2e.ckpt("restore", "-D", str(image), "--detach")
             assert res.returncode in (0, 10, 11), str(res)
@@ -180,7 +180,12 @@ def test_symlink_swap_never_wins(e2e, mode):
             racer.kill()
             racer.wait()
     _assert_untouched(secret, rdir, r)
-    assert _hits(hits) > 0, "the racer never swapped anything: the race was not exercised"
+    if mode == "dsock":
+        # a deleted name is bound in ckpt's private directory (restore/unixnames.py): it
+        # never appears at its path, so the racer never finds anything to swap
+        assert _hits(hits) == 0, "the deleted socket name appeared on the host"
+    else:
+        assert _hits(hits) > 0, "the racer never swapped anything: the race was not exercised"
     if mode == "sock":
         assert restored > 0, "no restore succeeded"
 

@@ -258,7 +258,9 @@ def _unix(pid: int, ctx: _ProcessSockets, ts: TargetSocket, ino: int, fdinfo) ->
         s.state = "bound"
     if s.local and s.local[:1] != b"\0" and not s.accepted and s.state != "pending":
         _name_file(pid, s, d)
-    if s.state != "listen" and ctx.frozen:
+    # (a stream or seqpacket socket never connected has no queue: recv says EINVAL)
+    unconnected = ts.type != socket.SOCK_DGRAM and s.state in ("bound", "unbound")
+    if s.state != "listen" and ctx.frozen and not unconnected:
         if ts.type == socket.SOCK_STREAM:
             data = ts.peek_stream()
             s.queue = [SocketMsg(data)] if data else []

@@ -42,6 +42,7 @@ from ..kernel.fsident import as_fs_user
 from ..kernel.remote import RemoteError
 from ..model import Fd, Socket
 from . import hostfs
+from .unixnames import PrivateNames
 
 PARKED = -2  # key (inode, PARKED) in the tree's `parked` registry (pipes use (inode, mode))
 SOCK_INODE_MODE = 0o777  # a socket's own inode (fstat of the fd), as socket() makes it
@@ -112,6 +113,7 @@ class _Sockets:
         self._live: set | None = None
         self.cwd_set = False
         self.paired: set[int] = set()  # unix dgram socketpairs
+        self.private = PrivateNames(self.inj)  # deleted names (restore/unixnames.py)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -125,6 +127,7 @@ class _Sockets:
         for s in self.copies.values():
             s.close()
         self.copies.clear()
+        self.private.close()  # the socket files of deleted names go with it
 
     def place(self, tmp: int, f: Fd) -> None:
         """Put a fresh socket at its fd number (out of the way first: a socketpair's
@@ -184,11 +187,14 @@ class _Sockets:
     def bind_unix(self, f: Fd) -> None:
         """bind, and for a path name: the file made by the restorer as its owner, born
         with its mode (fchmod of the socket and umask 0 before bind: nothing is done by
-        name afterwards); a stale file removed and a deleted name unlinked as the owner
-        too, so a name swapped for a symlink never makes root act on its target."""
+        name afterwards); a stale file removed as the owner too, so a name swapped for a
+        symlink never makes root act on its target. A deleted name: _bind_deleted."""
         s = f.socket
         name = s.local
         on_disk = name[:1] != b"\0"
+        if on_disk and s.name_deleted:  # bound where nobody can reach it, as it was
+            self._bind_deleted(f)
+            return
         stale = False
         if on_disk:
             if self._live is None:
@@ -218,8 +224,6 @@ class _Sockets:
                     if stale:
                         hostfs.unlink_as_owner(inj, name)
                     self._bind(f, addr, ln, f" as uid {uid}")
-                    if s.name_deleted:
-                        hostfs.unlink_as_owner(inj, name)
                 except RemoteError as exc:
                     raise RestoreError(
                         f"cannot re-create the file of unix socket fd {f.fd} ({_name(name)}) "
@@ -230,6 +234,22 @@ class _Sockets:
                 syscalls.umask(inj, old_mask)
                 syscalls.fchmod(inj, f.fd, SOCK_INODE_MODE)
 
+    def _bind_deleted(self, f: Fd) -> None:
+        """A name whose file was deleted: bound in ckpt's private directory (made the
+        restorer's root for the call: restore/unixnames.py), so that getsockname gives
+        the very name and no path appears on the host."""
+        name = f.socket.local
+        self.inj.reset_data()
+        addr, ln = self.sockaddr(socket.AF_UNIX, name)
+        try:
+            with self.private.inside(name):
+                syscalls.bind(self.inj, f.fd, addr, ln)
+        except RemoteError as exc:
+            raise RestoreError(
+                f"cannot bind unix socket fd {f.fd} to {_name(name)} (a deleted name, bound "
+                f"in ckpt's private directory): {exc.strerror}"
+            ) from exc
+
     def _bind(self, f: Fd, addr: int, ln: int, who: str = "") -> None:
         try:
             syscalls.bind(self.inj, f.fd, addr, ln)
@@ -238,9 +258,23 @@ class _Sockets:
                 f"cannot bind unix socket fd {f.fd} to {_name(f.socket.local)}{who}: {exc.strerror}"
             ) from exc
 
-    def connect_unix(self, f: Fd, name: bytes) -> None:
+    def connect_unix(self, f: Fd, name: bytes, to: Socket | None = None) -> None:
         """connect, by a path as the process itself (its fsuid, fsgid and groups): a
-        name swapped for a link to a socket the process could not reach fails."""
+        name swapped for a link to a socket the process could not reach fails. `to`:
+        the socket of the image bound to `name`, if known (one whose name was deleted
+        is reached in ckpt's private directory)."""
+        if _deleted(to, name):
+            self.inj.reset_data()
+            addr, ln = self.sockaddr(socket.AF_UNIX, name)
+            try:
+                with self.private.inside(name):
+                    syscalls.connect(self.inj, f.fd, addr, ln)
+            except RemoteError as exc:
+                raise RestoreError(
+                    f"cannot reconnect unix socket fd {f.fd} to {_name(name)} (a deleted "
+                    f"name): {exc.strerror}"
+                ) from exc
+            return
         self.chdir_for(name)
         inj = self.inj
         inj.reset_data()
@@ -340,7 +374,7 @@ class _Sockets:
                 target = self.by_ino.get(s.peer_ino)
                 name = target.socket.local if target is not None else s.remote
                 if name:
-                    self.connect_unix(f, name)
+                    self.connect_unix(f, name, target.socket if target is not None else None)
                 continue
             if s.ino in self.made:
                 continue
@@ -357,7 +391,7 @@ class _Sockets:
             self.place(self.new(p.socket), p)
             if p.socket.local:
                 self.bind_unix(p)
-            self.connect_unix(p, listener.socket.local)
+            self.connect_unix(p, listener.socket.local, listener.socket)
             tmp = self.ctx.spare_fd(syscalls.accept4(self.inj, listener.fd, 0, 0, abi.SOCK_CLOEXEC))
             self.place(tmp, f)
 
@@ -394,7 +428,7 @@ class _Sockets:
                 self.place(self.new(c.socket), c)
                 if c.socket.local:
                     self.bind_unix(c)
-                self.connect_unix(c, s.local)
+                self.connect_unix(c, s.local, s)
 
     def tcp_established(self) -> list[Fd]:
         out = []
@@ -522,29 +556,33 @@ class _Sockets:
                     f"{_name(m.source)} that is not its peer"
                 )
             elif src is not None:
-                with self.as_process(s.local):
-                    self.send_queue(rec, self.copy(src), self.dest(s.local))
+                with self.as_process(s.local, s):
+                    self.send_queue(rec, self.copy(src), self.dest(s.local, s))
             else:  # sender unnamed or outside the process: from an unnamed socket
                 with (
                     socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as tmp,
-                    self.as_process(s.local),
+                    self.as_process(s.local, s),
                 ):
-                    self.send_queue(rec, tmp, self.dest(s.local))
+                    self.send_queue(rec, tmp, self.dest(s.local, s))
 
-    def dest(self, name: bytes) -> bytes:
+    def dest(self, name: bytes, to: Socket | None = None) -> bytes:
         """A unix name as ckpt (another cwd) must address it: a relative one through the
         restorer's cwd (the process's: a user who cannot reach it by its absolute path
-        reaches it from there), an absolute one as it is."""
+        reaches it from there), an absolute one as it is; a deleted one (`to`, the
+        socket bound to it) in ckpt's private directory."""
+        if _deleted(to, name):
+            return self.private.host_path(name)
         if name[:1] in (b"\0", b"/"):
             return name
         via = os.fsencode(procfs.path(self.inj.tracee.pid, "cwd") + "/") + name
         return via if self.cwd_set and len(via) < 108 else os.fsencode(self.path_of(name))
 
-    def as_process(self, name: bytes):
+    def as_process(self, name: bytes, to: Socket | None = None):
         """ckpt's own sends to a unix path, as the restored process's filesystem user
         (this thread only: kernel/fsident.py): the name is resolved and checked as that
-        user, so a name swapped for a link to another socket reaches only what it could."""
-        if name[:1] == b"\0":
+        user, so a name swapped for a link to another socket reaches only what it could.
+        (A deleted name is reached in ckpt's private directory, as ckpt.)"""
+        if name[:1] == b"\0" or _deleted(to, name):
             return contextlib.nullcontext()
         return as_fs_user(*hostfs.process_fs_identity(self.proc))
 
@@ -572,6 +610,11 @@ class _Sockets:
                 if s.peek_off >= 0:
                     c.setsockopt(ks.SOL_SOCKET, ks.SO_PEEK_OFF, s.peek_off)
             syscalls.fcntl(inj, f.fd, abi.F_SETFL, f.flags & ~3)  # O_NONBLOCK as it was
+
+
+def _deleted(to: Socket | None, name: bytes) -> bool:
+    """Is `name` the deleted name of the image's socket `to` (reached privately)?"""
+    return to is not None and to.name_deleted and to.local == name and name[:1] != b"\0"
 
 
 def restore_sockets(ctx, first: Fd) -> None:
