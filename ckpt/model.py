@@ -195,7 +195,8 @@ class UnlinkedFile:
     """The content of a regular file that was unlinked while open or mapped (kind
     "unlinked"): on one record of the image per file (the first that holds it); every
     fd and VMA of it names it by its FileRef (dev, ino; path without " (deleted)").
-    restore/unlinked.py makes it again with O_TMPFILE in the same directory."""
+    restore/unlinked.py makes it again with O_TMPFILE in the same directory. Also the
+    content of a file written at its offset (Fd.content)."""
 
     size: int
     mode: int  # permission bits (setuid, setgid and sticky too)
@@ -214,6 +215,9 @@ class Fd:
     cloexec: bool
     pos: int
     file: FileRef | None = None
+    # kind "file" written at its offset (writes_at_offset): the file's content at the
+    # dump, when it was small enough (capture/written.py; restore/written.py puts it back)
+    content: UnlinkedFile | None = None
     rdev: int = 0
     dup_of: int = -1  # another fd of the process sharing this open file description
     # Who gets the description's SIGIO/SIGURG: [F_OWNER_* type (0 TID, 1 PID, 2 PGRP),
@@ -494,6 +498,16 @@ def fd_owned(fd: dict[str, Any]) -> bool:
     return bool(fd.get("owner") or fd.get("sigio") or fd.get("flags", 0) & O_ASYNC)
 
 
+O_ACCMODE, O_WRONLY, O_APPEND, O_PATH = 0o3, 0o1, 0o2000, 0o10000000  # (kernel/abi.py's)
+
+
+def writes_at_offset(f: Fd) -> bool:
+    """A regular file open write-only without O_APPEND: what the process writes lands at
+    its own offset, so the restore needs the file as it was at the dump (an O_APPEND
+    writer only adds at the end, a reader's file must be unchanged anyway)."""
+    return f.kind == "file" and f.flags & (O_ACCMODE | O_APPEND | O_PATH) == O_WRONLY
+
+
 def state_version(state: dict[str, Any]) -> tuple[int, int]:
     """(major, minor) of the state file for this process state (as to_dict gives it)."""
     procs = [state, *state.get("tree", ())]
@@ -533,6 +547,8 @@ def fd_needs_v6(fd: dict[str, Any]) -> bool:
     (docs/FORMAT.md "Major 6")."""
     if fd.get("kind") == "peer" and fd.get("epoll"):  # epoll registrations of a member
         return True  # that takes the epoll: a 5.x reader would never add them
+    if fd.get("content") is not None:  # a file written at its offset: a 5.x reader
+        return True  # would reopen it as it is now, changed or gone
     if fd_owned(fd):  # SIGIO owner, F_SETSIG, O_ASYNC: a 5.x reader would drop them
         return True
     if fd.get("kind") == "memfd" and fd.get("peer_slot", -1) >= 0:  # a 5.x reader: reopens

@@ -482,3 +482,208 @@ def test_redis_dump_iterative_while_writing(e2e, redis_tools):
         for c in (idle, window):
             if c is not None:
                 c.close()
+
+
+# ---------------------------------------------------------------- during a BGSAVE
+
+N_SAVE = 20_000  # keys; with SAVE_DELAY_US per key the child saves for a few seconds
+SAVE_DELAY_US = 100  # CONFIG SET rdb-key-save-delay: the BGSAVE child sleeps per key
+SAVE_OK = b"Background saving terminated with success"  # the parent's log, once it reaped
+
+
+def start_redis(e2e, tools, name: str, port: int, cwd, *extra: str) -> Workload:
+    """redis-server on 127.0.0.1:port in cwd (its --dir), answering PING."""
+    w = start(
+        e2e,
+        name,
+        [
+            tools["redis-server"], "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--daemonize", "no", "--dir", str(cwd),
+            "--logfile", str(cwd / f"{name}.log"), *extra,
+        ],
+        cwd=cwd,
+    )  # fmt: skip
+    wait_until(lambda: answers_ping(port) or w.popen.poll() is not None, DEADLINE,
+               f"{name} to answer PING")  # fmt: skip
+    assert w.popen.poll() is None, (
+        f"{name} exited {w.popen.returncode}:\n{read_bytes(str(cwd / f'{name}.log'))!r}"
+    )
+    return w
+
+
+def reap_orphan(pid: int) -> None:
+    """A killed tree member is re-parented to the tests' subreaper: reap it (its PID must
+    be free for the restore)."""
+    wait_until(lambda: _reaped(pid), DEADLINE, f"tree member {pid} to go")
+
+
+def _reaped(pid: int) -> bool:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    return not os.path.exists(f"/proc/{pid}")
+
+
+def save_child(pid: int) -> int | None:
+    """The BGSAVE child of redis-server pid, if it runs."""
+    try:
+        kids = read_bytes(f"/proc/{pid}/task/{pid}/children") or b""
+    except OSError:
+        return None
+    found = [int(k) for k in kids.split()]
+    return found[0] if found else None
+
+
+def persistence(tools, port: int) -> dict[str, str]:
+    return {k: v for k, v in info(tools, port).items() if k.startswith(("rdb_", "aof_rewrite"))}
+
+
+def check_rdb(e2e, tools, rdb, what: str, extra: dict[bytes, bytes]) -> None:
+    """The RDB is complete (redis-check-rdb) and a second redis-server loads every key
+    with its value from it: the fill's and `extra`."""
+    res = subprocess.run([shutil.which("redis-check-rdb") or tools["redis-server"], str(rdb)],
+                         capture_output=True, timeout=DEADLINE, check=False)  # fmt: skip
+    out = res.stdout.decode(errors="replace")
+    assert res.returncode == 0 and "RDB looks OK" in out, f"{what}: redis-check-rdb:\n{out}"
+    assert f"{N_SAVE + len(extra)} keys read" in out, f"{what}: redis-check-rdb:\n{out}"
+    d = e2e.path(f"load-{what}")
+    d.mkdir()
+    shutil.copyfile(rdb, d / "dump.rdb")
+    port = free_port()
+    loader = start_redis(e2e, tools, f"loader-{what}", port, d, "--dbfilename", "dump.rdb")
+    assert cli(tools, port, "DBSIZE").strip() == str(N_SAVE + len(extra)), f"{what}: keys"
+    keys = [f"k:{i}".encode() for i in range(N_SAVE)] + list(extra)
+    values = [fill_value(i) for i in range(N_SAVE)] + list(extra.values())
+    check_keys(port, keys, values, f"{what} RDB")
+    cli(tools, port, "SHUTDOWN", "NOSAVE")
+    assert loader.popen.wait(DEADLINE) == 0
+
+
+@pytest.mark.parametrize("mode", ["dump", "iterative", "snapshot", "snapshot-killed"])
+def test_redis_during_bgsave(e2e, redis_tools, mode):
+    """Dump (or snapshot) redis-server while its BGSAVE child writes temp-CHILD.rdb, and
+    restore: the child comes back at its PID and finishes the save, the parent reaps it
+    and reports success (rdb_last_bgsave_status:ok), the RDB is complete and holds every
+    key, and the restored server's data and quiet client connection are intact.
+
+    The child's epoll is its parent's (inherited): it closed the listener its parent
+    registered and its temp file took that fd number (docs/ARCHITECTURE.md "An epoll
+    shared across a tree"). The temp file is written at the child's offset: the image
+    keeps its content ("Files being written"). dump/iterative: ckpt kills the tree, the
+    file stays as dumped. snapshot: the original runs on, finishes the save and renames
+    the file away, the restore makes it again (and the restored child then writes an
+    RDB byte for byte the original's). snapshot-killed: the original is killed in the
+    middle of its save, the file has grown, the restore puts it back as it was."""
+    tools = redis_tools
+    port = free_port()
+    cwd = e2e.path("redis")
+    cwd.mkdir()
+    server = start_redis(e2e, tools, "redis", port, cwd)
+    pid = server.pid
+    server.ident = Ident(
+        read_bytes(f"/proc/{pid}/cmdline") or b"",
+        read_link(f"/proc/{pid}/exe") or "",
+        read_link(f"/proc/{pid}/cwd") or "",
+    )
+    payload = b"".join(encode("SET", f"k:{i}", fill_value(i)) for i in range(N_SAVE))
+    out = cli(tools, port, "--pipe", stdin=payload)
+    assert "errors: 0" in out and f"replies: {N_SAVE}" in out, out
+    cli(tools, port, "CONFIG", "SET", "rdb-key-save-delay", str(SAVE_DELAY_US))
+    quiet = None
+    if not mode.startswith("snapshot"):  # (the original, left running, would close it)
+        quiet = Resp(port)
+        quiet_id = quiet.call("CLIENT", "ID")
+        assert quiet.call("SET", "quiet:before", "1") == b"OK"
+    try:
+        assert "started" in cli(tools, port, "BGSAVE")
+        wait_until(lambda: save_child(pid) is not None, DEADLINE, "the BGSAVE child")
+        child = save_child(pid)
+        temp = cwd / f"temp-{child}.rdb"
+        wait_until(lambda: temp.exists() and temp.stat().st_size > 0, DEADLINE,
+                   f"{temp.name} to be written")  # fmt: skip
+        assert persistence(tools, port)["rdb_bgsave_in_progress"] == "1"
+
+        if mode in ("dump", "iterative"):
+            image = e2e.path("img")
+            extra = ["--iterative"] if mode == "iterative" else []
+            res = e2e.dump(pid, image, "--tcp-established", *extra)
+            assert res.returncode == 0, str(res)
+            assert "1 descendants" in res.stderr, res.stderr
+            assert server.reap() == -signal.SIGKILL
+            reap_orphan(child)
+            assert temp.exists() and not (cwd / "dump.rdb").exists(), "the save ended first"
+            restore = ["-D", str(image)]
+            said = None
+        else:
+            store = e2e.path("store")
+            res = e2e.ckpt("snapshot", str(pid), "--store", str(store), "--tcp-established")
+            assert res.returncode == 0, str(res)
+            assert f"descendant {child}" in res.stderr, res.stderr
+            assert save_child(pid) == child, "the save ended before the snapshot was taken"
+            reference = None
+            if mode == "snapshot":  # the original finishes its save and renames the file
+                wait_until(lambda: persistence(tools, port)["rdb_bgsave_in_progress"] == "0",
+                           DEADLINE, "the original's save")  # fmt: skip
+                assert persistence(tools, port)["rdb_last_bgsave_status"] == "ok"
+                assert not temp.exists()
+                reference = e2e.path("original.rdb")
+                os.replace(cwd / "dump.rdb", reference)
+                cli(tools, port, "SHUTDOWN", "NOSAVE")
+                assert server.reap() == 0
+                said = "made again with its content as at the dump"
+            else:  # killed in the middle of the save: the file has grown since
+                size = temp.stat().st_size
+                wait_until(lambda: temp.stat().st_size > size, DEADLINE, "the save to go on")
+                os.kill(child, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
+                assert server.reap() == -signal.SIGKILL
+                reap_orphan(child)
+                said = "its content as at the dump is put back"
+            restore = ["--store", str(store)]
+
+        log = cwd / "redis.log"
+        done_before = (read_bytes(str(log)) or b"").count(SAVE_OK)
+        res = e2e.ckpt("restore", *restore, "--detach")
+        assert res.returncode == 0, str(res)
+        assert said is None or said in res.stderr, res.stderr
+        e2e.adopt(pid)
+        e2e.adopt(child)
+        wait_until(lambda: (proc_status(pid) or {}).get("TracerPid") == "0", DEADLINE,
+                   "the restored redis-server to run untraced")  # fmt: skip
+        assert server.ident.matches(pid)
+        st = proc_status(child)
+        assert st is not None and int(st["PPid"]) == pid, f"the save child: {st}"
+        wait_until(lambda: answers_ping(port), DEADLINE, "the restored redis-server to answer")
+
+        # the restored child finishes the save, its parent reaps it and says it succeeded
+        wait_until(lambda: persistence(tools, port)["rdb_bgsave_in_progress"] == "0",
+                   DEADLINE, "the restored save to finish")  # fmt: skip
+        p = persistence(tools, port)
+        assert p["rdb_last_bgsave_status"] == "ok", p
+        assert (p["rdb_saves"], p["rdb_changes_since_last_save"]) == ("1", "0"), p
+        wait_until(lambda: _reaped_by_parent(child), DEADLINE, "the parent to reap the child")
+        assert (read_bytes(str(log)) or b"").count(SAVE_OK) == done_before + 1
+        assert not temp.exists()
+        rdb = cwd / "dump.rdb"
+        check_rdb(e2e, tools, rdb, mode, {b"quiet:before": b"1"} if quiet else {})
+        if mode == "snapshot":
+            assert rdb.read_bytes() == reference.read_bytes(), "not the original's RDB"
+
+        # the server's data, its quiet client, and new writes
+        keys = [f"k:{i}".encode() for i in range(N_SAVE)]
+        check_keys(port, keys, [fill_value(i) for i in range(N_SAVE)], "restored server")
+        if quiet is not None:
+            assert quiet.call("CLIENT", "ID") == quiet_id, "the quiet connection is another"
+            assert quiet.call("GET", "quiet:before") == b"1"
+        assert cli(tools, port, "SET", "after", "restore").strip() == "OK"
+        assert cli(tools, port, "GET", "after").strip() == "restore"
+        cli(tools, port, "SHUTDOWN", "NOSAVE")
+        status = e2e.reap_adopted(pid)
+        assert status in (0, None), f"the restored redis-server exited {status} on SHUTDOWN"
+    finally:
+        if quiet is not None:
+            quiet.close()
+
+
+def _reaped_by_parent(pid: int) -> bool:
+    """Gone: its (restored) parent waited for it (it is not our child: we must not)."""
+    return not os.path.exists(f"/proc/{pid}")

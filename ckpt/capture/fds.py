@@ -9,7 +9,7 @@ from ..errors import CkptError, DumpError, NoSuchProcess, UnsupportedProcess
 from ..kernel import abi, procfs
 from ..kernel.process import same_open_file
 from ..model import Fd
-from . import fd_kinds, locks, tty, unlinked
+from . import fd_kinds, locks, tty, unlinked, written
 from .sockets import OutsidePeer, SocketCapture, capture_socket
 from .vmas import file_ref
 
@@ -38,6 +38,7 @@ def capture_fds(
         maps = procfs.maps(pid)
         fd_kinds.finish(scan, out, maps)
         unlinked.finish(scan, out, maps)  # unlinked files: content once, fds or mappings
+        written.finish(scan, out, maps)  # files written at their offset: their content
         locks.attach(out, held, pid)
     except OSError as exc:  # reading a pipe's data, a memfd, a pidfd_getfd copy…
         raise DumpError(f"reading the fds of process {pid} failed: {exc}") from exc

@@ -33,6 +33,7 @@ from .locks import keep_on_peer
 from .security import check_namespaces
 from .sockets import SocketCapture, link_tree_sockets
 from .unlinked import link_tree as link_unlinked
+from .written import link_tree as link_written
 
 
 def children(pid: int) -> list[int]:
@@ -261,6 +262,7 @@ def link_shared(procs: list[ProcessImage], sockets: SocketCapture) -> None:
     _link_pipes(procs)
     _link_sockets(procs, sockets)
     link_unlinked(procs)  # unlinked files: content once, on the first record (unlinked.py)
+    link_written(procs)  # files written at their offset: content only if one member opened it
 
 
 def _link_fds(procs: list[ProcessImage]) -> None:

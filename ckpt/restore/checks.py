@@ -7,9 +7,10 @@ import sys
 import time
 
 from ..errors import FileChanged, PidInUse, RestoreError
-from ..kernel import abi, procfs
+from ..kernel import procfs
 from ..kernel.pidfd import pidfd_of_same
-from ..model import Fd, FileRef, ProcessImage
+from ..model import Fd, FileRef, ProcessImage, writes_at_offset
+from . import written
 
 
 def check_file(ref: FileRef, what: str, *, strict: bool = True) -> None:
@@ -43,9 +44,21 @@ def check_files(proc: ProcessImage) -> None:
             check_file(v.file, f"mapped file (at {v.start:#x})", strict=v.shm < 0)
     for fd in proc.fds:
         if fd.file is not None and fd.kind != "unlinked":
-            # a directory only needs to be the same one: its entries come and go
-            strict = (fd.flags & abi.O_ACCMODE) != abi.O_WRONLY and fd.kind != "dir"
-            check_file(fd.file, f"file of fd {fd.fd}", strict=strict)
+            what = f"file of fd {fd.fd}"
+            if fd.kind == "file" and fd.content is not None:  # put back as it was at the dump
+                written.check(fd, what)
+                continue
+            # a directory only needs to be the same one (its entries come and go), an
+            # O_APPEND writer (a log) the same file (restore/written.py must_be_unchanged)
+            try:
+                check_file(fd.file, what, strict=written.must_be_unchanged(proc, fd))
+            except FileChanged as exc:
+                if not writes_at_offset(fd):
+                    raise
+                raise FileChanged(
+                    f"{exc}: the process writes it at its offset, and the image holds no "
+                    "copy of it (larger than the dump keeps)"
+                ) from exc
 
 
 def check_pidfds(proc: ProcessImage, image_pids: set[int]) -> None:

@@ -26,7 +26,7 @@ from ..kernel import abi, fdobjs, procfs, syscalls
 from ..kernel.pidfd import PIDFD_THREAD, dead_pidfd, pidfd_getfd, pidfd_of_same, pidfd_open
 from ..kernel.remote import Injector, RemoteError
 from ..model import Fd, ProcessImage
-from . import hostfs
+from . import hostfs, written
 from .checks import outside_pidfd_gone
 from .sockets import restore_socket_end, restore_sockets
 from .tty import restore_tty
@@ -360,10 +360,12 @@ def _by_path(ctx: _Ctx, fd: Fd) -> None:
             tmp = hostfs.open_checked(
                 inj, fd.path, flags, what, ref=fd.file, strict=False, fmt=statmod.S_IFDIR
             )
+        elif fd.content is not None:  # written at its offset: as at the dump (written.py)
+            tmp = written.reopen(inj, ctx.proc, fd, flags, what)
         else:
-            # a log only needs to be the same file; so does a tmpfs file the image holds
-            # as a shared memory object (the restore has written its content back)
-            strict = (flags & abi.O_ACCMODE) != abi.O_WRONLY and not _shm_file(ctx.proc, fd.file)
+            # a log (O_APPEND) only needs to be the same file; so does a tmpfs file the
+            # image holds as a shared memory object (the restore has written it back)
+            strict = written.must_be_unchanged(ctx.proc, fd) and not _shm_file(ctx.proc, fd.file)
             tmp = hostfs.open_checked(
                 inj, fd.path, flags, what, ref=fd.file, strict=strict, fmt=statmod.S_IFREG
             )
