@@ -172,6 +172,23 @@ def resting_signal_state(pid: int, nr: int = NR_RT_SIGSUSPEND, timeout: float = 
         time.sleep(POLL)
 
 
+def waiting_signal_state(pid: int, timeout: float = 5) -> dict:
+    """signal_state(pid) read while pid is blocked in a syscall (the same one before and
+    after the read): the state it comes back to whenever it waits again. Right after
+    READY a workload may still be on its way into sigsuspend, whose temporary mask
+    /proc shows only once it is in the call (see resting_signal_state). A process that
+    never blocks within `timeout` is read as it is."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        nr = current_syscall(pid)
+        if nr is not None:
+            st = signal_state(pid)
+            if current_syscall(pid) == nr:
+                return st
+        time.sleep(POLL)
+    return signal_state(pid)
+
+
 def current_syscall(pid: int) -> int | None:
     """Number of the syscall PID is blocked in (from /proc/PID/syscall), or None."""
     raw = read_bytes(f"/proc/{pid}/syscall")
@@ -823,7 +840,7 @@ def dump_restore_verify(
     exited with the workload's status (0) and that the image is unchanged.
     """
     pid = w.pid
-    sig_before = signal_state(pid)
+    sig_before = waiting_signal_state(pid)
     maps_before = maps_for_compare(pid)
     image = image or e2e.path("img")
     e2e.dump_ok(w, image)
