@@ -555,6 +555,8 @@ def fd_needs_v6(fd: dict[str, Any]) -> bool:
         return True
     if tcp_closing(fd):  # a 5.x reader would rebuild the connection established, no FIN
         return True
+    if socket_settings_v6(fd):  # options, BPF filter, UDP shutdown: a 5.x reader drops them
+        return True
     if fd.get("kind") in V6_FD_KINDS:  # pidfds…: a 5.x reader knows no such kind
         return True
     if fd.get("kind") == "pipe" and fd.get("flags", 0) & 3 == 2:  # O_RDWR: a 5.x reader
@@ -787,6 +789,26 @@ def tcp_closing(fd: dict[str, Any]) -> bool:
     return tcp.get("state", 1) != 1
 
 
+# the socket options a 5.x reader sets (it skips any other name without a word)
+SOCKET_OPTIONS_5 = frozenset({
+    "SO_REUSEADDR", "SO_REUSEPORT", "SO_KEEPALIVE", "SO_BROADCAST", "SO_PRIORITY",
+    "SO_RCVLOWAT", "SO_PASSCRED", "SO_OOBINLINE", "SO_MARK", "SO_TIMESTAMP", "SO_TIMESTAMPNS",
+    "SO_LINGER", "SO_RCVTIMEO", "SO_SNDTIMEO", "SO_PASSSEC", "IP_TOS", "IP_FREEBIND",
+    "IPV6_V6ONLY", "IPV6_TCLASS", "TCP_NODELAY", "TCP_CORK", "TCP_KEEPIDLE", "TCP_KEEPINTVL",
+    "TCP_KEEPCNT", "TCP_LINGER2", "TCP_DEFER_ACCEPT", "TCP_WINDOW_CLAMP", "TCP_USER_TIMEOUT",
+    "TCP_FASTOPEN", "TCP_NOTSENT_LOWAT", "TCP_CONGESTION",
+})  # fmt: skip
+
+
+def socket_settings_v6(fd: dict[str, Any]) -> bool:
+    """A socket fd record (as to_dict gives it) with what a 5.x reader would leave out
+    without a word: an option it does not know, a BPF filter, a shut down UDP socket."""
+    s = fd.get("socket") or {}
+    if s.get("filter") or any(name not in SOCKET_OPTIONS_5 for name in s.get("options", ())):
+        return True
+    return s.get("family") in (2, 10) and bool(s.get("shutdown"))  # AF_INET, AF_INET6
+
+
 @dataclass
 class Socket:
     """One socket, named by its inode so that several fds or processes can share it.
@@ -807,12 +829,15 @@ class Socket:
     listener_ino: int = 0  # "pending"/accepted: the listening socket it came through
     backlog: int = 0
     pending: list[int] = field(default_factory=list)  # unix listener: clients waiting, in order
-    shutdown: int = 0  # unix: RCV_SHUTDOWN 1 | SEND_SHUTDOWN 2
+    shutdown: int = 0  # unix, UDP: RCV_SHUTDOWN 1 | SEND_SHUTDOWN 2 (UDP: format 6)
     peer_closed: bool = False
     accepted: bool = False  # unix stream: the accept()ed end of a connection
     name_file: list[int] | None = None  # unix path: [mode, uid, gid] of the socket file
     name_deleted: bool = False  # unix path: the socket file was unlinked
+    # name → value, in the order the restore sets them (kernel/sockets.py option_table);
+    # names beyond SOCKET_OPTIONS_5 are format 6
     options: dict[str, Any] = field(default_factory=dict)
+    filter: bytes = b""  # classic BPF program (struct sock_filter array; format 6)
     sndbuf: int = 0
     rcvbuf: int = 0
     buf_lock: int = 0

@@ -42,6 +42,7 @@ I64_MIN, I64_MAX = -(1 << 63), (1 << 63) - 1
 PATH_MAX = 4096
 SIGINFO = 128  # bytes of a siginfo_t
 UNIX_PATH = 108  # sun_path
+BPF_MAXINSNS = 4096  # the longest classic BPF program a socket takes
 
 
 class SchemaError(ValueError):
@@ -417,6 +418,7 @@ RANGES: dict[type, dict[str, Callable[[Any], None]]] = {
         "peer_ino": U, "listener_ino": U, "backlog": rng(0, I32_MAX), "pending": each(0, U64),
         "shutdown": rng(0, 3), "name_file": each(0, U32, n=3), "sndbuf": rng(0, I32_MAX),
         "rcvbuf": rng(0, I32_MAX), "buf_lock": I32R, "peek_off": rng(-1, I32_MAX),
+        "filter": maxlen(BPF_MAXINSNS * 8),
     },
     # process attributes (capture/attrs.py, restore/attrs.py)
     m.SchedAttr: {
@@ -552,13 +554,15 @@ def _check_socket(s: m.Socket) -> None:
         ok = type(name) is str and len(name) <= 64
         ok = ok and (
             (type(value) is int and I32_MIN <= value <= I32_MAX)
-            or (type(value) is bytes and len(value) <= 256)
+            or (type(value) is bytes and len(value) <= 1024)  # an IPv6 extension header
         )
         if not ok:
             msg = f"{value!r:.40} is not a socket option value"
             raise SchemaError(msg, f".options[{name!r:.40}]")
     if s.tcp is not None and s.tcp.unsent > len(s.tcp.outq):
         raise SchemaError(f"{s.tcp.unsent} unsent of {len(s.tcp.outq)} bytes", ".tcp.unsent")
+    if len(s.filter) % 8:  # struct sock_filter: 8 bytes an instruction
+        raise SchemaError(f"{len(s.filter)} bytes is no whole BPF program", ".filter")
 
 
 def _check_thread(t: m.Thread) -> None:

@@ -21,13 +21,14 @@ group and parks the others' ends for them (see restore/sockets.py).
 from __future__ import annotations
 
 import os
+import select
 import socket
 import time
 from dataclasses import dataclass, field
 
 from ..errors import DumpError, UnsupportedProcess
 from ..kernel import netlock, procfs, sockdiag, tcp_repair
-from ..kernel.sockets import TargetSocket, socket_file
+from ..kernel.sockets import NotRestorable, TargetSocket, socket_file
 from ..model import Fd, ProcessImage, Socket, SocketMsg, TcpConn
 
 UNIX_TYPES = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "dgram", socket.SOCK_SEQPACKET: "seqpacket"}  # fmt: skip
@@ -46,6 +47,15 @@ class _ProcessSockets:
     tree: frozenset[int] = frozenset()  # the other processes dumped with this one
     _all_unix: dict[int, sockdiag.UnixDiag] | None = None
     _mates: dict[int, int] | None = None
+    _udp_shutdown: dict[int, int] | None = None
+
+    def udp_shutdown(self, ino: int) -> int:
+        """The shutdown bits of a UDP socket bound to a port (sock_diag, once per view)."""
+        if self._udp_shutdown is None:
+            self._udp_shutdown = {}
+            for family in (socket.AF_INET, socket.AF_INET6):
+                self._udp_shutdown.update(sockdiag.inet_shutdowns(family, socket.IPPROTO_UDP))
+        return self._udp_shutdown.get(ino, 0)
 
     def all_unix(self) -> dict[int, sockdiag.UnixDiag]:
         if self._all_unix is None:
@@ -189,16 +199,16 @@ def capture_socket(
             sock = _unix(pid, ctx, ts, ino, fdinfo or {})
         elif ts.family in (socket.AF_INET, socket.AF_INET6) and ts.type == socket.SOCK_STREAM:
             sock = _tcp(pid, run, ctx, ts, ino, tcp_established)
-            keep = sock.tcp is not None
         elif ts.family in (socket.AF_INET, socket.AF_INET6) and ts.type == socket.SOCK_DGRAM:
-            sock = _udp(pid, ts, ino)
+            sock = _udp(pid, ctx, ts, ino)
         else:
             kind = FAMILIES.get(ts.family, f"family {ts.family}")
             raise UnsupportedProcess(
                 f"fd {fd} is a {kind} socket (type {ts.type}, socket:[{ino}]): not supported",
                 pid=pid,
             )
-        sock.options = ts.options()
+        _settings(pid, ctx, ts, sock)
+        keep = sock.tcp is not None  # (a refused one is closed: the dump fails)
         sock.sndbuf, sock.rcvbuf, sock.buf_lock = ts.buffers()
         if ts.family == socket.AF_UNIX:
             sock.peek_off = ts.peek_offset()
@@ -345,7 +355,7 @@ def _tcp(
     s = Socket(ino=ino, family=ts.family, type=ts.type, protocol=ts.proto, state="unbound")
     s.local = ts.sockname()
     if info.state == sockdiag.TCP_CLOSE:
-        s.state = "bound" if s.local[1] else "unbound"
+        s.state = "bound" if _bound(s.local) else "unbound"
         return s
     if info.state == sockdiag.TCP_LISTEN:
         s.state, s.backlog = "listen", info.sacked
@@ -367,7 +377,11 @@ def _tcp(
             pid=pid,
         )
     s.state = "established"  # a closing connection too: TcpConn.state says which
-    peer = sockdiag.tcp_socket_inode(ts.family, tuple(s.remote[:2]), tuple(s.local[:2]))
+    peer = sockdiag.tcp_socket_inode(
+        ts.family, tuple(s.remote[:2]), tuple(s.local[:2]), _scope(s.local)
+    )
+    if peer is None:  # or one bound to an interface (SO_BINDTODEVICE)
+        peer = sockdiag.tcp_socket_inode_any_device(tuple(s.remote[:2]), tuple(s.local[:2]))
     if peer and ctx.ours(peer):
         s.peer_ino = peer
     elif not allow_external:
@@ -450,15 +464,59 @@ def _make_consistent(pid, ts: TargetSocket, s: Socket, pts: TargetSocket, partne
     )
 
 
-def _udp(pid: int, ts: TargetSocket, ino: int) -> Socket:
+def _udp(pid: int, ctx: _ProcessSockets, ts: TargetSocket, ino: int) -> Socket:
     s = Socket(ino=ino, family=ts.family, type=ts.type, protocol=ts.proto, state="unbound")
     s.local = ts.sockname()
     s.remote = ts.peername()
     if s.remote:
         s.state = "connected"
-    elif s.local[1]:
+    elif _bound(s.local):
         s.state = "bound"
+    s.shutdown = ctx.udp_shutdown(ino) if s.local[1] else _poll_shutdown(ts)
     return s  # queued datagrams are not kept (UDP may drop them anyway)
+
+
+def _bound(local) -> bool:
+    """Bound to a port, or to an address only (IP_BIND_ADDRESS_NO_PORT: port 0)."""
+    return bool(local[1]) or local[0] not in ("0.0.0.0", "::")
+
+
+def _scope(addr) -> int:
+    """The scope id of an IPv6 address (a link-local one's interface), else 0."""
+    return int(addr[3]) if addr is not None and len(addr) > 3 else 0
+
+
+def _poll_shutdown(ts: TargetSocket) -> int:
+    """A socket no table lists (UDP without a port): what poll tells of its shutdown
+    state (POLLRDHUP: the read side; POLLHUP: both). A write side shut alone does not
+    show (docs/ARCHITECTURE.md "Sockets")."""
+    p = select.poll()
+    p.register(ts.fileno(), select.POLLIN | select.POLLRDHUP)
+    ev = dict(p.poll(0)).get(ts.fileno(), 0)
+    return 3 if ev & select.POLLHUP else (1 if ev & select.POLLRDHUP else 0)
+
+
+def _settings(pid: int, ctx: _ProcessSockets, ts: TargetSocket, s: Socket) -> None:
+    """What a socket is set to besides its names and data: its options and classic BPF
+    filter. What ckpt could not set again exactly (kernel/sockets.py NotRestorable,
+    TCP_MD5SIG keys) is refused here, naming the fd."""
+    try:
+        s.options = ts.options(connection=s.state == "established")
+        s.filter = ts.bpf_filter()
+        tcp = ts.family != socket.AF_UNIX and ts.type == socket.SOCK_STREAM
+        if tcp and s.state in ("listen", "established"):
+            remote = tuple(s.remote[:2]) if s.remote else None
+            if sockdiag.tcp_md5_keys(ts.family, tuple(s.local[:2]), remote, _scope(s.local)):
+                raise NotRestorable("has TCP_MD5SIG keys (they cannot be read back)")
+    except NotRestorable as exc:
+        if ts.family == socket.AF_UNIX:
+            what = f"unix {UNIX_TYPES.get(ts.type, ts.type)} socket ({_name(s.local)})"
+        else:
+            proto = "TCP" if ts.type == socket.SOCK_STREAM else "UDP"
+            where = _addr(s.local) + (f" -> {_addr(s.remote)}" if s.remote else "")
+            what = f"{proto}/{FAMILIES[ts.family]} socket ({where})"
+        msg = f"fd {ts.fd} is a {what} that {exc}: not supported"
+        raise UnsupportedProcess(msg, pid=pid) from exc
 
 
 # -- process trees ---------------------------------------------------------------------------

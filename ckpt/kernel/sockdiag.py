@@ -11,6 +11,7 @@ Everything is plain `socket` module I/O on a netlink socket.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import socket
 import struct
@@ -140,7 +141,7 @@ def unix_sockets(show: int = SHOW_ALL, states: int = 0xFFFFFFFF) -> dict[int, Un
     return {d.ino: d for d in map(_parse_unix, _request(req, NLM_F_REQUEST | NLM_F_DUMP))}
 
 
-def _inet_id(family: int, src: tuple, dst: tuple) -> bytes:
+def _inet_id(family: int, src: tuple, dst: tuple, ifindex: int = 0) -> bytes:
     def addr(host: str) -> bytes:
         raw = socket.inet_pton(family, host)
         return raw.ljust(16, b"\0")
@@ -149,18 +150,20 @@ def _inet_id(family: int, src: tuple, dst: tuple) -> bytes:
         struct.pack("!HH", src[1], dst[1])
         + addr(src[0])
         + addr(dst[0])
-        + struct.pack("=I2I", 0, NO_COOKIE, NO_COOKIE)
+        + struct.pack("=I2I", ifindex, NO_COOKIE, NO_COOKIE)
     )
 
 
-def tcp_socket_inode(family: int, local: tuple, remote: tuple) -> int | None:
+def tcp_socket_inode(family: int, local: tuple, remote: tuple, ifindex: int = 0) -> int | None:
     """Inode of the TCP socket with this exact 4-tuple (from its own point of view).
 
+    ifindex: the interface a link-local connection is bound to (its scope id): the
+    kernel finds a socket bound to an interface only when asked with it.
     0 = it exists but no process holds it (waiting in an accept queue, or
     orphaned); None = no such socket.
     """
     req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)
-    req += _inet_id(family, local, remote)
+    req += _inet_id(family, local, remote, ifindex)
     try:
         msgs = _request(req, NLM_F_REQUEST)
     except SockDiagError as exc:
@@ -172,6 +175,40 @@ def tcp_socket_inode(family: int, local: tuple, remote: tuple) -> int | None:
     # inet_diag_msg: family state timer retrans, sockid (48), expires rqueue wqueue uid inode
     (ino,) = struct.unpack_from("=I", msgs[0], 4 + 48 + 16)
     return ino
+
+
+INET_DIAG_SHUTDOWN, INET_DIAG_MD5SIG = 8, 18
+INET_DIAG_INFO_EXT = 1 << (2 - 1)  # idiag_ext bit of INET_DIAG_INFO
+_INET_MSG = 4 + 48 + 20  # struct inet_diag_msg, before its attributes
+
+
+def tcp_md5_keys(family: int, local: tuple, remote: tuple | None, ifindex: int = 0) -> bool:
+    """Does the TCP socket with this 4-tuple (a listener: remote None) hold TCP_MD5SIG
+    keys? The kernel shows them to CAP_NET_ADMIN only, in INET_DIAG_MD5SIG, along with
+    TCP_INFO (asked for with its extension bit)."""
+    any_ = "::" if family == socket.AF_INET6 else "0.0.0.0"
+    req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, INET_DIAG_INFO_EXT, 0, 0xFFFFFFFF)
+    req += _inet_id(family, local, remote or (any_, 0), ifindex)
+    try:
+        msgs = _request(req, NLM_F_REQUEST)
+    except SockDiagError as exc:
+        if exc.errno == errno.ENOENT:
+            return False
+        raise
+    return bool(msgs) and INET_DIAG_MD5SIG in _attrs(msgs[0], _INET_MSG)
+
+
+def inet_shutdowns(family: int, protocol: int) -> dict[int, int]:
+    """inode → shutdown bits (RCV_SHUTDOWN 1 | SEND_SHUTDOWN 2) of every socket of this
+    family and protocol (UDP: those bound to a port) that has any."""
+    req = struct.pack("=BBBBI", family, protocol, 0, 0, 0xFFFFFFFF) + bytes(48)
+    out: dict[int, int] = {}
+    for body in _request(req, NLM_F_REQUEST | NLM_F_DUMP):
+        (ino,) = struct.unpack_from("=I", body, 4 + 48 + 16)
+        bits = _attrs(body, _INET_MSG).get(INET_DIAG_SHUTDOWN, b"\0")[:1]
+        if bits and bits[0]:
+            out[ino] = bits[0]
+    return out
 
 
 TCP_SYN_RECV = 3
@@ -188,6 +225,27 @@ class InetDiag:
     rqueue: int  # listener: connections waiting to be accepted; else bytes unread
     wqueue: int  # listener: backlog
     ino: int  # 0 for a request socket or one no process holds
+
+
+def tcp_socket_inode_any_device(local: tuple, remote: tuple) -> int | None:
+    """tcp_socket_inode for a socket that may be bound to an interface we do not know
+    (SO_BINDTODEVICE, inherited from its listener): the lookup by 4-tuple finds one only
+    when asked with its interface, so look through every TCP socket of both families
+    (v4-mapped addresses compared as IPv4)."""
+    want = (_plain(local[0]), int(local[1]), _plain(remote[0]), int(remote[1]))
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for d in tcp_sockets(family, 0xFFFFFFFF & ~(1 << TCP_LISTEN)):
+            if (_plain(d.local[0]), d.local[1], _plain(d.remote[0]), d.remote[1]) == want:
+                return d.ino
+    return None
+
+
+def _plain(host: str) -> str:
+    """An address as it travels: a v4-mapped IPv6 one as IPv4."""
+    a = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
+        return str(a.ipv4_mapped)
+    return str(a)
 
 
 def _addr_of(family: int, raw: bytes) -> str:

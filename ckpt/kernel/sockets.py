@@ -14,6 +14,7 @@ import os
 import socket
 import stat as statmod
 import struct
+from dataclasses import dataclass
 
 from .pidfd import pidfd_getfd, pidfd_open
 
@@ -25,31 +26,228 @@ SOCK_SNDBUF_LOCK, SOCK_RCVBUF_LOCK = 1, 2
 MSG_PEEK, MSG_DONTWAIT, MSG_TRUNC, MSG_CTRUNC = 0x2, 0x40, 0x20, 0x8
 SIOCINQ, SIOCOUTQ, SIOCOUTQNSD = 0x541B, 0x5411, 0x894B
 
-# Options compared with a fresh socket of the same kind; only differences are kept.
-# (level, optname, name, size); size 0 = int.
-_COMMON = [
-    (SOL_SOCKET, 2, "SO_REUSEADDR", 0), (SOL_SOCKET, 15, "SO_REUSEPORT", 0),
-    (SOL_SOCKET, 9, "SO_KEEPALIVE", 0), (SOL_SOCKET, 6, "SO_BROADCAST", 0),
-    (SOL_SOCKET, 12, "SO_PRIORITY", 0), (SOL_SOCKET, 18, "SO_RCVLOWAT", 0),
-    (SOL_SOCKET, 16, "SO_PASSCRED", 0), (SOL_SOCKET, 10, "SO_OOBINLINE", 0),
-    (SOL_SOCKET, 36, "SO_MARK", 0), (SOL_SOCKET, 29, "SO_TIMESTAMP", 0),
-    (SOL_SOCKET, 35, "SO_TIMESTAMPNS", 0), (SOL_SOCKET, 13, "SO_LINGER", 8),
-    (SOL_SOCKET, 20, "SO_RCVTIMEO", 16), (SOL_SOCKET, 21, "SO_SNDTIMEO", 16),
-    (SOL_SOCKET, 34, "SO_PASSSEC", 0),
-]  # fmt: skip
-_INET = [(SOL_IP, 1, "IP_TOS", 0), (SOL_IP, 15, "IP_FREEBIND", 0)]
-_INET6 = [(SOL_IPV6, 26, "IPV6_V6ONLY", 0), (SOL_IPV6, 67, "IPV6_TCLASS", 0)]
+# -- socket options ----------------------------------------------------------------------------
+#
+# Every option a program sets and getsockopt reads back, by level. The capture keeps those
+# that differ from a fresh socket of the same family/type/protocol (TargetSocket.options);
+# the restore sets them on the rebuilt socket (set_options) in this table's order: the
+# "early" ones before bind (they change what bind accepts, or can only be set before
+# connect), the others once the socket is bound, connected and holds its data. Left out on
+# purpose: read-only state (SO_ERROR, SO_INCOMING_CPU, IP_MTU, IPV6_MTU, TCP_INFO...),
+# SO_SNDBUF/SO_RCVBUF (buffers()), unix SO_PEEK_OFF (Socket.peek_off), and what the
+# kernel sets on an accepted TCP connection from its SYN and never lets a program set on
+# TCP (IP_MULTICAST_TTL, IPV6_MULTICAST_IF, IPV6_MULTICAST_HOPS: they never apply to TCP).
+
+
+@dataclass(frozen=True)
+class Opt:
+    name: str
+    level: int
+    opt: int
+    size: int = 0  # 0: an int; else read into a buffer of this size (bytes)
+    kind: str = "int"  # "int", "bytes", "str" (a name, NULs stripped), "ifindex", "linger"
+    early: bool = False  # set before bind (and before connect for a rebuilt connection)
+    moves: bool = False  # the kernel changes it on a live connection: not checked after restore
+
+
+SOL_UDP = 17
+_SOCKET = [
+    Opt("SO_REUSEADDR", SOL_SOCKET, 2, early=True),
+    Opt("SO_REUSEPORT", SOL_SOCKET, 15, early=True),
+    Opt("SO_DEBUG", SOL_SOCKET, 1),
+    Opt("SO_DONTROUTE", SOL_SOCKET, 5),
+    Opt("SO_BROADCAST", SOL_SOCKET, 6),
+    Opt("SO_KEEPALIVE", SOL_SOCKET, 9),
+    Opt("SO_OOBINLINE", SOL_SOCKET, 10),
+    Opt("SO_NO_CHECK", SOL_SOCKET, 11),
+    Opt("SO_LINGER", SOL_SOCKET, 13, 8, "linger"),
+    Opt("SO_PASSCRED", SOL_SOCKET, 16),
+    Opt("SO_RCVLOWAT", SOL_SOCKET, 18),
+    Opt("SO_RCVTIMEO", SOL_SOCKET, 20, 16, "bytes"),
+    Opt("SO_SNDTIMEO", SOL_SOCKET, 21, 16, "bytes"),
+    Opt("SO_TIMESTAMP", SOL_SOCKET, 29),
+    Opt("SO_PASSSEC", SOL_SOCKET, 34),
+    Opt("SO_TIMESTAMPNS", SOL_SOCKET, 35),
+    Opt("SO_MARK", SOL_SOCKET, 36),
+    Opt("SO_TIMESTAMPING", SOL_SOCKET, 37, 8, "bytes"),
+    Opt("SO_RXQ_OVFL", SOL_SOCKET, 40),
+    Opt("SO_WIFI_STATUS", SOL_SOCKET, 41),
+    Opt("SO_SELECT_ERR_QUEUE", SOL_SOCKET, 45),
+    Opt("SO_BUSY_POLL", SOL_SOCKET, 46),
+    Opt("SO_MAX_PACING_RATE", SOL_SOCKET, 47, 8, "bytes"),
+    Opt("SO_ZEROCOPY", SOL_SOCKET, 60),
+    Opt("SO_TXTIME", SOL_SOCKET, 61, 8, "bytes"),
+    Opt("SO_TIMESTAMP_NEW", SOL_SOCKET, 63),
+    Opt("SO_TIMESTAMPNS_NEW", SOL_SOCKET, 64),
+    Opt("SO_TIMESTAMPING_NEW", SOL_SOCKET, 65, 8, "bytes"),
+    Opt("SO_PREFER_BUSY_POLL", SOL_SOCKET, 69),
+    Opt("SO_BUSY_POLL_BUDGET", SOL_SOCKET, 70),
+    Opt("SO_RESERVE_MEM", SOL_SOCKET, 73),
+    Opt("SO_TXREHASH", SOL_SOCKET, 74),
+    Opt("SO_RCVMARK", SOL_SOCKET, 75),
+    Opt("SO_PASSPIDFD", SOL_SOCKET, 76),
+    Opt("SO_RCVPRIORITY", SOL_SOCKET, 82),
+    Opt("SO_PASSRIGHTS", SOL_SOCKET, 83),
+    Opt("SO_LOCK_FILTER", SOL_SOCKET, 44),  # after the filter (restore/sockets.py)
+]
+_INET_SOCKET = [Opt("SO_PEEK_OFF", SOL_SOCKET, SO_PEEK_OFF)]  # after the queued data
+_LAST = [Opt("SO_PRIORITY", SOL_SOCKET, 12)]  # after IP_TOS, which sets it too
+# the interface options go before SO_BINDTODEVICE: once a socket is bound to a device the
+# kernel refuses to point them at another one
+_DEVICE = [Opt("SO_BINDTODEVICE", SOL_SOCKET, 25, 16, "str", early=True)]
+# IP options apply to IPv6 sockets too (their v4-mapped traffic)
+_IP = [
+    Opt("IP_UNICAST_IF", SOL_IP, 50, kind="ifindex", early=True),
+    Opt("IP_FREEBIND", SOL_IP, 15, early=True),
+    Opt("IP_TRANSPARENT", SOL_IP, 19, early=True),
+    Opt("IP_BIND_ADDRESS_NO_PORT", SOL_IP, 24, early=True),
+    Opt("IP_LOCAL_PORT_RANGE", SOL_IP, 51, early=True),
+    Opt("IP_TOS", SOL_IP, 1),
+    Opt("IP_TTL", SOL_IP, 2),
+    Opt("IP_OPTIONS", SOL_IP, 4, 40, "bytes"),
+    Opt("IP_RECVOPTS", SOL_IP, 6),
+    Opt("IP_RETOPTS", SOL_IP, 7),
+    Opt("IP_PKTINFO", SOL_IP, 8),
+    Opt("IP_MTU_DISCOVER", SOL_IP, 10),
+    Opt("IP_RECVERR", SOL_IP, 11),
+    Opt("IP_RECVTTL", SOL_IP, 12),
+    Opt("IP_RECVTOS", SOL_IP, 13),
+    Opt("IP_PASSSEC", SOL_IP, 18),
+    Opt("IP_RECVORIGDSTADDR", SOL_IP, 20),
+    Opt("IP_MINTTL", SOL_IP, 21),
+    Opt("IP_CHECKSUM", SOL_IP, 23),
+    Opt("IP_RECVFRAGSIZE", SOL_IP, 25),
+    Opt("IP_RECVERR_RFC4884", SOL_IP, 26),
+]
+_IP_DGRAM = [
+    Opt("IP_MULTICAST_IF", SOL_IP, 32, 4, "bytes", early=True),
+    Opt("IP_MULTICAST_TTL", SOL_IP, 33),
+    Opt("IP_MULTICAST_LOOP", SOL_IP, 34),
+    Opt("IP_MULTICAST_ALL", SOL_IP, 49),
+]
+_EXTHDR = 1024  # socket.getsockopt's largest buffer (an extension header may be 2048)
+_IPV6 = [
+    Opt("IPV6_UNICAST_IF", SOL_IPV6, 76, kind="ifindex", early=True),
+    Opt("IPV6_V6ONLY", SOL_IPV6, 26, early=True),
+    Opt("IPV6_FREEBIND", SOL_IPV6, 78, early=True),
+    Opt("IPV6_TRANSPARENT", SOL_IPV6, 75, early=True),
+    Opt("IPV6_ADDR_PREFERENCES", SOL_IPV6, 72, early=True),  # chooses the source address
+    Opt("IPV6_TCLASS", SOL_IPV6, 67),
+    Opt("IPV6_UNICAST_HOPS", SOL_IPV6, 16),
+    Opt("IPV6_2292PKTINFO", SOL_IPV6, 2),
+    Opt("IPV6_2292HOPOPTS", SOL_IPV6, 3),
+    Opt("IPV6_2292DSTOPTS", SOL_IPV6, 4),
+    Opt("IPV6_2292RTHDR", SOL_IPV6, 5),
+    Opt("IPV6_2292HOPLIMIT", SOL_IPV6, 8),
+    Opt("IPV6_FLOWINFO", SOL_IPV6, 11),
+    Opt("IPV6_MTU_DISCOVER", SOL_IPV6, 23),
+    Opt("IPV6_RECVERR", SOL_IPV6, 25),
+    Opt("IPV6_RECVERR_RFC4884", SOL_IPV6, 31),
+    Opt("IPV6_FLOWINFO_SEND", SOL_IPV6, 33),
+    Opt("IPV6_RECVPKTINFO", SOL_IPV6, 49),
+    Opt("IPV6_RECVHOPLIMIT", SOL_IPV6, 51),
+    Opt("IPV6_RECVHOPOPTS", SOL_IPV6, 53),
+    Opt("IPV6_HOPOPTS", SOL_IPV6, 54, _EXTHDR, "bytes"),
+    Opt("IPV6_RTHDRDSTOPTS", SOL_IPV6, 55, _EXTHDR, "bytes"),
+    Opt("IPV6_RECVRTHDR", SOL_IPV6, 56),
+    Opt("IPV6_RTHDR", SOL_IPV6, 57, _EXTHDR, "bytes"),
+    Opt("IPV6_RECVDSTOPTS", SOL_IPV6, 58),
+    Opt("IPV6_DSTOPTS", SOL_IPV6, 59, _EXTHDR, "bytes"),
+    Opt("IPV6_RECVPATHMTU", SOL_IPV6, 60),
+    Opt("IPV6_DONTFRAG", SOL_IPV6, 62),
+    Opt("IPV6_RECVTCLASS", SOL_IPV6, 66),
+    Opt("IPV6_AUTOFLOWLABEL", SOL_IPV6, 70),
+    Opt("IPV6_MINHOPCOUNT", SOL_IPV6, 73),
+    Opt("IPV6_RECVORIGDSTADDR", SOL_IPV6, 74),
+    Opt("IPV6_RECVFRAGSIZE", SOL_IPV6, 77),
+]
+_IPV6_DGRAM = [
+    Opt("IPV6_MULTICAST_IF", SOL_IPV6, 17, kind="ifindex", early=True),
+    Opt("IPV6_MULTICAST_HOPS", SOL_IPV6, 18),
+    Opt("IPV6_MULTICAST_LOOP", SOL_IPV6, 19),
+    Opt("IPV6_MULTICAST_ALL", SOL_IPV6, 29),
+]
 _TCP = [
-    (SOL_TCP, 1, "TCP_NODELAY", 0), (SOL_TCP, 3, "TCP_CORK", 0),
-    (SOL_TCP, 4, "TCP_KEEPIDLE", 0), (SOL_TCP, 5, "TCP_KEEPINTVL", 0),
-    (SOL_TCP, 6, "TCP_KEEPCNT", 0), (SOL_TCP, 8, "TCP_LINGER2", 0),
-    (SOL_TCP, 9, "TCP_DEFER_ACCEPT", 0), (SOL_TCP, 10, "TCP_WINDOW_CLAMP", 0),
-    (SOL_TCP, 18, "TCP_USER_TIMEOUT", 0), (SOL_TCP, 23, "TCP_FASTOPEN", 0),
-    (SOL_TCP, 25, "TCP_NOTSENT_LOWAT", 0), (SOL_TCP, 13, "TCP_CONGESTION", 16),
-]  # fmt: skip
-OPTIONS = {name: (level, opt, size) for level, opt, name, size in _COMMON + _INET + _INET6 + _TCP}
-# options that must be set before bind() (they change what bind accepts)
-BEFORE_BIND = ("SO_REUSEADDR", "SO_REUSEPORT", "IPV6_V6ONLY", "IP_FREEBIND")
+    Opt("TCP_FASTOPEN_CONNECT", SOL_TCP, 30, early=True),  # only before connect
+    Opt("TCP_FASTOPEN", SOL_TCP, 23, early=True),  # only before connect (or listening)
+    Opt("TCP_NODELAY", SOL_TCP, 1),
+    Opt("TCP_MAXSEG", SOL_TCP, 2),  # not for a connection: TCP_REPAIR_OPTIONS gives its MSS
+    Opt("TCP_CORK", SOL_TCP, 3),
+    Opt("TCP_KEEPIDLE", SOL_TCP, 4),
+    Opt("TCP_KEEPINTVL", SOL_TCP, 5),
+    Opt("TCP_KEEPCNT", SOL_TCP, 6),
+    Opt("TCP_SYNCNT", SOL_TCP, 7),
+    Opt("TCP_LINGER2", SOL_TCP, 8),
+    Opt("TCP_DEFER_ACCEPT", SOL_TCP, 9),
+    Opt("TCP_WINDOW_CLAMP", SOL_TCP, 10, moves=True),
+    Opt("TCP_QUICKACK", SOL_TCP, 12, moves=True),
+    Opt("TCP_CONGESTION", SOL_TCP, 13, 16, "str"),
+    Opt("TCP_THIN_LINEAR_TIMEOUTS", SOL_TCP, 16),
+    Opt("TCP_USER_TIMEOUT", SOL_TCP, 18),
+    Opt("TCP_NOTSENT_LOWAT", SOL_TCP, 25),
+    Opt("TCP_SAVE_SYN", SOL_TCP, 27),
+    Opt("TCP_FASTOPEN_NO_COOKIE", SOL_TCP, 34),
+    Opt("TCP_INQ", SOL_TCP, 36),
+    Opt("TCP_TX_DELAY", SOL_TCP, 37),
+    Opt("TCP_RTO_MAX_MS", SOL_TCP, 44),
+    Opt("TCP_RTO_MIN_US", SOL_TCP, 45),
+    Opt("TCP_DELACK_MAX_US", SOL_TCP, 46),
+]
+_UDP = [
+    Opt("UDP_CORK", SOL_UDP, 1),
+    Opt("UDP_ENCAP", SOL_UDP, 100),
+    Opt("UDP_NO_CHECK6_TX", SOL_UDP, 101),
+    Opt("UDP_NO_CHECK6_RX", SOL_UDP, 102),
+    Opt("UDP_SEGMENT", SOL_UDP, 103),
+    Opt("UDP_GRO", SOL_UDP, 104),
+]
+# options that name an interface: once bound to a device (SO_BINDTODEVICE, or a connect to
+# a link-local address) the kernel refuses to point them at another one, so they go first
+_IFACE = frozenset({"IP_UNICAST_IF", "IP_MULTICAST_IF", "IPV6_UNICAST_IF", "IPV6_MULTICAST_IF"})
+# interface indexes the kernel takes and gives in network byte order
+_NET_ORDER = frozenset({"IP_UNICAST_IF", "IPV6_UNICAST_IF"})
+_ALL = (
+    _SOCKET + _LAST + _INET_SOCKET + _DEVICE + _IP + _IP_DGRAM + _IPV6 + _IPV6_DGRAM + _TCP + _UDP
+)
+SPECS = {o.name: o for o in _ALL}
+OPTIONS = {o.name: (o.level, o.opt, o.size) for o in _ALL}
+# options that must be set before bind (they change what bind accepts) or connect
+BEFORE_BIND = tuple(o.name for o in _ALL if o.early)
+# read back after a restore only where the kernel does not move them by itself
+MOVING = frozenset(o.name for o in _ALL if o.moves)
+TCP_ULP, TCP_AO_INFO = 31, 40
+SOF_TIMESTAMPING_OPT_ID = 1 << 7
+SO_GET_FILTER, SO_ATTACH_FILTER, SO_LOCK_FILTER = 26, 26, 44
+IPV6_V6ONLY = 26
+
+
+def option_table(family: int, type_: int, proto: int) -> list[Opt]:
+    """The options a socket of this kind has, in the order the restore sets them."""
+    if family == socket.AF_UNIX:
+        return _SOCKET[:2] + _DEVICE + _SOCKET[2:] + _LAST
+    early: list[Opt] = []
+    late: list[Opt] = list(_SOCKET) + _INET_SOCKET
+    parts = list(_IP)
+    if type_ == socket.SOCK_DGRAM:
+        parts += _IP_DGRAM
+    if family == socket.AF_INET6:
+        parts += _IPV6 + (_IPV6_DGRAM if type_ == socket.SOCK_DGRAM else [])
+    if type_ == socket.SOCK_STREAM and proto in (0, socket.IPPROTO_TCP):
+        parts += _TCP
+    if type_ == socket.SOCK_DGRAM and proto in (0, socket.IPPROTO_UDP):
+        parts += _UDP
+    for o in parts:
+        (early if o.early else late).append(o)
+    # interface choices, then the device binding, then the rest of what goes before bind
+    first = [o for o in early if o.name in _IFACE]
+    return (
+        [o for o in late if o.early] + first + _DEVICE
+        + [o for o in early if o.name not in _IFACE] + [o for o in late if not o.early] + _LAST
+    )  # fmt: skip
+
+
+class NotRestorable(Exception):
+    """A socket's state that ckpt could not set again exactly (the message says what)."""
 
 
 class TargetSocket:
@@ -103,26 +301,102 @@ class TargetSocket:
                 return None
             raise
 
-    def options(self) -> dict[str, int | bytes]:
-        """The options that differ from a fresh socket of the same family/type/protocol."""
-        table = _COMMON
-        if self.family == socket.AF_INET:
-            table = table + _INET
-        elif self.family == socket.AF_INET6:
-            table = table + _INET6
-        if self.family in (socket.AF_INET, socket.AF_INET6) and self.type == socket.SOCK_STREAM:
-            table = table + _TCP
+    def options(self, connection: bool = False) -> dict[str, int | bytes]:
+        """The options that differ from a fresh socket of the same family, type and
+        protocol (IPV6_V6ONLY always: its default is a sysctl), in the order the restore
+        sets them. connection: an established TCP connection (its TCP_MAXSEG reads the
+        path's MSS, which TCP_REPAIR_OPTIONS gives back).
+
+        They are then set on a fresh socket, in the same order, and every option is read
+        back (_trial): one that reads back otherwise (the kernel would restore it wrong)
+        raises NotRestorable, as do those whose state getsockopt cannot show (TCP_ULP such
+        as kernel TLS, the counter of SOF_TIMESTAMPING_OPT_ID)."""
+        table = option_table(self.family, self.type, self.proto)
+        if connection:
+            table = [o for o in table if o.name != "TCP_MAXSEG"]
+        mine: dict[str, int | bytes] = {}
         out: dict[str, int | bytes] = {}
         with socket.socket(self.family, self.type, self.proto) as fresh:
-            for level, opt, name, size in table:
+            for o in table:
                 try:
-                    mine = _get(self.sock, level, opt, size)
-                    base = _get(fresh, level, opt, size)
+                    mine[o.name] = read_option(self.sock, o)
                 except OSError:
                     continue
-                if mine != base:
-                    out[name] = mine
-        return out
+                try:
+                    base = read_option(fresh, o)
+                except OSError:
+                    base = None
+                if mine[o.name] != base or o.name == "IPV6_V6ONLY":
+                    out[o.name] = mine[o.name]
+        self._refuse(out)
+        # an option set again may move another (IP_TOS sets SO_PRIORITY): keep that one
+        # too, set after it (the table's order), and try again
+        for _ in range(3):
+            moved = self._trial(out, mine)
+            if not moved:
+                return out
+            out = {o.name: mine[o.name] for o in table if o.name in out or o.name in moved}
+        raise NotRestorable(f"has options that move each other ({', '.join(sorted(moved))})")
+
+    def _trial(self, out: dict[str, int | bytes], mine: dict[str, int | bytes]) -> set[str]:
+        """Set `out` on a fresh socket, in order, and read every option back. A kept one
+        that reads otherwise raises NotRestorable; the names of the others that now read
+        otherwise are returned. A set the kernel refuses here is left to the restore,
+        whose socket is bound and connected."""
+        moved: set[str] = set()
+        with socket.socket(self.family, self.type, self.proto) as sock:
+            done = set()
+            for name, value in out.items():
+                try:
+                    set_options(sock, {name: value})
+                except OSError:
+                    continue
+                done.add(name)
+            for name, value in mine.items():
+                if name in MOVING or (name in out and name not in done):
+                    continue
+                try:
+                    got = read_option(sock, SPECS[name])
+                except OSError:
+                    continue
+                if got == value:
+                    continue
+                if name in out:
+                    raise NotRestorable(
+                        f"has {name} = {show_option(value)}, which reads back as "
+                        f"{show_option(got)} once set again"
+                    )
+                moved.add(name)
+        return moved
+
+    def _refuse(self, out: dict[str, int | bytes]) -> None:
+        if self.family != socket.AF_UNIX and self.type == socket.SOCK_STREAM:
+            try:
+                ulp = self.sock.getsockopt(SOL_TCP, TCP_ULP, 16).split(b"\0", 1)[0]
+            except OSError:
+                ulp = b""
+            if ulp:
+                raise NotRestorable(
+                    f"runs the upper-layer protocol {ulp.decode(errors='replace')} (TCP_ULP: "
+                    "kernel TLS keys and state cannot be read back)"
+                )
+            if _has_tcp_ao(self.sock.fileno()):
+                raise NotRestorable("has TCP-AO keys (TCP_AO_ADD_KEY: they cannot be read back)")
+        for name in ("SO_TIMESTAMPING", "SO_TIMESTAMPING_NEW"):
+            v = out.get(name)
+            flags = struct.unpack_from("=I", v)[0] if isinstance(v, bytes) and len(v) >= 4 else 0
+            if flags & SOF_TIMESTAMPING_OPT_ID:
+                raise NotRestorable(
+                    f"has {name} with SOF_TIMESTAMPING_OPT_ID (its counter of sent bytes or "
+                    "packets cannot be read back)"
+                )
+
+    def bpf_filter(self) -> bytes:
+        """The classic BPF program attached with SO_ATTACH_FILTER (struct sock_filter
+        array; b"" for none); NotRestorable for an eBPF one (SO_ATTACH_BPF: the kernel
+        keeps no original program to give back)."""
+        count = _get_filter(self.sock.fileno(), 0)
+        return _get_filter(self.sock.fileno(), count) if count else b""
 
     def buffers(self) -> tuple[int, int, int]:
         """(sndbuf, rcvbuf, SO_BUF_LOCK bits): sizes as getsockopt reports them (doubled)."""
@@ -188,11 +462,77 @@ class TargetSocket:
             self.sock.setsockopt(SOL_SOCKET, SO_PEEK_OFF, old)
 
 
-def _get(sock: socket.socket, level: int, opt: int, size: int) -> int | bytes:
-    if size:
-        raw = sock.getsockopt(level, opt, size)
-        return raw.rstrip(b"\0") if opt == 13 and level == SOL_TCP else raw
-    return sock.getsockopt(level, opt)
+def read_option(sock: socket.socket, o: Opt) -> int | bytes:
+    """One option as the image keeps it: an int, raw bytes, a name without its NULs, or
+    (kind "ifindex") the interface's name (indexes differ between hosts), 0 for none."""
+    if o.kind == "int" or o.kind == "ifindex":
+        v = sock.getsockopt(o.level, o.opt)
+        if o.kind == "ifindex" and o.name in _NET_ORDER:
+            v = socket.ntohl(v & 0xFFFFFFFF)
+        if o.kind == "ifindex" and v:
+            try:
+                return os.fsencode(socket.if_indextoname(v))
+            except OSError as exc:
+                raise NotRestorable(f"{o.name} names interface {v}, which has no name") from exc
+        return v
+    raw = sock.getsockopt(o.level, o.opt, o.size)
+    if o.size == _EXTHDR and len(raw) == _EXTHDR:
+        raise NotRestorable(f"has an {o.name} header of {_EXTHDR} bytes or more")
+    return raw.split(b"\0", 1)[0] if o.kind == "str" else raw
+
+
+def show_option(v: int | bytes) -> str:
+    if isinstance(v, int):
+        return str(v)
+    if v and all(32 <= c < 127 for c in v):
+        return v.decode()
+    return v.hex() or "(empty)"
+
+
+def _get_filter(fd: int, count: int) -> int | bytes:
+    """getsockopt(SO_GET_FILTER): with count 0, how many instructions; else the program.
+    Through libc: the kernel takes and gives the length in instructions, not bytes,
+    which socket.getsockopt cannot express."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(max(count, 1) * 8)
+    ln = ctypes.c_uint32(count)
+    if libc.getsockopt(fd, SOL_SOCKET, SO_GET_FILTER, buf if count else None, ctypes.byref(ln)):
+        err = ctypes.get_errno()
+        if err == errno.EACCES:
+            raise NotRestorable(
+                "has an eBPF socket filter (SO_ATTACH_BPF: the kernel keeps no program to "
+                "read back)"
+            )
+        raise OSError(err, f"getsockopt SO_GET_FILTER: {os.strerror(err)}")
+    if not count:
+        return ln.value
+    if ln.value != count:
+        raise OSError(errno.EAGAIN, "the socket filter changed while it was read")
+    return buf.raw[: count * 8]
+
+
+def _has_tcp_ao(fd: int) -> bool:
+    """TCP_AO_INFO answers for a socket with TCP-AO keys (ENOENT without; ENOPROTOOPT on
+    a kernel without TCP-AO). Through libc: the kernel reads the zeroed struct
+    tcp_ao_info_opt (48 bytes) it is given first."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(48)
+    ln = ctypes.c_uint32(48)
+    return libc.getsockopt(fd, SOL_TCP, TCP_AO_INFO, buf, ctypes.byref(ln)) == 0
+
+
+def attach_filter(sock: socket.socket, program: bytes) -> None:
+    """SO_ATTACH_FILTER: a struct sock_fprog pointing at the program (ctypes keeps it
+    alive for the call)."""
+    import ctypes
+
+    buf = ctypes.create_string_buffer(program, len(program))
+    fprog = struct.pack("=HxxxxxxQ", len(program) // 8, ctypes.addressof(buf))
+    sock.setsockopt(SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 
 def _norm(family: int, addr):
@@ -226,9 +566,15 @@ def pack_sockaddr(family: int, addr) -> bytes:
 
 
 def pack_option(name: str, value: int | bytes) -> tuple[int, int, bytes]:
-    level, opt, _size = OPTIONS[name]
+    """(level, optname, bytes to setsockopt) for an option as the image keeps it."""
+    o = SPECS[name]
+    if o.kind == "ifindex":
+        index = socket.if_nametoindex(os.fsdecode(value)) if isinstance(value, bytes) else value
+        if name in _NET_ORDER:
+            index = socket.htonl(index)
+        value = struct.unpack("=i", struct.pack("=I", index))[0]
     raw = value if isinstance(value, bytes) else struct.pack("=i", value)
-    return level, opt, raw
+    return o.level, o.opt, raw
 
 
 # -- socket files ---------------------------------------------------------------------------
@@ -278,11 +624,31 @@ def adopt(fd: int) -> socket.socket:
 
 
 def set_options(sock: socket.socket, options: dict, only=None, skip=()) -> None:
+    """Set options as the image keeps them, in the image's order (option_table's)."""
     for name, value in options.items():
-        if name not in OPTIONS or name in skip or (only is not None and name not in only):
+        if name not in SPECS or name in skip or (only is not None and name not in only):
             continue
         level, opt, raw = pack_option(name, value)
+        if name == "SO_LINGER" and len(raw) == 8:
+            onoff, secs = struct.unpack("=ii", raw)
+            if not onoff and secs:  # off, with the time it had while it was on
+                sock.setsockopt(level, opt, struct.pack("=ii", 1, secs))
         sock.setsockopt(level, opt, raw)
+
+
+def check_options(sock: socket.socket, options: dict, skip=()) -> str | None:
+    """The first option of `options` that reads back otherwise on the restored socket
+    (what the kernel moves by itself aside): "NAME is X, was Y"; None if all agree."""
+    for name, value in options.items():
+        if name not in SPECS or name in skip or name in MOVING:
+            continue
+        try:
+            got = read_option(sock, SPECS[name])
+        except (OSError, NotRestorable):
+            continue
+        if got != value:
+            return f"{name} is {show_option(got)}, was {show_option(value)}"
+    return None
 
 
 def set_buffers(sock: socket.socket, sndbuf: int, rcvbuf: int, lock: int) -> None:

@@ -35,7 +35,17 @@ import struct
 import time
 from dataclasses import dataclass
 
-from .sockets import MSG_DONTWAIT, MSG_PEEK, SIOCINQ, SIOCOUTQ, SIOCOUTQNSD, SOL_TCP, TargetSocket
+from .sockets import (
+    MSG_DONTWAIT,
+    MSG_PEEK,
+    SIOCINQ,
+    SIOCOUTQ,
+    SIOCOUTQNSD,
+    SO_PEEK_OFF,
+    SOL_SOCKET,
+    SOL_TCP,
+    TargetSocket,
+)
 
 TCP_INFO, TCP_MAXSEG = 11, 2
 TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ, TCP_REPAIR_OPTIONS = 19, 20, 21, 22
@@ -157,7 +167,19 @@ def read_state(ts: TargetSocket, info: TcpInfo) -> RepairState:
 def _peek_exact(ts: TargetSocket, length: int, which: str) -> bytes:
     if not length:
         return b""
-    data = ts.sock.recv(length + 1, MSG_PEEK | MSG_DONTWAIT)
+    # a peek starts at, and moves, the SO_PEEK_OFF the application set (TCP has one since
+    # Linux 6.9): read from the start, then put the application's offset back
+    try:
+        off = ts.peek_offset()
+    except OSError:
+        off = -1
+    if off > 0:
+        ts.set_int_opt(SOL_SOCKET, SO_PEEK_OFF, 0)
+    try:
+        data = ts.sock.recv(length + 1, MSG_PEEK | MSG_DONTWAIT)
+    finally:
+        if off >= 0:
+            ts.set_int_opt(SOL_SOCKET, SO_PEEK_OFF, off)
     if len(data) != length:
         raise OSError(0, f"the {which} queue holds {len(data)} bytes, expected {length}")
     return data

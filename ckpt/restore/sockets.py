@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import os
 import socket
 import struct
@@ -112,6 +113,7 @@ class _Sockets:
         self.copies: dict[int, socket.socket] = {}
         self._live: set | None = None
         self.cwd_set = False
+        self.v6only_moved: set[int] = set()  # IPV6_V6ONLY turned on by the bind (bind_address)
         self.paired: set[int] = set()  # unix dgram socketpairs
         self.private = PrivateNames(self.inj)  # deleted names (restore/unixnames.py)
 
@@ -341,16 +343,67 @@ class _Sockets:
             c = self.copy(f)
             ks.set_options(c, s.options, only=ks.BEFORE_BIND)
             if s.state in ("bound", "listen", "connected") and s.local:
-                try:
-                    c.bind(tuple(s.local))
-                except OSError as exc:
-                    raise RestoreError(
-                        f"cannot bind fd {f.fd} to {_name(s.local)}: {exc.strerror}"
-                    ) from exc
+                self.bind_inet(f, c)
             if s.state == "listen":
                 c.listen(s.backlog)
             elif s.state == "connected" and s.remote:
                 c.connect(tuple(s.remote))
+                if c.getsockname()[:2] != tuple(s.local[:2]):  # (bind_address: from connect)
+                    raise RestoreError(
+                        f"fd {f.fd}: connected to {_name(s.remote)}, its address came back "
+                        f"as {_name(list(c.getsockname()))}, not {_name(s.local)}"
+                    )
+
+    def bind_inet(self, f: Fd, c: socket.socket) -> None:
+        """bind as the socket was bound, around two things an explicit bind changes: an
+        address-only bind (port 0, IP_BIND_ADDRESS_NO_PORT) must take no port, and an IPv6
+        socket that got its address from connect() (or from a dual-stack listener) keeps
+        IPV6_V6ONLY off, which binding an IPv6 address turns on (bind_address)."""
+        s = f.socket
+        no_port = not s.local[1]
+        if no_port:
+            c.setsockopt(ks.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        addr = self.bind_address(f)
+        try:
+            c.bind(addr)
+        except OSError as exc:
+            raise RestoreError(
+                f"cannot bind fd {f.fd} to {_name(s.local)}: {exc.strerror}"
+            ) from exc
+        if no_port:
+            c.setsockopt(ks.SOL_IP, IP_BIND_ADDRESS_NO_PORT, int(s.options.get(_NO_PORT, 0)))
+            if s.family == socket.AF_INET6 and not s.options.get("IPV6_V6ONLY", 0):
+                c.setsockopt(ks.SOL_IPV6, ks.IPV6_V6ONLY, 0)  # still unbound: allowed
+
+    def bind_address(self, f: Fd) -> tuple:
+        """Where to bind an IPv6 socket with IPV6_V6ONLY off whose address is a plain
+        IPv6 one (neither unspecified nor v4-mapped) and that is connected: the kernel
+        gave it that address at connect() (or its listener on [::] did), and only there
+        does it stay dual-stack. Bound to [::] on its port, it gets the address from
+        connect again when the route gives the same source (asked here of a UDP socket
+        bound and marked like it); else it is bound to the address and IPV6_V6ONLY reads
+        on (docs/ARCHITECTURE.md "Sockets")."""
+        s = f.socket
+        local = tuple(s.local)
+        if (
+            s.family != socket.AF_INET6
+            or not s.remote
+            or not local[1]
+            or s.options.get("IPV6_V6ONLY", 0)
+            or not _plain_v6(local[0])
+        ):
+            return local
+        try:
+            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+                ks.set_options(probe, s.options, only=_ROUTE_CHOICE)
+                probe.connect(tuple(s.remote))
+                src = probe.getsockname()[0]
+        except OSError:
+            src = None
+        if src is None or ipaddress.ip_address(src) != ipaddress.ip_address(local[0]):
+            self.v6only_moved.add(s.ino)
+            return local
+        return ("::", local[1], 0, 0)
 
     def _dgram_pair(self, f: Fd) -> bool:
         """Two unnamed dgram sockets connected to each other: a socketpair."""
@@ -440,7 +493,7 @@ class _Sockets:
             c = self.copy(f)
             try:
                 tcp_repair.rebuild(
-                    c, tuple(s.local), tuple(s.remote), s.tcp,
+                    c, self.bind_address(f), tuple(s.remote), s.tcp,
                     # not SO_REUSEADDR: repair mode's forced reuse lets the connection take
                     # its listener's port; tcp_repair.resume() sets it after repair mode
                     lambda sock, s=s: ks.set_options(
@@ -448,6 +501,8 @@ class _Sockets:
                     ),
                     outside=not s.peer_ino,
                 )  # fmt: skip
+                if c.getsockname()[:2] != tuple(s.local[:2]):  # (bind_address: from connect)
+                    raise OSError(0, f"its address came back as {_name(list(c.getsockname()))}")
             except OSError as exc:
                 raise RestoreError(
                     f"cannot rebuild TCP connection fd {f.fd} ({_name(s.local)} -> "
@@ -591,7 +646,7 @@ class _Sockets:
         for f in self.fds:
             s = f.socket
             c = self.copy(f)
-            ks.set_options(c, s.options, skip=ks.BEFORE_BIND)
+            self.settings(f, c)
             if s.family == socket.AF_UNIX:  # no autotuning: the sizes as they were
                 ks.set_buffers(c, s.sndbuf, s.rcvbuf, s.buf_lock)
             else:  # TCP/UDP autotune unless the application pinned a size
@@ -609,7 +664,43 @@ class _Sockets:
                         )
                 if s.peek_off >= 0:
                     c.setsockopt(ks.SOL_SOCKET, ks.SO_PEEK_OFF, s.peek_off)
+            elif s.shutdown and s.type == socket.SOCK_DGRAM:
+                # an unconnected UDP socket answers ENOTCONN, with its bits set all the same
+                with contextlib.suppress(OSError):
+                    c.shutdown(
+                        {1: socket.SHUT_RD, 2: socket.SHUT_WR}.get(s.shutdown, socket.SHUT_RDWR)
+                    )
             syscalls.fcntl(inj, f.fd, abi.F_SETFL, f.flags & ~3)  # O_NONBLOCK as it was
+
+    def settings(self, f: Fd, c: socket.socket) -> None:
+        """The socket's BPF filter, then its options (SO_LOCK_FILTER among them: after the
+        filter), those set before bind aside; then every option is read back: one the
+        kernel took otherwise fails the restore rather than leave it silently wrong."""
+        s = f.socket
+        early = ks.BEFORE_BIND if s.family != socket.AF_UNIX else ()
+        try:
+            if s.filter:
+                ks.attach_filter(c, s.filter)
+            ks.set_options(c, s.options, skip=early)
+        except OSError as exc:
+            raise RestoreError(
+                f"cannot set the options of socket fd {f.fd} ({_name(s.local)}): "
+                f"{exc.strerror or exc}"
+            ) from exc
+        moved = ("IPV6_V6ONLY",) if s.ino in self.v6only_moved else ()
+        wrong = ks.check_options(c, s.options, skip=moved)
+        if wrong:
+            raise RestoreError(f"socket fd {f.fd} ({_name(s.local)}): {wrong} after the restore")
+
+
+IP_BIND_ADDRESS_NO_PORT, _NO_PORT = 24, "IP_BIND_ADDRESS_NO_PORT"
+# what chooses the source address of a connection besides its destination
+_ROUTE_CHOICE = ("SO_BINDTODEVICE", "SO_MARK", "IPV6_ADDR_PREFERENCES", "IPV6_UNICAST_IF")
+
+
+def _plain_v6(host: str) -> bool:
+    a = ipaddress.ip_address(host.split("%", 1)[0])
+    return isinstance(a, ipaddress.IPv6Address) and not a.is_unspecified and not a.ipv4_mapped
 
 
 def _deleted(to: Socket | None, name: bytes) -> bool:
