@@ -555,7 +555,7 @@ def fd_needs_v6(fd: dict[str, Any]) -> bool:
         return True
     if tcp_closing(fd):  # a 5.x reader would rebuild the connection established, no FIN
         return True
-    if socket_settings_v6(fd):  # options, BPF filter, UDP shutdown: a 5.x reader drops them
+    if socket_settings_v6(fd):  # options, filter, groups, UDP shutdown: a 5.x reader drops them
         return True
     if fd.get("kind") in V6_FD_KINDS:  # pidfds…: a 5.x reader knows no such kind
         return True
@@ -802,11 +802,25 @@ SOCKET_OPTIONS_5 = frozenset({
 
 def socket_settings_v6(fd: dict[str, Any]) -> bool:
     """A socket fd record (as to_dict gives it) with what a 5.x reader would leave out
-    without a word: an option it does not know, a BPF filter, a shut down UDP socket."""
+    without a word: an option it does not know, a BPF filter, multicast groups, a shut
+    down UDP socket."""
     s = fd.get("socket") or {}
-    if s.get("filter") or any(name not in SOCKET_OPTIONS_5 for name in s.get("options", ())):
+    if any(name not in SOCKET_OPTIONS_5 for name in s.get("options", ())):
+        return True
+    if s.get("filter") or s.get("mcast"):
         return True
     return s.get("family") in (2, 10) and bool(s.get("shutdown"))  # AF_INET, AF_INET6
+
+
+@dataclass
+class McastGroup:
+    """A multicast group a UDP socket joined (IP_ADD_MEMBERSHIP, MCAST_JOIN_GROUP...),
+    with its source filter (kernel/sockets.py memberships, join_groups)."""
+
+    iface: str  # the interface's name (indexes differ between hosts)
+    group: str  # the group's address (IPv4 or IPv6)
+    include: bool = False  # MCAST_INCLUDE: only from `sources`; else from all but them
+    sources: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -838,6 +852,7 @@ class Socket:
     # names beyond SOCKET_OPTIONS_5 are format 6
     options: dict[str, Any] = field(default_factory=dict)
     filter: bytes = b""  # classic BPF program (struct sock_filter array; format 6)
+    mcast: list[McastGroup] = field(default_factory=list)  # groups joined (format 6)
     sndbuf: int = 0
     rcvbuf: int = 0
     buf_lock: int = 0

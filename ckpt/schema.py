@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import ipaddress
 import re
 import types
 import typing
@@ -418,8 +419,9 @@ RANGES: dict[type, dict[str, Callable[[Any], None]]] = {
         "peer_ino": U, "listener_ino": U, "backlog": rng(0, I32_MAX), "pending": each(0, U64),
         "shutdown": rng(0, 3), "name_file": each(0, U32, n=3), "sndbuf": rng(0, I32_MAX),
         "rcvbuf": rng(0, I32_MAX), "buf_lock": I32R, "peek_off": rng(-1, I32_MAX),
-        "filter": maxlen(BPF_MAXINSNS * 8),
+        "filter": maxlen(BPF_MAXINSNS * 8), "mcast": maxlen(4096),
     },
+    m.McastGroup: {"iface": maxlen(15), "sources": maxlen(1024)},
     # process attributes (capture/attrs.py, restore/attrs.py)
     m.SchedAttr: {
         "policy": rng(0, 7), "flags": U, "nice": rng(-20, 19), "priority": rng(0, 99),
@@ -565,6 +567,20 @@ def _check_socket(s: m.Socket) -> None:
         raise SchemaError(f"{len(s.filter)} bytes is no whole BPF program", ".filter")
 
 
+def _check_mcast(g: m.McastGroup) -> None:
+    try:
+        group = ipaddress.ip_address(g.group)
+        sources = [ipaddress.ip_address(x) for x in g.sources]
+    except ValueError as exc:
+        raise SchemaError(f"not an IP address ({exc})", ".group") from None
+    if not group.is_multicast:
+        raise SchemaError(f"{g.group} is not a multicast group", ".group")
+    if any(x.version != group.version for x in sources):
+        raise SchemaError("a source of another address family than its group", ".sources")
+    if g.include and not sources:
+        raise SchemaError("an INCLUDE filter without sources is no membership", ".sources")
+
+
 def _check_thread(t: m.Thread) -> None:
     missing = [r for r in m.REG_NAMES if r not in t.regs]
     if missing:
@@ -647,6 +663,7 @@ CHECKS: dict[type, Callable[[Any], None]] = {
     m.Fd: _check_fd,
     m.FileLock: _check_lock,
     m.Socket: _check_socket,
+    m.McastGroup: _check_mcast,
     m.Thread: _check_thread,
     m.ProcessImage: _check_process,
 }

@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 
 from ..errors import DumpError, UnsupportedProcess
 from ..kernel import netlock, procfs, sockdiag, tcp_repair
+from ..kernel import sockets as ks
 from ..kernel.sockets import NotRestorable, TargetSocket, socket_file
-from ..model import Fd, ProcessImage, Socket, SocketMsg, TcpConn
+from ..model import Fd, McastGroup, ProcessImage, Socket, SocketMsg, TcpConn
 
 UNIX_TYPES = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "dgram", socket.SOCK_SEQPACKET: "seqpacket"}  # fmt: skip
 FAMILIES = {socket.AF_UNIX: "unix", socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6",
@@ -48,6 +49,13 @@ class _ProcessSockets:
     _all_unix: dict[int, sockdiag.UnixDiag] | None = None
     _mates: dict[int, int] | None = None
     _udp_shutdown: dict[int, int] | None = None
+    _groups: list[tuple[int, str]] | None = None
+
+    def groups(self, pid: int) -> list[tuple[int, str]]:
+        """The multicast groups joined in the process's network namespace (once per view)."""
+        if self._groups is None:
+            self._groups = ks.groups_joined(pid)
+        return self._groups
 
     def udp_shutdown(self, ino: int) -> int:
         """The shutdown bits of a UDP socket bound to a port (sock_diag, once per view)."""
@@ -497,12 +505,17 @@ def _poll_shutdown(ts: TargetSocket) -> int:
 
 
 def _settings(pid: int, ctx: _ProcessSockets, ts: TargetSocket, s: Socket) -> None:
-    """What a socket is set to besides its names and data: its options and classic BPF
-    filter. What ckpt could not set again exactly (kernel/sockets.py NotRestorable,
-    TCP_MD5SIG keys) is refused here, naming the fd."""
+    """What a socket is set to besides its names and data: its options, classic BPF
+    filter and (UDP) multicast groups. What ckpt could not set again exactly
+    (kernel/sockets.py NotRestorable, TCP_MD5SIG keys) is refused here, naming the fd."""
     try:
         s.options = ts.options(connection=s.state == "established")
         s.filter = ts.bpf_filter()
+        if ts.family != socket.AF_UNIX and ts.type == socket.SOCK_DGRAM:
+            s.mcast = [
+                McastGroup(g.iface, g.group, g.include, g.sources)
+                for g in ts.memberships(ctx.groups(pid))
+            ]
         tcp = ts.family != socket.AF_UNIX and ts.type == socket.SOCK_STREAM
         if tcp and s.state in ("listen", "established"):
             remote = tuple(s.remote[:2]) if s.remote else None

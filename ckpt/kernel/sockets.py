@@ -391,6 +391,9 @@ class TargetSocket:
                     "packets cannot be read back)"
                 )
 
+    def memberships(self, candidates: list[tuple[int, str]]) -> list[Membership]:
+        return memberships(self.sock, candidates)
+
     def bpf_filter(self) -> bytes:
         """The classic BPF program attached with SO_ATTACH_FILTER (struct sock_filter
         array; b"" for none); NotRestorable for an eBPF one (SO_ATTACH_BPF: the kernel
@@ -523,6 +526,133 @@ def _has_tcp_ao(fd: int) -> bool:
     buf = ctypes.create_string_buffer(48)
     ln = ctypes.c_uint32(48)
     return libc.getsockopt(fd, SOL_TCP, TCP_AO_INFO, buf, ctypes.byref(ln)) == 0
+
+
+# -- multicast group memberships -------------------------------------------------------------
+
+MCAST_JOIN_GROUP, MCAST_MSFILTER = 42, 48
+MCAST_EXCLUDE, MCAST_INCLUDE = 0, 1
+_SS = 128  # struct sockaddr_storage
+_GF_HEAD = 8 + _SS + 8  # struct group_filter up to gf_slist: interface, group, fmode, numsrc
+
+
+@dataclass
+class Membership:
+    """One multicast group a socket joined (model.McastGroup)."""
+
+    iface: str
+    group: str
+    include: bool  # MCAST_INCLUDE: only from `sources`; else from all but them
+    sources: list[str]
+
+
+def groups_joined(pid: int) -> list[tuple[int, str]]:
+    """(interface index, group) of every multicast group joined in the network
+    namespace of `pid` (/proc/PID/net/igmp and igmp6, by sockets or the kernel): where a
+    socket's memberships are looked for (TargetSocket.memberships)."""
+    from ..errors import CkptError
+    from . import procfs
+
+    out: list[tuple[int, str]] = []
+    try:
+        v4 = procfs.read_bytes(pid, "net", "igmp").decode()
+    except (OSError, CkptError):
+        v4 = ""
+    index = 0
+    for line in v4.splitlines()[1:]:
+        f = line.split()
+        if not f:
+            continue
+        if line[:1].isdigit():  # "Idx Device : Count Querier", then its groups indented
+            index = int(f[0])
+        elif index:  # the group's __be32 as the host prints an int
+            out.append((index, socket.inet_ntop(socket.AF_INET, struct.pack("=I", int(f[0], 16)))))
+    try:
+        v6 = procfs.read_bytes(pid, "net", "igmp6").decode()
+    except (OSError, CkptError):
+        v6 = ""
+    for line in v6.splitlines():
+        f = line.split()
+        if len(f) >= 3 and len(f[2]) == 32:
+            out.append((int(f[0]), socket.inet_ntop(socket.AF_INET6, bytes.fromhex(f[2]))))
+    return out
+
+
+def _storage(addr: str) -> bytes:
+    """A struct sockaddr_storage holding an IPv4 or IPv6 address."""
+    if ":" in addr:
+        raw = struct.pack("=H6x", socket.AF_INET6) + socket.inet_pton(socket.AF_INET6, addr)
+    else:
+        raw = struct.pack("=H2x", socket.AF_INET) + socket.inet_pton(socket.AF_INET, addr)
+    return raw.ljust(_SS, b"\0")
+
+
+def _from_storage(raw: bytes) -> str:
+    (family,) = struct.unpack_from("=H", raw)
+    if family == socket.AF_INET6:
+        return socket.inet_ntop(socket.AF_INET6, raw[8:24])
+    return socket.inet_ntop(socket.AF_INET, raw[4:8])
+
+
+def _group_filter(index: int, group: str, fmode: int, sources: list[str], room: int = 0) -> bytes:
+    """struct group_filter (MCAST_MSFILTER) with room for `room` sources at least."""
+    n = max(room, len(sources))
+    head = struct.pack("=I4x", index) + _storage(group) + struct.pack("=II", fmode, n)
+    return head + b"".join(map(_storage, sources)).ljust(n * _SS, b"\0")
+
+
+def _msfilter(fd: int, level: int, index: int, group: str) -> tuple[int, list[str]] | None:
+    """(filter mode, sources) of the socket's membership of `group` on interface `index`;
+    None if it has none. Through libc: the kernel reads which group from the buffer."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    room = 16
+    while True:
+        buf = ctypes.create_string_buffer(_group_filter(index, group, 0, [], room))
+        ln = ctypes.c_uint32(len(buf.raw))
+        if libc.getsockopt(fd, level, MCAST_MSFILTER, buf, ctypes.byref(ln)):
+            err = ctypes.get_errno()
+            if err in (errno.EADDRNOTAVAIL, errno.EINVAL, errno.ENOPROTOOPT, errno.ENODEV):
+                return None
+            raise OSError(err, f"getsockopt MCAST_MSFILTER {group}: {os.strerror(err)}")
+        fmode, count = struct.unpack_from("=II", buf.raw, 8 + _SS)
+        if count <= room:
+            raw = buf.raw
+            return fmode, [_from_storage(raw[_GF_HEAD + i * _SS :]) for i in range(count)]
+        room = count
+
+
+def memberships(sock: socket.socket, candidates: list[tuple[int, str]]) -> list[Membership]:
+    """The multicast groups this socket joined, each with its source filter, among
+    `candidates` ((interface index, group): groups_joined()). No call lists one
+    socket's groups; MCAST_MSFILTER answers for a group the socket joined on that
+    interface (EADDRNOTAVAIL otherwise)."""
+    out = []
+    for index, group in sorted(set(candidates)):
+        v6 = ":" in group
+        if v6 and sock.family != socket.AF_INET6:
+            continue
+        got = _msfilter(sock.fileno(), SOL_IPV6 if v6 else SOL_IP, index, group)
+        if got is None:
+            continue
+        try:
+            name = socket.if_indextoname(index)
+        except OSError as exc:
+            raise NotRestorable(f"joined {group} on interface {index}, which has no name") from exc
+        out.append(Membership(name, group, got[0] == MCAST_INCLUDE, got[1]))
+    return out
+
+
+def join_groups(sock: socket.socket, groups: list) -> None:
+    """Join each group (model.McastGroup) on its interface, then set its source filter."""
+    for g in groups:
+        index = socket.if_nametoindex(g.iface)
+        level = SOL_IPV6 if ":" in g.group else SOL_IP
+        sock.setsockopt(level, MCAST_JOIN_GROUP, struct.pack("=I4x", index) + _storage(g.group))
+        if g.include or g.sources:
+            fmode = MCAST_INCLUDE if g.include else MCAST_EXCLUDE
+            sock.setsockopt(level, MCAST_MSFILTER, _group_filter(index, g.group, fmode, g.sources))
 
 
 def attach_filter(sock: socket.socket, program: bytes) -> None:

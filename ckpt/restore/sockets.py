@@ -673,14 +673,16 @@ class _Sockets:
             syscalls.fcntl(inj, f.fd, abi.F_SETFL, f.flags & ~3)  # O_NONBLOCK as it was
 
     def settings(self, f: Fd, c: socket.socket) -> None:
-        """The socket's BPF filter, then its options (SO_LOCK_FILTER among them: after the
-        filter), those set before bind aside; then every option is read back: one the
-        kernel took otherwise fails the restore rather than leave it silently wrong."""
+        """The socket's BPF filter, multicast groups, then its options (SO_LOCK_FILTER
+        among them: after the filter), those set before bind aside; then every option and
+        group is read back: one the kernel took otherwise fails the restore rather than
+        leave it silently wrong."""
         s = f.socket
         early = ks.BEFORE_BIND if s.family != socket.AF_UNIX else ()
         try:
             if s.filter:
                 ks.attach_filter(c, s.filter)
+            ks.join_groups(c, s.mcast)
             ks.set_options(c, s.options, skip=early)
         except OSError as exc:
             raise RestoreError(
@@ -688,7 +690,7 @@ class _Sockets:
                 f"{exc.strerror or exc}"
             ) from exc
         moved = ("IPV6_V6ONLY",) if s.ino in self.v6only_moved else ()
-        wrong = ks.check_options(c, s.options, skip=moved)
+        wrong = ks.check_options(c, s.options, skip=moved) or _check_groups(c, s)
         if wrong:
             raise RestoreError(f"socket fd {f.fd} ({_name(s.local)}): {wrong} after the restore")
 
@@ -696,6 +698,19 @@ class _Sockets:
 IP_BIND_ADDRESS_NO_PORT, _NO_PORT = 24, "IP_BIND_ADDRESS_NO_PORT"
 # what chooses the source address of a connection besides its destination
 _ROUTE_CHOICE = ("SO_BINDTODEVICE", "SO_MARK", "IPV6_ADDR_PREFERENCES", "IPV6_UNICAST_IF")
+
+
+def _check_groups(c: socket.socket, s: Socket) -> str | None:
+    """The first multicast group the rebuilt socket does not hold as the image says."""
+    if not s.mcast:
+        return None
+    where = [(socket.if_nametoindex(g.iface), g.group) for g in s.mcast]
+    have = {(g.iface, g.group): g for g in ks.memberships(c, where)}
+    for g in s.mcast:
+        got = have.get((g.iface, g.group))
+        if got is None or (got.include, sorted(got.sources)) != (g.include, sorted(g.sources)):
+            return f"multicast group {g.group} on {g.iface} is not joined as it was"
+    return None
 
 
 def _plain_v6(host: str) -> bool:
