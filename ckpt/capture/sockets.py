@@ -50,6 +50,20 @@ class _ProcessSockets:
     _mates: dict[int, int] | None = None
     _udp_shutdown: dict[int, int] | None = None
     _groups: list[tuple[int, str]] | None = None
+    _tcp: dict[tuple[str, int, str, int], int] | None = None
+    _md5: set[int] | None = None
+
+    def tcp_md5(self) -> set[int]:
+        """Inodes of the TCP sockets holding TCP_MD5SIG keys (sock_diag, once per view)."""
+        if self._md5 is None:
+            self._md5 = sockdiag.tcp_md5_inodes()
+        return self._md5
+
+    def tcp_connections(self) -> dict[tuple[str, int, str, int], int]:
+        """Every TCP connection of the network namespace (sock_diag, once per view)."""
+        if self._tcp is None:
+            self._tcp = sockdiag.tcp_connections()
+        return self._tcp
 
     def groups(self, pid: int) -> list[tuple[int, str]]:
         """The multicast groups joined in the process's network namespace (once per view)."""
@@ -389,7 +403,7 @@ def _tcp(
         ts.family, tuple(s.remote[:2]), tuple(s.local[:2]), _scope(s.local)
     )
     if peer is None:  # or one bound to an interface (SO_BINDTODEVICE)
-        peer = sockdiag.tcp_socket_inode_any_device(tuple(s.remote[:2]), tuple(s.local[:2]))
+        peer = ctx.tcp_connections().get(sockdiag.tcp_key(s.remote, s.local))
     if peer and ctx.ours(peer):
         s.peer_ino = peer
     elif not allow_external:
@@ -517,10 +531,8 @@ def _settings(pid: int, ctx: _ProcessSockets, ts: TargetSocket, s: Socket) -> No
                 for g in ts.memberships(ctx.groups(pid))
             ]
         tcp = ts.family != socket.AF_UNIX and ts.type == socket.SOCK_STREAM
-        if tcp and s.state in ("listen", "established"):
-            remote = tuple(s.remote[:2]) if s.remote else None
-            if sockdiag.tcp_md5_keys(ts.family, tuple(s.local[:2]), remote, _scope(s.local)):
-                raise NotRestorable("has TCP_MD5SIG keys (they cannot be read back)")
+        if tcp and s.state in ("listen", "established") and s.ino in ctx.tcp_md5():
+            raise NotRestorable("has TCP_MD5SIG keys (they cannot be read back)")
     except NotRestorable as exc:
         if ts.family == socket.AF_UNIX:
             what = f"unix {UNIX_TYPES.get(ts.type, ts.type)} socket ({_name(s.local)})"

@@ -182,20 +182,17 @@ INET_DIAG_INFO_EXT = 1 << (2 - 1)  # idiag_ext bit of INET_DIAG_INFO
 _INET_MSG = 4 + 48 + 20  # struct inet_diag_msg, before its attributes
 
 
-def tcp_md5_keys(family: int, local: tuple, remote: tuple | None, ifindex: int = 0) -> bool:
-    """Does the TCP socket with this 4-tuple (a listener: remote None) hold TCP_MD5SIG
-    keys? The kernel shows them to CAP_NET_ADMIN only, in INET_DIAG_MD5SIG, along with
+def tcp_md5_inodes() -> set[int]:
+    """Inodes of the TCP sockets (both families, every state) that hold TCP_MD5SIG keys.
+    The kernel shows them to CAP_NET_ADMIN only, in INET_DIAG_MD5SIG, along with
     TCP_INFO (asked for with its extension bit)."""
-    any_ = "::" if family == socket.AF_INET6 else "0.0.0.0"
-    req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, INET_DIAG_INFO_EXT, 0, 0xFFFFFFFF)
-    req += _inet_id(family, local, remote or (any_, 0), ifindex)
-    try:
-        msgs = _request(req, NLM_F_REQUEST)
-    except SockDiagError as exc:
-        if exc.errno == errno.ENOENT:
-            return False
-        raise
-    return bool(msgs) and INET_DIAG_MD5SIG in _attrs(msgs[0], _INET_MSG)
+    out: set[int] = set()
+    for family in (socket.AF_INET, socket.AF_INET6):
+        req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, INET_DIAG_INFO_EXT, 0, 0xFFFFFFFF)
+        for body in _request(req + bytes(48), NLM_F_REQUEST | NLM_F_DUMP):
+            if INET_DIAG_MD5SIG in _attrs(body, _INET_MSG):
+                out.add(struct.unpack_from("=I", body, 4 + 48 + 16)[0])
+    return out
 
 
 def inet_shutdowns(family: int, protocol: int) -> dict[int, int]:
@@ -227,17 +224,21 @@ class InetDiag:
     ino: int  # 0 for a request socket or one no process holds
 
 
-def tcp_socket_inode_any_device(local: tuple, remote: tuple) -> int | None:
-    """tcp_socket_inode for a socket that may be bound to an interface we do not know
-    (SO_BINDTODEVICE, inherited from its listener): the lookup by 4-tuple finds one only
-    when asked with its interface, so look through every TCP socket of both families
-    (v4-mapped addresses compared as IPv4)."""
-    want = (_plain(local[0]), int(local[1]), _plain(remote[0]), int(remote[1]))
+def tcp_connections() -> dict[tuple[str, int, str, int], int]:
+    """(local address, port, remote address, port) → inode of every TCP socket that is
+    not listening, in both families (v4-mapped addresses as IPv4): where to find a
+    socket bound to an interface we do not know (SO_BINDTODEVICE, inherited from its
+    listener), which the lookup by 4-tuple finds only when asked with its interface."""
+    out: dict[tuple[str, int, str, int], int] = {}
     for family in (socket.AF_INET, socket.AF_INET6):
         for d in tcp_sockets(family, 0xFFFFFFFF & ~(1 << TCP_LISTEN)):
-            if (_plain(d.local[0]), d.local[1], _plain(d.remote[0]), d.remote[1]) == want:
-                return d.ino
-    return None
+            out[(_plain(d.local[0]), d.local[1], _plain(d.remote[0]), d.remote[1])] = d.ino
+    return out
+
+
+def tcp_key(local: tuple, remote: tuple) -> tuple[str, int, str, int]:
+    """A connection's key in tcp_connections()."""
+    return (_plain(local[0]), int(local[1]), _plain(remote[0]), int(remote[1]))
 
 
 def _plain(host: str) -> str:
