@@ -93,8 +93,9 @@ def test_udp_shutdown_restored(e2e):
 
 def test_outside_peers_over_v6_and_v4_mapped(e2e):
     """Connections to peers outside the process (--tcp-established) over IPv6 and
-    v4-mapped IPv6, accepted by a dual-stack listener and made by the process: every
-    byte sent before the dump and after the restore arrives, both ways."""
+    v4-mapped IPv6, accepted by a dual-stack listener and by a v6-only one, and made by
+    the process to a dual-stack listener: every byte sent before the dump and after the
+    restore arrives, both ways; the restored v6-only listener still turns IPv4 away."""
     lst = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     lst.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     lst.bind(("::", 0))
@@ -102,13 +103,13 @@ def test_outside_peers_over_v6_and_v4_mapped(e2e):
     conns: list[socket.socket] = []
     try:
         w = e2e.spawn("sockopts", "ext6", str(lst.getsockname()[1]))
-        port = int(w.ready["port"])
-        conns.append(socket.create_connection(("::1", port), timeout=DEADLINE))
-        conns.append(socket.create_connection(("127.0.0.1", port), timeout=DEADLINE))
-        for _ in range(2):  # ::1 first, then ::ffff:127.0.0.1 (the workload's order)
+        port, port6 = int(w.ready["port"]), int(w.ready["port6"])
+        # the workload's order: dual-stack over ::1, over 127.0.0.1, v6-only over ::1
+        for host, p in (("::1", port), ("127.0.0.1", port), ("::1", port6)):
+            conns.append(socket.create_connection((host, p), timeout=DEADLINE))
+        for _ in range(2):  # then its own: to ::1, to ::ffff:127.0.0.1
             lst.settimeout(DEADLINE)
-            c, _ = lst.accept()
-            conns.append(c)
+            conns.append(lst.accept()[0])
         w.wait_for("ACCEPTED", w.pid)
         before = 30000
         for i, c in enumerate(conns):
@@ -127,6 +128,9 @@ def test_outside_peers_over_v6_and_v4_mapped(e2e):
             assert recv_exactly(c, 20000) == pat(10 + i, 0, 20000), f"connection {i}"
             assert recv_exactly(c, 3) == b"bye", f"connection {i}"
         assert bg.wait().returncode == 0
+        # (SYNs may be held until the restore removes its lock: the client resends them)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port6), timeout=DEADLINE).close()
     finally:
         for c in conns:
             c.close()

@@ -16,8 +16,9 @@
  *                   queued both ways arrives, every connection makes a round trip, every
  *                   listener accepts new connections of the families it accepted before
  *                   (and the v6-only one still none over IPv4).
- *   sockopts ext6 PORT   a dual-stack listener (READY port=N: the test connects over ::1
- *                   and over 127.0.0.1), and two connections out to the test's dual-stack
+ *   sockopts ext6 PORT   a dual-stack listener and a v6-only one, both on [::] (READY
+ *                   port=N port6=M: the test connects to N over ::1 and over 127.0.0.1,
+ *                   then to M over ::1), and two connections out to the test's dual-stack
  *                   listener on PORT, over ::1 and over ::ffff:127.0.0.1. On each we send
  *                   EXT_OUT pattern bytes, then ACCEPTED. On SIGUSR2 we read the total
  *                   (file "total") from each, check it, and send "bye" on each.
@@ -963,25 +964,31 @@ static void inet_verify(void)
 
 /* ---- ext6: connections to and from the test over v6 and v4-mapped ------------------ */
 
-static int ext_fd[4];
-static const char *ext_names[4] = {"accepted over ::1", "accepted over 127.0.0.1",
-                                   "out to ::1", "out to ::ffff:127.0.0.1"};
+#define EXT_N 5
+static int ext_fd[EXT_N];
+static const char *ext_names[EXT_N] = {"accepted over ::1", "accepted over 127.0.0.1",
+                                       "accepted by the v6-only listener", "out to ::1",
+                                       "out to ::ffff:127.0.0.1"};
 
 static void ext6_setup(int test_port)
 {
     int l = tcp_socket(AF_INET6, 0);
     int port = tcp_listen_on(l, "::", 0);
-    say("READY pid=%d port=%d mode=ext6", (int)getpid(), port);
-    /* the test connects over ::1 first, then over 127.0.0.1 */
-    for (int i = 0; i < 2; i++) {
-        SETUP_CHECK(wait_in(l, 60), "test connection");
-        ext_fd[i] = accept(l, NULL, NULL);
+    int l6 = tcp_socket(AF_INET6, 1);
+    int port6 = tcp_listen_on(l6, "::", 0);
+    say("READY pid=%d port=%d port6=%d mode=ext6", (int)getpid(), port, port6);
+    /* the test connects over ::1 first, then over 127.0.0.1, then to the v6-only one */
+    for (int i = 0; i < 3; i++) {
+        int from = i < 2 ? l : l6;
+        SETUP_CHECK(wait_in(from, 60), "test connection");
+        ext_fd[i] = accept(from, NULL, NULL);
         SETUP_CHECK(ext_fd[i] >= 0, "accept ext6");
     }
-    ext_fd[2] = tcp_connect_to(tcp_socket(AF_INET6, -1), "::1", test_port);
-    ext_fd[3] = tcp_connect_to(tcp_socket(AF_INET6, -1), "::ffff:127.0.0.1", test_port);
+    ext_fd[3] = tcp_connect_to(tcp_socket(AF_INET6, -1), "::1", test_port);
+    ext_fd[4] = tcp_connect_to(tcp_socket(AF_INET6, -1), "::ffff:127.0.0.1", test_port);
+    track("v6-only listener", l6, 0);
     unsigned char buf[EXT_OUT];
-    for (int i = 0; i < 4; i++) {
+    for (int i = 0; i < EXT_N; i++) {
         for (size_t j = 0; j < sizeof(buf); j++)
             buf[j] = pat(10 + i, j);
         SETUP_CHECK(send(ext_fd[i], buf, sizeof(buf), 0) == (ssize_t)sizeof(buf), "send ext6");
@@ -1002,7 +1009,7 @@ static void ext6_verify(void)
     }
     CHECK(total > 0, "no total file");
     check_recs();
-    for (int i = 0; i < 4; i++) {
+    for (int i = 0; i < EXT_N; i++) {
         struct stream s = {.k = 20 + i, .rx = ext_fd[i], .sent = total};
         snprintf(s.name, sizeof(s.name), "from the test, %s", ext_names[i]);
         check_stream(&s);
