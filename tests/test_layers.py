@@ -141,3 +141,17 @@ def test_api_imports_without_side_effects():
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert res.returncode == 0 and res.stdout.strip() == "dump", res.stderr
+
+
+def test_architecture_layout_names_every_module():
+    """docs/ARCHITECTURE.md's Layout lists every module of ckpt/ and native/, and no
+    module that is gone."""
+    import re
+
+    doc = (ROOT.parent / "docs" / "ARCHITECTURE.md").read_text()
+    block = doc[doc.index("## Layout") : doc.index("Layers import only downward")]
+    named = set(re.findall(r"(\w+\.py)\b", block)) - {"test_stop_rule.py"}
+    files = {p.name for p in ROOT.rglob("*.py") if p.name != "__init__.py"}
+    files |= {p.name for p in (ROOT.parent / "native").rglob("*.py")}
+    assert not files - named, f"modules the layout does not name: {sorted(files - named)}"
+    assert not named - files, f"the layout names modules that are gone: {sorted(named - files)}"
