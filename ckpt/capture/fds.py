@@ -137,7 +137,10 @@ def _capture(
                 fd_kinds.external(rec, "a unix socket connected outside the dump")
                 out.append(rec)
             continue
-        raise UnsupportedProcess(f"fd {fd} is {_describe(target, st)}: not supported yet", pid=pid)
+        why = WHY_NOT.get(target, "ckpt cannot read its state back")
+        raise UnsupportedProcess(
+            f"fd {fd} is {_describe(target, st)}: not supported ({why})", pid=pid
+        )
     return out
 
 
@@ -176,6 +179,20 @@ def _is_ckpt_tracking(extra: dict[str, str]) -> bool:
         return len(parts) == 3 and int(parts[1], 16) & 0xFFFF == 0xA000
     except ValueError:
         return False
+
+
+# Why the anonymous-inode kinds ckpt refuses are refused (the refusal says it).
+WHY_NOT = {
+    "anon_inode:[fanotify]": "its marks on files and mounts, and the events queued for it, "
+    "cannot be read back",
+    "anon_inode:[io_uring]": "an io_uring's rings, registered files and requests in flight "
+    "cannot be read back",
+    "anon_inode:[perf_event]": "a perf event's counters and mmap ring cannot be re-created",
+    "anon_inode:bpf-map": "a BPF map belongs to the kernel, not to the process",
+    "anon_inode:bpf-prog": "a BPF program belongs to the kernel, not to the process",
+    "anon_inode:[userfaultfd]": "another tool's userfaultfd and its registrations cannot be "
+    "read back",
+}
 
 
 def _describe(target: str, st: os.stat_result) -> str:

@@ -36,6 +36,13 @@ UNIX_TYPES = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "dgram", socket.S
 FAMILIES = {socket.AF_UNIX: "unix", socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6",
             socket.AF_NETLINK: "netlink", socket.AF_PACKET: "packet"}  # fmt: skip
 CONSISTENT_TRIES = 20
+# Why the other families are refused (the refusal says it: issue 14).
+WHY_NOT = {
+    socket.AF_NETLINK: "the kernel side of a netlink conversation — group subscriptions, "
+    "requests in flight, queued notifications — cannot be read back",
+    socket.AF_PACKET: "its bound interface, ring buffers and fanout group cannot be read back "
+    "and re-created exactly",
+}
 
 
 @dataclass
@@ -225,8 +232,10 @@ def capture_socket(
             sock = _udp(pid, ctx, ts, ino)
         else:
             kind = FAMILIES.get(ts.family, f"family {ts.family}")
+            why = WHY_NOT.get(ts.family, "ckpt has no way to read this family's state back")
             raise UnsupportedProcess(
-                f"fd {fd} is a {kind} socket (type {ts.type}, socket:[{ino}]): not supported",
+                f"fd {fd} is a {kind} socket (type {ts.type}, socket:[{ino}]): not supported "
+                f"({why})",
                 pid=pid,
             )
         _settings(pid, ctx, ts, sock)

@@ -1,0 +1,35 @@
+"""Fds ckpt cannot bring back are refused in one line that says why, before the
+target is touched (issue 14: packet, netlink and fanotify fds)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from helpers import DEADLINE, assert_error, proc_status, untraced_and_running, wait_until
+
+HOLDERS = {
+    "netlink": "import socket; s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)",
+    "packet": "import socket; s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)",
+    "fanotify": "import ctypes, os; fd = ctypes.CDLL(None, use_errno=True).fanotify_init(0, 0)\n"
+    "assert fd >= 0, os.strerror(ctypes.get_errno())",
+}
+WHY = {"netlink": "netlink conversation", "packet": "ring buffers", "fanotify": "marks"}
+
+
+@pytest.mark.parametrize("kind", sorted(HOLDERS))
+def test_refused_with_the_reason(e2e, kind):
+    script = HOLDERS[kind] + "\nprint('READY', flush=True)\nimport time; time.sleep(600)\n"
+    p = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=e2e.base
+    )
+    try:
+        assert p.stdout.readline().strip() == "READY"
+        res = e2e.dump(p.pid, e2e.path("img"))
+        assert_error(res, 5, f"process {p.pid}", kind, "not supported", WHY[kind])
+        wait_until(lambda: untraced_and_running(p.pid), DEADLINE, "the process to run on")
+        assert (proc_status(p.pid) or {}).get("TracerPid") == "0"
+    finally:
+        p.kill()
+        p.wait()
