@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -77,11 +78,15 @@ def runs(pages):
     return out
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from test_store import fake_state  # noqa: E402 - a minimal valid state, as the store tests use
+
+
 def build(root: str, npages: int, nsnap: int, rate: float, interval: float, seed: int) -> float:
     rng = random.Random(seed)
     make = page_source(rng)
     store = Store.open(root, create=True)
-    state = {"vmas": [{"start": BASE, "present": [[BASE, npages]]}]}
+    state = fake_state(1, BASE, BASE + npages * 4096, [[BASE, npages]])
     t0 = time.time() - nsnap * interval
     per = max(1, int(npages * rate))
     start = time.monotonic()
@@ -187,7 +192,7 @@ def main() -> None:
         # steady state: 5 more snapshots on top of the compacted store, then compact
         rng = random.Random(args.seed + 2)
         make = page_source(rng)
-        state = {"vmas": [{"start": BASE, "present": [[BASE, npages]]}]}
+        state = fake_state(1, BASE, BASE + npages * 4096, [[BASE, npages]])
         for k in range(5):
             with s1.lock():
                 w = s1.begin(s1.latest(1))
