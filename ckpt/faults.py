@@ -40,6 +40,7 @@ class Point(str, Enum):
     READ_PAGES = "read-pages", KILL  # half of the final layer's pages copied
     WRITE_IMAGE = "write-image", KILL  # the state captured, the image not written yet
     COMMIT = "commit", KILL  # everything written, right before the image is published
+    ARM_FAILS = "arm-fails", FAIL  # pre-copy: tracking armed in the target, then arming fails
     # -- store gc and compaction (KILL)
     GC_PLAN = "gc-plan", KILL  # the compaction planned, nothing built
     GC_BUILD = "gc-build", KILL  # the first compacted snapshot built in tmp/
@@ -81,9 +82,10 @@ def point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def fail(name: str) -> None:
-    """Raise RestoreError here when CKPT_FAULT names this FAIL point."""
+def fail(name: str, error: type[Exception] | None = None) -> None:
+    """Raise `error` (RestoreError by default) here when CKPT_FAULT names this FAIL point."""
     if active(name, FAIL):
         from .errors import RestoreError
 
-        raise RestoreError(f"restore failed: injected fault (CKPT_FAULT={known(name).value})")
+        what = "failed" if error is not None else "restore failed"
+        raise (error or RestoreError)(f"{what}: injected fault (CKPT_FAULT={known(name).value})")

@@ -6,6 +6,9 @@ quarter text-like, a quarter sparse structures) is dumped and restored by:
 
   ckpt        default settings (zstd level 1)
   ckpt -l0    --level 0: compression off (raw zstd blocks)
+  ckpt-frz    --no-precopy: every page copied frozen (without it, a plain dump of more than
+              64 MiB copies the memory once while the process runs, then freezes for what
+              changed: the freeze column shows the difference)
   bare        workloads/bare_copy.c: process_vm_readv of the same present pages and
               write(2) of them, uncompressed, to a file on the same file system, then
               fsync (ckpt fsyncs its image too); restore: fork a fresh process and
@@ -17,7 +20,7 @@ bare. ckpt's times are api.dump / api.restore in this process (no interpreter
 start-up); the restored process checks its own memory (a FAIL aborts).
 
     python scripts/bench_dump.py [--sizes 256,1024,4096] [--repeat 3] [--dir DIR]
-                                 [--variants ckpt,ckpt-l0,bare]
+                                 [--variants ckpt,ckpt-l0,ckpt-frz,bare]
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VARIANTS = {"ckpt": 1, "ckpt-l0": 0, "bare": None}
+# name → (zstd level, no_precopy); bare: the C reader/writer
+VARIANTS = {"ckpt": (1, False), "ckpt-l0": (0, False), "ckpt-frz": (1, True), "bare": None}
 
 
 def build(tmp: str) -> dict[str, str]:
@@ -73,7 +77,7 @@ def _size(path: str) -> int:
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
 
 
-def run_ckpt(exes: dict, mib: int, tmp: str, level: int) -> dict:
+def run_ckpt(exes: dict, mib: int, tmp: str, level: int, no_precopy: bool = False) -> dict:
     from ckpt import api
 
     log = os.path.join(tmp, f"w{mib}.log")
@@ -83,7 +87,7 @@ def run_ckpt(exes: dict, mib: int, tmp: str, level: int) -> dict:
     restored = None
     try:
         t = time.perf_counter()
-        r = api.dump(proc.pid, img, level=level)
+        r = api.dump(proc.pid, img, level=level, no_precopy=no_precopy)
         dump_s = time.perf_counter() - t
         proc.wait()
         size = _size(img)
@@ -159,7 +163,7 @@ def main() -> None:
                     if v == "bare":
                         r = run_bare(exes, mib, tmp)
                     else:
-                        r = run_ckpt(exes, mib, tmp, VARIANTS[v])
+                        r = run_ckpt(exes, mib, tmp, *VARIANTS[v])
                     results.setdefault((mib, v), []).append(r)
                     print(f"# {mib} MiB {v}: dump {r['dump']:.3f} s, restore {r['restore']:.3f} s",
                           file=sys.stderr, flush=True)  # fmt: skip

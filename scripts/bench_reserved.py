@@ -3,13 +3,14 @@
 space (issue 12): workloads/bench_reserved.c with N threads (default 8 MiB stacks), a
 0.5 GiB working set and 8 GiB of MAP_NORESERVE heaps that are never touched.
 
-Each thread count is dumped plainly and with --iterative (pre-copy, then the final
-freeze), --repeat times in turn; the table gives min/median of the freeze, the dump's
+Each thread count is dumped plainly (the default: the working set is copied once while
+the process runs, then frozen for what changed), plainly with --no-precopy (every page
+copied frozen: `frozen`) and with --iterative (pre-copy rounds, then the final freeze), --repeat times in turn; the table gives min/median of the freeze, the dump's
 wall time and the restore's wall time. The restored process joins every thread and
 checks its working set; a FAIL aborts.
 
     python scripts/bench_reserved.py [--threads 1,40,1024] [--ws 512] [--reserved 8]
-                                     [--repeat 3] [--modes plain,iterative]
+                                     [--repeat 3] [--modes plain,frozen,iterative]
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def run_one(exe: str, n: int, mode: str, args, tmp: str) -> dict:
     try:
         wait_line(log, "READY")
         t = time.perf_counter()
-        r = api.dump(proc.pid, img, iterative=mode == "iterative")
+        r = api.dump(proc.pid, img, iterative=mode == "iterative", no_precopy=mode == "frozen")
         dump_s = time.perf_counter() - t
         proc.wait()
         t = time.perf_counter()
@@ -88,7 +89,7 @@ def main() -> None:
     ap.add_argument("--ws", type=int, default=512, help="working set, MiB")
     ap.add_argument("--reserved", type=int, default=8, help="reserved heaps, GiB")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--modes", default="plain,iterative")
+    ap.add_argument("--modes", default="plain,frozen,iterative")
     args = ap.parse_args()
     modes = args.modes.split(",")
     tmp = tempfile.mkdtemp(prefix="ckpt-bench-")

@@ -35,7 +35,7 @@ from helpers import (
 )
 
 TRACKERS = ("uffd-wp", "soft-dirty", "full")
-STOP_REASONS = {"converged", "not-shrinking", "max-rounds", "max-time"}
+STOP_REASONS = {"converged", "not-shrinking", "max-rounds", "max-time", "once"}
 ROUND_KEYS = (
     "round",
     "pages_written",

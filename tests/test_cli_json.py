@@ -28,8 +28,8 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 DUMP_KEYS = {
     "pid", "image", "processes", "killed", "vmas", "pages", "bytes_raw", "bytes_stored",
-    "layers", "freeze_ms", "final_pages", "seconds", "iterative", "tracker", "stop_reason",
-    "rounds", "net_lock", "unlocked_tcp", "held_listeners", "unheld_listeners", "zombie_parent",
+    "layers", "freeze_ms", "final_pages", "seconds", "iterative", "precopy", "precopy_skipped",
+    "tracker", "stop_reason", "rounds", "net_lock", "unlocked_tcp", "held_listeners", "unheld_listeners", "zombie_parent",
 }  # fmt: skip
 ROUND_KEYS = {
     "round", "pages_written", "pages_copied", "bytes_copied", "seconds",
@@ -92,6 +92,7 @@ def test_dump_and_restore_json(e2e):
     assert d["bytes_raw"] == d["pages"] * PAGE and d["bytes_stored"] > 0
     assert d["freeze_ms"] > 0 and d["seconds"] > 0
     assert d["iterative"] is False and d["rounds"] == [] and d["net_lock"] is None
+    assert d["precopy"] == "none" and d["precopy_skipped"] is None, "16 MiB: copied frozen"
     assert "dumped" not in res.stderr, "--json replaces the summary line"
     shown = document(e2e.ckpt("show", str(image), "--json"))
     assert shown["process"]["pid"] == w.pid and shown["image"] == d["image"]

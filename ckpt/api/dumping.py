@@ -21,16 +21,25 @@ from ..capture.security import check_tree_namespaces
 from ..capture.shm import SharedMemory
 from ..capture.sockets import SocketCapture
 from ..capture.target import Target
-from ..capture.tree import FrozenTree
+from ..capture.tree import FrozenTree, descendants
 from ..capture.validate import check_target
-from ..errors import CkptError, DumpError, as_error
+from ..errors import (
+    CkptError,
+    DumpError,
+    KernelError,
+    KernelUnsupported,
+    NoSuchProcess,
+    TraceeGone,
+    UnsupportedProcess,
+    as_error,
+)
 from ..image import ImageWriter
 from ..kernel import procfs
 from ..kernel.native import PAGE_SIZE
 from ..kernel.process import zombie_parent
 from ..kernel.ptrace import Tracee, seize_group
 from ..precopy.arm import arm, arm_members
-from ..precopy.policy import Policy, RoundStats
+from ..precopy.policy import ONCE_MIN_BYTES, Policy, RoundStats
 from ..precopy.rounds import Precopy
 from ..track import make_tracker
 from ..track.base import Tracker
@@ -48,6 +57,9 @@ class DumpOptions:
     leave_running: bool = False  # keep the target running after the dump
     level: int | None = None  # zstd level (0: no compression; None: the default)
     iterative: bool = False  # pre-copy rounds while the target runs
+    # every page copied frozen: no round while running even for a large process
+    # (by default a plain dump of more than precopy.policy.ONCE_MIN_BYTES copies once first)
+    no_precopy: bool = False
     tracker: str = "auto"  # dirty-page tracker for the rounds: auto | uffd-wp | soft-dirty
     policy: Policy = field(default_factory=Policy)  # when pre-copy stops
     tcp_established: bool = False  # also dump TCP connections to peers outside the tree
@@ -67,6 +79,8 @@ class DumpResult:
     bytes_stored: int
     vmas: int
     tracker: str = "none"
+    precopy: str = "none"  # "iterative", "once" (a plain dump's one round while running), "none"
+    precopy_skipped: str = ""  # why a large process's plain dump could not pre-copy
     rounds: list[dict] = field(default_factory=list)
     final_pages: int = 0
     stop_reason: str = ""
@@ -82,6 +96,7 @@ class DumpResult:
     def stats(self) -> dict:
         return {
             "outcome": "dumped",
+            "precopy": self.precopy,
             "tracker": self.tracker,
             "rounds": self.rounds,
             "final": {
@@ -157,6 +172,8 @@ class _DumpRun:
         self.on_round, self.t0 = on_round, t0
         self.pre: Precopy | None = None
         self.trk: Tracker | None = None
+        self.mode = "iterative" if opts.iterative else "none"  # "once": see _plain_mode
+        self.fallback = ""  # why a plain dump of a large process copied every page frozen
 
     def failure_stats(self, exc: CkptError) -> dict:
         pre = self.pre
@@ -164,7 +181,8 @@ class _DumpRun:
             "outcome": "failed",
             "error": str(exc),
             "exit_code": exc.exit_code,
-            "tracker": self.trk.name if self.trk and self.opts.iterative else "none",
+            "precopy": self.mode,
+            "tracker": self.trk.name if self.trk and self.mode != "none" else "none",
             "rounds": [asdict(r) for r in pre.stats.rounds] if pre else [],
             "total_seconds": time.monotonic() - self.t0,
             "stop_reason": pre.stats.stop_reason if pre else "",
@@ -175,11 +193,15 @@ class _DumpRun:
         st = check_target(pid)
         if opts.tree:  # the descendants' namespaces too, before anything is injected
             check_tree_namespaces(pid)
-        if opts.iterative:  # refuse now, not after the rounds (a plain dump freezes at once)
+        trk: Tracker = FullTracker(pid)
+        if opts.iterative:
+            trk = make_tracker(opts.tracker, pid)
+        elif (once := self._plain_mode(pid)) is not None:
+            trk, self.mode = once, "once"
+        if self.mode != "none":  # refuse now, not after the rounds (a plain dump freezes at once)
             preflight(pid, tree=opts.tree, tcp_established=opts.tcp_established,
                       shell_job=opts.shell_job)  # fmt: skip
         target = Target(pid, st.starttime)
-        trk = make_tracker(opts.tracker, pid) if opts.iterative else FullTracker(pid)
         self.trk = trk
         sink = hooks.sink
         writer = (
@@ -193,8 +215,11 @@ class _DumpRun:
         shm = SharedMemory(project=hooks.staged)
         sockets = SocketCapture()
         try:
-            if opts.iterative:
-                self.pre = self._precopy(target, trk, writer, shm)
+            if self.mode == "iterative":
+                self.pre = self._precopy(target, trk, writer, shm, opts.policy)
+            elif self.mode == "once":
+                self.pre = self._precopy_once(target, writer, shm)
+                trk = self.trk  # a full tracker again when arming was not possible
             # frozen once no listener of the tree has a connection waiting to be
             # accepted; new TCP connections are held by the run's lock meanwhile
             frozen, t_freeze, queues = freeze_quiet(
@@ -220,7 +245,7 @@ class _DumpRun:
             meta = {
                 "ckpt_version": __version__, "created": time.time(), "host": platform.node(),
                 "kernel": platform.release(), "pid": pid, "comm": proc.comm.decode(errors="replace"),
-                "freeze_ms": freeze_ms, "tracker": trk.name if opts.iterative else "none",
+                "freeze_ms": freeze_ms, "tracker": trk.name if self.pre else "none",
                 "rounds": len(rounds) + 1, "pages": pages, "bytes_stored": bytes_stored,
                 "stop_reason": pre.stats.stop_reason if pre else "",
                 "round_stats": rounds, "processes": 1 + len(proc.tree),
@@ -259,6 +284,7 @@ class _DumpRun:
             pid=pid, image=self.directory, freeze_ms=freeze_ms,
             seconds=time.monotonic() - self.t0, pages=pages, bytes_raw=pages * PAGE_SIZE,
             bytes_stored=bytes_stored, vmas=len(proc.vmas), tracker=meta["tracker"],
+            precopy=self.mode, precopy_skipped=self.fallback,
             rounds=rounds, final_pages=cap.pages, stop_reason=meta["stop_reason"],
             layers=len(rounds) + 1, processes=1 + len(proc.tree), net_lock=proc.net_lock,
             unlocked_tcp=unlocked, zombie_parent=held, unheld_listeners=len(queues.unheld),
@@ -266,9 +292,44 @@ class _DumpRun:
             held_listeners=len(lock.listeners) if proc.net_lock and lock is not None else 0,
         )  # fmt: skip
 
+    def _plain_mode(self, pid: int) -> Tracker | None:
+        """A tracker when a plain dump should copy memory once while the process runs:
+        more private memory than the freeze can copy quickly, --no-precopy not given,
+        and a tracker this kernel has. None: every page is copied frozen."""
+        if self.opts.no_precopy or self.hooks.sink is not None:
+            return None
+        pids = [pid, *descendants(pid)] if self.opts.tree else [pid]
+        if sum(procfs.private_resident(p) for p in pids) < ONCE_MIN_BYTES:
+            return None
+        try:
+            return make_tracker(self.opts.tracker, pid)
+        except KernelUnsupported:
+            return None
+
+    def _precopy_once(self, target: Target, writer, shm: SharedMemory) -> Precopy | None:
+        """A plain dump's one round while the target runs. Where tracking cannot be armed
+        (a seccomp filter that forbids userfaultfd, a process that uses one itself…),
+        the dump copies every page frozen instead, as without the round; the target is
+        left as it was by the failed arming (trackers clean up after themselves)."""
+        try:
+            pre = self._precopy(target, self.trk, writer, shm, Policy(max_rounds=1), rounds=False)
+        except (UnsupportedProcess, KernelError, KernelUnsupported, DumpError) as exc:
+            if isinstance(exc, NoSuchProcess | TraceeGone):
+                raise
+            _fail_cleanup(self.trk, None, self.pre)
+            if self.pre is not None:
+                self.pre.close()
+            self.pre, self.mode, self.trk = None, "none", FullTracker(self.pid)
+            self.fallback = str(exc)
+            return None
+        pre.whole_next = True
+        pre.run_rounds(self.t0)
+        pre.stats.stop_reason = "once"
+        return pre
+
     def _freeze_root(self, target: Target) -> Tracee:
         """Every thread of the root stopped (a plain dump seizes it for the first time)."""
-        if self.opts.iterative:
+        if self.pre is not None:
             return target.freeze()
         tracee = seize_group(self.pid, procfs.tasks)
         try:
@@ -278,7 +339,10 @@ class _DumpRun:
             raise
         return tracee
 
-    def _precopy(self, target: Target, trk: Tracker, writer, shm: SharedMemory) -> Precopy:
+    def _precopy(
+        self, target: Target, trk: Tracker, writer, shm: SharedMemory, policy: Policy,
+        *, rounds: bool = True,
+    ) -> Precopy:  # fmt: skip
         """Arm tracking (a brief freeze), then the rounds while the target runs."""
         ta = time.monotonic()
         tracee = target.freeze()
@@ -289,18 +353,20 @@ class _DumpRun:
             if tracee.attached:
                 tracee.detach()
         faults.point("armed")
-        pre = Precopy(target, trk, writer, self.opts.policy, self.on_round, shm=shm)
+        pre = Precopy(target, trk, writer, policy, self.on_round, shm=shm)
         self.pre = pre
         pre.stats.base_freeze_ms = elapsed_ms(ta)
         if self.opts.tree:
             arm_members(pre, self.opts.tracker, target.pid)
         pre.whole_next = True  # round 0 copies everything, whatever arming did
-        pre.run_rounds(self.t0)
+        if rounds:
+            pre.run_rounds(self.t0)
         return pre
 
 
 def _fail_cleanup(trk: Tracker | None, writer, pre: Precopy | None) -> None:
-    steps = [writer.abort] if trk is None else [trk.cleanup_on_error, writer.abort]
+    steps = [] if writer is None else [writer.abort]
+    steps = steps if trk is None else [trk.cleanup_on_error, *steps]
     steps += [m.tracker.cleanup_on_error for m in pre.members] if pre else []
     for step in steps:
         try:

@@ -43,6 +43,8 @@ def dump_document(r, *, iterative: bool, leave_running: bool) -> dict:
         "final_pages": r.final_pages,
         "seconds": r.seconds,
         "iterative": iterative,
+        "precopy": r.precopy,
+        "precopy_skipped": r.precopy_skipped or None,
         "tracker": r.tracker,
         "stop_reason": r.stop_reason,
         "rounds": [dict(x) for x in r.rounds],
@@ -79,6 +81,13 @@ def round_line(r) -> str:
     is_flag=True,
     help="Pre-copy memory while the process runs; freeze only for the last round.",
 )
+@click.option(
+    "--no-precopy",
+    is_flag=True,
+    help="Copy every page while the process is frozen. (Without --iterative, a process "
+    "with more than 64 MiB of private memory is copied once while it runs, then frozen "
+    "for what changed.)",
+)
 @tracker_option
 @max_rounds_option()
 @target_downtime_option
@@ -97,6 +106,7 @@ def dump(
     directory: str,
     leave_running: bool,
     iterative: bool,
+    no_precopy: bool,
     tracker: str,
     max_rounds: int | None,
     target_downtime_ms: float | None,
@@ -122,7 +132,7 @@ def dump(
 
         r = api.dump(
             pid, directory, leave_running=leave_running, level=level, iterative=iterative,
-            tracker=tracker, policy=policy, on_round=on_round, stats_json=stats_json,
+            no_precopy=no_precopy, tracker=tracker, policy=policy, on_round=on_round, stats_json=stats_json,
             tcp_established=tcp_established, tree=tree, shell_job=shell_job,
         )  # fmt: skip
     if as_json:
@@ -155,11 +165,14 @@ def dump(
 
 
 def _summary(r, iterative: bool, leave_running: bool) -> None:
-    extra = (
-        f"; tracker {r.tracker}, {len(r.rounds)} pre-copy rounds ({r.stop_reason})"
-        if iterative
-        else ""
-    )
+    if iterative:
+        extra = f"; tracker {r.tracker}, {len(r.rounds)} pre-copy rounds ({r.stop_reason})"
+    elif r.precopy == "once":
+        extra = f"; copied once while running (tracker {r.tracker})"
+    else:
+        extra = ""
+    if r.precopy_skipped:
+        app.status(f"note: no copy while running ({r.precopy_skipped}): every page copied frozen")
     app.status(
         f"dumped {r.pid}{tree_note(r)} to {r.image}: {r.vmas} VMAs, {human(r.bytes_raw)} of pages "
         f"→ {human(r.bytes_stored)} stored, freeze {r.freeze_ms:.0f} ms"

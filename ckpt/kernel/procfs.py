@@ -195,6 +195,16 @@ def status(pid: int) -> dict[str, str]:
     return parse_status(read_bytes(pid, "status"))
 
 
+def private_resident(pid: int) -> int:
+    """Bytes of pid's resident anonymous memory (RssAnon), 0 for a process that is gone
+    or has none (a zombie, a kernel thread)."""
+    try:
+        value = status(pid).get("RssAnon", "0 kB")
+    except NoSuchProcess:
+        return 0
+    return int(value.split()[0]) * 1024
+
+
 # ---------------------------------------------------------------- limits
 
 #: /proc/PID/limits row names (fs/proc/base.c lnames), in RLIMIT_* order

@@ -3,6 +3,7 @@ the descendants of a tree dump, each frozen only for its own arming."""
 
 from __future__ import annotations
 
+from .. import faults
 from ..capture import attrs, state
 from ..capture.process import check_arch
 from ..capture.target import Target
@@ -25,6 +26,7 @@ def arm(tracee: Tracee, trk: Tracker) -> None:
     with DumpInjection(tracee, maps, regs, mask) as inj:
         state.close_leftover_uffds(inj, tracee.pid)
         trk.arm(inj)
+        faults.fail("arm-fails", DumpError)  # after arming: its cleanup is tested
 
 
 def arm_members(pre: Precopy, tracker: str, root: int) -> None:

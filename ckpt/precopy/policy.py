@@ -11,6 +11,10 @@ DEFAULT_MAX_ROUNDS = 8
 DEFAULT_TARGET_DOWNTIME_MS = 50.0
 DEFAULT_MAX_TIME = 60.0
 SHRINK_FACTOR = 0.9  # a "meaningful drop" is at least 10% fewer written pages
+# A plain dump of a process with more private memory than this copies it once while it
+# runs, then freezes for what changed (docs/ARCHITECTURE.md "One round before a plain
+# dump's freeze"): copying 64 MiB frozen takes ~45 ms here, about what arming costs.
+ONCE_MIN_BYTES = 64 << 20
 
 
 @dataclass
