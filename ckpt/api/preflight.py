@@ -34,7 +34,7 @@ def preflight(
         sockets = SocketCapture()
         try:
             capture_fds(p, sockets=sockets, tcp_established=tcp_established,
-                        tree=everyone - {p}, shell_job=shell_job)  # fmt: skip
+                        tree=everyone - {p}, shell_job=shell_job, check_only=True)  # fmt: skip
             for m in procfs.smaps(p):
                 classify(p, m)
         except NoSuchProcess:

@@ -25,12 +25,15 @@ def capture_fds(
     tcp_established: bool = False,
     tree: frozenset[int] = frozenset(),
     shell_job: bool = False,
+    check_only: bool = False,
 ) -> list[Fd]:
     """`skip`: ckpt's own fds in the target (persistent tracking).
     `sockets`: the run's socket capture (network lock, held TCP duplicates).
     `tcp_established`: also dump TCP connections to peers outside the process.
     `tree`: the other processes dumped with this one; a pipe may connect them.
-    `shell_job`: take fds on the job's controlling terminal (capture/tty.py)."""
+    `shell_job`: take fds on the job's controlling terminal (capture/tty.py).
+    `check_only`: the preflight's pass (api/preflight.py): what is read only to be kept,
+    never to refuse (the content of files being written), is left for the freeze."""
     scan = fd_kinds.FdScan(pid, tree)
     held: dict[int, bytes] = {}  # fd → its fdinfo, when it lists locks (capture/locks.py)
     try:
@@ -38,7 +41,8 @@ def capture_fds(
         maps = procfs.maps(pid)
         fd_kinds.finish(scan, out, maps)
         unlinked.finish(scan, out, maps)  # unlinked files: content once, fds or mappings
-        written.finish(scan, out, maps)  # files written at their offset: their content
+        if not check_only:  # files written at their offset: their content
+            written.finish(scan, out, maps)
         locks.attach(out, held, pid)
     except OSError as exc:  # reading a pipe's data, a memfd, a pidfd_getfd copy…
         raise DumpError(f"reading the fds of process {pid} failed: {exc}") from exc
