@@ -27,7 +27,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench_dump import wait_line  # noqa: E402
+from bench_dump import wait_line, warm_imports  # noqa: E402
 
 
 def build(tmp: str) -> str:
@@ -85,6 +85,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    warm_imports()
     ap.add_argument("--threads", default="1,40,1024")
     ap.add_argument("--ws", type=int, default=512, help="working set, MiB")
     ap.add_argument("--reserved", type=int, default=8, help="reserved heaps, GiB")
