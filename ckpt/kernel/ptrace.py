@@ -7,6 +7,7 @@ sits in a syscall stop leaves no stray SIGTRAP to kill the tracee.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import struct
@@ -121,8 +122,6 @@ class RseqConfig:
 
 
 def _raise_for(err: OSError, pid: int, what: str) -> None:
-    import errno
-
     if err.errno == errno.ESRCH:
         raise NoSuchProcess(f"process {pid} exited during {what}", pid=pid) from err
     if err.errno == errno.EPERM and _exiting(pid):
@@ -153,16 +152,48 @@ def _exiting(pid: int) -> bool:
 class Tracee:
     """A seized, stopped task. All methods assume a ptrace stop."""
 
-    def __init__(self, pid: int):
+    def __init__(self, pid: int, tgid: int | None = None):
         self.pid = pid
+        self.tgid = pid if tgid is None else tgid  # its process (the leader's pid)
         self.attached = False
         # the other threads of the process, when seized as a group (seize_group)
         self.others: list[Tracee] = []
+        #: stopped inside get_signal() (an interrupt's PTRACE_EVENT_STOP, or the stop an
+        #: injected program ends with: kernel/program.py), so that registers set now
+        #: resume through the kernel's restart rules; False after an injected syscall,
+        #: which leaves it in a syscall-exit stop (stop_in_signal_path)
+        self.parked = False
+        self._status: dict[str, str] | None = None
+        self._stat = None
 
     @property
     def threads(self) -> list[Tracee]:
         """The leader first, then the other threads, ordered by TID."""
         return [self, *self.others]
+
+    # -- /proc, read once while stopped ------------------------------------------------
+
+    def status(self) -> dict[str, str]:
+        """Its /proc/PID/task/TID/status, read once per freeze: what ckpt reads there
+        (credentials, seccomp, LAM, shadow stacks) cannot change while every thread of
+        the process is stopped by ckpt, whose injections at a dump only read."""
+        if self._status is None:
+            from . import procfs
+
+            raw = procfs.read_bytes(self.tgid, "task", str(self.pid), "status")
+            self._status = procfs.parse_status(raw)
+        return self._status
+
+    def stat(self):
+        """Its /proc/PID/task/TID/stat (procfs.Stat: flags, comm…), read once per freeze
+        (status()); the process-wide fields there are its thread's view."""
+        if self._stat is None:
+            from . import procfs
+
+            self._stat = procfs.parse_stat(
+                procfs.read_bytes(self.tgid, "task", str(self.pid), "stat")
+            )
+        return self._stat
 
     # -- attach / stop -----------------------------------------------------------------
 
@@ -193,14 +224,18 @@ class Tracee:
             if not os.WIFSTOPPED(st):
                 continue
             if (st >> 16) == PTRACE_EVENT_STOP:
-                sig = os.WSTOPSIG(st)
-                if sig in (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
-                    self.group_stopped = sig
+                self._stopped_at(os.WSTOPSIG(st))
                 return
             sig = os.WSTOPSIG(st)
             check(lib.ck_ptrace(PTRACE_CONT, self.pid, 0, sig), "PTRACE_CONT", target=self.pid)
 
     group_stopped: int = 0
+
+    def _stopped_at(self, sig: int) -> None:
+        """It is in the PTRACE_EVENT_STOP of an interrupt, with signal sig."""
+        self.parked = True
+        if sig in (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
+            self.group_stopped = sig
 
     def stop_in_signal_path(self) -> None:
         """From a syscall stop, move the tracee to a PTRACE_EVENT_STOP inside get_signal().
@@ -219,6 +254,7 @@ class Tracee:
                 self.attached = False
                 raise TraceeGone(f"process {self.pid} died while being parked", pid=self.pid)
             if os.WIFSTOPPED(st) and (st >> 16) == PTRACE_EVENT_STOP:
+                self.parked = True
                 return
             if os.WIFSTOPPED(st):
                 sig = os.WSTOPSIG(st)
@@ -304,6 +340,7 @@ class Tracee:
     # -- leave -------------------------------------------------------------------------
 
     def cont(self, sig: int = 0) -> None:
+        self.parked = False
         check(lib.ck_ptrace(PTRACE_CONT, self.pid, 0, sig), "PTRACE_CONT", target=self.pid)
 
     def detach(self, sig: int = 0) -> None:
@@ -355,16 +392,7 @@ def seize_group(pid: int, tasks) -> Tracee:
             new = [tid for tid in tasks(pid) if tid not in held]
             if not new:
                 break
-            for tid in new:
-                try:
-                    t = Tracee.seize(tid)
-                except NoSuchProcess:
-                    continue
-                held[tid] = t
-                try:
-                    t.interrupt()
-                except TraceeGone:
-                    held.pop(tid)  # exited while being stopped
+            _seize_many(pid, new, held)
         live = set(tasks(pid))
         leader.others = [held[t] for t in sorted(held) if t != pid and t in live]
         for tid in set(held) - live - {pid}:
@@ -378,3 +406,38 @@ def seize_group(pid: int, tasks) -> Tracee:
                     pass
         raise
     return leader
+
+
+def _seize_many(tgid: int, tids: list[int], held: dict[int, Tracee]) -> None:
+    """Tracee.seize + interrupt of each of tids (threads of tgid), all at once (C:
+    ck_seize_many; one thread after the other cost a wake-up round trip each). Each
+    thread seized is put in `held` first, so that the caller can detach them all on
+    an error; one that exited meanwhile is left out, as Tracee.seize and interrupt
+    tell it; the first other error is raised after, as they raise it."""
+    n = len(tids)
+    ctids = ffi.new("int[]", tids)
+    states, stops, attached = ffi.new("int[]", n), ffi.new("int[]", n), ffi.new("int[]", n)
+    opts = PTRACE_O_TRACESYSGOOD
+    r = lib.ck_seize_many(n, ctids, opts, states, stops, attached)
+    first: BaseException | None = None
+    for i, tid in enumerate(tids):
+        if attached[i]:
+            t = held[tid] = Tracee(tid, tgid)
+            t.attached = True
+            if states[i] == 0:
+                t._stopped_at(stops[i])
+            elif first is None:
+                first = OSError(-states[i], f"PTRACE_INTERRUPT ({tid}) failed: "
+                                f"{os.strerror(-states[i])}")  # fmt: skip
+        elif states[i] != -errno.ECHILD and first is None:  # ECHILD: exited while stopped
+            err = OSError(-states[i], f"PTRACE_SEIZE ({tid}) failed: {os.strerror(-states[i])}")
+            try:
+                _raise_for(err, tid, "seize")
+                first = err
+            except NoSuchProcess:
+                pass  # exited meanwhile: not part of the process any more
+            except BaseException as exc:
+                first = exc
+    check(r, "waitpid")
+    if first is not None:
+        raise first

@@ -124,6 +124,7 @@ class Injector:
         for i in range(6):
             a = args[i] if i < len(args) else 0
             self._args[i] = a - (1 << 64) if a >= 1 << 63 else a
+        self.tracee.parked = False  # it ends in a syscall-exit stop
         r = lib.ck_inject_syscall(
             self.tracee.pid, self._regs, self.insn, nr, self._args, self._result, self._status
         )

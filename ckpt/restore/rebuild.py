@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from stat import S_IFREG
 
 from ..errors import PidInUse, RestoreError
-from ..kernel import abi, procfs, syscalls, sysvshm
+from ..kernel import abi, procfs, program, syscalls, sysvshm
 from ..kernel.native import PAGE_SIZE
 from ..kernel.process import RLIMIT_NAMES
 from ..kernel.ptrace import (
@@ -626,49 +626,72 @@ class Rebuilder:
         runs a single instruction; from then on it is injected into like the leader.
         Credentials are set later, per thread, because setresuid changes only the
         calling thread.
+
+        Injected programs (kernel/program.py): the leader runs every clone3 in one,
+        then each new thread runs its own calls (name, sigaltstack, robust list) in
+        one, all threads at once; a failure is raised as the calls one by one would
+        have raised it (a thread's own calls before the clone of the next thread).
         """
         extra = self.proc.threads[1:]
         if not extra:
             return
         base = PTRACE_O_TRACESYSGOOD | PTRACE_O_EXITKILL
         inj = self.inj
+        area = program.Area(inj, len(extra) * 768)
         self.tracee.set_options(base | PTRACE_O_TRACECLONE)
         try:
+            clones = program.Program(area, self.tracee, inj.template, data=len(extra) * 104)
             for t in extra:
-                inj.reset_data()
-                set_tid = 0 if self.new_pid else inj.put(struct.pack("<i", t.tid))
+                set_tid = 0 if self.new_pid else clones.put(struct.pack("<i", t.tid))
                 # clear_child_tid comes with the clone (CLONE_CHILD_CLEARTID): one
                 # injected set_tid_address less per thread
                 ctid = t.clear_child_tid
                 flags = THREAD_FLAGS | (abi.CLONE_CHILD_CLEARTID if ctid else 0)
                 args = struct.pack("<11Q", flags, 0, ctid, 0, 0, 0, 0, 0, set_tid,
                                    0 if self.new_pid else 1, 0)  # fmt: skip
-                try:
-                    tid = syscalls.clone3(inj, inj.put(args), len(args))
-                except RemoteError as exc:
-                    if not self.new_pid and exc.errno == errno.EEXIST:
-                        raise PidInUse(
-                            f"TID {t.tid} (a thread of process {self.proc.pid}) is in use; "
-                            "restore with --new-pid",
-                            pid=t.tid,
-                        ) from exc
-                    raise RestoreError(f"cannot create thread {t.tid}: {exc.strerror}") from exc
-                tr = Tracee(tid)
-                tr.attached = True
-                st = tr.wait()
-                if not os.WIFSTOPPED(st):
-                    raise RestoreError(f"new thread {tid} did not stop (status {st:#x})")
-                tinj = Injector(tr, tr.getregs(), self.mem_fd)
-                tinj.scratch = inj.scratch
-                tinj.use(inj.scratch.addr)
-                self.threads.append((t, tr, tinj))
-                self.tid_map[t.tid] = tid
-                tinj.reset_data()
-                if t.comm and t.comm[:15] != self.proc.comm[:15]:  # else inherited
-                    syscalls.prctl(tinj, abi.PR_SET_NAME, tinj.cstr(t.comm[:15]), 0, 0, 0)
-                _thread_misc(tinj, t, tid_address=False)
+                clones.call(abi.NR_CLONE3, clones.put(args), len(args), name="clone3",
+                            fail=lambda exc, t=t: self._clone_failed(t, exc))  # fmt: skip
+            program.run([clones], raise_first=False)
         finally:
             self.tracee.set_options(base)
+        progs = []
+        for t, tid in zip(extra, clones.results):
+            if tid is None or tid < 0:
+                break
+            tr = Tracee(tid, self.pid)
+            tr.attached = True
+            st = tr.wait()
+            if not os.WIFSTOPPED(st):
+                raise RestoreError(f"new thread {tid} did not stop (status {st:#x})")
+            tr.parked = True  # its first stop, inside get_signal()
+            tinj = Injector(tr, inj.template, self.mem_fd)  # any of the process's registers
+            tinj.scratch = inj.scratch
+            tinj.use(inj.scratch.addr)
+            self.threads.append((t, tr, tinj))
+            self.tid_map[t.tid] = tid
+            prog = program.Program(area, tr, inj.template, data=128)
+            if t.comm and t.comm[:15] != self.proc.comm[:15]:  # else inherited
+                syscalls.prctl(prog, abi.PR_SET_NAME, prog.cstr(t.comm[:15]), 0, 0, 0)
+            _thread_misc(prog, t, tid_address=False)
+            progs.append(prog)
+        try:
+            program.run(progs, live=self._live)
+            clones.raise_first()
+        finally:
+            area.close()
+
+    def _clone_failed(self, t: Thread, exc: RemoteError) -> BaseException:
+        if not self.new_pid and exc.errno == errno.EEXIST:
+            return PidInUse(
+                f"TID {t.tid} (a thread of process {self.proc.pid}) is in use; "
+                "restore with --new-pid",
+                pid=t.tid,
+            )
+        return RestoreError(f"cannot create thread {t.tid}: {exc.strerror}")
+
+    def _live(self, tr: Tracee) -> Injector:
+        """The Injector of a thread (program.run: one whose calls must run one by one)."""
+        return next(ti for _, t, ti in self.threads if t is tr)
 
     def restore_signals(self) -> None:
         inj = self.inj
@@ -777,12 +800,22 @@ class Rebuilder:
         """Scratch gone, then every thread gets its registers back and runs."""
         s = self.inj.scratch
         syscalls.munmap(self.inj, s.addr, s.size)
-        for t, tr in [(self.proc.threads[0], self.tracee), *((t, tr) for t, tr, _ in self.threads)]:
-            tr.stop_in_signal_path()
-            tr.set_xstate(t.xstate)
-            tr.setregs(restore_regs(t.regs))
-            tr.set_sigmask(t.sigmask)
-        for _, tr, _ in self.threads:
+        lead = self.proc.threads[0]
+        self.tracee.stop_in_signal_path()
+        self.tracee.set_xstate(lead.xstate)
+        self.tracee.setregs(restore_regs(lead.regs))
+        self.tracee.set_sigmask(lead.sigmask)
+        # the other threads all at once (C: ck_leave_many): most are parked already,
+        # in the stop their last injected program ended with
+        ts = [t for t, _, _ in self.threads]
+        trs = [tr for _, tr, _ in self.threads]
+        same = len({len(t.xstate) for t in ts}) <= 1
+        program.leave_many(trs, [t.sigmask for t in ts], [restore_regs(t.regs) for t in ts],
+                           [t.xstate for t in ts] if same else None)  # fmt: skip
+        if not same:
+            for t, tr in zip(ts, trs):
+                tr.set_xstate(t.xstate)
+        for tr in trs:
             tr.detach()
         self.tracee.detach()
 

@@ -39,6 +39,14 @@ int ck_inject_syscall(int pid, const struct user_regs_struct *base, uint64_t ins
 int ck_inject_many(int n, const int *tids, const struct user_regs_struct *base,
                    const uint64_t *insn, int k, const long *nrs, const long *args,
                    long *results, int *states, int *statuses);
+int ck_run_programs(int n, const int *tids, const struct user_regs_struct *regs,
+                    const int *markers, const uint64_t *ends, int pass_foreign,
+                    int *states, int *statuses);
+int ck_leave_many(int n, const int *tids, const int *park, const uint64_t *masks,
+                  const struct user_regs_struct *regs, const char *xstate, size_t xsize,
+                  int *states, int *statuses);
+int ck_seize_many(int n, const int *tids, long opts, int *states, int *stops,
+                  int *attached);
 """
 
 CUSTOMIZATIONS = """
@@ -213,5 +221,149 @@ int ck_inject_many(int n, const int *tids, const struct user_regs_struct *base,
     }
     free(t);
     return ret;
+}
+
+/* Each of n stopped tracees runs an injected program (kernel/program.py) from the
+   registers regs[i] (rip at the program, its table in rbx/r12/r13) under PTRACE_CONT,
+   all at once: no stop per syscall, only the one its program ends with, a tgkill of
+   markers[i] to itself whose signal-delivery stop has rip == ends[i]. On the way:
+   event stops (an interrupt, the PTRACE_EVENT_CLONE of an injected clone3) go on; a
+   stop for the marker signal elsewhere is a real one, passed on when pass_foreign
+   (the dump's markers are signals the process ignores), else a fault like any other
+   signal (states[i] -EFAULT, statuses[i] the status; left at that stop). states[i]:
+   0 = stopped at its end, -ECHILD = it died, else -errno of ptrace. Returns 0, or
+   -errno of waitpid. */
+int ck_run_programs(int n, const int *tids, const struct user_regs_struct *regs,
+                    const int *markers, const uint64_t *ends, int pass_foreign,
+                    int *states, int *statuses)
+{
+    char *active = calloc((size_t)n + 1, 1);
+    if (!active) return -ENOMEM;
+    int left = 0;
+    for (int i = 0; i < n; i++) {
+        struct user_regs_struct r = regs[i];
+        r.eflags &= ~(0x100UL | 0x400UL);          /* TF, DF */
+        states[i] = 0;
+        statuses[i] = 0;
+        if (ptrace(PTRACE_SETREGS, tids[i], 0, &r) < 0 ||
+            ptrace(PTRACE_CONT, tids[i], 0, 0) < 0) {
+            states[i] = -errno;
+            continue;
+        }
+        active[i] = 1;
+        left++;
+    }
+    int ret = 0;
+    for (int i = 0; left; i = (i + 1) % n) {
+        if (!active[i]) continue;
+        int st = 0, w, r = 0, done = 0;
+        do { w = waitpid(tids[i], &st, __WALL); } while (w < 0 && errno == EINTR);
+        if (w < 0) { ret = -errno; break; }
+        if (WIFEXITED(st) || WIFSIGNALED(st)) {
+            statuses[i] = st;
+            r = -ECHILD;
+        } else if (WIFSTOPPED(st)) {
+            int sig = WSTOPSIG(st), ev = st >> 16;
+            if (ev) {
+                r = ptrace(PTRACE_CONT, tids[i], 0, 0) < 0 ? -errno : 0;
+            } else if (sig == markers[i]) {
+                struct user_regs_struct g;
+                if (ptrace(PTRACE_GETREGS, tids[i], 0, &g) < 0) r = -errno;
+                else if (g.rip == ends[i]) done = 1;
+                else if (pass_foreign)
+                    r = ptrace(PTRACE_CONT, tids[i], 0, sig) < 0 ? -errno : 0;
+                else { statuses[i] = st; r = -EFAULT; }
+            } else {
+                statuses[i] = st;
+                r = -EFAULT;                    /* a real signal: a fault */
+            }
+        }
+        if (r || done) {
+            states[i] = r;
+            active[i] = 0;
+            left--;
+        }
+    }
+    free(active);
+    return ret;
+}
+
+/* Each of n stopped tracees gets its signal mask masks[i], its xstate (xstate +
+   i * xsize, when xstate is not NULL) and its registers regs[i], in that order (a
+   dump's heal code puts back the mask and registers, so the mask goes first), from a
+   stop inside get_signal(): where park[i], it is moved there first (PTRACE_INTERRUPT,
+   PTRACE_CONT: a PTRACE_EVENT_STOP; ptrace.Tracee.stop_in_signal_path), every thread
+   at once. states[i]: 0, -ECHILD (it died), -EFAULT (a signal came first: statuses[i];
+   left there), else -errno of ptrace. Returns 0, or -errno of waitpid. */
+int ck_leave_many(int n, const int *tids, const int *park, const uint64_t *masks,
+                  const struct user_regs_struct *regs, const char *xstate, size_t xsize,
+                  int *states, int *statuses)
+{
+    for (int i = 0; i < n; i++) {
+        states[i] = 0;
+        statuses[i] = 0;
+        if (park[i] && (ptrace(PTRACE_INTERRUPT, tids[i], 0, 0) < 0 ||
+                        ptrace(PTRACE_CONT, tids[i], 0, 0) < 0))
+            states[i] = -errno;
+    }
+    for (int i = 0; i < n; i++) {
+        if (states[i]) continue;
+        while (park[i]) {
+            int st = 0, w;
+            do { w = waitpid(tids[i], &st, __WALL); } while (w < 0 && errno == EINTR);
+            if (w < 0) return -errno;
+            if (WIFEXITED(st) || WIFSIGNALED(st)) { statuses[i] = st; states[i] = -ECHILD; }
+            else if (WIFSTOPPED(st) && (st >> 16) == PTRACE_EVENT_STOP) break;
+            else if (WIFSTOPPED(st)) { statuses[i] = st; states[i] = -EFAULT; }
+            else continue;
+            break;
+        }
+        if (states[i]) continue;
+        uint64_t m = masks[i];
+        if (ptrace(PTRACE_SETSIGMASK, tids[i], (void *)8, &m) < 0) { states[i] = -errno; continue; }
+        if (xstate) {
+            struct iovec iov = { (void *)(xstate + (size_t)i * xsize), xsize };
+            if (ptrace(PTRACE_SETREGSET, tids[i], (void *)(long)0x202, &iov) < 0) {
+                states[i] = -errno;
+                continue;
+            }
+        }
+        if (ptrace(PTRACE_SETREGS, tids[i], 0, &regs[i]) < 0) states[i] = -errno;
+    }
+    return 0;
+}
+
+/* PTRACE_SEIZE (options opts) and PTRACE_INTERRUPT each of n tasks, then wait for
+   each one's PTRACE_EVENT_STOP, passing on any signal-delivery stop seen first (the
+   signal is delivered, not lost; ptrace.Tracee.interrupt), all at once. attached[i]:
+   whether it is traced by us now. states[i]: 0 (stopped: stops[i] is the stop's
+   signal, SIGSTOP etc. in a group stop), -ECHILD (it exited while being stopped), else
+   -errno of the ptrace call that failed (PTRACE_SEIZE when not attached). Returns 0,
+   or -errno of waitpid. */
+int ck_seize_many(int n, const int *tids, long opts, int *states, int *stops, int *attached)
+{
+    for (int i = 0; i < n; i++) {
+        stops[i] = 0;
+        attached[i] = ptrace(PTRACE_SEIZE, tids[i], 0, (void *)opts) == 0;
+        states[i] = attached[i] ? 0 : -errno;
+        if (attached[i] && ptrace(PTRACE_INTERRUPT, tids[i], 0, 0) < 0) states[i] = -errno;
+    }
+    for (int i = 0; i < n; i++) {
+        if (states[i]) continue;
+        for (;;) {
+            int st = 0, w;
+            do { w = waitpid(tids[i], &st, __WALL); } while (w < 0 && errno == EINTR);
+            if (w < 0) return -errno;
+            if (WIFEXITED(st) || WIFSIGNALED(st)) {
+                states[i] = -ECHILD;
+                attached[i] = 0;
+                break;
+            }
+            if (!WIFSTOPPED(st)) continue;
+            if ((st >> 16) == PTRACE_EVENT_STOP) { stops[i] = WSTOPSIG(st); break; }
+            if (ptrace(PTRACE_CONT, tids[i], 0, WSTOPSIG(st)) < 0) { states[i] = -errno; break; }
+        }
+    }
+    return 0;
 }
 """
