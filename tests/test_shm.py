@@ -24,7 +24,7 @@ import os
 import signal
 
 import pytest
-from helpers import proc_status, wait_until
+from helpers import dump_restore_verify, proc_status, wait_until
 from test_image import rewrite_blob
 from test_tree import reap_orphans, restore_tree, wait_untraced
 
@@ -202,3 +202,38 @@ def test_verify_checks_members_and_objects(e2e, posix_files, where):
         res
     )
     wait_until(lambda: (proc_status(w.pid) or {}).get("TracerPid") == "0", 30, "untraced")
+
+
+def test_objects_whose_inodes_collide(e2e):
+    """A SysV segment's inode number is its shmid, on the internal shmem mount that
+    anonymous MAP_SHARED memory and memfds share, whose inode numbers count on their
+    own: the workload (shmcollide.c) gives its two segments (kernel.shm_next_id) the
+    inode numbers of its anonymous mapping and of its memfd, so /proc/PID/maps names
+    two objects by one (dev, ino) twice, and maps a /dev/shm file too. Each comes
+    back as an object of its own with its own content."""
+    w = e2e.spawn("shmcollide")
+    try:
+        dump_restore_verify(e2e, w)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(w.ready["shm"])
+
+
+def test_object_key_tells_sysv_apart():
+    """The key of a mapped object (capture/shm.py ident_of) is (dev, ino, sysv): a
+    segment and an anonymous object with the same inode on one mount are two keys;
+    a parent snapshot's records (any format) are keyed the same way."""
+    from ckpt.capture.shm import SharedMemory, ident_of
+    from ckpt.kernel.procfs import Mapping
+
+    def mapping(name: str, ino: int = 84598, minor: int = 1) -> Mapping:
+        return Mapping(0x1000, 0x2000, "rw-s", 0, 0, minor, ino, name, deleted=True)
+
+    sysv, anon = mapping("/SYSV00000000"), mapping("/dev/zero")
+    assert ident_of(sysv)[:2] == ident_of(anon)[:2]
+    assert ident_of(sysv) != ident_of(anon)
+    assert ident_of(mapping("/dev/zero", minor=2)) != ident_of(anon)
+    prior = [{"kind": "sysv", "dev": 1, "ino": 84598, "space": SHM_SPACE0},
+             {"kind": "shmem", "dev": 1, "ino": 84598, "space": SHM_SPACE0 + 1}]  # fmt: skip
+    keys = SharedMemory(prior).prior
+    assert keys[ident_of(sysv)]["kind"] == "sysv" and keys[ident_of(anon)]["kind"] == "shmem"

@@ -39,9 +39,23 @@ BATCH_PAGES = 2048  # 8 MiB per read
 SHM_KINDS = ("shmem", "sysv")  # always objects; a shared "file" mapping is one on tmpfs
 
 
-def ident_of(m: Mapping) -> tuple[int, int]:
-    """(st_dev, st_ino) of the object a /proc/PID/maps line maps."""
-    return (os.makedev(m.dev_major, m.dev_minor), m.inode)
+Ident = tuple[int, int, bool]  # (st_dev, st_ino, a SysV segment)
+
+
+def ident_of(m: Mapping) -> Ident:
+    """The key of the object a /proc/PID/maps line maps: (st_dev, st_ino, sysv).
+
+    (dev, ino) alone does not tell objects apart: a SysV segment's inode number is its
+    shmid (ipc/shm.c sets i_ino to it), on the same internal shmem mount as anonymous
+    MAP_SHARED memory (and memfds), whose inode numbers count up on their own, so a
+    segment and an anonymous object can show the same dev and inode (kernel.shm_next_id
+    even chooses the id). Each tmpfs mount (/dev/shm) has its own dev."""
+    return (os.makedev(m.dev_major, m.dev_minor), m.inode, shm_kind(m) == "sysv")
+
+
+def _record_ident(o: dict) -> Ident:
+    """The key of an object record of a state (ShmObject as a dict; every format)."""
+    return (int(o["dev"]), int(o["ino"]), o.get("kind") == "sysv")
 
 
 @dataclass
@@ -76,14 +90,14 @@ class SharedMemory:
 
     def __init__(self, prior: Iterable[dict] = (), *, project: bool = False):
         self.project = project
-        self.bases: dict[tuple[int, int], int] = {}  # project: the address of offset 0
-        self.objects: dict[tuple[int, int], _Object] = {}
-        self.prior = {(int(o["dev"]), int(o["ino"])): o for o in prior}
+        self.bases: dict[Ident, int] = {}  # project: the address of offset 0
+        self.objects: dict[Ident, _Object] = {}
+        self.prior = {_record_ident(o): o for o in prior}
         used = [int(o["space"]) for o in self.prior.values()]
         self._next_space = max([SHM_SPACE0 - 1, *used]) + 1
-        self.order: list[tuple[int, int]] = []  # objects the final capture refers to
-        self.not_objects: set[tuple[int, int]] = set()  # shared files not on tmpfs
-        self._index: dict[tuple[int, int], int] = {}
+        self.order: list[Ident] = []  # objects the final capture refers to
+        self.not_objects: set[Ident] = set()  # shared files not on tmpfs
+        self._index: dict[Ident, int] = {}
 
     def close(self) -> None:
         for obj in self.objects.values():
@@ -121,7 +135,7 @@ class SharedMemory:
 
     def _place(self, pid: int, shared: list[Mapping]) -> None:
         """project: each object's address; an object moved since is stored whole again."""
-        count: dict[tuple[int, int], int] = {}
+        count: dict[Ident, int] = {}
         for m in shared:
             count[ident_of(m)] = count.get(ident_of(m), 0) + 1
         for m in shared:
@@ -176,7 +190,7 @@ class SharedMemory:
     def _open(self, pid: int, m: Mapping, kind: str, sysv: SysvShm | None) -> bool:
         """Open the object; False for a shared file mapping that is not on tmpfs."""
         ident = ident_of(m)
-        f = shmobj.open_mapped(pid, m.start, m.end, ident)
+        f = shmobj.open_mapped(pid, m.start, m.end, ident[:2])
         if kind == "file" and not shmobj.on_shmem(f.fd):
             shmobj.close(f)
             self.not_objects.add(ident)
@@ -221,7 +235,7 @@ class SharedMemory:
 
     # -- copying ------------------------------------------------------------------------
 
-    def copy(self, layer, only: Iterable[tuple[int, int]] | None = None) -> int:
+    def copy(self, layer, only: Iterable[Ident] | None = None) -> int:
         """Store every page whose content differs from the image's copy; returns how
         many. `only`: the objects to copy (default: all open ones)."""
         done = 0

@@ -124,9 +124,11 @@ def write_pages(fd: int, offset: int, data) -> None:
         done += n
 
 
-def mappers(dev: int, ino: int) -> list[tuple[int, int, int]]:
+def mappers(dev: int, ino: int, sysv: bool = False) -> list[tuple[int, int, int]]:
     """(pid, start, end) of a mapping of the object (dev, ino) in each process that
-    maps it now (every /proc/PID/maps)."""
+    maps it now (every /proc/PID/maps). sysv: the object is a SysV segment, whose inode
+    number is its shmid on the mount anonymous shared memory uses too: only its
+    /SYSV<key> mappings are it (and only the others when not)."""
     want = f" {os.major(dev):02x}:{os.minor(dev):02x} {ino} ".encode()
     found = []
     for name in os.listdir(procfs.PROC_ROOT):
@@ -138,11 +140,15 @@ def mappers(dev: int, ino: int) -> list[tuple[int, int, int]]:
         except OSError:
             continue
         at = data.find(want)
-        if at < 0:
-            continue
-        line = data[data.rfind(b"\n", 0, at) + 1 : at]
-        a, b = line.split(b" ", 1)[0].split(b"-")
-        found.append((int(name), int(a, 16), int(b, 16)))
+        while at >= 0:
+            line_end = data.find(b"\n", at)
+            path = data[at + len(want) : line_end if line_end >= 0 else len(data)].strip()
+            if path.startswith(b"/SYSV") == sysv:
+                line = data[data.rfind(b"\n", 0, at) + 1 : at]
+                a, b = line.split(b" ", 1)[0].split(b"-")
+                found.append((int(name), int(a, 16), int(b, 16)))
+                break
+            at = data.find(want, at + 1)
     return found
 
 

@@ -94,7 +94,7 @@ def check_not_in_use(root: ProcessImage) -> None:
     for i, o in enumerate(root.shm):
         if o.kind == "shmem":
             continue  # made new by the restore
-        for pid, start, end in shmobj.mappers(o.dev, o.ino):
+        for pid, start, end in shmobj.mappers(o.dev, o.ino, sysv=o.kind == "sysv"):
             if not _holds_image_content(o, pid, start, end):
                 what = o.name or (f"SysV segment {o.sysv.shmid}" if o.sysv else f"object {i}")
                 raise RestoreError(
