@@ -144,12 +144,30 @@ def all_untraced(pid: int) -> bool:
     )
 
 
-@pytest.mark.parametrize("point", ["seized", "inject", "inject-thread", "read-pages"])
-def test_threads_dump_killed_at_fault_point(e2e, point):
-    """ckpt SIGKILLed mid-dump, also inside one thread's own injected session: every
-    thread runs on untraced with its own mask, altstack, TLS and memory intact."""
-    w = e2e.spawn("pthreads", "4")
+def thread_pending(pid: int) -> dict[int, tuple[str, str]]:
+    """(SigPnd, ShdPnd) of each thread: a dump killed mid-way leaves no signal behind
+    (the marker of an injected program: kernel/inject_batch.py)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        st = proc_status(f"{pid}/task/{tid}")
+        if st:
+            out[int(tid)] = (st["SigPnd"], st["ShdPnd"])
+    return out
+
+
+@pytest.mark.parametrize(
+    "point,handlers",
+    [("seized", False), ("inject", False), ("inject-thread", False), ("read-pages", False),
+     ("inject-thread", True)],
+)  # fmt: skip
+def test_threads_dump_killed_at_fault_point(e2e, point, handlers):
+    """ckpt SIGKILLed mid-dump, also inside one thread's own injected session (the
+    threads' injected programs; with handlers on every signal a program could end on,
+    one injected syscall at a time): every thread runs on untraced with its own mask,
+    altstack, TLS and memory intact, and no signal left pending."""
+    w = e2e.spawn("pthreads", "4", *(["handlers"] if handlers else []))
     masks = thread_masks(w.pid)
+    pending = thread_pending(w.pid)
     res = e2e.dump(w.pid, e2e.path("img"), env=e2e.env(CKPT_FAULT=point))
     assert res.returncode == -signal.SIGKILL, f"ckpt did not stop at {point}\n{res}"
     wait_until(lambda: all_untraced(w.pid), 30, f"every thread to run untraced ({point})")
@@ -162,6 +180,7 @@ def test_threads_dump_killed_at_fault_point(e2e, point):
         10,
         "every thread's signal mask as before",
     )
+    assert thread_pending(w.pid) == pending, f"signals left pending by a dump killed at {point}"
     v = e2e.verify(w, w.pid, signal.SIGUSR2)
     assert v.ok, f"threads broken by a dump killed at {point}: {v.line}"
     assert w.reap() == 0
@@ -173,6 +192,7 @@ def test_threads_dump_killed_at_random_moments(e2e):
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     w = e2e.spawn("pthreads", "28")
+    pending = thread_pending(w.pid)
     start = time.monotonic()
     res = e2e.dump(w.pid, e2e.path("img"), "--leave-running")
     full = time.monotonic() - start
@@ -184,6 +204,7 @@ def test_threads_dump_killed_at_random_moments(e2e):
         bg.kill()
         what = f"killed after {delay:.2f}s of a {full:.2f}s dump (seed {seed})"
         wait_until(lambda: all_untraced(w.pid), 30, f"every thread to run untraced ({what})")
+        assert thread_pending(w.pid) == pending, f"signals left pending ({what})"
     v = e2e.verify(w, w.pid, signal.SIGUSR2)
     assert v.ok, f"threads broken by killed dumps (seed {seed}): {v.line}"
     assert w.reap() == 0

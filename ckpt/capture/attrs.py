@@ -9,6 +9,7 @@ anything is injected (exit 5, one line naming the process and thread).
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import functools
 import os
@@ -21,6 +22,7 @@ from ..kernel import attrs as K
 from ..kernel.ptrace import Tracee
 from ..kernel.remote import Injector, RemoteError
 from ..model import ProcAttrs, SchedAttr, ThreadAttrs, Vma
+from ..units import PAGE_SIZE
 
 NODEMASK_BITS = 1024
 SPEC_KINDS = 3  # PR_SPEC_STORE_BYPASS, PR_SPEC_INDIRECT_BRANCH, PR_SPEC_L1D_FLUSH
@@ -31,46 +33,65 @@ NO_GUARDS = ("vdso", "vvar", "vvar_vclock")
 # -- refused up front ---------------------------------------------------------------------
 
 
-def refuse(pid: int) -> None:
+def refuse(pid: int, frozen: Tracee | None = None) -> None:
     """What /proc shows that ckpt cannot bring back: refuse before anything is injected
-    (called when the dump starts, and again on every member of the frozen tree)."""
-    for tid in procfs.tasks(pid):
+    (called when the dump starts, and again on every member of the frozen tree).
+    frozen: the process's threads, stopped by ckpt: their files are read through the
+    Tracee, once per freeze (Tracee.status, Tracee.stat: capture reads them too)."""
+    own_caps = int(procfs.status(os.getpid()).get("CapEff", "0"), 16)
+    for tid, status_of, stat_of in _thread_views(pid, frozen):
         try:
-            status = procfs.parse_status(procfs.read_bytes(pid, "task", str(tid), "status"))
-            flags = procfs.parse_stat(procfs.read_bytes(pid, "task", str(tid), "stat")).flags
+            status = status_of()
+            flags = stat_of().flags
         except NoSuchProcess:
             continue  # a thread that just exited
-        who = _who(pid, tid)
         mask = status.get("untag_mask", "")
         if mask and int(mask, 16) != ALL_ONES:
             raise UnsupportedProcess(
-                f"{who} uses linear address masking (LAM, untag_mask {mask}): not supported",
+                f"{_who(pid, tid)} uses linear address masking (LAM, untag_mask {mask}): "
+                "not supported",
                 pid=pid,
             )
         feats = status.get("x86_Thread_features", "").strip()
         if feats:
             raise UnsupportedProcess(
-                f"{who} has x86 thread features enabled ({feats}: a shadow stack): not supported",
+                f"{_who(pid, tid)} has x86 thread features enabled ({feats}: a shadow "
+                "stack): not supported",
                 pid=pid,
             )
-        if flags & K.IO_FLUSHER == K.IO_FLUSHER and not _own_cap(abi.CAP_SYS_RESOURCE):
+        if flags & K.IO_FLUSHER == K.IO_FLUSHER and not own_caps >> abi.CAP_SYS_RESOURCE & 1:
             raise UnsupportedProcess(
-                f"{who} is an I/O flusher (PR_SET_IO_FLUSHER): setting it again needs "
-                "CAP_SYS_RESOURCE, which ckpt lacks",
+                f"{_who(pid, tid)} is an I/O flusher (PR_SET_IO_FLUSHER): setting it again "
+                "needs CAP_SYS_RESOURCE, which ckpt lacks",
                 pid=pid,
             )
-        if not _own_cap(abi.CAP_SYS_NICE):
+        if not own_caps >> abi.CAP_SYS_NICE & 1:
             try:
                 s = K.sched_getattr(tid)
             except OSError:
                 continue
             if s[0] not in K.FAIR or s[2] < os.getpriority(os.PRIO_PROCESS, 0):
                 raise UnsupportedProcess(
-                    f"{who} has scheduling policy {s[0]}, nice {s[2]}: setting it again "
-                    "needs CAP_SYS_NICE, which ckpt lacks",
+                    f"{_who(pid, tid)} has scheduling policy {s[0]}, nice {s[2]}: setting "
+                    "it again needs CAP_SYS_NICE, which ckpt lacks",
                     pid=pid,
                 )
     _refuse_oom(pid)
+
+
+def _thread_views(pid: int, frozen: Tracee | None):
+    """(tid, status(), stat()) of each thread: through the frozen Tracees, else read."""
+    if frozen is not None:
+        return [(t.pid, t.status, t.stat) for t in frozen.threads]
+
+    def view(tid: int):
+        return (
+            tid,
+            lambda: procfs.parse_status(procfs.read_bytes(pid, "task", str(tid), "status")),
+            lambda: procfs.parse_stat(procfs.read_bytes(pid, "task", str(tid), "stat")),
+        )
+
+    return [view(tid) for tid in procfs.tasks(pid)]
 
 
 def refuse_traced(tracee: Tracee) -> None:
@@ -126,11 +147,12 @@ def _own_cap(cap: int) -> bool:
 # -- captured -----------------------------------------------------------------------------
 
 
-def thread_outside(tid: int) -> ThreadAttrs:
+def thread_outside(tid: int, st: procfs.Stat | None = None) -> ThreadAttrs:
     """The parts of a thread's attributes read from outside (scheduling, affinity, I/O
-    priority, the I/O flusher flags)."""
+    priority, the I/O flusher flags). st: its stat, when read already (Tracee.stat)."""
     policy, flags, nice, prio, rt, dl, per, umin, umax = K.sched_getattr(tid)
-    st = procfs.parse_stat(procfs.read_bytes(tid, "stat"))
+    if st is None:
+        st = procfs.parse_stat(procfs.read_bytes(tid, "stat"))
     return ThreadAttrs(
         sched=SchedAttr(policy, flags & K.SCHED_KEEP, nice, prio, rt, dl, per, umin, umax),
         affinity=K.affinity(tid), ioprio=K.ioprio_get(tid),
@@ -185,16 +207,37 @@ def process_attrs(inj: Injector, pid: int) -> ProcAttrs:
 
 
 def guards(pid: int, vmas: list[Vma]) -> None:
-    """Each VMA's guard regions (pagemap PM_GUARD_REGION, via PAGEMAP_SCAN)."""
+    """Each VMA's guard regions (pagemap PM_GUARD_REGION, via PAGEMAP_SCAN): one scan
+    over each stretch of VMAs between the vDSO's (not one per VMA: a process with many
+    threads has thousands), its runs cut at the VMAs' bounds."""
     if not K.guard_supported():
         return
     fd = os.open(procfs.path(pid, "pagemap"), os.O_RDONLY | os.O_CLOEXEC)
     try:
-        for v in vmas:
-            if v.kind not in NO_GUARDS:
-                v.guards = K.guard_runs(fd, v.start, v.end)
+        stretch: list[Vma] = []
+        for v in [*vmas, None]:
+            if v is not None and v.kind not in NO_GUARDS:
+                v.guards = []
+                stretch.append(v)
+                continue
+            if stretch:
+                _cut(K.guard_runs(fd, stretch[0].start, stretch[-1].end), stretch)
+            stretch = []
     finally:
         os.close(fd)
+
+
+def _cut(runs: list[list[int]], vmas: list[Vma]) -> None:
+    """Hand [vaddr, npages] runs to the VMAs (sorted, disjoint) they fall in."""
+    starts = [v.start for v in vmas]
+    for addr, npages in runs:
+        end = addr + npages * PAGE_SIZE
+        i = max(bisect.bisect_right(starts, addr) - 1, 0)
+        while i < len(vmas) and vmas[i].start < end:
+            lo, hi = max(addr, vmas[i].start), min(end, vmas[i].end)
+            if lo < hi:
+                vmas[i].guards.append([lo, (hi - lo) // PAGE_SIZE])
+            i += 1
 
 
 @functools.cache
@@ -226,5 +269,5 @@ def refuse_frozen(members: list[Tracee]) -> None:
     """refuse() and refuse_traced() for every process of a frozen tree, before the
     first injection into any of them."""
     for t in members:
-        refuse(t.pid)
+        refuse(t.pid, t)
         refuse_traced(t)

@@ -5,9 +5,10 @@ and VMAs. No pages: the final round copies those (precopy/final.py)."""
 from __future__ import annotations
 
 import os
+import struct
 
 from ..errors import UnsupportedProcess
-from ..kernel import procfs
+from ..kernel import inject_batch, procfs
 from ..kernel.process import auxv_bytes, get_robust_list, personality, rlimits
 from ..kernel.procfs import Mapping
 from ..kernel.ptrace import Tracee
@@ -40,7 +41,7 @@ def _thread_regs(t: Tracee) -> Thread:
         pending=t.peek_siginfo(False), sigaltstack=[0, 2, 0],
         rseq=Rseq(rseq.ptr, rseq.size, rseq.signature) if rseq else None,
         robust_list=list(get_robust_list(t.pid)), clear_child_tid=0,
-        comm=procfs.read_bytes(t.pid, "comm").rstrip(b"\n"),
+        comm=t.stat().comm,  # stat's (comm) is /proc/TID/comm's text
     )  # fmt: skip
 
 
@@ -83,7 +84,7 @@ def capture_process(
             v.shm = shm.ref(pid, by_start[v.start], v)
     status = procfs.status(pid)
     robust = get_robust_list(pid)
-    tattrs = {t: attrs.thread_outside(t) for t in [pid, *(o.tid for o in others)]}
+    tattrs = {t.pid: attrs.thread_outside(t.pid, t.stat()) for t in tracee.threads}
 
     with DumpInjection(tracee, maps, regs, mask) as inj:
         state.close_leftover_uffds(inj, pid)
@@ -99,12 +100,18 @@ def capture_process(
             attrs.thread_injected(tinj, tattrs[tid])
             bits[tid] = securebits(tinj)
 
+        # a signal the process ignores and nobody has pending: the threads' batch then
+        # runs as one injected program each (kernel/inject_batch.py)
+        pend = {struct.unpack_from("<i", i)[0] for t in (pending, shared_pending,
+                *(o.pending for o in others)) for i in t}  # fmt: skip
+        marker = inject_batch.ignored_marker({a.signo: a.handler for a in acts}, pend)
         others_misc = state.other_threads_misc(
             inj,
             tracee.others,
             [o.regs for o in others],
             [o.sigmask for o in others],
             also=per_thread,
+            marker=marker,
         )
     sec = capture_security(tracee, bits)  # still frozen: filters by ptrace
     fds = capture_fds(pid, skip_fds, sockets=sockets, tcp_established=tcp_established,

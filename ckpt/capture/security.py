@@ -65,7 +65,7 @@ def capture(tracee: Tracee, bits_of: dict[int, int]) -> SecurityContext:
     securebits, read by `securebits()` in its injection session (capture/process.py)."""
     pid = tracee.pid
     threads = tracee.threads
-    tcreds = [creds.thread_creds(pid, t.pid) for t in threads]
+    tcreds = [creds.parse_creds(t.status()) for t in threads]  # read once per freeze
     bits = [bits_of[t.pid] for t in threads]
     own_mode, own_filters = seccomp.own_mode()
     sec = SecurityContext(threads=[])
@@ -181,12 +181,14 @@ def _lsm(pid: int) -> str:
 
 
 def _cgroups(pid: int, tids: list[int]) -> list[CgroupRef]:
-    mine = cgroups.of(pid)
+    raw = procfs.read_bytes(pid, "cgroup")
+    mine = cgroups.parse(raw)
     for tid in tids[1:]:
         try:
-            theirs = cgroups.of(pid, tid)
+            text = procfs.read_bytes(pid, "task", str(tid), "cgroup")
         except NoSuchProcess:
             continue
+        theirs = mine if text == raw else cgroups.parse(text)  # parsed only when it differs
         if theirs != mine:
             diff = sorted({m.what for m in theirs} - {m.what for m in mine})
             raise UnsupportedProcess(

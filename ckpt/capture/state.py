@@ -59,6 +59,7 @@ def other_threads_misc(
     regs: list[dict[str, int]],
     masks: list[int],
     also: Callable[[int, Injector], None] | None = None,
+    marker: int = 0,
 ) -> list[tuple[list[int], int]]:
     """thread_misc() of each non-leader thread, each in its own heal-safe session;
     also(tid, injector) runs in that session too.
@@ -66,7 +67,9 @@ def other_threads_misc(
     The first thread runs them recorded; when its calls only read state, the others
     run the same calls all at once (kernel/inject_batch.py: ~10 injected syscalls per
     thread cost ~0.6 ms each thread one after the other), and a thread whose replay
-    takes another path runs on its own after."""
+    takes another path runs on its own after. marker: a signal the process ignores
+    (inject_batch.ignored_marker), 0 if none: with one, and no thread of the batch
+    under seccomp, each thread runs its calls as one injected program."""
     if not threads:
         return []
     size = heal_area_size(len(threads))
@@ -93,10 +96,12 @@ def other_threads_misc(
             rest = rest[1:]
             batch = [i for i in rest if threads[i].pid not in inj.sigreturn]
             if rec[0].ok and rec[0].calls and batch:
+                filtered = any(threads[i].pid in inj.filtered for i in batch)
                 diverged = inject_batch.run_batch(
                     rec[0], inj, [threads[i] for i in batch], [regs[i] for i in batch],
                     [masks[i] for i in batch], [area + i * HEAL_STRIDE for i in batch], work,
                     checkpoint=lambda: faults.point("inject-thread"),
+                    marker=0 if filtered else marker,
                 )  # fmt: skip
                 again = {t.pid for t in diverged}
                 rest = [i for i in rest if i not in batch or threads[i].pid in again]

@@ -72,6 +72,7 @@ O_APPEND, O_ASYNC, O_NOATIME = 0o2000, 0o20000, 0o1000000
 MFD_EXEC = 0x10
 F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE, F_SEAL_EXEC = 1, 2, 4, 8, 0x20
 KCMP_FILE, KCMP_FILES = 0, 2
+CLONE_PTRACE = 0x2000  # the child is traced as the caller is (restore/rebuild.py)
 
 # prctl options (PR_GET_* and PR_SET_* pairs where ckpt uses both)
 PR_SET_PDEATHSIG, PR_GET_PDEATHSIG, PR_GET_DUMPABLE, PR_SET_DUMPABLE = 1, 2, 3, 4

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 from collections.abc import Callable
 
 from . import abi, syscalls
 from .native import check, ffi, lib
 from .ptrace import PTRACE_CONT, PTRACE_EVENT_STOP, PTRACE_INTERRUPT, Tracee, dict_to_regs
 from .remote import (
+    HEAL_SIZE,
     INJECT_MASK,
     Injector,
     RemoteError,
@@ -195,14 +197,51 @@ def run_batch(
     blob_addrs: list[int],
     work: Callable[[int, object], None],
     checkpoint: Callable[[], None] = lambda: None,
+    marker: int = 0,
 ) -> list[Tracee]:
     """Run rec's calls in every thread at once, then work(tid, replayer) for each.
     Returns the threads whose replay diverged (the caller runs those the usual way).
-    checkpoint() runs while every thread sits inside its injection session."""
+    checkpoint() runs while every thread sits inside its injection session.
+
+    marker: a signal the process ignores (ignored_marker), for threads under no
+    seccomp mode: each thread then runs its calls as one injected program (below);
+    0: one injected syscall at a time (ck_inject_many)."""
+    if marker:
+        got = _run_programs(rec, main, threads, regs, masks, marker, checkpoint)
+    else:
+        got = _run_calls(rec, main, threads, regs, masks, blob_addrs, checkpoint)
+    results, after = got
+    k = len(rec.calls)
+    diverged = []
+    for i, t in enumerate(threads):
+        rep = Replayer(rec, t, results[i * k : i * k + k], after[i * k : i * k + k])
+        try:
+            work(t.pid, rep)
+            if not rep.finished():
+                raise Diverged
+        except (Diverged, RemoteError):
+            diverged.append(t)
+    return diverged
+
+
+def _extent(rec: Recorder) -> int:
+    """Bytes of the data area each call gets a copy of."""
+    return max(64, -(-len(rec.shadow) // 64) * 64)
+
+
+def _relocate(v: int, rec: Recorder, extent: int, copy: int) -> int:
+    """An argument that points into the data area, pointed into a copy of it at `copy`."""
+    lo = rec.base
+    return v - lo + copy if lo <= v < lo + extent else v
+
+
+def _run_calls(rec, main, threads, regs, masks, blob_addrs, checkpoint):
+    """Each call of each thread one injected syscall, the threads' stops served as
+    they come (ck_inject_many). Returns (results, data after each call), thread-major."""
     from .ptrace import resume_regs
 
     n, k = len(threads), len(rec.calls)
-    extent = max(64, -(-len(rec.shadow) // 64) * 64)
+    extent = _extent(rec)
     size = -(-n * k * extent // 4096) * 4096
     rw, private = abi.PROT_READ | abi.PROT_WRITE, abi.MAP_PRIVATE | abi.MAP_ANONYMOUS
     area = syscalls.mmap(main, 0, size, rw, private, (1 << 64) - 1, 0)
@@ -258,21 +297,102 @@ def run_batch(
         if entered:
             _leave(threads, regs, masks, entered)
         syscalls.munmap(main, area, size)
-    diverged = []
-    for i, t in enumerate(threads):
-        rep = Replayer(
-            rec,
-            t,
-            [results[i * k + j] for j in range(k)],
-            [after[(i * k + j) * extent : (i * k + j) * extent + extent] for j in range(k)],
-        )
-        try:
-            work(t.pid, rep)
-            if not rep.finished():
-                raise Diverged
-        except (Diverged, RemoteError):
-            diverged.append(t)
-    return diverged
+    return list(results), [after[j * extent : j * extent + extent] for j in range(n * k)]
+
+
+# -- one injected program per thread -------------------------------------------------------
+#
+# Each thread runs all its calls by itself (kernel/program.py's interpreter under
+# PTRACE_CONT) and stops once, on a tgkill of `marker` to itself made from the first
+# instruction of its own heal blob (the `syscall` that heal code follows). The first
+# call of its table sets its signal mask to the injection mask with the marker
+# unblocked (ckpt also sets it, after pointing the registers at the program). A ckpt
+# killed at any moment leaves the thread to run the rest of its calls (reads only),
+# the marker (a signal its process ignores, so the kernel drops it), then its heal
+# code: its mask and registers back, as with one call at a time. After the stops,
+# every thread is parked again in a PTRACE_EVENT_STOP before its mask and then its
+# registers are put back (ck_leave_many): a ckpt killed in its marker stop would
+# otherwise see the marker queued again under the thread's own mask.
+
+_IGNORED_BY_DEFAULT = (23, 28, 17)  # SIGURG SIGWINCH SIGCHLD
+_NEVER_MARKERS = {4, 5, 7, 8, 9, 11, 18, 19, 20, 21, 22, 31}  # sync, KILL, job control, SYS
+
+
+def ignored_marker(handlers: dict[int, int], pending: set[int]) -> int:
+    """A signal the process ignores (SIG_IGN, or SIG_DFL whose default is to ignore),
+    none pending in any of its threads or in the process: a tgkill of it has no effect
+    on an untraced thread, and a traced one stops for it. handlers: signal → handler of
+    the non-default actions. 0 when there is none."""
+    for sig in _IGNORED_BY_DEFAULT:
+        if handlers.get(sig, 0) in (0, 1) and sig not in pending:
+            return sig
+    for sig in range(1, 65):
+        if handlers.get(sig) == 1 and sig not in pending and sig not in _NEVER_MARKERS:
+            return sig
+    return 0
+
+
+def _run_programs(rec, main, threads, regs, masks, marker, checkpoint):
+    """Each thread's calls as one injected program (above). Returns (results, data
+    after each call), thread-major."""
+    from . import program
+    from .ptrace import resume_regs
+
+    n, k = len(threads), len(rec.calls)
+    extent = _extent(rec)
+    table = program.HEADER + (k + 1) * program.ENTRY + 64  # header, calls, the mask
+    block = -(-(table + HEAL_SIZE) // 64) * 64 + k * extent
+    area = program.Area(main, n * block + 64)
+    entered: list[int] = []
+    try:
+        widened = INJECT_MASK & ~(1 << (marker - 1))
+        heads = []
+        base = area.alloc(n * block, 64)
+        for i, t in enumerate(threads):
+            head = base + i * block
+            heal = head + table
+            copies = -(-(heal + HEAL_SIZE) // 64) * 64
+            entries = [struct.pack("<8Q", abi.NR_RT_SIGPROCMASK, 2, head + table - 64, 0, 8, 0,
+                                   0, program.NOT_RUN)]  # fmt: skip
+            data = bytearray()
+            for j, (nr, a6, before) in enumerate(rec.calls):
+                at = copies + j * extent
+                a6 = [_relocate(v, rec, extent, at) & (1 << 64) - 1 for v in a6]
+                entries.append(struct.pack("<8Q", nr, *a6, program.NOT_RUN))
+                data += before.ljust(extent, b"\0")
+            area.store(head, struct.pack("<qqqQ", t.tgid, t.pid, marker, heal))
+            area.store(head + program.HEADER, b"".join(entries))
+            area.store(head + table - 64, struct.pack("<Q", widened))
+            area.store(heal, heal_blob(resume_regs(regs[i]), masks[i]))
+            area.store(copies, bytes(data))
+            heads.append(head)
+        area.flush()
+        start = ffi.new("struct user_regs_struct[]", n)
+        for i in range(n):
+            start[i] = dict_to_regs(resume_regs(regs[i]))[0]
+            r, head = start[i], heads[i]
+            r.rip, r.rbx, r.r12, r.r13 = area.code, head + program.HEADER, k + 1, head
+            r.orig_rax = (1 << 64) - 1
+        entered = list(range(n))
+        program.launch(threads, start, [marker] * n, [h + table + 2 for h in heads],
+                       pass_foreign=True, masks=[widened] * n)  # fmt: skip
+        checkpoint()
+        back = area.read_back(base)
+        program.leave_many(threads, masks, regs, park=True)
+        entered = []
+    finally:
+        if entered:
+            program.leave_many([threads[i] for i in entered], [masks[i] for i in entered],
+                               [regs[i] for i in entered], park=True)  # fmt: skip
+        area.close()
+    results, after = [], []
+    for i in range(n):
+        at = i * block
+        raw = struct.unpack_from(f"<{(k + 1) * 8}Q", back, at + program.HEADER)[15::8]
+        results += [v - (1 << 64) if v >= 1 << 63 else v for v in raw]
+        copies = -(-(table + HEAL_SIZE) // 64) * 64 + at
+        after += [back[copies + j * extent : copies + (j + 1) * extent] for j in range(k)]
+    return results, after
 
 
 def _leave(threads: list[Tracee], regs, masks, which: list[int]) -> None:

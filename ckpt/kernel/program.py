@@ -75,16 +75,22 @@ class Area:
 
     def __init__(self, inj: Injector, size: int, addr: int = 0):
         self.inj = inj
-        self.size = (size + len(INTERP) + 64 + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
+        self.size = self.mapped(size)
         rwx = abi.PROT_READ | abi.PROT_WRITE | abi.PROT_EXEC
         flags = abi.MAP_PRIVATE | abi.MAP_ANONYMOUS | abi.MAP_NORESERVE
         if addr:
             flags |= abi.MAP_FIXED_NOREPLACE
         self.addr = syscalls.mmap(inj, addr, self.size, rwx, flags, _M64, 0)
         self.image = bytearray(INTERP)
+        self._dirty = 0  # the image is written from here on at the next flush
         self.code = self.addr
         self.stub = self.alloc(len(END_STUB), 16)
         self.store(self.stub, END_STUB)
+
+    @staticmethod
+    def mapped(size: int) -> int:
+        """How many bytes an Area for `size` bytes of programs maps."""
+        return (size + len(INTERP) + 64 + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
 
     def alloc(self, size: int, align: int = 8) -> int:
         off = (len(self.image) + align - 1) // align * align
@@ -98,12 +104,17 @@ class Area:
         if off < 0 or off + len(data) > len(self.image):
             raise OSError(errno.EFAULT, f"{addr:#x} is outside ckpt's program area")
         self.image[off : off + len(data)] = data
+        self._dirty = min(self._dirty, off)
 
     def flush(self) -> None:
-        self.inj.write(self.addr, bytes(self.image))
+        """Write what changed since the last flush."""
+        if self._dirty < len(self.image):
+            self.inj.write(self.addr + self._dirty, bytes(self.image[self._dirty :]))
+        self._dirty = len(self.image)
 
-    def read_back(self) -> bytes:
-        return self.inj.read(self.addr, len(self.image))
+    def read_back(self, start: int) -> bytes:
+        """The area from address start to the end of what is laid out."""
+        return self.inj.read(start, self.addr + len(self.image) - start)
 
     def close(self) -> None:
         syscalls.munmap(self.inj, self.addr, self.size)
@@ -231,9 +242,9 @@ def run(programs: list[Program], pending: Callable[[Tracee], set[int]] = lambda 
             r.orig_rax = _M64
         launch([p.tracee for p, _ in fast], regs, [m for _, m in fast],
                [area.stub + 2] * len(fast), pass_foreign=False)  # fmt: skip
-        back = area.read_back()
+        back = area.read_back(heads[0])
         for (p, _m), head in zip(fast, heads):
-            at = head - area.addr + HEADER
+            at = head - heads[0] + HEADER
             raw = struct.unpack_from(f"<{len(p.calls) * 8}Q", back, at)[7::8]  # the results
             p.results = [None if r == NOT_RUN else _s64(r) for r in raw]
     for p in slow:  # every marker pending: the calls one at a time
@@ -252,14 +263,16 @@ def run(programs: list[Program], pending: Callable[[Tracee], set[int]] = lambda 
 
 
 def launch(tracees: list[Tracee], regs, markers: list[int], ends: list[int], *,
-           pass_foreign: bool) -> None:  # fmt: skip
+           pass_foreign: bool, masks: list[int] | None = None) -> None:  # fmt: skip
     """ck_run_programs for these threads (regs: a struct user_regs_struct[] of their
-    start registers); raises for the first that did not reach its end: TraceeGone when
-    it died, RemoteError(EFAULT) naming the stop when it took a signal instead."""
+    start registers; masks: signal masks set after them); raises for the first that did
+    not reach its end: TraceeGone when it died, RemoteError(EFAULT) naming the stop when
+    it took a signal instead."""
     n = len(tracees)
     tids = ffi.new("int[]", [t.pid for t in tracees])
     states, statuses = ffi.new("int[]", n), ffi.new("int[]", n)
-    r = lib.ck_run_programs(n, tids, regs, ffi.new("int[]", markers),
+    cmasks = ffi.new("uint64_t[]", [m & _M64 for m in masks]) if masks is not None else ffi.NULL
+    r = lib.ck_run_programs(n, tids, regs, cmasks, ffi.new("int[]", markers),
                             ffi.new("uint64_t[]", ends), int(pass_foreign), states, statuses)  # fmt: skip
     for i, t in enumerate(tracees):
         t.parked = states[i] == 0
@@ -279,15 +292,16 @@ def launch(tracees: list[Tracee], regs, markers: list[int], ends: list[int], *,
 
 
 def leave_many(tracees: list[Tracee], masks: list[int], regs: list[dict[str, int]],
-               xstates: list[bytes] | None = None) -> None:  # fmt: skip
+               xstates: list[bytes] | None = None, park: bool = False) -> None:  # fmt: skip
     """Each thread's signal mask, xstate (when given) and registers, from a stop inside
-    get_signal(): a thread not parked there is moved there first (C: ck_leave_many,
-    every thread at once). Every thread gets its turn; the first error is raised after."""
+    get_signal(): a thread not parked there (or every one, with park) is moved to a
+    PTRACE_EVENT_STOP first (C: ck_leave_many, every thread at once). Every thread gets
+    its turn; the first error is raised after."""
     n = len(tracees)
     if not n:
         return
     tids = ffi.new("int[]", [t.pid for t in tracees])
-    park = ffi.new("int[]", [0 if t.parked else 1 for t in tracees])
+    park_ = ffi.new("int[]", [0 if t.parked and not park else 1 for t in tracees])
     cmasks = ffi.new("uint64_t[]", [m & _M64 for m in masks])
     cregs = ffi.new("struct user_regs_struct[]", n)
     for i, d in enumerate(regs):
@@ -299,7 +313,7 @@ def leave_many(tracees: list[Tracee], masks: list[int], regs: list[dict[str, int
             raise OSError(errno.EINVAL, "threads' xstate of different sizes")
         xbuf = ffi.from_buffer(b"".join(xstates))
     states, statuses = ffi.new("int[]", n), ffi.new("int[]", n)
-    r = lib.ck_leave_many(n, tids, park, cmasks, cregs, xbuf, xsize, states, statuses)
+    r = lib.ck_leave_many(n, tids, park_, cmasks, cregs, xbuf, xsize, states, statuses)
     for i, t in enumerate(tracees):
         t.parked = states[i] == 0
     check(r, "waitpid")

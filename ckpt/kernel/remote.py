@@ -105,12 +105,25 @@ class Injector:
         self._bump = 0
         #: threads of the process to heal by rt_sigreturn (seccomp.prepare_dump)
         self.sigreturn: frozenset[int] = frozenset()
+        #: threads under a seccomp mode (a heal-safe injected program would run its
+        #: remaining calls under their filters: kernel/inject_batch.py)
+        self.filtered: frozenset[int] = frozenset()
 
     def use(self, insn: int) -> None:
         self.insn = insn
         from .ptrace import dict_to_regs
 
         self._regs = dict_to_regs(self.template)
+
+    def for_thread(self, tracee: Tracee) -> Injector:
+        """An Injector for another thread of the same process, with this one's template
+        registers and scratch area, injecting from the scratch area's `syscall` (a
+        restorer's new threads)."""
+        other = Injector(tracee, self.template, self.mem_fd)
+        other.scratch = self.scratch
+        other._regs = self._regs  # the template's, converted once (never written)
+        other.insn = self.scratch.addr if self.scratch is not None else self.insn
+        return other
 
     def park(self, nr: int = abi.NR_GETPID, rip: int | None = None) -> None:
         """Point the tracee's registers at the injection site (harmless syscall), or at
@@ -345,6 +358,8 @@ class DumpInjection:
             # the target's seccomp filters (or strict mode) let ckpt's syscalls through
             # (suspended while traced), or it is refused before anything is injected
             self.inj.sigreturn = seccomp.prepare_dump(self.tracee, PTRACE_O_TRACESYSGOOD)
+            modes = seccomp.frozen_modes(self.tracee)
+            self.inj.filtered = frozenset(t for t, m in modes.items() if m[0])
         except BaseException:
             self._cleanup_fd()
             raise
@@ -443,6 +458,7 @@ class ThreadInjection:
         self.inj = Injector(tracee, resume_regs(regs), main.mem_fd)
         self.inj.scratch = main.scratch
         self.inj.sigreturn = main.sigreturn
+        self.inj.filtered = main.filtered
         self.blob_addr = blob_addr
         self.frame: StackFrame | None = None
         self._entered = False

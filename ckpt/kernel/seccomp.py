@@ -60,6 +60,19 @@ def modes(pid: int) -> dict[int, tuple[int, int]]:
     return out
 
 
+def frozen_modes(tracee) -> dict[int, tuple[int, int]]:
+    """modes() of a process ckpt froze as a group, from its threads' status read once
+    per freeze (Tracee.status); modes() when the tracee does not hold every thread."""
+    threads = tracee.threads
+    if {t.pid for t in threads} != set(procfs.tasks(tracee.pid)):
+        return modes(tracee.pid)
+    out = {}
+    for t in threads:
+        st = t.status()
+        out[t.pid] = (int(st.get("Seccomp", "0")), int(st.get("Seccomp_filters", "0")))
+    return out
+
+
 def own_mode() -> tuple[int, int]:
     """ckpt's own (mode, filters): under seccomp, ckpt can neither read filters nor
     suspend them (the kernel refuses both to a tracer that is itself filtered)."""
@@ -283,7 +296,7 @@ def prepare_dump(tracee, options: int) -> frozenset[int]:
     suspend them: only filters it shares, a container's, pass).
     """
     pid = tracee.pid
-    found = {t: m for t, m in modes(pid).items() if m[0]}
+    found = {t: m for t, m in frozen_modes(tracee).items() if m[0]}
     if not found:
         return frozenset()
     comm = procfs.stat(pid).comm.decode(errors="replace")

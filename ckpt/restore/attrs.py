@@ -101,9 +101,14 @@ def before_creds(rb: Rebuilder) -> None:
                     syscalls.membarrier(inj, cmd, 0, 0)
         if p.ksm_merge_any:
             syscalls.prctl(inj, abi.PR_SET_MEMORY_MERGE, 1, 0, 0, 0)
-    for t, _tid, tinj in _threads(rb):
+    lead = rb.proc.threads[0]
+    if lead.attrs is not None:
+        _thread_injected(rb.inj, lead.attrs)
+    progs = rb.thread_programs(data=256)  # the others: one injected program each, at once
+    for t, prog in progs:
         if t.attrs is not None:
-            _thread_injected(tinj, t.attrs)
+            _thread_injected(prog, t.attrs)
+    rb.run_thread_programs(progs)
 
 
 def _thread_injected(inj: Injector, a: ThreadAttrs) -> None:
@@ -141,12 +146,22 @@ def _own() -> dict:
 
 def after_creds(rb: Rebuilder) -> None:
     """The parent-death signal (a change of credentials clears it), then what ckpt sets
-    from outside: with CAP_SYS_NICE, whatever credentials the process has now."""
+    from outside: with CAP_SYS_NICE, whatever credentials the process has now.
+    The other threads' parent-death signals are one injected program each, run at
+    once; a failure is raised in thread order, as one thread after the other would."""
+    progs = rb.thread_programs()
+    for t, prog in progs:
+        if t.attrs is not None and t.attrs.pdeathsig:
+            syscalls.prctl(prog, abi.PR_SET_PDEATHSIG, t.attrs.pdeathsig, 0, 0, 0)
+    rb.run_thread_programs(progs, raise_first=False)
+    of = {id(t): prog for t, prog in progs}
     for t, tid, tinj in _threads(rb):
         a = t.attrs
         if a is None:
             continue
-        if a.pdeathsig:
+        if id(t) in of:
+            of[id(t)].raise_first()
+        elif a.pdeathsig:
             syscalls.prctl(tinj, abi.PR_SET_PDEATHSIG, a.pdeathsig, 0, 0, 0)
         what = ""
         try:

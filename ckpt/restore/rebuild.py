@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from stat import S_IFREG
 
@@ -125,6 +126,11 @@ class Rebuilder:
         self.tracee.set_sigmask(INJECT_MASK)
         # the other threads, once created: (image thread, tracee, injector)
         self.threads: list[tuple[Thread, Tracee, Injector]] = []
+        #: where the other threads' injected programs live (kernel/program.py): mapped
+        #: with the threads, before the process's limits apply, unmapped when it leaves
+        self.area: program.Area | None = None
+        #: each restored thread's signals pending once restore_signals queued them
+        self._pending: dict[int, set[int]] = {}
         self.tid_map: dict[int, int] = {proc.pid: pid}
         #: SysV segments this restore made (removed again if the restore fails)
         self.sysv_created: list[int] = []
@@ -316,9 +322,23 @@ class Rebuilder:
     def map_vmas(self) -> None:
         base = self.ctx.holder_base
         create_memfds(self.inj, self.proc, self.ctx.memfds, base)  # first: mappings share them
+        # anonymous mappings (most of a many-thread process's: stacks, guard pages) are
+        # mapped by injected programs (kernel/program.py), each run of them before any
+        # other kind of mapping, so that everything happens in the image's order
+        anon = _Batch(self, self._free_area, len(self.proc.vmas))
+        try:
+            self._map_vmas(anon)
+        finally:
+            anon.close()
+
+    def _map_vmas(self, anon: _Batch) -> None:
+        base = self.ctx.holder_base
         for v in self.proc.vmas:
             if v.kind in VDSO_KINDS:
                 continue
+            if not (v.cow_from < 0 and v.kind not in ("unlinked", "sysv", "file", "memfd")
+                    and v.shm < 0 and v.shared_with is None):  # fmt: skip
+                anon.run()
             if v.cow_from >= 0:  # inherited from the parent, copy-on-write
                 cow.keep(self, v)
                 continue
@@ -361,11 +381,8 @@ class Rebuilder:
                 self._map_path(v, prot0, flags, path, mode, v.file if v.kind == "file" else None)
                 continue
             else:
-                got = syscalls.mmap(
-                    self.inj, v.start, v.size, prot0, flags | abi.MAP_ANONYMOUS, _u(-1), 0
-                )
-            if got != v.start:
-                raise RestoreError(f"mapping {v.start:#x} landed at {got:#x}")
+                anon.mmap(v, prot0, flags | abi.MAP_ANONYMOUS)
+        anon.run()
 
     def _map_path(
         self, v, prot: int, flags: int, path: str, mode: int, ref=None, strict: bool = True
@@ -537,33 +554,52 @@ class Rebuilder:
         self._map_via(owner, ov.start, ov.end, v, prot, flags)
 
     def finish_vmas(self) -> None:
+        """Protections, advice and locks of every VMA: one injected program (a process
+        with many threads has a stack and a guard page each)."""
         attrs.before_finish(self)  # guard regions, anon names (restore/attrs.py)
+        prog = _Batch(self, lambda size: program.Area(self.inj, size), len(self.proc.vmas) * 4)
         for v in self.proc.vmas:
             if v.kind in VDSO_KINDS:
                 continue
             if "ac" in v.vmflags and not v.prot & abi.PROT_WRITE:
-                syscalls.mprotect(self.inj, v.start, v.size, v.prot)
+                syscalls.mprotect(prog, v.start, v.size, v.prot)
             for flag, advice in MADV.items():
                 if flag in v.vmflags:
                     # best effort (e.g. THP off): the raw result, no exception
-                    self.inj.raw(abi.NR_MADVISE, v.start, v.size, advice)
+                    prog.raw(abi.NR_MADVISE, v.start, v.size, advice)
             if "lo" in v.vmflags:
-                self._mlock(v)
+                self._mlock(v, prog)
+        try:
+            prog.run()
+        finally:
+            prog.close()
         attrs.after_finish(self)  # mseal: last
 
-    def _mlock(self, v) -> None:
+    def _mlock(self, v, prog: _Batch) -> None:
         """mlock'd memory, locked again while the restorer still has ckpt's credentials
         and limits (CAP_IPC_LOCK): a process that locked it before it dropped root, or
         whose RLIMIT_MEMLOCK is lower now, keeps it locked as it was."""
         flags = abi.MLOCK_ONFAULT if "lf" in v.vmflags else 0
-        try:
-            syscalls.mlock2(self.inj, v.start, v.size, flags)
-        except RemoteError as exc:
-            raise RestoreError(
+
+        def refused(exc: RemoteError) -> RestoreError:
+            return RestoreError(
                 f"cannot lock memory {v.start:#x}-{v.end:#x} ({v.size} bytes, mlock'd in "
                 f"process {self.proc.pid}): {os.strerror(exc.errno)} (ckpt needs CAP_IPC_LOCK "
                 "or a RLIMIT_MEMLOCK that large)"
-            ) from exc
+            )
+
+        prog.call(abi.NR_MLOCK2, v.start, v.size, flags, name="mlock2", fail=refused)
+
+    def _free_area(self, size: int) -> program.Area:
+        """A program area where neither the restorer nor the image maps anything (the
+        restorer's layout is being built)."""
+        busy = getattr(self, "_busy", None)  # the restorer's first layout and the image's
+        if busy is None:
+            busy = [(m.start, m.end) for m in procfs.maps(self.pid)]
+        busy = busy + [(v.start, v.end) for v in self.proc.vmas]
+        s = self.inj.scratch
+        busy.append((s.addr, s.addr + s.size))
+        return program.Area(self.inj, size, free_range(busy, program.Area.mapped(size)))
 
     def set_mm(self) -> None:
         mm = self.proc.mm
@@ -622,38 +658,35 @@ class Rebuilder:
     def create_threads(self) -> None:
         """The other threads: clone3 from the leader (with their TIDs), then their own state.
 
-        Each new thread is auto-attached (PTRACE_O_TRACECLONE) and stops before it
-        runs a single instruction; from then on it is injected into like the leader.
-        Credentials are set later, per thread, because setresuid changes only the
-        calling thread.
+        Each new thread is traced as the leader is (CLONE_PTRACE: with its options,
+        no PTRACE_EVENT_CLONE stop of the leader) and stops before it runs a single
+        instruction; from then on it is injected into like the leader. Credentials
+        are set later, per thread, because setresuid changes only the calling thread.
 
         Injected programs (kernel/program.py): the leader runs every clone3 in one,
-        then each new thread runs its own calls (name, sigaltstack, robust list) in
-        one, all threads at once; a failure is raised as the calls one by one would
+        then each new thread runs its own calls (name, sigaltstack, robust list, rseq)
+        in one, all threads at once; a failure is raised as the calls one by one would
         have raised it (a thread's own calls before the clone of the next thread).
         """
         extra = self.proc.threads[1:]
         if not extra:
             return
-        base = PTRACE_O_TRACESYSGOOD | PTRACE_O_EXITKILL
         inj = self.inj
-        area = program.Area(inj, len(extra) * 768)
-        self.tracee.set_options(base | PTRACE_O_TRACECLONE)
-        try:
-            clones = program.Program(area, self.tracee, inj.template, data=len(extra) * 104)
-            for t in extra:
-                set_tid = 0 if self.new_pid else clones.put(struct.pack("<i", t.tid))
-                # clear_child_tid comes with the clone (CLONE_CHILD_CLEARTID): one
-                # injected set_tid_address less per thread
-                ctid = t.clear_child_tid
-                flags = THREAD_FLAGS | (abi.CLONE_CHILD_CLEARTID if ctid else 0)
-                args = struct.pack("<11Q", flags, 0, ctid, 0, 0, 0, 0, 0, set_tid,
-                                   0 if self.new_pid else 1, 0)  # fmt: skip
-                clones.call(abi.NR_CLONE3, clones.put(args), len(args), name="clone3",
-                            fail=lambda exc, t=t: self._clone_failed(t, exc))  # fmt: skip
-            program.run([clones], raise_first=False)
-        finally:
-            self.tracee.set_options(base)
+        # each thread's programs: creation ~600 bytes, attributes ~800, rseq and
+        # parent-death signal ~100 each; reserved only (MAP_NORESERVE), touched as used
+        area = self.area = program.Area(inj, len(extra) * 4096)
+        clones = program.Program(area, self.tracee, inj.template, data=len(extra) * 104)
+        for t in extra:
+            set_tid = 0 if self.new_pid else clones.put(struct.pack("<i", t.tid))
+            # clear_child_tid comes with the clone (CLONE_CHILD_CLEARTID): one
+            # injected set_tid_address less per thread
+            ctid = t.clear_child_tid
+            flags = THREAD_FLAGS | abi.CLONE_PTRACE | (abi.CLONE_CHILD_CLEARTID if ctid else 0)
+            args = struct.pack("<11Q", flags, 0, ctid, 0, 0, 0, 0, 0, set_tid,
+                               0 if self.new_pid else 1, 0)  # fmt: skip
+            clones.call(abi.NR_CLONE3, clones.put(args), len(args), name="clone3",
+                        fail=lambda exc, t=t: self._clone_failed(t, exc))  # fmt: skip
+        program.run([clones], raise_first=False)
         progs = []
         for t, tid in zip(extra, clones.results):
             if tid is None or tid < 0:
@@ -664,21 +697,34 @@ class Rebuilder:
             if not os.WIFSTOPPED(st):
                 raise RestoreError(f"new thread {tid} did not stop (status {st:#x})")
             tr.parked = True  # its first stop, inside get_signal()
-            tinj = Injector(tr, inj.template, self.mem_fd)  # any of the process's registers
-            tinj.scratch = inj.scratch
-            tinj.use(inj.scratch.addr)
-            self.threads.append((t, tr, tinj))
+            self.threads.append((t, tr, inj.for_thread(tr)))  # any of the process's registers
             self.tid_map[t.tid] = tid
+            self._pending[tid] = {struct.unpack_from("<i", i)[0] for i in t.pending}
             prog = program.Program(area, tr, inj.template, data=128)
             if t.comm and t.comm[:15] != self.proc.comm[:15]:  # else inherited
                 syscalls.prctl(prog, abi.PR_SET_NAME, prog.cstr(t.comm[:15]), 0, 0, 0)
             _thread_misc(prog, t, tid_address=False)
+            if t.rseq is not None:  # here rather than in register_rseq: one program less
+                syscalls.rseq(prog, t.rseq.ptr, t.rseq.size, 0, t.rseq.signature)
             progs.append(prog)
-        try:
-            program.run(progs, live=self._live)
-            clones.raise_first()
-        finally:
-            area.close()
+        program.run(progs, live=self._live)  # nothing pending yet: no signal queued
+        clones.raise_first()
+
+    def thread_programs(self, data: int = 0) -> list[tuple[Thread, program.Program]]:
+        """An empty injected program for each thread but the leader, to record setters
+        into with the usual code (syscalls.*, which sees an Injector), then run them all
+        at once with run_thread_programs."""
+        if self.area is None:
+            return []
+        tmpl = self.inj.template
+        return [(t, program.Program(self.area, tr, tmpl, data)) for t, tr, _ in self.threads]
+
+    def run_thread_programs(self, progs: list[tuple[Thread, program.Program]],
+                            raise_first: bool = True) -> None:  # fmt: skip
+        """Run the programs of thread_programs; raise the first failure in thread order
+        (raise_first=False: each program's raise_first() is the caller's)."""
+        program.run([p for _, p in progs], pending=lambda tr: self._pending.get(tr.pid, set()),
+                    live=self._live, raise_first=raise_first)  # fmt: skip
 
     def _clone_failed(self, t: Thread, exc: RemoteError) -> BaseException:
         if not self.new_pid and exc.errno == errno.EEXIST:
@@ -781,9 +827,11 @@ class Rebuilder:
         syscalls.prctl(self.inj, abi.PR_SET_DUMPABLE, self.proc.dumpable, 0, 0, 0)
 
     def register_rseq(self) -> None:
-        for t, inj in [(self.proc.threads[0], self.inj), *((t, ti) for t, _, ti in self.threads)]:
-            if t.rseq is not None:
-                syscalls.rseq(inj, t.rseq.ptr, t.rseq.size, 0, t.rseq.signature)
+        """The leader's rseq area, last (the other threads registered theirs as they were
+        made: create_threads)."""
+        lead = self.proc.threads[0]
+        if lead.rseq is not None:
+            syscalls.rseq(self.inj, lead.rseq.ptr, lead.rseq.size, 0, lead.rseq.signature)
 
     def close_table_holders(self) -> None:
         """A member sharing an earlier member's fd table: its memfds sealed, its holders
@@ -798,6 +846,9 @@ class Rebuilder:
 
     def leave(self) -> None:
         """Scratch gone, then every thread gets its registers back and runs."""
+        if self.area is not None:
+            self.area.close()
+            self.area = None
         s = self.inj.scratch
         syscalls.munmap(self.inj, s.addr, s.size)
         lead = self.proc.threads[0]
@@ -891,3 +942,59 @@ def free_range(busy: list[tuple[int, int]], size: int, lo: int = 1 << 32) -> int
     if addr + size > abi.TASK_SIZE:
         raise RestoreError("no free address range for the restorer's scratch area")
     return addr
+
+
+class _Batch:
+    """The leader's calls, recorded (the Injector interface: syscalls.*) and run as one
+    injected program (kernel/program.py) when run() is called; failures are raised
+    then, in order, as the calls one by one would have raised them. mmap(v): an
+    anonymous mapping of VMA v, which must land at its start."""
+
+    def __init__(self, rb: Rebuilder, make_area: Callable[[int], program.Area], calls: int):
+        """make_area(size): the program area (made at the first run, for `calls` calls
+        in all, unmapped by close())."""
+        self.rb = rb
+        self.make_area = make_area
+        self.size = (calls + 1) * program.ENTRY + 64 * program.HEADER
+        self.area: program.Area | None = None
+        self.calls: list[tuple[int, tuple[int, ...], bool, str, object]] = []
+        self.landing: dict[int, int] = {}  # call index → where its mmap must land
+
+    def raw(self, nr: int, *args: int) -> int:
+        self.calls.append((nr, args, False, "", None))
+        return 0
+
+    def call_nr(self, nr: int, *args: int, name: str) -> int:
+        self.calls.append((nr, args, True, name, None))
+        return 0
+
+    def call(self, nr: int, *args: int, name: str, fail) -> int:
+        self.calls.append((nr, args, True, name, fail))
+        return 0
+
+    def mmap(self, v, prot: int, flags: int) -> None:
+        self.landing[len(self.calls)] = v.start
+        syscalls.mmap(self, v.start, v.size, prot, flags, _u(-1), 0)
+
+    def run(self) -> None:
+        calls, landing = self.calls, self.landing
+        self.calls, self.landing = [], {}
+        if not calls:
+            return
+        if self.area is None:
+            self.area = self.make_area(max(self.size, (len(calls) + 1) * program.ENTRY))
+        prog = program.Program(self.area, self.rb.tracee, self.rb.inj.template, data=0)
+        prog.calls = calls
+        program.run([prog], raise_first=False)
+        for i, r in enumerate(prog.results):
+            if r is None:
+                break
+            if i in landing and not -4096 < r < 0 and r != landing[i]:
+                raise RestoreError(f"mapping {landing[i]:#x} landed at {r:#x}")
+            if calls[i][2] and -4096 < r < 0:
+                prog.raise_first()
+
+    def close(self) -> None:
+        if self.area is not None:
+            self.area.close()
+            self.area = None

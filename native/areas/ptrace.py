@@ -40,8 +40,8 @@ int ck_inject_many(int n, const int *tids, const struct user_regs_struct *base,
                    const uint64_t *insn, int k, const long *nrs, const long *args,
                    long *results, int *states, int *statuses);
 int ck_run_programs(int n, const int *tids, const struct user_regs_struct *regs,
-                    const int *markers, const uint64_t *ends, int pass_foreign,
-                    int *states, int *statuses);
+                    const uint64_t *masks, const int *markers, const uint64_t *ends,
+                    int pass_foreign, int *states, int *statuses);
 int ck_leave_many(int n, const int *tids, const int *park, const uint64_t *masks,
                   const struct user_regs_struct *regs, const char *xstate, size_t xsize,
                   int *states, int *statuses);
@@ -226,7 +226,9 @@ int ck_inject_many(int n, const int *tids, const struct user_regs_struct *base,
 /* Each of n stopped tracees runs an injected program (kernel/program.py) from the
    registers regs[i] (rip at the program, its table in rbx/r12/r13) under PTRACE_CONT,
    all at once: no stop per syscall, only the one its program ends with, a tgkill of
-   markers[i] to itself whose signal-delivery stop has rip == ends[i]. On the way:
+   markers[i] to itself whose signal-delivery stop has rip == ends[i]. masks: when not
+   NULL, each thread's signal mask is set after its registers, before it goes (a dump's
+   heal-safe order: kernel/inject_batch.py). On the way:
    event stops (an interrupt, the PTRACE_EVENT_CLONE of an injected clone3) go on; a
    stop for the marker signal elsewhere is a real one, passed on when pass_foreign
    (the dump's markers are signals the process ignores), else a fault like any other
@@ -234,8 +236,8 @@ int ck_inject_many(int n, const int *tids, const struct user_regs_struct *base,
    0 = stopped at its end, -ECHILD = it died, else -errno of ptrace. Returns 0, or
    -errno of waitpid. */
 int ck_run_programs(int n, const int *tids, const struct user_regs_struct *regs,
-                    const int *markers, const uint64_t *ends, int pass_foreign,
-                    int *states, int *statuses)
+                    const uint64_t *masks, const int *markers, const uint64_t *ends,
+                    int pass_foreign, int *states, int *statuses)
 {
     char *active = calloc((size_t)n + 1, 1);
     if (!active) return -ENOMEM;
@@ -245,7 +247,9 @@ int ck_run_programs(int n, const int *tids, const struct user_regs_struct *regs,
         r.eflags &= ~(0x100UL | 0x400UL);          /* TF, DF */
         states[i] = 0;
         statuses[i] = 0;
+        uint64_t m = masks ? masks[i] : 0;
         if (ptrace(PTRACE_SETREGS, tids[i], 0, &r) < 0 ||
+            (masks && ptrace(PTRACE_SETSIGMASK, tids[i], (void *)8, &m) < 0) ||
             ptrace(PTRACE_CONT, tids[i], 0, 0) < 0) {
             states[i] = -errno;
             continue;

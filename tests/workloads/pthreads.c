@@ -1,8 +1,11 @@
 /* pthreads: threads in different states, each with its own per-thread kernel state.
  *
- * usage: pthreads [NSPIN [churn]]   (NSPIN extra spinning threads, default 0)
+ * usage: pthreads [NSPIN [churn|handlers]]   (NSPIN extra spinning threads, default 0)
  *        churn: one more thread that keeps creating and joining short-lived
  *        threads, so threads appear and vanish while ckpt attaches.
+ *        handlers: SIGURG, SIGWINCH and SIGCHLD get handlers (none is ignored, so a
+ *        dump's per-thread injections cannot run as programs ending on one of them:
+ *        kernel/inject_batch.py); a handler that runs fails the verification.
  *
  * Threads: "spin"   running, rewriting its own 4 MiB region and counting;
  *          "mutex"  blocked in pthread_mutex_lock on a mutex main holds;
@@ -58,6 +61,13 @@ static pthread_mutex_t cm = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
 static int cond_flag;
 static volatile sig_atomic_t got_usr2;
+static volatile sig_atomic_t handled; /* "handlers": a signal nobody sent arrived */
+
+static void on_unexpected(int sig)
+{
+    (void)sig;
+    handled++;
+}
 static volatile uint64_t churned;
 
 static void *short_lived(void *arg)
@@ -211,6 +221,12 @@ int main(int argc, char **argv)
     add("cond", 2);
     add("sleep", 3);
     int churn = argc > 2 && strcmp(argv[2], "churn") == 0;
+    if (argc > 2 && strcmp(argv[2], "handlers") == 0) {
+        struct sigaction sa = {.sa_handler = on_unexpected, .sa_flags = SA_RESTART};
+        SETUP_CHECK(sigaction(SIGURG, &sa, NULL) == 0 && sigaction(SIGWINCH, &sa, NULL) == 0 &&
+                        sigaction(SIGCHLD, &sa, NULL) == 0,
+                    "sigaction");
+    }
     if (churn)
         add("churn", 4);
     for (int i = 0; i < nspin; i++) {
@@ -274,6 +290,7 @@ int main(int argc, char **argv)
         if (ts[i].kind == 0)
             spins += ts[i].gen;
     }
+    CHECK(!handled, "a_signal_nobody_sent_reached_a_handler");
     char extra[96];
     snprintf(extra, sizeof(extra), "threads=%d spins=%llu", nthreads + 1,
              (unsigned long long)spins);
