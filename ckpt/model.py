@@ -561,6 +561,8 @@ def fd_needs_v6(fd: dict[str, Any]) -> bool:
         return True
     if fd.get("kind") == "pipe" and fd.get("flags", 0) & 3 == 2:  # O_RDWR: a 5.x reader
         return True  # would leave that fd out (it places a read and a write end only)
+    if scm_v6(fd):  # files in flight, credentials: a 5.x reader would send bytes alone
+        return True
     return bool(fd.get("locks"))  # file locks: a 5.x reader would restore the fd without them
 
 
@@ -752,10 +754,18 @@ class SecurityContext:
 
 @dataclass
 class SocketMsg:
-    """One queued datagram (unix dgram/seqpacket) or the whole stream backlog."""
+    """One queued datagram (unix dgram/seqpacket) or the whole stream backlog; a stream
+    whose queue carries files in flight or credentials comes as segments, each ending
+    where a read stops (capture/inflight.py)."""
 
     data: bytes
     source: bytes | None = None  # unix dgram: the sender's bound name (None: unnamed)
+    # files in flight with it (SCM_RIGHTS), in order: indexes into its Socket.inflight
+    # (format 6)
+    fds: list[int] = field(default_factory=list)
+    # SCM_CREDENTIALS the socket reads with it (kept when it has SO_PASSCRED or
+    # SO_PASSPIDFD): [pid, uid, gid] as the dump saw them; [] none kept (format 6)
+    creds: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -798,6 +808,21 @@ SOCKET_OPTIONS_5 = frozenset({
     "TCP_KEEPCNT", "TCP_LINGER2", "TCP_DEFER_ACCEPT", "TCP_WINDOW_CLAMP", "TCP_USER_TIMEOUT",
     "TCP_FASTOPEN", "TCP_NOTSENT_LOWAT", "TCP_CONGESTION",
 })  # fmt: skip
+
+
+def flying_socket(f: Fd) -> bool:
+    """A record of a unix socket only a message in flight holds (capture/inflight.py): fd
+    -1 and no tree member that takes it (a handed-over record names one: peer_slot)."""
+    return f.kind == "socket" and f.fd < 0 and f.peer_slot < 0 and f.socket is not None
+
+
+def scm_v6(fd: dict[str, Any]) -> bool:
+    """A socket fd record (as to_dict gives it) whose queue carries files in flight or
+    credentials, or the record of a socket in flight (fd -1, no tree member takes it)."""
+    s = fd.get("socket") or {}
+    if s.get("inflight") or any(m.get("fds") or m.get("creds") for m in s.get("queue") or ()):
+        return True
+    return bool(s) and fd.get("fd", 0) < 0 and fd.get("peer_slot", -1) < 0
 
 
 def socket_settings_v6(fd: dict[str, Any]) -> bool:
@@ -853,6 +878,11 @@ class Socket:
     options: dict[str, Any] = field(default_factory=dict)
     filter: bytes = b""  # classic BPF program (struct sock_filter array; format 6)
     mcast: list[McastGroup] = field(default_factory=list)  # groups joined (format 6)
+    # the open file descriptions in flight in `queue` (SCM_RIGHTS), each once: a "peer"
+    # (one a tree member holds: peer_slot, peer_fd) or one made again ("file", "dir",
+    # "chr", "pipe", "memfd", "eventfd", "socket": the record with fd -1 of the unix
+    # socket `obj_id`); `fd` is the index (capture/inflight.py; format 6)
+    inflight: list[Fd] = field(default_factory=list)
     sndbuf: int = 0
     rcvbuf: int = 0
     buf_lock: int = 0

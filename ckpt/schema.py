@@ -253,6 +253,7 @@ def build_state(data: Any) -> m.ProcessImage:
     """The whole process state (a root and its tree), checked, references included."""
     proc = build(m.ProcessImage, data)
     _check_root(proc)
+    _check_flying([proc, *proc.tree])  # files in flight in unix sockets (capture/inflight.py)
     return proc
 
 
@@ -327,6 +328,17 @@ NS = rng(0, 1 << 62)  # a duration in ns or µs (struct timespec/timeval arithme
 def _net_lock(v: str) -> None:
     if not _NET_LOCK.fullmatch(v):
         raise SchemaError(f"{v!r} is not a nftables table name ckpt makes")
+
+
+SCM_MAX_FD = 253  # the most fds one message carries (SCM_RIGHTS)
+# what a socket's in-flight table may hold (capture/inflight.py)
+INFLIGHT_KINDS = frozenset({"peer", "file", "dir", "chr", "pipe", "memfd", "eventfd", "socket"})
+
+
+def _creds(v: list) -> None:
+    """SCM_CREDENTIALS of a queued message: none, or [pid, uid, gid]."""
+    if v and (len(v) != 3 or not 0 <= v[0] <= PID_MAX or any(not 0 <= x <= U32 for x in v[1:])):
+        raise SchemaError(f"{v!r:.60} is not [pid, uid, gid]")
 
 
 def _tcp_state(v: int) -> None:
@@ -408,7 +420,10 @@ RANGES: dict[type, dict[str, Callable[[Any], None]]] = {
         },
         "auxv": maxlen(8192),
     },
-    m.SocketMsg: {"source": maxlen(UNIX_PATH)},
+    m.SocketMsg: {
+        "source": maxlen(UNIX_PATH), "fds": each(0, SCM_MAX_FD - 1, max_n=SCM_MAX_FD),
+        "creds": _creds,
+    },
     m.TcpConn: {
         "snd_seq": U32R, "rcv_seq": U32R, "mss": rng(0, 65535), "options": I32R,
         "snd_wscale": rng(0, 14), "rcv_wscale": rng(0, 14), "timestamp": U32R,
@@ -561,10 +576,64 @@ def _check_socket(s: m.Socket) -> None:
         if not ok:
             msg = f"{value!r:.40} is not a socket option value"
             raise SchemaError(msg, f".options[{name!r:.40}]")
+    _check_inflight(s)
     if s.tcp is not None and s.tcp.unsent > len(s.tcp.outq):
         raise SchemaError(f"{s.tcp.unsent} unsent of {len(s.tcp.outq)} bytes", ".tcp.unsent")
     if len(s.filter) % 8:  # struct sock_filter: 8 bytes an instruction
         raise SchemaError(f"{len(s.filter)} bytes is no whole BPF program", ".filter")
+
+
+def _check_inflight(s: m.Socket) -> None:
+    """The files in flight in a unix socket's queue (capture/inflight.py): a table of
+    descriptions, each a kind the restore makes (or a tree member's fd: _check_root), and
+    messages that name them by index."""
+    for i, e in enumerate(s.inflight):
+        where = f".inflight[{i}]"
+        if e.fd != i:
+            raise SchemaError(f"entry {i} names itself {e.fd}", where + ".fd")
+        if e.kind not in INFLIGHT_KINDS:
+            raise SchemaError(f"{e.kind[:32]!r} is not a file ckpt sends again", where + ".kind")
+        if e.kind in ("file", "dir") and e.file is None:
+            raise SchemaError(f"a {e.kind} without its identity", where + ".file")
+        if e.kind == "socket" and not e.obj_id:
+            raise SchemaError("a socket without the record it names", where + ".obj_id")
+        if e.socket is not None or e.epoll or e.watches or e.locks or e.content is not None:
+            raise SchemaError("holds state no file in flight has", where)
+        if e.memfd is not None and (e.memfd.maps or e.memfd.shared_from >= 0):
+            raise SchemaError("a memfd in flight with mappings or a maker", where + ".memfd")
+    if (s.inflight or any(q.fds or q.creds for q in s.queue)) and s.family != 1:
+        raise SchemaError("files or credentials in flight in a socket that is not AF_UNIX")
+    for j, q in enumerate(s.queue):
+        if any(k >= len(s.inflight) for k in q.fds):
+            raise SchemaError(f"an index beyond the {len(s.inflight)} files in flight",
+                              f".queue[{j}].fds")  # fmt: skip
+        if q.fds and not q.data and s.type == 1:  # SOCK_STREAM: fds go with a byte
+            raise SchemaError("files in flight with no byte of a stream", f".queue[{j}].fds")
+
+
+def _check_flying(members: list[m.ProcessImage]) -> None:
+    """Files in flight name what the image holds: a "peer" an fd of a member, a "socket"
+    the record (fd -1) of a socket only messages in flight hold, which itself holds no
+    files in flight."""
+    numbers = [{f.fd for f in p.fds if f.fd >= 0} for p in members]
+    flying = {f.socket.ino for p in members for f in p.fds if m.flying_socket(f)}
+    for slot, p in enumerate(members):
+        base = f".tree[{slot - 1}]" if slot else ""
+        for i, f in enumerate(p.fds):
+            if f.socket is None:
+                continue
+            where = f"{base}.fds[{i}].socket"
+            if m.flying_socket(f) and (f.socket.inflight or f.socket.family != 1):
+                raise SchemaError("a socket in flight that is not a plain unix socket", where)
+            for k, e in enumerate(f.socket.inflight):
+                if e.kind == "peer" and (
+                    e.peer_slot >= len(members) or e.peer_fd not in numbers[e.peer_slot]
+                ):
+                    raise SchemaError(f"slot {e.peer_slot} fd {e.peer_fd} is not open",
+                                      f"{where}.inflight[{k}].peer_fd")  # fmt: skip
+                if e.kind == "socket" and e.obj_id not in flying:
+                    raise SchemaError(f"socket:[{e.obj_id}] is no socket in flight",
+                                      f"{where}.inflight[{k}].obj_id")  # fmt: skip
 
 
 def _check_mcast(g: m.McastGroup) -> None:

@@ -44,6 +44,7 @@ def capture_fds(
         if not check_only:  # files written at their offset: their content
             written.finish(scan, out, maps)
         locks.attach(out, held, pid)
+        out += sockets.inflight.take_records(pid)  # unix sockets in flight (fd -1)
     except OSError as exc:  # reading a pipe's data, a memfd, a pidfd_getfd copy…
         raise DumpError(f"reading the fds of process {pid} failed: {exc}") from exc
     except UnsupportedProcess as exc:
@@ -133,7 +134,7 @@ def _capture(
                 out.append(capture_socket(pid, fd, st, run=sockets, flags=flags,
                                           cloexec=cloexec, fdinfo=info.extra,
                                           tcp_established=tcp_established,
-                                          tree=scan.tree))  # fmt: skip
+                                          tree=scan.tree, charge=scan.charge))  # fmt: skip
             except OutsidePeer:
                 if fd not in fd_kinds.STDIO:
                     raise

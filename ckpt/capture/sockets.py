@@ -92,8 +92,11 @@ class _ProcessSockets:
         return self._all_unix
 
     def ours(self, ino: int) -> bool:
-        """Is socket `ino` held by this process or another process of the dumped tree?"""
-        return ino in self.fds or ino in self.mates()
+        """Is socket `ino` held by this process or another process of the dumped tree (or
+        in flight in a queue of theirs: capture/inflight.py)?"""
+        return ino in self.fds or ino in self.mates() or ino in self.flying
+
+    flying: frozenset[int] | set[int] = frozenset()  # sockets in flight (RunState.sockets)
 
     def mates(self) -> dict[int, int]:
         """socket inode → PID, for the sockets the other tree members hold."""
@@ -140,6 +143,9 @@ class SocketCapture:
         self.tcp: dict[int, TargetSocket] = {}
         self.held = tcp_repair.HeldSockets()
         self._views: dict[int, _ProcessSockets] = {}
+        from .inflight import RunState
+
+        self.inflight = RunState()  # files in flight in unix sockets (SCM_RIGHTS)
 
     def take_net_lock(self) -> tuple[netlock.NetLock | None, int]:
         """This run's lock (None if no connection needed one) and the number of
@@ -181,6 +187,7 @@ class SocketCapture:
         self.tcp.clear()
         self._views.clear()
         self.held.release()
+        self.inflight.close()
 
 
 def _socket_fds(pid: int) -> dict[int, int]:
@@ -211,12 +218,16 @@ def capture_socket(
     fdinfo: dict[str, str] | None = None,
     tcp_established: bool = False,
     tree: frozenset[int] = frozenset(),
+    charge=None,
 ) -> Fd:
     """The Fd (kind "socket") for socket fd `fd` of the frozen process `pid`.
 
-    tree: the other processes dumped with this one (their sockets are not "outside")."""
+    tree: the other processes dumped with this one (their sockets are not "outside").
+    charge(kind, nbytes): counts content of files in flight against the process's fd
+    data budget (capture/fd_kinds.py FdScan.charge)."""
     ctx = run.view(pid)
     ctx.tree = frozenset(tree) - {pid}
+    ctx.flying = run.inflight.sockets
     ino = st.st_ino
     try:
         ts = TargetSocket(pid, fd)
@@ -225,7 +236,7 @@ def capture_socket(
     keep = False
     try:
         if ts.family == socket.AF_UNIX:
-            sock = _unix(pid, ctx, ts, ino, fdinfo or {})
+            sock = _unix(pid, ctx, ts, ino, fdinfo or {}, run=run, charge=charge)
         elif ts.family in (socket.AF_INET, socket.AF_INET6) and ts.type == socket.SOCK_STREAM:
             sock = _tcp(pid, run, ctx, ts, ino, tcp_established)
         elif ts.family in (socket.AF_INET, socket.AF_INET6) and ts.type == socket.SOCK_DGRAM:
@@ -268,16 +279,30 @@ def _name(n: bytes | None) -> str:
     return n.decode(errors="replace")
 
 
-def _unix(pid: int, ctx: _ProcessSockets, ts: TargetSocket, ino: int, fdinfo) -> Socket:
+def _unix(
+    pid: int,
+    ctx: _ProcessSockets,
+    ts: TargetSocket,
+    ino: int,
+    fdinfo,
+    *,
+    run: SocketCapture | None = None,
+    charge=None,
+    what: str = "",
+) -> Socket:
+    """what: how refusals name the socket (default "fd N is a unix TYPE socket")."""
     fd = ts.fd
     tname = UNIX_TYPES.get(ts.type, str(ts.type))
-    what = f"fd {fd} is a unix {tname} socket"
+    what = what or f"fd {fd} is a unix {tname} socket"
     d = sockdiag.unix_socket(ino)
     if d is None:
         raise DumpError(f"socket fd {fd} of {pid} vanished", pid=pid)
-    if int(fdinfo.get("scm_fds", "0") or 0):
+    scm = int(fdinfo.get("scm_fds", "0") or 0)
+    if scm and run is None:  # a socket in flight (capture/inflight.py)
         raise UnsupportedProcess(
-            f"{what} with file descriptors in flight (SCM_RIGHTS): not supported", pid=pid
+            f"{what} that itself holds {scm} files in flight: not supported (files in "
+            "flight inside files in flight)",
+            pid=pid,
         )
     s = Socket(ino=ino, family=socket.AF_UNIX, type=ts.type, protocol=ts.proto, state="unbound")
     s.local = d.name or None
@@ -301,13 +326,80 @@ def _unix(pid: int, ctx: _ProcessSockets, ts: TargetSocket, ino: int, fdinfo) ->
         _name_file(pid, s, d)
     # (a stream or seqpacket socket never connected has no queue: recv says EINVAL)
     unconnected = ts.type != socket.SOCK_DGRAM and s.state in ("bound", "unbound")
-    if s.state != "listen" and ctx.frozen and not unconnected:
+    creds = (
+        run is not None and s.state != "listen" and not unconnected and ctx.frozen
+        and ts.passes_creds()
+    )  # fmt: skip
+    if s.state != "listen" and not unconnected and (scm or creds):
+        # files in flight, or credentials the process reads: message by message (while
+        # the process runs, the preflight, only to refuse what is in flight now; not when
+        # the application peeks with SO_PEEK_OFF itself: its offset must not move then)
+        if ctx.frozen or ts.peek_offset() < 0:
+            _queue_scm(pid, ctx, run, ts, s, scm, creds, what, charge)
+    elif s.state != "listen" and ctx.frozen and not unconnected:
         if ts.type == socket.SOCK_STREAM:
             data = ts.peek_stream()
             s.queue = [SocketMsg(data)] if data else []
         else:
             s.queue = [SocketMsg(m, src or None) for m, src in ts.peek_messages()]
     return s
+
+
+def _queue_scm(pid, ctx, run, ts, s: Socket, scm: int, creds: bool, what: str, charge) -> None:
+    def charge_fd(kind: str, nbytes: int) -> None:
+        if charge is not None:
+            charge(ts.fd, kind, nbytes)
+
+    from .inflight import capture_queue
+
+    def socket_of(own: int, flags: int, rfd: int) -> Socket:
+        return inflight_socket(pid, run, ctx, own, flags, rfd)
+
+    capture_queue(
+        pid, ts, s, scm=scm, creds=creds, what=what, run=run.inflight,
+        tree=frozenset({pid, *ctx.tree}), frozen=ctx.frozen, charge=charge_fd,
+        socket_of=socket_of,
+    )  # fmt: skip
+
+
+def inflight_socket(
+    pid: int, run: SocketCapture, ctx: _ProcessSockets, own: int, flags: int, rfd: int
+) -> Socket:
+    """A unix socket in flight in a queue of socket fd `rfd` of `pid` (ckpt's fd `own`,
+    from a peek), captured like the process's own and kept as a record with fd -1 of the
+    process (run.inflight.records): the restore builds it with the process's sockets, at a
+    spare fd, and sends it. Refusals name the socket that holds it."""
+    ts = TargetSocket.own(own, rfd)
+    try:
+        tname = UNIX_TYPES.get(ts.type, str(ts.type))
+        if ts.family != socket.AF_UNIX:
+            kind = FAMILIES.get(ts.family, f"family {ts.family}")
+            raise UnsupportedProcess(
+                f"fd {rfd} holds in flight (SCM_RIGHTS) a {kind} socket: not supported (only "
+                "unix sockets are sent again)",
+                pid=pid,
+            )
+        ino = os.fstat(own).st_ino
+        me = os.getpid()
+        fdinfo = procfs.parse_fdinfo(procfs.read_bytes(me, "fdinfo", str(own))).extra
+        what = f"fd {rfd} holds in flight (SCM_RIGHTS) a unix {tname} socket (socket:[{ino}])"
+        try:
+            sock = _unix(pid, ctx, ts, ino, fdinfo, what=what)
+        except OutsidePeer as exc:  # only fds 0-2 themselves may lead outside
+            raise UnsupportedProcess(str(exc), pid=pid) from None
+        _settings(pid, ctx, ts, sock)
+        sock.sndbuf, sock.rcvbuf, sock.buf_lock = ts.buffers()
+        sock.peek_off = ts.peek_offset()
+    except OSError as exc:
+        raise DumpError(f"cannot read a socket in flight in fd {rfd} of {pid}: {exc}",
+                        pid=pid) from exc  # fmt: skip
+    finally:
+        ts.close()
+    ctx.captured[ino] = sock
+    rec = Fd(fd=-1, kind="socket", path=f"socket:[{ino}]", flags=flags, cloexec=False, pos=0,
+             socket=sock, obj_id=ino)  # fmt: skip
+    run.inflight.records.setdefault(pid, []).append(rec)
+    return sock
 
 
 def _unix_peer(pid, ctx, ts, s: Socket, d: sockdiag.UnixDiag, what: str) -> None:
@@ -572,6 +664,9 @@ def link_tree_sockets(procs: list[ProcessImage], run: SocketCapture) -> None:
     Both ends of a TCP connection between two members are made to agree here, as
     capture_socket does for the two ends inside one process.
     """
+    from .inflight import link_slots
+
+    link_slots(procs, run.inflight)  # in-flight tables name holders by slot
     try:
         _link(procs, run.tcp)
     finally:
@@ -586,11 +681,13 @@ def _unix_key(name: bytes, cwd: str) -> bytes:
 
 
 def _link(procs: list[ProcessImage], tcp: dict[int, TargetSocket]) -> None:
+    from ..model import flying_socket as flying  # a socket in flight (capture/inflight.py)
+
     where: dict[int, tuple[int, int]] = {}  # inode → (slot, index in that image's fds)
     named: dict[bytes, int] = {}  # unix name (absolute) → inode of the socket bound to it
     for slot, p in enumerate(procs):
         for i, f in enumerate(p.fds):
-            if f.kind != "socket" or f.socket is None or f.fd < 0:
+            if f.kind != "socket" or f.socket is None or (f.fd < 0 and not flying(f)):
                 continue
             where[f.socket.ino] = (slot, i)
             s = f.socket
@@ -630,6 +727,7 @@ def _link(procs: list[ProcessImage], tcp: dict[int, TargetSocket]) -> None:
                 if other is not None:
                     up[find(other)] = find(ino)
     groups: dict[int, list[int]] = {}
+    gone: list[tuple[int, Fd]] = []
     for ino in where:
         groups.setdefault(find(ino), []).append(ino)
     for inos in groups.values():
@@ -640,8 +738,13 @@ def _link(procs: list[ProcessImage], tcp: dict[int, TargetSocket]) -> None:
         creator = min(slots)
         for ino in sorted(inos, key=lambda x: where[x]):
             slot, i = where[ino]
-            if slot != creator:
+            if slot != creator and flying(procs[slot].fds[i]):  # nobody takes it: it moves
+                procs[creator].fds.append(procs[slot].fds[i])
+                gone.append((slot, procs[slot].fds[i]))
+            elif slot != creator:
                 _hand_over(procs, creator, slot, i)
+    for slot, f in gone:  # (after: `where` holds indexes)
+        procs[slot].fds = [x for x in procs[slot].fds if x is not f]
 
 
 def _agree_tcp(procs, recs: list[Fd], where, tcp: dict[int, TargetSocket]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import select
 import socket
 import stat as statmod
 import struct
@@ -269,6 +270,23 @@ class TargetSocket:
         self.type = self.sock.type & 0xF
         self.proto = self.sock.getsockopt(SOL_SOCKET, 38)  # SO_PROTOCOL
 
+    @classmethod
+    def own(cls, fd: int, label: int) -> TargetSocket:
+        """A socket ckpt holds itself (a file in flight a peek installed as `fd`; ckpt
+        keeps owning `fd`): a duplicate of it, named `label` in messages."""
+        self = cls.__new__(cls)
+        dup = os.dup(fd)
+        try:
+            self.sock = socket.socket(fileno=dup)
+        except OSError:
+            os.close(dup)
+            raise
+        self.fd = label
+        self.family = self.sock.family
+        self.type = self.sock.type & 0xF
+        self.proto = self.sock.getsockopt(SOL_SOCKET, 38)  # SO_PROTOCOL
+        return self
+
     def close(self) -> None:
         self.sock.close()
 
@@ -451,9 +469,82 @@ class TargetSocket:
                     if size > 1 << 28:
                         raise OSError(errno.EMSGSIZE, "datagram too large to save")
                     continue
+                if not data and self._at_eof(off):
+                    break
                 off += len(data)
                 out.append((data, _norm(self.family, addr) if addr else None))
         return out
+
+    def passes_creds(self) -> bool:
+        """Does the socket ask for its senders' credentials (SO_PASSCRED, SO_PASSPIDFD)?
+        Its reads then return them, and a stream read never joins two writers' bytes."""
+        for opt in (SO_PASSCRED, SO_PASSPIDFD):
+            with contextlib.suppress(OSError):
+                if self.sock.getsockopt(SOL_SOCKET, opt):
+                    return True
+        return False
+
+    def peek_scm(self, creds: bool, limit: int = 1 << 20) -> list[Queued]:
+        """Every message waiting, with the files in flight it carries (SCM_RIGHTS: each
+        peek installs them as new fds of ckpt, Queued.fds — the caller closes them) and,
+        with `creds`, its sender's credentials; the queue is untouched.
+
+        Stream sockets: a read stops right after the first skb that carries fds (a peek
+        too), and with SO_PASSCRED where the writer changes; each Queued is what one
+        peek returned from where the previous one stopped: plain bytes, or bytes ending
+        with an skb that carries fds. Sent again so, each batch of fds comes back with
+        the read of the same bytes (a reader of only the plain bytes before that skb
+        now gets the fds too: a peek walks on to the skb and cannot tell where it
+        starts). Dgram and seqpacket: one Queued per message, boundaries kept."""
+        out: list[Queued] = []
+        stream = self.type == socket.SOCK_STREAM
+        _room_for_fds(self.scm_count())
+        try:
+            with self._peek_from_start():
+                off, size = 0, STREAM_PEEK if stream else 1 << 16
+                while len(out) < limit:
+                    self.sock.setsockopt(SOL_SOCKET, SO_PEEK_OFF, off)
+                    try:
+                        got = _recv_scm(self.sock, size)
+                    except BlockingIOError:
+                        break
+                    if not stream and got.flags & MSG_TRUNC:  # whole datagrams only
+                        _close_all(got.fds)
+                        size *= 4
+                        if size > 1 << 28:
+                            raise OSError(errno.EMSGSIZE, "datagram too large to save")
+                        continue
+                    if not got.data and not got.fds and (stream or self._at_eof(off)):
+                        break
+                    got.source = _norm(self.family, got.source) if got.source else None
+                    if not creds:
+                        got.creds = None
+                    out.append(got)
+                    off += len(got.data)
+        except BaseException:
+            _close_all([fd for q in out for fd in q.fds])
+            raise
+        return out
+
+    def _at_eof(self, off: int) -> bool:
+        """A seqpacket socket whose peer is gone reads EOF (0 bytes) once its queue is
+        read, again and again: past every queued byte (SIOCINQ counts them all) with
+        POLLRDHUP, an empty read is that EOF (a zero-length record there is lost)."""
+        if self.type != socket.SOCK_SEQPACKET or off < self.ioctl_int(SIOCINQ):
+            return False
+        p = select.poll()
+        p.register(self.sock.fileno(), select.POLLIN | select.POLLRDHUP)
+        return bool(dict(p.poll(0)).get(self.sock.fileno(), 0) & select.POLLRDHUP)
+
+    def scm_count(self) -> int:
+        """How many files are in flight in the queue (fdinfo `scm_fds`)."""
+        from . import procfs
+
+        try:
+            raw = procfs.read_bytes(os.getpid(), "fdinfo", str(self.sock.fileno()))
+            return int(procfs.parse_fdinfo(raw).extra.get("scm_fds", "0") or 0)
+        except (OSError, ValueError):
+            return 0
 
     @contextlib.contextmanager
     def _peek_from_start(self):
@@ -463,6 +554,98 @@ class TargetSocket:
             yield
         finally:
             self.sock.setsockopt(SOL_SOCKET, SO_PEEK_OFF, old)
+
+
+SO_PASSCRED, SO_PASSPIDFD = 16, 76
+SCM_RIGHTS, SCM_CREDENTIALS, SCM_PIDFD = 1, 2, 4
+MSG_CMSG_CLOEXEC = 0x40000000
+SCM_MAX_FD = 253  # the most fds one message carries (include/net/scm.h)
+# room for 253 fds, credentials, a pidfd and a security label (SO_PASSSEC)
+ANC_SPACE = 8192
+# A stream peek's buffer: larger than any skb a unix stream send makes (half the send
+# buffer, at most SKB_MAX_HEAD + 32 KiB), so an skb that carries fds is read whole.
+STREAM_PEEK = 1 << 20
+
+
+@dataclass
+class Queued:
+    """One message (or stream segment) waiting in a unix socket, as a peek returned it."""
+
+    data: bytes
+    fds: list[int]  # ckpt's own fds of the files in flight with it (SCM_RIGHTS)
+    creds: tuple[int, int, int] | None  # (pid, uid, gid) when asked for
+    flags: int = 0
+    source: object = None
+
+
+def _recv_scm(sock: socket.socket, size: int) -> Queued:
+    """One MSG_PEEK recvmsg with room for every control message; the fds it installs
+    (SCM_RIGHTS, and the SCM_PIDFD of SO_PASSPIDFD) are close-on-exec and ckpt's."""
+    data, anc, flags, addr = sock.recvmsg(
+        size, ANC_SPACE, MSG_PEEK | MSG_DONTWAIT | MSG_CMSG_CLOEXEC
+    )
+    fds: list[int] = []
+    creds = None
+    for level, kind, raw in anc:
+        if level != SOL_SOCKET:
+            continue
+        if kind == SCM_RIGHTS:
+            fds += struct.unpack(f"={len(raw) // 4}i", raw[: len(raw) // 4 * 4])
+        elif kind == SCM_CREDENTIALS and len(raw) >= 12:
+            creds = struct.unpack("=iII", raw[:12])
+        elif kind == SCM_PIDFD and len(raw) >= 4:
+            os.close(struct.unpack("=i", raw[:4])[0])
+    if flags & MSG_CTRUNC:
+        _close_all(fds)
+        raise OSError(errno.EMSGSIZE, "the control messages of a queued message did not fit")
+    return Queued(data, fds, creds, flags, addr or None)
+
+
+def _room_for_fds(n: int) -> None:
+    """Let ckpt hold `n` more fds at once (every file in flight of a queue is installed
+    by the peeks): its soft RLIMIT_NOFILE raised towards the hard one when needed."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = len(os.listdir("/proc/self/fd")) + n + 64
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(hard, max(want, soft))
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def send_scm(
+    sock: socket.socket,
+    data: bytes,
+    fds: list[int],
+    creds: tuple[int, int, int] | None = None,
+    dest: bytes | None = None,
+) -> None:
+    """One message (a stream: one send) carrying `fds` (SCM_RIGHTS, ckpt's own fds) and
+    `creds` (SCM_CREDENTIALS: pid, uid, gid), never blocking; a stream send the kernel
+    cut short is finished without them (they went with its first skb)."""
+    anc = []
+    if creds is not None:
+        anc.append((SOL_SOCKET, SCM_CREDENTIALS, struct.pack("=iII", *creds)))
+    if fds:
+        anc.append((SOL_SOCKET, SCM_RIGHTS, struct.pack(f"={len(fds)}i", *fds)))
+    addr = None
+    if dest is not None:
+        addr = os.fsdecode(dest) if dest[:1] != b"\0" else dest
+    n = sock.sendmsg([data], anc, MSG_DONTWAIT, addr) if addr is not None else (
+        sock.sendmsg([data], anc, MSG_DONTWAIT)
+    )  # fmt: skip
+    if sock.type == socket.SOCK_STREAM and n < len(data):
+        rest = [(SOL_SOCKET, SCM_CREDENTIALS, anc[0][2])] if creds is not None else []
+        view = memoryview(data)[n:]
+        while view:
+            view = view[sock.sendmsg([view], rest, MSG_DONTWAIT) :]
 
 
 def read_option(sock: socket.socket, o: Opt) -> int | bytes:

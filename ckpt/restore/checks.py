@@ -42,6 +42,7 @@ def check_files(proc: ProcessImage) -> None:
             if v.shm >= 0 and not os.path.lexists(v.file.path):
                 continue
             check_file(v.file, f"mapped file (at {v.start:#x})", strict=v.shm < 0)
+    check_inflight(proc)
     for fd in proc.fds:
         if fd.file is not None and fd.kind != "unlinked":
             what = f"file of fd {fd.fd}"
@@ -59,6 +60,18 @@ def check_files(proc: ProcessImage) -> None:
                     f"{exc}: the process writes it at its offset, and the image holds no "
                     "copy of it (larger than the dump keeps)"
                 ) from exc
+
+
+def check_inflight(proc: ProcessImage) -> None:
+    """Files in flight in the process's unix sockets that are opened again by path
+    (restore/inflight.py): as for its own fds, before anything is built."""
+    from .inflight import must_be_unchanged
+
+    for f in proc.fds:
+        for e in f.socket.inflight if f.socket is not None else ():
+            if e.file is not None and e.kind in ("file", "dir"):
+                what = f"file in flight in socket fd {f.fd}"
+                check_file(e.file, what, strict=must_be_unchanged(e))
 
 
 def check_pidfds(proc: ProcessImage, image_pids: set[int]) -> None:

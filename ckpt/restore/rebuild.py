@@ -70,6 +70,9 @@ class RestoreContext:
 
     #: tree restore: slot → PID of the processes restored before (fds, shared memory)
     peers: dict[int, int] = field(default_factory=dict)
+    #: the tree's files in flight in unix sockets (restore/inflight.py InflightFiles);
+    #: None: the process's own
+    inflight: object = None
     #: slot → image of the processes restored before (their mappings: copy-on-write)
     peer_images: dict[int, ProcessImage] = field(default_factory=dict)
     #: tree restore: pipe ends and sockets kept for a later member (restore/fds.py)
@@ -189,11 +192,20 @@ class Rebuilder:
         first: a later member's shared fds come from an earlier one)."""
         self.finish_vmas()
         self.set_mm()
+        # files in flight in unix sockets: the tree's, or (a lone process, a staged restore
+        # that knows its image only now) the process's own (restore/inflight.py)
+        from .inflight import InflightFiles
+
+        inflight = self.ctx.inflight or InflightFiles([self.proc])
+        inflight.serve(self.pid)
         if self.proc.files_of < 0:  # else (clone(CLONE_FILES)) its fds are an earlier
             self.restore_fds()  # member's, made in their one table (close_table_holders)
+        # after the last member's fds: queues that carry files in flight are sent
+        inflight.member_done(self.inj, self.pid, self.ctx.pids or {self.proc.pid: self.pid})
         # the fds' file locks, once no temporary fd is left to close (a close of any fd of
-        # a file drops the process's POSIX locks on it): restore/locks.py
-        restore_locks(self.inj, self.proc)
+        # a file drops the process's POSIX locks on it): restore/locks.py; with files in
+        # flight, once they are sent (their temporaries closed: a shared table's too)
+        inflight.after_sending(lambda: restore_locks(self.inj, self.proc))
         self.restore_process_misc()
         restore_files_context(self)  # loginuid, chroot: after every path is used
 

@@ -107,7 +107,14 @@ class _Sockets:
             if f.kind == "socket" and f.socket and f.fd < 0 and f.peer_slot >= 0
         ]
         self.handed = {f.socket.ino for f in handed}
-        self.fds = own + handed
+        # unix sockets only messages in flight hold (capture/inflight.py): built here at a
+        # spare fd too, then left for restore/inflight.py, which sends them
+        from ..model import flying_socket
+        from .inflight import serving
+
+        flying = [dataclasses.replace(f) for f in self.proc.fds if flying_socket(f)]
+        self.flying = {f.socket.ino for f in flying}
+        self.fds = own + handed + flying
         self.by_ino: dict[int, Fd] = {f.socket.ino: f for f in self.fds}
         self.made: set[int] = set()  # inodes created and placed
         self.copies: dict[int, socket.socket] = {}
@@ -116,6 +123,13 @@ class _Sockets:
         self.v6only_moved: set[int] = set()  # IPV6_V6ONLY turned on by the bind (bind_address)
         self.paired: set[int] = set()  # unix dgram socketpairs
         self.private = PrivateNames(self.inj)  # deleted names (restore/unixnames.py)
+        # queues that carry files in flight: their data, and everything after it, wait
+        # until every fd of the tree exists (restore/inflight.py flush)
+        self.inflight = serving(self.inj.tracee.pid)  # restore/rebuild.py state_files
+        self.deferred = self.inflight is not None and any(f.socket.inflight for f in self.fds)
+        self.files: dict[int, list[int]] = {}  # socket inode → ckpt's fds of its inflight
+        self.closed_ends: dict[int, socket.socket] = {}  # a pair's closed end, until flush
+        self.gone_senders: set[int] = set()  # sockets whose messages' senders are gone
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -126,9 +140,10 @@ class _Sockets:
         return s
 
     def close(self) -> None:
-        for s in self.copies.values():
+        for s in [*self.copies.values(), *self.closed_ends.values()]:
             s.close()
         self.copies.clear()
+        self.closed_ends.clear()
         self.private.close()  # the socket files of deleted names go with it
 
     def place(self, tmp: int, f: Fd) -> None:
@@ -137,7 +152,7 @@ class _Sockets:
         tree member stays where it is (tmp is a spare number, above the image's fds)."""
         from .fds import _place
 
-        if f.socket.ino in self.handed:
+        if f.socket.ino in self.handed or f.socket.ino in self.flying:
             f.fd = tmp
         else:
             _place(self.inj, tmp, f.fd, f.cloexec)
@@ -304,15 +319,24 @@ class _Sockets:
                 reuse = int(f.socket.options.get("SO_REUSEADDR", 0) or 0)
                 tcp_repair.resume(self.copy(f), f.socket.tcp, reuse)
             self.tcp_closing(established)
-            self.unix_data()
-            self.finish()
+            if self.deferred:  # sent with their files once every fd exists
+                self.inflight.defer(self)
+            else:
+                self.unix_data()
+                self.finish()
         except OSError as exc:
             if isinstance(exc, RemoteError):
                 raise
             raise RestoreError(f"cannot restore the sockets: {exc}") from exc
         finally:
-            self.close()
+            if not self.deferred:
+                self.close()
         for f in self.fds:
+            if f.socket.ino in self.flying:
+                if self.inflight is None:
+                    raise RestoreError(f"socket:[{f.socket.ino}] in flight: nothing sends it")
+                self.inflight.socket_made(f.socket.ino, self.inj, self.inj.tracee.pid, f.fd)
+                continue
             if f.socket.ino not in self.handed:
                 self.ctx.done.add(f.fd)
                 continue
@@ -464,9 +488,32 @@ class _Sockets:
         self.place(ta, f)
         other = self.ctx.copy(tb)
         syscalls.close(inj, tb)
+        if self.deferred:  # its data waits with the rest (flush), and so does the EOF
+            self.closed_ends[f.socket.ino] = ks.adopt(other)
+            return
         with ks.adopt(other) as o:
             self.send_queue(f, o)
         # dropping ckpt's copy closes the last reference: f sees EOF after its data
+
+    def flush(self, files: dict[int, list[int]]) -> None:
+        """restore/inflight.py, once every fd of the tree exists: the queues (each message
+        with its files in flight: `files`, ckpt's fds by socket inode, in the order of its
+        in-flight table), then what follows them in run()."""
+        self.files = files
+        try:
+            for f in self.fds:
+                end = self.closed_ends.pop(f.socket.ino, None)
+                if end is not None:
+                    with end:  # its close: the EOF after the data
+                        self.send_queue(f, end)
+            self.unix_data()
+            self.finish()
+        except OSError as exc:
+            if isinstance(exc, RemoteError):
+                raise
+            raise RestoreError(f"cannot restore the sockets: {exc}") from exc
+        finally:
+            self.close()
 
     def pending(self) -> None:
         """Connections not yet accepted, re-made in the listener's queue order."""
@@ -548,22 +595,51 @@ class _Sockets:
         try:
             for m in s.queue:
                 try:
-                    self._send(s, sender, m.data, dest)
+                    self._send(s, sender, m, dest)
                 except BlockingIOError:
                     ks.grow_sndbuf(sender, sum(len(x.data) for x in s.queue))
-                    self._send(s, sender, m.data, dest)
+                    self._send(s, sender, m, dest)
         except OSError as exc:
             raise RestoreError(
                 f"cannot put the {sum(len(m.data) for m in s.queue)} queued bytes back into "
                 f"socket fd {f.fd}: {exc.strerror or exc}"
             ) from exc
 
-    @staticmethod
-    def _send(s: Socket, sender: socket.socket, data: bytes, dest) -> None:
-        if s.type == socket.SOCK_STREAM:
-            ks.send_all(sender, data, dest)
+    def _send(self, s: Socket, sender: socket.socket, m, dest) -> None:
+        """Message `m` (model.SocketMsg), with its files in flight and credentials."""
+        creds = self.creds(s, m) if m.creds else None
+        if m.fds or creds is not None:
+            table = self.files.get(s.ino, [])
+            if len(table) < len(s.inflight):
+                raise RestoreError(f"socket:[{s.ino}]: its files in flight were not made")
+            if m.fds and s.type == socket.SOCK_STREAM:  # the segment in one skb, as it was
+                ks.grow_sndbuf(sender, len(m.data))
+            ks.send_scm(sender, m.data, [table[i] for i in m.fds], creds, dest)
+        elif s.type == socket.SOCK_STREAM:
+            ks.send_all(sender, m.data, dest)
         else:
-            ks.send_message(sender, data, dest)
+            ks.send_message(sender, m.data, dest)
+
+    def creds(self, s: Socket, m) -> tuple[int, int, int]:
+        """The SCM_CREDENTIALS to send `m` with: its sender's restored PID (a member or
+        zombie of the image), its PID if that process still runs, else ckpt's (the kernel
+        takes only a live one; said once per socket), and its uid and gid."""
+        pid, uid, gid = m.creds
+        now = (getattr(self.ctx, "pids", None) or {}).get(pid)
+        if now is None and pid > 0 and os.path.exists(procfs.path(pid)):
+            now = pid
+        if now is None:
+            import sys
+
+            now = os.getpid()
+            if s.ino not in self.gone_senders:
+                self.gone_senders.add(s.ino)
+                sys.stderr.write(
+                    f"ckpt: process {self.proc.pid}: socket:[{s.ino}]: a queued message came "
+                    f"from process {pid}, gone now: it carries ckpt's PID (uid {uid}, gid "
+                    f"{gid} as they were)\n"
+                )
+        return now, uid, gid
 
     def unix_data(self) -> None:
         """Each socket's unread data, sent again from the end that sent it."""

@@ -101,6 +101,7 @@ def build_tree(
     rbs: list[Rebuilder] = []
     made: list[zombies.Made] = []  # the zombies, until they exit (restore/zombies.py)
     tcp = RebuiltConnections()  # if the restore fails, its TCP connections go silently
+    inflight = inflight_files(procs)  # files in flight: sent once every member has its fds
     parked: dict[tuple[int, int], tuple[int, int]] = {}
     memfds: dict[int, tuple[int, int]] = {}
     pids: dict[int, int] = {}  # PID at the dump → restored, members and zombies (pidfds)
@@ -112,6 +113,7 @@ def build_tree(
         """Member i's share of the tree: the members restored before it, the registries."""
         return RestoreContext(
             holder_base=bases.get(i, -1),  # a table shared with an earlier member's
+            inflight=inflight,  # the tree's files in flight (restore/inflight.py)
             peers={j: rbs[j].pid for j in range(i)},
             peer_images={j: procs[j] for j in range(i)},
             parked=parked if tree else None,
@@ -229,3 +231,10 @@ def kill_members(rbs: list[Rebuilder]) -> None:
                 with contextlib.suppress(OSError):
                     tr.wait()
                 tr.attached = False
+
+
+def inflight_files(procs: list[ProcessImage]):
+    """The tree's files in flight in unix sockets (restore/inflight.py InflightFiles)."""
+    from .inflight import InflightFiles
+
+    return InflightFiles(procs)
