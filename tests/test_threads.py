@@ -156,16 +156,17 @@ def thread_pending(pid: int) -> dict[int, tuple[str, str]]:
 
 
 @pytest.mark.parametrize(
-    "point,handlers",
-    [("seized", False), ("inject", False), ("inject-thread", False), ("read-pages", False),
-     ("inject-thread", True)],
+    "point,variant",
+    [("seized", ""), ("inject", ""), ("inject-thread", ""), ("read-pages", ""),
+     ("inject-thread", "handlers"), ("inject-thread", "blocked")],
 )  # fmt: skip
-def test_threads_dump_killed_at_fault_point(e2e, point, handlers):
+def test_threads_dump_killed_at_fault_point(e2e, point, variant):
     """ckpt SIGKILLed mid-dump, also inside one thread's own injected session (the
     threads' injected programs; with handlers on every signal a program could end on,
-    one injected syscall at a time): every thread runs on untraced with its own mask,
+    one injected syscall at a time; with those signals blocked by the threads, programs
+    ending on a signal they block): every thread runs on untraced with its own mask,
     altstack, TLS and memory intact, and no signal left pending."""
-    w = e2e.spawn("pthreads", "4", *(["handlers"] if handlers else []))
+    w = e2e.spawn("pthreads", "4", *([variant] if variant else []))
     masks = thread_masks(w.pid)
     pending = thread_pending(w.pid)
     res = e2e.dump(w.pid, e2e.path("img"), env=e2e.env(CKPT_FAULT=point))

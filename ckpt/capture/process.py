@@ -104,7 +104,10 @@ def capture_process(
         # runs as one injected program each (kernel/inject_batch.py)
         pend = {struct.unpack_from("<i", i)[0] for t in (pending, shared_pending,
                 *(o.pending for o in others)) for i in t}  # fmt: skip
-        marker = inject_batch.ignored_marker({a.signo: a.handler for a in acts}, pend)
+        blocked = 0
+        for o in others:
+            blocked |= o.sigmask
+        marker = inject_batch.ignored_marker({a.signo: a.handler for a in acts}, pend, blocked)
         others_misc = state.other_threads_misc(
             inj,
             tracee.others,

@@ -229,12 +229,6 @@ def _extent(rec: Recorder) -> int:
     return max(64, -(-len(rec.shadow) // 64) * 64)
 
 
-def _relocate(v: int, rec: Recorder, extent: int, copy: int) -> int:
-    """An argument that points into the data area, pointed into a copy of it at `copy`."""
-    lo = rec.base
-    return v - lo + copy if lo <= v < lo + extent else v
-
-
 def _run_calls(rec, main, threads, regs, masks, blob_addrs, checkpoint):
     """Each call of each thread one injected syscall, the threads' stops served as
     they come (ck_inject_many). Returns (results, data after each call), thread-major."""
@@ -309,27 +303,28 @@ def _run_calls(rec, main, threads, regs, masks, blob_addrs, checkpoint):
 # unblocked (ckpt also sets it, after pointing the registers at the program). A ckpt
 # killed at any moment leaves the thread to run the rest of its calls (reads only),
 # the marker (a signal its process ignores, so the kernel drops it), then its heal
-# code: its mask and registers back, as with one call at a time. After the stops,
-# every thread is parked again in a PTRACE_EVENT_STOP before its mask and then its
-# registers are put back (ck_leave_many): a ckpt killed in its marker stop would
-# otherwise see the marker queued again under the thread's own mask.
+# code: its mask and registers back, as with one call at a time. After the stops, each
+# thread gets its mask and then its registers back (ck_leave_many) in the marker's
+# stop, inside get_signal() like a PTRACE_EVENT_STOP: a ckpt killed there leaves the
+# marker to be delivered (ignored) on the way out. A thread whose own mask blocks the
+# marker is parked in a PTRACE_EVENT_STOP first: the kernel would queue a marker it
+# must deliver under a mask that blocks it again, pending for good.
 
 _IGNORED_BY_DEFAULT = (23, 28, 17)  # SIGURG SIGWINCH SIGCHLD
 _NEVER_MARKERS = {4, 5, 7, 8, 9, 11, 18, 19, 20, 21, 22, 31}  # sync, KILL, job control, SYS
 
 
-def ignored_marker(handlers: dict[int, int], pending: set[int]) -> int:
+def ignored_marker(handlers: dict[int, int], pending: set[int], blocked: int = 0) -> int:
     """A signal the process ignores (SIG_IGN, or SIG_DFL whose default is to ignore),
     none pending in any of its threads or in the process: a tgkill of it has no effect
     on an untraced thread, and a traced one stops for it. handlers: signal → handler of
-    the non-default actions. 0 when there is none."""
-    for sig in _IGNORED_BY_DEFAULT:
-        if handlers.get(sig, 0) in (0, 1) and sig not in pending:
-            return sig
-    for sig in range(1, 65):
-        if handlers.get(sig) == 1 and sig not in pending and sig not in _NEVER_MARKERS:
-            return sig
-    return 0
+    the non-default actions; blocked: the signals some thread blocks (one no thread
+    blocks is preferred: its threads need no parking after their programs). 0 when
+    there is none."""
+    ignored = [s for s in _IGNORED_BY_DEFAULT if handlers.get(s, 0) in (0, 1)]
+    ignored += [s for s in range(1, 65) if handlers.get(s) == 1 and s not in _NEVER_MARKERS]
+    ignored = [s for s in ignored if s not in pending]
+    return next((s for s in ignored if not blocked >> (s - 1) & 1), ignored[0] if ignored else 0)
 
 
 def _run_programs(rec, main, threads, regs, masks, marker, checkpoint):
@@ -346,26 +341,37 @@ def _run_programs(rec, main, threads, regs, masks, marker, checkpoint):
     entered: list[int] = []
     try:
         widened = INJECT_MASK & ~(1 << (marker - 1))
-        heads = []
         base = area.alloc(n * block, 64)
-        for i, t in enumerate(threads):
-            head = base + i * block
-            heal = head + table
-            copies = -(-(heal + HEAL_SIZE) // 64) * 64
-            entries = [struct.pack("<8Q", abi.NR_RT_SIGPROCMASK, 2, head + table - 64, 0, 8, 0,
-                                   0, program.NOT_RUN)]  # fmt: skip
-            data = bytearray()
-            for j, (nr, a6, before) in enumerate(rec.calls):
-                at = copies + j * extent
-                a6 = [_relocate(v, rec, extent, at) & (1 << 64) - 1 for v in a6]
-                entries.append(struct.pack("<8Q", nr, *a6, program.NOT_RUN))
-                data += before.ljust(extent, b"\0")
-            area.store(head, struct.pack("<qqqQ", t.tgid, t.pid, marker, heal))
-            area.store(head + program.HEADER, b"".join(entries))
-            area.store(head + table - 64, struct.pack("<Q", widened))
-            area.store(heal, heal_blob(resume_regs(regs[i]), masks[i]))
-            area.store(copies, bytes(data))
-            heads.append(head)
+        heads = [base + i * block for i in range(n)]
+        # one thread's block, its addresses relative to the block; `reloc`: the table's
+        # values that are addresses (each thread's are its block's)
+        copies = -(-(table + HEAL_SIZE) // 64) * 64
+        vals = [abi.NR_RT_SIGPROCMASK, 2, table - 64, 0, 8, 0, 0, program.NOT_RUN]
+        reloc = [2]
+        for j, (nr, a6, _before) in enumerate(rec.calls):
+            at, entry = copies + j * extent, len(vals)
+            vals.append(nr)
+            for m, v in enumerate(a6):
+                if rec.base <= v < rec.base + extent:  # into the data area: into copy j
+                    reloc.append(entry + 1 + m)
+                    v = v - rec.base + at
+                vals.append(v & (1 << 64) - 1)
+            vals.append(program.NOT_RUN)
+        pack = struct.Struct(f"<{len(vals)}Q").pack
+        data = b"".join(before.ljust(extent, b"\0") for _nr, _a, before in rec.calls)
+        img = bytearray(n * block)
+        for i, (t, head) in enumerate(zip(threads, heads)):
+            at = i * block
+            for m in reloc:
+                vals[m] += head
+            img[at : at + table] = (
+                struct.pack("<qqqQ", t.tgid, t.pid, marker, head + table) + pack(*vals)
+            ).ljust(table - 64, b"\0") + struct.pack("<Q", widened).ljust(64, b"\0")
+            for m in reloc:
+                vals[m] -= head
+            img[at + table : at + table + HEAL_SIZE] = heal_blob(resume_regs(regs[i]), masks[i])
+            img[at + copies : at + copies + len(data)] = data
+        area.store(base, bytes(img))
         area.flush()
         start = ffi.new("struct user_regs_struct[]", n)
         for i in range(n):
@@ -378,7 +384,8 @@ def _run_programs(rec, main, threads, regs, masks, marker, checkpoint):
                        pass_foreign=True, masks=[widened] * n)  # fmt: skip
         checkpoint()
         back = area.read_back(base)
-        program.leave_many(threads, masks, regs, park=True)
+        blocks = [bool(m >> (marker - 1) & 1) for m in masks]  # those parked first
+        program.leave_many(threads, masks, regs, park=blocks)
         entered = []
     finally:
         if entered:

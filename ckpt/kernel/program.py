@@ -292,16 +292,18 @@ def launch(tracees: list[Tracee], regs, markers: list[int], ends: list[int], *,
 
 
 def leave_many(tracees: list[Tracee], masks: list[int], regs: list[dict[str, int]],
-               xstates: list[bytes] | None = None, park: bool = False) -> None:  # fmt: skip
+               xstates: list[bytes] | None = None,
+               park: bool | list[bool] = False) -> None:  # fmt: skip
     """Each thread's signal mask, xstate (when given) and registers, from a stop inside
-    get_signal(): a thread not parked there (or every one, with park) is moved to a
-    PTRACE_EVENT_STOP first (C: ck_leave_many, every thread at once). Every thread gets
-    its turn; the first error is raised after."""
+    get_signal(): a thread not parked there (or every one, with park; those flagged in
+    a list) is moved to a PTRACE_EVENT_STOP first (C: ck_leave_many, every thread at
+    once). Every thread gets its turn; the first error is raised after."""
     n = len(tracees)
     if not n:
         return
     tids = ffi.new("int[]", [t.pid for t in tracees])
-    park_ = ffi.new("int[]", [0 if t.parked and not park else 1 for t in tracees])
+    force = park if isinstance(park, list) else [park] * n
+    park_ = ffi.new("int[]", [0 if t.parked and not f else 1 for t, f in zip(tracees, force)])
     cmasks = ffi.new("uint64_t[]", [m & _M64 for m in masks])
     cregs = ffi.new("struct user_regs_struct[]", n)
     for i, d in enumerate(regs):

@@ -6,6 +6,8 @@
  *        handlers: SIGURG, SIGWINCH and SIGCHLD get handlers (none is ignored, so a
  *        dump's per-thread injections cannot run as programs ending on one of them:
  *        kernel/inject_batch.py); a handler that runs fails the verification.
+ *        blocked: the threads block SIGURG, SIGWINCH and SIGCHLD too (a program's
+ *        marker is then a signal its thread blocks).
  *
  * Threads: "spin"   running, rewriting its own 4 MiB region and counting;
  *          "mutex"  blocked in pthread_mutex_lock on a mutex main holds;
@@ -221,6 +223,14 @@ int main(int argc, char **argv)
     add("cond", 2);
     add("sleep", 3);
     int churn = argc > 2 && strcmp(argv[2], "churn") == 0;
+    if (argc > 2 && strcmp(argv[2], "blocked") == 0) {
+        sigset_t b; /* the threads inherit it; main's own is sigsuspend's */
+        sigemptyset(&b);
+        sigaddset(&b, SIGURG);
+        sigaddset(&b, SIGWINCH);
+        sigaddset(&b, SIGCHLD);
+        sigprocmask(SIG_BLOCK, &b, NULL);
+    }
     if (argc > 2 && strcmp(argv[2], "handlers") == 0) {
         struct sigaction sa = {.sa_handler = on_unexpected, .sa_flags = SA_RESTART};
         SETUP_CHECK(sigaction(SIGURG, &sa, NULL) == 0 && sigaction(SIGWINCH, &sa, NULL) == 0 &&
