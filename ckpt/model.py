@@ -169,14 +169,50 @@ LOCK_KINDS = frozenset({"flock", "posix", "ofd", "lease"})
 
 @dataclass
 class TtyState:
-    """A terminal fd of a shell job (ckpt dump --shell-job; capture/tty.py)."""
+    """A terminal outside the dump, as a process of it used it (capture/tty.py): a shell
+    job's (kind "tty", ckpt dump --shell-job), or the pseudo-terminal of a session the
+    dump leads whose master is held outside (kind "pts" with obj_id 0, and the session
+    leader's "ctty" record), taken back only by `ckpt restore --reattach-tty`."""
 
     name: str  # the terminal, e.g. /dev/pts/3 (the fd itself may be /dev/tty)
     rdev: int  # its device number
-    ctty: bool  # it is the process's controlling terminal (the only kind dumped today)
-    pgid: int  # the job: the process's group at the dump
+    ctty: bool  # it is the process's controlling terminal
+    pgid: int  # a job: the process's group; a "ctty" record: the foreground group
     foreground: bool  # that group was the terminal's foreground process group
-    termios: bytes = b""  # struct termios (TCGETS), put back on the new terminal
+    termios: bytes = b""  # struct termios (TCGETS), put back on the terminal
+    # an outside pty to reattach: the slave inode's filesystem (its devpts) and owner,
+    # and a process that held its master at the dump (PID, start time): the same
+    # terminal only while that process still holds a master of this inode
+    dev: int = 0
+    uid: int = -1
+    gid: int = -1
+    holder: int = 0
+    holder_start: int = 0
+
+
+@dataclass
+class PtyState:
+    """A pseudo-terminal pair whose master is held in the dump (capture/tty.py): on the
+    first "ptmx" record of the master in the tree; its "pts" records (slave fds) and a
+    session leader's "ctty" record name it by obj_id. restore/tty.py makes a new pair (a
+    new /dev/pts number) with all of this."""
+
+    index: int  # N of /dev/pts/N at the dump
+    ptmx: str  # the path the master was opened through (/dev/ptmx or /dev/pts/ptmx)
+    termios: bytes  # the slave's struct termios (TCGETS on the master reads the slave's)
+    winsize: bytes  # struct winsize (8 bytes)
+    locked: bool = False  # TIOCGPTLCK: the slave cannot be opened
+    packet: bool = False  # TIOCGPKT: the master reads in packet mode
+    excl: bool = False  # TIOCGEXCL of the master
+    slave_excl: bool = False  # TIOCGEXCL of the slave (read through a slave fd of the dump)
+    slave_closed: bool = False  # its slave was opened and every slave fd closed since
+    uid: int = 0  # the slave inode's owner, group, mode and times
+    gid: int = 0
+    mode: int = 0o600
+    atime_ns: int = 0
+    mtime_ns: int = 0
+    # what the slave side wrote that the master has not read yet (after output processing)
+    output: bytes = b""
 
 
 @dataclass
@@ -209,7 +245,7 @@ class UnlinkedFile:
 class Fd:
     fd: int  # -1: an object only mappings hold (a memfd whose fds were closed)
     kind: str  # "file", "chr", "pipe", "fifo", "eventfd", "timerfd", "signalfd",
-    #            "epoll", "inotify", "memfd", "dup", "tty"
+    #            "epoll", "inotify", "memfd", "dup", "tty", "ptmx", "pts", "ctty"…
     path: str
     flags: int  # open flags without O_CLOEXEC
     cloexec: bool
@@ -245,14 +281,17 @@ class Fd:
     # process `peer_slot` (restored there first, then taken with pidfd_getfd)
     peer_slot: int = -1
     peer_fd: int = -1
-    tty: TtyState | None = None  # kind "tty"
+    tty: TtyState | None = None  # kind "tty"; "pts" and "ctty" of a terminal outside the dump
+    pty: PtyState | None = None  # kind "ptmx": on the first record of the pair's master
     pidfd: PidfdState | None = None  # kind "pidfd"
     unlinked: UnlinkedFile | None = None  # kind "unlinked": on the record holding the content
 
 
 # Fd kinds of major 6 (docs/FORMAT.md): a 5.x reader would refuse them by kind, but the
 # major says why (a newer ckpt wrote it)
-V6_FD_KINDS = frozenset({"pidfd", "unlinked", "proc", "pipe_open"})
+# ("ptmx": a pty master; "pts": a slave fd, or /dev/tty on one; "ctty": fd -1, the pty a
+# session leader has as controlling terminal: a 6.0 reader without them refuses the kinds)
+V6_FD_KINDS = frozenset({"pidfd", "unlinked", "proc", "pipe_open", "ptmx", "pts", "ctty"})
 
 # Fd.kind values a state may hold: what restore/fds.py has a handler for (its KINDS), plus
 # "dup" (another fd's open file description). Here, not read from restore/, so that

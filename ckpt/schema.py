@@ -44,6 +44,9 @@ PATH_MAX = 4096
 SIGINFO = 128  # bytes of a siginfo_t
 UNIX_PATH = 108  # sun_path
 BPF_MAXINSNS = 4096  # the longest classic BPF program a socket takes
+# what a pty queues for its master: its line discipline's 4 KiB and an 8 KiB flip buffer
+# (the kernel's limits), with room to spare
+PTY_OUTPUT_MAX = 64 << 10
 
 
 class SchemaError(ValueError):
@@ -390,7 +393,15 @@ RANGES: dict[type, dict[str, Callable[[Any], None]]] = {
     },
     m.EpollEntry: {"tfd": rng(0, FD_MAX - 1), "events": U32R, "data": U, "src_fd": FD},
     m.InotifyWatch: {"wd": rng(1, I32_MAX), "mask": U32R, "path": path(), "dev": U, "ino": U},
-    m.TtyState: {"name": path(), "rdev": U, "pgid": PID0, "termios": maxlen(256)},
+    m.TtyState: {
+        "name": path(), "rdev": U, "pgid": PID0, "termios": maxlen(256), "dev": U,
+        "uid": rng(-1, U32), "gid": rng(-1, U32), "holder": PID0, "holder_start": U,
+    },
+    m.PtyState: {
+        "index": rng(0, 1 << 20), "mode": rng(0, 0o7777), "uid": U32R, "gid": U32R,
+        "atime_ns": rng(-(1 << 62), 1 << 62), "mtime_ns": rng(-(1 << 62), 1 << 62),
+        "output": maxlen(PTY_OUTPUT_MAX),
+    },
     m.PidfdState: {"pid": rng(-1, PID_MAX), "start": U},
     m.UnlinkedFile: {"size": rng(0, I64_MAX), "mode": rng(0, 0o7777), "uid": U32R, "gid": U32R},
     m.Fd: {
@@ -511,6 +522,16 @@ def _check_memfd(s: m.MemfdState) -> None:
 
 
 PIPE_DEFAULT = 16 * PAGE  # what a new pipe holds before F_SETPIPE_SZ
+PTMX_PATHS = ("/dev/ptmx", "/dev/pts/ptmx")  # (kernel/tty.py's)
+
+
+def _check_pty(s: m.PtyState) -> None:
+    if s.ptmx not in PTMX_PATHS:
+        raise SchemaError(f"{s.ptmx[:64]!r} is not a pty multiplexer", ".ptmx")
+    if len(s.termios) != 36:  # struct termios of TCGETS
+        raise SchemaError(f"{len(s.termios)} bytes is not a struct termios", ".termios")
+    if len(s.winsize) != 8:
+        raise SchemaError(f"{len(s.winsize)} bytes is not a struct winsize", ".winsize")
 
 
 def _check_fd(f: m.Fd) -> None:
@@ -522,6 +543,14 @@ def _check_fd(f: m.Fd) -> None:
         raise SchemaError("a timerfd without its timer", ".timer")
     if f.kind == "tty" and f.tty is None:
         raise SchemaError("a terminal fd without its terminal", ".tty")
+    if f.kind == "ptmx" and not f.obj_id:
+        raise SchemaError("a pty master without the pty it names", ".obj_id")
+    if f.kind in ("pts", "ctty") and not f.obj_id and f.tty is None:
+        raise SchemaError(f"a {f.kind} record that names no pty", ".obj_id")
+    if f.kind == "ctty" and f.fd != -1:
+        raise SchemaError("a controlling terminal record with an fd number", ".fd")
+    if f.pty is not None and f.kind != "ptmx":
+        raise SchemaError(f"pty state on a {f.kind} record", ".pty")
     if f.kind == "pidfd" and (f.pidfd is None or f.pidfd.pid == 0):
         raise SchemaError("a pidfd without the process it names", ".pidfd")
     if f.kind == "unlinked" and (f.file is None or (f.fd < 0 and f.unlinked is None)):
@@ -532,7 +561,7 @@ def _check_fd(f: m.Fd) -> None:
         raise SchemaError("a dup of no fd", ".dup_of")
     if f.kind == "peer" and (f.peer_slot < 0 or f.peer_fd < 0):
         raise SchemaError("a shared fd that names no process or fd", ".peer_slot")
-    if f.fd < 0 and f.kind not in ("memfd", "socket", "unlinked"):
+    if f.fd < 0 and f.kind not in ("memfd", "socket", "unlinked", "ctty"):
         raise SchemaError(f"fd number -1 for a {f.kind}", ".fd")
     if f.data:  # buffered bytes of a pipe/FIFO must fit the pipe made again
         cap = f.pipe_size or PIPE_DEFAULT
@@ -697,8 +726,21 @@ def _check_root(root: m.ProcessImage) -> None:
                     f"slot {f.peer_slot} of {len(members)}", f"{where}.fds[{i}].peer_slot"
                 )
             _check_fd_state(f, slot, f"{where}.fds[{i}]")
+        _check_ptys(members, p, where)
         if p.files_of >= slot:  # shares the table of an earlier member (clone CLONE_FILES)
             raise SchemaError(f"slot {p.files_of}, not before {slot}", f"{where}.files_of")
+
+
+def _check_ptys(members: list[m.ProcessImage], p: m.ProcessImage, where: str) -> None:
+    """Every pty a slave fd or a controlling terminal names is one whose master the image
+    holds (its state on a "ptmx" record); one controlling terminal, on a session leader."""
+    made = {f.obj_id for q in members for f in q.fds if f.kind == "ptmx" and f.pty is not None}
+    for i, f in enumerate(p.fds):
+        if f.kind in ("pts", "ctty", "ptmx") and f.obj_id and f.obj_id not in made:
+            raise SchemaError(f"pty {f.obj_id} is not in the image", f"{where}.fds[{i}].obj_id")
+    cttys = [i for i, f in enumerate(p.fds) if f.kind == "ctty"]
+    if len(cttys) > 1 or (cttys and p.sid != p.pid):
+        raise SchemaError("a controlling terminal of a process that leads no session", where)
 
 
 def _check_fd_state(f: m.Fd, slot: int, where: str) -> None:
@@ -730,6 +772,7 @@ CHECKS: dict[type, Callable[[Any], None]] = {
     m.MemfdState: _check_memfd,
     m.UnlinkedFile: _check_memfd,  # the same rule: extents inside the size
     m.Fd: _check_fd,
+    m.PtyState: _check_pty,
     m.FileLock: _check_lock,
     m.Socket: _check_socket,
     m.McastGroup: _check_mcast,

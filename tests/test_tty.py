@@ -328,17 +328,58 @@ def test_restore_needs_shell_job_and_a_terminal(e2e, ttys, workload_bins):
     assert dir_digest(image) == digest, "a failed restore modified the image"
 
 
-def test_session_leader_of_its_terminal_refused(e2e, ttys, workload_bins):
-    """A process that owns its terminal (a shell, a daemon with its own pty) is no job."""
+def test_session_leader_reattached_to_its_terminal(e2e, ttys, workload_bins):
+    """A process that owns its terminal (a shell, a daemon with its own pty) whose master
+    is held outside the dump (here by the test, as a terminal window would) is dumped;
+    `restore --reattach-tty` makes that same terminal its controlling terminal again,
+    with the modes it had, only while no other session has it. Without the flag the
+    restore is refused, and a terminal that is gone is not taken."""
     a = ttys.pty()
     leader = run_on(e2e, a, LEADER, [str(workload_bins["ttyjob"])], e2e.path("ttyjob"))
     _, ready = a.wait_line("READY", leader)
     pid = int(ready["pid"])
     assert pid == leader.pid
-    for extra in ((), ("--shell-job",)):
-        res = e2e.dump(pid, e2e.path("img"), *extra)
-        assert_error(res, 5, "fd 0", a.name, "session leader")
-    wait_until(lambda: untraced_and_running(pid), what="the process to run on untraced")
+    image = e2e.path("img")
+    res = e2e.dump(pid, image, "--shell-job")  # the flag is for jobs: a leader is not one
+    assert res.returncode == 0, str(res)
+    leader.wait(DEADLINE)
+    digest = dir_digest(image)
+    res = e2e.ckpt("restore", "-D", str(image))
+    assert_error(res, 2, a.name, "--reattach-tty")
+    # another session has the terminal now: it is not taken from it
+    other = run_on(e2e, a, LEADER, ["/bin/sleep", "600"], e2e.path("other"))
+    wait_until(lambda: job_fields(other.pid)["tty"] == os.fstat(a.slave).st_rdev,
+               what="the other session to take the terminal")  # fmt: skip
+    res = e2e.ckpt("restore", "--reattach-tty", "-D", str(image))
+    assert_error(res, 11, a.name, "controlling terminal of process", str(other.pid))
+    other.kill()
+    other.wait(DEADLINE)
+    attrs = termios.tcgetattr(a.slave)
+    attrs[3] |= termios.ECHO  # changed since the dump: the session's modes come back
+    termios.tcsetattr(a.slave, termios.TCSANOW, attrs)
+    bg = e2e.ckpt_bg("restore", "--reattach-tty", "-D", str(image))
+    restored(e2e, pid, a, bg)
+    fields = job_fields(pid)
+    assert fields["session"] == pid and fields["pgrp"] == pid, fields
+    assert fields["tty"] == os.fstat(a.slave).st_rdev, fields
+    assert a.fg() == pid
+    assert not a.echo(), "the session's terminal modes (ECHO off) were not put back"
     a.type("ping tok9\n")
-    _, pong = a.wait_line("PONG", leader)
-    assert pong["got"] == "tok9"
+    _, pong = a.wait_line("PONG", timeout=DEADLINE)
+    assert pong == {"pid": str(pid), "got": "tok9"}, pong
+    assert dir_digest(image) == digest, "restore modified the image"
+
+    # the terminal is gone by the restore (its master closed): not taken, exit 11
+    b = ttys.pty()
+    leader = run_on(e2e, b, LEADER, [str(workload_bins["ttyjob"])], e2e.path("ttyjob"))
+    _, ready = b.wait_line("READY", leader)
+    image = e2e.path("img")
+    res = e2e.dump(int(ready["pid"]), image)
+    assert res.returncode == 0, str(res)
+    leader.wait(DEADLINE)
+    name = b.name
+    b.close()
+    b.master = b.slave = -1  # closed: the fixture must not close the numbers again
+    res = e2e.ckpt("restore", "--reattach-tty", "-D", str(image))
+    assert_error(res, 11, name)
+    assert_no_process(int(ready["pid"]))

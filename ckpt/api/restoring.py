@@ -47,6 +47,10 @@ class RestoreOptions:
     #: fds 0-2 that led outside the dump (a log pipe, journald's socket) → the fd of
     #: this process they get; by default each gets this process's own fd of that number
     inherit_fds: dict[int, int] | None = None
+    #: a session's terminal outside the image (a shell's terminal window, an sshd pty):
+    #: take that same terminal back as its controlling terminal, if it is still open and
+    #: no other session has it (restore/tty.py); without it such an image is refused
+    reattach_tty: bool = False
 
 
 def restore(directory: str, options: RestoreOptions | None = None, **fields) -> Restored:
@@ -97,7 +101,7 @@ def run_restore(directory: str, opts: RestoreOptions) -> Restored:
     procs = members(proc)
     terminal = None
     try:
-        check_image(procs, shell_job)
+        check_image(procs, shell_job, opts.reattach_tty)
         if detach:
             check_detach(proc)
         terminal = Terminal.find() if shell_job else None
@@ -112,7 +116,7 @@ def run_restore(directory: str, opts: RestoreOptions) -> Restored:
     try:
         rbs = build_tree(
             child, proc, new_pid, lambda slot, p, mem_fd: _write_pages(reader, slot, p, mem_fd),
-            terminal, lambda shared: shared.fill(reader), inherit_fds,
+            terminal, lambda shared: shared.fill(reader), inherit_fds, opts.reattach_tty,
         )  # fmt: skip
     except BaseException as exc:
         with contextlib.suppress(ProcessLookupError):

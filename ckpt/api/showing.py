@@ -54,8 +54,13 @@ def show(directory: str) -> dict:
         for f in proc.fds
     ]
     for rec, f in zip(fds, proc.fds):
-        if f.tty is not None:  # a shell job's terminal (capture/tty.py)
+        if f.tty is not None:  # a shell job's terminal, or one outside the dump (capture/tty.py)
             rec["tty"] = {"name": f.tty.name, "pgid": f.tty.pgid, "foreground": f.tty.foreground}
+        if f.pty is not None:  # a pty pair of the dump, on its master's first record
+            rec["pty"] = {
+                "name": f"/dev/pts/{f.pty.index}", "packet": f.pty.packet,
+                "locked": f.pty.locked, "output": len(f.pty.output),
+            }  # fmt: skip
     t = proc.threads[0]
     return {
         "image": os.path.abspath(directory),

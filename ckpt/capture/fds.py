@@ -37,7 +37,8 @@ def capture_fds(
     scan = fd_kinds.FdScan(pid, tree)
     held: dict[int, bytes] = {}  # fd → its fdinfo, when it lists locks (capture/locks.py)
     try:
-        out = _capture(scan, pid, skip, sockets, tcp_established, shell_job, held)
+        out = _capture(scan, pid, skip, sockets, tcp_established, shell_job, held, check_only)
+        tty.finish(scan, out)  # a session leader's controlling pty: a "ctty" record
         maps = procfs.maps(pid)
         fd_kinds.finish(scan, out, maps)
         unlinked.finish(scan, out, maps)  # unlinked files: content once, fds or mappings
@@ -62,6 +63,7 @@ def _capture(
     tcp_established: bool,
     shell_job: bool = False,
     held: dict[int, bytes] | None = None,
+    check_only: bool = False,
 ) -> list[Fd]:
     out: list[Fd] = []
     seen: dict[tuple[int, int], list[int]] = {}
@@ -127,7 +129,8 @@ def _capture(
             continue
         if (modes := tty.termios_of(scan, fd, st)) is not None:  # terminals: capture/tty.py
             rec = Fd(fd=fd, kind="tty", path=target, flags=flags, cloexec=cloexec, pos=0)
-            out.append(tty.capture(scan, rec, st, modes, shell_job=shell_job))
+            out.append(tty.capture(scan, rec, st, modes, shell_job=shell_job,
+                                   check_only=check_only))  # fmt: skip
             continue
         if statmod.S_ISSOCK(st.st_mode):  # sockets: capture/sockets.py
             try:

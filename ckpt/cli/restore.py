@@ -73,6 +73,13 @@ def inherit_fds(specs: tuple[str, ...]) -> dict[int, int]:
     "foreground; ckpt takes the terminal back when it exits.",
 )
 @click.option(
+    "--reattach-tty",
+    is_flag=True,
+    help="A session of the image had a terminal outside it (a shell's terminal window, "
+    "an sshd pty): make that same terminal its controlling terminal again, if it is still "
+    "open, unchanged and no other session has it.",
+)
+@click.option(
     "--inherit-fd",
     "inherit",
     multiple=True,
@@ -89,6 +96,7 @@ def restore(
     detach: bool,
     new_pid: bool,
     shell_job: bool,
+    reattach_tty: bool,
     inherit: tuple[str, ...],
     as_json: bool,
 ) -> None:
@@ -104,13 +112,15 @@ def restore(
     sid = None
     if store is not None:
         r, sid = api.restore_snapshot(
-            store, at, new_pid=new_pid, shell_job=shell_job, detach=detach, inherit_fds=fds
-        )
+            store, at, new_pid=new_pid, shell_job=shell_job, detach=detach, inherit_fds=fds,
+            reattach_tty=reattach_tty,
+        )  # fmt: skip
         app.status(f"restored snapshot {sid} of {store}")
     else:
         r = api.restore(
-            directory, new_pid=new_pid, shell_job=shell_job, detach=detach, inherit_fds=fds
-        )
+            directory, new_pid=new_pid, shell_job=shell_job, detach=detach, inherit_fds=fds,
+            reattach_tty=reattach_tty,
+        )  # fmt: skip
     for pid, fd, what, mine in r.externals:
         app.status(f"fd {fd} of {pid} led outside the dump ({what}): now this ckpt's fd {mine}")
     if as_json:

@@ -51,6 +51,15 @@ MFD_ALLOW_SEALING = 2
 EPOLL_CTL_ADD = 1
 TFD_IOC_SET_TICKS = 0x40085400  # _IOW('T', 0, u64)
 
+# -- terminals (capture/tty.py, restore/tty.py) ----------------------------------------------
+TCGETS, TCSETS, TIOCEXCL, TIOCSCTTY, TIOCGPGRP = 0x5401, 0x5402, 0x540C, 0x540E, 0x540F
+TIOCSPGRP = 0x5410
+TIOCOUTQ, TIOCGWINSZ, TIOCSWINSZ, FIONREAD, TIOCPKT = 0x5411, 0x5413, 0x5414, 0x541B, 0x5420
+TIOCSETD, TIOCGETD, TIOCGSID, TIOCGPTPEER = 0x5423, 0x5424, 0x5429, 0x5441
+TIOCGPTN, TIOCSPTLCK, TIOCGPKT = 0x80045430, 0x40045431, 0x80045438  # _IOR/_IOW('T', n, int)
+TIOCGPTLCK, TIOCGEXCL, TIOCGLCKTRMIOS = 0x80045439, 0x80045440, 0x5456
+N_TTY = 0  # the line discipline of every terminal until TIOCSETD
+
 # -- sockets ---------------------------------------------------------------------------------
 AF_UNIX = 1
 SOCK_NONBLOCK, SOCK_CLOEXEC = O_NONBLOCK, O_CLOEXEC

@@ -29,7 +29,7 @@ from ..model import Fd, ProcessImage
 from . import hostfs, written
 from .checks import outside_pidfd_gone
 from .sockets import restore_socket_end, restore_sockets
-from .tty import restore_tty
+from .tty import Ptys, restore_ctty, restore_ptmx, restore_pts, restore_tty
 from .unlinked import UnlinkedFiles, restore_unlinked
 
 MAX_WD_TRIES = 1 << 20
@@ -197,6 +197,7 @@ def restore_fds(
     externals: dict[int, int] | None = None,
     pids: dict[int, int] | None = None,
     unlinked: UnlinkedFiles | None = None,
+    ptys: Ptys | None = None,
 ) -> None:
     """peers: for a process tree, the PIDs of the processes restored before this one;
     parked: the tree's pipe ends kept for a later member (the caller closes them
@@ -204,9 +205,12 @@ def restore_fds(
     externals: fd that led outside the dump → the fd of this ckpt it becomes;
     pids: every process of the image (tree members, zombies) → its restored PID, all
     forked by now (pidfds name them); unlinked: the tree's unlinked files
-    (restore/unlinked.py)."""
+    (restore/unlinked.py);
+    ptys: the tree's pty pairs (restore/tty.py; None: this process's own, locked and let
+    go at the end)."""
     ctx = _Ctx(inj, proc, peers, parked, terminal, externals, pids)
     ctx.unlinked = unlinked if unlinked is not None else UnlinkedFiles([proc])
+    ctx.ptys = ptys if ptys is not None else Ptys([proc])
     top, n = _top(proc), len(ctx.holders)
     if top > 0:
         syscalls.close_range(inj, 0, top - 1, 0)
@@ -239,8 +243,12 @@ def restore_fds(
                 syscalls.fcntl(inj, ctx.holders[fd.obj_id], abi.F_ADD_SEALS, fd.memfd.seals)
         if n:
             syscalls.close_range(inj, top, top + n - 1, 0)
+        if ptys is None:
+            ctx.ptys.finish()
     finally:
         ctx.close()
+        if ptys is None:
+            ctx.ptys.close()
 
 
 # ---------------------------------------------------------------- shared fd tables
@@ -779,6 +787,9 @@ KINDS = {
     "socket": restore_sockets,  # restore/sockets.py: every socket at the first one
     "socket_end": restore_socket_end,  # a tree member's socket, rebuilt by an earlier one
     "tty": restore_tty,  # restore/tty.py: the terminal ckpt runs on (--shell-job)
+    "ptmx": restore_ptmx,  # restore/tty.py: a pty pair made again, its master
+    "pts": restore_pts,  # its slave (or /dev/tty, or an outside terminal: --reattach-tty)
+    "ctty": restore_ctty,  # (fd -1: the session leader took it with its session)
     "pidfd": _pidfd,
     "unlinked": restore_unlinked,  # restore/unlinked.py: made again with O_TMPFILE
     "proc": _proc,

@@ -41,7 +41,7 @@ from .locks import restore_locks
 from .security import enter_cgroups, restore_files_context
 from .security import restore_creds as restore_security_creds
 from .shm import Owner, SharedObjects
-from .tty import Terminal
+from .tty import Ptys, Terminal, attach_ctty
 from .unlinked import UnlinkedFiles
 
 # VmFlags set by madvise → the advice that sets them again
@@ -97,6 +97,9 @@ class RestoreContext:
     #: the tree's unlinked files, and where each was made (restore/unlinked.py); None:
     #: the process's own
     unlinked: UnlinkedFiles | None = None
+    #: the image's pty pairs made again, and restore --reattach-tty (restore/tty.py);
+    #: None: a lone process's own (the staged restore takes no controlling terminal)
+    ptys: Ptys | None = None
 
 
 class Rebuilder:
@@ -157,6 +160,7 @@ class Rebuilder:
         if self.proc.sid == self.proc.pid and not self.ctx.shell_job:
             syscalls.setsid(self.inj)
             self.session_done = True
+            attach_ctty(self.inj, self.proc, self.ctx.ptys)  # its pty, before its children
 
     def close(self) -> None:
         if self.mem_fd >= 0:
@@ -644,7 +648,8 @@ class Rebuilder:
     def restore_fds(self) -> None:
         c = self.ctx
         restore_fds(self.inj, self.proc, c.peers, c.parked, c.terminal, c.externals,
-                    c.pids or {self.proc.pid: self.pid}, self.unlinked)  # fmt: skip
+                    c.pids or {self.proc.pid: self.pid}, self.unlinked,
+                    ptys=c.ptys)  # fmt: skip
 
     def restore_process_misc(self) -> None:
         p, inj = self.proc, self.inj
@@ -654,6 +659,7 @@ class Rebuilder:
         elif p.sid == p.pid:
             if not self.session_done:
                 syscalls.setsid(inj)
+                attach_ctty(inj, p, self.ctx.ptys)  # restore/tty.py
         elif p.pgid == p.pid:
             syscalls.setpgid(inj, 0, 0)
         syscalls.prctl(inj, abi.PR_SET_NAME, inj.cstr(p.comm[:15]), 0, 0, 0)

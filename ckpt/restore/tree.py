@@ -37,7 +37,7 @@ from .rebuild import Rebuilder, RestoreContext
 from .security import check as check_security
 from .shm import SharedObjects, check_not_in_use, check_objects
 from .sockets import RebuiltConnections
-from .tty import Terminal, job_modes
+from .tty import Ptys, Terminal, foreground, job_modes
 from .unlinked import UnlinkedFiles
 
 
@@ -89,12 +89,14 @@ def build_tree(
     terminal: Terminal | None = None,
     fill_shared: Callable[[SharedObjects], None] | None = None,
     externals: dict[int, int] | None = None,
+    reattach_tty: bool = False,
 ) -> list[Rebuilder]:
     """Turn the parked restorer `root_pid` and its forks into the tree; returns the
     Rebuilders (closed by the caller). write_pages(slot, image, mem_fd); then
     fill_shared(objects) once every member has mapped the shared memory objects.
     terminal: restore --shell-job (restore/tty.py): the tree is a job of ckpt's terminal.
-    externals: fds 0-2 that led outside the dump → the fd of this ckpt they get."""
+    externals: fds 0-2 that led outside the dump → the fd of this ckpt they get.
+    reattach_tty: restore --reattach-tty (a session's terminal outside the image)."""
     procs = members(root)
     slot = {p.pid: i for i, p in enumerate(procs)}
     bases = table_holder_bases(procs)  # members sharing a table (clone(CLONE_FILES))
@@ -107,6 +109,7 @@ def build_tree(
     pids: dict[int, int] = {}  # PID at the dump → restored, members and zombies (pidfds)
     unlinked = UnlinkedFiles(procs)  # made once for the tree (restore/unlinked.py)
     shared = SharedObjects(root.shm)
+    ptys = Ptys(procs, reattach_tty)  # pty pairs made again; ckpt holds the masters
     tree = len(procs) > 1
 
     def context(i: int) -> RestoreContext:
@@ -124,6 +127,7 @@ def build_tree(
             shell_job=i == 0 and terminal is not None,
             pids=pids,
             unlinked=unlinked,
+            ptys=ptys,
         )
 
     try:
@@ -161,6 +165,8 @@ def build_tree(
             syscalls.close(by_pid[pid].inj, fd)
         faults.fail("restore-files")
         _process_groups(rbs, made)
+        foreground(rbs, made)  # each session's pty: its foreground group (restore/tty.py)
+        ptys.finish()  # then their locks: no slave is opened after this
         zombies.exit_all(made)  # before the parents' signals: their SIGCHLD is taken back
         for rb in rbs:
             rb.state_rest()
@@ -182,6 +188,7 @@ def build_tree(
         raise
     finally:
         tcp.close()
+        ptys.close()
     _remove_doomed_segments(procs)
     return rbs
 
