@@ -11,7 +11,7 @@ from ..errors import UnsupportedProcess
 from ..kernel import inject_batch, procfs
 from ..kernel.process import auxv_bytes, get_robust_list, personality, rlimits
 from ..kernel.procfs import Mapping
-from ..kernel.ptrace import Tracee
+from ..kernel.ptrace import Tracee, read_states
 from ..kernel.remote import DumpInjection
 from ..model import MmFields, ProcessImage, Rseq, Thread
 from . import attrs, state
@@ -31,18 +31,21 @@ def check_arch(pid: int, regs: dict[str, int]) -> None:
         )
 
 
-def _thread_regs(t: Tracee) -> Thread:
-    """A non-leader thread's state readable by ptrace; the injected parts come later."""
-    regs = t.getregs()
-    check_arch(t.pid, regs)
-    rseq = t.rseq_config()
-    return Thread(
-        tid=t.pid, regs=regs, xstate=t.get_xstate(), sigmask=t.get_sigmask(),
-        pending=t.peek_siginfo(False), sigaltstack=[0, 2, 0],
-        rseq=Rseq(rseq.ptr, rseq.size, rseq.signature) if rseq else None,
-        robust_list=list(get_robust_list(t.pid)), clear_child_tid=0,
-        comm=t.stat().comm,  # stat's (comm) is /proc/TID/comm's text
-    )  # fmt: skip
+def _threads_regs(threads: list[Tracee]) -> list[Thread]:
+    """The non-leader threads' state readable by ptrace (read in one call for all of
+    them: kernel/ptrace.read_states); the injected parts come later."""
+    out = []
+    for t, s in zip(threads, read_states(threads), strict=True):
+        check_arch(t.pid, s.regs)
+        rseq = s.rseq
+        out.append(Thread(
+            tid=t.pid, regs=s.regs, xstate=s.xstate, sigmask=s.sigmask, pending=s.pending,
+            sigaltstack=[0, 2, 0],
+            rseq=Rseq(rseq.ptr, rseq.size, rseq.signature) if rseq else None,
+            robust_list=list(s.robust_list), clear_child_tid=0,
+            comm=t.stat().comm,  # stat's (comm) is /proc/TID/comm's text
+        ))  # fmt: skip
+    return out
 
 
 def capture_process(
@@ -70,7 +73,7 @@ def capture_process(
     regs = tracee.getregs()
     check_arch(pid, regs)
     mask = tracee.get_sigmask()
-    others = [_thread_regs(t) for t in tracee.others]
+    others = _threads_regs(tracee.others)
     xstate = tracee.get_xstate()
     rseq = tracee.rseq_config()
     pending = tracee.peek_siginfo(False)

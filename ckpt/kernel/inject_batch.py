@@ -360,6 +360,7 @@ def _run_programs(rec, main, threads, regs, masks, marker, checkpoint):
         pack = struct.Struct(f"<{len(vals)}Q").pack
         data = b"".join(before.ljust(extent, b"\0") for _nr, _a, before in rec.calls)
         img = bytearray(n * block)
+        resume = [resume_regs(r) for r in regs]
         for i, (t, head) in enumerate(zip(threads, heads)):
             at = i * block
             for m in reloc:
@@ -369,13 +370,13 @@ def _run_programs(rec, main, threads, regs, masks, marker, checkpoint):
             ).ljust(table - 64, b"\0") + struct.pack("<Q", widened).ljust(64, b"\0")
             for m in reloc:
                 vals[m] -= head
-            img[at + table : at + table + HEAL_SIZE] = heal_blob(resume_regs(regs[i]), masks[i])
+            img[at + table : at + table + HEAL_SIZE] = heal_blob(resume[i], masks[i])
             img[at + copies : at + copies + len(data)] = data
         area.store(base, bytes(img))
         area.flush()
         start = ffi.new("struct user_regs_struct[]", n)
         for i in range(n):
-            start[i] = dict_to_regs(resume_regs(regs[i]))[0]
+            start[i] = dict_to_regs(resume[i])[0]
             r, head = start[i], heads[i]
             r.rip, r.rbx, r.r12, r.r13 = area.code, head + program.HEADER, k + 1, head
             r.orig_rax = (1 << 64) - 1

@@ -98,6 +98,8 @@ def outside_pidfd_gone(pid: int, fd: Fd) -> str:
 def wait_pid_free(pid: int, timeout: float = 5.0) -> None:
     """A just-killed original may linger as a zombie until its parent reaps it: wait for
     that (saying so, in one line on stderr), at most `timeout` seconds."""
+    if not os.path.lexists(procfs.path(pid)):  # free (most are: one per thread to check)
+        return
     deadline = time.monotonic() + timeout
     said = False
     while True:

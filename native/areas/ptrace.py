@@ -19,6 +19,14 @@ INCLUDES = """
 """
 
 TYPES = """
+struct ck_thread_state {
+    int regs_err, xstate_err, mask_err, rseq_err, robust_err, pending_err;
+    long xstate_len;
+    uint64_t mask;
+    uint64_t rseq[3];           /* ptr, size | signature << 32, flags */
+    uint64_t robust[2];         /* head, len */
+    int npending;               /* -1: 32 or more: read them again one by one */
+};
 struct user_regs_struct {
     unsigned long r15, r14, r13, r12, rbp, rbx, r11, r10, r9, r8;
     unsigned long rax, rcx, rdx, rsi, rdi, orig_rax, rip, cs, eflags, rsp, ss;
@@ -47,6 +55,8 @@ int ck_leave_many(int n, const int *tids, const int *park, const uint64_t *masks
                   int *states, int *statuses);
 int ck_seize_many(int n, const int *tids, long opts, int *states, int *stops,
                   int *attached);
+void ck_thread_states(int n, const int *tids, struct user_regs_struct *regs, char *xstate,
+                      size_t xsize, char *pending, struct ck_thread_state *out);
 """
 
 CUSTOMIZATIONS = """
@@ -369,5 +379,50 @@ int ck_seize_many(int n, const int *tids, long opts, int *states, int *stops, in
         }
     }
     return 0;
+}
+
+struct ck_thread_state {
+    int regs_err, xstate_err, mask_err, rseq_err, robust_err, pending_err;
+    long xstate_len;
+    uint64_t mask;
+    uint64_t rseq[3];           /* ptr, size | signature << 32, flags */
+    uint64_t robust[2];         /* head, len */
+    int npending;               /* -1: 32 or more: read them again one by one */
+};
+
+/* What ptrace shows of each of n stopped threads (capture/process.py, one call for all
+   of them instead of six per thread): registers, xstate (xsize bytes each at xstate +
+   i * xsize), signal mask, rseq configuration, robust list, and up to 31 private
+   pending siginfos (128 bytes each at pending + i * 32 * 128). Each *_err is 0 or the
+   -errno of its call. */
+void ck_thread_states(int n, const int *tids, struct user_regs_struct *regs, char *xstate,
+                      size_t xsize, char *pending, struct ck_thread_state *out)
+{
+    for (int i = 0; i < n; i++) {
+        struct ck_thread_state *o = &out[i];
+        int tid = tids[i];
+        memset(o, 0, sizeof(*o));
+        o->regs_err = ptrace(PTRACE_GETREGS, tid, 0, &regs[i]) < 0 ? -errno : 0;
+        struct iovec iov = { xstate + (size_t)i * xsize, xsize };
+        if (ptrace(PTRACE_GETREGSET, tid, (void *)(long)0x202, &iov) < 0) o->xstate_err = -errno;
+        else o->xstate_len = (long)iov.iov_len;
+        if (ptrace(PTRACE_GETSIGMASK, tid, (void *)8, &o->mask) < 0) o->mask_err = -errno;
+        unsigned char rs[24];
+        memset(rs, 0, sizeof(rs));
+        if (ptrace(0x420f /* PTRACE_GET_RSEQ_CONFIGURATION */, tid, (void *)24, rs) < 0) {
+            o->rseq_err = -errno;
+        } else {
+            memcpy(&o->rseq[0], rs, 8);
+            memcpy(&o->rseq[1], rs + 8, 8);
+            memcpy(&o->rseq[2], rs + 16, 8);
+        }
+        long r = syscall(SYS_get_robust_list, tid, &o->robust[0], &o->robust[1]);
+        if (r < 0) o->robust_err = -errno;
+        struct { uint64_t off; uint32_t flags; int32_t nr; } arg = { 0, 0, 32 };
+        long k = ptrace(0x4209 /* PTRACE_PEEKSIGINFO */, tid, &arg,
+                        pending + (size_t)i * 32 * 128);
+        if (k < 0) o->pending_err = -errno;
+        else o->npending = k >= 32 ? -1 : (int)k;
+    }
 }
 """
