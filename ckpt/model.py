@@ -832,10 +832,28 @@ class TcpConn:
 TCP_STATES = frozenset({1, 4, 5, 8, 9, 11})
 
 
+@dataclass
+class TcpClosed:
+    """A TCP socket in state CLOSE after a connection or a connect that failed (the
+    kernel's tcp_done: a reset, a timeout, both FINs acknowledged, a refused SYN),
+    which its process still holds: what it can observe of it (capture/sockets.py
+    _tcp_closed; rebuilt by kernel/tcp_closed.py; format 6). The shutdown bits are
+    Socket.shutdown, the local name Socket.local."""
+
+    handshake: bool  # the connection had been established (else its SYN was refused)
+    error: int = 0  # the error pending (SO_ERROR), not read by the process yet
+    fin: bool = False  # the peer's FIN had arrived: recv gives 0 before the error
+    port_held: bool = False  # bound explicitly (or accepted): it keeps its port
+    disconnected: bool = False  # connect(AF_UNSPEC) since (a failed blocking connect)
+    inq: bytes = b""  # received, not read by the process yet (a reset keeps it)
+    mss: int = 0  # its MSS as the connection left it (tcpi_snd_mss; TCP_MAXSEG reads it)
+
+
 def tcp_closing(fd: dict[str, Any]) -> bool:
-    """A socket fd record (as to_dict gives it) whose TCP connection is not ESTABLISHED."""
-    tcp = (fd.get("socket") or {}).get("tcp") or {}
-    return tcp.get("state", 1) != 1
+    """A socket fd record (as to_dict gives it) whose TCP connection is not ESTABLISHED
+    (closing, or closed: a 5.x reader would bind a closed one to its old port)."""
+    s = fd.get("socket") or {}
+    return (s.get("tcp") or {}).get("state", 1) != 1 or s.get("state") == "closed"
 
 
 # the socket options a 5.x reader sets (it skips any other name without a word)
@@ -892,7 +910,8 @@ class Socket:
     """One socket, named by its inode so that several fds or processes can share it.
 
     state: "unbound", "bound", "listen", "connected" (unix), "pending" (unix,
-    connected to a listener that has not accepted it yet), "established" (TCP).
+    connected to a listener that has not accepted it yet), "established" (TCP),
+    "closed" (TCP in state CLOSE after a connection: `closed`).
     Addresses: unix names are bytes (b"\\0..." abstract); inet ones [host, port,...].
     """
 
@@ -907,7 +926,7 @@ class Socket:
     listener_ino: int = 0  # "pending"/accepted: the listening socket it came through
     backlog: int = 0
     pending: list[int] = field(default_factory=list)  # unix listener: clients waiting, in order
-    shutdown: int = 0  # unix, UDP: RCV_SHUTDOWN 1 | SEND_SHUTDOWN 2 (UDP: format 6)
+    shutdown: int = 0  # RCV_SHUTDOWN 1 | SEND_SHUTDOWN 2 (UDP, TCP: format 6)
     peer_closed: bool = False
     accepted: bool = False  # unix stream: the accept()ed end of a connection
     name_file: list[int] | None = None  # unix path: [mode, uid, gid] of the socket file
@@ -928,3 +947,4 @@ class Socket:
     peek_off: int = -1
     queue: list[SocketMsg] = field(default_factory=list)  # received, not yet read
     tcp: TcpConn | None = None
+    closed: TcpClosed | None = None  # state "closed" (TCP; format 6)

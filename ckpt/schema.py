@@ -440,6 +440,7 @@ RANGES: dict[type, dict[str, Callable[[Any], None]]] = {
         "snd_wscale": rng(0, 14), "rcv_wscale": rng(0, 14), "timestamp": U32R,
         "window": each(0, U32, n=5), "state": _tcp_state,
     },
+    m.TcpClosed: {"error": rng(0, 4095), "mss": rng(0, 65535)},  # an errno
     m.Socket: {
         "ino": U, "family": rng(0, 255), "type": rng(0, 15), "protocol": rng(0, 255),
         "peer_ino": U, "listener_ino": U, "backlog": rng(0, I32_MAX), "pending": each(0, U64),

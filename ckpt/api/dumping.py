@@ -200,7 +200,7 @@ class _DumpRun:
             trk, self.mode = once, "once"
         if self.mode != "none":  # refuse now, not after the rounds (a plain dump freezes at once)
             preflight(pid, tree=opts.tree, tcp_established=opts.tcp_established,
-                      shell_job=opts.shell_job)  # fmt: skip
+                      shell_job=opts.shell_job, consume_errors=not opts.leave_running)  # fmt: skip
         target = Target(pid, st.starttime)
         self.trk = trk
         sink = hooks.sink
@@ -213,7 +213,7 @@ class _DumpRun:
         frozen: FrozenTree | None = None
         lock, unlocked = None, 0
         shm = SharedMemory(project=hooks.staged)
-        sockets = SocketCapture()
+        sockets = SocketCapture(consume_errors=not opts.leave_running)  # (killed after)
         try:
             if self.mode == "iterative":
                 self.pre = self._precopy(target, trk, writer, shm, opts.policy)

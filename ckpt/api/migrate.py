@@ -189,7 +189,10 @@ def migrate(
     stats.max_bandwidth_mib_s = opts.max_bandwidth
     st = check_target(opts.pid)  # refuse a missing or unsupported target before connecting
     try:
-        preflight(opts.pid, tree=opts.tree, tcp_established=opts.tcp_established)
+        # (consume_errors: the source is killed once the destination runs)
+        preflight(
+            opts.pid, tree=opts.tree, tcp_established=opts.tcp_established, consume_errors=True
+        )
     except TerminalFd as exc:
         raise UnsupportedProcess(
             f"{str(exc).split(': taken only with')[0]}: a migration cannot take a terminal "

@@ -20,10 +20,12 @@ from ..kernel import procfs
 
 
 def preflight(
-    pid: int, *, tree: bool = True, tcp_established: bool = False, shell_job: bool = False
-) -> None:
+    pid: int, *, tree: bool = True, tcp_established: bool = False, shell_job: bool = False,
+    consume_errors: bool = False,
+) -> None:  # fmt: skip
     """Raise the final capture's refusal for `pid` (and, with `tree`, every live
-    descendant) now; return quietly when nothing would be refused."""
+    descendant) now; return quietly when nothing would be refused. consume_errors: the
+    dump kills the process (capture/sockets.py SocketCapture)."""
     members = [p for p in descendants(pid) if not check_member(p, pid)] if tree else []
     everyone = frozenset([pid, *members])
     try:  # fd tables shared (clone(CLONE_FILES)) in a way the restore cannot fork again
@@ -31,7 +33,7 @@ def preflight(
     except NoSuchProcess:
         pass  # a member that exited meanwhile: the freeze looks again
     for p in [pid, *members]:
-        sockets = SocketCapture()
+        sockets = SocketCapture(consume_errors=consume_errors)
         try:
             capture_fds(p, sockets=sockets, tcp_established=tcp_established,
                         tree=everyone - {p}, shell_job=shell_job, check_only=True)  # fmt: skip

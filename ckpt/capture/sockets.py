@@ -27,10 +27,10 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import DumpError, UnsupportedProcess
-from ..kernel import netlock, procfs, sockdiag, tcp_repair
+from ..kernel import netlock, procfs, sockdiag, tcp_closed, tcp_repair
 from ..kernel import sockets as ks
 from ..kernel.sockets import NotRestorable, TargetSocket, socket_file
-from ..model import Fd, McastGroup, ProcessImage, Socket, SocketMsg, TcpConn
+from ..model import Fd, McastGroup, ProcessImage, Socket, SocketMsg, TcpClosed, TcpConn
 
 UNIX_TYPES = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "dgram", socket.SOCK_SEQPACKET: "seqpacket"}  # fmt: skip
 FAMILIES = {socket.AF_UNIX: "unix", socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6",
@@ -59,6 +59,16 @@ class _ProcessSockets:
     _groups: list[tuple[int, str]] | None = None
     _tcp: dict[tuple[str, int, str, int], int] | None = None
     _md5: set[int] | None = None
+    _bound_inactive: dict[int, sockdiag.InetDiag] | None = None
+    _bound_listed: bool = True
+
+    def tcp_bound_inactive(self) -> dict[int, sockdiag.InetDiag] | None:
+        """TCP sockets bound to a port they hold, neither listening nor connected
+        (sock_diag, once per view); None: this kernel does not list them (before 6.7)."""
+        if self._bound_inactive is None and self._bound_listed:
+            self._bound_inactive = sockdiag.tcp_bound_inactive()
+            self._bound_listed = self._bound_inactive is not None
+        return self._bound_inactive
 
     def tcp_md5(self) -> set[int]:
         """Inodes of the TCP sockets holding TCP_MD5SIG keys (sock_diag, once per view)."""
@@ -136,7 +146,10 @@ class SocketCapture:
     - the per-process view of socket inodes (valid while the process stays stopped).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, consume_errors: bool = False) -> None:
+        # the process is killed after the dump: a pending socket error, which the kernel
+        # shows only by handing it over (SO_ERROR), may be read (kernel/tcp_closed.py)
+        self.consume_errors = consume_errors
         self.lock: netlock.NetLock | None = None
         self.unlocked = 0  # connections to outside peers dumped without a lock (no nft)
         self._marked_in: set[str] = set()  # lock tables that let ckpt's injected FINs in
@@ -478,8 +491,7 @@ def _tcp(
     s = Socket(ino=ino, family=ts.family, type=ts.type, protocol=ts.proto, state="unbound")
     s.local = ts.sockname()
     if info.state == sockdiag.TCP_CLOSE:
-        s.state = "bound" if _bound(s.local) else "unbound"
-        return s
+        return _tcp_close(pid, run, ctx, ts, s, info)
     if info.state == sockdiag.TCP_LISTEN:
         s.state, s.backlog = "listen", info.sacked
         if info.unacked and ctx.frozen:  # running (preflight): the dump drains it first
@@ -520,13 +532,104 @@ def _tcp(
     if not ctx.frozen:
         return s  # a check while it runs (migration's preflight): no repair mode now
     if not s.peer_ino:  # an outside peer: nothing may arrive after the state is read
-        injected = info.state in tcp_repair.PEER_FIN or info.state == tcp_repair.TCP_FIN_WAIT2
-        run.lock_connection(s.local, s.remote, injected)
+        # but the segments the restore sends in the peer's name (its ACK that sets the
+        # MSS: tcp_repair.sync_mss; a closing connection's FIN)
+        run.lock_connection(s.local, s.remote, injected=True)
     s.tcp = _read_tcp(ts, info)
+    if info.state not in tcp_repair.PEER_FIN and _rdhup(ts):
+        # shutdown(SHUT_RD), which sends nothing and moves no state: recv gives 0 (after
+        # the data), and in FIN_WAIT data arriving resets the connection (only a FIN
+        # from the peer sets it otherwise, and CLOSE_WAIT, CLOSING, LAST_ACK have one)
+        s.shutdown = 1
     partner = ctx.captured.get(s.peer_ino) if s.peer_ino else None
     if partner is not None and partner.tcp is not None:
         _make_consistent(pid, ts, s, ctx.held[partner.ino], partner)
     return s  # a partner in another tree member: link_tree_sockets makes them agree
+
+
+def _rdhup(ts: TargetSocket) -> int:
+    """The read side shut down (RCV_SHUTDOWN: poll's POLLRDHUP), 1 or 0."""
+    p = select.poll()
+    p.register(ts.fileno(), select.POLLRDHUP)
+    return 1 if dict(p.poll(0)).get(ts.fileno(), 0) & select.POLLRDHUP else 0
+
+
+def _tcp_close(pid: int, run: SocketCapture, ctx: _ProcessSockets, ts: TargetSocket, s: Socket,
+               info) -> Socket:  # fmt: skip
+    """A TCP socket in state CLOSE: never connected ("bound", "unbound"), or closed after a
+    connection or a refused connect ("closed": what its process still observes of it,
+    which the restore has the kernel make again: kernel/tcp_closed.py).
+
+    Told apart without touching it: segments counted (tcp_done left them; a
+    disconnect clears them), whether it still holds its port (sock_diag lists bound
+    inactive sockets: bound explicitly or accepted; one that got its port from
+    connect() gave it back at the close but still names it), a pending error (POLLERR)."""
+    fd, fam = ts.fd, FAMILIES[ts.family]
+    held = ctx.tcp_bound_inactive()
+    history = bool(info.segs_in or info.segs_out)
+    pending = tcp_closed.pending_error(ts.sock)
+    where = f"fd {fd} is a TCP/{fam} socket ({_addr(s.local)}, state CLOSE)"
+    if held is None:
+        if history or pending:
+            raise UnsupportedProcess(
+                f"{where} that had a connection: not supported on this kernel (it does not "
+                "show whether the socket still holds its port: sock_diag lists bound inactive "
+                "sockets since Linux 6.7)",
+                pid=pid,
+            )
+        s.state = "bound" if _bound(s.local) else "unbound"
+        s.shutdown = _rdhup(ts)
+        return s
+    d = held.get(s.ino)
+    released = bool(s.local[1]) and d is None  # a port given back, still named
+    if not history and not released and not pending:
+        s.state = "bound" if _bound(s.local) else "unbound"
+        s.shutdown = d.shutdown if d is not None else _rdhup(ts)  # (ENOTCONN, bits set)
+        return s
+    if not s.local[1]:
+        raise UnsupportedProcess(f"{where} with a pending error and no port: not supported",
+                                 pid=pid)  # fmt: skip
+    c = TcpClosed(handshake=info.delivered > 0, port_held=d is not None, disconnected=not history,
+                  mss=info.snd_mss)  # fmt: skip
+    s.state, s.closed = "closed", c
+    s.shutdown = d.shutdown if d is not None else (_rdhup(ts) | (3 if history else 0))
+    how = "after a refused connect" if history and not c.handshake else "after a connection"
+    where = f"fd {fd} is a TCP/{fam} socket closed {how} ({_addr(s.local)}, state CLOSE)"
+    if pending and not run.consume_errors:
+        raise UnsupportedProcess(
+            f"{where} with an error the process has not read yet, which a dump that leaves "
+            "the process running (a snapshot, --leave-running) cannot read without taking it "
+            "from the process (SO_ERROR is the kernel's only way to show it): not supported "
+            "(a dump that ends the process takes it along)",
+            pid=pid,
+        )
+    if pending and (info.retrying if c.handshake else history and not info.segs_in):
+        # (what a timeout or an ICMP error leaves, unlike a reset: refused before the
+        # error is read, so that the process keeps it)
+        raise UnsupportedProcess(
+            f"{where} by a timeout or a network error ("
+            + ("it was retransmitting" if c.handshake else "no reset answered its connect")
+            + "), with the error pending: not supported (only the real peer's network gives "
+            "such an error; ckpt rebuilds a reset, a refused connect, or none)",
+            pid=pid,
+        )
+    if not ctx.frozen:
+        return s  # (preflight: the freeze reads the rest)
+    if history:
+        c.inq = tcp_repair.peek_exact(ts, ts.ioctl_int(ks.SIOCINQ), "receive")
+    if pending:
+        try:
+            c.error, c.fin = tcp_closed.read_error(ts.sock, len(c.inq), ts.peek_offset())
+        except OSError as exc:
+            raise UnsupportedProcess(
+                f"{where} with an error pending behind {len(c.inq)} unread bytes: not "
+                f"supported on this kernel (no SO_PEEK_OFF for TCP: {exc.strerror or exc})",
+                pid=pid,
+            ) from exc
+    why = tcp_closed.unsupported(c.handshake, c.error, c.fin, c.disconnected)
+    if why:
+        raise UnsupportedProcess(f"{where}, and {why}: not supported", pid=pid)
+    return s
 
 
 def _read_tcp(ts: TargetSocket, info) -> TcpConn:
@@ -624,7 +727,11 @@ def _settings(pid: int, ctx: _ProcessSockets, ts: TargetSocket, s: Socket) -> No
     filter and (UDP) multicast groups. What ckpt could not set again exactly
     (kernel/sockets.py NotRestorable, TCP_MD5SIG keys) is refused here, naming the fd."""
     try:
-        s.options = ts.options(connection=s.state == "established")
+        s.options = ts.options(connection=s.state in ("established", "closed"))
+        if s.closed is not None:  # TCP_MAXSEG reads a closed one's own MSS (closed.mss)
+            user_mss = ts.int_opt(socket.IPPROTO_TCP, tcp_repair.TCP_MAXSEG)  # unless set
+            if user_mss != s.closed.mss:
+                s.options["TCP_MAXSEG"] = user_mss
         s.filter = ts.bpf_filter()
         if ts.family != socket.AF_UNIX and ts.type == socket.SOCK_DGRAM:
             s.mcast = [

@@ -11,6 +11,7 @@ Everything is plain `socket` module I/O on a netlink socket.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import os
 import socket
@@ -222,6 +223,7 @@ class InetDiag:
     rqueue: int  # listener: connections waiting to be accepted; else bytes unread
     wqueue: int  # listener: backlog
     ino: int  # 0 for a request socket or one no process holds
+    shutdown: int = 0  # RCV_SHUTDOWN 1 | SEND_SHUTDOWN 2 (INET_DIAG_SHUTDOWN)
 
 
 def tcp_connections() -> dict[tuple[str, int, str, int], int]:
@@ -264,9 +266,38 @@ def tcp_sockets(family: int, states: int) -> list[InetDiag]:
         sport, dport = struct.unpack_from("!HH", body, 4)
         src, dst = body[8:24], body[24:40]
         rq, wq, _uid, ino = struct.unpack_from("=IIII", body, 4 + 48 + 4)
-        out.append(
-            InetDiag(
-                fam, state, (_addr_of(fam, src), sport), (_addr_of(fam, dst), dport), rq, wq, ino
-            )
-        )
+        shut = _attrs(body, _INET_MSG).get(INET_DIAG_SHUTDOWN, b"\0")[:1] or b"\0"
+        local, remote = (_addr_of(fam, src), sport), (_addr_of(fam, dst), dport)
+        out.append(InetDiag(fam, state, local, remote, rq, wq, ino, shut[0]))
     return out
+
+
+TCP_BOUND_INACTIVE = 13  # a bound socket that neither listens nor is connected (6.7+)
+
+
+def tcp_bound_inactive() -> dict[int, InetDiag] | None:
+    """inode → what the kernel still holds of every TCP socket (both families) that is
+    bound to a port but neither listens nor is connected: bound and never connected,
+    or closed while its port stays held (bound explicitly, or accepted through a
+    listener: SOCK_BINDPORT_LOCK; a port the socket got from connect() is released
+    when the connection closes, and such a socket is not listed). Its remote is the
+    last peer's. None: this kernel lists no such sockets (before 6.7)."""
+    if not _bound_inactive_listed():
+        return None
+    out: dict[int, InetDiag] = {}
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for d in tcp_sockets(family, 1 << TCP_BOUND_INACTIVE):
+            out[d.ino] = d
+    return out
+
+
+@functools.cache
+def _bound_inactive_listed() -> bool:
+    """Does this kernel's INET_DIAG list bound, inactive TCP sockets? (Tried on one.)"""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        ino = os.fstat(s.fileno()).st_ino
+        try:
+            return any(d.ino == ino for d in tcp_sockets(socket.AF_INET, 1 << TCP_BOUND_INACTIVE))
+        except OSError:
+            return False

@@ -72,13 +72,22 @@ class TcpInfo:
     rcv_wscale: int
     unacked: int  # listener: connections in the accept queue
     sacked: int  # listener: backlog
+    segs_out: int = 0  # segments sent and received: 0 for a socket never connected
+    segs_in: int = 0  # (or disconnected since: connect(AF_UNSPEC) clears them)
+    delivered: int = 0  # > 0 once a handshake completed (its SYN counts)
+    snd_mss: int = 0  # the MSS it sends with (mss_cache)
+    retrying: int = 0  # retransmissions, probes or backoff under way (a timeout's left)
 
 
 def tcp_info(ts: TargetSocket) -> TcpInfo:
-    raw = ts.raw_opt(SOL_TCP, TCP_INFO, 104)
-    state, _ca, _retr, _probes, _backoff, options, wscale = struct.unpack_from("=7B", raw)
+    raw = ts.raw_opt(SOL_TCP, TCP_INFO, 232).ljust(232, b"\0")  # (older kernels: shorter)
+    state, _ca, retr, probes, backoff, options, wscale = struct.unpack_from("=7B", raw)
     unacked, sacked = struct.unpack_from("=II", raw, 24)
-    return TcpInfo(state, options, wscale & 0xF, wscale >> 4, unacked, sacked)
+    segs_out, segs_in = struct.unpack_from("=II", raw, 136)
+    (delivered,) = struct.unpack_from("=I", raw, 192)
+    (snd_mss,) = struct.unpack_from("=I", raw, 16)
+    return TcpInfo(state, options, wscale & 0xF, wscale >> 4, unacked, sacked, segs_out, segs_in,
+                   delivered, snd_mss, retr | probes | backoff)  # fmt: skip
 
 
 @dataclass
@@ -146,10 +155,10 @@ def read_state(ts: TargetSocket, info: TcpInfo) -> RepairState:
     window = list(struct.unpack("=5I", ts.raw_opt(SOL_TCP, TCP_REPAIR_WINDOW, 20)))
     _set(ts, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
     rcv_seq = (ts.int_opt(SOL_TCP, TCP_QUEUE_SEQ) - peer_fin) & 0xFFFFFFFF
-    inq = _peek_exact(ts, inq_len, "receive")
+    inq = peek_exact(ts, inq_len, "receive")
     _set(ts, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
     snd_seq = (ts.int_opt(SOL_TCP, TCP_QUEUE_SEQ) - own_fin) & 0xFFFFFFFF
-    outq = _peek_exact(ts, outq_len, "send")
+    outq = peek_exact(ts, outq_len, "send")
     _set(ts, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
     # the window we advertised starts at rcv_wup, which may count the peer's FIN: the
     # kernel takes no rcv_wup beyond rcv_nxt, so move it back and keep the right edge
@@ -164,7 +173,7 @@ def read_state(ts: TargetSocket, info: TcpInfo) -> RepairState:
     )  # fmt: skip
 
 
-def _peek_exact(ts: TargetSocket, length: int, which: str) -> bytes:
+def peek_exact(ts: TargetSocket, length: int, which: str) -> bytes:
     if not length:
         return b""
     # a peek starts at, and moves, the SO_PEEK_OFF the application set (TCP has one since
@@ -283,10 +292,54 @@ def rebuild(sock, local: tuple, remote: tuple, conn, before_bind, outside: bool 
         seti(TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
         _queue(sock, conn.outq[:sent])
     sock.setsockopt(SOL_TCP, TCP_REPAIR_WINDOW, window_blob(st))  # established only
+    sync_mss(sock, sock.getsockname(), remote, conn)  # (bound to [::]: its real address)
     if outside and conn.state == TCP_FIN_WAIT2:
         seti(TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
         sock.shutdown(socket.SHUT_WR)
     seti(TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+
+
+MSS_WAIT = 0.5  # seconds for the ACK sync_mss sends to reach the socket
+
+
+def sync_mss(sock, local: tuple, remote: tuple, conn) -> None:
+    """Have the kernel compute the rebuilt connection's MSS as the original's.
+
+    The kernel computes a connection's MSS (mss_cache: what TCP_MAXSEG and tcpi_snd_mss
+    read, the size of every segment it sends) when it connects, from the clamp it
+    has then, and again only when an ACK opens the peer's window beyond the largest
+    it has seen (tcp_ack_update_window → tcp_sync_mss: the path's MSS, at most the
+    clamp, at most half that window). A repair-mode connect comes before
+    TCP_REPAIR_OPTIONS gives the clamp back, so the MSS was the 536-byte default's
+    (524 with timestamps, on loopback where the original had ~65483) until the window
+    grew past the restored largest, which a connection that had already reached its
+    largest window never does. So, in repair mode: no window seen yet, then an ACK in
+    the peer's name (inject: ack = snd_una, no data, the largest window the peer had
+    offered) makes the kernel compute it from the clamp, the path and that window,
+    as it had for the original; then the window goes back exactly as dumped.
+
+    An ACK that does not arrive (an image whose network lock does not let ckpt's
+    segments in) leaves the default MSS, as before; the window is put back either way.
+    """
+    _wl1, _snd_wnd, max_window, rcv_wnd, rcv_wup = conn.window
+    shift = conn.snd_wscale if conn.options & TCPI_OPT_WSCALE else 0
+    field = min(max_window >> shift, 0xFFFF)
+    if not field:
+        return
+    none_seen = ((conn.rcv_seq - 1) & 0xFFFFFFFF, 0, 0, rcv_wnd, rcv_wup)
+    sock.setsockopt(SOL_TCP, TCP_REPAIR_WINDOW, struct.pack("=5I", *none_seen))
+    try:
+        snd_una = (conn.snd_seq - len(conn.outq)) & 0xFFFFFFFF
+        inject(local, remote, conn.rcv_seq, snd_una, ACK, field)
+        end = time.monotonic() + MSS_WAIT
+        while not struct.unpack("=5I", sock.getsockopt(SOL_TCP, TCP_REPAIR_WINDOW, 20))[2]:
+            if time.monotonic() > end:
+                break
+            time.sleep(0.001)
+    except OSError:
+        pass  # (no raw socket here: the default MSS, as before)
+    finally:
+        sock.setsockopt(SOL_TCP, TCP_REPAIR_WINDOW, struct.pack("=5I", *conn.window))
 
 
 def resume(sock, conn, reuse: int) -> None:

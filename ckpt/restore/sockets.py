@@ -37,7 +37,7 @@ import socket
 import struct
 
 from ..errors import RestoreError
-from ..kernel import abi, procfs, syscalls, tcp_repair
+from ..kernel import abi, procfs, syscalls, tcp_closed, tcp_repair
 from ..kernel import sockets as ks
 from ..kernel.fsident import as_fs_user
 from ..kernel.remote import RemoteError
@@ -311,7 +311,9 @@ class _Sockets:
 
     def run(self) -> None:
         try:
+            self.tcp_closed(held=False)  # (ports taken and given back before any bind)
             self.simple()
+            self.tcp_closed(held=True)  # (after the listener whose port it shares)
             self.unix_connections()
             self.pending()
             established = self.tcp_established()
@@ -361,7 +363,7 @@ class _Sockets:
                 if s.state == "listen":
                     syscalls.listen(self.inj, f.fd, s.backlog)
                 continue
-            if s.state == "established":
+            if s.state in ("established", "closed"):
                 continue
             self.place(self.new(s), f)
             c = self.copy(f)
@@ -550,6 +552,8 @@ class _Sockets:
                 )  # fmt: skip
                 if c.getsockname()[:2] != tuple(s.local[:2]):  # (bind_address: from connect)
                     raise OSError(0, f"its address came back as {_name(list(c.getsockname()))}")
+                if s.shutdown & 1:  # shutdown(SHUT_RD) (in repair mode: nothing is sent)
+                    c.shutdown(socket.SHUT_RD)
             except OSError as exc:
                 raise RestoreError(
                     f"cannot rebuild TCP connection fd {f.fd} ({_name(s.local)} -> "
@@ -560,6 +564,34 @@ class _Sockets:
                     _collecting.held.append(c.dup())
             out.append(f)
         return out
+
+    def tcp_closed(self, held: bool) -> None:
+        """TCP sockets in state CLOSE after a connection (state "closed"), made so by the
+        kernel again (kernel/tcp_closed.py): a connection over their local address to a
+        helper of ckpt's, reset by it (or a connect it refuses). held: those that keep
+        their port (bound explicitly, or accepted: after the listener, whose port they
+        share); the others first, before anything else takes a port."""
+        for f in self.fds:
+            s = f.socket
+            if s.state != "closed" or s.closed is None or s.closed.port_held != held:
+                continue
+            self.place(self.new(s), f)
+            c = self.copy(f)
+            opt = s.options.get
+            try:
+                tcp_closed.build(
+                    c, tuple(s.local), s.closed, v6only=int(opt("IPV6_V6ONLY", 0) or 0),
+                    port_range=int(opt("IP_LOCAL_PORT_RANGE", 0) or 0),
+                    no_port=int(opt(_NO_PORT, 0) or 0), user_mss=int(opt("TCP_MAXSEG", 0) or 0),
+                )  # fmt: skip
+                # the options that go before bind (finish sets the others), buffers as dumped
+                ks.set_options(c, s.options, only=ks.BEFORE_BIND, skip=("IPV6_V6ONLY",))
+                ks.set_buffers(c, s.sndbuf, s.rcvbuf, s.buf_lock)
+            except OSError as exc:
+                raise RestoreError(
+                    f"cannot rebuild the closed TCP socket fd {f.fd} ({_name(s.local)}): "
+                    f"{exc.strerror or exc}"
+                ) from exc
 
     def tcp_closing(self, established: list[Fd]) -> None:
         """The FINs the closing connections' sequences leave out, played again now that
@@ -740,7 +772,7 @@ class _Sockets:
                         )
                 if s.peek_off >= 0:
                     c.setsockopt(ks.SOL_SOCKET, ks.SO_PEEK_OFF, s.peek_off)
-            elif s.shutdown and s.type == socket.SOCK_DGRAM:
+            elif s.shutdown and (s.type == socket.SOCK_DGRAM or _unconnected_tcp(s)):
                 # an unconnected UDP socket answers ENOTCONN, with its bits set all the same
                 with contextlib.suppress(OSError):
                     c.shutdown(
@@ -787,6 +819,15 @@ def _check_groups(c: socket.socket, s: Socket) -> str | None:
         if got is None or (got.include, sorted(got.sources)) != (g.include, sorted(g.sources)):
             return f"multicast group {g.group} on {g.iface} is not joined as it was"
     return None
+
+
+def _unconnected_tcp(s: Socket) -> bool:
+    """A TCP socket without a connection whose shutdown bits its process set (shutdown()
+    answered ENOTCONN and set them all the same); a closed one has them all already,
+    unless disconnected since (and shutdown() would move a failed connect's state)."""
+    if s.type != socket.SOCK_STREAM or s.family == socket.AF_UNIX:
+        return False
+    return s.state in ("bound", "unbound") or (s.closed is not None and s.closed.disconnected)
 
 
 def _plain_v6(host: str) -> bool:
