@@ -29,6 +29,7 @@ from ..precopy.final import final_round
 from ..precopy.rounds import Precopy
 from ..track.base import Tracker
 from ..track.full import FullTracker
+from .sessions import frozen_sessions
 
 
 @dataclass
@@ -91,6 +92,8 @@ def capture_frozen(
     by its tracker (a persistent tracker's uffd)."""
     attrs.refuse_frozen(frozen.members)
     tables = fd_tables(frozen.pids)  # a table shared with an outsider: refused before fds
+    # groups and sessions that could not come back exactly (restore/sessions.py)
+    frozen_sessions(frozen, tables, shell_job=shell_job)
     pids = frozenset(frozen.pids)
     root = frozen.members[0]
     fr = final_round(

@@ -45,3 +45,7 @@ def preflight(
             continue  # a descendant that exited meanwhile is not part of the dump
         finally:
             sockets.close()
+    if tree:  # groups and sessions the restore could not make again
+        from .sessions import preflight_sessions  # (api/sessions.py)
+
+        preflight_sessions(pid, members, shell_job=shell_job)

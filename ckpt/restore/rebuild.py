@@ -237,31 +237,7 @@ class Rebuilder:
         """
         if self.inj.scratch is None:
             self.make_scratch(procfs.maps(self.pid))
-        inj = self.inj
-        inj.reset_data()
-        set_tid = inj.put(struct.pack("<i", want)) if want else 0
-        args = struct.pack("<11Q", flags, 0, 0, 0, exit_signal, 0, 0, 0, set_tid,
-                           1 if want else 0, 0)  # fmt: skip
-        base = PTRACE_O_TRACESYSGOOD | PTRACE_O_EXITKILL
-        self.tracee.set_options(base | PTRACE_O_TRACEFORK | PTRACE_O_TRACECLONE)
-        try:
-            try:
-                pid = syscalls.clone3(inj, inj.put(args), len(args))
-            except RemoteError as exc:
-                if want and exc.errno == errno.EEXIST:
-                    raise PidInUse(
-                        f"PID {want} (a process of the tree) is in use; restore with --new-pid",
-                        pid=want,
-                    ) from exc
-                raise RestoreError(f"cannot create a tree member: {exc.strerror}") from exc
-        finally:
-            self.tracee.set_options(base)
-        child = Tracee(pid)
-        child.attached = True
-        st = child.wait()
-        if not os.WIFSTOPPED(st):
-            raise RestoreError(f"new tree member {pid} did not stop (status {st:#x})")
-        return child
+        return clone_traced(self.tracee, self.inj, want, exit_signal, flags)
 
     def make_scratch(self, child_maps) -> None:
         busy = [(m.start, m.end) for m in child_maps] + [(v.start, v.end) for v in self.proc.vmas]
@@ -887,6 +863,39 @@ class Rebuilder:
         for tr in trs:
             tr.detach()
         self.tracee.detach()
+
+
+def clone_traced(
+    tracee: Tracee, inj: Injector, want: int | None, exit_signal: int, flags: int
+) -> Tracee:
+    """clone3 in a stopped restorer (or a stand-in of restore/sessions.py) that has a
+    scratch area: its child (with CLONE_PARENT: its sibling, which takes the caller's
+    own exit signal, so `exit_signal` must be 0), with PID `want` when given, traced
+    and stopped before its first instruction (Rebuilder.fork_child)."""
+    inj.reset_data()
+    set_tid = inj.put(struct.pack("<i", want)) if want else 0
+    args = struct.pack("<11Q", flags, 0, 0, 0, exit_signal, 0, 0, 0, set_tid,
+                       1 if want else 0, 0)  # fmt: skip
+    base = PTRACE_O_TRACESYSGOOD | PTRACE_O_EXITKILL
+    tracee.set_options(base | PTRACE_O_TRACEFORK | PTRACE_O_TRACECLONE)
+    try:
+        try:
+            pid = syscalls.clone3(inj, inj.put(args), len(args))
+        except RemoteError as exc:
+            if want and exc.errno == errno.EEXIST:
+                raise PidInUse(
+                    f"PID {want} (a process of the tree) is in use; restore with --new-pid",
+                    pid=want,
+                ) from exc
+            raise RestoreError(f"cannot create a tree member: {exc.strerror}") from exc
+    finally:
+        tracee.set_options(base)
+    child = Tracee(pid)
+    child.attached = True
+    st = child.wait()
+    if not os.WIFSTOPPED(st):
+        raise RestoreError(f"new tree member {pid} did not stop (status {st:#x})")
+    return child
 
 
 def _thread_misc(inj: Injector, t: Thread, *, tid_address: bool = True) -> None:

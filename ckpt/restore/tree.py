@@ -30,7 +30,7 @@ from .. import faults
 from ..errors import ImageCorrupt, RestoreError, as_error
 from ..kernel import abi, syscalls, sysvshm
 from ..model import ProcessImage
-from . import attrs, cow, zombies
+from . import attrs, cow, sessions, zombies
 from .checks import check_files, check_pidfds, wait_pid_free
 from .fds import check_owners, table_holder_bases
 from .rebuild import Rebuilder, RestoreContext
@@ -64,6 +64,11 @@ def check_tree(root: ProcessImage, new_pid: bool) -> None:
                 wait_pid_free(t)
     for z in root.zombies if not new_pid else ():
         wait_pid_free(z.pid)
+    # groups and sessions: an order of births that makes them (restore/sessions.py); the
+    # ids of gone leaders, which helpers take, must be free too (without --shell-job:
+    # every one a --shell-job restore takes, and those of the root's session)
+    for pid in sessions.check(root, False).helper_ids() if not new_pid else ():
+        wait_pid_free(pid)
     _check_fd_state(procs, new_pid)
 
 
@@ -104,6 +109,7 @@ def build_tree(
     made: list[zombies.Made] = []  # the zombies, until they exit (restore/zombies.py)
     tcp = RebuiltConnections()  # if the restore fails, its TCP connections go silently
     inflight = inflight_files(procs)  # files in flight: sent once every member has its fds
+    sess = sessions.Sessions(sessions.check(root, terminal is not None), root, new_pid)
     parked: dict[tuple[int, int], tuple[int, int]] = {}
     memfds: dict[int, tuple[int, int]] = {}
     pids: dict[int, int] = {}  # PID at the dump → restored, members and zombies (pidfds)
@@ -133,7 +139,6 @@ def build_tree(
     try:
         rbs.append(Rebuilder(root_pid, root, new_pid, context(0)))
         pids[root.pid] = root_pid
-        rbs[0].early_session()
         for i, p in enumerate(procs):
             if i:
                 # forked once the parent's pages are in: what they shared copy-on-write
@@ -141,17 +146,20 @@ def build_tree(
                 parent = rbs[slot[p.ppid]]
                 cow.check(p, slot[p.ppid], parent.proc)
                 flags = abi.CLONE_FILES if p.files_of >= 0 else 0  # the parent's table
-                tr = parent.fork_child(None if new_pid else p.pid, attrs.exit_signal(p), flags)
+                forker = sess.forker(p.pid, parent)  # or a stand-in of its session
+                tr = forker.fork_child(None if new_pid else p.pid, attrs.exit_signal(p), flags)
                 rbs.append(Rebuilder(tr.pid, p, new_pid, context(i), tracee=tr))
                 pids[p.pid] = tr.pid
                 rbs[i].inj.use(parent.inj.scratch.addr)  # the parent's, inherited
-                rbs[i].early_session()
             rb = rbs[i]
-            made += [zombies.fork(rb, z, new_pid) for z in root.zombies if z.ppid == p.pid]
+            made += sess.born(rb)  # its session, and the zombies forked before its memory
             pids.update((m.image.pid, m.pid) for m in made)
             rb.prepare_memory()
             rb.map_vmas()
             write_pages(i, rb.proc, rb.mem_fd)
+            made += sess.built(rb)  # a setsid put off, stand-ins forked from its memory
+            pids.update((m.image.pid, m.pid) for m in made)
+        sess.groups(rbs, made)  # every group made and joined; the stand-ins go
         if shared.objects:
             if fill_shared is None:
                 raise ImageCorrupt("the image has shared memory objects but no way to fill them")
@@ -178,6 +186,7 @@ def build_tree(
             rb.leave()
     except BaseException:
         tcp.silence()  # before the kill: no FIN or RST (restore/sockets.py)
+        sess.kill_all()
         zombies.kill_all(made)
         kill_members(rbs)
         for rb in rbs:
@@ -203,26 +212,11 @@ def _remove_doomed_segments(procs: list[ProcessImage]) -> None:
 
 
 def _process_groups(rbs: list[Rebuilder], made: list[zombies.Made]) -> None:
-    """Members (and zombies) of a group led by another member or zombie join it (leaders
-    made theirs already; a zombie's group lives as long as the zombie).
-
-    A shell job: the root leads a group of its own, members of a group led from
-    outside the tree (the job's group when the root did not lead it) join the root's,
-    and that group gets the terminal, with the job's modes, before anything runs."""
+    """A shell job's group gets the terminal, with the job's modes, before anything runs.
+    Every group and session is made by then (restore/sessions.py): the root of a shell
+    job leads a group of its own, in ckpt's session, which the members of a group led
+    from outside the tree joined."""
     job = rbs[0] if rbs[0].ctx.shell_job else None
-    restored = {rb.proc.pid: rb.pid for rb in rbs} | {m.image.pid: m.pid for m in made}
-    who = [(rb.proc, rb.pid, rb.inj) for rb in rbs if rb is not job]
-    for p, pid, inj in [*who, *((m.image, m.pid, m.inj) for m in made)]:
-        if p.pgid == p.pid:
-            continue
-        if p.pgid in restored:
-            want = restored[p.pgid]
-        elif job is not None and p.sid == job.proc.sid:
-            want = job.pid
-        else:
-            continue
-        if os.getpgid(pid) != want:
-            syscalls.setpgid(inj, 0, want)
     if job is not None:
         job.ctx.terminal.hand_over(job.pid, job_modes(members(job.proc)))
 

@@ -122,10 +122,11 @@ class Made:
         return self.tracee.pid
 
 
-def fork(parent, z: Zombie, new_pid: bool) -> Made:
+def fork(parent, z: Zombie, new_pid: bool, forker=None) -> Made:
     """Fork the zombie from its parent's restorer (the parent's session is made by
-    then: tree.py _early_session); it leads its session or group again at once."""
-    tr = parent.fork_child(None if new_pid else z.pid, z.exit_signal)
+    then: restore/sessions.py), or from `forker`, a stand-in of its session that forks
+    it as the parent's child; it leads its session or group again at once."""
+    tr = (forker or parent).fork_child(None if new_pid else z.pid, z.exit_signal)
     mem_fd = -1
     try:
         tr.set_options(PTRACE_O_TRACESYSGOOD | PTRACE_O_EXITKILL)
