@@ -339,6 +339,11 @@ def test_session_leader_reattached_to_its_terminal(e2e, ttys, workload_bins):
     _, ready = a.wait_line("READY", leader)
     pid = int(ready["pid"])
     assert pid == leader.pid
+    token = e2e.path("token")  # a migration cannot take that terminal: refused at once
+    token.write_text(secrets.token_urlsafe(32) + "\n")
+    token.chmod(0o600)
+    res = e2e.ckpt("migrate", str(pid), "--to", "127.0.0.1:9", "--token-file", str(token))
+    assert_error(res, 5, a.name, "a migration cannot take it", "--reattach-tty")
     image = e2e.path("img")
     res = e2e.dump(pid, image, "--shell-job")  # the flag is for jobs: a leader is not one
     assert res.returncode == 0, str(res)

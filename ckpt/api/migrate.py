@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from ..capture.shm import SHM_KINDS, shm_kind
 from ..capture.target import Target
 from ..capture.tree import descendants
-from ..capture.tty import TerminalFd
+from ..capture.tty import TerminalFd, outside_terminal
 from ..capture.validate import check_target
 from ..capture.vmas import classify, unlinked_mapping
 from ..errors import CkptError, DumpError, UnsupportedProcess
@@ -201,6 +201,12 @@ def migrate(
             pid=exc.pid,
         ) from None
     target = Target(opts.pid, st.starttime)
+    if (outside := outside_terminal(opts.pid, tree=opts.tree)) is not None:
+        raise UnsupportedProcess(
+            f"{outside}: a migration cannot take it (only `ckpt restore --reattach-tty` on "
+            "this host takes that terminal back)",
+            pid=opts.pid,
+        )
 
     peer = str(opts.to)
     ch = None

@@ -48,6 +48,7 @@ from ..kernel import tty as ktty
 from ..kernel.pidfd import pidfd_getfd, pidfd_open
 from ..model import Fd, PtyState, TtyState
 from .fd_kinds import FdScan
+from .tree import check_member, descendants
 
 EXTPROC = 0o200000  # c_lflag: a packet-mode master gets TIOCPKT_IOCTL at every TCSETS
 
@@ -473,3 +474,26 @@ def _session_members(
             "not supported",
             pid=pid,
         )
+
+
+def outside_terminal(pid: int, *, tree: bool = True) -> str | None:
+    """For a migration, which cannot take it: a session the dump would lead whose
+    controlling pty has its master outside the dump (restore --reattach-tty takes it
+    back on this host only). None when there is none."""
+    members = [pid, *(p for p in descendants(pid) if not check_member(p, pid))] if tree else [pid]
+    inside = frozenset(members)
+    for q in members:
+        try:
+            job = ktty.job_info(q)
+            if job.session != q or not ktty.is_pts(job.tty):
+                continue
+            _, masters_out = _Pty.of(job.tty).masters(inside)
+        except (OSError, CkptError):
+            continue  # exited meanwhile, or refused by the preflight in its own words
+        if masters_out:
+            return (
+                f"process {q} leads a session whose controlling terminal {ktty.name_of(job.tty)} "
+                f"belongs to a terminal outside the dump (its master is held by process "
+                f"{masters_out[0]})"
+            )
+    return None
