@@ -37,7 +37,6 @@ after retransmitting to the real peer), ECONNRESET after the peer's FIN.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import ipaddress
 import os
@@ -255,6 +254,8 @@ def _inq(sock: socket.socket) -> int:
 
 def _disconnect(sock: socket.socket) -> None:
     """connect(AF_UNSPEC): what its process did (or a failed blocking connect)."""
+    import ctypes  # (here: ctypes costs the restore ~10 ms to import)
+
     libc = ctypes.CDLL(None, use_errno=True)
     unspec = ctypes.create_string_buffer(16)  # sa_family 0
     if libc.connect(sock.fileno(), unspec, 16):
