@@ -193,3 +193,105 @@ def test_refused_at_the_dump(e2e, mode, needles):
         assert (proc_status(pid) or {}).get("TracerPid") == "0", name
     v = e2e.verify(w, w.pid)
     assert v.ok, v.line
+
+
+# ---------------------------------------------------------------- the plan, unit
+
+
+def link(pid, ppid, pgid, sid, sig=17, zombie=False, shares=False):
+    """A process as plan() reads it (shares: forked with CLONE_FILES)."""
+    from ckpt.restore.sessions import Link
+
+    return Link(pid, ppid, pgid, sid, sig, shares, zombie)
+
+
+def test_plan_births_and_groups():
+    """How each shape is born: a double-forked daemon (gone leader 50: a helper with
+    its PID, the root its parent), a child kept in its parent's old session, siblings in
+    a live sibling's and in a zombie's session, a pipeline whose leader is gone, a
+    leader that moved to another group, and the root's outside group."""
+    from ckpt.restore.sessions import DOOR, HELPER, OLD, PARENT, plan
+
+    links = [
+        link(10, 1, 10, 10),  # root, a session leader
+        link(51, 10, 50, 50),  # daemon: session and group of the gone 50
+        link(52, 10, 52, 50),  # its sibling, a group of its own in that session
+        link(60, 10, 60, 60),  # p: setsid after forking 61
+        link(70, 10, 70, 70),  # l: a session leader; 72 came from its session
+        link(72, 10, 70, 70),
+        link(80, 10, 81, 10),  # a pipeline whose leader 81 is gone
+        link(82, 10, 81, 10),
+        link(90, 10, 83, 10),  # m: made group 90, moved to 83's
+        link(83, 10, 83, 10),
+        link(61, 60, 10, 10),  # left in p's old session (the root's)
+        link(91, 90, 90, 10),  # in m's group
+        link(40, 10, 40, 40, zombie=True),  # a zombie session leader...
+        link(41, 10, 40, 40, zombie=True),  # ...and a zombie that came from its session
+    ]
+    p = plan(links)
+    assert p.forker[51] == p.forker[52] == (HELPER, 50)
+    assert p.session_helpers == {50: (10, 17)}
+    assert p.forker[61] == (OLD, 60) and p.deferred == {60} and p.old_doors == {60: 17}
+    assert p.forker[72] == (DOOR, 70) and p.forker[41] == (DOOR, 40)
+    assert p.session_doors == {70, 40}
+    assert p.forker[60] == p.forker[80] == (PARENT, 10)
+    assert p.group_helpers == {81: 80}  # group 50: the session helper's setsid makes it
+    assert p.group_makers == [90]
+    assert p.helper_ids() == [50, 81]
+    assert p.outside_session == 0 and p.outside_group == 0
+
+
+def test_plan_outside():
+    """The root's session and its one group led from outside are ckpt's; --shell-job
+    makes the root's own session ckpt's."""
+    from ckpt.restore.sessions import plan
+
+    p = plan([link(10, 1, 5, 5), link(11, 10, 5, 5), link(12, 10, 12, 5)])
+    assert (p.outside_session, p.outside_group) == (5, 5)
+    assert not p.group_helpers
+    p = plan([link(10, 1, 10, 10), link(11, 10, 3, 10)], shell_job=True)
+    assert (p.outside_session, p.outside_group) == (10, 3)
+
+
+@pytest.mark.parametrize(
+    ("links", "alive", "needle"),
+    [
+        # two groups of the root's outside session
+        ([link(10, 1, 5, 5), link(11, 10, 6, 5)], None, "two process groups"),
+        # a group led by a live process outside, in a session made inside
+        ([link(10, 1, 10, 10), link(11, 10, 99, 10)], {99}, "led by process 99 outside the dump"),
+        # a session led by a live process outside that is not the root's
+        ([link(10, 1, 10, 10), link(11, 10, 11, 99)], {99}, "session led from outside the dump"),
+        # a gone leader's session entered from two parents
+        (
+            [link(10, 1, 10, 10), link(11, 10, 11, 11), link(12, 10, 50, 50), link(13, 11, 50, 50)],
+            None,
+            "another parent",
+        ),
+        # a sibling's session entered with another exit signal
+        (
+            [link(10, 1, 10, 10), link(11, 10, 11, 11), link(12, 10, 11, 11, sig=10)],
+            None,
+            "exit signal",
+        ),
+        # ... or from a PID forked before the sibling's
+        ([link(10, 1, 10, 10), link(12, 10, 11, 11), link(11, 10, 11, 11)], None, "forked before"),
+        # a grandchild in a session its parent was never in, led by an uncle
+        (
+            [link(10, 1, 10, 10), link(11, 10, 11, 11), link(12, 10, 12, 10), link(13, 12, 11, 11)],
+            None,
+            "came to its parent from elsewhere",
+        ),
+        # a leader that kept a child in its old session, and a sibling came into its new
+        (
+            [link(10, 1, 10, 10), link(11, 10, 11, 11), link(12, 11, 10, 10), link(13, 10, 11, 11)],
+            None,
+            "no order of births",
+        ),
+    ],
+)
+def test_plan_refusals(links, alive, needle):
+    from ckpt.restore.sessions import ShapeError, plan
+
+    with pytest.raises(ShapeError, match=needle):
+        plan(links, alive=(lambda pid: pid in alive) if alive is not None else None)
