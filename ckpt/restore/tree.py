@@ -5,13 +5,15 @@ rebuild them in phases so that what they share exists before it is taken.
     memory    parent's restorer once the parent's address space is built (the private
               pages they shared copy-on-write at the dump are inherited again:
               restore/cow.py), then builds its own; a session leader calls setsid
-              before its children are forked, so they inherit the session; a shared
-              memory object is made by the first VMA that maps it and mapped by the
-              others (restore/shm.py), then filled once from the image
+              before its children are forked, so they inherit the session (a member
+              whose session its parent is not in is forked by a stand-in of it:
+              restore/sessions.py); a shared memory object is made by the first VMA
+              that maps it and mapped by the others (restore/shm.py), then filled once
+    groups    every process group made and joined, the stand-ins gone
     files     fds (a shared open file description is taken from its first holder
-              by pidfd_getfd) and process attributes; then process groups, a
-              group's leader before its members; then the zombies exit (each forked
-              from its parent before the parent's memory, restore/zombies.py)
+              by pidfd_getfd) and process attributes; then the zombies exit (each
+              forked from its parent, most before the parent's memory,
+              restore/zombies.py)
     rest      threads, signals, timers, rlimits, credentials (after: they drop
               ckpt's privileges), rseq
     leave     children first, the root last

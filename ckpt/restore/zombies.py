@@ -3,8 +3,9 @@
 A zombie is only a PID, its links (parent, process group, session) and the status its
 parent's wait will read (capture/tree.py). Each is forked from its restored parent's
 restorer with clone3 + set_tid like any member (Rebuilder.fork_child), before the
-parent's memory is built (it needs none), and then, once the process groups exist,
-made to exit the way the original did:
+parent's memory is built (it needs none; after it when its session needs a stand-in:
+restore/sessions.py), and then, once the process groups exist, made to exit the way
+the original did:
 
 - exit(code): exit_group(code) from the scratch area's `syscall` instruction;
 - killed by signal N: the signal's default action (dispositions reset, mask cleared)
@@ -17,7 +18,7 @@ made to exit the way the original did:
   a page or more; otherwise the restore is refused before anything is built.
 
 It leads its process group (or session) again if it did, joins the group of another
-member, and only then exits (restore/tree.py _process_groups). Its credentials (uids,
+member, and only then exits (restore/sessions.py make_groups). Its credentials (uids,
 gids) are set before it exits (a zombie still counts against its user's processes).
 
 The parent restorer collects nothing: it reads the status with an injected
