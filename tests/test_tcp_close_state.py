@@ -31,15 +31,16 @@ def sockets_of(image) -> list[dict]:
 def test_closed_sockets_restored(e2e):
     """Sockets in state CLOSE after a connection (reset with the error unread, with
     unread data, after the peer's FIN; bound explicitly; a refused non-blocking
-    connect; both FINs exchanged; disconnected since): each shows the same names,
+    connect; both FINs exchanged; disconnected since; accepted on a server's port,
+    which connect() never gives): each shows the same names,
     state, poll mask, unread bytes, MSS and buffers, gives the same recv results and
     errors, holds its port or not as before, and connects again where it could."""
     w = e2e.spawn("tcpstate", "closed")
     image = e2e.path("img")
     dump_restore_verify(e2e, w, image=image)
     closed = [s["closed"] for s in sockets_of(image) if s.get("state") == "closed"]
-    assert len(closed) == 7, closed
-    assert sorted(c.get("error", 0) for c in closed) == [0, 0, 32, 104, 104, 104, 111]
+    assert len(closed) == 8, closed
+    assert sorted(c.get("error", 0) for c in closed) == [0, 0, 32, 104, 104, 104, 104, 111]
     assert [c.get("port_held", False) for c in closed].count(True) == 1  # #3's
     assert [c.get("disconnected", False) for c in closed].count(True) == 1  # #7
 

@@ -151,6 +151,7 @@ class AcceptQueues:
             self.sockets.lock = netlock.NetLock()
         try:
             self.sockets.lock.hold_syn(local)
+            self.sockets.let_marked_in()  # (a closed accepted socket is made through it)
         except CkptError:  # nft may not be used here (no CAP_NET_ADMIN): the retries only
             self.unheld.add(local)
 

@@ -177,7 +177,14 @@ class SocketCapture:
         if self.lock is None:
             self.lock = netlock.NetLock()
         self.lock.add(tuple(local[:2]), tuple(remote[:2]))
-        if injected and self.lock.name not in self._marked_in:
+        if injected:
+            self.let_marked_in()
+
+    def let_marked_in(self) -> None:
+        """The lock lets in what the restore itself sends, marked (tcp_repair.INJECT_MARK):
+        segments in an outside peer's name, and the connections to a held listener's
+        port that make a closed accepted socket again (kernel/tcp_closed.py dial)."""
+        if self.lock is not None and self.lock.name not in self._marked_in:
             self.lock.let_marked_in(tcp_repair.INJECT_MARK)
             self._marked_in.add(self.lock.name)
 

@@ -45,9 +45,11 @@ import socket
 import struct
 import time
 
+from . import procfs
 from .sockets import SIOCINQ, SO_RCVBUFFORCE, SOL_SOCKET, SOL_TCP
 from .tcp_repair import (
     ACK,
+    INJECT_MARK,
     TCP_CLOSE,
     TCP_ESTABLISHED,
     TCP_INFO,
@@ -201,17 +203,99 @@ def _reset(sock: socket.socket, helper: socket.socket, target, c) -> None:
         rc = sock.connect_ex(target)  # a connect() that completes: SS_CONNECTED (EISCONN)
         if rc:
             raise OSError(rc, f"connect once established: {os.strerror(rc)}")
-        if c.inq:
-            peer.settimeout(BUILD_TIMEOUT)
-            peer.sendall(c.inq)
-            _wait(lambda: _inq(sock) >= len(c.inq), f"the {len(c.inq)} unread bytes to arrive")
-        if c.mss:
-            _set_mss(sock, peer.getsockname(), c.mss)
-        if c.fin or c.error == errno.EPIPE:
-            peer.shutdown(socket.SHUT_WR)
-            _wait(lambda: peer_fin_in(sock), "the FIN to arrive")
-        peer.setsockopt(SOL_SOCKET, socket.SO_LINGER, struct.pack("=ii", 1, 0))
+        _close_from(sock, peer, c)
+
+
+def _close_from(sock: socket.socket, peer: socket.socket, c) -> None:
+    """`peer`, the other end of `sock`'s connection, sends the unread data, the MSS is
+    set, `peer` sends its FIN if the original had the peer's, and resets the connection:
+    the kernel closes `sock` with ECONNRESET (EPIPE after the FIN)."""
+    if c.inq:
+        peer.settimeout(BUILD_TIMEOUT)
+        peer.sendall(c.inq)
+        _wait(lambda: _inq(sock) >= len(c.inq), f"the {len(c.inq)} unread bytes to arrive")
+    if c.mss:
+        _set_mss(sock, peer.getsockname(), c.mss)
+    if c.fin or c.error == errno.EPIPE:
+        peer.shutdown(socket.SHUT_WR)
+        _wait(lambda: peer_fin_in(sock), "the FIN to arrive")
+    peer.setsockopt(SOL_SOCKET, socket.SO_LINGER, struct.pack("=ii", 1, 0))
+    peer.close()
     _wait(lambda: state_of(sock) == TCP_CLOSE, "the reset to close it")
+
+
+# -- a port connect() cannot give: the socket comes from accept() -----------------------
+
+
+def connect_gives(port: int) -> bool:
+    """Can connect() give a socket this port: in net.ipv4.ip_local_port_range and not in
+    ip_local_reserved_ports? (The port of an accepted socket is its listener's, as a
+    rule one connect() never gives: such a closed socket comes from accept() instead,
+    whose sockets hold no port lock either: build_accepted.)"""
+    try:
+        with open(procfs.system("sys", "net", "ipv4", "ip_local_port_range")) as f:
+            lo, hi = map(int, f.read().split())
+        with open(procfs.system("sys", "net", "ipv4", "ip_local_reserved_ports")) as f:
+            reserved = f.read().strip()
+    except (OSError, ValueError):
+        return True
+    if not lo <= port <= hi:
+        return False
+    for part in filter(None, reserved.split(",")):
+        a, _, b = part.partition("-")
+        if int(a) <= port <= int(b or a):
+            return False
+    return True
+
+
+def listen_for(sock: socket.socket, local: tuple, v6only: int) -> None:
+    """Make `sock` (ckpt's copy of a temporary socket of the restorer's) listen on the
+    port of `local`, on every address (so that its children hold no address lock, as an
+    accepted socket of a server listening on every address), SO_REUSEADDR for the
+    port's TIME_WAITs; the restorer then accepts the closed socket from it."""
+    sock.setsockopt(SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_V6ONLY, v6only)
+        sock.bind(("::", int(local[1]), 0, 0))
+    else:
+        sock.bind(("0.0.0.0", int(local[1])))
+    sock.listen(1)
+
+
+def dial(local: tuple) -> socket.socket:
+    """ckpt's helper connecting to `local` (listen_for's listener); wait until the
+    listener has the connection to give (poll it then)."""
+    host = local[0].split("%", 1)[0]
+    addr = ipaddress.ip_address(host)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        helper, target = socket.socket(socket.AF_INET), (str(addr.ipv4_mapped), int(local[1]))
+    elif isinstance(addr, ipaddress.IPv6Address):
+        scope = int(local[3]) if len(local) > 3 else 0
+        helper, target = socket.socket(socket.AF_INET6), (host, int(local[1]), 0, scope)
+    else:
+        helper, target = socket.socket(socket.AF_INET), (host, int(local[1]))
+    try:
+        # marked: the dump's network lock holds the SYNs to the port (capture/backlog.py)
+        # and lets marked segments in
+        helper.setsockopt(SOL_SOCKET, socket.SO_MARK, INJECT_MARK)
+        helper.settimeout(BUILD_TIMEOUT)
+        helper.connect(target)
+    except OSError:
+        helper.close()
+        raise
+    return helper
+
+
+def build_accepted(sock: socket.socket, helper: socket.socket, c, *, reuse: int) -> None:
+    """Close `sock` (ckpt's copy of what the restorer accepted from listen_for's listener,
+    `helper` its other end) as build() closes a connected one; SO_REUSEADDR as dumped
+    (the listener's was inherited)."""
+    with helper:
+        _wait(lambda: state_of(sock) == TCP_ESTABLISHED, "the accepted connection")
+        _close_from(sock, helper, c)
+    if not c.error:
+        sock.getsockopt(SOL_SOCKET, socket.SO_ERROR)  # the process had read it: read again
+    sock.setsockopt(SOL_SOCKET, socket.SO_REUSEADDR, reuse)
 
 
 def _set_mss(sock: socket.socket, peer: tuple, mss: int) -> None:

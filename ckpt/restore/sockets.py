@@ -569,29 +569,62 @@ class _Sockets:
         """TCP sockets in state CLOSE after a connection (state "closed"), made so by the
         kernel again (kernel/tcp_closed.py): a connection over their local address to a
         helper of ckpt's, reset by it (or a connect it refuses). held: those that keep
-        their port (bound explicitly, or accepted: after the listener, whose port they
-        share); the others first, before anything else takes a port."""
+        their port (bound explicitly); the others first, before anything else takes a
+        port (an accepted one's port is its listener's, made after)."""
         for f in self.fds:
             s = f.socket
             if s.state != "closed" or s.closed is None or s.closed.port_held != held:
                 continue
-            self.place(self.new(s), f)
-            c = self.copy(f)
+            c = s.closed
             opt = s.options.get
             try:
-                tcp_closed.build(
-                    c, tuple(s.local), s.closed, v6only=int(opt("IPV6_V6ONLY", 0) or 0),
-                    port_range=int(opt("IP_LOCAL_PORT_RANGE", 0) or 0),
-                    no_port=int(opt(_NO_PORT, 0) or 0), user_mss=int(opt("TCP_MAXSEG", 0) or 0),
-                )  # fmt: skip
+                accepted = c.handshake and not held and not c.disconnected
+                if accepted and not tcp_closed.connect_gives(int(s.local[1])):
+                    sock = self._accept_closed(f)
+                else:
+                    self.place(self.new(s), f)
+                    sock = self.copy(f)
+                    tcp_closed.build(
+                        sock, tuple(s.local), c, v6only=int(opt("IPV6_V6ONLY", 0) or 0),
+                        port_range=int(opt("IP_LOCAL_PORT_RANGE", 0) or 0),
+                        no_port=int(opt(_NO_PORT, 0) or 0),
+                        user_mss=int(opt("TCP_MAXSEG", 0) or 0),
+                    )  # fmt: skip
                 # the options that go before bind (finish sets the others), buffers as dumped
-                ks.set_options(c, s.options, only=ks.BEFORE_BIND, skip=("IPV6_V6ONLY",))
-                ks.set_buffers(c, s.sndbuf, s.rcvbuf, s.buf_lock)
+                ks.set_options(sock, s.options, only=ks.BEFORE_BIND, skip=("IPV6_V6ONLY",))
+                ks.set_buffers(sock, s.sndbuf, s.rcvbuf, s.buf_lock)
             except OSError as exc:
+                if isinstance(exc, RemoteError):
+                    raise
                 raise RestoreError(
                     f"cannot rebuild the closed TCP socket fd {f.fd} ({_name(s.local)}): "
                     f"{exc.strerror or exc}"
                 ) from exc
+
+    def _accept_closed(self, f: Fd) -> socket.socket:
+        """A closed socket on a port connect() does not give (an accepted one's, its
+        listener's): accepted by the restorer from a listener of its own on that port (a
+        clone holds no port lock), then closed by ckpt's helper at the other end."""
+        s = f.socket
+        inj = self.inj
+        lfd = self.new(s)
+        try:
+            with ks.adopt(self.ctx.copy(lfd)) as lst:
+                v6only = int(s.options.get("IPV6_V6ONLY", 0) or 0)
+                tcp_closed.listen_for(lst, tuple(s.local), v6only)
+                helper = tcp_closed.dial(tuple(s.local))
+                try:
+                    tmp = self.ctx.spare_fd(syscalls.accept4(inj, lfd, 0, 0, abi.SOCK_CLOEXEC))
+                except BaseException:
+                    helper.close()
+                    raise
+        finally:
+            syscalls.close(inj, lfd)
+        self.place(tmp, f)
+        sock = self.copy(f)
+        reuse = int(s.options.get("SO_REUSEADDR", 0) or 0)
+        tcp_closed.build_accepted(sock, helper, s.closed, reuse=reuse)
+        return sock
 
     def tcp_closing(self, established: list[Fd]) -> None:
         """The FINs the closing connections' sequences leave out, played again now that

@@ -20,7 +20,10 @@
  *      ECONNREFUSED and makes it reusable (a second connect to the live listener works);
  *   #6 both FINs exchanged (this end's TIME_WAIT went to a timewait socket): recv 0;
  *   #7 reset, then connect(AF_UNSPEC) (error still pending): getsockname as it was,
- *      SO_ERROR ECONNRESET, then it connects to the listener again.
+ *      SO_ERROR ECONNRESET, then it connects to the listener again;
+ *   #8 accepted by a listener on a port below the ephemeral range (a server's: one
+ *      connect() never gives), 10 unread bytes, reset: the bytes, ECONNRESET, 0; the
+ *      port released (bind() on it allowed), the listener still holds it.
  * shut: connections with shutdown(SHUT_RD): a plain one (recv 0 at once, data sent to
  *   it afterwards still arrives, the other way works), one also shut for writing
  *   (FIN_WAIT2: data arriving resets the connection: the peer ends CLOSE with EPIPE),
@@ -215,10 +218,10 @@ static int other_bind(int port)
 
 /* ---- closed ------------------------------------------------------------------------ */
 
-#define NC 8
+#define NC 9
 static int cs[NC];
 static struct view cv[NC];
-static int c_port, c_listener, c3_port;
+static int c_port, c_listener, c3_port, c8_port;
 
 static void closed_setup(void)
 {
@@ -305,6 +308,25 @@ static void closed_setup(void)
     wait_state("#7", cs[7], TCP_CLOSE);
     struct sockaddr unspec = {.sa_family = AF_UNSPEC};
     SETUP_CHECK(connect(cs[7], &unspec, sizeof(unspec)) == 0, "AF_UNSPEC #7");
+    /* #8 accepted through a listener on a port below the ephemeral range */
+    int l8 = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int one = 1;
+    setsockopt(l8, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    for (c8_port = 20000 + getpid() % 5000; c8_port < 30000; c8_port++) {
+        b = lo(c8_port);
+        if (bind(l8, (struct sockaddr *)&b, sizeof(b)) == 0)
+            break;
+    }
+    SETUP_CHECK(c8_port < 30000 && listen(l8, 4) == 0, "listen #8");
+    c = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    SETUP_CHECK(connect_lo(c, c8_port) == 0, "connect #8");
+    cs[8] = accept_one(l8);
+    SETUP_CHECK(send(c, "0123456789", 10, 0) == 10, "send #8");
+    end = mono_now() + 10;
+    for (int n = 0; n < 10 && mono_now() < end; usleep(1000))
+        ioctl(cs[8], SIOCINQ, &n);
+    reset_close(c);
+    wait_state("#8", cs[8], TCP_CLOSE);
     for (int i = 1; i < NC; i++) {
         snprintf(cv[i].name, sizeof(cv[i].name), "#%d", i);
         look(cs[i], &cv[i]);
@@ -374,6 +396,16 @@ static void closed_verify(void)
     e = get_int(cs[7], SOL_SOCKET, SO_ERROR);
     CHECK(e == ECONNRESET, "#7: SO_ERROR %d, not ECONNRESET", e);
     CHECK(connect_lo(cs[7], c_port) == 0, "#7: connect after AF_UNSPEC: %s", strerror(errno));
+    /* #8 */
+    r = recv_now(cs[8], buf, sizeof(buf));
+    CHECK(r == 10 && !memcmp(buf, "0123456789", 10), "#8: recv %zd, not the 10 bytes", r);
+    r = recv_now(cs[8], buf, sizeof(buf));
+    CHECK(r == -ECONNRESET, "#8: recv after the data %zd, not ECONNRESET", r);
+    r = recv_now(cs[8], buf, sizeof(buf));
+    CHECK(r == 0, "#8: then %zd, not 0", r);
+    CHECK(other_bind(c8_port) == EADDRINUSE, "#8: its listener's port %d is free", c8_port);
+    CHECK(bind(cs[8], (struct sockaddr *)&any, sizeof(any)) == 0, "#8: bind on it: %s",
+          strerror(errno));
     finish("");
 }
 
