@@ -262,9 +262,9 @@ def listen_for(sock: socket.socket, local: tuple, v6only: int) -> None:
     sock.listen(1)
 
 
-def dial(local: tuple) -> socket.socket:
-    """ckpt's helper connecting to `local` (listen_for's listener); wait until the
-    listener has the connection to give (poll it then)."""
+def dial(local: tuple, listener: socket.socket) -> socket.socket:
+    """ckpt's helper connected to `local` (`listener`, listen_for's), once `listener`
+    has the connection to give (its accept never waits)."""
     host = local[0].split("%", 1)[0]
     addr = ipaddress.ip_address(host)
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
@@ -280,6 +280,9 @@ def dial(local: tuple) -> socket.socket:
         helper.setsockopt(SOL_SOCKET, socket.SO_MARK, INJECT_MARK)
         helper.settimeout(BUILD_TIMEOUT)
         helper.connect(target)
+        p = select.poll()
+        p.register(listener, select.POLLIN)
+        _wait(lambda: bool(p.poll(0)), "the connection to be accepted")
     except OSError:
         helper.close()
         raise

@@ -612,7 +612,7 @@ class _Sockets:
             with ks.adopt(self.ctx.copy(lfd)) as lst:
                 v6only = int(s.options.get("IPV6_V6ONLY", 0) or 0)
                 tcp_closed.listen_for(lst, tuple(s.local), v6only)
-                helper = tcp_closed.dial(tuple(s.local))
+                helper = tcp_closed.dial(tuple(s.local), lst)
                 try:
                     tmp = self.ctx.spare_fd(syscalls.accept4(inj, lfd, 0, 0, abi.SOCK_CLOEXEC))
                 except BaseException:
