@@ -1,5 +1,6 @@
 """Fds ckpt cannot bring back are refused in one line that says why, before the
-target is touched (issue 14: packet, netlink and fanotify fds)."""
+target is touched (issue 14: packet, netlink and fanotify fds; raw IP sockets, character
+devices ckpt does not know, io_uring)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,22 @@ HOLDERS = {
     "packet": "import socket; s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)",
     "fanotify": "import ctypes, os; fd = ctypes.CDLL(None, use_errno=True).fanotify_init(0, 0)\n"
     "assert fd >= 0, os.strerror(ctypes.get_errno())",
+    "raw IP": "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_RAW, "
+    "socket.IPPROTO_ICMP)",
+    "character device": "import os; fd = os.open('/dev/kmsg', os.O_RDONLY)",
+    "io_uring": "import ctypes, os; p = ctypes.create_string_buffer(120)\n"
+    "fd = ctypes.CDLL(None, use_errno=True).syscall(425, 4, p)  # io_uring_setup\n"
+    "assert fd >= 0, os.strerror(ctypes.get_errno())",
 }
-WHY = {"netlink": "netlink conversation", "packet": "ring buffers", "fanotify": "marks"}
+WHY = {
+    "netlink": "netlink conversation",
+    "packet": "ring buffers",
+    "fanotify": "marks",
+    "raw IP": "only TCP and UDP",
+    "character device": "/dev/kmsg",
+    "io_uring": "requests in flight",
+}
+NAMED = {"raw IP": "IPv4 raw"}  # how the refusal names the kind, when not by its key
 
 
 @pytest.mark.parametrize("kind", sorted(HOLDERS))
@@ -27,7 +42,7 @@ def test_refused_with_the_reason(e2e, kind):
     try:
         assert p.stdout.readline().strip() == "READY"
         res = e2e.dump(p.pid, e2e.path("img"))
-        assert_error(res, 5, f"process {p.pid}", kind, "not supported", WHY[kind])
+        assert_error(res, 5, f"process {p.pid}", NAMED.get(kind, kind), "not supported", WHY[kind])
         wait_until(lambda: untraced_and_running(p.pid), DEADLINE, "the process to run on")
         assert (proc_status(p.pid) or {}).get("TracerPid") == "0"
     finally:

@@ -35,6 +35,8 @@ from ..model import Fd, McastGroup, ProcessImage, Socket, SocketMsg, TcpClosed, 
 UNIX_TYPES = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "dgram", socket.SOCK_SEQPACKET: "seqpacket"}  # fmt: skip
 FAMILIES = {socket.AF_UNIX: "unix", socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6",
             socket.AF_NETLINK: "netlink", socket.AF_PACKET: "packet"}  # fmt: skip
+SOCK_TYPES = {socket.SOCK_RAW: "raw", socket.SOCK_SEQPACKET: "seqpacket",
+              socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "datagram"}  # fmt: skip
 CONSISTENT_TRIES = 20
 # Why the other families are refused (the refusal says it: issue 14).
 WHY_NOT = {
@@ -264,9 +266,13 @@ def capture_socket(
         else:
             kind = FAMILIES.get(ts.family, f"family {ts.family}")
             why = WHY_NOT.get(ts.family, "ckpt has no way to read this family's state back")
+            if ts.family in (socket.AF_INET, socket.AF_INET6):  # raw, SCTP, DCCP, MPTCP…
+                kind += f" {SOCK_TYPES.get(ts.type, f'type {ts.type}')} (protocol {ts.proto})"
+                why = "of the IP sockets only TCP and UDP state is read back"
+            article = "an" if kind[:1] in "aeiouAEIOU" else "a"
             raise UnsupportedProcess(
-                f"fd {fd} is a {kind} socket (type {ts.type}, socket:[{ino}]): not supported "
-                f"({why})",
+                f"fd {fd} is {article} {kind} socket (type {ts.type}, socket:[{ino}]): "
+                f"not supported ({why})",
                 pid=pid,
             )
         _settings(pid, ctx, ts, sock)
