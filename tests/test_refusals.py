@@ -17,6 +17,8 @@ HOLDERS = {
     "assert fd >= 0, os.strerror(ctypes.get_errno())",
     "raw IP": "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_RAW, "
     "socket.IPPROTO_ICMP)",
+    "MPTCP": "import socket, sys\ntry:\n    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)\n"
+    "except OSError as e:\n    print('SKIP kernel without MPTCP:', e, flush=True); sys.exit()",
     "character device": "import os; fd = os.open('/dev/kmsg', os.O_RDONLY)",
     "io_uring": "import ctypes, os; p = ctypes.create_string_buffer(120)\n"
     "fd = ctypes.CDLL(None, use_errno=True).syscall(425, 4, p)  # io_uring_setup\n"
@@ -27,10 +29,14 @@ WHY = {
     "packet": "ring buffers",
     "fanotify": "marks",
     "raw IP": "only TCP and UDP",
+    "MPTCP": "only TCP and UDP",
     "character device": "/dev/kmsg",
     "io_uring": "requests in flight",
 }
-NAMED = {"raw IP": "IPv4 raw"}  # how the refusal names the kind, when not by its key
+NAMED = {
+    "raw IP": "IPv4 raw",
+    "MPTCP": "protocol 262",
+}  # how the refusal names the kind, when not by its key
 
 
 @pytest.mark.parametrize("kind", sorted(HOLDERS))
@@ -40,7 +46,10 @@ def test_refused_with_the_reason(e2e, kind):
         [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=e2e.base
     )
     try:
-        assert p.stdout.readline().strip() == "READY"
+        first = p.stdout.readline().strip()
+        if first.startswith("SKIP"):
+            pytest.skip(first[5:])
+        assert first == "READY"
         res = e2e.dump(p.pid, e2e.path("img"))
         assert_error(res, 5, f"process {p.pid}", NAMED.get(kind, kind), "not supported", WHY[kind])
         wait_until(lambda: untraced_and_running(p.pid), DEADLINE, "the process to run on")

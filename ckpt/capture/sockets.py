@@ -37,6 +37,7 @@ FAMILIES = {socket.AF_UNIX: "unix", socket.AF_INET: "IPv4", socket.AF_INET6: "IP
             socket.AF_NETLINK: "netlink", socket.AF_PACKET: "packet"}  # fmt: skip
 SOCK_TYPES = {socket.SOCK_RAW: "raw", socket.SOCK_SEQPACKET: "seqpacket",
               socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "datagram"}  # fmt: skip
+INET = (socket.AF_INET, socket.AF_INET6)
 CONSISTENT_TRIES = 20
 # Why the other families are refused (the refusal says it: issue 14).
 WHY_NOT = {
@@ -259,14 +260,14 @@ def capture_socket(
     try:
         if ts.family == socket.AF_UNIX:
             sock = _unix(pid, ctx, ts, ino, fdinfo or {}, run=run, charge=charge)
-        elif ts.family in (socket.AF_INET, socket.AF_INET6) and ts.type == socket.SOCK_STREAM:
+        elif ts.family in INET and (ts.type, ts.proto) == (socket.SOCK_STREAM, socket.IPPROTO_TCP):
             sock = _tcp(pid, run, ctx, ts, ino, tcp_established)
-        elif ts.family in (socket.AF_INET, socket.AF_INET6) and ts.type == socket.SOCK_DGRAM:
+        elif ts.family in INET and (ts.type, ts.proto) == (socket.SOCK_DGRAM, socket.IPPROTO_UDP):
             sock = _udp(pid, ctx, ts, ino)
         else:
             kind = FAMILIES.get(ts.family, f"family {ts.family}")
             why = WHY_NOT.get(ts.family, "ckpt has no way to read this family's state back")
-            if ts.family in (socket.AF_INET, socket.AF_INET6):  # raw, SCTP, DCCP, MPTCP…
+            if ts.family in INET:  # raw, SCTP, MPTCP, UDP-Lite… (not TCP's or UDP's state)
                 kind += f" {SOCK_TYPES.get(ts.type, f'type {ts.type}')} (protocol {ts.proto})"
                 why = "of the IP sockets only TCP and UDP state is read back"
             article = "an" if kind[:1] in "aeiouAEIOU" else "a"
