@@ -91,7 +91,8 @@ def capture_frozen(
     smaps, and the members they followed. skip_fds: ckpt's own fds in a process,
     by its tracker (a persistent tracker's uffd)."""
     attrs.refuse_frozen(frozen.members)
-    tables = fd_tables(frozen.pids)  # a table shared with an outsider: refused before fds
+    # a table shared with an outsider: refused before fds
+    tables = fd_tables(frozen.pids, frozen.kids)
     # groups and sessions that could not come back exactly (restore/sessions.py)
     frozen_sessions(frozen, tables, shell_job=shell_job)
     pids = frozenset(frozen.pids)

@@ -51,12 +51,15 @@ def children(pid: int) -> list[int]:
     return sorted(set(out))
 
 
-def descendants(pid: int) -> list[int]:
-    """pid's descendants, breadth first (parents before children)."""
+def descendants(pid: int, kids_of: dict[int, list[int]] | None = None) -> list[int]:
+    """pid's descendants, breadth first (parents before children). kids_of: filled with
+    each process's children as listed."""
     order, queue = [], [pid]
     while queue:
         p = queue.pop(0)
         kids = children(p)
+        if kids_of is not None:
+            kids_of[p] = kids
         order += kids
         queue += kids
     return order
@@ -143,6 +146,9 @@ class FrozenTree:
     members: list[Tracee]
     #: descendants that had exited, not yet waited for by their (frozen) parents
     zombies: list[Zombie] = field(default_factory=list)
+    #: each member's children, as the freeze listed them with every member frozen
+    #: (fd_tables: one reading of every thread's children file less)
+    kids: dict[int, list[int]] | None = None
 
     @property
     def pids(self) -> list[int]:
@@ -180,7 +186,8 @@ def freeze_tree(root: Tracee) -> FrozenTree:
             # a pass that finds nobody new was made with every live member frozen: what
             # it found is the tree (frozen processes neither fork nor exit, and only they
             # could reap the zombies); no pass more to list it
-            found = descendants(root.pid)
+            kids: dict[int, list[int]] = {}
+            found = descendants(root.pid, kids)
             new = [p for p in found if p not in held and p not in dead]
             if not new:
                 break
@@ -203,7 +210,7 @@ def freeze_tree(root: Tracee) -> FrozenTree:
                 if z.pid == z.ppid or z.ppid not in held:
                     raise DumpError(f"zombie {p} of the tree has no frozen parent", pid=root.pid)
                 zombies.append(z)
-        return FrozenTree([held[p] for p in order if p in held], zombies)
+        return FrozenTree([held[p] for p in order if p in held], zombies, kids)
     except BaseException:
         for p, t in held.items():
             if p != root.pid:
@@ -214,21 +221,23 @@ def freeze_tree(root: Tracee) -> FrozenTree:
         raise
 
 
-def fd_tables(pids: list[int]) -> list[int]:
+def fd_tables(pids: list[int], kids: dict[int, list[int]] | None = None) -> list[int]:
     """For each process of the dump (parents first), the index of the first one whose fd
     table it shares (clone(CLONE_FILES), found with kcmp(KCMP_FILES)); -1: its own.
 
     The restore forks such a process with CLONE_FILES from its parent, so the table
     must be its parent's (or shared with it); one shared with a process outside the
     dump — its parent when it is the root, a child that `--no-tree` leaves out —
-    would be restored as a table of its own, and is refused like the rest."""
+    would be restored as a table of its own, and is refused like the rest. kids: the
+    members' children, when listed already (FrozenTree.kids)."""
     out = [-1] * len(pids)
     for i, pid in enumerate(pids):
         out[i] = next((j for j in range(i) if same_fd_table(pids[j], pid)), -1)
     slot = {pid: i for i, pid in enumerate(pids)}
     for i, pid in enumerate(pids):
         ppid = procfs.stat(pid).ppid
-        outside = [c for c in children(pid) if c not in slot]
+        listed = kids.get(pid) if kids is not None else None
+        outside = [c for c in (children(pid) if listed is None else listed) if c not in slot]
         if i == 0:
             outside.insert(0, ppid)
         other = next((q for q in outside if q > 0 and same_fd_table(pid, q)), None)
