@@ -8,6 +8,7 @@ import stat as statmod
 from ..errors import CkptError, DumpError, NoSuchProcess, UnsupportedProcess
 from ..kernel import abi, procfs
 from ..kernel.process import same_open_file
+from ..kernel.procfs import Mapping
 from ..model import Fd
 from . import fd_kinds, locks, tty, unlinked, written
 from .sockets import OutsidePeer, SocketCapture, capture_socket
@@ -26,6 +27,7 @@ def capture_fds(
     tree: frozenset[int] = frozenset(),
     shell_job: bool = False,
     check_only: bool = False,
+    maps: list[Mapping] | None = None,
 ) -> list[Fd]:
     """`skip`: ckpt's own fds in the target (persistent tracking).
     `sockets`: the run's socket capture (network lock, held TCP duplicates).
@@ -33,13 +35,16 @@ def capture_fds(
     `tree`: the other processes dumped with this one; a pipe may connect them.
     `shell_job`: take fds on the job's controlling terminal (capture/tty.py).
     `check_only`: the preflight's pass (api/preflight.py): what is read only to be kept,
-    never to refuse (the content of files being written), is left for the freeze."""
+    never to refuse (the content of files being written), is left for the freeze.
+    `maps`: the process's mappings when read already in this freeze (capture/process.py;
+    2048 VMAs for a process with 1024 threads), else read here."""
     scan = fd_kinds.FdScan(pid, tree)
     held: dict[int, bytes] = {}  # fd → its fdinfo, when it lists locks (capture/locks.py)
     try:
         out = _capture(scan, pid, skip, sockets, tcp_established, shell_job, held, check_only)
         tty.finish(scan, out)  # a session leader's controlling pty: a "ctty" record
-        maps = procfs.maps(pid)
+        if maps is None:
+            maps = procfs.maps(pid)
         fd_kinds.finish(scan, out, maps)
         unlinked.finish(scan, out, maps)  # unlinked files: content once, fds or mappings
         if not check_only:  # files written at their offset: their content

@@ -121,7 +121,7 @@ def capture_process(
         )
     sec = capture_security(tracee, bits)  # still frozen: filters by ptrace
     fds = capture_fds(pid, skip_fds, sockets=sockets, tcp_established=tcp_established,
-                      tree=tree - {pid}, shell_job=shell_job)  # fmt: skip
+                      tree=tree - {pid}, shell_job=shell_job, maps=maps)  # fmt: skip
 
     st = procfs.stat(pid)  # mm fields are only visible to a tracer
     exe = procfs.readlink(pid, "exe")
