@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from ..errors import RestoreError, as_error
 from ..image import ImageReader
 from ..image.load import load
-from ..kernel import netlock, procfs
+from ..kernel import netlock, procfs, tcp_repair
 from ..kernel.memory import write_at, write_pieces
 from ..kernel.spawn import spawn_restorer
 from ..model import ProcessImage, slot_base
@@ -106,6 +106,8 @@ def run_restore(directory: str, opts: RestoreOptions) -> Restored:
             check_detach(proc)
         terminal = Terminal.find() if shell_job else None
         check_tree(proc, new_pid)
+        if proc.net_lock:  # (an older image's lock: ckpt's own segments in, too)
+            netlock.let_marked_in_table(proc.net_lock, tcp_repair.INJECT_MARK)
         child = spawn_restorer(None if new_pid else proc.pid)
     except BaseException:
         reader.close()

@@ -121,6 +121,19 @@ class NetLock:
             raise KernelError(f"cannot lock the network with nft: {r.stderr.strip()}")
 
 
+def let_marked_in_table(name: str, mark: int) -> None:
+    """NetLock.let_marked_in for a table a dump left (by name), unless it lets them in
+    already: an image from before every outside connection's lock let ckpt's segments
+    in (the restore sends each rebuilt connection an ACK in its peer's name:
+    kernel/tcp_repair.py sync_mss). Best effort: a table that is gone is no matter."""
+    if not name.startswith(TABLE_PREFIX) or not available():
+        return
+    r = subprocess.run(["nft", "list", "table", "inet", name], capture_output=True, text=True,
+                       check=False)  # fmt: skip
+    if r.returncode == 0 and f"meta mark {mark:#x} accept" not in r.stdout:
+        _nft(f"insert rule inet {name} input meta mark {mark:#x} accept\n")
+
+
 def unlock(name: str) -> bool:
     """Delete a lock table; False if it was not there (already removed, other host)."""
     if not name.startswith(TABLE_PREFIX) or not available():

@@ -299,7 +299,7 @@ def rebuild(sock, local: tuple, remote: tuple, conn, before_bind, outside: bool 
     seti(TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
 
 
-MSS_WAIT = 0.5  # seconds for the ACK sync_mss sends to reach the socket
+MSS_WAIT = 0.2  # seconds for the ACK sync_mss sends to reach the socket (on this host: at once)
 
 
 def sync_mss(sock, local: tuple, remote: tuple, conn) -> None:
