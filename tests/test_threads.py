@@ -44,6 +44,15 @@ def test_pthreads_round_trip(e2e):
     assert v.fields["threads"] == "9"
 
 
+def test_pthreads_pending_signals(e2e):
+    """Signals each thread sent itself and blocks (tgkill: SI_TKILL or SI_USER, which
+    the kernel lets only the thread itself queue again) are pending in the same thread
+    after the restore, with the same sender."""
+    w = e2e.spawn("pthreads", "4", "pending")
+    v = dump_restore_verify(e2e, w)
+    assert v.fields["threads"] == "9"
+
+
 def test_pthreads_same_tids_and_names(e2e):
     """Checked from outside while the restored process runs: same TIDs, same names."""
     w = e2e.spawn("pthreads", "2")

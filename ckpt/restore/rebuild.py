@@ -667,8 +667,10 @@ class Rebuilder:
             return
         inj = self.inj
         # each thread's programs: creation ~600 bytes, attributes ~800, rseq and
-        # parent-death signal ~100 each; reserved only (MAP_NORESERVE), touched as used
-        area = self.area = program.Area(inj, len(extra) * 4096)
+        # parent-death signal ~100 each, its pending signals (restore_signals) ~200
+        # each; reserved only (MAP_NORESERVE), touched as used
+        most = max(len(t.pending) for t in extra)
+        area = self.area = program.Area(inj, len(extra) * (4096 + 256 * most))
         clones = program.Program(area, self.tracee, inj.template, data=len(extra) * 104)
         for t in extra:
             set_tid = 0 if self.new_pid else clones.put(struct.pack("<i", t.tid))
@@ -746,12 +748,21 @@ class Rebuilder:
             inj.write(buf, raw)
             syscalls.rt_sigaction(inj, sig, buf, 0, 8)
         pid = self.pid
-        for t in self.proc.threads:
-            tid = self.tid_map.get(t.tid, pid)
-            for info in t.pending:
-                inj.write(buf := inj.alloc(128), info)
-                syscalls.rt_tgsigqueueinfo(inj, pid, tid, struct.unpack_from("<i", info)[0], buf)
-                inj.reset_data()
+        for info in self.proc.threads[0].pending:
+            inj.write(buf := inj.alloc(128), info)
+            syscalls.rt_tgsigqueueinfo(inj, pid, pid, struct.unpack_from("<i", info)[0], buf)
+            inj.reset_data()
+        # each other thread queues its own: the kernel lets only the thread itself queue
+        # a siginfo of tgkill (SI_TKILL), kill or the kernel's for it (EPERM otherwise);
+        # one injected program per thread, all at once
+        if any(t.pending for t, _, _ in self.threads):
+            most = max(len(t.pending) for t, _, _ in self.threads)
+            progs = self.thread_programs(data=128 * most + 64)
+            for (t, prog), (_, tr, _) in zip(progs, self.threads, strict=True):
+                for info in t.pending:
+                    sig = struct.unpack_from("<i", info)[0]
+                    syscalls.rt_tgsigqueueinfo(prog, pid, tr.pid, sig, prog.put(info))
+            self.run_thread_programs(progs)
         for info in self.proc.shared_pending:
             inj.write(buf := inj.alloc(128), info)
             syscalls.rt_sigqueueinfo(inj, pid, struct.unpack_from("<i", info)[0], buf)

@@ -8,6 +8,9 @@
  *        kernel/inject_batch.py); a handler that runs fails the verification.
  *        blocked: the threads block SIGURG, SIGWINCH and SIGCHLD too (a program's
  *        marker is then a signal its thread blocks).
+ *        pending: each thread sends itself (tgkill: SI_TKILL or SI_USER by kernel, which
+ *        only the thread itself may queue again) SIGUSR1 and its own signal, both
+ *        blocked, and checks they are still pending, with their sender, at the end.
  *
  * Threads: "spin"   running, rewriting its own 4 MiB region and counting;
  *          "mutex"  blocked in pthread_mutex_lock on a mutex main holds;
@@ -64,6 +67,7 @@ static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
 static int cond_flag;
 static volatile sig_atomic_t got_usr2;
 static volatile sig_atomic_t handled; /* "handlers": a signal nobody sent arrived */
+static int pending_mode;               /* "pending" */
 
 static void on_unexpected(int sig)
 {
@@ -120,6 +124,20 @@ static void check_self(struct tstate *t)
         tfail(t, "sigmask");
     if (tls_value != (uint64_t)t->tid * 77u + 5)
         tfail(t, "tls");
+    if (pending_mode) {
+        sigset_t p;
+        sigpending(&p);
+        siginfo_t si;
+        struct timespec zero = {0, 0};
+        sigset_t one;
+        sigemptyset(&one);
+        sigaddset(&one, t->signo);
+        if (!sigismember(&p, SIGUSR1) || !sigismember(&p, t->signo))
+            tfail(t, "pending");
+        else if (sigtimedwait(&one, &si, &zero) != t->signo || si.si_pid != orig_pid ||
+                 (si.si_code != SI_TKILL && si.si_code != SI_USER)) /* tgkill's, by kernel */
+            tfail(t, "pending_siginfo");
+    }
     void *head = NULL;
     size_t len = 0;
     if (syscall(SYS_get_robust_list, 0, &head, &len) || (uint64_t)(uintptr_t)head != t->robust_head)
@@ -156,6 +174,10 @@ static void *thread_main(void *arg)
     size_t len = 0;
     syscall(SYS_get_robust_list, 0, &head, &len);
     t->robust_head = (uint64_t)(uintptr_t)head;
+    if (pending_mode) {
+        syscall(SYS_tgkill, getpid(), t->tid, SIGUSR1);
+        syscall(SYS_tgkill, getpid(), t->tid, t->signo);
+    }
     fill_gen(t, 0);
     t->started = 1;
     switch (t->kind) {
@@ -223,6 +245,7 @@ int main(int argc, char **argv)
     add("cond", 2);
     add("sleep", 3);
     int churn = argc > 2 && strcmp(argv[2], "churn") == 0;
+    pending_mode = argc > 2 && strcmp(argv[2], "pending") == 0;
     if (argc > 2 && strcmp(argv[2], "blocked") == 0) {
         sigset_t b; /* the threads inherit it; main's own is sigsuspend's */
         sigemptyset(&b);
