@@ -331,3 +331,108 @@ def leave_many(tracees: list[Tracee], masks: list[int], regs: list[dict[str, int
                 "while parked",
             )
         check(states[i], "leave", target=t.pid)
+
+
+# -- the same calls in other threads ---------------------------------------------------------
+
+
+class Recording:
+    """An Injector's calls, run for real in one thread and noted with the data they were
+    handed, to be run again in other threads as programs (replay): for setters whose
+    calls depend only on what the thread is to become (restore/security.py: threads
+    meant to get the same credentials start alike and make the same calls). `ok` turns
+    False when the code reads memory back (a replay could not give it the others')."""
+
+    def __init__(self, inj: Injector):
+        self.inj = inj
+        self.tracee = inj.tracee
+        self.scratch = inj.scratch
+        self.base = inj.scratch.data
+        self.shadow = bytearray()  # the data area as the calls were handed it
+        # nr, args, checked (call_nr), name, result, the data area before the call
+        self.calls: list[tuple[int, tuple[int, ...], bool, str, int, bytes]] = []
+        self.ok = True
+
+    def raw(self, nr: int, *args: int) -> int:
+        r = self.inj.raw(nr, *args)
+        self.calls.append((nr, args, False, "", r, bytes(self.shadow)))
+        return r
+
+    def call_nr(self, nr: int, *args: int, name: str) -> int:
+        r = self.inj.raw(nr, *args)
+        self.calls.append((nr, args, True, name, r, bytes(self.shadow)))
+        if -4096 < r < 0:
+            raise RemoteError(-r, f"{name} in process {self.tracee.pid} failed: {os.strerror(-r)}")
+        return r
+
+    def reset_data(self) -> None:
+        self.inj.reset_data()
+
+    def _note(self, addr: int, data: bytes) -> None:
+        off = addr - self.base
+        if off < 0 or off + len(data) > self.scratch.data_size:
+            self.ok = False
+            return
+        if off + len(data) > len(self.shadow):
+            self.shadow.extend(bytes(off + len(data) - len(self.shadow)))
+        self.shadow[off : off + len(data)] = data
+
+    def put(self, data: bytes, align: int = 8) -> int:
+        addr = self.inj.put(data, align)
+        self._note(addr, data)
+        return addr
+
+    def alloc(self, size: int, align: int = 8) -> int:
+        return self.put(b"\0" * size, align)
+
+    def cstr(self, s: str | bytes) -> int:
+        b = s.encode("utf-8", "surrogateescape") if isinstance(s, str) else s
+        return self.put(b + b"\0", 1)
+
+    def write(self, addr: int, data: bytes) -> None:
+        self.inj.write(addr, data)
+        self._note(addr, data)
+
+    def read(self, addr: int, size: int) -> bytes:
+        self.ok = False
+        return self.inj.read(addr, size)
+
+
+def replay(rec: Recording, area: Area, tracees: list[Tracee], template: dict[str, int],
+           pending: Callable[[Tracee], set[int]] = lambda _t: set(),
+           live: Callable[[Tracee], Injector] | None = None) -> list[Program]:  # fmt: skip
+    """rec's calls in each of these threads, as one program each, all at once (run);
+    a pointer into the data area points into the thread's own copy of it as it was
+    before the call. Returns the programs; check each with same_as."""
+    extent = max(64, -(-len(rec.shadow) // 64) * 64)
+    progs = []
+    for tr in tracees:
+        prog = Program(area, tr, template, data=extent * len(rec.calls) + 64)
+        for nr, args, checked, name, _r, before in rec.calls:
+            if any(rec.base <= a < rec.base + extent for a in args):
+                copy = prog.put(before.ljust(extent, b"\0"), 64)
+                args = tuple(a - rec.base + copy if rec.base <= a < rec.base + extent else a
+                             for a in args)  # fmt: skip
+            prog.calls.append((nr, args, checked, name, None))
+        progs.append(prog)
+    run(progs, pending=pending, live=live, raise_first=False)
+    return progs
+
+
+def same_as(rec: Recording, prog: Program) -> None:
+    """Raise what straight code would have in prog's thread: the first call with a check
+    that failed, as Injector.call_nr words it; or, for a call that answered otherwise
+    than in rec's thread (they started alike: it should not), RemoteError(EPROTO)."""
+    for (nr, _a, checked, name, want, _b), got in zip(rec.calls, prog.results, strict=True):
+        pid = prog.tracee.pid
+        if got is None:  # not run: a failed call before it ended the program (raised)
+            break
+        if checked and -4096 < got < 0:
+            raise RemoteError(-got, f"{name} in process {pid} failed: {os.strerror(-got)}")
+        if got != want:
+            what = name or f"syscall {nr}"
+            raise RemoteError(
+                errno.EPROTO,
+                f"{what} in process {pid} returned {got}, not {want} as in thread "
+                f"{rec.tracee.pid} it copies",
+            )

@@ -722,6 +722,13 @@ class Rebuilder:
         program.run([p for _, p in progs], pending=lambda tr: self._pending.get(tr.pid, set()),
                     live=self._live, raise_first=raise_first)  # fmt: skip
 
+    def replay(self, rec: program.Recording, tracees: list[Tracee]) -> list[program.Program]:
+        """rec's calls (made in one thread) in each of these threads, as one injected
+        program each, all at once (program.replay; restore/security.py)."""
+        return program.replay(rec, self.area, tracees, self.inj.template,
+                              pending=lambda tr: self._pending.get(tr.pid, set()),
+                              live=self._live)  # fmt: skip
+
     def _clone_failed(self, t: Thread, exc: RemoteError) -> BaseException:
         if not self.new_pid and exc.errno == errno.EEXIST:
             return PidInUse(

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import ImageCorrupt, RestoreError
-from ..kernel import abi, cgroups, creds, procfs, seccomp, syscalls
+from ..kernel import abi, cgroups, creds, procfs, program, seccomp, syscalls
 from ..kernel.ptrace import PTRACE_O_EXITKILL, PTRACE_O_TRACESYSGOOD
 from ..kernel.remote import Injector, RemoteError
 from ..model import Creds, ProcessImage, SecurityContext
@@ -221,6 +221,12 @@ class _Now:
     securebits: int
     no_new_privs: bool
 
+    def take(self, other: _Now) -> None:
+        """Become what `other` is (a copy)."""
+        self.uids, self.gids = list(other.uids), list(other.gids)
+        self.groups, self.caps = list(other.groups), list(other.caps)
+        self.securebits, self.no_new_privs = other.securebits, other.no_new_privs
+
 
 def restore_creds(rb) -> None:
     """Every thread's credentials, capabilities, securebits, seccomp (see the module
@@ -240,15 +246,59 @@ def restore_creds(rb) -> None:
     if any(c.seccomp_mode for c in sec.threads) and not sec.inherited_filters:
         for _, tr, _ in ents:  # from here on, ckpt's own syscalls pass the new filters
             seccomp.suspend(tr.pid, PTRACE_O_TRACESYSGOOD | PTRACE_O_EXITKILL)
-    for (tid, tr, inj), c, now in zip(ents, sec.threads, nows):
-        _step(rb, tid, "credentials", _identity, inj, c, now, rb.pid, tr.pid)
+    _step(rb, ents[0][0], "credentials", _identity, rb.inj, sec.threads[0], nows[0], rb.pid,
+          rb.pid)  # fmt: skip
+    _alike(rb, ents[1:], sec.threads[1:], nows[1:], "credentials",
+           lambda inj, c, now, tr: _identity(inj, c, now, rb.pid, tr.pid),
+           lambda c, now: (*map(tuple, (c.uids, c.gids, c.groups, c.caps)), c.securebits))  # fmt: skip
     # filters every thread shares: installed once, by the leader, with TSYNC
     shared = _common_prefix([c.seccomp for c in sec.threads]) if len(ents) > 1 else []
     if shared:
         _step(rb, ents[0][0], "seccomp", _filters, rb.inj, sec, shared, True)
-    for (tid, _tr, inj), c, now in zip(ents, sec.threads, nows):
+    own = [c.seccomp[len(shared) :] or c.seccomp_mode == seccomp.SECCOMP_MODE_STRICT
+           for c in sec.threads]  # fmt: skip
+    for i, ((tid, _tr, inj), c, now) in enumerate(zip(ents, sec.threads, nows)):
+        if i and not any(own[1:]):  # the others: alike threads at once (below)
+            break
         _step(rb, tid, "seccomp", _filters, inj, sec, c.seccomp[len(shared) :])
         _step(rb, tid, "capabilities", _final, inj, c, now)
+    else:
+        return
+    _alike(rb, ents[1:], sec.threads[1:], nows[1:], "capabilities",
+           lambda inj, c, now, _tr: _final(inj, c, now),
+           lambda c, now: (c.no_new_privs, tuple(c.caps), c.seccomp_mode))  # fmt: skip
+
+
+def _alike(rb, ents: list, cs: list[Creds], nows: list[_Now], what: str,
+           fn: Callable[[object, Creds, _Now, object], None],
+           key: Callable[[Creds, _Now], tuple]) -> None:  # fmt: skip
+    """fn(injector, creds, now, tracee) for each of these threads, in a way that costs
+    one injected program per thread rather than a round trip per call: threads that are
+    to become alike (key) from alike states (now) make the same calls with the same
+    results, so the first of each kind runs fn for real, its calls noted
+    (program.Recording), and the others run those calls as one injected program each,
+    all at once, every result checked against the first's (program.same_as); a failure
+    is raised for the first thread in order, worded as fn's own would be."""
+    firsts: dict[tuple, tuple[program.Recording, _Now]] = {}
+    copies: list[tuple[int, program.Recording, _Now]] = []
+    for i, ((tid, tr, inj), c, now) in enumerate(zip(ents, cs, nows)):
+        k = (key(c, now), *map(tuple, (now.uids, now.gids, now.groups, now.caps)),
+             now.securebits, now.no_new_privs)  # fmt: skip
+        got = firsts.get(k)
+        if got is not None and got[0].ok:
+            copies.append((i, *got))
+            continue
+        rec = program.Recording(inj)
+        _step(rb, tid, what, fn, rec, c, now, tr)
+        firsts.setdefault(k, (rec, now))
+    progs: dict[int, program.Program] = {}
+    for rec in {id(r): r for _i, r, _n in copies}.values():
+        which = [i for i, r, _n in copies if r is rec]
+        for i, prog in zip(which, rb.replay(rec, [ents[i][1] for i in which]), strict=True):
+            progs[i] = prog
+    for i, rec, now in copies:
+        _step(rb, ents[i][0], what, program.same_as, rec, progs[i])
+        nows[i].take(now)  # where the first one got to
 
 
 def _step(rb, tid: int, what: str, fn, *args) -> None:

@@ -7,7 +7,9 @@
  *   tree     stay root and fork a child that does `drop` (a master and its worker)
  *   seccomp  like self, plus a second thread under a seccomp filter of its own that
  *            fails prctl with errno 1234
- *   threads  like self, plus a second thread (every thread must be nobody again)
+ *   threads  like self, plus four more threads (every thread must be nobody again; the
+ *            restore sets the first one's credentials by injected calls and copies
+ *            them to the others as one injected program each)
  *   lockall  like self, under mlockall(MCL_CURRENT|MCL_FUTURE), its locked memory
  *            filled up to 8 KiB below RLIMIT_MEMLOCK (no room for one more mapping)
  *
@@ -307,6 +309,8 @@ int main(int argc, char **argv)
         setup_memory(9, MIB);
         if (strcmp(mode, "seccomp") == 0 || strcmp(mode, "threads") == 0)
             start_thread(strcmp(mode, "seccomp") == 0);
+        for (int i = 0; i < 3 && strcmp(mode, "threads") == 0; i++)
+            start_thread(0); /* plain threads: nothing to wait for */
         if (strcmp(mode, "lockall") == 0)
             lock_all_to_the_limit();
     }
