@@ -668,9 +668,13 @@ class Rebuilder:
         inj = self.inj
         # each thread's programs: creation ~600 bytes, attributes ~800, rseq and
         # parent-death signal ~100 each, its pending signals (restore_signals) ~200
-        # each; reserved only (MAP_NORESERVE), touched as used
+        # each, credentials copied from another thread (restore/security.py) ~2 KiB
+        # and 8 bytes a supplementary group; reserved only (MAP_NORESERVE), touched as
+        # used, mapped before the process's own limits apply
         most = max(len(t.pending) for t in extra)
-        area = self.area = program.Area(inj, len(extra) * (4096 + 256 * most))
+        sec = self.proc.security
+        groups = max((len(c.groups) for c in sec.threads), default=0) if sec else 0
+        area = self.area = program.Area(inj, len(extra) * (16384 + 256 * most + 8 * groups))
         clones = program.Program(area, self.tracee, inj.template, data=len(extra) * 104)
         for t in extra:
             set_tid = 0 if self.new_pid else clones.put(struct.pack("<i", t.tid))
