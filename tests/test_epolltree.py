@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 from helpers import (
     assert_error,
@@ -19,20 +18,9 @@ from helpers import (
     untraced_and_running,
     wait_until,
 )
+from test_tree import reap_orphans
 
 from ckpt.image import ImageReader
-
-
-def _reap_orphan(pid: int, timeout: float = 30) -> None:
-    """A killed tree member is re-parented to us (the tests' subreaper): reap it."""
-    end = time.monotonic() + timeout
-    while os.path.exists(f"/proc/{pid}"):
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        assert time.monotonic() < end, f"tree member {pid} did not go away after the dump"
-        time.sleep(0.01)
 
 
 def _registrations(pid: int, fd: int) -> list[tuple[int, str]]:
@@ -54,7 +42,7 @@ def test_shared_epoll_registrations_from_their_holders(e2e):
     assert [t for t, _ in before] == [11, 12], before
     image = e2e.path("img")
     e2e.dump_ok(w, image)
-    _reap_orphan(child)
+    reap_orphans([child])
     with ImageReader(str(image)) as r:
         assert r.version[0] == 6  # a 5.x reader would not add the child's registration
         state = r.state

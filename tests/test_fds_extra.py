@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import signal
 import tempfile
-import time
 
 import pytest
 from helpers import (
@@ -23,20 +22,7 @@ from helpers import (
     untraced_and_running,
     wait_until,
 )
-
-
-def reap_orphans(pids: list[int], timeout: float = 30) -> None:
-    """Members the dump killed are re-parented to us (the tests' subreaper): reap them
-    so that their PIDs are free for the restore."""
-    end = time.monotonic() + timeout
-    for pid in pids:
-        while os.path.exists(f"/proc/{pid}"):
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-            assert time.monotonic() < end, f"tree member {pid} did not go away after the dump"
-            time.sleep(0.01)
+from test_tree import reap_orphans
 
 
 def kids(w) -> list[int]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 from helpers import (
@@ -23,22 +22,9 @@ from helpers import (
     untraced_and_running,
     wait_until,
 )
+from test_tree import reap_orphans
 
 from ckpt.image import ImageReader
-
-
-def reap_orphan(pid: int, timeout: float = 30) -> None:
-    """A killed tree member is re-parented to us (the tests' subreaper): reap it so its
-    PID is free for the restore."""
-    end = time.monotonic() + timeout
-    while os.path.exists(f"/proc/{pid}"):
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        assert time.monotonic() < end, f"tree member {pid} did not go away after the dump"
-        time.sleep(0.01)
-
 
 # --------------------------------------------------------------- SIGIO ownership
 
@@ -93,7 +79,7 @@ def test_clone_files_table_shared_after_restore(e2e):
     child = int(w.ready["child"])
     image = e2e.path("img")
     e2e.dump_ok(w, image)
-    reap_orphan(child)
+    reap_orphans([child])
     bg = e2e.ckpt_bg("restore", "-D", str(image))
     e2e.wait_restored(w.pid, w.ident, bg)
     e2e.adopt(child)

@@ -17,6 +17,7 @@ import time
 
 import pytest
 from helpers import assert_error, proc_status, wait_until
+from test_tree import reap_orphans
 
 
 def kept(w) -> dict[str, tuple[int, int, int, int]]:
@@ -28,20 +29,6 @@ def kept(w) -> dict[str, tuple[int, int, int, int]]:
             out[key] = (pid, ppid, pgid, sid)
     assert len(out) == int(w.ready["kept"])
     return out
-
-
-def reap_gone(pids: list[int], timeout: float = 30) -> None:
-    """Killed members (and their zombies) are re-parented to us (the tests' subreaper):
-    reap them so their PIDs, and the group and session ids they hold, are free."""
-    end = time.monotonic() + timeout
-    for pid in pids:
-        while os.path.exists(f"/proc/{pid}"):
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-            assert time.monotonic() < end, f"process {pid} did not go away after the dump"
-            time.sleep(0.01)
 
 
 def ids(pid: int) -> tuple[int, int, int]:
@@ -64,7 +51,7 @@ def round_trip(e2e, mode: str, *extra: str):
     procs = kept(w)
     image = e2e.path("img")
     e2e.dump_ok(w, image, *extra)
-    reap_gone([p[0] for p in procs.values()])
+    reap_orphans([p[0] for p in procs.values()])
     bg = e2e.ckpt_bg("restore", "-D", str(image))
     e2e.wait_restored(w.pid, w.ident, bg)
     for pid, *_ in procs.values():
@@ -158,7 +145,7 @@ def test_outside_session_and_group_are_ckpts(e2e):
     image = e2e.path("img")
     res = e2e.dump(w.pid, image)
     assert res.returncode == 0, str(res)
-    reap_gone([p[0] for p in procs.values()])
+    reap_orphans([p[0] for p in procs.values()])
     bg = e2e.ckpt_bg("restore", "-D", str(image))
     e2e.wait_restored(w.pid, w.ident, bg)
     for pid, *_ in procs.values():

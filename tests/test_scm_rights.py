@@ -18,28 +18,14 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import time
 
 import pytest
 from helpers import assert_error, dump_restore_verify, untraced_and_running, wait_until
+from test_tree import reap_orphans
 
 from ckpt.image import ImageReader
 
 TYPES = ["stream", "dgram", "seqpacket"]
-
-
-def reap_orphan(pid: int, timeout: float = 30) -> None:
-    """A killed tree member is re-parented to us (the tests' subreaper): reap it so its
-    PID is free for the restore."""
-    end = time.monotonic() + timeout
-    while os.path.exists(f"/proc/{pid}"):
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        assert time.monotonic() < end, f"tree member {pid} did not go away after the dump"
-        time.sleep(0.01)
 
 
 def _child(w) -> int:
@@ -54,7 +40,7 @@ def test_files_in_flight_restored(e2e, kind, where):
     in the child, a later member: sent once every member has its fds)."""
     w = e2e.spawn("scm", kind, where)
     child = _child(w)
-    v = dump_restore_verify(e2e, w, after_dump=lambda _i: child and reap_orphan(child))
+    v = dump_restore_verify(e2e, w, after_dump=lambda _i: child and reap_orphans([child]))
     assert v.fields.get("kind") == kind
 
 
@@ -73,7 +59,7 @@ def test_files_in_flight_after_iterative_dump(e2e, kind):
     w = e2e.spawn("scm", kind, "child")
     image = e2e.path("img")
     e2e.dump_ok(w, image, "--iterative")
-    reap_orphan(_child(w))
+    reap_orphans([_child(w)])
     bg = e2e.ckpt_bg("restore", "-D", str(image))
     e2e.wait_restored(w.pid, w.ident, bg)
     v = e2e.verify(w, w.pid)
