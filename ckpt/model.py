@@ -671,7 +671,10 @@ def to_plain(obj: Any) -> Any:
     The result shares no mutable containers with obj: lists and dicts are new;
     leaves (int, str, bytes, bool, None) are immutable.
     """
-    names = _field_names(type(obj)) if dataclasses.is_dataclass(obj) else None
+    kind = type(obj)
+    if kind in _LEAVES:  # most values: returned before any dataclass check
+        return obj
+    names = _plain_names(kind)
     if names is not None:
         return {n: to_plain(getattr(obj, n)) for n in names}
     if isinstance(obj, list | tuple):
@@ -679,6 +682,17 @@ def to_plain(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_plain(v) for k, v in obj.items()}
     return obj
+
+
+# Exact types only: a subclass (an IntEnum, say) takes the general path as before.
+_LEAVES = frozenset({int, str, bytes, bool, float, type(None)})
+
+
+@functools.cache
+def _plain_names(kind: type) -> tuple[str, ...] | None:
+    """The field names of a dataclass type, else None: dataclasses.is_dataclass per
+    object cost a third of to_plain (145k calls for a 1024-thread image)."""
+    return _field_names(kind) if dataclasses.is_dataclass(kind) else None
 
 
 @functools.cache
