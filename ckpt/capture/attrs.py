@@ -79,6 +79,10 @@ def refuse(pid: int, frozen: Tracee | None = None) -> None:
     _refuse_oom(pid)
 
 
+# The status lines refuse() reads (the frozen view's dict holds every line).
+_REFUSE_KEYS = ("untag_mask", "x86_Thread_features")
+
+
 def _thread_views(pid: int, frozen: Tracee | None):
     """(tid, status(), stat()) of each thread: through the frozen Tracees, else read."""
     if frozen is not None:
@@ -87,7 +91,9 @@ def _thread_views(pid: int, frozen: Tracee | None):
     def view(tid: int):
         return (
             tid,
-            lambda: procfs.parse_status(procfs.read_bytes(pid, "task", str(tid), "status")),
+            lambda: procfs.status_values(
+                procfs.read_bytes(pid, "task", str(tid), "status"), _REFUSE_KEYS
+            ),
             lambda: procfs.parse_stat(procfs.read_bytes(pid, "task", str(tid), "stat")),
         )
 
