@@ -45,9 +45,12 @@ def kind_of(target: str, st: os.stat_result) -> str | None:
 class FdScan:
     """State shared by the fds of one capture: a pidfd, the data budget, and objects."""
 
-    def __init__(self, pid: int, tree: frozenset[int] = frozenset()):
+    def __init__(self, pid: int, tree: frozenset[int] = frozenset(), check_only: bool = False):
         self.pid = pid
         self.tree = tree  # the other processes dumped with this one (pipes may join them)
+        # the preflight's pass over a running process (api/preflight.py): what changes
+        # while it runs (the bytes in a pipe) is read at the freeze, not now
+        self.check_only = check_only
         self._pidfd = -1
         self.budget = MAX_FD_DATA
 
@@ -272,6 +275,8 @@ def _pipes(scan: FdScan, recs: list[Fd]) -> None:
             )
         if kind == "pipe":
             _reopened(recs_of)
+        if scan.check_only:  # a writer may be filling it: a peek now could see it move
+            continue
         readable = next((r for r in recs_of if r.flags & abi.O_ACCMODE != abi.O_WRONLY), None)
         if readable is not None:
             copy = scan.getfd(readable.fd)

@@ -34,11 +34,12 @@ def capture_fds(
     `tcp_established`: also dump TCP connections to peers outside the process.
     `tree`: the other processes dumped with this one; a pipe may connect them.
     `shell_job`: take fds on the job's controlling terminal (capture/tty.py).
-    `check_only`: the preflight's pass (api/preflight.py): what is read only to be kept,
-    never to refuse (the content of files being written), is left for the freeze.
+    `check_only`: the preflight's pass (api/preflight.py) over a running process: what
+    is read only to be kept (the content of files being written, the bytes in pipes,
+    which a writer may be changing meanwhile) is left for the freeze.
     `maps`: the process's mappings when read already in this freeze (capture/process.py;
     2048 VMAs for a process with 1024 threads), else read here."""
-    scan = fd_kinds.FdScan(pid, tree)
+    scan = fd_kinds.FdScan(pid, tree, check_only)
     held: dict[int, bytes] = {}  # fd → its fdinfo, when it lists locks (capture/locks.py)
     try:
         out = _capture(scan, pid, skip, sockets, tcp_established, shell_job, held, check_only)
