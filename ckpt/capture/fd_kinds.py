@@ -42,6 +42,10 @@ def kind_of(target: str, st: os.stat_result) -> str | None:
     return ANON_KINDS.get(target)
 
 
+# character devices without state, reopened by path: /dev/null, zero, full, random, urandom
+SIMPLE_CHR = {(1, 3), (1, 5), (1, 7), (1, 8), (1, 9)}
+
+
 class FdScan:
     """State shared by the fds of one capture: a pidfd, the data budget, and objects."""
 

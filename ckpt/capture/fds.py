@@ -14,9 +14,6 @@ from . import fd_kinds, locks, tty, unlinked, written
 from .sockets import OutsidePeer, SocketCapture, capture_socket
 from .vmas import file_ref
 
-# character devices that reopen by path with no state: null, zero, full, random, urandom
-SIMPLE_CHR = {(1, 3), (1, 5), (1, 7), (1, 8), (1, 9)}
-
 
 def capture_fds(
     pid: int,
@@ -128,7 +125,7 @@ def _capture(
             continue  # a snapshot store's tracking fd (ckpt's own, see track/uffd_wp.py)
         if (
             statmod.S_ISCHR(st.st_mode)
-            and (os.major(st.st_rdev), os.minor(st.st_rdev)) in SIMPLE_CHR
+            and (os.major(st.st_rdev), os.minor(st.st_rdev)) in fd_kinds.SIMPLE_CHR
         ):
             out.append(Fd(fd=fd, kind="chr", path=target, flags=flags, cloexec=cloexec,
                           pos=info.pos, rdev=st.st_rdev))  # fmt: skip

@@ -41,8 +41,6 @@ from ..model import Fd, MemfdState, ProcessImage, Socket, SocketMsg
 from . import fd_kinds
 from .vmas import file_ref
 
-# character devices without state, reopened by path (capture/fds.py SIMPLE_CHR)
-SIMPLE_CHR = {(1, 3), (1, 5), (1, 7), (1, 8), (1, 9)}
 SUPPORTED = (
     "regular files, directories, pipes, memfds, eventfds, unix sockets, /dev/null-like "
     "devices, and open file descriptions the dumped processes hold"
@@ -255,7 +253,7 @@ class _Table:
             rec.file = file_ref(link, st)
             return rec
         dev = (os.major(st.st_rdev), os.minor(st.st_rdev))
-        if statmod.S_ISCHR(st.st_mode) and dev in SIMPLE_CHR:
+        if statmod.S_ISCHR(st.st_mode) and dev in fd_kinds.SIMPLE_CHR:
             rec.kind, rec.rdev = "chr", st.st_rdev
             return rec
         if link.startswith("anon_inode:"):
