@@ -37,7 +37,7 @@ from ..errors import TraceeGone
 from . import abi, syscalls
 from .native import PAGE_SIZE, check, ffi, lib
 from .ptrace import Tracee, dict_to_regs
-from .remote import Injector, RemoteError
+from .remote import DataPuts, Injector, RemoteError
 
 # 0:  test r12,r12 ; je 3f
 # 5:  mov rax,[rbx] ; mov r14,rax ; shr r14,32 ; mov eax,eax      (nr; flags)
@@ -120,7 +120,28 @@ class Area:
         syscalls.munmap(self.inj, self.addr, self.size)
 
 
-class Program:
+class CallRecorder:
+    """The call half of the Injector interface, recording instead of running: each call
+    is noted (nr, args, checked, name, fail) and returns 0; a subclass runs them later
+    (Program; restore/rebuild.py's batch of the leader's calls)."""
+
+    calls: list[tuple[int, tuple[int, ...], bool, str, Callable | None]]
+
+    def raw(self, nr: int, *args: int) -> int:
+        self.calls.append((nr, args, False, "", None))
+        return 0
+
+    def call_nr(self, nr: int, *args: int, name: str) -> int:
+        self.calls.append((nr, args, True, name, None))
+        return 0
+
+    def call(self, nr: int, *args: int, name: str, fail: Callable[[RemoteError], BaseException]):
+        """call_nr whose failure raises fail(the RemoteError call_nr would raise)."""
+        self.calls.append((nr, args, True, name, fail))
+        return 0
+
+
+class Program(CallRecorder, DataPuts):
     """The calls one thread will run, recorded through the Injector interface the
     syscalls.* wrappers use (call_nr, raw; put, alloc, cstr for their data): the same
     code that injects one call at a time builds a program. Nothing runs until run();
@@ -139,20 +160,7 @@ class Program:
         self._bump = 0
         self.results: list[int | None] = []
 
-    # -- the Injector interface ---------------------------------------------------------
-
-    def raw(self, nr: int, *args: int) -> int:
-        self.calls.append((nr, args, False, "", None))
-        return 0
-
-    def call_nr(self, nr: int, *args: int, name: str) -> int:
-        self.calls.append((nr, args, True, name, None))
-        return 0
-
-    def call(self, nr: int, *args: int, name: str, fail: Callable[[RemoteError], BaseException]):
-        """call_nr whose failure raises fail(the RemoteError call_nr would raise)."""
-        self.calls.append((nr, args, True, name, fail))
-        return 0
+    # -- the Injector interface (calls: CallRecorder; alloc, cstr: DataPuts) ----------
 
     def reset_data(self) -> None:
         """Nothing: the data of a call must stay until the program runs."""
@@ -165,13 +173,6 @@ class Program:
         self.area.store(addr, data)
         self._bump = off + len(data)
         return addr
-
-    def alloc(self, size: int, align: int = 8) -> int:
-        return self.put(b"\0" * size, align)
-
-    def cstr(self, s: str | bytes) -> int:
-        b = s.encode("utf-8", "surrogateescape") if isinstance(s, str) else s
-        return self.put(b + b"\0", 1)
 
     def write(self, addr: int, data: bytes) -> None:
         self.area.store(addr, data)
@@ -336,7 +337,7 @@ def leave_many(tracees: list[Tracee], masks: list[int], regs: list[dict[str, int
 # -- the same calls in other threads ---------------------------------------------------------
 
 
-class Recording:
+class Recording(DataPuts):
     """An Injector's calls, run for real in one thread and noted with the data they were
     handed, to be run again in other threads as programs (replay): for setters whose
     calls depend only on what the thread is to become (restore/security.py: threads
@@ -381,13 +382,6 @@ class Recording:
         addr = self.inj.put(data, align)
         self._note(addr, data)
         return addr
-
-    def alloc(self, size: int, align: int = 8) -> int:
-        return self.put(b"\0" * size, align)
-
-    def cstr(self, s: str | bytes) -> int:
-        b = s.encode("utf-8", "surrogateescape") if isinstance(s, str) else s
-        return self.put(b + b"\0", 1)
 
     def write(self, addr: int, data: bytes) -> None:
         self.inj.write(addr, data)

@@ -89,7 +89,23 @@ class Scratch:
         return self.size - PAGE_SIZE
 
 
-class Injector:
+class DataPuts:
+    """alloc and cstr over a class's own put(data, align) -> address: the data half of
+    the Injector interface the syscalls.* wrappers use (Injector, and kernel/program.py's
+    Program and Recording)."""
+
+    def put(self, data: bytes, align: int = 8) -> int:
+        raise NotImplementedError
+
+    def alloc(self, size: int, align: int = 8) -> int:
+        return self.put(b"\0" * size, align)
+
+    def cstr(self, s: str | bytes) -> int:
+        b = s.encode("utf-8", "surrogateescape") if isinstance(s, str) else s
+        return self.put(b + b"\0", 1)
+
+
+class Injector(DataPuts):
     """Injects syscalls into a stopped tracee from a given `syscall` instruction."""
 
     def __init__(self, tracee: Tracee, template: dict[str, int], mem_fd: int):
@@ -187,13 +203,6 @@ class Injector:
         self.write(addr, data)
         self._bump = off + len(data)
         return addr
-
-    def alloc(self, size: int, align: int = 8) -> int:
-        return self.put(b"\0" * size, align)
-
-    def cstr(self, s: str | bytes) -> int:
-        b = s.encode("utf-8", "surrogateescape") if isinstance(s, str) else s
-        return self.put(b + b"\0", 1)
 
 
 def open_mem(pid: int) -> int:

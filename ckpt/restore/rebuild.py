@@ -993,7 +993,7 @@ def free_range(busy: list[tuple[int, int]], size: int, lo: int = 1 << 32) -> int
     return addr
 
 
-class _Batch:
+class _Batch(program.CallRecorder):
     """The leader's calls, recorded (the Injector interface: syscalls.*) and run as one
     injected program (kernel/program.py) when run() is called; failures are raised
     then, in order, as the calls one by one would have raised them. mmap(v): an
@@ -1008,18 +1008,6 @@ class _Batch:
         self.area: program.Area | None = None
         self.calls: list[tuple[int, tuple[int, ...], bool, str, object]] = []
         self.landing: dict[int, int] = {}  # call index → where its mmap must land
-
-    def raw(self, nr: int, *args: int) -> int:
-        self.calls.append((nr, args, False, "", None))
-        return 0
-
-    def call_nr(self, nr: int, *args: int, name: str) -> int:
-        self.calls.append((nr, args, True, name, None))
-        return 0
-
-    def call(self, nr: int, *args: int, name: str, fail) -> int:
-        self.calls.append((nr, args, True, name, fail))
-        return 0
 
     def mmap(self, v, prot: int, flags: int) -> None:
         self.landing[len(self.calls)] = v.start
