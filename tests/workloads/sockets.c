@@ -39,26 +39,6 @@ static void on_usr2(int sig)
     got_usr2 = 1;
 }
 
-static unsigned char pat(int k, size_t i)
-{
-    return (unsigned char)(i * 31 + (size_t)k * 7 + (i >> 8));
-}
-
-/* wait (generously) until fd is readable */
-static int wait_in(int fd, int seconds)
-{
-    struct pollfd p = {.fd = fd, .events = POLLIN};
-    double end = mono_now() + seconds;
-    while (mono_now() < end) {
-        int r = poll(&p, 1, 200);
-        if (r > 0)
-            return 1;
-        if (r < 0 && errno != EINTR)
-            return 0;
-    }
-    return 0;
-}
-
 /* a stream whose first `sent` bytes went in, of which `consumed` were read */
 struct stream {
     const char *name;

@@ -67,25 +67,6 @@ static void on_usr2(int sig)
     got_usr2 = 1;
 }
 
-static unsigned char pat(int k, size_t i)
-{
-    return (unsigned char)(i * 31 + (size_t)k * 7 + (i >> 8));
-}
-
-static int wait_in(int fd, int seconds)
-{
-    struct pollfd p = {.fd = fd, .events = POLLIN};
-    double end = mono_now() + seconds;
-    while (mono_now() < end) {
-        int r = poll(&p, 1, 200);
-        if (r > 0)
-            return 1;
-        if (r < 0 && errno != EINTR)
-            return 0;
-    }
-    return 0;
-}
-
 /* ---- streams: pattern bytes queued at setup, read back after the restore ---------- */
 
 struct stream {

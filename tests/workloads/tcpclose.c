@@ -67,7 +67,6 @@ static void on_usr2(int sig)
     got_usr2 = 1;
 }
 
-static unsigned char pat(int k, size_t i) { return (unsigned char)(i * 31 + (size_t)k * 7 + (i >> 8)); }
 
 static int state_of(int fd)
 {

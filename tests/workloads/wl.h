@@ -10,6 +10,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -256,6 +257,27 @@ static double mono_now(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* the pattern byte i of stream k (socket workloads: what was queued is what is read) */
+static inline unsigned char pat(int k, size_t i)
+{
+    return (unsigned char)(i * 31 + (size_t)k * 7 + (i >> 8));
+}
+
+/* wait (generously) until fd is readable */
+static inline int wait_in(int fd, int seconds)
+{
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    double end = mono_now() + seconds;
+    while (mono_now() < end) {
+        int r = poll(&p, 1, 200);
+        if (r > 0)
+            return 1;
+        if (r < 0 && errno != EINTR)
+            return 0;
+    }
+    return 0;
 }
 
 #endif
