@@ -791,6 +791,16 @@ def image_complete(e2e: E2E, image: Path) -> bool:
     return e2e.ckpt("show", str(image), "--json").returncode == 0
 
 
+def assert_refused_unharmed(e2e: E2E, w: Workload, image: Path) -> None:
+    """After a dump that refused: no image a restore would take, and the target runs on,
+    untraced, and still verifies itself (its VERIFY makes it exit 0)."""
+    assert not image_complete(e2e, image)
+    wait_until(lambda: untraced_and_running(w.pid), 30, "the target to run untraced")
+    v = e2e.verify(w, w.pid)
+    assert v.ok, v.line
+    assert w.reap() == 0
+
+
 # ---------------------------------------------------------------- common flows
 
 

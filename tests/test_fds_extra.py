@@ -17,8 +17,8 @@ import pytest
 from helpers import (
     assert_error,
     assert_no_process,
+    assert_refused_unharmed,
     dump_restore_verify,
-    image_complete,
     untraced_and_running,
     wait_until,
 )
@@ -80,11 +80,7 @@ def test_pidfd_of_own_thread_refused(e2e):
     image = e2e.path("img")
     res = e2e.dump(w.pid, image)
     assert_error(res, 5, f"fd {w.ready['fd']} ", "pidfd of thread", f"process {w.pid}")
-    assert not image_complete(e2e, image)
-    wait_until(lambda: untraced_and_running(w.pid), 30, "the target to run untraced")
-    v = e2e.verify(w, w.pid)
-    assert v.ok, v.line
-    assert w.reap() == 0
+    assert_refused_unharmed(e2e, w, image)
 
 
 # --------------------------------------------------------------- unlinked files
@@ -142,11 +138,7 @@ def test_unlinked_refused_and_left_running(e2e, mode, needles):
     res = e2e.dump(w.pid, image)
     fd = int(w.ready["fd"])
     assert_error(res, 5, f"process {w.pid}", *([f"fd {fd} "] if fd >= 0 else []), *needles)
-    assert not image_complete(e2e, image)
-    wait_until(lambda: untraced_and_running(w.pid), 30, "the target to run untraced")
-    v = e2e.verify(w, w.pid)
-    assert v.ok, v.line
-    assert w.reap() == 0
+    assert_refused_unharmed(e2e, w, image)
 
 
 # --------------------------------------------------------------- /proc files
@@ -186,11 +178,7 @@ def test_proc_files_refused(e2e, mode, needles):
     image = e2e.path("img")
     res = e2e.dump(w.pid, image)
     assert_error(res, 5, f"process {w.pid}", f"fd {w.ready['fd']} ", *needles)
-    assert not image_complete(e2e, image)
-    wait_until(lambda: untraced_and_running(w.pid), 30, "the target to run untraced")
-    v = e2e.verify(w, w.pid)
-    assert v.ok, v.line
-    assert w.reap() == 0
+    assert_refused_unharmed(e2e, w, image)
 
 
 # --------------------------------------------------------------- pipes and FIFOs
