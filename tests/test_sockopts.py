@@ -14,20 +14,7 @@ import socket
 
 import pytest
 from helpers import DEADLINE, assert_error, dump_restore_verify, proc_alive
-
-
-def pat(k: int, start: int, n: int) -> bytes:
-    return bytes((i * 31 + k * 7 + (i >> 8)) & 0xFF for i in range(start, start + n))
-
-
-def recv_exactly(s: socket.socket, n: int) -> bytes:
-    s.settimeout(DEADLINE)
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        assert chunk, f"connection closed after {len(buf)} of {n} bytes"
-        buf += chunk
-    return bytes(buf)
+from test_sockets import pat, recv_exactly
 
 
 def test_options_restored(e2e):

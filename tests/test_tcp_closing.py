@@ -22,6 +22,7 @@ import subprocess
 
 import pytest
 from helpers import DEADLINE, proc_status, wait_until
+from test_sockets import pat
 from test_tree import reap_orphans
 
 from ckpt import model
@@ -30,10 +31,6 @@ from ckpt.schema import SchemaError, build
 
 STATES = {1: "ESTABLISHED", 4: "FIN_WAIT1", 5: "FIN_WAIT2", 6: "TIME_WAIT", 7: "CLOSE",
           8: "CLOSE_WAIT", 9: "LAST_ACK", 11: "CLOSING"}  # fmt: skip
-
-
-def pat(k: int, start: int, n: int) -> bytes:
-    return bytes((i * 31 + k * 7 + (i >> 8)) & 0xFF for i in range(start, start + n))
 
 
 def tcp_states() -> dict[tuple[int, int], str]:
