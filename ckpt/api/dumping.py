@@ -29,7 +29,6 @@ from ..errors import (
     DumpError,
     KernelError,
     KernelUnsupported,
-    NoSuchProcess,
     TraceeGone,
     UnsupportedProcess,
     as_error,
@@ -316,13 +315,14 @@ class _DumpRun:
 
     def _precopy_once(self, target: Target, writer, shm: SharedMemory) -> Precopy | None:
         """A plain dump's one round while the target runs. Where tracking cannot be armed
-        (a seccomp filter that forbids userfaultfd, a process that uses one itself…),
-        the dump copies every page frozen instead, as without the round; the target is
-        left as it was by the failed arming (trackers clean up after themselves)."""
+        (a registration the kernel refuses, a member that cannot be armed…), the dump
+        copies every page frozen instead, as without the round; the target is left as
+        it was by the failed arming (trackers clean up after themselves). A target
+        that went away fails the dump as it would anyway."""
         try:
             pre = self._precopy(target, self.trk, writer, shm, Policy(max_rounds=1), rounds=False)
         except (UnsupportedProcess, KernelError, KernelUnsupported, DumpError) as exc:
-            if isinstance(exc, NoSuchProcess | TraceeGone):
+            if isinstance(exc, TraceeGone):
                 raise
             _fail_cleanup(self.trk, None, self.pre)
             if self.pre is not None:
@@ -330,8 +330,7 @@ class _DumpRun:
             self.pre, self.mode, self.trk = None, "none", FullTracker(self.pid)
             self.fallback = str(exc)
             return None
-        pre.whole_next = True
-        pre.run_rounds(self.t0)
+        pre.run_rounds(self.t0)  # (_precopy set whole_next: round 0 copies everything)
         pre.stats.stop_reason = "once"
         return pre
 
