@@ -225,7 +225,7 @@ def test_plan_births_and_groups():
     assert p.group_helpers == {81: 80}  # group 50: the session helper's setsid makes it
     assert p.group_makers == [90]
     assert p.helper_ids() == [50, 81]
-    assert p.outside_session == 0 and p.outside_group == 0
+    assert p.outside_session is None and p.outside_group is None
 
 
 def test_plan_outside():
@@ -238,6 +238,11 @@ def test_plan_outside():
     assert not p.group_helpers
     p = plan([link(10, 1, 10, 10), link(11, 10, 3, 10)], shell_job=True)
     assert (p.outside_session, p.outside_group) == (10, 3)
+    # session 0, the kernel's (a CI runner's or service manager's children that never
+    # called setsid), led from outside like any other: its group, live, is ckpt's
+    p = plan([link(10, 1, 7, 0), link(11, 10, 7, 0)], alive=lambda pid: pid == 7)
+    assert (p.outside_session, p.outside_group) == (0, 7)
+    assert not p.group_helpers and not p.session_helpers
 
 
 @pytest.mark.parametrize(

@@ -83,10 +83,12 @@ class ShapeError(Exception):
 
 @dataclass
 class Plan:
-    #: the root's session when it is led from outside the dump (or --shell-job): ckpt's
-    outside_session: int = 0
+    #: the root's session when it is led from outside the dump (or --shell-job): ckpt's.
+    #: None when the root leads its own; 0 is a session (the kernel's: a service
+    #: manager's or CI runner's children that never called setsid are in it)
+    outside_session: int | None = None
     #: the one group of that session led from outside: ckpt's (the job's)
-    outside_group: int = 0
+    outside_group: int | None = None
     #: pid → (how, whose): PARENT (its parent), OLD (parent's old-session door), DOOR
     #: (the session door of the sibling that leads its session), HELPER (session id)
     forker: dict[int, tuple[str, int]] = field(default_factory=dict)
@@ -142,8 +144,8 @@ def plan(
     return out
 
 
-def _born_in(q: Link, by: dict[int, Link], root: Link, out: Plan) -> int:
-    """The session q is born into at restore (its parent's, made by then); 0: unknown
+def _born_in(q: Link, by: dict[int, Link], root: Link, out: Plan) -> int | None:
+    """The session q is born into at restore (its parent's, made by then); None: unknown
     (the root's, when the root leads a session of its own: its old one was outside)."""
     if q is root:
         return out.outside_session
@@ -231,7 +233,7 @@ def _groups(links: list[Link], by: dict[int, Link], out: Plan, alive) -> None:
             if lead.pgid != g:
                 makers.add(g)
             continue
-        if out.outside_session and p.sid == out.outside_session:
+        if out.outside_session is not None and p.sid == out.outside_session:
             outside.setdefault(g, p)
             if len(outside) > 1:
                 a, b = outside.values()
@@ -255,7 +257,7 @@ def _groups(links: list[Link], by: dict[int, Link], out: Plan, alive) -> None:
         first = out.group_helpers.get(g)
         if first is None or (by[first].zombie and not p.zombie):
             out.group_helpers[g] = p.pid  # a live member forks its helper if it can
-    out.outside_group = next(iter(outside), 0)
+    out.outside_group = next(iter(outside), None)
     # a maker leaves its group after those that join it (a group lives while it has a
     # member): each maker after every maker whose final group is its own
     order: list[int] = []
