@@ -14,7 +14,7 @@ import pathlib
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
-AREAS = ["common", "ptrace", "memory", "spawn", "uffd", "msgscan"]
+AREAS = ["common", "ptrace", "memory", "spawn", "uffd", "msgscan", "procfiles"]
 
 
 def _version() -> str:

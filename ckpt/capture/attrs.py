@@ -39,10 +39,12 @@ def refuse(pid: int, frozen: Tracee | None = None) -> None:
     frozen: the process's threads, stopped by ckpt: their files are read through the
     Tracee, once per freeze (Tracee.status, Tracee.stat: capture reads them too)."""
     own_caps = int(procfs.status(os.getpid()).get("CapEff", "0"), 16)
+    # the flags (stat) matter only without CAP_SYS_RESOURCE: not read otherwise
+    need_flags = not own_caps >> abi.CAP_SYS_RESOURCE & 1
     for tid, status_of, stat_of in _thread_views(pid, frozen):
         try:
             status = status_of()
-            flags = stat_of().flags
+            flags = stat_of().flags if need_flags else 0
         except NoSuchProcess:
             continue  # a thread that just exited
         mask = status.get("untag_mask", "")
@@ -59,7 +61,7 @@ def refuse(pid: int, frozen: Tracee | None = None) -> None:
                 "stack): not supported",
                 pid=pid,
             )
-        if flags & K.IO_FLUSHER == K.IO_FLUSHER and not own_caps >> abi.CAP_SYS_RESOURCE & 1:
+        if need_flags and flags & K.IO_FLUSHER == K.IO_FLUSHER:
             raise UnsupportedProcess(
                 f"{_who(pid, tid)} is an I/O flusher (PR_SET_IO_FLUSHER): setting it again "
                 "needs CAP_SYS_RESOURCE, which ckpt lacks",
@@ -86,18 +88,23 @@ _REFUSE_KEYS = ("untag_mask", "x86_Thread_features")
 def _thread_views(pid: int, frozen: Tracee | None):
     """(tid, status(), stat()) of each thread: through the frozen Tracees, else read."""
     if frozen is not None:
+        frozen.read_proc()  # every thread's status and stat in one call each
         return [(t.pid, t.status, t.stat) for t in frozen.threads]
 
-    def view(tid: int):
+    def view(tid: int, raw: bytes | None):
+        def status() -> dict[str, str]:
+            if raw is None:
+                raise NoSuchProcess(f"thread {tid} exited", pid=pid)
+            return procfs.status_values(raw, _REFUSE_KEYS)
+
         return (
             tid,
-            lambda: procfs.status_values(
-                procfs.read_bytes(pid, "task", str(tid), "status"), _REFUSE_KEYS
-            ),
+            status,
             lambda: procfs.parse_stat(procfs.read_bytes(pid, "task", str(tid), "stat")),
         )
 
-    return [view(tid) for tid in procfs.tasks(pid)]
+    tids = procfs.tasks(pid)
+    return [view(t, raw) for t, raw in zip(tids, procfs.read_task_files(pid, tids, "status"))]
 
 
 def refuse_traced(tracee: Tracee) -> None:

@@ -183,11 +183,9 @@ def _lsm(pid: int) -> str:
 def _cgroups(pid: int, tids: list[int]) -> list[CgroupRef]:
     raw = procfs.read_bytes(pid, "cgroup")
     mine = cgroups.parse(raw)
-    for tid in tids[1:]:
-        try:
-            text = procfs.read_bytes(pid, "task", str(tid), "cgroup")
-        except NoSuchProcess:
-            continue
+    for tid, text in zip(tids[1:], procfs.read_task_files(pid, tids[1:], "cgroup")):
+        if text is None:
+            continue  # a thread that exited
         theirs = mine if text == raw else cgroups.parse(text)  # parsed only when it differs
         if theirs != mine:
             diff = sorted({m.what for m in theirs} - {m.what for m in mine})

@@ -174,13 +174,32 @@ class Tracee:
     def status(self) -> dict[str, str]:
         """Its /proc/PID/task/TID/status, read once per freeze: what ckpt reads there
         (credentials, seccomp, LAM, shadow stacks) cannot change while every thread of
-        the process is stopped by ckpt, whose injections at a dump only read."""
+        the process is stopped by ckpt, whose injections at a dump only read. Only the
+        lines in procfs.THREAD_STATUS_KEYS (procfs.ThreadStatus: another is an error)."""
         if self._status is None:
             from . import procfs
 
             raw = procfs.read_bytes(self.tgid, "task", str(self.pid), "status")
-            self._status = procfs.parse_status(raw)
+            self._status = procfs.thread_status(raw)
         return self._status
+
+    def read_proc(self) -> None:
+        """status() and stat() of every thread of the process (self, the leader), each
+        file of all threads read in one call into C (procfs.read_task_files); a thread
+        whose files are gone is left to status() and stat() to report."""
+        from . import procfs
+
+        todo = [t for t in self.threads if t._status is None or t._stat is None]
+        if not todo:
+            return
+        tids = [t.pid for t in todo]
+        statuses = procfs.read_task_files(self.tgid, tids, "status")
+        stats = procfs.read_task_files(self.tgid, tids, "stat")
+        for t, status, stat in zip(todo, statuses, stats):
+            if t._status is None and status is not None:
+                t._status = procfs.thread_status(status)
+            if t._stat is None and stat is not None:
+                t._stat = procfs.parse_stat(stat)
 
     def stat(self):
         """Its /proc/PID/task/TID/stat (procfs.Stat: flags, comm…), read once per freeze
