@@ -41,7 +41,7 @@ def refuse(pid: int, frozen: Tracee | None = None) -> None:
     own_caps = int(procfs.status(os.getpid()).get("CapEff", "0"), 16)
     # the flags (stat) matter only without CAP_SYS_RESOURCE: not read otherwise
     need_flags = not own_caps >> abi.CAP_SYS_RESOURCE & 1
-    for tid, status_of, stat_of in _thread_views(pid, frozen):
+    for tid, status_of, stat_of in _thread_views(pid, frozen, need_flags):
         try:
             status = status_of()
             flags = stat_of().flags if need_flags else 0
@@ -85,26 +85,30 @@ def refuse(pid: int, frozen: Tracee | None = None) -> None:
 _REFUSE_KEYS = ("untag_mask", "x86_Thread_features")
 
 
-def _thread_views(pid: int, frozen: Tracee | None):
-    """(tid, status(), stat()) of each thread: through the frozen Tracees, else read."""
+def _thread_views(pid: int, frozen: Tracee | None, stats: bool = True):
+    """(tid, status(), stat()) of each thread: through the frozen Tracees, else read
+    (each file of all threads in one call; stat only when `stats`)."""
     if frozen is not None:
         frozen.read_proc()  # every thread's status and stat in one call each
         return [(t.pid, t.status, t.stat) for t in frozen.threads]
 
-    def view(tid: int, raw: bytes | None):
+    def view(tid: int, raw: bytes | None, raw_stat: bytes | None):
         def status() -> dict[str, str]:
             if raw is None:
                 raise NoSuchProcess(f"thread {tid} exited", pid=pid)
             return procfs.status_values(raw, _REFUSE_KEYS)
 
-        return (
-            tid,
-            status,
-            lambda: procfs.parse_stat(procfs.read_bytes(pid, "task", str(tid), "stat")),
-        )
+        def stat() -> procfs.Stat:
+            if raw_stat is None:
+                raise NoSuchProcess(f"thread {tid} exited", pid=pid)
+            return procfs.parse_stat(raw_stat)
+
+        return tid, status, stat
 
     tids = procfs.tasks(pid)
-    return [view(t, raw) for t, raw in zip(tids, procfs.read_task_files(pid, tids, "status"))]
+    texts = procfs.read_task_files(pid, tids, "status")
+    st = procfs.read_task_files(pid, tids, "stat") if stats else [None] * len(tids)
+    return [view(*v) for v in zip(tids, texts, st)]
 
 
 def refuse_traced(tracee: Tracee) -> None:

@@ -20,6 +20,7 @@ def collect(
     whole: bool = False,
     mappings: list | None = None,
     present: PresentMap | None = None,
+    scanned: dict[tuple[int, int, bool], list[tuple[int, int]]] | None = None,
 ) -> tuple[list[tuple[int, int]], int]:
     """One round's page list: written pages of tracked VMAs, all pages of the rest.
 
@@ -27,6 +28,9 @@ def collect(
     before), still re-arming what is tracked so the next round starts clean.
     Returns (runs holding data to copy, pages reported written). `present` is
     kept up to date (see present.py) when the tracker reports zapped pages.
+    scanned: filled with the runs of each mapping read whole from pagemap, keyed
+    (start, end, include_file): a frozen process's final round takes its VMAs'
+    present runs from there instead of scanning each VMA again (two VMAs a thread).
     """
     to_copy: list[tuple[int, int]] = []
     written = 0
@@ -58,6 +62,8 @@ def collect(
             runs = present_runs(pm_fd, m.start, m.end, include_file=include_file,
                                 zero_pfn=zero_pfn, use_scan=features.probe().pagemap_scan)  # fmt: skip
             written += sum(n for _, n in runs)  # what it holds, not its (reserved) size
+            if scanned is not None:
+                scanned[(m.start, m.end, include_file)] = runs
             if present is not None:
                 present.replace(m.start, m.end, runs)
         to_copy.extend(runs)

@@ -80,9 +80,13 @@ def _last_pages(
         zpfn = native.zero_pfn()
         use_scan = features.probe().pagemap_scan
         exact = present is not None and trk.exact_present
+        # the runs of the mappings collect() reads whole: the same pages (the process is
+        # frozen, and the copy only reads pages that hold data), not scanned again below
+        scanned: dict[tuple[int, int, bool], list[tuple[int, int]]] = {}
         runs, _ = collect(
-            pid, trk, pm_fd, zpfn, whole=whole, mappings=maps, present=present if exact else None
-        )
+            pid, trk, pm_fd, zpfn, whole=whole, mappings=maps, present=present if exact else None,
+            scanned=scanned,
+        )  # fmt: skip
         layer = writer.begin_layer()
         pages = copier.copy(runs, layer, on_half=lambda: faults.point("read-pages"))
         for v in proc.vmas:
@@ -91,6 +95,8 @@ def _last_pages(
                 continue
             if exact and exact_kind(v):
                 runs = present.within(v.start, v.end)
+            elif (v.start, v.end, include_file) in scanned:
+                runs = scanned[(v.start, v.end, include_file)]
             else:
                 runs = present_runs(pm_fd, v.start, v.end, include_file=include_file,
                                     zero_pfn=zpfn, use_scan=use_scan)  # fmt: skip
