@@ -35,7 +35,10 @@ ROUND_KEYS = {
     "round", "pages_written", "pages_copied", "bytes_copied", "seconds",
     "dirty_rate_pages_s", "est_freeze_ms",
 }  # fmt: skip
-RESTORE_KEYS = {"pid", "seconds", "pages", "image", "store", "snapshot", "detached", "externals"}
+RESTORE_KEYS = {
+    "pid", "seconds", "pages", "pages_filled", "image", "store", "snapshot", "detached",
+    "externals",
+}  # fmt: skip
 SNAPSHOT_KEYS = {
     "id", "pid", "full", "reason", "freeze_ms", "seconds", "pages_written", "bytes_stored",
     "tracker",
@@ -104,6 +107,9 @@ def test_dump_and_restore_json(e2e):
     assert r["pid"] == w.pid and r["detached"] is False and r["image"] == str(image)
     assert r["store"] is None and r["snapshot"] is None and r["externals"] == []
     assert r["pages"] > 0 and r["seconds"] > 0
+    # the 16 MiB malloc'd block is anonymous memory: placed by UFFDIO_COPY; the private
+    # file mapping's pages, the MADV_HUGEPAGE area's and the .data's are written
+    assert 16 * 2**20 // PAGE <= r["pages_filled"] < r["pages"], r
     assert proc_status(r["pid"])["PPid"] == str(bg.pid), "ckpt waits as the process's parent"
     v = e2e.verify(w, r["pid"])
     assert v.ok and v.fields["sum"] == w.ready["sum"], v.line

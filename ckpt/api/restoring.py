@@ -13,12 +13,13 @@ from ..errors import RestoreError, as_error
 from ..image import ImageReader
 from ..image.load import load
 from ..kernel import netlock, procfs, tcp_repair
-from ..kernel.memory import write_at, write_pieces
+from ..kernel.memory import fill_pieces, write_at
 from ..kernel.spawn import spawn_restorer
 from ..model import ProcessImage, slot_base
 from ..present import intersect
 from ..restore import cow
 from ..restore.attrs import check_detach
+from ..restore.fill import Fill
 from ..restore.tree import build_tree, check_tree, members
 from ..restore.tty import Terminal, check_image
 
@@ -30,6 +31,8 @@ class Restored:
     pid: int
     seconds: float
     pages: int
+    #: of them, placed with UFFDIO_COPY (restore/fill.py); the rest process_vm_writev
+    pages_filled: int = 0
     #: restore --shell-job: ckpt's terminal, now the job's (take_back() / wait_job(), close())
     terminal: Terminal | None = None
     #: fds that led outside the dump, now this process's: (pid, fd, what it was, our fd)
@@ -125,9 +128,11 @@ def run_restore(directory: str, opts: RestoreOptions) -> Restored:
             terminal.close()
         raise
     rbs = []
+    filled: list[int] = []  # pages placed with UFFDIO_COPY, per process
     try:
         rbs = build_tree(
-            child, proc, new_pid, lambda slot, p, mem_fd: _write_pages(reader, slot, p, mem_fd),
+            child, proc, new_pid,
+            lambda slot, p, mem_fd, fill: filled.append(_write_pages(reader, slot, p, mem_fd, fill)),
             terminal, lambda shared: shared.fill(reader), inherit_fds, opts.reattach_tty,
         )  # fmt: skip
     except BaseException as exc:
@@ -156,7 +161,7 @@ def run_restore(directory: str, opts: RestoreOptions) -> Restored:
         if f.kind == "external"
     ]
     return Restored(pid=child, seconds=time.monotonic() - t0, pages=pages, terminal=terminal,
-                    externals=externals)  # fmt: skip
+                    externals=externals, pages_filled=sum(filled))  # fmt: skip
 
 
 def _pid_of(mem_fd: int) -> int:
@@ -168,15 +173,22 @@ def _pid_of(mem_fd: int) -> int:
         return 0
 
 
-def _write_pages(reader: ImageReader, slot: int, proc: ProcessImage, mem_fd: int) -> None:
-    """One process's pages; a tree member's are keyed slot << 48 | vaddr."""
+def _write_pages(
+    reader: ImageReader, slot: int, proc: ProcessImage, mem_fd: int, fill: Fill | None = None
+) -> int:
+    """One process's pages; a tree member's are keyed slot << 48 | vaddr. fill: the
+    process's userfaultfd that UFFDIO_COPY fills through (restore/fill.py). Returns the
+    pages UFFDIO_COPY placed."""
     base = slot_base(proc.space if proc.space >= 0 else slot)
     # pages shared copy-on-write with the parent are there already (restore/cow.py)
     plan = reader.plan([(a + base, n) for v in proc.vmas for a, n in cow.to_write(v)])
     pid = _pid_of(mem_fd)
+    uffd, ranges = (fill.fd, fill.flat) if fill is not None else (-1, [])
+    filled: list[int] = []
 
     def write(pieces, data) -> None:  # in the reader's pool threads, without the GIL
-        write_pieces(pid, mem_fd, data, [(a - base, n, off) for a, n, off in pieces])
+        pieces = [(a - base, n, off) for a, n, off in pieces]
+        filled.append(fill_pieces(uffd, ranges, pid, mem_fd, data, pieces))
 
     reader.write_data(plan, write)
     # Present pages whose newest copy is all zero: fresh anonymous memory already
@@ -186,3 +198,4 @@ def _write_pages(reader: ImageReader, slot: int, proc: ProcessImage, mem_fd: int
     for a, b in intersect(zero_spans, file_spans):
         for off in range(a, b, len(_ZERO)):
             write_at(mem_fd, off, _ZERO[: min(len(_ZERO), b - off)])
+    return sum(filled)

@@ -18,6 +18,7 @@ def restore_document(r, *, image: str | None, store: str | None, snapshot: str |
         "pid": r.pid,
         "seconds": r.seconds,
         "pages": r.pages,
+        "pages_filled": r.pages_filled,
         "image": os.path.abspath(image) if image is not None else None,
         "store": os.path.abspath(store) if store is not None else None,
         "snapshot": snapshot,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 from .native import PAGE_SIZE, check, ffi, lib
@@ -196,6 +197,44 @@ def write_pieces(pid: int, mem_fd: int, buf, pieces) -> None:
         "process_vm_writev",
         target=pid,
     )
+
+
+@functools.cache
+def thp_always() -> bool:
+    """Transparent huge pages back every anonymous VMA that does not refuse them."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled", "rb") as f:
+            return b"[always]" in f.read()
+    except OSError:
+        return False
+
+
+def fill_pieces(uffd: int, ranges: list[int], pid: int, mem_fd: int, buf, pieces) -> int:
+    """write_pieces, through UFFDIO_COPY where the pages lie in `ranges` (flat sorted
+    start, end pairs registered in MISSING mode on uffd, the process's userfaultfd);
+    uffd -1: write_pieces. Returns the pages UFFDIO_COPY placed. No GIL held."""
+    flat = [x for p in pieces for x in p]
+    if not flat:
+        return 0
+    arr = ffi.new("uint64_t[]", flat)
+    rng = ffi.new("uint64_t[]", ranges)
+    filled = ffi.new("uint64_t *")
+    check(
+        lib.ck_fill_pieces(
+            uffd,
+            rng,
+            len(ranges) // 2,
+            pid,
+            mem_fd,
+            ffi.from_buffer(buf),
+            arr,
+            len(flat) // 3,
+            filled,
+        ),
+        "process_vm_writev",
+        target=pid,
+    )
+    return filled[0] // PAGE_SIZE
 
 
 def write_runs(mem_fd: int, runs: list[tuple[int, int]], data) -> None:

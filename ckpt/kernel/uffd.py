@@ -151,6 +151,17 @@ def register_wp(fd: int, start: int, end: int) -> None:
     )
 
 
+def register_missing(fd: int, start: int, end: int) -> None:
+    """UFFDIO_REGISTER [start, end) in MISSING mode: UFFDIO_COPY may then fill its
+    empty pages (restore/fill.py). Anonymous private, shmem and hugetlb VMAs only."""
+    _check_range(start, end)
+    check(
+        lib.ck_uffd_register_missing(fd, start, end - start),
+        "UFFDIO_REGISTER",
+        target=_rng(start, end),
+    )
+
+
 def unregister(fd: int, start: int, end: int) -> None:
     """UFFDIO_UNREGISTER; also drops the wp bits and markers of the range."""
     _check_range(start, end)

@@ -35,6 +35,7 @@ from ..model import ProcessImage
 from . import attrs, cow, sessions, zombies
 from .checks import check_files, check_pidfds, wait_pid_free
 from .fds import check_owners, table_holder_bases
+from .fill import Fill, open_fill
 from .rebuild import Rebuilder, RestoreContext
 from .security import check as check_security
 from .shm import SharedObjects, check_not_in_use, check_objects
@@ -92,14 +93,14 @@ def build_tree(
     root_pid: int,
     root: ProcessImage,
     new_pid: bool,
-    write_pages: Callable[[int, ProcessImage, int], None],
+    write_pages: Callable[[int, ProcessImage, int, Fill], None],
     terminal: Terminal | None = None,
     fill_shared: Callable[[SharedObjects], None] | None = None,
     externals: dict[int, int] | None = None,
     reattach_tty: bool = False,
 ) -> list[Rebuilder]:
     """Turn the parked restorer `root_pid` and its forks into the tree; returns the
-    Rebuilders (closed by the caller). write_pages(slot, image, mem_fd); then
+    Rebuilders (closed by the caller). write_pages(slot, image, mem_fd, fill); then
     fill_shared(objects) once every member has mapped the shared memory objects.
     terminal: restore --shell-job (restore/tty.py): the tree is a job of ckpt's terminal.
     externals: fds 0-2 that led outside the dump → the fd of this ckpt they get.
@@ -158,7 +159,11 @@ def build_tree(
             pids.update((m.image.pid, m.pid) for m in made)
             rb.prepare_memory()
             rb.map_vmas()
-            write_pages(i, rb.proc, rb.mem_fd)
+            fill = open_fill(rb.pid, rb.inj, rb.proc)  # UFFDIO_COPY where it can (fill.py)
+            try:
+                write_pages(i, rb.proc, rb.mem_fd, fill)
+            finally:
+                fill.close()
             made += sess.built(rb)  # a setsid put off, stand-ins forked from its memory
             pids.update((m.image.pid, m.pid) for m in made)
         sess.groups(rbs, made)  # every group made and joined; the stand-ins go

@@ -73,6 +73,7 @@ int ck_uffd_create(int flags);
 int ck_uffd_dev_create(int flags);
 int ck_uffd_api(int fd, uint64_t features, uint64_t *out_features, uint64_t *out_ioctls);
 int ck_uffd_register_wp(int fd, uint64_t start, uint64_t len);
+int ck_uffd_register_missing(int fd, uint64_t start, uint64_t len);
 int ck_uffd_unregister(int fd, uint64_t start, uint64_t len);
 int ck_uffd_writeprotect(int fd, uint64_t start, uint64_t len, int protect);
 
@@ -199,6 +200,16 @@ int ck_uffd_register_wp(int fd, uint64_t start, uint64_t len)
     r.range.start = start;
     r.range.len = len;
     r.mode = UFFDIO_REGISTER_MODE_WP;
+    return ioctl(fd, UFFDIO_REGISTER, &r) < 0 ? -errno : 0;
+}
+
+int ck_uffd_register_missing(int fd, uint64_t start, uint64_t len)
+{
+    struct uffdio_register r;
+    memset(&r, 0, sizeof(r));
+    r.range.start = start;
+    r.range.len = len;
+    r.mode = UFFDIO_REGISTER_MODE_MISSING;
     return ioctl(fd, UFFDIO_REGISTER, &r) < 0 ? -errno : 0;
 }
 
