@@ -37,6 +37,15 @@ def pidfd_getfd(pidfd: int, fd: int) -> int:
     return check(syscall(SYS_PIDFD_GETFD, pidfd, fd, 0), "pidfd_getfd", target=f"fd {fd}")
 
 
+def take_fd(pid: int, fd: int) -> int:
+    """ckpt's duplicate of process pid's fd (pidfd_getfd through a pidfd it closes)."""
+    pidfd = pidfd_open(pid)
+    try:
+        return pidfd_getfd(pidfd, fd)
+    finally:
+        os.close(pidfd)
+
+
 def pidfd_send_signal(pidfd: int, sig: int) -> None:
     """Signal the process behind pidfd; sig 0 only checks that it is still alive."""
     check(syscall(SYS_PIDFD_SEND_SIGNAL, pidfd, sig, 0, 0), "pidfd_send_signal")

@@ -17,7 +17,7 @@ import stat as statmod
 import struct
 from dataclasses import dataclass
 
-from .pidfd import pidfd_getfd, pidfd_open
+from .pidfd import take_fd
 
 SOL_SOCKET, SOL_TCP, SOL_IP, SOL_IPV6 = 1, 6, 0, 41
 SO_PEEK_OFF = 42
@@ -255,11 +255,7 @@ class TargetSocket:
     """ckpt's duplicate of one of the target's sockets (closed with close())."""
 
     def __init__(self, pid: int, fd: int):
-        pidfd = pidfd_open(pid)
-        try:
-            dup = pidfd_getfd(pidfd, fd)
-        finally:
-            os.close(pidfd)
+        dup = take_fd(pid, fd)
         try:
             self.sock = socket.socket(fileno=dup)
         except OSError:

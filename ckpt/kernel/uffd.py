@@ -145,21 +145,19 @@ def register_wp(fd: int, start: int, end: int) -> None:
     vdso/droppable, EPERM for read-only shared file maps, EBUSY when another
     uffd owns it).
     """
-    _check_range(start, end)
-    check(
-        lib.ck_uffd_register_wp(fd, start, end - start), "UFFDIO_REGISTER", target=_rng(start, end)
-    )
+    _register(fd, start, end, lib.UFFDIO_REGISTER_MODE_WP)
 
 
 def register_missing(fd: int, start: int, end: int) -> None:
     """UFFDIO_REGISTER [start, end) in MISSING mode: UFFDIO_COPY may then fill its
     empty pages (restore/fill.py). Anonymous private, shmem and hugetlb VMAs only."""
+    _register(fd, start, end, lib.UFFDIO_REGISTER_MODE_MISSING)
+
+
+def _register(fd: int, start: int, end: int, mode: int) -> None:
     _check_range(start, end)
-    check(
-        lib.ck_uffd_register_missing(fd, start, end - start),
-        "UFFDIO_REGISTER",
-        target=_rng(start, end),
-    )
+    check(lib.ck_uffd_register(fd, start, end - start, mode), "UFFDIO_REGISTER",
+          target=_rng(start, end))  # fmt: skip
 
 
 def unregister(fd: int, start: int, end: int) -> None:

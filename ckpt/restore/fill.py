@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from ..kernel import syscalls, uffd
 from ..kernel.memory import thp_always
-from ..kernel.pidfd import pidfd_getfd, pidfd_open
+from ..kernel.pidfd import take_fd
 from ..kernel.remote import Injector, RemoteError
 from ..model import ProcessImage, Vma
 
@@ -87,13 +87,8 @@ def open_fill(pid: int, inj: Injector, proc: ProcessImage) -> Fill:
         target_fd = syscalls.userfaultfd(inj, FILL_FLAGS)
     except RemoteError:
         return Fill()  # no userfaultfd for this process: process_vm_writev
-    fd = -1
     try:
-        pidfd = pidfd_open(pid)
-        try:
-            fd = pidfd_getfd(pidfd, target_fd)
-        finally:
-            os.close(pidfd)
+        fd = take_fd(pid, target_fd)
     finally:
         syscalls.close(inj, target_fd)  # ckpt's copy holds the context
     fill = Fill(fd)

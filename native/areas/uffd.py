@@ -35,6 +35,7 @@ struct ck_page_region {
 #define UFFD_USER_MODE_ONLY ...
 #define USERFAULTFD_IOC_NEW ...
 #define UFFDIO_REGISTER_MODE_WP ...
+#define UFFDIO_REGISTER_MODE_MISSING ...
 
 #define UFFD_FEATURE_PAGEFAULT_FLAG_WP ...
 #define UFFD_FEATURE_EVENT_FORK ...
@@ -72,8 +73,7 @@ FUNCTIONS = """
 int ck_uffd_create(int flags);
 int ck_uffd_dev_create(int flags);
 int ck_uffd_api(int fd, uint64_t features, uint64_t *out_features, uint64_t *out_ioctls);
-int ck_uffd_register_wp(int fd, uint64_t start, uint64_t len);
-int ck_uffd_register_missing(int fd, uint64_t start, uint64_t len);
+int ck_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode);
 int ck_uffd_unregister(int fd, uint64_t start, uint64_t len);
 int ck_uffd_writeprotect(int fd, uint64_t start, uint64_t len, int protect);
 
@@ -193,23 +193,14 @@ int ck_uffd_api(int fd, uint64_t features, uint64_t *out_features, uint64_t *out
     return 0;
 }
 
-int ck_uffd_register_wp(int fd, uint64_t start, uint64_t len)
+/* mode: UFFDIO_REGISTER_MODE_WP (tracking) or _MISSING (the restore's fill) */
+int ck_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode)
 {
     struct uffdio_register r;
     memset(&r, 0, sizeof(r));
     r.range.start = start;
     r.range.len = len;
-    r.mode = UFFDIO_REGISTER_MODE_WP;
-    return ioctl(fd, UFFDIO_REGISTER, &r) < 0 ? -errno : 0;
-}
-
-int ck_uffd_register_missing(int fd, uint64_t start, uint64_t len)
-{
-    struct uffdio_register r;
-    memset(&r, 0, sizeof(r));
-    r.range.start = start;
-    r.range.len = len;
-    r.mode = UFFDIO_REGISTER_MODE_MISSING;
+    r.mode = mode;
     return ioctl(fd, UFFDIO_REGISTER, &r) < 0 ? -errno : 0;
 }
 
