@@ -406,15 +406,7 @@ int main(int argc, char **argv)
     const char *mode = argc > 1 ? argv[1] : "pairs";
     sigset_t old;
     catch_usr2_blocked(on_usr2, &old);
-    struct sigaction sa;
-    memset(&sa, 0, sizeof(sa));
-    sa.sa_handler = on_usr1;
-    SETUP_CHECK(sigaction(SIGUSR1, &sa, NULL) == 0, "sigaction");
-    sigset_t b;
-    sigemptyset(&b);
-    sigaddset(&b, SIGUSR1);
-    sigprocmask(SIG_BLOCK, &b, NULL);
-    sigdelset(&old, SIGUSR1);
+    catch_usr1_too(on_usr1, &old);
     if (!strcmp(mode, "pairs") || !strcmp(mode, "tree"))
         pairs(!strcmp(mode, "tree"), &old);
     else if (!strcmp(mode, "ext"))

@@ -63,18 +63,32 @@ static void say(const char *fmt, ...)
     } while (0)
 
 /* Verification failures: collected so one VERIFY FAIL line names every problem. */
-/* Install `handler` for SIGUSR2 and block SIGUSR2; *old gets the previous mask,
-   for sigsuspend(old): the race-free way to wait for the signal in a loop. */
-static void catch_usr2_blocked(void (*handler)(int), sigset_t *old)
+/* Install `handler` for sig and block sig; *old gets the previous mask, for
+   sigsuspend(old): the race-free way to wait for the signal in a loop. */
+static void catch_blocked(int sig, void (*handler)(int), sigset_t *old)
 {
     struct sigaction sa;
     memset(&sa, 0, sizeof(sa));
     sa.sa_handler = handler;
-    SETUP_CHECK(sigaction(SIGUSR2, &sa, NULL) == 0, "sigaction");
+    SETUP_CHECK(sigaction(sig, &sa, NULL) == 0, "sigaction");
     sigset_t block;
     sigemptyset(&block);
-    sigaddset(&block, SIGUSR2);
+    sigaddset(&block, sig);
     sigprocmask(SIG_BLOCK, &block, old);
+}
+
+static void catch_usr2_blocked(void (*handler)(int), sigset_t *old)
+{
+    catch_blocked(SIGUSR2, handler, old);
+}
+
+/* After catch_usr2_blocked(.., old): SIGUSR1 caught and blocked too, and let in by
+   sigsuspend(old) as SIGUSR2 is. */
+static void catch_usr1_too(void (*handler)(int), sigset_t *old)
+{
+    sigset_t now;
+    catch_blocked(SIGUSR1, handler, &now);
+    sigdelset(old, SIGUSR1);
 }
 
 static char wl_fail_buf[6000];
