@@ -750,14 +750,21 @@ class Rebuilder:
         inj = self.inj
         inj.reset_data()
         acts = {a.signo: a for a in self.proc.sigactions}
-        buf = inj.alloc(32)
-        for sig in range(1, 65):
-            if sig in (9, 19):
-                continue
-            a = acts.get(sig)
-            raw = struct.pack("<QQQQ", a.handler, a.flags, a.restorer, a.mask) if a else b"\0" * 32
-            inj.write(buf, raw)
-            syscalls.rt_sigaction(inj, sig, buf, 0, 8)
+        # every disposition (62 of them) in one injected program, not 62 round trips
+        sigs = [sig for sig in range(1, 65) if sig not in (9, 19)]
+        base = inj.alloc(32 * len(sigs))
+        inj.write(base, b"".join(
+            struct.pack("<QQQQ", a.handler, a.flags, a.restorer, a.mask)
+            if (a := acts.get(sig)) else bytes(32) for sig in sigs
+        ))  # fmt: skip
+        batch = _Batch(self, lambda size: program.Area(inj, size), len(sigs))
+        try:
+            for i, sig in enumerate(sigs):
+                syscalls.rt_sigaction(batch, sig, base + 32 * i, 0, 8)
+            batch.run()
+        finally:
+            batch.close()
+        inj.reset_data()
         pid = self.pid
         for info in self.proc.threads[0].pending:
             inj.write(buf := inj.alloc(128), info)
