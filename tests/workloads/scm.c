@@ -310,14 +310,8 @@ int main(int argc, char **argv)
     make_files();
     sender = getpid();
     if (!strcmp(where, "child")) {
-        struct sigaction sa;
-        memset(&sa, 0, sizeof(sa));
-        sa.sa_handler = on_usr1;
-        SETUP_CHECK(sigaction(SIGUSR1, &sa, NULL) == 0, "sigaction");
-        sigset_t block;
-        sigemptyset(&block);
-        sigaddset(&block, SIGUSR1);
-        sigprocmask(SIG_BLOCK, &block, NULL);
+        sigset_t before;
+        catch_blocked(SIGUSR1, on_usr1, &before);
         int sync[2];
         SETUP_CHECK(pipe2(sync, O_CLOEXEC) == 0, "pipe");
         child = fork();
