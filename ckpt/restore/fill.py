@@ -8,17 +8,18 @@ clearing it first and without the per-page fault: about 1.5x faster on this mach
 mm, registered in MISSING mode over the VMAs it fills, which only anonymous private
 VMAs allow.
 
-What it must not change: the restored memory. A page there already (copy-on-write
-from the parent, an mlock'd VMA populated when mapped) is written over as before
-(kernel/memory.py fill_pieces), and a VMA
-that could be backed by transparent huge pages (MADV_HUGEPAGE, or THP "always") is
-left to process_vm_writev, whose faults make huge pages as the original had:
-UFFDIO_COPY only ever places small ones. Only pages inside the registered VMAs go
-through UFFDIO_COPY (a page missing there can be written no other way: the
-userfaultfd is user-mode only, so process_vm_writev fails on it instead of waiting
-for a handler). No userfaultfd here (an old kernel, a
-container's seccomp policy, vm.unprivileged_userfaultfd): everything is written as
-before. The registrations are gone before anything of the process runs (close).
+What it must not change: the restored memory.
+- A page there already (copy-on-write from the parent, an mlock'd VMA populated when
+  mapped) is written over as before, one page (kernel/memory.py fill_pieces).
+- A VMA transparent huge pages could back (MADV_HUGEPAGE, or THP "always") is left to
+  process_vm_writev, whose faults make huge pages as the original had: UFFDIO_COPY
+  only ever places small ones.
+- Only pages inside the registered VMAs go through UFFDIO_COPY, and a page missing
+  there can be written no other way: the userfaultfd is user-mode only, so
+  process_vm_writev fails on it (EFAULT) instead of waiting for a handler.
+- No userfaultfd here (an old kernel, a container's seccomp policy): everything is
+  written as before.
+- The registrations are gone before anything of the process runs (Fill.close).
 """
 
 from __future__ import annotations
