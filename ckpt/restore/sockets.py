@@ -94,6 +94,18 @@ def _name(n) -> str:
     return "@" + n[1:].decode(errors="replace") if n[:1] == b"\0" else os.fsdecode(n)
 
 
+@contextlib.contextmanager
+def _as_restore_error():
+    """ckpt's own OSError while restoring the sockets as one RestoreError line; an
+    injected call's failure (RemoteError) goes up as it is."""
+    try:
+        yield
+    except RemoteError:
+        raise
+    except OSError as exc:
+        raise RestoreError(f"cannot restore the sockets: {exc}") from exc
+
+
 class _Sockets:
     def __init__(self, ctx):
         self.ctx = ctx
@@ -311,25 +323,22 @@ class _Sockets:
 
     def run(self) -> None:
         try:
-            self.tcp_closed(held=False)  # (ports taken and given back before any bind)
-            self.simple()
-            self.tcp_closed(held=True)  # (after the listener whose port it shares)
-            self.unix_connections()
-            self.pending()
-            established = self.tcp_established()
-            for f in established:
-                reuse = int(f.socket.options.get("SO_REUSEADDR", 0) or 0)
-                tcp_repair.resume(self.copy(f), f.socket.tcp, reuse)
-            self.tcp_closing(established)
-            if self.deferred:  # sent with their files once every fd exists
-                self.inflight.defer(self)
-            else:
-                self.unix_data()
-                self.finish()
-        except OSError as exc:
-            if isinstance(exc, RemoteError):
-                raise
-            raise RestoreError(f"cannot restore the sockets: {exc}") from exc
+            with _as_restore_error():
+                self.tcp_closed(held=False)  # (ports taken and given back before any bind)
+                self.simple()
+                self.tcp_closed(held=True)  # (after the listener whose port it shares)
+                self.unix_connections()
+                self.pending()
+                established = self.tcp_established()
+                for f in established:
+                    reuse = int(f.socket.options.get("SO_REUSEADDR", 0) or 0)
+                    tcp_repair.resume(self.copy(f), f.socket.tcp, reuse)
+                self.tcp_closing(established)
+                if self.deferred:  # sent with their files once every fd exists
+                    self.inflight.defer(self)
+                else:
+                    self.unix_data()
+                    self.finish()
         finally:
             if not self.deferred:
                 self.close()
@@ -503,17 +512,14 @@ class _Sockets:
         in-flight table), then what follows them in run()."""
         self.files = files
         try:
-            for f in self.fds:
-                end = self.closed_ends.pop(f.socket.ino, None)
-                if end is not None:
-                    with end:  # its close: the EOF after the data
-                        self.send_queue(f, end)
-            self.unix_data()
-            self.finish()
-        except OSError as exc:
-            if isinstance(exc, RemoteError):
-                raise
-            raise RestoreError(f"cannot restore the sockets: {exc}") from exc
+            with _as_restore_error():
+                for f in self.fds:
+                    end = self.closed_ends.pop(f.socket.ino, None)
+                    if end is not None:
+                        with end:  # its close: the EOF after the data
+                            self.send_queue(f, end)
+                self.unix_data()
+                self.finish()
         finally:
             self.close()
 
