@@ -155,6 +155,18 @@ static int read_is(int fd, const char *want, size_t len)
 /* the files, and the messages sent from `from` (the parent in child mode: after fork) */
 static int f_only, p_wr, q_rd, mfd, efd, c1, dirfd_;
 
+/* The sender's own fds of the files it sends: from now on they are only in flight. */
+static void close_in_flight(void)
+{
+    close(f_only);
+    close(p_wr);
+    close(q_rd);
+    close(mfd);
+    close(efd);
+    close(c1);
+    close(dirfd_);
+}
+
 static void make_files(void)
 {
     for (size_t i = 0; i < sizeof(content); i++)
@@ -199,14 +211,7 @@ static void send_all(void)
     send_msg(s, msgs[2], m3, 3);
     send_msg(s, msgs[3], m4, 3);
     send_msg(s, msgs[4], m5, 1);
-    /* in flight only from now on */
-    close(f_only);
-    close(p_wr);
-    close(q_rd);
-    close(mfd);
-    close(efd);
-    close(c1);
-    close(dirfd_);
+    close_in_flight(); /* in flight only from now on */
 }
 
 static void verify(void)
@@ -319,13 +324,7 @@ int main(int argc, char **argv)
         if (child == 0) { /* the receiver: keeps r, K, P's read end, c0 */
             close(sync[0]);
             close(s);
-            close(f_only);
-            close(p_wr);
-            close(q_rd);
-            close(mfd);
-            close(efd);
-            close(c1);
-            close(dirfd_);
+            close_in_flight();
             SETUP_CHECK(write(sync[1], "k", 1) == 1, "sync");
             close(sync[1]);
             sigset_t wait_mask = old;
